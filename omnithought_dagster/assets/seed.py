@@ -1,0 +1,161 @@
+"""seed_pool (with its quarantine and images tables): one partition per configured source."""
+
+from collections import Counter
+
+import dagster as dg
+
+from omnithought_dagster.assets.metadata import column_schema, counts, preview
+from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.curation.seed import (
+    earlier_sources,
+    ingest_source,
+    input_fingerprint,
+    partition_version,
+    prior_samples,
+)
+from omnithought_dagster.ids import version_of
+from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
+from omnithought_dagster.sources import make_reader
+from omnithought_dagster.store import table_spec
+
+SEED_GROUP = "seed"
+SEED_POOL_KEY = dg.AssetKey("seed_pool")
+QUARANTINE_KEY = dg.AssetKey("quarantine")
+IMAGES_KEY = dg.AssetKey("images")
+# Bump when ingestion would produce different rows from the same input.
+SEED_CODE_VERSION = "seed-v1"
+PREVIEW_COLUMNS = ["sample_id", "native_id", "question", "answer", "answer_type", "source_tags"]
+
+
+def seed_partitions(config: ProjectConfig) -> dg.StaticPartitionsDefinition:
+    """The configured sources are the partitions: adding a source adds a partition."""
+    return dg.StaticPartitionsDefinition(config.source_names)
+
+
+def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
+    partitions = seed_partitions(config)
+
+    @dg.multi_asset(
+        name="ingest_seed_source",
+        partitions_def=partitions,
+        group_name=SEED_GROUP,
+        specs=[
+            dg.AssetSpec(
+                SEED_POOL_KEY,
+                description="Normalised multimodal questions (images + question + reference answer), one partition per source.",
+                kinds={"parquet", "duckdb"},
+                code_version=SEED_CODE_VERSION,
+                metadata={"dagster/column_schema": column_schema(table_spec("seed_pool")), "table": "seed_pool"},
+                tags={"stage": "seed", "compute": "cpu"},
+            ),
+            dg.AssetSpec(
+                QUARANTINE_KEY,
+                description="Seed records set aside with a reason code and detail: rows read = kept + quarantined.",
+                kinds={"parquet"},
+                code_version=SEED_CODE_VERSION,
+                metadata={"dagster/column_schema": column_schema(table_spec("quarantine")), "table": "quarantine"},
+                tags={"stage": "seed", "compute": "cpu"},
+            ),
+            dg.AssetSpec(
+                IMAGES_KEY,
+                description="The content-addressed image store (bytes under their hash) and one metadata row per image.",
+                kinds={"parquet"},
+                code_version=SEED_CODE_VERSION,
+                metadata={"dagster/column_schema": column_schema(table_spec("images")), "table": "images"},
+                tags={"stage": "seed", "compute": "cpu"},
+            ),
+        ],
+    )
+    def ingest_seed_source(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource):
+        """Read one source, validate and deduplicate it, store its images, write its three tables."""
+        config = project.config
+        source_name = context.partition_key
+        source = config.source(source_name)
+        try:
+            reader = make_reader(source)
+        except FileNotFoundError as exc:
+            raise dg.Failure(description=f"source {source_name!r}: {exc}") from exc
+        corpus = store.open()
+        earlier = earlier_sources(config.source_names, source_name)
+        fingerprint = input_fingerprint(
+            reader.fingerprint(), config.seed, {name: partition_version(corpus, name) for name in earlier}, SEED_CODE_VERSION
+        )
+        total = reader.count()
+        context.log.info(f"{source_name}: reading {total} records ({source.kind})")
+
+        result = ingest_source(
+            source_name,
+            reader.records(),
+            config.seed,
+            image_root=reader.image_root,
+            put_image=corpus.images.put,
+            prior=prior_samples(corpus, earlier),
+            progress=lambda done: context.log.info(f"{source_name}: {done}/{total} records"),
+        )
+        # Images first, the seed_pool partition last: a reader of seed_pool never sees an id
+        # whose image or quarantine siblings are not written yet.
+        images_written = corpus.write_partition("images", source_name, result.images)
+        quarantine_written = corpus.write_partition("quarantine", source_name, result.quarantine)
+        seed_written = corpus.write_partition("seed_pool", source_name, result.kept)
+
+        later_conflicts = _later_conflicts(corpus, config.source_names, source_name, set(result.kept.column("sample_id").to_pylist()))
+        for other, n in later_conflicts.items():
+            context.log.warning(
+                f"{n} samples kept here are also kept by the later source {other!r}; re-materialise seed_pool[{other}] "
+                "so it quarantines them as duplicates"
+            )
+
+        yield dg.MaterializeResult(
+            asset_key=IMAGES_KEY,
+            metadata={
+                "dagster/row_count": result.images.num_rows,
+                "images_stored": result.images_stored,
+                "images_already_in_store": result.images_reused,
+                "path": dg.MetadataValue.path(images_written.uri),
+            },
+            data_version=dg.DataVersion(version_of(result.images.column("image_id").to_pylist())),
+        )
+        yield dg.MaterializeResult(
+            asset_key=QUARANTINE_KEY,
+            metadata={
+                "dagster/row_count": result.rows_quarantined,
+                "by_reason": counts(result.reasons, "reason"),
+                **{f"reason/{reason}": n for reason, n in sorted(result.reasons.items())},
+                "preview": preview(result.quarantine, ["record_index", "native_id", "reason", "detail"]),
+                "path": dg.MetadataValue.path(quarantine_written.uri),
+            },
+        )
+        yield dg.MaterializeResult(
+            asset_key=SEED_POOL_KEY,
+            metadata={
+                "dagster/row_count": result.rows_kept,
+                "rows_read": result.rows_read,
+                "rows_kept": result.rows_kept,
+                "rows_quarantined": result.rows_quarantined,
+                "accounting": f"{result.rows_read} read = {result.rows_kept} kept + {result.rows_quarantined} quarantined",
+                "quarantined_by_reason": counts(result.reasons, "reason"),
+                "near_duplicates_marked": result.near_duplicates,
+                "answer_types": counts(Counter(result.kept.column("answer_type").to_pylist()), "answer_type"),
+                "source_tags": counts(Counter(t for tags in result.kept.column("source_tags").to_pylist() for t in tags), "tag"),
+                "preview": preview(result.kept, PREVIEW_COLUMNS),
+                "path": dg.MetadataValue.path(seed_written.uri),
+                "parquet_bytes": seed_written.bytes,
+                "input_fingerprint": fingerprint,
+                "later_source_conflicts": dg.MetadataValue.json(later_conflicts),
+            },
+            data_version=dg.DataVersion(version_of(result.kept.column("sample_id").to_pylist())),
+        )
+
+    return [ingest_seed_source]
+
+
+def _later_conflicts(corpus, source_names: list[str], source: str, kept_ids: set[str]) -> dict[str, int]:
+    """Later sources already holding samples this one now keeps (they materialised first)."""
+    conflicts = {}
+    for other in source_names[source_names.index(source) + 1 :]:
+        table = corpus.read_partition("seed_pool", other, columns=["sample_id"])
+        if table is not None:
+            n = len(kept_ids & set(table.column("sample_id").to_pylist()))
+            if n:
+                conflicts[other] = n
+    return conflicts

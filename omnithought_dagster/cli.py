@@ -1,0 +1,238 @@
+"""The `omnithought` command: demo, stats, query and lineage over the corpus store."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import decimal
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+
+from omnithought_dagster.config import ConfigError, ProjectConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="OmniThoughtVis distillation pipeline: inspect and run the corpus.")
+# Piped output (make, CI logs) would wrap at rich's default 80 columns; tables need more.
+console = Console() if sys.stdout.isatty() else Console(width=120)
+err = Console(stderr=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="project file (default: $OMNITHOUGHT_CONFIG, else ./omnithought.yaml)")
+JsonOption = typer.Option(False, "--json", help="machine-readable JSON on stdout")
+
+# Statements a read-only query may contain; anything else (COPY, CREATE, INSERT, ATTACH, SET...) is refused.
+READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+def _config(path: Optional[Path]) -> ProjectConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        err.print(f"[red]config error[/red]: {exc}")
+        raise typer.Exit(2) from None
+
+
+def _store(config: ProjectConfig):
+    from omnithought_dagster.store import CorpusStore
+
+    return CorpusStore(config.store.root)
+
+
+@app.command()
+def demo(config: Optional[Path] = ConfigOption, force: bool = typer.Option(False, help="re-materialise even up-to-date partitions")) -> None:
+    """Materialise every stage on the embedded default and summarise what each kept and dropped."""
+    cfg = _config(config)
+    dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster")))
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    import dagster as dg
+
+    from omnithought_dagster.demo import run_demo
+
+    with dg.DagsterInstance.get() as instance:
+        outcomes = run_demo(cfg, instance, force=force)
+    table = Table(title="omnithought demo: what each stage kept and dropped")
+    for column in ("stage", "partition", "read", "kept", "dropped", "near-dup", "checks", "run"):
+        table.add_column(column, justify="right" if column in ("read", "kept", "dropped", "near-dup") else "left")
+    failed = False
+    reasons = []
+    for o in outcomes:
+        c = o.counts
+        passed = sum(o.checks.values())
+        checks = f"{passed}/{len(o.checks)} passed" if o.checks else "-"
+        run = "up to date" if o.skipped else ("ran" if o.success else "[red]FAILED[/red]")
+        failed |= not o.success or passed != len(o.checks)
+        table.add_row(o.stage, o.partition, str(c.get("read", "?")), str(c.get("kept", "?")), str(c.get("quarantined", "?")),
+                      str(c.get("near_duplicates", "?")), checks, run)
+        if c.get("reasons"):
+            reasons.append(escape(f"  {o.stage}[{o.partition}] dropped: " + ", ".join(f"{k} {v}" for k, v in c["reasons"].items())))
+        if c.get("error"):
+            reasons.append("  [red]" + escape(f"{o.stage}[{o.partition}] failed") + "[/red]: " + escape(c["error"]))
+        for name, ok in o.checks.items():
+            if not ok:
+                reasons.append("  [red]" + escape(f"{o.stage}[{o.partition}] check failed") + "[/red]: " + escape(name))
+    console.print(table)
+    for line in reasons:
+        console.print(line)
+    console.print(f"store: {cfg.store.root}   Dagster instance: {dagster_home}   browse both with `make ui`")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def stats(config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> None:
+    """Row counts per table and partition, and quarantine reasons per source."""
+    from omnithought_dagster.store import TABLES
+
+    store = _store(_config(config))
+    con = store.catalog()
+    report: dict[str, Any] = {"store": store.root_uri, "tables": {}, "quarantine_reasons": {}}
+    for name, spec in TABLES.items():
+        keys = ", ".join(spec.partition_by)
+        rows = con.execute(f'SELECT {keys}, count(*) FROM "{name}" GROUP BY ALL ORDER BY ALL').fetchall()
+        partitions = {"/".join(str(v) for v in row[:-1]): row[-1] for row in rows}
+        report["tables"][name] = {"rows": sum(partitions.values()), "partitions": partitions}
+    for source, reason, n in con.execute("SELECT source, reason, count(*) FROM quarantine GROUP BY ALL ORDER BY 1, 3 DESC, 2").fetchall():
+        report["quarantine_reasons"].setdefault(source, {})[reason] = n
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"corpus store {store.root_uri}")
+    for column in ("table", "partition", "rows"):
+        table.add_column(column, justify="right" if column == "rows" else "left")
+    for name, info in report["tables"].items():
+        if not info["partitions"]:
+            table.add_row(name, "-", "0")
+        for partition, n in info["partitions"].items():
+            table.add_row(name, partition, str(n))
+    console.print(table)
+    if report["quarantine_reasons"]:
+        reasons = Table(title="quarantine reasons")
+        for column in ("source", "reason", "rows"):
+            reasons.add_column(column, justify="right" if column == "rows" else "left")
+        for source, by_reason in report["quarantine_reasons"].items():
+            for reason, n in by_reason.items():
+                reasons.add_row(source, reason, str(n))
+        console.print(reasons)
+
+
+@app.command()
+def query(sql: str = typer.Argument(..., help="SQL over the views (seed_pool, quarantine, images, ...)"),
+          config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> None:
+    """Run a read-only DuckDB query over the catalog views."""
+    import duckdb
+
+    con = _store(_config(config)).catalog()
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        err.print(f"[red]query error[/red]: {exc}")
+        raise typer.Exit(2) from None
+    refused = [s.type.name for s in statements if s.type.name not in READ_ONLY_STATEMENTS]
+    if not statements or refused:
+        err.print(f"[red]refused[/red]: only read-only SELECT queries are allowed (got {refused or 'nothing'})")
+        raise typer.Exit(2)
+    try:
+        cursor = None
+        for statement in statements:
+            cursor = con.execute(statement)
+        names = [d[0] for d in cursor.description]
+        rows = cursor.fetchall()
+    except duckdb.Error as exc:
+        err.print(f"[red]query error[/red]: {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps([dict(zip(names, row)) for row in rows], default=_json_value, ensure_ascii=False))
+        return
+    table = Table()
+    for name in names:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row))
+    console.print(table)
+    console.print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}")
+
+
+@app.command()
+def lineage(ident: str = typer.Argument(..., help="a sample or image id (or a unique prefix), or SOURCE/NATIVE_ID"),
+            config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> None:
+    """The whole story of one sample or image: origin, images, quarantine and duplicates."""
+    from omnithought_dagster.lineage import LineageError, lineage as trace
+
+    store = _store(_config(config))
+    try:
+        story = trace(store, ident)
+    except LineageError as exc:
+        err.print(f"[red]not found[/red]: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(story, default=_json_value, ensure_ascii=False, indent=2))
+        return
+    console.print(_story_tree(story))
+
+
+def _story_tree(story: dict) -> Tree:
+    if story["kind"] == "image":
+        tree = Tree(f"[bold]image[/bold] {story['image_id']}")
+        tree.add(f"{story.get('width')}x{story.get('height')} {story.get('format')} {story.get('n_bytes')} bytes, phash {story.get('phash')}")
+        tree.add(f"stored at {story['uri']} ({'present' if story['in_store'] else '[red]MISSING[/red]'})")
+        used = tree.add(f"used by {len(story['used_by'])} sample(s)")
+        for row in story["used_by"]:
+            used.add(f"{row['sample_id']}  {row['source']}/{row['native_id']}")
+        return tree
+    tree = Tree(f"[bold]sample[/bold] {story['sample_id']}  [{'green' if story['status'] == 'kept' else 'red'}]{story['status']}[/]")
+    record = story["kept"]
+    if record:
+        origin = tree.add(f"from source [bold]{record['source']}[/bold], native id {record['native_id']}, record #{record['record_index']}")
+        origin.add(f"question: {_short(record['question'], 200)}")
+        if record["choices"]:
+            origin.add("choices: " + "  ".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(record["choices"])))
+        origin.add(f"answer ({record['answer_type']}): {record['answer']}")
+        if record["source_tags"]:
+            origin.add(f"source tags: {', '.join(record['source_tags'])}; difficulty {record['source_difficulty']}")
+        images = tree.add(f"{len(story['images'])} image(s)")
+        for image in story["images"]:
+            state = "" if image["in_store"] else " [red]MISSING FROM STORE[/red]"
+            images.add(f"{image['image_id']}  {image.get('width')}x{image.get('height')} {image.get('format')}  {image['uri']}{state}")
+        if story["near_duplicate_of"]:
+            near = story["near_duplicate_of"]
+            tree.add(f"near duplicate (phash distance {near['distance']}) of {near['sample_id']} {near.get('source', '')}/{near.get('native_id', '')}")
+        for other in story["also_kept_by"]:
+            tree.add(f"[red]also kept by {other}[/red] (cross-source duplicate: re-materialise the later source)")
+    for row in story["quarantine"]:
+        branch = tree.add(f"[yellow]quarantined[/yellow] {row['source']}/{row['native_id']} (record #{row['record_index']}): [bold]{row['reason']}[/bold]")
+        branch.add(row["detail"])
+    return tree
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (datetime.date, datetime.datetime, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    return _short("" if value is None else str(value), 120)
+
+
+def _short(text: str, limit: int) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

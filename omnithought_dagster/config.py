@@ -1,0 +1,250 @@
+"""The project file: one YAML that declares the store, the seed sources and later stages.
+
+`load_config()` finds it ($OMNITHOUGHT_CONFIG, else ./omnithought.yaml), validates it and
+resolves relative paths against the file's own folder, so a config means the same thing
+whatever the working directory. A bad file fails here, at load, with the field named.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+CONFIG_ENV_VAR = "OMNITHOUGHT_CONFIG"
+DEFAULT_CONFIG_NAME = "omnithought.yaml"
+
+# Partition keys become folder names in the store and Dagster partition keys: keep them tame.
+SOURCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+class ConfigError(ValueError):
+    """A project file that cannot be used; the message names the file, the field and the problem."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve_path(value: str | None, info: ValidationInfo) -> str | None:
+    """Relative local paths are relative to the config file; URIs (s3://...) pass through."""
+    if value is None or "://" in value:
+        return value
+    base = (info.context or {}).get("base_dir")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return str(path.resolve()) if base is not None else str(path)
+
+
+class StoreConfig(_Model):
+    """Where the corpus store lives: a local folder or an s3:// URI."""
+
+    root: str = ".omnithought"
+
+    _resolve = field_validator("root")(_resolve_path)
+
+
+class SeedSettings(_Model):
+    """Limits applied to every seed record; a record over a limit is quarantined with a reason."""
+
+    max_image_pixels: int = Field(default=40_000_000, gt=0, description="width x height above this is oversized_image")
+    max_image_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_question_chars: int = Field(default=8000, gt=0)
+    max_images_per_sample: int = Field(default=16, gt=0)
+    require_image: bool = Field(default=True, description="a record with no image is quarantined (no_image)")
+    near_duplicate_max_distance: int = Field(
+        default=4, ge=-1, le=32, description="perceptual-hash Hamming distance marking near duplicates; -1 turns marking off"
+    )
+
+
+class FieldMap(_Model):
+    """Where a record keeps each field. Dotted paths reach into nested objects (`meta.id`)."""
+
+    id: str | None = "id"
+    question: str = "question"
+    answer: str = "answer"
+    image: str = "image"
+    choices: str | None = "choices"
+    answer_type: str | None = "answer_type"
+    tags: str | None = "tags"
+    difficulty: str | None = "difficulty"
+
+
+class _SourceBase(_Model):
+    name: str = Field(pattern=SOURCE_NAME_PATTERN, description="partition key of this source")
+    description: str = ""
+
+
+class SyntheticSourceConfig(_SourceBase):
+    """Procedural visual reasoning questions rendered with PIL: the embedded default."""
+
+    kind: Literal["synthetic"]
+    n_samples: int = Field(default=400, gt=0, le=10_000_000)
+    seed: int = 0
+    image_size: int = Field(default=320, ge=128, le=2048)
+    families: list[str] | None = Field(default=None, description="task families to draw from; default all")
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        from omnithought_dagster.sources.synthetic import FAMILIES
+
+        unknown = sorted(set(value) - set(FAMILIES))
+        if unknown or not value:
+            raise ValueError(f"unknown task families {unknown}; choose from {sorted(FAMILIES)}")
+        return value
+
+
+class JsonSourceConfig(_SourceBase):
+    """JSON (an array of records) or JSONL; `flat` question/answer/image records or LLaVA conversations."""
+
+    kind: Literal["json"]
+    path: str
+    image_root: str | None = Field(default=None, description="folder image paths are relative to; default the file's folder")
+    format: Literal["flat", "llava"] = "flat"
+    fields: FieldMap = FieldMap()
+
+    _resolve = field_validator("path", "image_root")(_resolve_path)
+
+
+class HFSourceConfig(_SourceBase):
+    """Parquet files / HF `datasets.save_to_disk` folders; the image column is the HF Image struct."""
+
+    kind: Literal["hf"]
+    path: str
+    split: str | None = Field(default=None, description="for a DatasetDict folder: which split; default all")
+    image_root: str | None = Field(default=None, description="where Image structs with only a path look; default the data folder")
+    fields: FieldMap = FieldMap()
+
+    _resolve = field_validator("path", "image_root")(_resolve_path)
+
+
+class ShareGPTSourceConfig(_SourceBase):
+    """ShareGPT / LLaMA-Factory records: a message list plus an images list (JSON or JSONL)."""
+
+    kind: Literal["sharegpt"]
+    path: str
+    image_root: str | None = None
+    messages_key: str = "messages"
+    images_key: str = "images"
+    role_key: str = "role"
+    content_key: str = "content"
+    user_role: str = "user"
+    assistant_role: str = "assistant"
+    system_role: str = "system"
+    id_key: str | None = "id"
+
+    _resolve = field_validator("path", "image_root")(_resolve_path)
+
+
+SourceConfig = Annotated[
+    Union[SyntheticSourceConfig, JsonSourceConfig, HFSourceConfig, ShareGPTSourceConfig],
+    Field(discriminator="kind"),
+]
+
+
+class ProjectConfig(_Model):
+    """The whole project file."""
+
+    project: str = Field(default="omnithought", min_length=1)
+    store: StoreConfig = StoreConfig()
+    seed: SeedSettings = SeedSettings()
+    sources: list[SourceConfig] = Field(min_length=1)
+    config_path: str | None = Field(default=None, exclude=True, description="set by load_config")
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> "ProjectConfig":
+        seen: set[str] = set()
+        for index, source in enumerate(self.sources):
+            if source.name in seen:
+                raise ValueError(f"sources[{index}].name: '{source.name}' is used by an earlier source; names must be unique")
+            seen.add(source.name)
+        return self
+
+    @property
+    def source_names(self) -> list[str]:
+        """Partition keys of seed_pool, in config order (config order decides which duplicate is kept)."""
+        return [source.name for source in self.sources]
+
+    def source(self, name: str) -> SourceConfig:
+        for source in self.sources:
+            if source.name == name:
+                return source
+        raise KeyError(f"no source named {name!r}; configured: {self.source_names}")
+
+
+def find_config_path(explicit: str | os.PathLike | None = None) -> Path:
+    """The project file to use: explicit, else $OMNITHOUGHT_CONFIG, else ./omnithought.yaml."""
+    candidate = explicit or os.environ.get(CONFIG_ENV_VAR)
+    if candidate:
+        path = Path(candidate).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file (from {'argument' if explicit else CONFIG_ENV_VAR})")
+        return path.resolve()
+    path = Path.cwd() / DEFAULT_CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"no config: set {CONFIG_ENV_VAR} or create {DEFAULT_CONFIG_NAME} in {Path.cwd()}")
+    return path.resolve()
+
+
+def load_config(path: str | os.PathLike | None = None) -> ProjectConfig:
+    """Read, validate and resolve the project file; raise ConfigError naming the field on problems."""
+    config_path = find_config_path(path)
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from exc
+    return parse_config(raw, base_dir=config_path.parent, origin=str(config_path))
+
+
+def parse_config(raw: Any, *, base_dir: str | os.PathLike, origin: str = "<config>") -> ProjectConfig:
+    """Validate an already-parsed mapping (tests and tools build configs in memory)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        config = ProjectConfig.model_validate(raw, context={"base_dir": str(base_dir)})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, raw, origin)) from None
+    return config.model_copy(update={"config_path": origin})
+
+
+def _format_validation_error(exc: ValidationError, raw: dict, origin: str) -> str:
+    lines = [f"{origin}: invalid config ({exc.error_count()} problem{'s' if exc.error_count() != 1 else ''})"]
+    for error in exc.errors():
+        loc = _loc_to_path(error["loc"], raw)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see README 'Configuration')"
+        elif error["type"] == "union_tag_invalid":
+            message = f"unknown kind {error.get('input', {}).get('kind')!r}; expected one of synthetic, json, hf, sharegpt"
+        lines.append(f"  - {loc or '(top level)'}: {message}")
+    return "\n".join(lines)
+
+
+def _loc_to_path(loc: tuple, raw: dict) -> str:
+    """('sources', 1, 'json', 'path') -> 'sources[1] (name=foo).path'. Drops pydantic's union tags."""
+    parts: list[str] = []
+    node: Any = raw
+    tags = {"synthetic", "json", "hf", "sharegpt"}
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            if isinstance(node, dict) and isinstance(node.get("name"), str):
+                label += f" (name={node['name']})"
+            parts.append(label)
+            continue
+        if item in tags and isinstance(node, dict) and node.get("kind") == item:
+            continue
+        if item.startswith("function-") or item.startswith("value_error"):
+            continue
+        parts.append(("." if parts else "") + str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return re.sub(r"\.\[", "[", "".join(parts))

@@ -1,0 +1,1 @@
+"""Curation logic as plain Python over Arrow tables and DuckDB: no Dagster imports here."""

@@ -1,0 +1,106 @@
+"""Lineage of one id through the store: where a sample came from, its images, its fate.
+
+Works on the DuckDB catalog only (no Dagster), so the CLI, tests and later stages share it.
+Ids are content hashes; a unique prefix (at least MIN_PREFIX hex characters) is accepted like
+a short git hash, and so is a source's own record id written `SOURCE/NATIVE_ID`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from omnithought_dagster.store import CorpusStore
+
+MIN_PREFIX = 6
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+class LineageError(LookupError):
+    """The id is unknown or ambiguous; the message says which."""
+
+
+def lineage(store: CorpusStore, ident: str) -> dict[str, Any]:
+    """The story of a sample or an image, as a JSON-ready dict with a `kind` field."""
+    con = store.catalog()
+    ident = ident.strip()
+    kind, resolved = _resolve(con, ident)
+    if kind == "image":
+        return _image_story(store, con, resolved)
+    return _sample_story(store, con, resolved)
+
+
+def _resolve(con, ident: str) -> tuple[str, str]:
+    if "/" in ident:
+        source, native_id = ident.split("/", 1)
+        rows = con.execute(
+            "SELECT DISTINCT sample_id FROM seed_pool WHERE source = $1 AND native_id = $2 "
+            "UNION SELECT DISTINCT coalesce(sample_id, 'quarantine:' || source || '/' || record_index) "
+            "FROM quarantine WHERE source = $1 AND native_id = $2",
+            [source, native_id],
+        ).fetchall()
+        if not rows:
+            raise LineageError(f"no record {native_id!r} in source {source!r}")
+        if len(rows) > 1:
+            raise LineageError(f"{ident} names {len(rows)} records: {sorted(r[0] for r in rows)}")
+        return "sample", rows[0][0]
+    if not _HEX.match(ident) or len(ident) < MIN_PREFIX:
+        raise LineageError(f"{ident!r} is not an id (32 hex characters, or a unique prefix of at least {MIN_PREFIX}) nor SOURCE/NATIVE_ID")
+    pattern = ident + "%"
+    matches = con.execute(
+        "SELECT 'sample' AS kind, sample_id AS id FROM seed_pool WHERE sample_id LIKE $1 "
+        "UNION SELECT 'sample', sample_id FROM quarantine WHERE sample_id LIKE $1 "
+        "UNION SELECT 'image', image_id FROM images WHERE image_id LIKE $1",
+        [pattern],
+    ).fetchall()
+    if not matches:
+        raise LineageError(f"no sample or image id starts with {ident!r}")
+    if len(matches) > 1:
+        raise LineageError(f"{ident!r} is ambiguous: {sorted(f'{k} {i}' for k, i in matches)}")
+    return matches[0]
+
+
+def _sample_story(store: CorpusStore, con, sample: str) -> dict[str, Any]:
+    if sample.startswith("quarantine:"):
+        source, index = sample[len("quarantine:") :].rsplit("/", 1)
+        rows = _dicts(con, "SELECT * FROM quarantine WHERE source = $1 AND record_index = $2", [source, int(index)])
+        return {"kind": "sample", "sample_id": None, "status": "quarantined", "kept": None, "quarantine": rows, "images": []}
+    kept = _dicts(con, "SELECT * FROM seed_pool WHERE sample_id = $1 ORDER BY source, record_index", [sample])
+    quarantined = _dicts(con, "SELECT * FROM quarantine WHERE sample_id = $1 ORDER BY source, record_index", [sample])
+    record = kept[0] if kept else None
+    story: dict[str, Any] = {
+        "kind": "sample",
+        "sample_id": sample,
+        "status": "kept" if record else "quarantined",
+        "kept": record,
+        "also_kept_by": [f"{r['source']}/{r['native_id']}" for r in kept[1:]],
+        "quarantine": quarantined,
+        "images": [],
+        "near_duplicate_of": None,
+    }
+    if record is None:
+        return story
+    for image_id in record["image_ids"]:
+        meta = _dicts(con, "SELECT width, height, format, mode, n_bytes, phash FROM images WHERE image_id = $1 LIMIT 1", [image_id])
+        story["images"].append({"image_id": image_id, "uri": store.images.uri(image_id), "in_store": store.images.exists(image_id), **(meta[0] if meta else {})})
+    if record["near_duplicate_of"]:
+        other = _dicts(con, "SELECT sample_id, source, native_id, question FROM seed_pool WHERE sample_id = $1 LIMIT 1", [record["near_duplicate_of"]])
+        story["near_duplicate_of"] = {"distance": record["near_duplicate_distance"], **(other[0] if other else {"sample_id": record["near_duplicate_of"]})}
+    return story
+
+
+def _image_story(store: CorpusStore, con, image_id: str) -> dict[str, Any]:
+    meta = _dicts(con, "SELECT width, height, format, mode, n_bytes, phash, list(DISTINCT source) AS sources FROM images WHERE image_id = $1 GROUP BY ALL", [image_id])
+    used_by = _dicts(
+        con,
+        "SELECT sample_id, source, native_id FROM seed_pool WHERE list_contains(image_ids, $1) ORDER BY source, record_index",
+        [image_id],
+    )
+    return {"kind": "image", "image_id": image_id, "uri": store.images.uri(image_id), "in_store": store.images.exists(image_id),
+            **(meta[0] if meta else {}), "used_by": used_by}
+
+
+def _dicts(con, sql: str, params: list) -> list[dict[str, Any]]:
+    cursor = con.execute(sql, params)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]

@@ -1,0 +1,192 @@
+"""What a seed reader yields, the quarantine reason codes, and helpers shared by the readers.
+
+A reader turns one source format into a stream of records, one per raw record, in order:
+either a `Candidate` (fields pulled out, not yet validated) or a `Rejected` (the record could
+not even be parsed, with a reason). Validation, image checks, ids and dedup are common to
+every format and live in `curation.seed`, so each reader only knows its format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+RAW_EXCERPT_CHARS = 500
+
+
+class QuarantineReason(StrEnum):
+    """Why a seed record was set aside. Every quarantine row carries exactly one of these."""
+
+    NOT_AN_OBJECT = "not_an_object"  # the record is a list/string/number, not a mapping
+    MALFORMED_RECORD = "malformed_record"  # invalid JSON line, or fields of the wrong shape
+    UNREADABLE_FILE = "unreadable_file"  # a whole data file that cannot be parsed
+    INVALID_UTF8 = "invalid_utf8"  # text that is not valid UTF-8
+    EMPTY_QUESTION = "empty_question"
+    QUESTION_TOO_LONG = "question_too_long"
+    MISSING_ANSWER = "missing_answer"
+    ANSWER_NOT_IN_CHOICES = "answer_not_in_choices"  # multiple choice whose answer names no option
+    NO_IMAGE = "no_image"  # a record without any image while images are required
+    TOO_MANY_IMAGES = "too_many_images"
+    IMAGE_PLACEHOLDER_MISMATCH = "image_placeholder_mismatch"  # <image> tokens != images given
+    PATH_ESCAPE = "path_escape"  # an image path that leaves the source root (../, absolute, symlink)
+    MISSING_IMAGE = "missing_image"  # the image file does not exist
+    EMPTY_IMAGE = "empty_image"  # zero-byte image
+    CORRUPT_IMAGE = "corrupt_image"  # bytes that do not decode as an image
+    OVERSIZED_IMAGE = "oversized_image"  # over the configured pixel or byte limit
+    DUPLICATE = "duplicate"  # same sample_id as an earlier record (this source or an earlier one)
+
+
+@dataclass
+class ImageRef:
+    """An image as a record gives it: a path relative to the source's image root, or inline bytes."""
+
+    path: str | None = None
+    data: bytes | None = None
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else f"<{len(self.data or b'')} inline bytes>"
+
+
+@dataclass
+class Candidate:
+    """A parsed record: fields pulled out of the format, not yet validated."""
+
+    record_index: int
+    native_id: str
+    question: Any
+    answer: Any
+    images: list[ImageRef]
+    choices: list[Any] | None = None
+    answer_type: str | None = None
+    tags: list[str] = field(default_factory=list)
+    difficulty: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    raw_excerpt: str | None = None
+    placeholder_count: int | None = None  # <image> tokens seen in the text, when the format has them
+
+
+@dataclass
+class Rejected:
+    """A record that could not be parsed into a candidate."""
+
+    record_index: int
+    native_id: str | None
+    reason: QuarantineReason
+    detail: str
+    raw_excerpt: str | None = None
+
+
+SeedRecord = Candidate | Rejected
+
+
+class SeedReader(Protocol):
+    """One source format. `records()` yields one item per raw record, in a stable order."""
+
+    image_root: Path | None
+
+    def records(self) -> Iterator[SeedRecord]: ...
+
+    def count(self) -> int:
+        """How many raw records `records()` yields, counted without validating them (row accounting)."""
+        ...
+
+    def fingerprint(self) -> str:
+        """Changes whenever the input would read differently (file sizes and mtimes, generator settings)."""
+        ...
+
+
+# -- shared helpers -----------------------------------------------------------------------------
+
+
+def excerpt(value: Any) -> str:
+    if isinstance(value, bytes):
+        text = value.decode("utf-8", errors="replace")
+    elif isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=repr)
+        except (TypeError, ValueError):
+            text = repr(value)
+    return text[:RAW_EXCERPT_CHARS]
+
+
+def get_path(record: dict, dotted: str | None) -> Any:
+    """record['a']['b'] for 'a.b'; None when any step is missing."""
+    if not dotted:
+        return None
+    node: Any = record
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def iter_json_records(path: Path) -> Iterator[tuple[Any, tuple[QuarantineReason, str] | None]]:
+    """(record, problem) for each record of a .json array or a .jsonl file, in order.
+
+    Bytes are decoded with surrogateescape, so a record holding invalid UTF-8 still parses and
+    is caught per record (as lone surrogates) instead of failing the whole file. An unparsable
+    JSONL line is one malformed record; an unparsable JSON file is one unreadable_file record.
+    """
+    data = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(data):
+        for line in data.splitlines():
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line), None
+            except json.JSONDecodeError as exc:
+                yield line, (QuarantineReason.MALFORMED_RECORD, f"{path.name}: invalid JSON: {exc.msg} at column {exc.colno}")
+        return
+    try:
+        parsed = json.loads(data)
+    except json.JSONDecodeError as exc:
+        yield data, (QuarantineReason.UNREADABLE_FILE, f"{path.name}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        return
+    if isinstance(parsed, list):
+        yield from ((record, None) for record in parsed)
+    else:
+        yield parsed, None
+
+
+def count_json_records(path: Path) -> int:
+    data = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(data):
+        return sum(1 for line in data.splitlines() if line.strip())
+    try:
+        parsed = json.loads(data)
+    except json.JSONDecodeError:
+        return 1  # the whole file is one unreadable_file record
+    return len(parsed) if isinstance(parsed, list) else 1
+
+
+def _looks_like_jsonl(data: str) -> bool:
+    head = data.lstrip()[:1]
+    if head != "{":
+        return False
+    # A JSON file holding a single object spans the file; JSONL has one object per line.
+    lines = [line for line in data.splitlines() if line.strip()]
+    return len(lines) > 1 and lines[0].rstrip().endswith("}")
+
+
+def files_fingerprint(paths: list[Path]) -> list[tuple[str, int, int]]:
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+
+
+def expand_paths(path: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """A file, a folder (its files with these suffixes, sorted) or a glob."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return [candidate]
+    if candidate.is_dir():
+        return sorted(p for p in candidate.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    matches = sorted(Path(candidate.anchor or ".").glob(str(candidate.relative_to(candidate.anchor or "."))))
+    if matches:
+        return [p for p in matches if p.is_file()]
+    raise FileNotFoundError(f"{path}: no such file, folder or matching glob")

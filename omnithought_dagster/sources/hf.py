@@ -1,0 +1,143 @@
+"""Parquet shards and HF `datasets.save_to_disk` folders.
+
+The image column holds what the HF `Image` feature stores: a struct {bytes, path} (bytes may
+be null with a path relative to `image_root`), a list of such structs, or a plain path. Rows
+are read a record batch at a time, so a large shard never sits in memory whole. The
+`datasets` library is not needed to read: parquet is read by pyarrow, and `save_to_disk`
+folders are Arrow IPC streams listed in their state.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from omnithought_dagster.config import HFSourceConfig
+from omnithought_dagster.ids import content_id
+from omnithought_dagster.sources.base import (
+    ImageRef,
+    QuarantineReason,
+    Rejected,
+    SeedRecord,
+    excerpt,
+    expand_paths,
+    files_fingerprint,
+    get_path,
+)
+from omnithought_dagster.sources.jsonfile import candidate_from_mapping
+
+BATCH_ROWS = 1024
+
+
+class HFReader:
+    """`kind: hf`."""
+
+    def __init__(self, config: HFSourceConfig):
+        self.config = config
+        self.fields = config.fields
+        self.files = _data_files(Path(config.path), config.split)
+        root = Path(config.path)
+        self.image_root = Path(config.image_root) if config.image_root else (root if root.is_dir() else root.parent)
+
+    def records(self) -> Iterator[SeedRecord]:
+        index = 0
+        for path in self.files:
+            for batch in _batches(path):
+                try:
+                    rows = batch.to_pylist()
+                except UnicodeDecodeError:
+                    rows = [_row_or_error(batch, i) for i in range(batch.num_rows)]
+                for row in rows:
+                    yield self._parse(index, row)
+                    index += 1
+
+    def count(self) -> int:
+        return sum(_num_rows(path) for path in self.files)
+
+    def fingerprint(self) -> str:
+        return content_id("hf-source", {"files": files_fingerprint(self.files), "fields": self.fields.model_dump(), "split": self.config.split})
+
+    def _parse(self, index: int, row: Any) -> SeedRecord:
+        if isinstance(row, Rejected):
+            row.record_index = index
+            return row
+        images = _images_from_cell(get_path(row, self.fields.image))
+        if images is None:
+            return Rejected(index, None, QuarantineReason.MALFORMED_RECORD, f"column {self.fields.image!r} holds no image struct, path or list of them", excerpt(_printable(row)))
+        candidate = candidate_from_mapping(index, row, self.fields, images=images)
+        candidate.raw_excerpt = excerpt(_printable(row))
+        return candidate
+
+
+def _data_files(path: Path, split: str | None) -> list[Path]:
+    """The data files of a parquet file/folder/glob or of a save_to_disk Dataset / DatasetDict."""
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        if split is not None and split not in splits:
+            raise FileNotFoundError(f"{path}: no split {split!r}; it has {splits}")
+        return [f for s in ([split] if split else splits) for f in _data_files(path / s, None)]
+    if path.is_dir() and (path / "state.json").is_file():
+        state = json.loads((path / "state.json").read_text())
+        return [path / item["filename"] for item in state["_data_files"]]
+    return expand_paths(str(path), (".parquet", ".arrow"))
+
+
+def _batches(path: Path) -> Iterator[pa.RecordBatch]:
+    if path.suffix == ".arrow":
+        with pa.memory_map(str(path)) as source:
+            yield from pa.ipc.open_stream(source)
+        return
+    yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+
+
+def _num_rows(path: Path) -> int:
+    if path.suffix == ".arrow":
+        return sum(batch.num_rows for batch in _batches(path))
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _row_or_error(batch: pa.RecordBatch, i: int) -> dict | Rejected:
+    try:
+        return batch.slice(i, 1).to_pylist()[0]
+    except UnicodeDecodeError as exc:
+        return Rejected(-1, None, QuarantineReason.INVALID_UTF8, f"a text column holds invalid UTF-8 ({exc.reason} at byte {exc.start})")
+
+
+def _images_from_cell(cell: Any) -> list[ImageRef] | None:
+    if cell is None:
+        return []
+    if isinstance(cell, list):
+        refs = [_image_ref(item) for item in cell]
+        return None if any(ref is None for ref in refs) else refs
+    ref = _image_ref(cell)
+    return None if ref is None else [ref]
+
+
+def _image_ref(item: Any) -> ImageRef | None:
+    if isinstance(item, str):
+        return ImageRef(path=item)
+    if isinstance(item, dict) and ("bytes" in item or "path" in item):
+        if item.get("bytes") is not None:
+            return ImageRef(data=bytes(item["bytes"]), path=None)
+        if item.get("path"):
+            return ImageRef(path=item["path"])
+    return None
+
+
+def _printable(row: dict) -> dict:
+    """The row without image bytes, for the quarantine excerpt."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return f"<{len(value)} bytes>"
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(row)

@@ -1,0 +1,223 @@
+"""JSON / JSONL readers: flat question-answer-image records, LLaVA conversations, ShareGPT messages.
+
+All three read files the same way (`iter_json_records`) and differ only in how a record maps
+to a question, an answer and images:
+
+- flat:      {"id", "question", "answer", "image": "a.png" | ["a.png", ...], "choices": [...]}
+             with any field renamed through the source's `fields` mapping (dotted paths allowed);
+- llava:     {"id", "image": "a.png" | [...], "conversations": [{"from": "human", "value": "<image>\\nQ"},
+             {"from": "gpt", "value": "A"}, ...]};
+- sharegpt:  {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+             "images": ["a.png"]}  (LLaMA-Factory's layout; keys and role names configurable).
+
+Conversations with several turns keep the first question/answer pair; the remaining turns are
+kept in `metadata.extra_turns` so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omnithought_dagster.config import FieldMap, JsonSourceConfig, ShareGPTSourceConfig
+from omnithought_dagster.ids import content_id
+from omnithought_dagster.sources.base import (
+    Candidate,
+    ImageRef,
+    QuarantineReason,
+    Rejected,
+    SeedRecord,
+    count_json_records,
+    excerpt,
+    expand_paths,
+    files_fingerprint,
+    get_path,
+    iter_json_records,
+)
+
+IMAGE_PLACEHOLDER = re.compile(r"<image>")
+JSON_SUFFIXES = (".json", ".jsonl")
+
+
+class _JsonReaderBase:
+    """Files, record iteration and accounting shared by the JSON-based formats."""
+
+    def __init__(self, path: str, image_root: str | None):
+        self.files = expand_paths(path, JSON_SUFFIXES)
+        self.image_root = Path(image_root) if image_root else self.files[0].parent if self.files else None
+
+    def records(self) -> Iterator[SeedRecord]:
+        index = 0
+        for path in self.files:
+            for record, problem in iter_json_records(path):
+                if problem is not None:
+                    yield Rejected(index, None, problem[0], problem[1], excerpt(record))
+                elif not isinstance(record, dict):
+                    yield Rejected(index, None, QuarantineReason.NOT_AN_OBJECT, f"record is a {type(record).__name__}, not an object", excerpt(record))
+                else:
+                    yield self.parse(index, record)
+                index += 1
+
+    def count(self) -> int:
+        return sum(count_json_records(path) for path in self.files)
+
+    def fingerprint(self) -> str:
+        return content_id("json-source", {"files": files_fingerprint(self.files), "reader": self.settings()})
+
+    def parse(self, index: int, record: dict) -> SeedRecord:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def settings(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class FlatJsonReader(_JsonReaderBase):
+    """`kind: json, format: flat`."""
+
+    def __init__(self, config: JsonSourceConfig):
+        super().__init__(config.path, config.image_root)
+        self.fields = config.fields
+
+    def settings(self) -> dict:
+        return {"format": "flat", "fields": self.fields.model_dump()}
+
+    def parse(self, index: int, record: dict) -> SeedRecord:
+        return candidate_from_mapping(index, record, self.fields)
+
+
+class LlavaJsonReader(_JsonReaderBase):
+    """`kind: json, format: llava`."""
+
+    def __init__(self, config: JsonSourceConfig):
+        super().__init__(config.path, config.image_root)
+        self.fields = config.fields
+
+    def settings(self) -> dict:
+        return {"format": "llava", "fields": self.fields.model_dump()}
+
+    def parse(self, index: int, record: dict) -> SeedRecord:
+        native_id = _native_id(get_path(record, self.fields.id), index)
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, "'conversations' is not a list of turns", excerpt(record))
+        messages = [(str(t.get("from", "")).lower(), t.get("value")) for t in turns]
+        return _from_conversation(
+            index, native_id, record, messages, user_roles={"human", "user"}, assistant_roles={"gpt", "assistant"},
+            system_roles={"system"}, images=_image_list(get_path(record, self.fields.image)),
+            consumed={"conversations", self.fields.id or "", self.fields.image},
+        )
+
+
+class ShareGPTReader(_JsonReaderBase):
+    """`kind: sharegpt` (LLaMA-Factory's multimodal layout)."""
+
+    def __init__(self, config: ShareGPTSourceConfig):
+        super().__init__(config.path, config.image_root)
+        self.config = config
+
+    def settings(self) -> dict:
+        return self.config.model_dump(exclude={"name", "description", "path", "image_root"})
+
+    def parse(self, index: int, record: dict) -> SeedRecord:
+        c = self.config
+        native_id = _native_id(record.get(c.id_key) if c.id_key else None, index)
+        turns = record.get(c.messages_key)
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, f"{c.messages_key!r} is not a list of messages", excerpt(record))
+        messages = [(str(t.get(c.role_key, "")).lower(), t.get(c.content_key)) for t in turns]
+        return _from_conversation(
+            index, native_id, record, messages, user_roles={c.user_role.lower()}, assistant_roles={c.assistant_role.lower()},
+            system_roles={c.system_role.lower()}, images=_image_list(record.get(c.images_key)),
+            consumed={c.messages_key, c.images_key, c.id_key or ""},
+        )
+
+
+# -- mapping helpers (shared with the HF reader) -----------------------------------------------
+
+
+def candidate_from_mapping(index: int, record: dict, fields: FieldMap, images: list[ImageRef] | None = None) -> SeedRecord:
+    """A flat record -> Candidate, through a field mapping. Unmapped fields go to metadata."""
+    native_id = _native_id(get_path(record, fields.id), index)
+    if images is None:
+        images = _image_list(get_path(record, fields.image))
+        if images is None:
+            return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, f"field {fields.image!r} is not a path or a list of paths", excerpt(record))
+    choices = get_path(record, fields.choices)
+    if choices is not None and not isinstance(choices, list):
+        return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, f"field {fields.choices!r} is not a list", excerpt(record))
+    tags = get_path(record, fields.tags)
+    if isinstance(tags, str):
+        tags = [tags]
+    difficulty = get_path(record, fields.difficulty)
+    consumed = {f for f in fields.model_dump().values() if f}
+    return Candidate(
+        record_index=index,
+        native_id=native_id,
+        question=get_path(record, fields.question),
+        answer=get_path(record, fields.answer),
+        images=images,
+        choices=choices,
+        answer_type=get_path(record, fields.answer_type),
+        tags=[str(t) for t in tags] if isinstance(tags, list) else [],
+        difficulty=difficulty if isinstance(difficulty, int) and not isinstance(difficulty, bool) else None,
+        metadata={k: v for k, v in record.items() if k not in {c.split(".")[0] for c in consumed}},
+        raw_excerpt=excerpt(record),
+    )
+
+
+def _from_conversation(
+    index: int,
+    native_id: str,
+    record: dict,
+    messages: list[tuple[str, Any]],
+    *,
+    user_roles: set[str],
+    assistant_roles: set[str],
+    system_roles: set[str],
+    images: list[ImageRef] | None,
+    consumed: set[str],
+) -> SeedRecord:
+    if images is None:
+        return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, "images are not a path or a list of paths", excerpt(record))
+    system = [content for role, content in messages if role in system_roles]
+    dialogue = [(role, content) for role, content in messages if role not in system_roles]
+    if len(dialogue) < 2 or dialogue[0][0] not in user_roles or dialogue[1][0] not in assistant_roles:
+        roles = [role for role, _ in dialogue[:2]]
+        return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, f"expected a user turn then an assistant turn, got roles {roles}", excerpt(record))
+    question, answer = dialogue[0][1], dialogue[1][1]
+    # Placeholders may sit in any user turn (multi-image dialogues); count them all.
+    placeholders = sum(len(IMAGE_PLACEHOLDER.findall(c)) for r, c in dialogue if r in user_roles and isinstance(c, str))
+    metadata = {k: v for k, v in record.items() if k not in consumed}
+    if system:
+        metadata["system"] = system
+    if len(dialogue) > 2:
+        metadata["extra_turns"] = [{"role": r, "content": c} for r, c in dialogue[2:]]
+    return Candidate(
+        record_index=index,
+        native_id=native_id,
+        question=IMAGE_PLACEHOLDER.sub("", question).strip() if isinstance(question, str) else question,
+        answer=answer,
+        images=images,
+        metadata=metadata,
+        raw_excerpt=excerpt(record),
+        placeholder_count=placeholders,
+    )
+
+
+def _image_list(value: Any) -> list[ImageRef] | None:
+    """None / "" -> []; "a.png" -> [a.png]; ["a.png", ...] -> [...]; anything else -> None (malformed)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [ImageRef(path=value)]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [ImageRef(path=v) for v in value]
+    return None
+
+
+def _native_id(value: Any, index: int) -> str:
+    if value is None or value == "":
+        return f"#{index}"
+    return str(value)

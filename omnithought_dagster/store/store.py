@@ -1,0 +1,272 @@
+"""The corpus store: partitioned Parquet tables, a content-addressed image store, a DuckDB catalog.
+
+Everything goes through a pyarrow FileSystem resolved from one root URI, so the same code
+serves a local folder and an object store (s3://...). Layout under the root:
+
+    tables/<table>/<key>=<value>[/<key>=<value>]/data.parquet   one file per partition
+    images/<id[:2]>/<id>                                        image bytes, named by their hash
+
+A partition is one file, replaced atomically: on a local disk the new file is written beside
+the old one under a hidden temporary name and renamed over it (rename(2) is atomic); on an
+object store a single PUT is atomic by itself. Readers therefore see the old partition or
+the new one, never a mix or a half-written file.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from omnithought_dagster.store.tables import TABLES, TableSpec, table_spec
+
+PARTITION_FILE = "data.parquet"
+PARQUET_COMPRESSION = "zstd"
+
+
+class StoreError(RuntimeError):
+    """A store operation that cannot proceed (bad partition key, schema mismatch, ...)."""
+
+
+@dataclass(frozen=True)
+class WrittenPartition:
+    table: str
+    partition: dict[str, str]
+    uri: str
+    rows: int
+    bytes: int
+
+
+class CorpusStore:
+    """Tables, images and the catalog under one root URI."""
+
+    def __init__(self, root_uri: str, filesystem: pafs.FileSystem | None = None):
+        self.root_uri = root_uri
+        if filesystem is None:
+            if "://" not in root_uri:
+                Path(root_uri).mkdir(parents=True, exist_ok=True)
+                root_uri = str(Path(root_uri).resolve())
+            filesystem, root_path = pafs.FileSystem.from_uri(root_uri)
+        else:
+            root_path = root_uri.split("://", 1)[-1]
+        self.fs: pafs.FileSystem = filesystem
+        self.root = root_path.rstrip("/")
+        self.images = ImageStore(self)
+
+    @property
+    def is_local(self) -> bool:
+        return self.fs.type_name == "local"
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # -- tables -----------------------------------------------------------------------------
+
+    def partition_dir(self, table: str, partition: str | Mapping[str, str]) -> str:
+        spec = table_spec(table)
+        keys = _partition_keys(spec, partition)
+        return self.path("tables", table, *(f"{column}={keys[column]}" for column in spec.partition_by))
+
+    def write_partition(self, table: str, partition: str | Mapping[str, str], data: pa.Table) -> WrittenPartition:
+        """Replace one partition of a table with `data`, atomically. Columns are cast to the spec."""
+        spec = table_spec(table)
+        keys = _partition_keys(spec, partition)
+        data = _conform(spec, data)
+        for column in spec.partition_by:
+            values = set(data.column(column).to_pylist())
+            if values - {keys[column]}:
+                raise StoreError(f"{table}[{keys}]: rows carry {column}={sorted(values - {keys[column]})}, not the partition's")
+        directory = self.partition_dir(table, keys)
+        final = f"{directory}/{PARTITION_FILE}"
+        self.fs.create_dir(directory, recursive=True)
+        if self.is_local:
+            temporary = f"{directory}/.{PARTITION_FILE}.{uuid.uuid4().hex}.tmp"
+            try:
+                pq.write_table(data, temporary, filesystem=self.fs, compression=PARQUET_COMPRESSION)
+                self.fs.move(temporary, final)
+            except BaseException:
+                _delete_quietly(self.fs, temporary)
+                raise
+        else:
+            pq.write_table(data, final, filesystem=self.fs, compression=PARQUET_COMPRESSION)
+        size = self.fs.get_file_info(final).size or 0
+        return WrittenPartition(table, keys, self._uri(final), data.num_rows, size)
+
+    def read_partition(self, table: str, partition: str | Mapping[str, str], columns: list[str] | None = None) -> pa.Table | None:
+        """One partition, or None when it was never written."""
+        final = f"{self.partition_dir(table, partition)}/{PARTITION_FILE}"
+        if self.fs.get_file_info(final).type != pafs.FileType.File:
+            return None
+        return pq.read_table(final, filesystem=self.fs, columns=columns)
+
+    def has_partition(self, table: str, partition: str | Mapping[str, str]) -> bool:
+        final = f"{self.partition_dir(table, partition)}/{PARTITION_FILE}"
+        return self.fs.get_file_info(final).type == pafs.FileType.File
+
+    def list_partitions(self, table: str) -> list[dict[str, str]]:
+        """Partitions that exist, as {column: value} in path order."""
+        spec = table_spec(table)
+        base = self.path("tables", table)
+        found = []
+        for info in self._list_files(base):
+            if not info.base_name == PARTITION_FILE:
+                continue
+            parts = info.path[len(base) + 1 :].split("/")[:-1]
+            if len(parts) != len(spec.partition_by):
+                continue
+            keys = dict(part.split("=", 1) for part in parts if "=" in part)
+            if list(keys) == list(spec.partition_by):
+                found.append(keys)
+        return sorted(found, key=lambda k: [k[c] for c in spec.partition_by])
+
+    def partition_files(self, table: str) -> list[str]:
+        spec = table_spec(table)
+        return [f"{self.partition_dir(spec.name, keys)}/{PARTITION_FILE}" for keys in self.list_partitions(table)]
+
+    def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
+        """All partitions of a table (empty with the spec's schema when there are none)."""
+        spec = table_spec(table)
+        files = self.partition_files(table)
+        if not files:
+            empty = spec.schema.empty_table()
+            return empty.select(columns) if columns else empty
+        pieces = [pq.read_table(path, filesystem=self.fs, columns=columns) for path in files]
+        return pa.concat_tables(pieces, promote_options="default")
+
+    def delete_partition(self, table: str, partition: str | Mapping[str, str]) -> None:
+        _delete_quietly(self.fs, f"{self.partition_dir(table, partition)}/{PARTITION_FILE}")
+
+    # -- catalog ----------------------------------------------------------------------------
+
+    def catalog(self, tables: list[str] | None = None):
+        """A DuckDB connection with one view per table, named after it.
+
+        Local stores get views over `read_parquet` globs (new partitions appear without
+        rebuilding the catalog); other filesystems are scanned through pyarrow datasets, so
+        DuckDB needs no extension or credentials of its own.
+        """
+        import duckdb
+        import pyarrow.dataset as ds
+
+        con = duckdb.connect(database=":memory:")
+        for name in tables or list(TABLES):
+            spec = TABLES[name]
+            files = self.partition_files(name)
+            if not files:
+                con.register(f"_empty_{name}", spec.schema.empty_table())
+                con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM "_empty_{name}"')
+            elif self.is_local:
+                depth = "/".join(["*"] * len(spec.partition_by))
+                pattern = f"{self.path('tables', name)}/{depth}/{PARTITION_FILE}".replace("'", "''")
+                con.execute(
+                    f"CREATE VIEW \"{name}\" AS SELECT * FROM read_parquet('{pattern}', "
+                    "union_by_name = true, hive_partitioning = false)"
+                )
+            else:
+                dataset = ds.dataset(files, filesystem=self.fs, format="parquet", schema=spec.schema)
+                con.register(f"_ds_{name}", dataset)
+                con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM "_ds_{name}"')
+        return con
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _list_files(self, base: str) -> list[pafs.FileInfo]:
+        if self.fs.get_file_info(base).type != pafs.FileType.Directory:
+            return []
+        selector = pafs.FileSelector(base, recursive=True)
+        return [info for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
+
+    def _uri(self, path: str) -> str:
+        if self.is_local:
+            return path
+        scheme = self.root_uri.split("://", 1)[0]
+        return f"{scheme}://{path}"
+
+
+class ImageStore:
+    """Image bytes named by their content hash: writing the same bytes twice stores them once."""
+
+    def __init__(self, store: CorpusStore):
+        self._store = store
+
+    def path(self, image_id: str) -> str:
+        return self._store.path("images", image_id[:2], image_id)
+
+    def uri(self, image_id: str) -> str:
+        return self._store._uri(self.path(image_id))
+
+    def exists(self, image_id: str) -> bool:
+        return self._store.fs.get_file_info(self.path(image_id)).type == pafs.FileType.File
+
+    def put(self, image_id: str, data: bytes) -> bool:
+        """Store bytes under their id; False when they were already there (deduplicated)."""
+        fs = self._store.fs
+        final = self.path(image_id)
+        if fs.get_file_info(final).type == pafs.FileType.File:
+            return False
+        directory = final.rsplit("/", 1)[0]
+        fs.create_dir(directory, recursive=True)
+        target = f"{directory}/.{image_id}.{uuid.uuid4().hex}.tmp" if self._store.is_local else final
+        try:
+            with fs.open_output_stream(target) as out:
+                out.write(data)
+            if target != final:
+                fs.move(target, final)
+        except BaseException:
+            if target != final:
+                _delete_quietly(fs, target)
+            raise
+        return True
+
+    def get(self, image_id: str) -> bytes:
+        with self._store.fs.open_input_stream(self.path(image_id)) as stream:
+            return stream.read()
+
+    def ids(self) -> set[str]:
+        """Every stored image id (one listing, cheap on object stores too)."""
+        return {
+            info.base_name
+            for info in self._store._list_files(self._store.path("images"))
+            if not info.base_name.startswith(".")
+        }
+
+
+def _partition_keys(spec: TableSpec, partition: str | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(partition, str):
+        if len(spec.partition_by) != 1:
+            raise StoreError(f"{spec.name} is partitioned by {spec.partition_by}: pass a mapping")
+        partition = {spec.partition_by[0]: partition}
+    keys = {column: str(partition.get(column, "")) for column in spec.partition_by}
+    for column, value in keys.items():
+        if not value or "/" in value or value.startswith(".") or "=" in value:
+            raise StoreError(f"{spec.name}: bad partition value {column}={value!r}")
+    extra = set(partition) - set(spec.partition_by)
+    if extra:
+        raise StoreError(f"{spec.name}: not partitioned by {sorted(extra)}")
+    return keys
+
+
+def _conform(spec: TableSpec, data: pa.Table) -> pa.Table:
+    missing = [c for c in spec.column_names if c not in data.column_names]
+    extra = [c for c in data.column_names if c not in spec.column_names]
+    if missing or extra:
+        raise StoreError(f"{spec.name}: columns differ from the spec (missing {missing}, unexpected {extra})")
+    nulls = [c.name for c in spec.columns if not c.nullable and data.column(c.name).null_count]
+    if nulls:
+        raise StoreError(f"{spec.name}: nulls in required columns {nulls}")
+    try:
+        return data.select(spec.column_names).cast(spec.schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+        raise StoreError(f"{spec.name}: rows do not fit the schema: {exc}") from exc
+
+
+def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass

@@ -1,0 +1,106 @@
+"""Every table of the corpus store: its columns (with what they mean) and how it is partitioned.
+
+This registry is the single source of truth for the Parquet schemas the store writes, the
+DuckDB views of the catalog, the `dagster/column_schema` metadata and the docs/store.md
+reference (regenerated from here by `omnithought docs-tables`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+STRING_LIST = pa.list_(pa.string())
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType
+    description: str
+    nullable: bool = True
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    description: str
+    partition_by: tuple[str, ...]
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...] = field(default=())
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([pa.field(c.name, c.type, nullable=c.nullable) for c in self.columns])
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+SEED_POOL = TableSpec(
+    name="seed_pool",
+    description="One normalised multimodal question (images + question + reference answer) per row.",
+    partition_by=("source",),
+    primary_key=("sample_id",),
+    columns=(
+        Column("sample_id", pa.string(), "content hash of normalised question + choices + image ids + answer", False),
+        Column("source", pa.string(), "configured source name (the partition key)", False),
+        Column("native_id", pa.string(), "the record's id in its source (or its position when it has none)", False),
+        Column("record_index", pa.int64(), "0-based position of the record in the source as read", False),
+        Column("image_ids", STRING_LIST, "content hashes of the image bytes, in question order; keys of the image store", False),
+        Column("image_phashes", STRING_LIST, "64-bit perceptual hash (hex) of each image, aligned with image_ids", False),
+        Column("question", pa.string(), "question text, NFC, image placeholders removed", False),
+        Column("answer", pa.string(), "reference answer; for multiple choice the option letter", False),
+        Column("answer_type", pa.string(), "multiple_choice | numeric | math | free_form", False),
+        Column("choices", STRING_LIST, "option texts for multiple choice (A, B, ... in order); empty otherwise", False),
+        Column("source_tags", STRING_LIST, "task tags the source provides (ground truth for the synthetic source)", False),
+        Column("source_difficulty", pa.int32(), "difficulty level the source provides, if any"),
+        Column("metadata", pa.string(), "JSON object: the source's fields not mapped to a column", False),
+        Column("near_duplicate_of", pa.string(), "sample_id of an earlier sample with a perceptually near image (marked, not dropped)"),
+        Column("near_duplicate_distance", pa.int32(), "Hamming distance between the two perceptual hashes"),
+    ),
+)
+
+QUARANTINE = TableSpec(
+    name="quarantine",
+    description="One seed record that could not be used, with the reason; nothing read is ever lost.",
+    partition_by=("source",),
+    columns=(
+        Column("source", pa.string(), "configured source name (the partition key)", False),
+        Column("native_id", pa.string(), "the record's id in its source, when it could be read"),
+        Column("record_index", pa.int64(), "0-based position of the record in the source as read", False),
+        Column("reason", pa.string(), "reason code (see omnithought_dagster.sources.base.QuarantineReason)", False),
+        Column("detail", pa.string(), "what exactly was wrong, with the offending value", False),
+        Column("sample_id", pa.string(), "the sample's id when it got that far (duplicates always have one)"),
+        Column("duplicate_of", pa.string(), "for duplicates: 'source/native_id' of the kept copy"),
+        Column("raw_excerpt", pa.string(), "the first 500 characters of the raw record, for forensics"),
+    ),
+)
+
+IMAGES = TableSpec(
+    name="images",
+    description="One image of the content-addressed image store, per source that uses it.",
+    partition_by=("source",),
+    primary_key=("image_id",),
+    columns=(
+        Column("image_id", pa.string(), "content hash of the bytes; the object is images/<id[:2]>/<id>", False),
+        Column("source", pa.string(), "source that referenced the image (the partition key)", False),
+        Column("width", pa.int32(), "pixels", False),
+        Column("height", pa.int32(), "pixels", False),
+        Column("format", pa.string(), "PNG, JPEG, ... as PIL decoded it", False),
+        Column("mode", pa.string(), "PIL mode (RGB, L, RGBA, ...)", False),
+        Column("n_bytes", pa.int64(), "size of the stored bytes", False),
+        Column("phash", pa.string(), "64-bit perceptual hash, hex", False),
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SEED_POOL, QUARANTINE, IMAGES)}
+
+
+def table_spec(name: str) -> TableSpec:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise KeyError(f"unknown table {name!r}; known: {sorted(TABLES)}") from None

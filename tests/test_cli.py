@@ -1,0 +1,114 @@
+"""The omnithought CLI: demo (idempotent), stats, read-only query, lineage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_config, write_image, write_json
+from omnithought_dagster.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def demo_project(tmp_path, monkeypatch):
+    """A small project, materialised with `omnithought demo` into a tmp DAGSTER_HOME."""
+    write_image(tmp_path / "imgs/a.png", 1)
+    records = [{"id": "keep-me", "question": "How many blocks?", "answer": "4", "image": "a.png"},
+               {"id": "lost", "question": "Where?", "answer": "here", "image": "gone.png"}]
+    files = {"name": "files", "kind": "json", "path": str(write_json(tmp_path / "f.json", records)), "image_root": str(tmp_path / "imgs")}
+    config = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 18}, files])
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    first = runner.invoke(app, ["demo", "--config", str(config)])
+    assert first.exit_code == 0, first.output
+    return config, first.output
+
+
+def _json(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_demo_runs_everything_then_is_idempotent(demo_project):
+    config, first = demo_project
+    assert "seed_pool" in first and "6/6 passed" in first and "missing_image 1" in first
+    assert first.count("ran") >= 2
+    second = runner.invoke(app, ["demo", "--config", str(config)])
+    assert second.exit_code == 0, second.output
+    assert second.output.count("up to date") == 2  # nothing changed: both partitions skipped
+    forced = runner.invoke(app, ["demo", "--config", str(config), "--force"])
+    assert forced.exit_code == 0 and "up to date" not in forced.output
+
+
+def test_demo_reruns_a_partition_whose_input_changed(demo_project, tmp_path):
+    config, _ = demo_project
+    records = json.loads((tmp_path / "f.json").read_text()) + [{"id": "new", "question": "New?", "answer": "1", "image": "a.png"}]
+    write_json(tmp_path / "f.json", records)
+    result = runner.invoke(app, ["demo", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("up to date") == 1  # synthetic skipped, files re-ingested
+
+
+def test_stats_json_counts_tables_partitions_and_reasons(demo_project):
+    config, _ = demo_project
+    stats = _json(["stats", "--config", str(config), "--json"])
+    assert stats["tables"]["seed_pool"] == {"rows": 19, "partitions": {"files": 1, "synthetic": 18}}
+    assert stats["tables"]["quarantine"]["rows"] == 1
+    assert stats["quarantine_reasons"] == {"files": {"missing_image": 1}}
+    text = runner.invoke(app, ["stats", "--config", str(config)])
+    assert text.exit_code == 0 and "quarantine reasons" in text.output
+
+
+def test_query_json_and_read_only(demo_project):
+    config, _ = demo_project
+    rows = _json(["query", "SELECT source, count(*) AS n FROM seed_pool GROUP BY 1 ORDER BY 1", "--config", str(config), "--json"])
+    assert rows == [{"source": "files", "n": 1}, {"source": "synthetic", "n": 18}]
+    listed = _json(["query", "SELECT image_ids FROM seed_pool WHERE source = 'files'", "--config", str(config), "--json"])
+    assert len(listed[0]["image_ids"]) == 1
+    for statement in ["COPY seed_pool TO '/tmp/x.csv'", "CREATE TABLE t AS SELECT 1", "SELECT 1; DROP VIEW seed_pool",
+                      "ATTACH 'x.db'", "INSTALL httpfs"]:
+        refused = runner.invoke(app, ["query", statement, "--config", str(config)])
+        assert refused.exit_code == 2 and "only read-only SELECT" in refused.output, statement
+    broken = runner.invoke(app, ["query", "SELECT nope FROM seed_pool", "--config", str(config)])
+    assert broken.exit_code == 2 and "query error" in broken.output
+
+
+def test_lineage_of_a_kept_sample_by_id_prefix_and_native_id(demo_project):
+    config, _ = demo_project
+    (row,) = _json(["query", "SELECT sample_id, image_ids FROM seed_pool WHERE native_id = 'keep-me'", "--config", str(config), "--json"])
+    story = _json(["lineage", row["sample_id"], "--config", str(config), "--json"])
+    assert story["kind"] == "sample" and story["status"] == "kept"
+    assert story["kept"]["source"] == "files" and story["kept"]["native_id"] == "keep-me"
+    assert [i["image_id"] for i in story["images"]] == row["image_ids"] and story["images"][0]["in_store"]
+    assert _json(["lineage", row["sample_id"][:10], "--config", str(config), "--json"])["sample_id"] == row["sample_id"]
+    assert _json(["lineage", "files/keep-me", "--config", str(config), "--json"])["sample_id"] == row["sample_id"]
+    text = runner.invoke(app, ["lineage", row["sample_id"], "--config", str(config)])
+    assert text.exit_code == 0 and "keep-me" in text.output and "How many blocks?" in text.output
+
+
+def test_lineage_of_a_quarantined_record_and_of_an_image(demo_project):
+    config, _ = demo_project
+    story = _json(["lineage", "files/lost", "--config", str(config), "--json"])
+    assert story["status"] == "quarantined" and story["quarantine"][0]["reason"] == "missing_image"
+    assert "gone.png" in story["quarantine"][0]["detail"]
+    (row,) = _json(["query", "SELECT image_ids[1] AS image_id FROM seed_pool WHERE native_id = 'keep-me'", "--config", str(config), "--json"])
+    image = _json(["lineage", row["image_id"], "--config", str(config), "--json"])
+    assert image["kind"] == "image" and image["used_by"][0]["native_id"] == "keep-me" and image["format"] == "PNG"
+
+
+def test_lineage_errors(demo_project):
+    config, _ = demo_project
+    for ident, message in [("ffffffffffff", "no sample or image id"), ("abc", "not an id"), ("files/nobody", "no record 'nobody'")]:
+        result = runner.invoke(app, ["lineage", ident, "--config", str(config)])
+        assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_bad_config_exits_2_with_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("sources:\n  - {name: x, kind: synthetic, n_samples: zero}\n")
+    result = runner.invoke(app, ["stats", "--config", str(path)])
+    assert result.exit_code == 2 and "n_samples" in result.output

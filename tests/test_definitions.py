@@ -1,0 +1,58 @@
+"""The whole Definitions loads from the shipped config and from workspace.yaml's module."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from omnithought_dagster.config import load_config
+from omnithought_dagster.defs import SEED_JOB, build_definitions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_definitions_snapshot_from_the_demo_config():
+    defs = build_definitions(load_config(REPO / "omnithought.yaml"))
+    graph = defs.resolve_asset_graph()
+    specs = {key.to_user_string(): graph.get(key) for key in graph.get_all_asset_keys()}
+    assert sorted(specs) == ["images", "quarantine", "seed_pool"]
+    for node in specs.values():
+        assert node.group_name == "seed"
+        assert node.partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
+        assert node.code_version == "seed-v1"
+        assert node.description
+    assert "parquet" in specs["seed_pool"].kinds
+    checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
+    assert checks == [
+        "quarantine:reasons_known",
+        "seed_pool:answer_type_valid",
+        "seed_pool:images_in_store",
+        "seed_pool:required_columns_present",
+        "seed_pool:row_accounting",
+        "seed_pool:sample_id_unique",
+    ]
+    assert all(graph.get_check_spec(k).blocking for k in graph.asset_check_keys)
+    schema = specs["seed_pool"].metadata["dagster/column_schema"]
+    assert [c.name for c in schema.columns][:3] == ["sample_id", "source", "native_id"]
+    assert defs.resolve_job_def(SEED_JOB).partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
+    assert set(defs.resources) == {"project", "store"}
+
+
+def test_adding_a_source_adds_a_partition(project):
+    config = project([{"name": "one", "kind": "synthetic"}, {"name": "two", "kind": "synthetic", "seed": 1}])
+    graph = build_definitions(config).resolve_asset_graph()
+    assert graph.get(dg.AssetKey("seed_pool")).partitions_def.get_partition_keys() == ["one", "two"]
+
+
+def test_code_location_module_loads_like_the_workspace_does(tmp_path):
+    """`python -m dagster definitions validate` is what the webserver does with workspace.yaml."""
+    env = {"PATH": str(Path(sys.executable).parent), "DAGSTER_HOME": str(tmp_path), "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Validation successful" in done.stdout + done.stderr

@@ -1,0 +1,116 @@
+"""The corpus store: schema-checked partitions, atomic replace, image dedup, DuckDB views."""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from omnithought_dagster.store import TABLES, CorpusStore, StoreError
+
+
+def _quarantine_rows(source: str, n: int, reason: str = "missing_image") -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {"source": source, "native_id": f"r{i}", "record_index": i, "reason": reason, "detail": "d",
+             "sample_id": None, "duplicate_of": None, "raw_excerpt": None}
+            for i in range(n)
+        ]
+    )
+
+
+def test_write_read_replace_and_list(tmp_path):
+    store = CorpusStore(str(tmp_path / "root"))
+    store.write_partition("quarantine", "a", _quarantine_rows("a", 3))
+    store.write_partition("quarantine", {"source": "b"}, _quarantine_rows("b", 2))
+    assert store.list_partitions("quarantine") == [{"source": "a"}, {"source": "b"}]
+    assert store.read_partition("quarantine", "a").num_rows == 3
+    written = store.write_partition("quarantine", "a", _quarantine_rows("a", 1, "duplicate"))
+    assert written.rows == 1 and written.bytes > 0
+    replaced = store.read_partition("quarantine", "a")
+    assert replaced.num_rows == 1 and replaced.column("reason").to_pylist() == ["duplicate"]
+    assert store.read_table("quarantine").num_rows == 3
+    assert store.read_partition("quarantine", "never") is None
+    assert list((tmp_path / "root" / "tables" / "quarantine" / "source=a").iterdir()) == [
+        tmp_path / "root" / "tables" / "quarantine" / "source=a" / "data.parquet"
+    ]
+
+
+def test_failed_write_leaves_previous_partition_and_no_temp_file(tmp_path, monkeypatch):
+    store = CorpusStore(str(tmp_path))
+    store.write_partition("quarantine", "a", _quarantine_rows("a", 3))
+
+    def half_write(table, where, **kwargs):
+        kwargs["filesystem"].open_output_stream(where).write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_partition("quarantine", "a", _quarantine_rows("a", 5))
+    monkeypatch.undo()
+    assert store.read_partition("quarantine", "a").num_rows == 3
+    assert [p.name for p in (tmp_path / "tables/quarantine/source=a").iterdir()] == ["data.parquet"]
+    assert store.catalog(["quarantine"]).execute("SELECT count(*) FROM quarantine").fetchone()[0] == 3
+
+
+def test_readers_never_see_a_half_written_partition(tmp_path):
+    store = CorpusStore(str(tmp_path))
+    sizes = [1000, 20000]
+    store.write_partition("quarantine", "a", _quarantine_rows("a", sizes[0]))
+    tables = [_quarantine_rows("a", n) for n in sizes]
+    stop = threading.Event()
+    seen, errors = set(), []
+
+    def read_loop():
+        con = store.catalog(["quarantine"])
+        while not stop.is_set():
+            try:
+                seen.add(con.execute("SELECT count(*) FROM quarantine").fetchone()[0])
+            except Exception as exc:  # a torn file would surface here
+                errors.append(exc)
+
+    reader = threading.Thread(target=read_loop)
+    reader.start()
+    for i in range(40):
+        store.write_partition("quarantine", "a", tables[i % 2])
+    stop.set()
+    reader.join()
+    assert not errors
+    assert seen <= set(sizes) and seen
+
+
+def test_schema_is_enforced(tmp_path):
+    store = CorpusStore(str(tmp_path))
+    with pytest.raises(StoreError, match="missing \\['detail'"):
+        store.write_partition("quarantine", "a", _quarantine_rows("a", 1).drop_columns(["detail"]))
+    with pytest.raises(StoreError, match="nulls in required columns \\['reason'\\]"):
+        bad = _quarantine_rows("a", 1).set_column(3, "reason", pa.array([None], pa.string()))
+        store.write_partition("quarantine", "a", bad)
+    with pytest.raises(StoreError, match="rows carry source=\\['b'\\]"):
+        store.write_partition("quarantine", "a", _quarantine_rows("b", 1))
+    for key in ["", "../x", ".hidden", "a=b"]:
+        with pytest.raises(StoreError, match="bad partition value"):
+            store.write_partition("quarantine", key, _quarantine_rows(key, 0))
+
+
+def test_image_store_is_content_addressed(tmp_path):
+    store = CorpusStore(str(tmp_path))
+    assert store.images.put("ab" + "0" * 30, b"bytes") is True
+    assert store.images.put("ab" + "0" * 30, b"bytes") is False
+    assert store.images.get("ab" + "0" * 30) == b"bytes"
+    assert store.images.ids() == {"ab" + "0" * 30}
+    assert (tmp_path / "images" / "ab" / ("ab" + "0" * 30)).is_file()
+
+
+def test_catalog_has_a_view_per_table_even_when_empty(tmp_path):
+    store = CorpusStore(str(tmp_path))
+    con = store.catalog()
+    for name, spec in TABLES.items():
+        cursor = con.execute(f"SELECT * FROM {name}")
+        assert [d[0] for d in cursor.description] == spec.column_names
+        assert cursor.fetchall() == []
+    store.write_partition("quarantine", "a", _quarantine_rows("a", 2))
+    assert con.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 0  # views are built once
+    assert store.catalog().execute("SELECT count(*), any_value(source) FROM quarantine").fetchone() == (2, "a")
