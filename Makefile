@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 PYTEST_ARGS ?=
 
-.PHONY: env demo test ui clean
+.PHONY: env demo test ui bench clean
 
 env: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
@@ -30,8 +30,12 @@ demo: env
 test: env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# `dg dev` reads [tool.dg] in pyproject.toml; `dagster dev -w workspace.yaml` is equivalent.
 ui: env
-	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+	$(BIN)/dg dev -h $(HOST) -p $(PORT)
+
+bench: env
+	$(BIN)/python bench/seed_ingest.py
 
 clean:
 	rm -rf .omnithought .dagster

@@ -177,6 +177,14 @@ def lineage(ident: str = typer.Argument(..., help="a sample or image id (or a un
     console.print(_story_tree(story))
 
 
+@app.command()
+def tables() -> None:
+    """Print the reference of every store table (columns, types, meaning) as markdown."""
+    from omnithought_dagster.store.tables import tables_markdown
+
+    print(tables_markdown(), end="")
+
+
 def _story_tree(story: dict) -> Tree:
     if story["kind"] == "image":
         tree = Tree(f"[bold]image[/bold] {story['image_id']}")

@@ -40,30 +40,9 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         partitions_def=partitions,
         group_name=SEED_GROUP,
         specs=[
-            dg.AssetSpec(
-                SEED_POOL_KEY,
-                description="Normalised multimodal questions (images + question + reference answer), one partition per source.",
-                kinds={"parquet", "duckdb"},
-                code_version=SEED_CODE_VERSION,
-                metadata={"dagster/column_schema": column_schema(table_spec("seed_pool")), "table": "seed_pool"},
-                tags={"stage": "seed", "compute": "cpu"},
-            ),
-            dg.AssetSpec(
-                QUARANTINE_KEY,
-                description="Seed records set aside with a reason code and detail: rows read = kept + quarantined.",
-                kinds={"parquet"},
-                code_version=SEED_CODE_VERSION,
-                metadata={"dagster/column_schema": column_schema(table_spec("quarantine")), "table": "quarantine"},
-                tags={"stage": "seed", "compute": "cpu"},
-            ),
-            dg.AssetSpec(
-                IMAGES_KEY,
-                description="The content-addressed image store (bytes under their hash) and one metadata row per image.",
-                kinds={"parquet"},
-                code_version=SEED_CODE_VERSION,
-                metadata={"dagster/column_schema": column_schema(table_spec("images")), "table": "images"},
-                tags={"stage": "seed", "compute": "cpu"},
-            ),
+            _table_asset(SEED_POOL_KEY, "Normalised multimodal questions (images + question + reference answer), one partition per source."),
+            _table_asset(QUARANTINE_KEY, "Seed records set aside with a reason code and detail: rows read = kept + quarantined."),
+            _table_asset(IMAGES_KEY, "The content-addressed image store (bytes under their hash) and one metadata row per image."),
         ],
     )
     def ingest_seed_source(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource):
@@ -147,6 +126,19 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         )
 
     return [ingest_seed_source]
+
+
+def _table_asset(key: dg.AssetKey, description: str) -> dg.AssetSpec:
+    """An asset backed by a store table of the same name, its schema shown in the UI."""
+    table = key.to_user_string()
+    return dg.AssetSpec(
+        key,
+        description=description,
+        kinds={"parquet", "duckdb"},
+        code_version=SEED_CODE_VERSION,
+        metadata={"dagster/column_schema": column_schema(table_spec(table)), "table": table},
+        tags={"stage": "seed", "compute": "cpu"},
+    )
 
 
 def _later_conflicts(corpus, source_names: list[str], source: str, kept_ids: set[str]) -> dict[str, int]:

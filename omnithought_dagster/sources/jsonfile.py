@@ -78,24 +78,18 @@ class FlatJsonReader(_JsonReaderBase):
 
     def __init__(self, config: JsonSourceConfig):
         super().__init__(config.path, config.image_root)
+        self.format = config.format
         self.fields = config.fields
 
     def settings(self) -> dict:
-        return {"format": "flat", "fields": self.fields.model_dump()}
+        return {"format": self.format, "fields": self.fields.model_dump()}
 
     def parse(self, index: int, record: dict) -> SeedRecord:
         return candidate_from_mapping(index, record, self.fields)
 
 
-class LlavaJsonReader(_JsonReaderBase):
-    """`kind: json, format: llava`."""
-
-    def __init__(self, config: JsonSourceConfig):
-        super().__init__(config.path, config.image_root)
-        self.fields = config.fields
-
-    def settings(self) -> dict:
-        return {"format": "llava", "fields": self.fields.model_dump()}
+class LlavaJsonReader(FlatJsonReader):
+    """`kind: json, format: llava`: the id and image fields come from the field mapping."""
 
     def parse(self, index: int, record: dict) -> SeedRecord:
         native_id = _native_id(get_path(record, self.fields.id), index)

@@ -71,7 +71,7 @@ class SyntheticReader:
         rng = random.Random(f"omnithought-synthetic:{self.seed}:{index}")
         drawn = FAMILIES[family][1](rng, self.image_size)
         buffer = io.BytesIO()
-        _vary_layout(drawn.image, rng).save(buffer, format="PNG", optimize=False)
+        _vary_layout(drawn.image, rng).save(buffer, format="PNG", compress_level=1)
         return Candidate(
             record_index=index,
             native_id=f"{family}-{self.seed}-{index:07d}",
@@ -110,7 +110,7 @@ def _vary_layout(image: Image.Image, rng: random.Random) -> Image.Image:
     """
     size = image.size[0]
     scale = rng.uniform(0.72, 1.0)
-    inner = image.resize((int(size * scale), int(size * scale)), Image.Resampling.LANCZOS)
+    inner = image.resize((int(size * scale), int(size * scale)), Image.Resampling.BILINEAR)
     tint = tuple(rng.randint(232, 255) for _ in range(3))
     page = Image.new("RGB", image.size, tint)
     mask = Image.eval(inner.convert("L"), lambda v: 255 if v < 250 else 0)

@@ -1,8 +1,9 @@
 """Every table of the corpus store: its columns (with what they mean) and how it is partitioned.
 
 This registry is the single source of truth for the Parquet schemas the store writes, the
-DuckDB views of the catalog, the `dagster/column_schema` metadata and the docs/store.md
-reference (regenerated from here by `omnithought docs-tables`).
+DuckDB views of the catalog, the `dagster/column_schema` metadata and the table reference in
+docs/tables.md (regenerate it with `omnithought tables > docs/tables.md`; a test fails when
+the two disagree).
 """
 
 from __future__ import annotations
@@ -104,3 +105,17 @@ def table_spec(name: str) -> TableSpec:
         return TABLES[name]
     except KeyError:
         raise KeyError(f"unknown table {name!r}; known: {sorted(TABLES)}") from None
+
+
+def tables_markdown() -> str:
+    """The table reference of docs/tables.md, generated from the specs above."""
+    parts = []
+    for spec in TABLES.values():
+        partitioned = "/".join(f"{column}=..." for column in spec.partition_by)
+        parts.append(f"### `{spec.name}`\n\n{spec.description}\n\nPath: `tables/{spec.name}/{partitioned}/data.parquet`"
+                     + (f"; key: `{', '.join(spec.primary_key)}`" if spec.primary_key else "") + "\n")
+        parts.append("| column | type | required | meaning |\n| --- | --- | --- | --- |")
+        parts += [f"| `{c.name}` | `{c.type}` | {'yes' if not c.nullable else 'no'} | {c.description.replace('|', '&#124;')} |"
+                  for c in spec.columns]
+        parts.append("")
+    return "\n".join(parts)
