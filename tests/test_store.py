@@ -114,3 +114,22 @@ def test_catalog_has_a_view_per_table_even_when_empty(tmp_path):
     store.write_partition("quarantine", "a", _quarantine_rows("a", 2))
     assert con.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 0  # views are built once
     assert store.catalog().execute("SELECT count(*), any_value(source) FROM quarantine").fetchone() == (2, "a")
+
+
+def test_a_non_local_filesystem_works_through_the_same_api():
+    """The store never assumes a local path: an in-memory fsspec filesystem stands in for S3 here."""
+    from fsspec.implementations.memory import MemoryFileSystem
+    import pyarrow.fs as pafs
+
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(MemoryFileSystem()))
+    store = CorpusStore("memory://bucket/corpus", filesystem=fs)
+    assert not store.is_local
+    store.write_partition("quarantine", "a", _quarantine_rows("a", 3))
+    store.write_partition("quarantine", "a", _quarantine_rows("a", 2))  # replaced in place
+    store.write_partition("quarantine", "b", _quarantine_rows("b", 1))
+    assert store.list_partitions("quarantine") == [{"source": "a"}, {"source": "b"}]
+    con = store.catalog()
+    assert con.execute("SELECT source, count(*) FROM quarantine GROUP BY 1 ORDER BY 1").fetchall() == [("a", 2), ("b", 1)]
+    assert con.execute("SELECT count(*) FROM seed_pool").fetchone()[0] == 0
+    assert store.images.put("cd" + "1" * 30, b"x") and store.images.ids() == {"cd" + "1" * 30}
+    assert store.images.uri("cd" + "1" * 30) == "memory://bucket/corpus/images/cd/cd" + "1" * 30

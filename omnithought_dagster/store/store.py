@@ -116,7 +116,8 @@ class CorpusStore:
         for info in self._list_files(base):
             if not info.base_name == PARTITION_FILE:
                 continue
-            parts = info.path[len(base) + 1 :].split("/")[:-1]
+            # Some filesystems answer "/bucket/..." for "bucket/...": compare without the slash.
+            parts = info.path.lstrip("/")[len(base.lstrip("/")) + 1 :].split("/")[:-1]
             if len(parts) != len(spec.partition_by):
                 continue
             keys = dict(part.split("=", 1) for part in parts if "=" in part)
