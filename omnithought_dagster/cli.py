@@ -57,28 +57,30 @@ def demo(config: Optional[Path] = ConfigOption, force: bool = typer.Option(False
 
     with dg.DagsterInstance.get() as instance:
         outcomes = run_demo(cfg, instance, force=force)
-    table = Table(title="omnithought demo: what each stage kept and dropped")
-    for column in ("stage", "partition", "read", "kept", "dropped", "near-dup", "checks", "run"):
-        table.add_column(column, justify="right" if column in ("read", "kept", "dropped", "near-dup") else "left")
+    table = Table(title="omnithought demo: what each stage took in, produced and flagged")
+    for column in ("stage", "partition", "in", "out", "flagged", "checks", "run"):
+        table.add_column(column, justify="right" if column in ("in", "out", "flagged") else "left")
     failed = False
-    reasons = []
+    notes = []
     for o in outcomes:
         c = o.counts
         passed = sum(o.checks.values())
         checks = f"{passed}/{len(o.checks)} passed" if o.checks else "-"
         run = "up to date" if o.skipped else ("ran" if o.success else "[red]FAILED[/red]")
         failed |= not o.success or passed != len(o.checks)
-        table.add_row(o.stage, o.partition, str(c.get("read", "?")), str(c.get("kept", "?")), str(c.get("quarantined", "?")),
-                      str(c.get("near_duplicates", "?")), checks, run)
+        table.add_row(o.stage, o.partition, str(c.get("input", "?")), str(c.get("output", "?")), str(c.get("flagged", "?")), checks, run)
+        label = escape(f"{o.stage}[{o.partition}]")
+        if c.get("detail"):
+            notes.append(f"  {label}: " + escape(c["detail"]))
         if c.get("reasons"):
-            reasons.append(escape(f"  {o.stage}[{o.partition}] dropped: " + ", ".join(f"{k} {v}" for k, v in c["reasons"].items())))
+            notes.append(f"  {label} flagged: " + escape(", ".join(f"{k} {v}" for k, v in c["reasons"].items())))
         if c.get("error"):
-            reasons.append("  [red]" + escape(f"{o.stage}[{o.partition}] failed") + "[/red]: " + escape(c["error"]))
+            notes.append(f"  [red]{label} failed[/red]: " + escape(c["error"]))
         for name, ok in o.checks.items():
             if not ok:
-                reasons.append("  [red]" + escape(f"{o.stage}[{o.partition}] check failed") + "[/red]: " + escape(name))
+                notes.append(f"  [red]{label} check failed[/red]: " + escape(name))
     console.print(table)
-    for line in reasons:
+    for line in notes:
         console.print(line)
     console.print(f"store: {cfg.store.root}   Dagster instance: {dagster_home}   browse both with `make ui`")
     if failed:
@@ -186,6 +188,21 @@ def tables() -> None:
 
 
 def _story_tree(story: dict) -> Tree:
+    if story["kind"] == "trace":
+        t = story["trace"]
+        tree = Tree(f"[bold]trace[/bold] {story['trace_id']}  rollout {t['rollout']} of sample {t['sample_id']}")
+        tree.add(f"teacher {t['teacher']}, prompt {t['prompt_version']}; {t['source']}/{t['shard']}")
+        tree.add(f"finish: {t['finish_reason']}, {t['n_tokens']} tokens, {t['attempts']} attempt(s)" + (f", error: {t['error']}" if t["error"] else ""))
+        tree.add("final answer: " + escape(str(t["final_answer"])))
+        tree.add("reasoning: " + escape(_short(t["reasoning"] or "", 200)))
+        record = story["sample"]["kept"]
+        if record:
+            sample = tree.add(f"from sample {record['sample_id']}: source {record['source']}, native id {record['native_id']}")
+            sample.add("question: " + escape(_short(record["question"], 200)))
+            sample.add(f"reference answer ({record['answer_type']}): {escape(record['answer'])}")
+            for image in story["sample"]["images"]:
+                sample.add(f"image {image['image_id']}  {image['uri']}")
+        return tree
     if story["kind"] == "image":
         tree = Tree(f"[bold]image[/bold] {story['image_id']}")
         tree.add(f"{story.get('width')}x{story.get('height')} {story.get('format')} {story.get('n_bytes')} bytes, phash {story.get('phash')}")
@@ -213,6 +230,10 @@ def _story_tree(story: dict) -> Tree:
             tree.add(f"near duplicate (phash distance {near['distance']}) of {near['sample_id']} {near.get('source', '')}/{near.get('native_id', '')}")
         for other in story["also_kept_by"]:
             tree.add(f"[red]also kept by {other}[/red] (cross-source duplicate: re-materialise the later source)")
+    if story.get("traces"):
+        traces = tree.add(f"{len(story['traces'])} teacher trace(s)")
+        for t in story["traces"]:
+            traces.add(f"{t['trace_id']}  rollout {t['rollout']} {t['finish_reason']}: " + escape(_short(str(t["final_answer"]), 60)))
     for row in story["quarantine"]:
         branch = tree.add(f"[yellow]quarantined[/yellow] {row['source']}/{row['native_id']} (record #{row['record_index']}): [bold]{row['reason']}[/bold]")
         branch.add(row["detail"])

@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # validate_default: default paths are resolved against the config file like given ones.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 def _resolve_path(value: str | None, info: ValidationInfo) -> str | None:
@@ -38,7 +39,8 @@ def _resolve_path(value: str | None, info: ValidationInfo) -> str | None:
     path = Path(value).expanduser()
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
-    return str(path.resolve()) if base is not None else str(path)
+    # abspath, not resolve(): a virtualenv's bin/python is a symlink that must stay one.
+    return os.path.abspath(path) if base is not None else str(path)
 
 
 class StoreConfig(_Model):
@@ -144,6 +146,102 @@ class ShareGPTSourceConfig(_SourceBase):
     _resolve = field_validator("path", "image_root")(_resolve_path)
 
 
+class LLMConfig(_Model):
+    """A model behind one of three backends; the teacher now, the judge later.
+
+    - vllm: the pipeline starts `python -m vllm.entrypoints.openai.api_server` from `python`
+      (an interpreter of a vLLM environment), waits for it, talks to it as `openai`, and stops
+      it when the step ends;
+    - openai: any OpenAI-compatible chat endpoint at `base_url` (key from the env var named
+      by `api_key_env`, never from this file);
+    - transformers: in-process generation from a local model folder (small runs).
+    `model` is a local folder, a hub id the serving side can load, or `tiny:<name>` for a tiny
+    random-weight model this project builds offline (see omnithought_dagster.models.tiny).
+    """
+
+    backend: Literal["vllm", "openai", "transformers"] = "vllm"
+    model: str = "tiny:teacher"
+    name: str | None = Field(default=None, description="identity in trace ids; default the model (tiny models add their fingerprint)")
+    base_url: str | None = None
+    api_key_env: str | None = Field(default=None, description="name of the env var holding the API key (openai)")
+    python: str = Field(default=".venv-vllm/bin/python", description="interpreter of the vLLM environment (vllm)")
+    gpus: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES for the server; default: inherited")
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    data_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int = Field(default=4096, ge=256)
+    enforce_eager: bool = True
+    dtype: str = "auto"
+    extra_args: list[str] = Field(default_factory=list, description="more `vllm serve` arguments, passed through")
+    env: dict[str, str] = Field(default_factory=dict, description="more environment variables for the server")
+    startup_timeout_s: float = Field(default=900, gt=0)
+    request_timeout_s: float = Field(default=300, gt=0)
+    max_retries: int = Field(default=4, ge=0, le=20)
+    max_concurrency: int = Field(default=32, ge=1, le=4096)
+    structured_output: Literal["json", "regex", "none"] = Field(
+        default="json", description="constrain replies with vLLM structured outputs (json schema or regex); none for free text"
+    )
+    send_seed: bool = Field(default=True, description="send a per-rollout seed (reproducible sampling where the server honours it)")
+
+    _resolve = field_validator("python")(_resolve_path)
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> "LLMConfig":
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("base_url: required when backend is openai")
+        return self
+
+
+class ThresholdConfig(_Model):
+    warn: float = Field(ge=0, le=1)
+    fail: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ThresholdConfig":
+        if self.warn > self.fail:
+            raise ValueError(f"warn ({self.warn}) must not exceed fail ({self.fail})")
+        return self
+
+
+class PromptConfig(_Model):
+    """A teacher prompt. Its version (and a hash of its text) is part of every trace id."""
+
+    version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    system: str
+    user: str = Field(description="template with {question} and {choices}")
+
+
+class GenerationConfig(_Model):
+    """How the teacher is sampled for cot_traces."""
+
+    rollouts: int = Field(default=4, ge=1, le=64, description="traces per sample (>= 4 so pass rates mean something)")
+    shards: int = Field(default=8, ge=1, le=4096, description="cot_traces partitions per source; samples hash into shards")
+    temperature: float = Field(default=0.8, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_tokens: int = Field(default=2048, ge=8)
+    seed: int = 0
+    flush_every: int = Field(default=32, ge=1, description="results per cache flush: a killed step loses at most this many")
+    prompt: PromptConfig | None = Field(default=None, description="default: the built-in cot-v1 prompt")
+    answer_pattern: str = Field(
+        default=r"(?is)(?:final answer|answer)\s*(?:is\b|[:：])\s*(.+?)[\s.]*$",
+        description="regex whose group 1 is the final answer in free text (after </think>)",
+    )
+    reasoning_max_chars: int = Field(default=8000, ge=16, description="JSON-schema bound on the reasoning field")
+    answer_max_chars: int = Field(default=256, ge=1)
+    error_rate: ThresholdConfig = ThresholdConfig(warn=0.01, fail=0.05)
+    truncation_rate: ThresholdConfig = ThresholdConfig(warn=0.05, fail=0.25)
+    missing_answer_rate: ThresholdConfig = ThresholdConfig(warn=0.0, fail=0.05)
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            if re.compile(value).groups < 1:
+                raise ValueError("needs a capturing group for the answer")
+        except re.error as exc:
+            raise ValueError(f"not a valid regex: {exc}") from None
+        return value
+
+
 SourceConfig = Annotated[
     Union[SyntheticSourceConfig, JsonSourceConfig, HFSourceConfig, ShareGPTSourceConfig],
     Field(discriminator="kind"),
@@ -157,7 +255,21 @@ class ProjectConfig(_Model):
     store: StoreConfig = StoreConfig()
     seed: SeedSettings = SeedSettings()
     sources: list[SourceConfig] = Field(min_length=1)
+    models_dir: str = Field(default=".cache/models", description="where tiny:<name> models are built")
+    teacher: LLMConfig = LLMConfig()
+    generation: GenerationConfig = GenerationConfig()
     config_path: str | None = Field(default=None, exclude=True, description="set by load_config")
+
+    _resolve_models = field_validator("models_dir")(_resolve_path)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_present(cls, data: Any) -> Any:
+        # Omitted sections are validated from {} (not taken as ready-made defaults), so their
+        # relative paths are resolved against the config file too.
+        if isinstance(data, dict):
+            data = {**{section: {} for section in ("store", "seed", "teacher", "generation")}, **data}
+        return data
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "ProjectConfig":

@@ -8,15 +8,20 @@ import dagster as dg
 
 from omnithought_dagster.assets import build_seed_assets
 from omnithought_dagster.assets.seed import seed_partitions
+from omnithought_dagster.assets.teacher import build_teacher_assets, traces_partitions
 from omnithought_dagster.checks import build_seed_checks
+from omnithought_dagster.checks.teacher import build_teacher_checks
 from omnithought_dagster.config import ProjectConfig
-from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
+from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 
 SEED_JOB = "ingest_seeds"
+TEACHER_JOB = "generate_traces"
 
 # Checks are per partition (one source's rows at a time). Dagster 1.13 marks partitioned checks
 # as preview; the version is pinned in pyproject.toml, so the warning says nothing new.
 warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
+# cot_traces (source x shard) depends on seed_pool (source) through this beta mapping; pinned too.
+warnings.filterwarnings("ignore", message="Class `MultiToSingleDimensionPartitionMapping` is currently in beta", category=dg.BetaWarning)
 
 
 def build_definitions(config: ProjectConfig) -> dg.Definitions:
@@ -34,10 +39,24 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
             )
         ],
     )
+    teacher = dg.Definitions(
+        assets=build_teacher_assets(config),
+        asset_checks=build_teacher_checks(config),
+        jobs=[
+            dg.define_asset_job(
+                TEACHER_JOB,
+                selection=dg.AssetSelection.groups("teacher"),
+                partitions_def=traces_partitions(config),
+                description="Generate one (source, shard) partition of cot_traces on the teacher (a GPU step), with its checks.",
+            )
+        ],
+    )
     resources = dg.Definitions(
         resources={
             "project": ProjectResource(config_path=config.config_path),
             "store": CorpusStoreResource(root_uri=config.store.root),
+            # The key is read from the environment of the step, never from the project file.
+            "teacher": LLMResource(api_key=dg.EnvVar(config.teacher.api_key_env)) if config.teacher.api_key_env else LLMResource(),
         }
     )
-    return dg.Definitions.merge(seed, resources)
+    return dg.Definitions.merge(seed, teacher, resources)

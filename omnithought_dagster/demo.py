@@ -2,21 +2,24 @@
 
 Runs go through the real Dagster instance ($DAGSTER_HOME), so `make ui` shows them: the same
 jobs, checks and metadata a user launches from the UI. A partition whose inputs did not
-change since its last successful materialisation (same input fingerprint, data still in the
-store, checks passed) is skipped, which makes a second `make demo` fast.
+change since its last materialisation (same input fingerprint, data still in the store, its
+checks passed) is skipped, which makes a second `make demo` fast.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
 
-from omnithought_dagster.assets.seed import SEED_CODE_VERSION, SEED_POOL_KEY
+from omnithought_dagster.assets.seed import IMAGES_KEY, QUARANTINE_KEY, SEED_CODE_VERSION, SEED_POOL_KEY
+from omnithought_dagster.assets.teacher import COT_TRACES_KEY, traces_fingerprint, traces_partitions
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.seed import earlier_sources, input_fingerprint, partition_version
-from omnithought_dagster.defs import SEED_JOB, build_definitions
+from omnithought_dagster.defs import SEED_JOB, TEACHER_JOB, build_definitions
+from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.sources import make_reader
 from omnithought_dagster.store import CorpusStore
 
@@ -34,47 +37,65 @@ class StageOutcome:
     run_id: str | None = None
 
 
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    job: str
+    asset_key: dg.AssetKey
+    table: str
+    partitions: Callable[[ProjectConfig], list[str]]
+    fingerprint: Callable[[ProjectConfig, CorpusStore, str], str]
+    counts: Callable[[CorpusStore, str, dict], dict[str, Any]]
+    check_assets: tuple[dg.AssetKey, ...]  # the assets whose checks run in the stage's job
+
+
 def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = False) -> list[StageOutcome]:
     defs = build_definitions(config)
     store = CorpusStore(config.store.root)
+    graph = defs.resolve_asset_graph()
     outcomes = []
-    job = defs.resolve_job_def(SEED_JOB)
-    check_keys = [key for key in defs.resolve_asset_graph().asset_check_keys]
-    for source in config.source_names:
-        fingerprint = input_fingerprint(
-            make_reader(config.source(source)).fingerprint(),
-            config.seed,
-            {name: partition_version(store, name) for name in earlier_sources(config.source_names, source)},
-            SEED_CODE_VERSION,
-        )
-        checks = _latest_checks(instance, check_keys, source)
-        if not force and _up_to_date(instance, store, source, fingerprint) and checks and all(checks.values()):
-            outcomes.append(StageOutcome("seed_pool", source, True, True, _seed_counts(store, source), checks))
-            continue
-        result = job.execute_in_process(partition_key=source, instance=instance, raise_on_error=False, run_config=QUIET_RUN_CONFIG)
-        checks = {
-            f"{e.event_specific_data.asset_key.to_user_string()}:{e.event_specific_data.check_name}": e.event_specific_data.passed
-            for e in result.all_events
-            if e.event_type_value == "ASSET_CHECK_EVALUATION"
-        }
-        counts = _seed_counts(store, source) if result.success or store.has_partition("seed_pool", source) else {}
-        if not result.success:
-            failure = next((e for e in result.all_events if e.event_type_value == "STEP_FAILURE"), None)
-            if failure is not None:
-                counts["error"] = failure.event_specific_data.error.message.strip().splitlines()[0]
-        outcomes.append(StageOutcome("seed_pool", source, False, result.success, counts, checks, result.run_id))
+    for stage in STAGES:
+        job = defs.resolve_job_def(stage.job)
+        partitions_def = job.partitions_def
+        check_keys = [key for key in graph.asset_check_keys if key.asset_key in stage.check_assets]
+        for partition in stage.partitions(config):
+            fingerprint = stage.fingerprint(config, store, partition)
+            checks = _latest_checks(instance, check_keys, partition)
+            metadata = _latest_metadata(instance, stage.asset_key, partition)
+            store_partition = _store_partition(partitions_def, partition)
+            if (not force and store.has_partition(stage.table, store_partition) and metadata.get("input_fingerprint") == fingerprint
+                    and len(checks) == len(check_keys) and all(checks.values())):
+                outcomes.append(StageOutcome(stage.name, partition, True, True, stage.counts(store, partition, metadata), checks))
+                continue
+            result = job.execute_in_process(partition_key=partition, instance=instance, raise_on_error=False, run_config=QUIET_RUN_CONFIG)
+            checks = {
+                e.event_specific_data.check_name: e.event_specific_data.passed
+                for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            }
+            metadata = _latest_metadata(instance, stage.asset_key, partition)
+            counts = stage.counts(store, partition, metadata) if store.has_partition(stage.table, store_partition) else {}
+            if not result.success:
+                failure = next((e for e in result.all_events if e.event_type_value == "STEP_FAILURE"), None)
+                if failure is not None:
+                    error = failure.event_specific_data.error
+                    cause = error.cause or error
+                    counts["error"] = (cause.message or error.message).strip().splitlines()[0]
+            outcomes.append(StageOutcome(stage.name, partition, False, result.success, counts, checks, result.run_id))
+        if not all(o.success for o in outcomes):
+            break  # later stages build on this one
     return outcomes
 
 
-def _up_to_date(instance: dg.DagsterInstance, store: CorpusStore, source: str, fingerprint: str) -> bool:
-    if not store.has_partition("seed_pool", source):
-        return False
-    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=SEED_POOL_KEY, asset_partitions=[source]), limit=1).records
-    if not records:
-        return False
-    materialization = records[0].asset_materialization
-    recorded = materialization.metadata.get("input_fingerprint") if materialization else None
-    return recorded is not None and recorded.value == fingerprint
+def _store_partition(partitions_def, partition: str):
+    if isinstance(partitions_def, dg.MultiPartitionsDefinition):
+        return dict(partitions_def.get_partition_key_from_str(partition).keys_by_dimension)
+    return partition
+
+
+def _latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str) -> dict[str, Any]:
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1).records
+    materialization = records[0].asset_materialization if records else None
+    return {k: getattr(v, "value", v) for k, v in (materialization.metadata if materialization else {}).items()}
 
 
 def _latest_checks(instance: dg.DagsterInstance, check_keys, partition: str) -> dict[str, bool]:
@@ -82,18 +103,56 @@ def _latest_checks(instance: dg.DagsterInstance, check_keys, partition: str) -> 
     from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
     latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(list(check_keys), partition_filter=PartitionKeyFilter(key=partition))
-    return {
-        f"{key.asset_key.to_user_string()}:{key.name}": record.status == AssetCheckExecutionRecordStatus.SUCCEEDED
-        for key, record in latest.items()
-    }
+    return {key.name: record.status == AssetCheckExecutionRecordStatus.SUCCEEDED for key, record in latest.items()}
 
 
-def _seed_counts(store: CorpusStore, source: str) -> dict[str, Any]:
-    con = store.catalog(["seed_pool", "quarantine", "images"])
-    kept, near = con.execute(
-        "SELECT count(*), count(near_duplicate_of) FROM seed_pool WHERE source = $1", [source]
-    ).fetchone()
+# -- stages ----------------------------------------------------------------------------------------
+
+
+def _seed_fingerprint(config: ProjectConfig, store: CorpusStore, source: str) -> str:
+    return input_fingerprint(
+        make_reader(config.source(source)).fingerprint(),
+        config.seed,
+        {name: partition_version(store, name) for name in earlier_sources(config.source_names, source)},
+        SEED_CODE_VERSION,
+    )
+
+
+def _seed_counts(store: CorpusStore, source: str, metadata: dict) -> dict[str, Any]:
+    con = store.catalog(["seed_pool", "quarantine"])
+    kept, near = con.execute("SELECT count(*), count(near_duplicate_of) FROM seed_pool WHERE source = $1", [source]).fetchone()
     reasons = dict(con.execute("SELECT reason, count(*) FROM quarantine WHERE source = $1 GROUP BY 1 ORDER BY 2 DESC, 1", [source]).fetchall())
-    images = con.execute("SELECT count(*) FROM images WHERE source = $1", [source]).fetchone()[0]
-    quarantined = sum(reasons.values())
-    return {"read": kept + quarantined, "kept": kept, "quarantined": quarantined, "reasons": reasons, "images": images, "near_duplicates": near}
+    dropped = sum(reasons.values())
+    return {"input": kept + dropped, "output": kept, "flagged": dropped, "reasons": reasons, "detail": f"{near} near-duplicate images marked"}
+
+
+def _traces_partitions(config: ProjectConfig) -> list[str]:
+    return traces_partitions(config).get_partition_keys()
+
+
+def _traces_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
+    source = traces_partitions(config).get_partition_key_from_str(partition).keys_by_dimension["source"]
+    identity, structured = describe_backend(config.teacher, models_dir=config.models_dir)
+    return traces_fingerprint(config, store, source, identity, structured)
+
+
+def _trace_counts(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:
+    shard, source = partition.split("|")
+    con = store.catalog(["cot_traces"])
+    samples, traces, errors, truncated, answered = con.execute(
+        "SELECT count(DISTINCT sample_id), count(*), count(*) FILTER (finish_reason = 'error'), "
+        "count(*) FILTER (finish_reason = 'length'), count(final_answer) FROM cot_traces WHERE source = $1 AND shard = $2",
+        [source, shard],
+    ).fetchone()
+    reasons = {k: v for k, v in {"error": errors, "length": truncated}.items() if v}
+    detail = (f"{metadata.get('requests_sent', '?')} requests sent, {metadata.get('cache_hits', '?')} from cache, "
+              f"{metadata.get('tokens_per_s', '?')} tokens/s; {answered}/{traces} answers parsed")
+    return {"input": samples, "output": traces, "flagged": errors + truncated, "reasons": reasons, "detail": detail}
+
+
+STAGES = [
+    Stage("seed_pool", SEED_JOB, SEED_POOL_KEY, "seed_pool", lambda config: config.source_names, _seed_fingerprint, _seed_counts,
+          (SEED_POOL_KEY, QUARANTINE_KEY, IMAGES_KEY)),
+    Stage("cot_traces", TEACHER_JOB, COT_TRACES_KEY, "cot_traces", _traces_partitions, _traces_fingerprint, _trace_counts,
+          (COT_TRACES_KEY,)),
+]

@@ -59,3 +59,13 @@ def version_of(ids: Iterable[str]) -> str:
         digest.update(item.encode("ascii", "replace"))
         digest.update(b"\n")
     return digest.hexdigest()
+
+
+def shard_of(sample: str, n_shards: int) -> int:
+    """The shard a sample falls in: stable under adding samples, so shards (and caches) stay put."""
+    return int(sample[:8], 16) % n_shards
+
+
+def shard_keys(n_shards: int) -> list[str]:
+    width = max(3, len(str(n_shards - 1)))
+    return [f"{i:0{width}d}" for i in range(n_shards)]

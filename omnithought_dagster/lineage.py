@@ -27,6 +27,8 @@ def lineage(store: CorpusStore, ident: str) -> dict[str, Any]:
     kind, resolved = _resolve(con, ident)
     if kind == "image":
         return _image_story(store, con, resolved)
+    if kind == "trace":
+        return _trace_story(store, con, resolved)
     return _sample_story(store, con, resolved)
 
 
@@ -50,11 +52,12 @@ def _resolve(con, ident: str) -> tuple[str, str]:
     matches = con.execute(
         "SELECT 'sample' AS kind, sample_id AS id FROM seed_pool WHERE sample_id LIKE $1 "
         "UNION SELECT 'sample', sample_id FROM quarantine WHERE sample_id LIKE $1 "
-        "UNION SELECT 'image', image_id FROM images WHERE image_id LIKE $1",
+        "UNION SELECT 'image', image_id FROM images WHERE image_id LIKE $1 "
+        "UNION SELECT 'trace', trace_id FROM cot_traces WHERE trace_id LIKE $1",
         [pattern],
     ).fetchall()
     if not matches:
-        raise LineageError(f"no sample or image id starts with {ident!r}")
+        raise LineageError(f"no sample, image or trace id starts with {ident!r}")
     if len(matches) > 1:
         raise LineageError(f"{ident!r} is ambiguous: {sorted(f'{k} {i}' for k, i in matches)}")
     return matches[0]
@@ -77,6 +80,8 @@ def _sample_story(store: CorpusStore, con, sample: str) -> dict[str, Any]:
         "quarantine": quarantined,
         "images": [],
         "near_duplicate_of": None,
+        "traces": _dicts(con, "SELECT trace_id, teacher, prompt_version, rollout, finish_reason, final_answer, n_tokens, error "
+                              "FROM cot_traces WHERE sample_id = $1 ORDER BY teacher, rollout", [sample]),
     }
     if record is None:
         return story
@@ -87,6 +92,13 @@ def _sample_story(store: CorpusStore, con, sample: str) -> dict[str, Any]:
         other = _dicts(con, "SELECT sample_id, source, native_id, question FROM seed_pool WHERE sample_id = $1 LIMIT 1", [record["near_duplicate_of"]])
         story["near_duplicate_of"] = {"distance": record["near_duplicate_distance"], **(other[0] if other else {"sample_id": record["near_duplicate_of"]})}
     return story
+
+
+def _trace_story(store: CorpusStore, con, trace: str) -> dict[str, Any]:
+    (row,) = _dicts(con, "SELECT * FROM cot_traces WHERE trace_id = $1", [trace])
+    sample = _sample_story(store, con, row["sample_id"])
+    return {"kind": "trace", "trace_id": trace, "trace": row,
+            "sample": {k: sample[k] for k in ("sample_id", "status", "kept", "images")}}
 
 
 def _image_story(store: CorpusStore, con, image_id: str) -> dict[str, Any]:

@@ -46,9 +46,10 @@ def write_json(path: Path, records: Any, jsonl: bool = False) -> Path:
     return path
 
 
-def write_config(folder: Path, sources: list[dict], seed: dict | None = None, store_root: str = "store", name: str = "omnithought.yaml") -> Path:
+def write_config(folder: Path, sources: list[dict], seed: dict | None = None, store_root: str = "store", name: str = "omnithought.yaml",
+                 **sections) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    document = {"project": "test", "store": {"root": store_root}, "sources": sources}
+    document = {"project": "test", "store": {"root": store_root}, "sources": sources, **sections}
     if seed:
         document["seed"] = seed
     path = folder / name
@@ -126,3 +127,36 @@ def materializations(result) -> dict:
             m = event.event_specific_data.materialization
             out[m.asset_key.to_user_string()] = {k: getattr(v, "value", v) for k, v in m.metadata.items()}
     return out
+
+
+# -- the tiny teacher and a vLLM server shared by the session ---------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+SERVED_NAME = "tiny-teacher-test"
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """The tiny teacher, built once per session into a temporary models folder."""
+    from omnithought_dagster.models.tiny import TINY_TEACHER, build_tiny_model
+
+    return build_tiny_model(TINY_TEACHER, tmp_path_factory.mktemp("models") / TINY_TEACHER.name)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_teacher, tmp_path_factory):
+    """A real vLLM (CPU) server on loopback serving the tiny teacher, started once per session."""
+    from omnithought_dagster.llm.vllm_server import VLLMServer
+
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"{VLLM_PYTHON} is missing: `make test` creates it (make vllm-env)")
+    server = VLLMServer(str(VLLM_PYTHON), str(tiny_teacher), served_model_name=SERVED_NAME, max_model_len=2048,
+                        log_dir=tmp_path_factory.mktemp("vllm-logs"), startup_timeout_s=300)
+    with server:
+        yield server
+
+
+def requests_served(server) -> float:
+    """Requests the server has finished, from its Prometheus counters."""
+    return server.metrics().get("vllm:request_success_total", 0.0)

@@ -7,20 +7,24 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_config, write_image, write_json
+from conftest import SERVED_NAME, write_config, write_image, write_json
 from omnithought_dagster.cli import app
 
 runner = CliRunner()
 
 
 @pytest.fixture
-def demo_project(tmp_path, monkeypatch):
-    """A small project, materialised with `omnithought demo` into a tmp DAGSTER_HOME."""
+def demo_project(tmp_path, monkeypatch, vllm_server):
+    """A small project, materialised with `omnithought demo` into a tmp DAGSTER_HOME (teacher: the session's vLLM server)."""
     write_image(tmp_path / "imgs/a.png", 1)
     records = [{"id": "keep-me", "question": "How many blocks?", "answer": "4", "image": "a.png"},
                {"id": "lost", "question": "Where?", "answer": "here", "image": "gone.png"}]
     files = {"name": "files", "kind": "json", "path": str(write_json(tmp_path / "f.json", records)), "image_root": str(tmp_path / "imgs")}
-    config = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 18}, files])
+    config = write_config(
+        tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 18}, files],
+        teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test"},
+        generation={"rollouts": 4, "shards": 1, "max_tokens": 64, "reasoning_max_chars": 60, "answer_max_chars": 12},
+    )
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     first = runner.invoke(app, ["demo", "--config", str(config)])
     assert first.exit_code == 0, first.output
@@ -36,10 +40,11 @@ def _json(args):
 def test_demo_runs_everything_then_is_idempotent(demo_project):
     config, first = demo_project
     assert "seed_pool" in first and "6/6 passed" in first and "missing_image 1" in first
-    assert first.count("ran") >= 2
+    assert "cot_traces" in first and "72 requests sent, 0 from cache" in first  # 18 samples x 4 rollouts
+    assert first.count(" ran") == 4
     second = runner.invoke(app, ["demo", "--config", str(config)])
     assert second.exit_code == 0, second.output
-    assert second.output.count("up to date") == 2  # nothing changed: both partitions skipped
+    assert second.output.count("up to date") == 4  # nothing changed: every partition skipped
     forced = runner.invoke(app, ["demo", "--config", str(config), "--force"])
     assert forced.exit_code == 0 and "up to date" not in forced.output
 
@@ -50,7 +55,9 @@ def test_demo_reruns_a_partition_whose_input_changed(demo_project, tmp_path):
     write_json(tmp_path / "f.json", records)
     result = runner.invoke(app, ["demo", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    assert result.output.count("up to date") == 1  # synthetic skipped, files re-ingested
+    # synthetic's two stages are skipped; files is re-ingested, and its traces follow (only the new sample is sent)
+    assert result.output.count("up to date") == 2
+    assert "4 requests sent, 4 from cache" in result.output
 
 
 def test_stats_json_counts_tables_partitions_and_reasons(demo_project):
@@ -58,6 +65,7 @@ def test_stats_json_counts_tables_partitions_and_reasons(demo_project):
     stats = _json(["stats", "--config", str(config), "--json"])
     assert stats["tables"]["seed_pool"] == {"rows": 19, "partitions": {"files": 1, "synthetic": 18}}
     assert stats["tables"]["quarantine"]["rows"] == 1
+    assert stats["tables"]["cot_traces"] == {"rows": 76, "partitions": {"files/000": 4, "synthetic/000": 72}}
     assert stats["quarantine_reasons"] == {"files": {"missing_image": 1}}
     text = runner.invoke(app, ["stats", "--config", str(config)])
     assert text.exit_code == 0 and "quarantine reasons" in text.output
@@ -86,8 +94,11 @@ def test_lineage_of_a_kept_sample_by_id_prefix_and_native_id(demo_project):
     assert [i["image_id"] for i in story["images"]] == row["image_ids"] and story["images"][0]["in_store"]
     assert _json(["lineage", row["sample_id"][:10], "--config", str(config), "--json"])["sample_id"] == row["sample_id"]
     assert _json(["lineage", "files/keep-me", "--config", str(config), "--json"])["sample_id"] == row["sample_id"]
+    assert [t["rollout"] for t in story["traces"]] == [0, 1, 2, 3]
     text = runner.invoke(app, ["lineage", row["sample_id"], "--config", str(config)])
-    assert text.exit_code == 0 and "keep-me" in text.output and "How many blocks?" in text.output
+    assert text.exit_code == 0 and "keep-me" in text.output and "How many blocks?" in text.output and "4 teacher trace(s)" in text.output
+    trace = _json(["lineage", story["traces"][2]["trace_id"], "--config", str(config), "--json"])
+    assert trace["kind"] == "trace" and trace["trace"]["rollout"] == 2 and trace["sample"]["kept"]["native_id"] == "keep-me"
 
 
 def test_lineage_of_a_quarantined_record_and_of_an_image(demo_project):
@@ -102,7 +113,7 @@ def test_lineage_of_a_quarantined_record_and_of_an_image(demo_project):
 
 def test_lineage_errors(demo_project):
     config, _ = demo_project
-    for ident, message in [("ffffffffffff", "no sample or image id"), ("abc", "not an id"), ("files/nobody", "no record 'nobody'")]:
+    for ident, message in [("ffffffffffff", "no sample, image or trace id"), ("abc", "not an id"), ("files/nobody", "no record 'nobody'")]:
         result = runner.invoke(app, ["lineage", ident, "--config", str(config)])
         assert result.exit_code == 1 and message in result.output, result.output
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +19,26 @@ def test_definitions_snapshot_from_the_demo_config():
     defs = build_definitions(load_config(REPO / "omnithought.yaml"))
     graph = defs.resolve_asset_graph()
     specs = {key.to_user_string(): graph.get(key) for key in graph.get_all_asset_keys()}
-    assert sorted(specs) == ["images", "quarantine", "seed_pool"]
-    for node in specs.values():
+    assert sorted(specs) == ["cot_traces", "images", "quarantine", "seed_pool"]
+    for name in ("images", "quarantine", "seed_pool"):
+        node = specs[name]
         assert node.group_name == "seed"
         assert node.partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
         assert node.code_version == "seed-v1"
         assert node.description
+    traces = specs["cot_traces"]
+    assert traces.group_name == "teacher" and traces.code_version == "cot_traces-v1"
+    assert traces.partitions_def.get_partition_keys() == ["000|synthetic", "000|mini_llava"]  # demo: 1 shard per source
+    assert graph.get_partition_mapping(traces.key, specs["seed_pool"].key).partition_dimension_name == "source"
     assert "parquet" in specs["seed_pool"].kinds
     checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
     assert checks == [
+        "cot_traces:error_rate",
+        "cot_traces:final_answer_present",
+        "cot_traces:rollouts_complete",
+        "cot_traces:samples_in_seed_pool",
+        "cot_traces:trace_id_unique",
+        "cot_traces:truncation_rate",
         "quarantine:reasons_known",
         "seed_pool:answer_type_valid",
         "seed_pool:images_in_store",
@@ -38,7 +50,18 @@ def test_definitions_snapshot_from_the_demo_config():
     schema = specs["seed_pool"].metadata["dagster/column_schema"]
     assert [c.name for c in schema.columns][:3] == ["sample_id", "source", "native_id"]
     assert defs.resolve_job_def(SEED_JOB).partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
-    assert set(defs.resources) == {"project", "store"}
+    assert set(defs.resources) == {"project", "store", "teacher"}
+
+
+def test_teacher_step_is_a_gpu_step(project):
+    """cot_traces runs in the `gpu` pool and asks Kubernetes for the GPUs of its vLLM server."""
+    config = project([{"name": "s", "kind": "synthetic"}])
+    config = config.model_copy(update={"teacher": config.teacher.model_copy(update={"tensor_parallel_size": 2, "data_parallel_size": 2})})
+    node = build_definitions(config).resolve_asset_graph().get(dg.AssetKey("cot_traces"))
+    op = node.assets_def.op
+    assert op.pool == "gpu"
+    limits = json.loads(op.tags["dagster-k8s/config"])["container_config"]["resources"]["limits"]
+    assert limits == {"nvidia.com/gpu": "4"}
 
 
 def test_adding_a_source_adds_a_partition(project):

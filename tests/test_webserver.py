@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_config
+from conftest import SERVED_NAME, write_config
 from omnithought_dagster.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +43,12 @@ def _graphql(port: int, query: str) -> dict:
 
 
 @pytest.fixture
-def webserver(tmp_path, monkeypatch):
-    config = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 12}])
+def webserver(tmp_path, monkeypatch, vllm_server):
+    config = write_config(
+        tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 12}],
+        teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test"},
+        generation={"rollouts": 4, "shards": 1, "max_tokens": 64, "reasoning_max_chars": 60, "answer_max_chars": 12},
+    )
     home = tmp_path / "dagster_home"
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     assert CliRunner().invoke(app, ["demo", "--config", str(config)]).exit_code == 0
@@ -80,6 +84,11 @@ def test_ui_api_shows_asset_partitions_checks_and_preview(webserver):
     statuses = {c["name"]: (c["executionForLatestMaterialization"] or {}).get("status") for c in seed["assetChecksOrError"]["checks"]}
     assert statuses == {name: "SUCCEEDED" for name in
                         ["answer_type_valid", "images_in_store", "required_columns_present", "row_accounting", "sample_id_unique"]}
+
+    traces = next(n for n in nodes if n["assetKey"]["path"] == ["cot_traces"])
+    assert traces["groupName"] == "teacher" and traces["partitionKeys"] == ["000|synthetic"]
+    assert {(c["executionForLatestMaterialization"] or {}).get("status") for c in traces["assetChecksOrError"]["checks"]} == {"SUCCEEDED"}
+    assert len(traces["assetChecksOrError"]["checks"]) == 6
 
     asset = _graphql(webserver, """{ assetOrError(assetKey: {path: ["seed_pool"]}) { ... on Asset {
         assetMaterializations(limit: 1) { partition metadataEntries { label

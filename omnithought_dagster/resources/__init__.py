@@ -1,5 +1,6 @@
-"""Dagster resources: the project config and the corpus store (teacher, judge, trainer, evaluator come later)."""
+"""Dagster resources built from the project file: project config, corpus store, teacher."""
 
+from omnithought_dagster.resources.llm import LLMResource
 from omnithought_dagster.resources.project import CorpusStoreResource, ProjectResource
 
-__all__ = ["CorpusStoreResource", "ProjectResource"]
+__all__ = ["CorpusStoreResource", "LLMResource", "ProjectResource"]

@@ -142,6 +142,12 @@ class CorpusStore:
     def delete_partition(self, table: str, partition: str | Mapping[str, str]) -> None:
         _delete_quietly(self.fs, f"{self.partition_dir(table, partition)}/{PARTITION_FILE}")
 
+    def cache(self, name: str):
+        """The result cache `name` (generation, annotation, ...) under cache/<name>/."""
+        from omnithought_dagster.store.cache import ResultCache
+
+        return ResultCache(self, name)
+
     # -- catalog ----------------------------------------------------------------------------
 
     def catalog(self, tables: list[str] | None = None):

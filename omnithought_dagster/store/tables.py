@@ -97,7 +97,32 @@ IMAGES = TableSpec(
     ),
 )
 
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SEED_POOL, QUARANTINE, IMAGES)}
+COT_TRACES = TableSpec(
+    name="cot_traces",
+    description="One teacher rollout for one seed sample: the structured chain of thought and its final answer.",
+    partition_by=("source", "shard"),
+    primary_key=("trace_id",),
+    columns=(
+        Column("trace_id", pa.string(), "hash of sample_id, teacher, prompt version and text, sampling parameters, rollout", False),
+        Column("sample_id", pa.string(), "the seed sample (seed_pool.sample_id)", False),
+        Column("source", pa.string(), "the sample's source (partition key)", False),
+        Column("shard", pa.string(), "hash shard of the sample_id within the source (partition key)", False),
+        Column("teacher", pa.string(), "teacher identity (config name, or the model; tiny models carry their fingerprint)", False),
+        Column("prompt_version", pa.string(), "version of the prompt template", False),
+        Column("rollout", pa.int32(), "0-based rollout index for this sample", False),
+        Column("text", pa.string(), "the raw reply (null when the request failed)"),
+        Column("reasoning", pa.string(), "the chain of thought parsed from the reply"),
+        Column("final_answer", pa.string(), "the final answer parsed from the reply (null when none could be parsed)"),
+        Column("finish_reason", pa.string(), "stop | length (truncated at max_tokens) | error (request failed after retries)", False),
+        Column("n_prompt_tokens", pa.int32(), "prompt tokens as the server counted them (images included)"),
+        Column("n_tokens", pa.int32(), "generated tokens"),
+        Column("latency_s", pa.float64(), "seconds from first attempt to reply, retries included"),
+        Column("attempts", pa.int32(), "requests it took to generate this trace (1 unless retried)", False),
+        Column("error", pa.string(), "why the request failed (null when fine)"),
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SEED_POOL, QUARANTINE, IMAGES, COT_TRACES)}
 
 
 def table_spec(name: str) -> TableSpec:

@@ -1,0 +1,115 @@
+"""cot_traces: N teacher rollouts per seed sample, one partition per (source, shard).
+
+Shards are hash buckets of sample_id (`ids.shard_of`), so a sample's shard never moves when a
+source grows: new samples land in their shards, and everything already generated is a cache
+hit. `generation.shards` bounds a shard's size (source size / shards); Dagster's limit of
+~100k partitions per asset is far away (sources x shards). The step is a GPU step: it runs
+in the `gpu` concurrency pool and asks Kubernetes for the GPUs its vLLM server uses.
+"""
+
+from collections import Counter
+
+import dagster as dg
+
+from omnithought_dagster.assets.metadata import column_schema, counts, preview
+from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
+from omnithought_dagster.config import LLMConfig, ProjectConfig
+from omnithought_dagster.ids import content_id, shard_keys, version_of
+from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
+from omnithought_dagster.store import table_spec
+from omnithought_dagster.teacher.prompt import teacher_prompt
+from omnithought_dagster.teacher.traces import GENERATION_CACHE, generate_shard, sampling_params
+
+TEACHER_GROUP = "teacher"
+COT_TRACES_KEY = dg.AssetKey("cot_traces")
+TEACHER_CODE_VERSION = "cot_traces-v1"
+GPU_POOL = "gpu"
+PREVIEW_COLUMNS = ["trace_id", "rollout", "finish_reason", "final_answer", "reasoning", "n_tokens"]
+
+
+def traces_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition(
+        {"source": seed_partitions(config), "shard": dg.StaticPartitionsDefinition(shard_keys(config.generation.shards))}
+    )
+
+
+def gpu_op_tags(llm: LLMConfig) -> dict:
+    """Kubernetes GPU requests for a step that serves `llm` with vLLM (none for other backends)."""
+    if llm.backend != "vllm":
+        return {}
+    gpus = str(llm.tensor_parallel_size * llm.data_parallel_size)
+    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}}}}}
+
+
+def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
+    @dg.asset(
+        key=COT_TRACES_KEY,
+        partitions_def=traces_partitions(config),
+        deps=[dg.AssetDep(SEED_POOL_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="source"))],
+        group_name=TEACHER_GROUP,
+        kinds={"vllm", "parquet"},
+        code_version=TEACHER_CODE_VERSION,
+        pool=GPU_POOL,
+        op_tags=gpu_op_tags(config.teacher),
+        tags={"stage": "teacher", "compute": "gpu"},
+        metadata={"dagster/column_schema": column_schema(table_spec("cot_traces")), "table": "cot_traces"},
+    )
+    def cot_traces(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource,
+                   teacher: LLMResource) -> dg.MaterializeResult:
+        """Structured chain-of-thought traces from the teacher: N rollouts per sample, cached by trace id."""
+        cfg = project.config
+        keys = context.partition_key.keys_by_dimension
+        source, shard = keys["source"], keys["shard"]
+        corpus = store.open()
+        plan = teacher.plan(cfg.teacher, models_dir=cfg.models_dir, log=context.log)
+        prompt = teacher_prompt(cfg.generation, cfg.teacher.structured_output)
+        fingerprint = traces_fingerprint(cfg, corpus, source, plan.identity, plan.structured_output)
+        try:
+            result = generate_shard(
+                corpus, source, shard, plan, prompt, cfg.generation, send_seed=cfg.teacher.send_seed,
+                progress=lambda s: context.log.info(
+                    f"{source}/{shard}: {s.sent + s.cache_hits}/{s.total} traces, {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"),
+            )
+        except LookupError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        partition = {"source": source, "shard": shard}
+        written = corpus.write_partition("cot_traces", partition, result.rows)
+        corpus.cache(GENERATION_CACHE).compact(partition)
+
+        rows = result.rows
+        finish = Counter(rows.column("finish_reason").to_pylist())
+        answered = sum(1 for a in rows.column("final_answer").to_pylist() if a)
+        stats = result.stats
+        context.log.info(f"{source}/{shard}: {rows.num_rows} traces, {stats.cache_hits} from cache, {stats.sent} requests sent")
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": rows.num_rows,
+                **stats.as_metadata(),
+                "samples": len(set(rows.column("sample_id").to_pylist())),
+                "finish_reasons": counts(finish, "finish_reason"),
+                "final_answer_parsed": answered,
+                "error_rate": round(finish.get("error", 0) / rows.num_rows, 4) if rows.num_rows else 0.0,
+                "truncation_rate": round(finish.get("length", 0) / rows.num_rows, 4) if rows.num_rows else 0.0,
+                "teacher": plan.identity,
+                "prompt_version": prompt.version,
+                "preview": preview(rows, PREVIEW_COLUMNS),
+                "path": dg.MetadataValue.path(written.uri),
+                "input_fingerprint": fingerprint,
+            },
+            data_version=dg.DataVersion(version_of(rows.column("trace_id").to_pylist())),
+        )
+
+    return [cot_traces]
+
+
+def traces_fingerprint(cfg: ProjectConfig, corpus, source: str, identity: str, structured: bool) -> str:
+    """What a cot_traces partition is computed from (the demo skips partitions whose fingerprint is unchanged)."""
+    from omnithought_dagster.curation.seed import partition_version
+
+    prompt = teacher_prompt(cfg.generation, cfg.teacher.structured_output)
+    mode = prompt.mode if structured else "none"
+    return content_id("traces-input", {
+        "seed": partition_version(corpus, source), "teacher": identity, "prompt": [prompt.version, prompt.text_hash],
+        "sampling": sampling_params(cfg.generation, mode), "rollouts": cfg.generation.rollouts, "shards": cfg.generation.shards,
+        "answer_pattern": cfg.generation.answer_pattern, "code": TEACHER_CODE_VERSION,
+    })

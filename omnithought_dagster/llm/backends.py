@@ -1,0 +1,316 @@
+"""Chat backends: an OpenAI-compatible endpoint (a vLLM server or any other) and in-process transformers.
+
+A backend turns a `ChatRequest` into a `Completion` and never raises for a failed request:
+after its retries a failure is a Completion with finish_reason "error" and the reason, so the
+caller records it instead of losing it. `open_backend` picks the backend from an LLMConfig,
+starting and stopping a vLLM server around it when the config says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from omnithought_dagster.config import LLMConfig
+
+TINY_PREFIX = "tiny:"
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    key: str  # the id of what this request produces (a trace id)
+    messages: list[dict[str, Any]]  # OpenAI chat format; images as data URLs
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None
+    json_schema: dict[str, Any] | None = None  # constrain to this JSON schema
+    regex: str | None = None  # or to this regex (vLLM structured outputs)
+
+
+@dataclass
+class Completion:
+    key: str
+    text: str | None
+    finish_reason: str  # stop | length | error
+    n_prompt_tokens: int | None = None
+    n_tokens: int | None = None
+    latency_s: float = 0.0
+    attempts: int = 1
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"text": self.text, "finish_reason": self.finish_reason, "n_prompt_tokens": self.n_prompt_tokens,
+                "n_tokens": self.n_tokens, "latency_s": self.latency_s, "attempts": self.attempts}
+
+    @classmethod
+    def from_payload(cls, key: str, payload: dict[str, Any]) -> "Completion":
+        return cls(key=key, error=None, **payload)
+
+
+class Backend(Protocol):
+    identity: str
+    supports_structured_output: bool
+
+    async def complete(self, request: ChatRequest) -> Completion: ...
+
+    async def aclose(self) -> None: ...
+
+
+def image_data_url(data: bytes) -> str:
+    """Images travel inline as base64 data URLs (the media type sniffed from the bytes)."""
+    kind = "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "jpeg" if data[:3] == b"\xff\xd8\xff" else "gif" if data[:4] == b"GIF8" else "webp" if data[8:12] == b"WEBP" else "png"
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+# -- OpenAI-compatible endpoints -------------------------------------------------------------------
+
+
+class OpenAIBackend:
+    """Async client with bounded concurrency, per-request timeout and retries with backoff.
+
+    Retried: timeouts, connection errors, 408/409/425/429 and 5xx. The client's own retries are
+    off so every attempt is counted here (Completion.attempts).
+    """
+
+    supports_structured_output = True
+
+    def __init__(self, base_url: str, model: str, *, identity: str, api_key: str | None = None, timeout_s: float = 300,
+                 max_retries: int = 4, max_concurrency: int = 32,
+                 retry_wait_s: tuple[float, float] = (0.5, 20.0)):
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.identity = identity
+        self.api_key = api_key or "EMPTY"
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.max_concurrency = max_concurrency
+        self.retry_wait_s = retry_wait_s
+        self._client = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def _ensure_client(self):
+        # Created inside the running event loop: each asyncio.run gets its own client.
+        if self._client is None:
+            from openai import AsyncOpenAI
+
+            self._client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0)
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        self._client, self._semaphore = None, None
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+        client = self._ensure_client()
+        kwargs: dict[str, Any] = {
+            "model": self.model, "messages": request.messages, "max_tokens": request.max_tokens,
+            "temperature": request.temperature, "top_p": request.top_p,
+        }
+        if request.seed is not None:
+            kwargs["seed"] = request.seed
+        if request.json_schema is not None:
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": request.json_schema, "strict": True}}
+        elif request.regex is not None:  # a vLLM extension; other servers answer 400, recorded as an error
+            kwargs["extra_body"] = {"structured_outputs": {"regex": request.regex}}
+        attempts = 0
+        start = time.monotonic()
+        async with self._semaphore:
+            try:
+                async for attempt in AsyncRetrying(
+                    stop=stop_after_attempt(self.max_retries + 1),
+                    wait=wait_exponential_jitter(initial=self.retry_wait_s[0], max=self.retry_wait_s[1]),
+                    retry=retry_if_exception(_retryable),
+                    reraise=True,
+                ):
+                    with attempt:
+                        attempts += 1
+                        response = await client.chat.completions.create(**kwargs)
+            except Exception as exc:  # after the retries: record, never raise
+                return Completion(request.key, None, "error", latency_s=time.monotonic() - start, attempts=attempts,
+                                  error=f"{type(exc).__name__}: {_short(str(exc))}")
+        choice = response.choices[0]
+        usage = response.usage
+        return Completion(
+            key=request.key,
+            text=choice.message.content,
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+            n_prompt_tokens=usage.prompt_tokens if usage else None,
+            n_tokens=usage.completion_tokens if usage else None,
+            latency_s=time.monotonic() - start,
+            attempts=attempts,
+        )
+
+
+def _retryable(exc: BaseException) -> bool:
+    import openai
+
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500
+    return False
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- in-process transformers -------------------------------------------------------------------------
+
+
+class TransformersBackend:
+    """Generation from a local Qwen-VL model folder in this process, one request at a time.
+
+    No torchvision is needed: images go through the PIL image processor and the image
+    placeholder is expanded to the model's visual token count by hand (with mm_token_type_ids,
+    without which Qwen2.5-VL silently skips M-RoPE). No constrained decoding: replies are
+    parsed as free text.
+    """
+
+    supports_structured_output = False
+
+    def __init__(self, model_dir: str | Path, *, identity: str, device: str = "cpu"):
+        self.model_dir = str(model_dir)
+        self.identity = identity
+        self.device = device
+        self._loaded = None
+        self._lock = asyncio.Lock()
+
+    def _load(self):
+        if self._loaded is None:
+            import torch
+            from transformers import AutoModelForImageTextToText, AutoTokenizer
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            processor = Qwen2VLImageProcessorPil.from_pretrained(self.model_dir)
+            model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device).eval()
+            self._loaded = (tokenizer, processor, model)
+        return self._loaded
+
+    async def aclose(self) -> None:
+        return None
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        async with self._lock:
+            start = time.monotonic()
+            try:
+                return await asyncio.to_thread(self._generate, request, start)
+            except Exception as exc:
+                return Completion(request.key, None, "error", latency_s=time.monotonic() - start, error=f"{type(exc).__name__}: {_short(str(exc))}")
+
+    def _generate(self, request: ChatRequest, start: float) -> Completion:
+        import torch
+        from PIL import Image
+
+        tokenizer, processor, model = self._load()
+        images, messages = [], []
+        for message in request.messages:
+            content = message["content"]
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") == "image_url":
+                        data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+                        images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+                        parts.append({"type": "image"})
+                    else:
+                        parts.append(part)
+                content = parts
+            messages.append({"role": message["role"], "content": content})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs: dict[str, Any] = {}
+        if images:
+            features = processor(images=images, return_tensors="pt")
+            merge = processor.merge_size ** 2
+            pieces = text.split("<|image_pad|>")
+            text = pieces[0] + "".join("<|image_pad|>" * (int(grid.prod()) // merge) + piece
+                                       for grid, piece in zip(features["image_grid_thw"], pieces[1:], strict=True))
+            inputs.update(pixel_values=features["pixel_values"].to(self.device), image_grid_thw=features["image_grid_thw"].to(self.device))
+        encoded = tokenizer(text, return_tensors="pt").to(self.device)
+        inputs.update(encoded)
+        inputs["mm_token_type_ids"] = (encoded["input_ids"] == model.config.image_token_id).long()
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
+                                    temperature=max(request.temperature, 1e-5), top_p=request.top_p)
+        generated = output[0, encoded["input_ids"].shape[1]:]
+        eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])
+        stopped = len(generated) > 0 and int(generated[-1]) in eos
+        return Completion(
+            key=request.key,
+            text=tokenizer.decode(generated, skip_special_tokens=True),
+            finish_reason="stop" if stopped or len(generated) < request.max_tokens else "length",
+            n_prompt_tokens=int(encoded["input_ids"].shape[1]),
+            n_tokens=int(len(generated)),
+            latency_s=time.monotonic() - start,
+        )
+
+
+# -- choosing and opening a backend --------------------------------------------------------------------
+
+
+def resolve_model(model: str, models_dir: str | Path) -> tuple[str, str | None]:
+    """(path or hub id to load, fingerprint) - `tiny:<name>` builds the tiny model when missing."""
+    if model.startswith(TINY_PREFIX):
+        from omnithought_dagster.models.tiny import TINY_MODELS, build_tiny_model
+
+        name = model[len(TINY_PREFIX):]
+        if name not in TINY_MODELS:
+            raise ValueError(f"no tiny model {name!r}; available: {sorted(TINY_MODELS)}")
+        spec = TINY_MODELS[name]
+        return str(build_tiny_model(spec, Path(models_dir) / spec.name)), spec.fingerprint
+    return model, None
+
+
+def backend_identity(config: LLMConfig, fingerprint: str | None) -> str:
+    """The teacher's name in trace ids: the configured name, else the model (+ a tiny model's fingerprint)."""
+    if config.name:
+        return config.name
+    if config.model.startswith(TINY_PREFIX):
+        from omnithought_dagster.models.tiny import TINY_MODELS
+
+        return f"{TINY_MODELS[config.model[len(TINY_PREFIX):]].name}@{fingerprint[:8]}"
+    return config.model
+
+
+def describe_backend(config: LLMConfig, *, models_dir: str | Path) -> tuple[str, bool]:
+    """(identity, supports structured output) without starting anything; builds a tiny model if needed."""
+    fingerprint = resolve_model(config.model, models_dir)[1] if config.backend != "openai" else None
+    return backend_identity(config, fingerprint), config.backend != "transformers"
+
+
+@contextlib.contextmanager
+def open_backend(config: LLMConfig, *, models_dir: str | Path, api_key: str | None = None, log_dir: str | Path | None = None,
+                 log=None) -> Iterator[Backend]:
+    """The configured backend, ready to use; a vLLM server it started is stopped on exit."""
+    if config.backend == "openai":
+        yield OpenAIBackend(config.base_url, config.model, identity=backend_identity(config, None), api_key=api_key,
+                            timeout_s=config.request_timeout_s, max_retries=config.max_retries, max_concurrency=config.max_concurrency)
+        return
+    model, fingerprint = resolve_model(config.model, models_dir)
+    identity = backend_identity(config, fingerprint)
+    if config.backend == "transformers":
+        yield TransformersBackend(model, identity=identity)
+        return
+    from omnithought_dagster.llm.vllm_server import VLLMServer
+
+    served_name = identity.replace("@", "-")
+    with VLLMServer.from_config(config, model=model, served_model_name=served_name, log_dir=log_dir, log=log) as server:
+        yield OpenAIBackend(server.base_url, served_name, identity=identity, timeout_s=config.request_timeout_s,
+                            max_retries=config.max_retries, max_concurrency=config.max_concurrency)

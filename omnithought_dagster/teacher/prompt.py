@@ -1,0 +1,131 @@
+"""The teacher's prompt (versioned), the structured-output constraint, and the reply parser.
+
+The prompt asks for reasoning first and a clearly delimited final answer, in the form the
+constraint enforces: a JSON object {"reasoning", "final_answer"} (structured_output: json), or
+`<think>...</think>` then `Answer: ...` (regex, and the free-text form for backends without
+constrained decoding). The parser accepts either form from any model, plus the answer in a
+configurable pattern or a \\boxed{...}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from omnithought_dagster.config import GenerationConfig, PromptConfig
+
+COT_V1 = PromptConfig(
+    version="cot-v1",
+    system=(
+        "You are an expert at visual reasoning. Study the image(s) carefully and solve the problem step by step: "
+        "describe what you see that matters, reason to the result, and check it. Give the complete reasoning first, "
+        "then the final answer on its own."
+    ),
+    user="{question}{choices}\n\n{format}",
+)
+
+FORMAT_JSON = 'Reply with a JSON object: {{"reasoning": "<your step-by-step reasoning>", "final_answer": "<{answer_kind}>"}}.'
+FORMAT_TEXT = "Think step by step inside <think> and </think>, then write \"Answer: \" followed by {answer_kind}."
+ANSWER_KIND = {
+    "multiple_choice": "the letter of the correct option only",
+    "numeric": "the number only",
+    "math": "the final expression only",
+    "free_form": "the answer only, as briefly as possible",
+}
+_THINK = re.compile(r"<think>(.*?)</think>(.*)", re.DOTALL)
+_BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
+
+
+@dataclass(frozen=True)
+class TeacherPrompt:
+    config: PromptConfig
+    mode: str  # json | regex | none
+
+    @property
+    def version(self) -> str:
+        return self.config.version
+
+    @property
+    def text_hash(self) -> str:
+        """Part of the trace id with the version: editing the text without bumping it still misses the cache."""
+        text = json.dumps([self.config.system, self.config.user, self.mode, FORMAT_JSON, FORMAT_TEXT, ANSWER_KIND], sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+    def user_text(self, question: str, choices: list[str], answer_type: str) -> str:
+        options = "\n\nOptions:\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices)) if choices else ""
+        kind = ANSWER_KIND.get(answer_type, ANSWER_KIND["free_form"])
+        fmt = FORMAT_JSON if self.mode == "json" else FORMAT_TEXT
+        return self.config.user.format(question=question, choices=options, format=fmt.format(answer_kind=kind))
+
+
+def teacher_prompt(generation: GenerationConfig, mode: str) -> TeacherPrompt:
+    return TeacherPrompt(generation.prompt or COT_V1, mode)
+
+
+def json_schema(generation: GenerationConfig) -> dict:
+    return {
+        "type": "object",
+        "properties": {
+            "reasoning": {"type": "string", "minLength": 1, "maxLength": generation.reasoning_max_chars},
+            "final_answer": {"type": "string", "minLength": 1, "maxLength": generation.answer_max_chars},
+        },
+        "required": ["reasoning", "final_answer"],
+        "additionalProperties": False,
+    }
+
+
+def reply_regex(generation: GenerationConfig) -> str:
+    return rf"<think>[^<]{{1,{generation.reasoning_max_chars}}}</think>\nAnswer: [^\n<]{{1,{generation.answer_max_chars}}}"
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    reasoning: str | None
+    final_answer: str | None
+    form: str  # json | think | pattern | boxed | unparsed
+
+
+def parse_reply(text: str | None, answer_pattern: str) -> ParsedReply:
+    """Reasoning and final answer from a reply in any of the accepted forms."""
+    if not text:
+        return ParsedReply(None, None, "unparsed")
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            # strict=False: constrained decoders may emit raw control characters inside strings.
+            data = json.loads(stripped, strict=False)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("final_answer"), str):
+            reasoning = data.get("reasoning")
+            return ParsedReply(reasoning.strip() if isinstance(reasoning, str) else None, _clean(data["final_answer"]), "json")
+    pattern = re.compile(answer_pattern)
+    think = _THINK.search(stripped)
+    if think:
+        reasoning, rest = think.group(1).strip(), think.group(2)
+        answer = _answer_in(rest, pattern) or _clean(rest)
+        return ParsedReply(reasoning or None, answer, "think")
+    match = pattern.search(stripped)
+    if match and _clean(match.group(1)):
+        return ParsedReply(stripped[: match.start()].strip() or None, _clean(match.group(1)), "pattern")
+    boxed = _BOXED.findall(stripped)
+    if boxed and _clean(boxed[-1]):
+        return ParsedReply(stripped, _clean(boxed[-1]), "boxed")
+    return ParsedReply(stripped, None, "unparsed")
+
+
+def _answer_in(text: str, pattern: re.Pattern) -> str | None:
+    match = pattern.search(text)
+    if match and _clean(match.group(1)):
+        return _clean(match.group(1))
+    boxed = _BOXED.findall(text)
+    return _clean(boxed[-1]) if boxed else None
+
+
+def _clean(text: str | None) -> str | None:
+    if text is None:
+        return None
+    text = text.strip().strip("*").strip()
+    return text or None

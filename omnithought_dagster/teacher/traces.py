@@ -1,0 +1,145 @@
+"""cot_traces rows: trace ids, the requests that produce them, and the rows built from replies.
+
+Plain Python over the store and a backend (no Dagster): `generate_shard` is what the asset,
+the benchmark and the tests call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ContextManager
+
+import pyarrow as pa
+
+from omnithought_dagster.config import GenerationConfig
+from omnithought_dagster.ids import content_id, shard_of
+from omnithought_dagster.llm.backends import Backend, ChatRequest, Completion, image_data_url
+from omnithought_dagster.llm.runner import CacheView, PendingRequest, RunStats, given, run_cached
+from omnithought_dagster.store import CorpusStore
+from omnithought_dagster.store.tables import COT_TRACES
+from omnithought_dagster.teacher.prompt import TeacherPrompt, json_schema, parse_reply, reply_regex
+
+GENERATION_CACHE = "generation"
+SEED_COLUMNS = ["sample_id", "source", "record_index", "image_ids", "question", "choices", "answer_type"]
+
+
+def sampling_params(generation: GenerationConfig, mode: str) -> dict:
+    """Everything about sampling that changes a reply: part of every trace id."""
+    params = {"temperature": generation.temperature, "top_p": generation.top_p, "max_tokens": generation.max_tokens,
+              "seed": generation.seed, "structured_output": mode}
+    if mode == "json":
+        params["schema"] = json_schema(generation)
+    elif mode == "regex":
+        params["regex"] = reply_regex(generation)
+    return params
+
+
+def trace_id(sample_id: str, teacher: str, prompt: TeacherPrompt, sampling: dict, rollout: int) -> str:
+    return content_id("trace", {"sample": sample_id, "teacher": teacher, "prompt": [prompt.version, prompt.text_hash],
+                                "sampling": sampling, "rollout": rollout})
+
+
+def shard_samples(store: CorpusStore, source: str, shard: str, n_shards: int) -> list[dict]:
+    """The seed samples of one (source, shard) partition, in record order."""
+    table = store.read_partition("seed_pool", source, columns=SEED_COLUMNS)
+    if table is None:
+        raise LookupError(f"seed_pool[{source}] is not materialised")
+    rows = [row for row in table.to_pylist() if shard_of(row["sample_id"], n_shards) == int(shard)]
+    return sorted(rows, key=lambda row: row["record_index"])
+
+
+@dataclass(frozen=True)
+class BackendPlan:
+    """What trace ids need to know of a backend, and how to open it when requests must be sent."""
+
+    identity: str
+    structured_output: bool
+    open: Callable[[], ContextManager[Backend]]
+
+
+@dataclass
+class ShardResult:
+    rows: pa.Table
+    stats: RunStats
+
+
+def generate_shard(store: CorpusStore, source: str, shard: str, backend: Backend | BackendPlan, prompt: TeacherPrompt,
+                   generation: GenerationConfig, *, send_seed: bool = True,
+                   progress: Callable[[RunStats], None] | None = None) -> ShardResult:
+    """Every rollout of every sample in the partition, from the cache or the backend.
+
+    `backend` is an open Backend, or a BackendPlan that opens one only if the cache misses.
+    """
+    plan = backend if isinstance(backend, BackendPlan) else BackendPlan(backend.identity, backend.supports_structured_output, lambda: given(backend))
+    samples = shard_samples(store, source, shard, generation.shards)
+    mode = prompt.mode if plan.structured_output else "none"
+    sampling = sampling_params(generation, mode)
+    partition = {"source": source, "shard": shard}
+    specs, pending = [], []
+    for sample in samples:
+        messages = _lazy_messages(store, sample, prompt)
+        for rollout in range(generation.rollouts):
+            key = trace_id(sample["sample_id"], plan.identity, prompt, sampling, rollout)
+            # A per-rollout seed derived from the trace id: the same trace samples the same way.
+            seed = (generation.seed * 1_000_003 + int(key[:8], 16)) % (2**31) if send_seed else None
+            specs.append((key, sample, rollout))
+            pending.append(PendingRequest(key, _request_builder(key, messages, generation, mode, seed)))
+    cache = store.cache(GENERATION_CACHE)
+    result = run_cached(
+        pending, plan.open,
+        CacheView(load=lambda: cache.load(partition), append=lambda batch: cache.append(partition, batch)),
+        flush_every=generation.flush_every, progress=progress,
+    )
+    rows = [_row(key, sample, rollout, shard, plan.identity, prompt, result.completions[key], generation.answer_pattern)
+            for key, sample, rollout in specs]
+    return ShardResult(pa.Table.from_pylist(rows, schema=COT_TRACES.schema), result.stats)
+
+
+def _lazy_messages(store: CorpusStore, sample: dict, prompt: TeacherPrompt) -> Callable[[], list[dict]]:
+    """Messages built on first use and shared by the sample's rollouts (images read once)."""
+    built: list[list[dict]] = []
+
+    def get() -> list[dict]:
+        if not built:
+            content = [{"type": "image_url", "image_url": {"url": image_data_url(store.images.get(i))}} for i in sample["image_ids"]]
+            content.append({"type": "text", "text": prompt.user_text(sample["question"], sample["choices"], sample["answer_type"])})
+            built.append([{"role": "system", "content": prompt.config.system}, {"role": "user", "content": content}])
+        return built[0]
+
+    return get
+
+
+def _request_builder(key: str, messages: Callable[[], list[dict]], generation: GenerationConfig, mode: str, seed: int | None):
+    def build() -> ChatRequest:
+        return ChatRequest(
+            key=key, messages=messages(), max_tokens=generation.max_tokens, temperature=generation.temperature,
+            top_p=generation.top_p, seed=seed,
+            json_schema=json_schema(generation) if mode == "json" else None,
+            regex=reply_regex(generation) if mode == "regex" else None,
+        )
+
+    return build
+
+
+def _row(key: str, sample: dict, rollout: int, shard: str, teacher: str, prompt: TeacherPrompt, completion: Completion,
+         answer_pattern: str) -> dict:
+    parsed = parse_reply(completion.text, answer_pattern) if completion.finish_reason != "error" else None
+    return {
+        "trace_id": key,
+        "sample_id": sample["sample_id"],
+        "source": sample["source"],
+        "shard": shard,
+        "teacher": teacher,
+        "prompt_version": prompt.version,
+        "rollout": rollout,
+        "text": completion.text,
+        "reasoning": parsed.reasoning if parsed else None,
+        "final_answer": parsed.final_answer if parsed else None,
+        "finish_reason": completion.finish_reason,
+        "n_prompt_tokens": completion.n_prompt_tokens,
+        "n_tokens": completion.n_tokens,
+        "latency_s": round(completion.latency_s, 4),
+        "attempts": completion.attempts,
+        "error": completion.error,
+    }

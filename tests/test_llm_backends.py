@@ -1,0 +1,137 @@
+"""Backends against real servers: the tiny teacher on vLLM, a loopback proxy that really fails, transformers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SERVED_NAME, requests_served
+from flaky_proxy import FlakyProxy
+from omnithought_dagster.llm.backends import ChatRequest, OpenAIBackend, TransformersBackend, image_data_url
+from omnithought_dagster.llm.vllm_server import VLLMServer, VLLMStartError
+from omnithought_dagster.sources.synthetic import SyntheticReader
+from omnithought_dagster.teacher.prompt import parse_reply
+
+pytestmark = pytest.mark.slow
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["reasoning", "final_answer"],
+          "properties": {"reasoning": {"type": "string", "minLength": 1, "maxLength": 120},
+                         "final_answer": {"type": "string", "minLength": 1, "maxLength": 16}}}
+
+
+def _request(key: str = "k", **overrides) -> ChatRequest:
+    sample = SyntheticReader(1, seed=5).sample(0)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url(sample.images[0].data)}},
+                                             {"type": "text", "text": sample.question}]}]
+    fields = {"key": key, "messages": messages, "max_tokens": 96, "temperature": 0.8, "top_p": 0.95, "seed": 7, "json_schema": SCHEMA}
+    return ChatRequest(**{**fields, **overrides})
+
+
+def _complete(backend, *requests):
+    async def run():
+        try:
+            return await asyncio.gather(*(backend.complete(r) for r in requests))
+        finally:
+            await backend.aclose()
+    return asyncio.run(run())
+
+
+def _backend(base_url: str, **kwargs) -> OpenAIBackend:
+    defaults = {"identity": "tiny", "timeout_s": 60, "max_retries": 3, "retry_wait_s": (0.01, 0.05)}
+    return OpenAIBackend(base_url, SERVED_NAME, **{**defaults, **kwargs})
+
+
+def test_structured_json_replies_from_vllm(vllm_server):
+    before = requests_served(vllm_server)
+    completions = _complete(_backend(vllm_server.base_url), *(_request(f"k{i}", seed=i) for i in range(6)))
+    assert requests_served(vllm_server) - before == 6
+    for completion in completions:
+        assert completion.finish_reason == "stop" and completion.error is None and completion.attempts == 1
+        assert completion.n_prompt_tokens > 64  # the image's visual tokens are in the prompt
+        reply = json.loads(completion.text, strict=False)
+        assert set(reply) == {"reasoning", "final_answer"} and len(reply["final_answer"]) <= 16
+        assert parse_reply(completion.text, r"Answer: (.+)").form == "json"
+
+
+def test_regex_constraint_and_truncation(vllm_server):
+    regex = r"<think>[a-z ]{1,60}</think>\nAnswer: [0-9]{1,3}"
+    (done,) = _complete(_backend(vllm_server.base_url), _request(json_schema=None, regex=regex))
+    parsed = parse_reply(done.text, r"Answer: (\d+)")
+    assert done.finish_reason == "stop" and parsed.form == "think" and parsed.final_answer.isdigit()
+    (cut,) = _complete(_backend(vllm_server.base_url), _request(json_schema=None, max_tokens=8))
+    assert cut.finish_reason == "length" and cut.n_tokens == 8
+
+
+def test_same_seed_same_reply(vllm_server):
+    a, b = _complete(_backend(vllm_server.base_url), _request("a", seed=11), _request("b", seed=11))
+    assert a.text == b.text
+
+
+def test_retries_500_then_429_then_succeeds(vllm_server):
+    script = {1: ("status", 500), 2: ("status", 429)}
+    with FlakyProxy(vllm_server.base_url, lambda attempt: script.get(attempt, ("forward", 0))) as proxy:
+        completions = _complete(_backend(proxy.base_url), _request("r1", seed=1), _request("r2", seed=2))
+    assert [c.attempts for c in completions] == [3, 3]
+    assert all(c.finish_reason == "stop" for c in completions)
+    assert sorted(proxy.attempts.values()) == [3, 3] and proxy.forwarded == 2
+
+
+def test_gives_up_after_max_retries_and_records_the_error(vllm_server):
+    with FlakyProxy(vllm_server.base_url, lambda attempt: ("status", 503)) as proxy:
+        (failed,) = _complete(_backend(proxy.base_url, max_retries=2), _request())
+    assert failed.finish_reason == "error" and failed.text is None and failed.attempts == 3
+    assert "503" in failed.error and "InternalServerError" in failed.error
+    assert sum(proxy.attempts.values()) == 3
+
+
+def test_client_errors_are_not_retried(vllm_server):
+    with FlakyProxy(vllm_server.base_url, lambda attempt: ("status", 400)) as proxy:
+        (failed,) = _complete(_backend(proxy.base_url), _request())
+    assert failed.finish_reason == "error" and failed.attempts == 1 and "BadRequestError" in failed.error
+    assert sum(proxy.attempts.values()) == 1
+
+
+def test_timeout_is_retried(vllm_server):
+    # The first attempt stalls past the client's timeout; the retry goes through.
+    with FlakyProxy(vllm_server.base_url, lambda attempt: ("sleep", 4.0) if attempt == 1 else ("forward", 0)) as proxy:
+        (done,) = _complete(_backend(proxy.base_url, timeout_s=1.5), _request())
+    assert done.finish_reason == "stop" and done.attempts == 2 and done.latency_s >= 1.5
+
+
+def test_transformers_backend_generates_in_process(tiny_teacher):
+    backend = TransformersBackend(tiny_teacher, identity="tiny-tf")
+    a, b, c = _complete(backend, _request("a", json_schema=None, max_tokens=12, seed=3),
+                        _request("b", json_schema=None, max_tokens=12, seed=3), _request("c", json_schema=None, max_tokens=12, seed=4))
+    assert a.text == b.text != c.text  # seeded sampling is reproducible
+    assert a.n_tokens <= 12 and a.finish_reason in ("stop", "length") and a.n_prompt_tokens > 64
+
+
+def test_server_that_cannot_start_reports_why(tmp_path, tiny_teacher):
+    with pytest.raises(VLLMStartError, match="no vLLM interpreter"):
+        VLLMServer(str(tmp_path / "nope/python"), str(tiny_teacher), served_model_name="x").start()
+    # The main environment has no vLLM: the process exits at once and its log says why.
+    server = VLLMServer(sys.executable, str(tiny_teacher), served_model_name="x", log_dir=tmp_path, startup_timeout_s=60)
+    with pytest.raises(VLLMStartError, match="No module named 'vllm'"):
+        server.start()
+    assert server.process.poll() is not None
+
+
+def test_server_stops_its_whole_process_group(tiny_teacher, tmp_path):
+    """Started with SIGTERM ignored (as from a backgrounded shell), stop() still ends it and its workers."""
+    from conftest import VLLM_PYTHON
+
+    code = (
+        "import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "from omnithought_dagster.llm.vllm_server import VLLMServer\n"
+        f"s = VLLMServer({str(VLLM_PYTHON)!r}, {str(tiny_teacher)!r}, served_model_name='g', max_model_len=1024, log_dir={str(tmp_path)!r})\n"
+        "s.start(); print(s.process.pid, flush=True); s.stop(); print('stopped', s.process.poll(), flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pid, state = done.stdout.split("\n")[:2]
+    assert state.startswith("stopped") and state != "stopped None"
+    alive = subprocess.run(["pgrep", "-g", pid.strip()], capture_output=True, text=True)
+    assert alive.stdout.strip() == ""  # nothing left in the server's process group
