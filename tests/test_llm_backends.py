@@ -135,3 +135,20 @@ def test_server_stops_its_whole_process_group(tiny_teacher, tmp_path):
     assert state.startswith("stopped") and state != "stopped None"
     alive = subprocess.run(["pgrep", "-g", pid.strip()], capture_output=True, text=True)
     assert alive.stdout.strip() == ""  # nothing left in the server's process group
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_every_tiny_family_builds_deterministically_and_generates(family, tmp_path):
+    from omnithought_dagster.models.tiny import TinySpec, build_tiny_model, is_built
+
+    spec = TinySpec(name=f"tiny-{family}", family=family, seed=2)
+    first = build_tiny_model(spec, tmp_path / "a")
+    second = build_tiny_model(spec, tmp_path / "b")
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    assert is_built(spec, first) and build_tiny_model(spec, first) == first  # idempotent: not rebuilt
+    assert (first / "model.safetensors").stat().st_mtime_ns == mtime
+    assert (first / "model.safetensors").stat().st_size < 3_000_000
+    (done,) = _complete(TransformersBackend(first, identity=family), _request(json_schema=None, max_tokens=8))
+    assert done.error is None and done.n_tokens <= 8 and done.n_prompt_tokens > 64
