@@ -59,6 +59,7 @@ ui: env
 
 bench: env
 	$(BIN)/python bench/seed_ingest.py
+	$(BIN)/python bench/generation.py
 
 clean:
 	rm -rf .omnithought .dagster .cache

@@ -27,30 +27,10 @@ warnings.filterwarnings("ignore", message="Class `MultiToSingleDimensionPartitio
 def build_definitions(config: ProjectConfig) -> dg.Definitions:
     if config.config_path is None:
         raise ValueError("build_definitions needs a config loaded from a file (load_config), so runs can reload it")
-    seed = dg.Definitions(
-        assets=build_seed_assets(config),
-        asset_checks=build_seed_checks(config),
-        jobs=[
-            dg.define_asset_job(
-                SEED_JOB,
-                selection=dg.AssetSelection.groups("seed"),
-                partitions_def=seed_partitions(config),
-                description="Ingest one seed source: seed_pool, quarantine and images, with their checks.",
-            )
-        ],
-    )
-    teacher = dg.Definitions(
-        assets=build_teacher_assets(config),
-        asset_checks=build_teacher_checks(config),
-        jobs=[
-            dg.define_asset_job(
-                TEACHER_JOB,
-                selection=dg.AssetSelection.groups("teacher"),
-                partitions_def=traces_partitions(config),
-                description="Generate one (source, shard) partition of cot_traces on the teacher (a GPU step), with its checks.",
-            )
-        ],
-    )
+    seed = _stage(build_seed_assets(config), build_seed_checks(config), SEED_JOB, "seed", seed_partitions(config),
+                  "Ingest one seed source: seed_pool, quarantine and images, with their checks.")
+    teacher = _stage(build_teacher_assets(config), build_teacher_checks(config), TEACHER_JOB, "teacher", traces_partitions(config),
+                     "Generate one (source, shard) partition of cot_traces on the teacher (a GPU step), with its checks.")
     resources = dg.Definitions(
         resources={
             "project": ProjectResource(config_path=config.config_path),
@@ -60,3 +40,12 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
         }
     )
     return dg.Definitions.merge(seed, teacher, resources)
+
+
+def _stage(assets, checks, job: str, group: str, partitions, description: str) -> dg.Definitions:
+    """A stage's assets and checks, and the partitioned job that materialises one of its partitions."""
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=[dg.define_asset_job(job, selection=dg.AssetSelection.groups(group), partitions_def=partitions, description=description)],
+    )

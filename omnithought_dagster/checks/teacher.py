@@ -20,8 +20,8 @@ FINAL_ANSWER_PRESENT = "final_answer_present"
 def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
     partitions = traces_partitions(config)
 
-    def check(name: str):
-        return dg.asset_check(asset=COT_TRACES_KEY, name=name, partitions_def=partitions, blocking=True)
+    def check(name: str, description: str | None = None):
+        return dg.asset_check(asset=COT_TRACES_KEY, name=name, partitions_def=partitions, blocking=True, description=description)
 
     @check(SAMPLES_IN_SEED_POOL)
     def samples_in_seed_pool(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource) -> dg.AssetCheckResult:
@@ -69,23 +69,21 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
                                extra_metadata={"samples": len(expected), "rollouts": cfg.generation.rollouts,
                                                "samples_incomplete": len(bad), "examples": {s: sorted(have.get(s, [])) for s in bad[:5]}})
 
-    @check(ERROR_RATE)
-    def error_rate(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
-        """Share of traces whose request failed after retries: warn / fail thresholds from generation.error_rate."""
-        traces = _traces(store, *_keys(context, partitions), ["finish_reason"])
-        if isinstance(traces, dg.AssetCheckResult):
-            return traces
-        reasons = traces.column("finish_reason").to_pylist()
-        return rate_result("error", sum(r == "error" for r in reasons), len(reasons), project.config.generation.error_rate)
+    def finish_rate_check(name: str, finish_reason: str, what: str, threshold: str, description: str):
+        @check(name, description)
+        def rate_check(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
+            traces = _traces(store, *_keys(context, partitions), ["finish_reason"])
+            if isinstance(traces, dg.AssetCheckResult):
+                return traces
+            reasons = traces.column("finish_reason").to_pylist()
+            return rate_result(what, sum(r == finish_reason for r in reasons), len(reasons), getattr(project.config.generation, threshold))
 
-    @check(TRUNCATION_RATE)
-    def truncation_rate(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
-        """Share of traces cut at max_tokens (finish_reason=length): warn / fail thresholds."""
-        traces = _traces(store, *_keys(context, partitions), ["finish_reason"])
-        if isinstance(traces, dg.AssetCheckResult):
-            return traces
-        reasons = traces.column("finish_reason").to_pylist()
-        return rate_result("truncation", sum(r == "length" for r in reasons), len(reasons), project.config.generation.truncation_rate)
+        return rate_check
+
+    error_rate = finish_rate_check(ERROR_RATE, "error", "error", "error_rate",
+                                   "Share of traces whose request failed after retries: warn / fail thresholds from generation.error_rate.")
+    truncation_rate = finish_rate_check(TRUNCATION_RATE, "length", "truncation", "truncation_rate",
+                                        "Share of traces cut at max_tokens (finish_reason=length): warn / fail thresholds.")
 
     @check(FINAL_ANSWER_PRESENT)
     def final_answer_present(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource,
