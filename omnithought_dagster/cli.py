@@ -51,6 +51,8 @@ def demo(config: Optional[Path] = ConfigOption, force: bool = typer.Option(False
     cfg = _config(config)
     dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster")))
     dagster_home.mkdir(parents=True, exist_ok=True)
+    if not (dagster_home / "dagster.yaml").exists():  # no telemetry, the gpu pool limit
+        (dagster_home / "dagster.yaml").write_text((Path(__file__).parent / "dagster.yaml").read_text())
     import dagster as dg
 
     from omnithought_dagster.demo import run_demo
@@ -81,7 +83,7 @@ def demo(config: Optional[Path] = ConfigOption, force: bool = typer.Option(False
                 notes.append(f"  [red]{label} check failed[/red]: " + escape(name))
     console.print(table)
     for line in notes:
-        console.print(line)
+        console.print(line, soft_wrap=True)
     console.print(f"store: {cfg.store.root}   Dagster instance: {dagster_home}   browse both with `make ui`")
     if failed:
         raise typer.Exit(1)
@@ -195,6 +197,8 @@ def _story_tree(story: dict) -> Tree:
         tree.add(f"finish: {t['finish_reason']}, {t['n_tokens']} tokens, {t['attempts']} attempt(s)" + (f", error: {t['error']}" if t["error"] else ""))
         tree.add("final answer: " + escape(str(t["final_answer"])))
         tree.add("reasoning: " + escape(_short(t["reasoning"] or "", 200)))
+        if story.get("annotation"):
+            tree.add(_annotation_line(story["annotation"]))
         record = story["sample"]["kept"]
         if record:
             sample = tree.add(f"from sample {record['sample_id']}: source {record['source']}, native id {record['native_id']}")
@@ -233,11 +237,21 @@ def _story_tree(story: dict) -> Tree:
     if story.get("traces"):
         traces = tree.add(f"{len(story['traces'])} teacher trace(s)")
         for t in story["traces"]:
-            traces.add(f"{t['trace_id']}  rollout {t['rollout']} {t['finish_reason']}: " + escape(_short(str(t["final_answer"]), 60)))
+            branch = traces.add(f"{t['trace_id']}  rollout {t['rollout']} {t['finish_reason']}: " + escape(_short(str(t["final_answer"]), 60)))
+            if t.get("annotation"):
+                branch.add(_annotation_line(t["annotation"]))
     for row in story["quarantine"]:
         branch = tree.add(f"[yellow]quarantined[/yellow] {row['source']}/{row['native_id']} (record #{row['record_index']}): [bold]{row['reason']}[/bold]")
         branch.add(row["detail"])
     return tree
+
+
+def _annotation_line(a: dict) -> str:
+    verdict = "[green]correct[/green]" if a["correct"] else "[red]wrong[/red]"
+    judge = (f"judge {a['annotator']}: difficulty {a['difficulty']}, verbosity {a['verbosity']}, quality {a['quality']}, "
+             f"tags {', '.join(a['tags'])}") if a["judge_error"] is None else "judge error: " + escape(a["judge_error"])
+    return (f"{verdict} ({a['verify_method']}), sample pass rate {a['pass_rate']:.2f}, difficulty {a['difficulty_label']} "
+            f"({a['difficulty_score']:.1f}); " + judge)
 
 
 def _json_value(value: Any) -> Any:

@@ -242,6 +242,36 @@ class GenerationConfig(_Model):
         return value
 
 
+class AnnotationConfig(_Model):
+    """How cot_traces are annotated: verifier tolerances, the judge's prompt and taxonomy, difficulty bins."""
+
+    prompt: PromptConfig | None = Field(default=None, description="default: the built-in judge-v1 prompt")
+    with_images: bool = Field(default=True, description="show the judge the image(s), not just the text")
+    taxonomy: str = Field(default="builtin:tags-v1", description="builtin:<name> or a path to a taxonomy YAML")
+    tag_min_similarity: float = Field(default=85.0, ge=0, le=100, description="below this, a tag outside the taxonomy is rejected")
+    max_tags: int = Field(default=3, ge=1, le=10)
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=256, ge=16)
+    reasoning_max_chars: int = Field(default=6000, ge=100, description="the trace's reasoning is cut to this for the judge")
+    flush_every: int = Field(default=32, ge=1)
+    numeric_rel_tol: float = Field(default=1e-4, ge=0)
+    numeric_abs_tol: float = Field(default=1e-6, ge=0)
+    free_form_judge_fallback: bool = Field(default=True, description="the judge decides free-form answers that do not match exactly")
+    difficulty_bins: list[float] = Field(default_factory=lambda: [3.5, 6.5], description="edges over a 0-9 difficulty score")
+    difficulty_labels: list[str] = Field(default_factory=lambda: ["easy", "medium", "hard"])
+    pass_rate_weight: float = Field(default=0.0, ge=0, le=1, description="blend of 9*(1 - pass_rate) into the difficulty score")
+    parse_failure_rate: ThresholdConfig = ThresholdConfig(warn=0.02, fail=0.10)
+
+    @model_validator(mode="after")
+    def _bins(self) -> "AnnotationConfig":
+        if sorted(self.difficulty_bins) != list(self.difficulty_bins) or any(not 0 <= e <= 9 for e in self.difficulty_bins):
+            raise ValueError("difficulty_bins: edges must be increasing and within 0-9")
+        if len(self.difficulty_labels) != len(self.difficulty_bins) + 1:
+            raise ValueError(f"difficulty_labels: {len(self.difficulty_bins) + 1} labels are needed for {len(self.difficulty_bins)} edges")
+        return self
+
+
 SourceConfig = Annotated[
     Union[SyntheticSourceConfig, JsonSourceConfig, HFSourceConfig, ShareGPTSourceConfig],
     Field(discriminator="kind"),
@@ -258,6 +288,8 @@ class ProjectConfig(_Model):
     models_dir: str = Field(default=".cache/models", description="where tiny:<name> models are built")
     teacher: LLMConfig = LLMConfig()
     generation: GenerationConfig = GenerationConfig()
+    judge: LLMConfig | None = Field(default=None, description="the annotator; default: the teacher's model and backend")
+    annotation: AnnotationConfig = AnnotationConfig()
     config_path: str | None = Field(default=None, exclude=True, description="set by load_config")
 
     _resolve_models = field_validator("models_dir")(_resolve_path)
@@ -268,7 +300,7 @@ class ProjectConfig(_Model):
         # Omitted sections are validated from {} (not taken as ready-made defaults), so their
         # relative paths are resolved against the config file too.
         if isinstance(data, dict):
-            data = {**{section: {} for section in ("store", "seed", "teacher", "generation")}, **data}
+            data = {**{section: {} for section in ("store", "seed", "teacher", "generation", "annotation")}, **data}
         return data
 
     @model_validator(mode="after")
@@ -284,6 +316,11 @@ class ProjectConfig(_Model):
     def source_names(self) -> list[str]:
         """Partition keys of seed_pool, in config order (config order decides which duplicate is kept)."""
         return [source.name for source in self.sources]
+
+    @property
+    def annotator(self) -> LLMConfig:
+        """The judge's model config: `judge`, or the teacher's when none is given."""
+        return self.judge or self.teacher
 
     def source(self, name: str) -> SourceConfig:
         for source in self.sources:

@@ -7,15 +7,18 @@ import warnings
 import dagster as dg
 
 from omnithought_dagster.assets import build_seed_assets
+from omnithought_dagster.assets.annotate import build_annotate_assets
 from omnithought_dagster.assets.seed import seed_partitions
 from omnithought_dagster.assets.teacher import build_teacher_assets, traces_partitions
 from omnithought_dagster.checks import build_seed_checks
+from omnithought_dagster.checks.annotate import build_annotate_checks
 from omnithought_dagster.checks.teacher import build_teacher_checks
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 
 SEED_JOB = "ingest_seeds"
 TEACHER_JOB = "generate_traces"
+ANNOTATE_JOB = "annotate_traces"
 
 # Checks are per partition (one source's rows at a time). Dagster 1.13 marks partitioned checks
 # as preview; the version is pinned in pyproject.toml, so the warning says nothing new.
@@ -31,15 +34,19 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
                   "Ingest one seed source: seed_pool, quarantine and images, with their checks.")
     teacher = _stage(build_teacher_assets(config), build_teacher_checks(config), TEACHER_JOB, "teacher", traces_partitions(config),
                      "Generate one (source, shard) partition of cot_traces on the teacher (a GPU step), with its checks.")
+    annotate = _stage(build_annotate_assets(config), build_annotate_checks(config), ANNOTATE_JOB, "annotate", traces_partitions(config),
+                      "Annotate one (source, shard) partition of cot_traces: verifier, pass rates and the judge (a GPU step).")
+    judge_key = config.annotator.api_key_env
     resources = dg.Definitions(
         resources={
             "project": ProjectResource(config_path=config.config_path),
             "store": CorpusStoreResource(root_uri=config.store.root),
             # The key is read from the environment of the step, never from the project file.
             "teacher": LLMResource(api_key=dg.EnvVar(config.teacher.api_key_env)) if config.teacher.api_key_env else LLMResource(),
+            "judge": LLMResource(api_key=dg.EnvVar(judge_key)) if judge_key else LLMResource(),
         }
     )
-    return dg.Definitions.merge(seed, teacher, resources)
+    return dg.Definitions.merge(seed, teacher, annotate, resources)
 
 
 def _stage(assets, checks, job: str, group: str, partitions, description: str) -> dg.Definitions:

@@ -14,11 +14,12 @@ from typing import Any
 
 import dagster as dg
 
+from omnithought_dagster.assets.annotate import ANNOTATIONS_KEY, annotations_fingerprint
 from omnithought_dagster.assets.seed import IMAGES_KEY, QUARANTINE_KEY, SEED_CODE_VERSION, SEED_POOL_KEY
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY, traces_fingerprint, traces_partitions
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.seed import earlier_sources, input_fingerprint, partition_version
-from omnithought_dagster.defs import SEED_JOB, TEACHER_JOB, build_definitions
+from omnithought_dagster.defs import ANNOTATE_JOB, SEED_JOB, TEACHER_JOB, build_definitions
 from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.sources import make_reader
 from omnithought_dagster.store import CorpusStore
@@ -150,9 +151,33 @@ def _trace_counts(store: CorpusStore, partition: str, metadata: dict) -> dict[st
     return {"input": samples, "output": traces, "flagged": errors + truncated, "reasons": reasons, "detail": detail}
 
 
+def _annotations_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
+    keys = traces_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
+    identity, _ = describe_backend(config.annotator, models_dir=config.models_dir)
+    return annotations_fingerprint(config, store, keys["source"], keys["shard"], identity)
+
+
+def _annotation_counts(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:
+    shard, source = partition.split("|")
+    con = store.catalog(["annotations"])
+    traces, correct, errors, samples, pass_rate = con.execute(
+        "SELECT count(*), count(*) FILTER (correct), count(judge_error), count(DISTINCT sample_id), avg(pass_rate) "
+        "FROM annotations WHERE source = $1 AND shard = $2", [source, shard],
+    ).fetchone()
+    labels = dict(con.execute("SELECT difficulty_label, count(DISTINCT sample_id) FROM annotations WHERE source = $1 AND shard = $2 "
+                              "GROUP BY 1 ORDER BY 1", [source, shard]).fetchall())
+    auc = metadata.get("quality_auc_vs_correct")
+    detail = (f"{correct}/{traces} correct, mean pass rate {pass_rate or 0:.2f}; samples by difficulty {labels}; "
+              f"{metadata.get('requests_sent', '?')} judge requests, {metadata.get('cache_hits', '?')} from cache, "
+              f"parse failures {metadata.get('judge_parse_failure_rate', '?')}, quality AUC vs correct {auc if auc is not None else 'n/a'}")
+    return {"input": traces, "output": traces - errors, "flagged": errors, "reasons": {"judge_error": errors} if errors else {}, "detail": detail}
+
+
 STAGES = [
     Stage("seed_pool", SEED_JOB, SEED_POOL_KEY, "seed_pool", lambda config: config.source_names, _seed_fingerprint, _seed_counts,
           (SEED_POOL_KEY, QUARANTINE_KEY, IMAGES_KEY)),
     Stage("cot_traces", TEACHER_JOB, COT_TRACES_KEY, "cot_traces", _traces_partitions, _traces_fingerprint, _trace_counts,
           (COT_TRACES_KEY,)),
+    Stage("annotations", ANNOTATE_JOB, ANNOTATIONS_KEY, "annotations", _traces_partitions, _annotations_fingerprint, _annotation_counts,
+          (ANNOTATIONS_KEY,)),
 ]

@@ -80,8 +80,7 @@ def _sample_story(store: CorpusStore, con, sample: str) -> dict[str, Any]:
         "quarantine": quarantined,
         "images": [],
         "near_duplicate_of": None,
-        "traces": _dicts(con, "SELECT trace_id, teacher, prompt_version, rollout, finish_reason, final_answer, n_tokens, error "
-                              "FROM cot_traces WHERE sample_id = $1 ORDER BY teacher, rollout", [sample]),
+        "traces": _traces_of(con, sample),
     }
     if record is None:
         return story
@@ -94,10 +93,28 @@ def _sample_story(store: CorpusStore, con, sample: str) -> dict[str, Any]:
     return story
 
 
+ANNOTATION_FIELDS = ["annotator", "correct", "verify_method", "extracted_answer", "pass_rate", "difficulty", "verbosity", "quality",
+                     "tags", "difficulty_score", "difficulty_label", "judge_error"]
+
+
+def _traces_of(con, sample: str) -> list[dict[str, Any]]:
+    """The sample's traces, each with its annotation (None when not annotated yet)."""
+    fields = ", ".join(f"a.{f} AS a_{f}" for f in ANNOTATION_FIELDS)
+    rows = _dicts(con, "SELECT t.trace_id, t.teacher, t.prompt_version, t.rollout, t.finish_reason, t.final_answer, t.n_tokens, t.error, "
+                       f"a.annotation_id, {fields} FROM cot_traces t LEFT JOIN annotations a USING (trace_id) "
+                       "WHERE t.sample_id = $1 ORDER BY t.teacher, t.rollout", [sample])
+    traces = []
+    for row in rows:
+        annotation = {f: row.pop(f"a_{f}") for f in ANNOTATION_FIELDS}
+        traces.append({**row, "annotation": annotation if row["annotation_id"] else None})
+    return traces
+
+
 def _trace_story(store: CorpusStore, con, trace: str) -> dict[str, Any]:
     (row,) = _dicts(con, "SELECT * FROM cot_traces WHERE trace_id = $1", [trace])
     sample = _sample_story(store, con, row["sample_id"])
-    return {"kind": "trace", "trace_id": trace, "trace": row,
+    annotation = _dicts(con, "SELECT * FROM annotations WHERE trace_id = $1", [trace])
+    return {"kind": "trace", "trace_id": trace, "trace": row, "annotation": annotation[0] if annotation else None,
             "sample": {k: sample[k] for k in ("sample_id", "status", "kept", "images")}}
 
 

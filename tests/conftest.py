@@ -160,3 +160,48 @@ def vllm_server(tiny_teacher, tmp_path_factory):
 def requests_served(server) -> float:
     """Requests the server has finished, from its Prometheus counters."""
     return server.metrics().get("vllm:request_success_total", 0.0)
+
+
+# -- projects whose teacher (and judge) is the session's vLLM server ---------------------------------
+
+TEST_GENERATION = {"rollouts": 4, "shards": 2, "max_tokens": 96, "reasoning_max_chars": 120, "answer_max_chars": 16, "flush_every": 4}
+
+
+def served_config(folder: Path, base_url: str, n_samples: int = 8, teacher: dict | None = None, generation: dict | None = None, **extra):
+    """A project with a synthetic source whose teacher is an OpenAI-compatible server at base_url."""
+    from omnithought_dagster.config import load_config
+
+    teacher = teacher or {"backend": "openai", "base_url": base_url, "model": SERVED_NAME, "name": "tiny-test",
+                          "max_concurrency": 8, "max_retries": 1}
+    path = write_config(folder, [{"name": "synthetic", "kind": "synthetic", "n_samples": n_samples}],
+                        teacher=teacher, generation={**TEST_GENERATION, **(generation or {})}, **extra)
+    return load_config(path)
+
+
+def run_job(config, instance, job: str, partition: str):
+    from omnithought_dagster.defs import build_definitions
+
+    return build_definitions(config).resolve_job_def(job).execute_in_process(partition_key=partition, instance=instance, raise_on_error=False)
+
+
+def run_partition_checks(config, instance, asset: str, partition: str) -> dict:
+    """Only the checks of one asset, for one partition."""
+    import dagster as dg
+
+    from omnithought_dagster.defs import build_definitions
+
+    job = dg.define_asset_job(f"{asset}_checks", selection=dg.AssetSelection.checks_for_assets(asset))
+    defs = dg.Definitions.merge(build_definitions(config), dg.Definitions(jobs=[job]))
+    result = defs.resolve_job_def(f"{asset}_checks").execute_in_process(tags={"dagster/partition": partition}, instance=instance,
+                                                                        raise_on_error=False)
+    return check_evaluations(result)
+
+
+def rewrite_partition(store, table: str, partition: dict, change) -> None:
+    """Rewrite a partition file directly (bypassing the store's validation) to plant bad data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = f"{store.partition_dir(table, partition)}/data.parquet"
+    rows = change(pq.read_table(path).to_pylist())
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([f.with_nullable(True) for f in pq.read_schema(path)])), path)

@@ -41,10 +41,11 @@ def test_demo_runs_everything_then_is_idempotent(demo_project):
     config, first = demo_project
     assert "seed_pool" in first and "6/6 passed" in first and "missing_image 1" in first
     assert "cot_traces" in first and "72 requests sent, 0 from cache" in first  # 18 samples x 4 rollouts
-    assert first.count(" ran") == 4
+    assert "annotations" in first and "72 judge requests, 0 from cache" in first
+    assert first.count(" ran") == 6
     second = runner.invoke(app, ["demo", "--config", str(config)])
     assert second.exit_code == 0, second.output
-    assert second.output.count("up to date") == 4  # nothing changed: every partition skipped
+    assert second.output.count("up to date") == 6  # nothing changed: every partition skipped
     forced = runner.invoke(app, ["demo", "--config", str(config), "--force"])
     assert forced.exit_code == 0 and "up to date" not in forced.output
 
@@ -55,9 +56,9 @@ def test_demo_reruns_a_partition_whose_input_changed(demo_project, tmp_path):
     write_json(tmp_path / "f.json", records)
     result = runner.invoke(app, ["demo", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    # synthetic's two stages are skipped; files is re-ingested, and its traces follow (only the new sample is sent)
-    assert result.output.count("up to date") == 2
-    assert "4 requests sent, 4 from cache" in result.output
+    # synthetic's three stages are skipped; files is re-ingested, its traces and annotations follow (only the new sample is sent)
+    assert result.output.count("up to date") == 3
+    assert "4 requests sent, 4 from cache" in result.output and "4 judge requests, 4 from cache" in result.output
 
 
 def test_stats_json_counts_tables_partitions_and_reasons(demo_project):

@@ -19,7 +19,7 @@ def test_definitions_snapshot_from_the_demo_config():
     defs = build_definitions(load_config(REPO / "omnithought.yaml"))
     graph = defs.resolve_asset_graph()
     specs = {key.to_user_string(): graph.get(key) for key in graph.get_all_asset_keys()}
-    assert sorted(specs) == ["cot_traces", "images", "quarantine", "seed_pool"]
+    assert sorted(specs) == ["annotations", "cot_traces", "images", "quarantine", "seed_pool"]
     for name in ("images", "quarantine", "seed_pool"):
         node = specs[name]
         assert node.group_name == "seed"
@@ -30,9 +30,17 @@ def test_definitions_snapshot_from_the_demo_config():
     assert traces.group_name == "teacher" and traces.code_version == "cot_traces-v1"
     assert traces.partitions_def.get_partition_keys() == ["000|synthetic", "000|mini_llava"]  # demo: 1 shard per source
     assert graph.get_partition_mapping(traces.key, specs["seed_pool"].key).partition_dimension_name == "source"
+    annotations = specs["annotations"]
+    assert annotations.group_name == "annotate" and annotations.partitions_def == traces.partitions_def
+    assert {k.to_user_string() for k in annotations.parent_keys} == {"cot_traces", "seed_pool"}
     assert "parquet" in specs["seed_pool"].kinds
     checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
     assert checks == [
+        "annotations:every_trace_annotated",
+        "annotations:judge_parse_failure_rate",
+        "annotations:pass_rate_consistent",
+        "annotations:tags_in_taxonomy",
+        "annotations:values_in_range",
         "cot_traces:error_rate",
         "cot_traces:final_answer_present",
         "cot_traces:rollouts_complete",
@@ -50,7 +58,7 @@ def test_definitions_snapshot_from_the_demo_config():
     schema = specs["seed_pool"].metadata["dagster/column_schema"]
     assert [c.name for c in schema.columns][:3] == ["sample_id", "source", "native_id"]
     assert defs.resolve_job_def(SEED_JOB).partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
-    assert set(defs.resources) == {"project", "store", "teacher"}
+    assert set(defs.resources) == {"project", "store", "teacher", "judge"}
 
 
 def test_teacher_step_is_a_gpu_step(project):

@@ -12,30 +12,17 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, SERVED_NAME, VLLM_PYTHON, check_evaluations, materializations, requests_served, write_config
+from conftest import (SERVED_NAME, VLLM_PYTHON, check_evaluations, materializations, requests_served, rewrite_partition, run_job,
+                      run_partition_checks, served_config)
 from flaky_proxy import FlakyProxy
-from omnithought_dagster.config import load_config
 from omnithought_dagster.defs import SEED_JOB, TEACHER_JOB, build_definitions
 from omnithought_dagster.store import CorpusStore
 
 pytestmark = pytest.mark.slow
-GENERATION = {"rollouts": 4, "shards": 2, "max_tokens": 96, "reasoning_max_chars": 120, "answer_max_chars": 16, "flush_every": 4}
-
-
-def _config(folder: Path, base_url: str, n_samples: int = 8, teacher: dict | None = None, generation: dict | None = None, **extra):
-    teacher = teacher or {"backend": "openai", "base_url": base_url, "model": SERVED_NAME, "name": "tiny-test",
-                          "max_concurrency": 8, "max_retries": 1}
-    path = write_config(folder, [{"name": "synthetic", "kind": "synthetic", "n_samples": n_samples}],
-                        teacher=teacher, generation={**GENERATION, **(generation or {})}, **extra)
-    return load_config(path)
-
-
-def _run(config, instance, job: str, partition: str):
-    return build_definitions(config).resolve_job_def(job).execute_in_process(partition_key=partition, instance=instance, raise_on_error=False)
+_config = served_config
+_run = run_job
 
 
 def _generate_all(config, instance) -> dict[str, dict]:
@@ -173,23 +160,11 @@ def damaged(generated, tmp_path, vllm_server):
     shutil.copytree(generated / "store", tmp_path / "store")
     config = _config(tmp_path, vllm_server.base_url, n_samples=6, generation={"shards": 1})
     store = CorpusStore(config.store.root)
-    path = f"{store.partition_dir('cot_traces', {'source': 'synthetic', 'shard': '000'})}/data.parquet"
-
-    def damage(change):
-        rows = change(pq.read_table(path).to_pylist())
-        pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([f.with_nullable(True) for f in pq.read_schema(path)])), path)
-
-    return config, damage
+    return config, lambda change: rewrite_partition(store, "cot_traces", {"source": "synthetic", "shard": "000"}, change)
 
 
 def _checks(config, instance):
-    import dagster as dg  # noqa: F811
-
-    job = dg.define_asset_job("trace_checks", selection=dg.AssetSelection.checks_for_assets("cot_traces"))
-    defs = dg.Definitions.merge(build_definitions(config), dg.Definitions(jobs=[job]))
-    result = defs.resolve_job_def("trace_checks").execute_in_process(tags={"dagster/partition": "000|synthetic"}, instance=instance,
-                                                                      raise_on_error=False)
-    return check_evaluations(result)
+    return run_partition_checks(config, instance, "cot_traces", "000|synthetic")
 
 
 def _failed(checks) -> dict[str, str]:

@@ -11,7 +11,7 @@ from omnithought_dagster.ids import content_id, shard_keys, shard_of
 from omnithought_dagster.llm.backends import image_data_url
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.teacher.prompt import COT_V1, TeacherPrompt, json_schema, parse_reply, reply_regex, teacher_prompt
-from omnithought_dagster.teacher.traces import sampling_params, trace_id
+from omnithought_dagster.teacher.traces import constraint, sampling_params, trace_id
 
 PATTERN = GenerationConfig().answer_pattern
 
@@ -62,11 +62,21 @@ def test_trace_ids_change_with_teacher_prompt_sampling_and_rollout():
     assert len({base, trace_id("s" * 32, "teacher-a", v2, sampling, 0), trace_id("s" * 32, "teacher-a", edited, sampling, 0)}) == 3
 
 
-def test_constraints_follow_the_config():
+def test_constraints_follow_the_config_and_the_answer_type():
     generation = GenerationConfig(reasoning_max_chars=300, answer_max_chars=24)
     schema = json_schema(generation)
     assert schema["properties"]["reasoning"]["maxLength"] == 300 and schema["required"] == ["reasoning", "final_answer"]
+    assert schema["properties"]["final_answer"]["maxLength"] == 24
+    assert json_schema(generation, "multiple_choice", 3)["properties"]["final_answer"]["enum"] == ["A", "B", "C"]
+    assert "pattern" in json_schema(generation, "numeric")["properties"]["final_answer"]
     assert "{1,300}" in reply_regex(generation) and "{1,24}" in reply_regex(generation)
+    assert reply_regex(generation, "multiple_choice", 2).endswith("Answer: [AB]")
+    # The constraint is part of the trace id: a sample's answer type shapes its traces.
+    sampling = sampling_params(generation, "json")
+    prompt = teacher_prompt(generation, "json")
+    mc = {**sampling, **constraint(generation, "json", {"answer_type": "multiple_choice", "choices": ["x", "y"]})}
+    free = {**sampling, **constraint(generation, "json", {"answer_type": "free_form", "choices": []})}
+    assert trace_id("s" * 32, "t", prompt, mc, 0) != trace_id("s" * 32, "t", prompt, free, 0)
 
 
 def test_shards_are_stable_hash_buckets():

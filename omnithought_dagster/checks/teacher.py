@@ -26,7 +26,7 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
     @check(SAMPLES_IN_SEED_POOL)
     def samples_in_seed_pool(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource) -> dg.AssetCheckResult:
         """Every trace's sample_id is a sample of seed_pool (for the same source)."""
-        source, shard = _keys(context, partitions)
+        source, shard = partition_keys(context, partitions)
         traces = _traces(store, source, shard, ["sample_id"])
         if isinstance(traces, dg.AssetCheckResult):
             return traces
@@ -40,7 +40,7 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
     @check(TRACE_ID_UNIQUE)
     def trace_id_unique(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource) -> dg.AssetCheckResult:
         """trace_id is unique within the partition (and well formed)."""
-        traces = _traces(store, *_keys(context, partitions), ["trace_id"])
+        traces = _traces(store, *partition_keys(context, partitions), ["trace_id"])
         if isinstance(traces, dg.AssetCheckResult):
             return traces
         return gx_check_result(traces.to_pandas(), [
@@ -52,7 +52,7 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
     def rollouts_complete(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource,
                           project: ProjectResource) -> dg.AssetCheckResult:
         """Every sample of the shard has exactly rollouts 0..N-1 (an errored rollout still counts: it is recorded)."""
-        source, shard = _keys(context, partitions)
+        source, shard = partition_keys(context, partitions)
         cfg = project.config
         traces = _traces(store, source, shard, ["sample_id", "rollout"])
         if isinstance(traces, dg.AssetCheckResult):
@@ -72,7 +72,7 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
     def finish_rate_check(name: str, finish_reason: str, what: str, threshold: str, description: str):
         @check(name, description)
         def rate_check(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
-            traces = _traces(store, *_keys(context, partitions), ["finish_reason"])
+            traces = _traces(store, *partition_keys(context, partitions), ["finish_reason"])
             if isinstance(traces, dg.AssetCheckResult):
                 return traces
             reasons = traces.column("finish_reason").to_pylist()
@@ -89,7 +89,7 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
     def final_answer_present(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource,
                              project: ProjectResource) -> dg.AssetCheckResult:
         """Finished traces (finish_reason=stop) carry a parsed final answer: warn / fail thresholds on the missing share."""
-        traces = _traces(store, *_keys(context, partitions), ["finish_reason", "final_answer"])
+        traces = _traces(store, *partition_keys(context, partitions), ["finish_reason", "final_answer"])
         if isinstance(traces, dg.AssetCheckResult):
             return traces
         finished = [a for r, a in zip(traces.column("finish_reason").to_pylist(), traces.column("final_answer").to_pylist(), strict=True)
@@ -113,7 +113,8 @@ def rate_result(what: str, count: int, total: int, threshold: ThresholdConfig) -
     return dg.AssetCheckResult(passed=True, metadata=metadata)
 
 
-def _keys(context, partitions: dg.MultiPartitionsDefinition) -> tuple[str, str]:
+def partition_keys(context, partitions: dg.MultiPartitionsDefinition) -> tuple[str, str]:
+    """(source, shard) of the partition a check runs for (a MultiPartitionKey, or its string in a tagged run)."""
     key = context.partition_key
     if not isinstance(key, dg.MultiPartitionKey):  # a run tagged with the key as a plain string
         key = partitions.get_partition_key_from_str(key)

@@ -122,7 +122,43 @@ COT_TRACES = TableSpec(
     ),
 )
 
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SEED_POOL, QUARANTINE, IMAGES, COT_TRACES)}
+ANNOTATIONS = TableSpec(
+    name="annotations",
+    description="The joint annotation of one trace: verified correctness and pass rate (computed), judge scores and tags.",
+    partition_by=("source", "shard"),
+    primary_key=("trace_id",),
+    columns=(
+        Column("annotation_id", pa.string(), "hash of trace_id, annotator, judge prompt version and text, taxonomy version, sampling", False),
+        Column("trace_id", pa.string(), "the annotated trace (cot_traces.trace_id)", False),
+        Column("sample_id", pa.string(), "its seed sample", False),
+        Column("source", pa.string(), "partition key", False),
+        Column("shard", pa.string(), "partition key", False),
+        Column("annotator", pa.string(), "judge identity", False),
+        Column("prompt_version", pa.string(), "judge prompt version", False),
+        Column("taxonomy_version", pa.string(), "version of the tag taxonomy", False),
+        Column("correct", pa.bool_(), "the final answer matches the reference (verifier; the judge only for undecided free-form)", False),
+        Column("verify_method", pa.string(), "how correctness was decided: choice, numeric, math_verify, exact_normalised, judge, no_answer, ...", False),
+        Column("extracted_answer", pa.string(), "what the verifier read from the final answer (letter, number, ...)"),
+        Column("pass_rate", pa.float64(), "share of the sample's rollouts (in this partition) that are correct", False),
+        Column("n_rollouts", pa.int32(), "rollouts of the sample the pass rate is over", False),
+        Column("difficulty", pa.int32(), "judge: cognitive difficulty of the problem, 0-9"),
+        Column("verbosity", pa.int32(), "judge: length and detail of the reasoning, 0-9"),
+        Column("quality", pa.int32(), "judge: logical soundness of the reasoning, 0-9"),
+        Column("tags", STRING_LIST, "judge: task labels from the taxonomy (empty when the judge failed)", False),
+        Column("raw_tags", STRING_LIST, "judge: tags as written, before mapping onto the taxonomy", False),
+        Column("judge_answer_correct", pa.bool_(), "judge: does the final answer match the reference"),
+        Column("sample_difficulty", pa.float64(), "mean judge difficulty over the sample's rollouts"),
+        Column("difficulty_score", pa.float64(), "(1-w) * sample_difficulty + w * 9 * (1 - pass_rate), w = annotation.pass_rate_weight", False),
+        Column("difficulty_bin", pa.int32(), "bin of difficulty_score by annotation.difficulty_bins", False),
+        Column("difficulty_label", pa.string(), "name of the bin (annotation.difficulty_labels)", False),
+        Column("finish_reason", pa.string(), "carried over from the trace", False),
+        Column("n_tokens", pa.int32(), "carried over from the trace"),
+        Column("judge_reply", pa.string(), "the judge's raw reply (null when no request was made)"),
+        Column("judge_error", pa.string(), "why there is no judgement: request failed, reply unparsable or invalid, trace without reply"),
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SEED_POOL, QUARANTINE, IMAGES, COT_TRACES, ANNOTATIONS)}
 
 
 def table_spec(name: str) -> TableSpec:

@@ -64,20 +64,39 @@ def teacher_prompt(generation: GenerationConfig, mode: str) -> TeacherPrompt:
     return TeacherPrompt(generation.prompt or COT_V1, mode)
 
 
-def json_schema(generation: GenerationConfig) -> dict:
+# xgrammar refuses a string schema that has both a pattern and length bounds: the pattern bounds it.
+NUMBER_PATTERN = r"^-?[0-9]{1,8}(\.[0-9]{1,3})?$"
+
+
+def json_schema(generation: GenerationConfig, answer_type: str = "free_form", n_choices: int = 0) -> dict:
+    """The reply's JSON schema; the final answer is shaped by the answer type (option letter, number, text)."""
     return {
         "type": "object",
         "properties": {
             "reasoning": {"type": "string", "minLength": 1, "maxLength": generation.reasoning_max_chars},
-            "final_answer": {"type": "string", "minLength": 1, "maxLength": generation.answer_max_chars},
+            "final_answer": _answer_schema(generation, answer_type, n_choices),
         },
         "required": ["reasoning", "final_answer"],
         "additionalProperties": False,
     }
 
 
-def reply_regex(generation: GenerationConfig) -> str:
-    return rf"<think>[^<]{{1,{generation.reasoning_max_chars}}}</think>\nAnswer: [^\n<]{{1,{generation.answer_max_chars}}}"
+def _answer_schema(generation: GenerationConfig, answer_type: str, n_choices: int) -> dict:
+    if answer_type == "multiple_choice" and n_choices:
+        return {"type": "string", "enum": [chr(65 + i) for i in range(n_choices)]}
+    if answer_type == "numeric":
+        return {"type": "string", "pattern": NUMBER_PATTERN}
+    return {"type": "string", "minLength": 1, "maxLength": generation.answer_max_chars}
+
+
+def reply_regex(generation: GenerationConfig, answer_type: str = "free_form", n_choices: int = 0) -> str:
+    if answer_type == "multiple_choice" and n_choices:
+        answer = "[" + "".join(chr(65 + i) for i in range(n_choices)) + "]"
+    elif answer_type == "numeric":
+        answer = r"-?[0-9]{1,8}(\.[0-9]{1,3})?"
+    else:
+        answer = rf"[^\n<]{{1,{generation.answer_max_chars}}}"
+    return rf"<think>[^<]{{1,{generation.reasoning_max_chars}}}</think>\nAnswer: {answer}"
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,19 @@ SEED_COLUMNS = ["sample_id", "source", "record_index", "image_ids", "question", 
 
 
 def sampling_params(generation: GenerationConfig, mode: str) -> dict:
-    """Everything about sampling that changes a reply: part of every trace id."""
-    params = {"temperature": generation.temperature, "top_p": generation.top_p, "max_tokens": generation.max_tokens,
-              "seed": generation.seed, "structured_output": mode}
+    """Everything about sampling that changes a reply (with `constraint`, the sample's own): part of every trace id."""
+    return {"temperature": generation.temperature, "top_p": generation.top_p, "max_tokens": generation.max_tokens,
+            "seed": generation.seed, "structured_output": mode}
+
+
+def constraint(generation: GenerationConfig, mode: str, sample: dict) -> dict:
+    """The structured-output constraint for one sample (its answer type shapes the final answer)."""
+    n_choices = len(sample.get("choices") or [])
     if mode == "json":
-        params["schema"] = json_schema(generation)
-    elif mode == "regex":
-        params["regex"] = reply_regex(generation)
-    return params
+        return {"json_schema": json_schema(generation, sample["answer_type"], n_choices)}
+    if mode == "regex":
+        return {"regex": reply_regex(generation, sample["answer_type"], n_choices)}
+    return {}
 
 
 def trace_id(sample_id: str, teacher: str, prompt: TeacherPrompt, sampling: dict, rollout: int) -> str:
@@ -79,12 +84,13 @@ def generate_shard(store: CorpusStore, source: str, shard: str, backend: Backend
     specs, pending = [], []
     for sample in samples:
         messages = _lazy_messages(store, sample, prompt)
+        shape = constraint(generation, mode, sample)
         for rollout in range(generation.rollouts):
-            key = trace_id(sample["sample_id"], plan.identity, prompt, sampling, rollout)
+            key = trace_id(sample["sample_id"], plan.identity, prompt, {**sampling, **shape}, rollout)
             # A per-rollout seed derived from the trace id: the same trace samples the same way.
             seed = (generation.seed * 1_000_003 + int(key[:8], 16)) % (2**31) if send_seed else None
             specs.append((key, sample, rollout))
-            pending.append(PendingRequest(key, _request_builder(key, messages, generation, mode, seed)))
+            pending.append(PendingRequest(key, _request_builder(key, messages, generation, shape, seed)))
     cache = store.cache(GENERATION_CACHE)
     result = run_cached(
         pending, plan.open,
@@ -110,14 +116,10 @@ def _lazy_messages(store: CorpusStore, sample: dict, prompt: TeacherPrompt) -> C
     return get
 
 
-def _request_builder(key: str, messages: Callable[[], list[dict]], generation: GenerationConfig, mode: str, seed: int | None):
+def _request_builder(key: str, messages: Callable[[], list[dict]], generation: GenerationConfig, shape: dict, seed: int | None):
     def build() -> ChatRequest:
-        return ChatRequest(
-            key=key, messages=messages(), max_tokens=generation.max_tokens, temperature=generation.temperature,
-            top_p=generation.top_p, seed=seed,
-            json_schema=json_schema(generation) if mode == "json" else None,
-            regex=reply_regex(generation) if mode == "regex" else None,
-        )
+        return ChatRequest(key=key, messages=messages(), max_tokens=generation.max_tokens, temperature=generation.temperature,
+                           top_p=generation.top_p, seed=seed, **shape)
 
     return build
 

@@ -1,0 +1,96 @@
+"""annotations: the joint annotation of every trace, partitioned like cot_traces."""
+
+import dagster as dg
+
+from omnithought_dagster.annotate.agreement import agreement, distributions, pass_rate_histogram
+from omnithought_dagster.annotate.annotations import ANNOTATION_CACHE, annotate_shard
+from omnithought_dagster.annotate.judge import judge_prompt
+from omnithought_dagster.annotate.taxonomy import Taxonomy
+from omnithought_dagster.assets.metadata import column_schema, counts, preview
+from omnithought_dagster.assets.seed import SEED_POOL_KEY
+from omnithought_dagster.assets.teacher import COT_TRACES_KEY, GPU_POOL, gpu_op_tags, traces_partitions
+from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.ids import content_id, version_of
+from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
+from omnithought_dagster.store import table_spec
+
+ANNOTATE_GROUP = "annotate"
+ANNOTATIONS_KEY = dg.AssetKey("annotations")
+ANNOTATE_CODE_VERSION = "annotations-v1"
+PREVIEW_COLUMNS = ["trace_id", "correct", "verify_method", "pass_rate", "difficulty", "verbosity", "quality", "tags", "difficulty_label"]
+
+
+def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
+    @dg.asset(
+        key=ANNOTATIONS_KEY,
+        partitions_def=traces_partitions(config),
+        deps=[
+            COT_TRACES_KEY,
+            dg.AssetDep(SEED_POOL_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="source")),
+        ],
+        group_name=ANNOTATE_GROUP,
+        kinds={"vllm", "parquet"},
+        code_version=ANNOTATE_CODE_VERSION,
+        pool=GPU_POOL,
+        op_tags=gpu_op_tags(config.annotator),
+        tags={"stage": "annotate", "compute": "gpu"},
+        metadata={"dagster/column_schema": column_schema(table_spec("annotations")), "table": "annotations"},
+    )
+    def annotations(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource,
+                    judge: LLMResource) -> dg.MaterializeResult:
+        """Verified correctness and pass rate per trace, plus the judge's difficulty, verbosity, quality and task tags."""
+        cfg = project.config
+        keys = context.partition_key.keys_by_dimension
+        source, shard = keys["source"], keys["shard"]
+        corpus = store.open()
+        taxonomy = Taxonomy.load(cfg.annotation.taxonomy)
+        plan = judge.plan(cfg.annotator, models_dir=cfg.models_dir, log=context.log)
+        prompt = judge_prompt(cfg.annotation)
+        try:
+            result = annotate_shard(corpus, source, shard, plan, prompt, cfg.annotation, taxonomy, progress=lambda s: context.log.info(
+                f"{source}/{shard}: {s.sent + s.cache_hits}/{s.total} judged, {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"))
+        except LookupError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        partition = {"source": source, "shard": shard}
+        written = corpus.write_partition("annotations", partition, result.rows)
+        corpus.cache(ANNOTATION_CACHE).compact(partition)
+
+        rows = result.rows.to_pylist()
+        judged = [r for r in rows if r["judge_error"] is None]
+        requested = [r for r in rows if r["judge_reply"] is not None]
+        unparsable = [r for r in requested if r["judge_error"]]
+        shares = agreement(rows, result.samples)
+        dist = distributions(rows)
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": len(rows),
+                **result.stats.as_metadata(),
+                "annotator": plan.identity,
+                "prompt_version": prompt.version,
+                "taxonomy_version": taxonomy.version,
+                "correct_rate": round(sum(r["correct"] for r in rows) / len(rows), 4) if rows else 0.0,
+                "mean_pass_rate": round(sum(r["pass_rate"] for r in rows) / len(rows), 4) if rows else 0.0,
+                "judged": len(judged),
+                "judge_parse_failure_rate": round(len(unparsable) / len(requested), 4) if requested else 0.0,
+                "judge_errors": len(rows) - len(judged),
+                **{k: v for k, v in shares.items() if v is not None},
+                "agreement": dg.MetadataValue.json(shares),
+                "pass_rate_histogram": counts(pass_rate_histogram(rows), "pass rate", "samples"),
+                **{f"{name}_distribution": counts(counter, name) for name, counter in dist.items()},
+                "preview": preview(result.rows, PREVIEW_COLUMNS),
+                "path": dg.MetadataValue.path(written.uri),
+                "input_fingerprint": annotations_fingerprint(cfg, corpus, source, shard, plan.identity),
+            },
+            data_version=dg.DataVersion(version_of(result.rows.column("annotation_id").to_pylist())),
+        )
+
+    return [annotations]
+
+
+def annotations_fingerprint(cfg: ProjectConfig, corpus, source: str, shard: str, identity: str) -> str:
+    """What an annotations partition is computed from (the demo skips partitions whose fingerprint is unchanged)."""
+    traces = corpus.read_partition("cot_traces", {"source": source, "shard": shard}, ["trace_id"])
+    return content_id("annotations-input", {
+        "traces": version_of(traces.column("trace_id").to_pylist()) if traces is not None else None,
+        "judge": identity, "settings": cfg.annotation.model_dump(mode="json"), "code": ANNOTATE_CODE_VERSION,
+    })
