@@ -6,13 +6,11 @@ from omnithought_dagster.annotate.agreement import agreement, distributions, pas
 from omnithought_dagster.annotate.annotations import ANNOTATION_CACHE, annotate_shard
 from omnithought_dagster.annotate.judge import judge_prompt
 from omnithought_dagster.annotate.taxonomy import Taxonomy
-from omnithought_dagster.assets.metadata import column_schema, counts, preview
-from omnithought_dagster.assets.seed import SEED_POOL_KEY
-from omnithought_dagster.assets.teacher import COT_TRACES_KEY, GPU_POOL, gpu_op_tags, traces_partitions
+from omnithought_dagster.assets.metadata import counts, preview
+from omnithought_dagster.assets.teacher import COT_TRACES_KEY, shard_asset
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.ids import content_id, version_of
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
-from omnithought_dagster.store import table_spec
 
 ANNOTATE_GROUP = "annotate"
 ANNOTATIONS_KEY = dg.AssetKey("annotations")
@@ -21,21 +19,8 @@ PREVIEW_COLUMNS = ["trace_id", "correct", "verify_method", "pass_rate", "difficu
 
 
 def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
-    @dg.asset(
-        key=ANNOTATIONS_KEY,
-        partitions_def=traces_partitions(config),
-        deps=[
-            COT_TRACES_KEY,
-            dg.AssetDep(SEED_POOL_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="source")),
-        ],
-        group_name=ANNOTATE_GROUP,
-        kinds={"vllm", "parquet"},
-        code_version=ANNOTATE_CODE_VERSION,
-        pool=GPU_POOL,
-        op_tags=gpu_op_tags(config.annotator),
-        tags={"stage": "annotate", "compute": "gpu"},
-        metadata={"dagster/column_schema": column_schema(table_spec("annotations")), "table": "annotations"},
-    )
+    @dg.asset(**shard_asset(config, ANNOTATIONS_KEY, ANNOTATE_GROUP, config.annotator, deps=(COT_TRACES_KEY,)),
+              code_version=ANNOTATE_CODE_VERSION)
     def annotations(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource,
                     judge: LLMResource) -> dg.MaterializeResult:
         """Verified correctness and pass rate per trace, plus the judge's difficulty, verbosity, quality and task tags."""

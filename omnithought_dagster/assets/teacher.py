@@ -41,19 +41,25 @@ def gpu_op_tags(llm: LLMConfig) -> dict:
     return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}}}}}
 
 
+def shard_asset(config: ProjectConfig, key: dg.AssetKey, group: str, llm: LLMConfig, deps: tuple = ()) -> dict:
+    """@asset arguments of a model-driven stage: source x shard partitions, seed_pool upstream by
+    source, the `gpu` pool and the GPU request of the model it serves, its table's schema."""
+    table = key.to_user_string()
+    return {
+        "key": key,
+        "partitions_def": traces_partitions(config),
+        "deps": [*deps, dg.AssetDep(SEED_POOL_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="source"))],
+        "group_name": group,
+        "kinds": {"vllm", "parquet"},
+        "pool": GPU_POOL,
+        "op_tags": gpu_op_tags(llm),
+        "tags": {"stage": group, "compute": "gpu"},
+        "metadata": {"dagster/column_schema": column_schema(table_spec(table)), "table": table},
+    }
+
+
 def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
-    @dg.asset(
-        key=COT_TRACES_KEY,
-        partitions_def=traces_partitions(config),
-        deps=[dg.AssetDep(SEED_POOL_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="source"))],
-        group_name=TEACHER_GROUP,
-        kinds={"vllm", "parquet"},
-        code_version=TEACHER_CODE_VERSION,
-        pool=GPU_POOL,
-        op_tags=gpu_op_tags(config.teacher),
-        tags={"stage": "teacher", "compute": "gpu"},
-        metadata={"dagster/column_schema": column_schema(table_spec("cot_traces")), "table": "cot_traces"},
-    )
+    @dg.asset(**shard_asset(config, COT_TRACES_KEY, TEACHER_GROUP, config.teacher), code_version=TEACHER_CODE_VERSION)
     def cot_traces(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource,
                    teacher: LLMResource) -> dg.MaterializeResult:
         """Structured chain-of-thought traces from the teacher: N rollouts per sample, cached by trace id."""
