@@ -66,10 +66,11 @@ def demo(config: Optional[Path] = ConfigOption, force: bool = typer.Option(False
     notes = []
     for o in outcomes:
         c = o.counts
-        passed = sum(o.checks.values())
-        checks = f"{passed}/{len(o.checks)} passed" if o.checks else "-"
+        passed = sum(status == "passed" for status in o.checks.values())
+        warned = sum(status == "warn" for status in o.checks.values())
+        checks = (f"{passed}/{len(o.checks)} passed" + (f", {warned} warn" if warned else "")) if o.checks else "-"
         run = "up to date" if o.skipped else ("ran" if o.success else "[red]FAILED[/red]")
-        failed |= not o.success or passed != len(o.checks)
+        failed |= not o.success or "failed" in o.checks.values()
         table.add_row(o.stage, o.partition, str(c.get("input", "?")), str(c.get("output", "?")), str(c.get("flagged", "?")), checks, run)
         label = escape(f"{o.stage}[{o.partition}]")
         if c.get("detail"):
@@ -78,9 +79,11 @@ def demo(config: Optional[Path] = ConfigOption, force: bool = typer.Option(False
             notes.append(f"  {label} flagged: " + escape(", ".join(f"{k} {v}" for k, v in c["reasons"].items())))
         if c.get("error"):
             notes.append(f"  [red]{label} failed[/red]: " + escape(c["error"]))
-        for name, ok in o.checks.items():
-            if not ok:
+        for name, status in o.checks.items():
+            if status == "failed":
                 notes.append(f"  [red]{label} check failed[/red]: " + escape(name))
+            elif status == "warn":
+                notes.append(f"  [yellow]{label} check warns[/yellow]: " + escape(name))
     console.print(table)
     for line in notes:
         console.print(line, soft_wrap=True)
@@ -164,14 +167,18 @@ def query(sql: str = typer.Argument(..., help="SQL over the views (seed_pool, qu
 
 
 @app.command()
-def lineage(ident: str = typer.Argument(..., help="a sample or image id (or a unique prefix), or SOURCE/NATIVE_ID"),
+def lineage(ident: Optional[str] = typer.Argument(None, help="a sample, trace or image id (or a unique prefix), or SOURCE/NATIVE_ID"),
+            subset: Optional[str] = typer.Option(None, "--subset", help="summarise a subset instead: what went in by tag and difficulty"),
             config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> None:
-    """The whole story of one sample or image: origin, images, quarantine and duplicates."""
-    from omnithought_dagster.lineage import LineageError, lineage as trace
+    """The whole story of one sample, trace or image - or, with --subset, of a subset."""
+    from omnithought_dagster.lineage import LineageError, lineage as trace, subset_summary
 
     store = _store(_config(config))
+    if (ident is None) == (subset is None):
+        err.print("[red]give an id or --subset NAME[/red]")
+        raise typer.Exit(2)
     try:
-        story = trace(store, ident)
+        story = subset_summary(store, subset) if subset else trace(store, ident)
     except LineageError as exc:
         err.print(f"[red]not found[/red]: {exc}")
         raise typer.Exit(1) from None
@@ -179,6 +186,31 @@ def lineage(ident: str = typer.Argument(..., help="a sample or image id (or a un
         print(json.dumps(story, default=_json_value, ensure_ascii=False, indent=2))
         return
     console.print(_story_tree(story))
+
+
+@app.command()
+def export(subset: str = typer.Argument(..., help="recipe name (a sampled_subsets partition)"),
+           fmt: str = typer.Option("llamafactory", "--format", help="sharegpt | llamafactory | hf"),
+           out: Path = typer.Option(..., "--out", help="folder to write (replaced)"),
+           cutoff_len: Optional[int] = typer.Option(None, "--cutoff-len", help="refuse examples longer than this many tokens"),
+           tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder for --cutoff-len (default: chars/4)"),
+           config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> None:
+    """Write a subset as training data (ShareGPT, LLaMA-Factory or HF datasets), after a pre-flight validation."""
+    from omnithought_dagster.curation.export import ExportError, export_subset
+
+    store = _store(_config(config))
+    try:
+        report = export_subset(store, subset, fmt, out, cutoff_len=cutoff_len, tokenizer=tokenizer)
+    except ExportError as exc:
+        err.print(f"[red]export refused[/red]: {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    summary = {"subset": report.subset, "subset_version": report.subset_version, "format": report.format, "examples": report.examples,
+               "images": report.images, "out": str(report.out), "token_counter": report.token_counter, "max_tokens": report.max_tokens_seen}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console.print(f"exported {report.examples} examples ({report.images} images) of {subset} "
+                      f"[{report.subset_version[:12]}] as {report.format} to {report.out}")
 
 
 @app.command()
@@ -190,6 +222,13 @@ def tables() -> None:
 
 
 def _story_tree(story: dict) -> Tree:
+    if story["kind"] == "subset":
+        tree = Tree(f"[bold]subset[/bold] {story['subset']}  version {story['subset_version']}: {story['members']} traces of {story['samples']} samples")
+        for title, key in (("by difficulty", "by_difficulty"), ("by primary tag", "by_tag"), ("by source", "by_source")):
+            branch = tree.add(title)
+            for name, n in story[key].items():
+                branch.add(f"{name}: {n}")
+        return tree
     if story["kind"] == "trace":
         t = story["trace"]
         tree = Tree(f"[bold]trace[/bold] {story['trace_id']}  rollout {t['rollout']} of sample {t['sample_id']}")
@@ -240,10 +279,22 @@ def _story_tree(story: dict) -> Tree:
             branch = traces.add(f"{t['trace_id']}  rollout {t['rollout']} {t['finish_reason']}: " + escape(_short(str(t["final_answer"]), 60)))
             if t.get("annotation"):
                 branch.add(_annotation_line(t["annotation"]))
+            if t.get("verdict"):
+                verdict = t["verdict"]
+                reasons = ", ".join(f"{r['code']} ({_fmt(r['value'])} vs {_fmt(r['threshold'])})" for r in verdict["reasons"])
+                branch.add("[green]kept[/green]" if verdict["kept"] else "[red]dropped[/red]: " + escape(reasons))
+            if t.get("subsets"):
+                branch.add("in subsets: " + ", ".join(t["subsets"]))
     for row in story["quarantine"]:
         branch = tree.add(f"[yellow]quarantined[/yellow] {row['source']}/{row['native_id']} (record #{row['record_index']}): [bold]{row['reason']}[/bold]")
         branch.add(row["detail"])
     return tree
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _annotation_line(a: dict) -> str:

@@ -88,6 +88,7 @@ class SyntheticSourceConfig(_SourceBase):
     kind: Literal["synthetic"]
     n_samples: int = Field(default=400, gt=0, le=10_000_000)
     seed: int = 0
+    start_index: int = Field(default=0, ge=0, description="first sample index (held-out benchmarks use a range of their own)")
     image_size: int = Field(default=320, ge=128, le=2048)
     families: list[str] | None = Field(default=None, description="task families to draw from; default all")
 
@@ -272,6 +273,79 @@ class AnnotationConfig(_Model):
         return self
 
 
+class RulesConfig(_Model):
+    """Rule filters: each trips with a reason code, the measured value and this threshold."""
+
+    require_reasoning: bool = True
+    require_final_answer: bool = True
+    drop_wrong_answers: bool = True
+    drop_truncated: bool = True
+    drop_generation_errors: bool = True
+    drop_annotation_errors: bool = True
+    min_tokens: int = Field(default=16, ge=0, description="too_short: fewer generated tokens than this")
+    max_total_tokens: int = Field(default=8192, ge=1, description="too_long: prompt + reply tokens above the student's context")
+    max_line_repeat_ratio: float = Field(default=0.5, ge=0, le=1, description="repetitive_lines: share of repeated lines (4+ lines)")
+    loop_tail_chars: int = Field(default=64, ge=0, description="repetitive_loop: the reasoning's last N chars occur earlier; 0 = off")
+    expected_script: Literal["latin", "any"] = "latin"
+    max_foreign_share: float = Field(default=0.2, ge=0, le=1, description="script_mismatch: share of non-ASCII characters (latin)")
+    min_quality: int = Field(default=0, ge=0, le=9, description="low_quality: judge quality below this")
+    drop_duplicate_traces: bool = True
+    near_duplicate_question_similarity: float = Field(
+        default=90.0, ge=0, le=101, description="near_duplicate_sample: image near-duplicate (seed pHash) and question similarity >= this; 101 = off")
+
+
+class DecontaminationConfig(_Model):
+    benchmarks: list[str] = Field(default_factory=list, description="names of `benchmarks` entries whose items must not be trained on")
+    question_ngram: int = Field(default=8, ge=2, description="word n-grams compared (shorter questions compare whole)")
+    min_question_overlap: float = Field(default=0.5, gt=0, le=1, description="share of a question's n-grams found in a benchmark")
+    image_max_distance: int = Field(default=4, ge=-1, le=32, description="pHash Hamming distance to a benchmark image; -1 = off")
+    require: Literal["any", "both"] = Field(
+        default="any", description="any: a question or an image match contaminates; both: only a question and an image match of the "
+                                   "same item (for benchmarks whose question texts are templates)")
+
+
+class SelectionConfig(_Model):
+    """Difficulty-aware selection on top of the rules."""
+
+    drop_unsolvable: bool = Field(default=True, description="unsolvable_sample: pass_rate 0")
+    trivial_min_pass_rate: float = Field(default=1.0, ge=0, le=1, description="trivial_sample: pass_rate at least this ...")
+    trivial_max_difficulty_bin: int = Field(default=0, ge=-1, description="... and difficulty_bin at most this (-1 = off)")
+    max_traces_per_sample: int = Field(default=2, ge=1)
+    verbosity_targets: dict[str, float] = Field(default_factory=dict, description="difficulty label -> preferred verbosity (0-9)")
+
+
+class CurationConfig(_Model):
+    rules: RulesConfig = RulesConfig()
+    decontamination: DecontaminationConfig = DecontaminationConfig()
+    selection: SelectionConfig = SelectionConfig()
+    check_sample_limit: int = Field(default=200_000, ge=1, description="kept traces re-checked in Python per partition (a deterministic sample above this)")
+    duckdb_memory_limit: str = "3GB"
+    duckdb_threads: int | None = None
+
+
+class RecipeConfig(_Model):
+    """One controllable subset: how many traces, which difficulty mix, how tag-diverse."""
+
+    name: str = Field(pattern=SOURCE_NAME_PATTERN)
+    size: int = Field(gt=0)
+    difficulty_mix: dict[str, float] = Field(description="difficulty label -> share of the subset (normalised)")
+    max_tag_share: float = Field(default=0.5, gt=0, le=1, description="cap: no primary tag above this share of a stratum")
+    tag_caps: dict[str, int] = Field(default_factory=dict, description="per-tag maximum number of members")
+    verbosity_targets: dict[str, float] = Field(default_factory=dict, description="difficulty label -> preferred verbosity")
+    traces_per_sample: int = Field(default=1, ge=1)
+    sources: list[str] | None = Field(default=None, description="only these sources; default all")
+    seed: int = 0
+    tolerance: float = Field(default=0.05, ge=0, le=1, description="allowed deviation of a stratum's share from the mix")
+
+    @field_validator("difficulty_mix")
+    @classmethod
+    def _mix(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value or any(v < 0 for v in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("needs at least one difficulty label with a positive share")
+        total = sum(value.values())
+        return {k: v / total for k, v in value.items()}
+
+
 SourceConfig = Annotated[
     Union[SyntheticSourceConfig, JsonSourceConfig, HFSourceConfig, ShareGPTSourceConfig],
     Field(discriminator="kind"),
@@ -290,6 +364,9 @@ class ProjectConfig(_Model):
     generation: GenerationConfig = GenerationConfig()
     judge: LLMConfig | None = Field(default=None, description="the annotator; default: the teacher's model and backend")
     annotation: AnnotationConfig = AnnotationConfig()
+    benchmarks: list[SourceConfig] = Field(default_factory=list, description="held-out evaluation items (any source kind)")
+    curation: CurationConfig = CurationConfig()
+    recipes: list[RecipeConfig] = Field(default_factory=list)
     config_path: str | None = Field(default=None, exclude=True, description="set by load_config")
 
     _resolve_models = field_validator("models_dir")(_resolve_path)
@@ -300,7 +377,7 @@ class ProjectConfig(_Model):
         # Omitted sections are validated from {} (not taken as ready-made defaults), so their
         # relative paths are resolved against the config file too.
         if isinstance(data, dict):
-            data = {**{section: {} for section in ("store", "seed", "teacher", "generation", "annotation")}, **data}
+            data = {**{section: {} for section in ("store", "seed", "teacher", "generation", "annotation", "curation")}, **data}
         return data
 
     @model_validator(mode="after")
@@ -316,6 +393,30 @@ class ProjectConfig(_Model):
     def source_names(self) -> list[str]:
         """Partition keys of seed_pool, in config order (config order decides which duplicate is kept)."""
         return [source.name for source in self.sources]
+
+    @model_validator(mode="after")
+    def _references(self) -> "ProjectConfig":
+        names = [b.name for b in self.benchmarks]
+        for missing in sorted(set(self.curation.decontamination.benchmarks) - set(names)):
+            raise ValueError(f"curation.decontamination.benchmarks: {missing!r} is not a configured benchmark ({names})")
+        recipes = [r.name for r in self.recipes]
+        if len(set(recipes)) != len(recipes):
+            raise ValueError("recipes: names must be unique")
+        labels = set(self.annotation.difficulty_labels)
+        for index, recipe in enumerate(self.recipes):
+            unknown = set(recipe.difficulty_mix) - labels
+            if unknown:
+                raise ValueError(f"recipes[{index}] (name={recipe.name}).difficulty_mix: unknown labels {sorted(unknown)}; have {sorted(labels)}")
+            for source in recipe.sources or []:
+                if source not in self.source_names:
+                    raise ValueError(f"recipes[{index}] (name={recipe.name}).sources: no source {source!r}")
+        return self
+
+    def benchmark(self, name: str) -> SourceConfig:
+        for benchmark in self.benchmarks:
+            if benchmark.name == name:
+                return benchmark
+        raise KeyError(f"no benchmark named {name!r}")
 
     @property
     def annotator(self) -> LLMConfig:

@@ -8,10 +8,12 @@ import dagster as dg
 
 from omnithought_dagster.assets import build_seed_assets
 from omnithought_dagster.assets.annotate import build_annotate_assets
+from omnithought_dagster.assets.curate import FILTERED_SET_KEY, SAMPLED_SUBSETS_KEY, build_curate_assets, recipe_partitions
 from omnithought_dagster.assets.seed import seed_partitions
 from omnithought_dagster.assets.teacher import build_teacher_assets, traces_partitions
 from omnithought_dagster.checks import build_seed_checks
 from omnithought_dagster.checks.annotate import build_annotate_checks
+from omnithought_dagster.checks.curate import build_curate_checks
 from omnithought_dagster.checks.teacher import build_teacher_checks
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
@@ -19,6 +21,8 @@ from omnithought_dagster.resources import CorpusStoreResource, LLMResource, Proj
 SEED_JOB = "ingest_seeds"
 TEACHER_JOB = "generate_traces"
 ANNOTATE_JOB = "annotate_traces"
+FILTER_JOB = "filter_traces"
+SUBSET_JOB = "sample_subsets"
 
 # Checks are per partition (one source's rows at a time). Dagster 1.13 marks partitioned checks
 # as preview; the version is pinned in pyproject.toml, so the warning says nothing new.
@@ -36,6 +40,13 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
                      "Generate one (source, shard) partition of cot_traces on the teacher (a GPU step), with its checks.")
     annotate = _stage(build_annotate_assets(config), build_annotate_checks(config), ANNOTATE_JOB, "annotate", traces_partitions(config),
                       "Annotate one (source, shard) partition of cot_traces: verifier, pass rates and the judge (a GPU step).")
+    curate_jobs = [dg.define_asset_job(FILTER_JOB, selection=dg.AssetSelection.assets(FILTERED_SET_KEY), partitions_def=seed_partitions(config),
+                                       description="Rule filters, decontamination and difficulty-aware selection for one source, with checks.")]
+    if config.recipes:
+        curate_jobs.append(dg.define_asset_job(SUBSET_JOB, selection=dg.AssetSelection.assets(SAMPLED_SUBSETS_KEY),
+                                               partitions_def=recipe_partitions(config),
+                                               description="Draw one recipe's tag-diverse subset from the filtered set, with checks."))
+    curate = dg.Definitions(assets=build_curate_assets(config), asset_checks=build_curate_checks(config), jobs=curate_jobs)
     judge_key = config.annotator.api_key_env
     resources = dg.Definitions(
         resources={
@@ -46,7 +57,7 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
             "judge": LLMResource(api_key=dg.EnvVar(judge_key)) if judge_key else LLMResource(),
         }
     )
-    return dg.Definitions.merge(seed, teacher, annotate, resources)
+    return dg.Definitions.merge(seed, teacher, annotate, curate, resources)
 
 
 def _stage(assets, checks, job: str, group: str, partitions, description: str) -> dg.Definitions:

@@ -19,7 +19,8 @@ from omnithought_dagster.assets.seed import IMAGES_KEY, QUARANTINE_KEY, SEED_COD
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY, traces_fingerprint, traces_partitions
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.seed import earlier_sources, input_fingerprint, partition_version
-from omnithought_dagster.defs import ANNOTATE_JOB, SEED_JOB, TEACHER_JOB, build_definitions
+from omnithought_dagster.assets.curate import CURATE_CODE_VERSION, FILTERED_SET_KEY, SAMPLED_SUBSETS_KEY
+from omnithought_dagster.defs import ANNOTATE_JOB, FILTER_JOB, SEED_JOB, SUBSET_JOB, TEACHER_JOB, build_definitions
 from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.sources import make_reader
 from omnithought_dagster.store import CorpusStore
@@ -34,7 +35,7 @@ class StageOutcome:
     skipped: bool
     success: bool
     counts: dict[str, Any] = field(default_factory=dict)
-    checks: dict[str, bool] = field(default_factory=dict)
+    checks: dict[str, str] = field(default_factory=dict)  # name -> passed | warn | failed
     run_id: str | None = None
 
 
@@ -56,6 +57,8 @@ def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = 
     graph = defs.resolve_asset_graph()
     outcomes = []
     for stage in STAGES:
+        if not stage.partitions(config):
+            continue
         job = defs.resolve_job_def(stage.job)
         partitions_def = job.partitions_def
         check_keys = [key for key in graph.asset_check_keys if key.asset_key in stage.check_assets]
@@ -65,12 +68,12 @@ def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = 
             metadata = _latest_metadata(instance, stage.asset_key, partition)
             store_partition = _store_partition(partitions_def, partition)
             if (not force and store.has_partition(stage.table, store_partition) and metadata.get("input_fingerprint") == fingerprint
-                    and len(checks) == len(check_keys) and all(checks.values())):
+                    and len(checks) == len(check_keys) and "failed" not in checks.values()):
                 outcomes.append(StageOutcome(stage.name, partition, True, True, stage.counts(store, partition, metadata), checks))
                 continue
             result = job.execute_in_process(partition_key=partition, instance=instance, raise_on_error=False, run_config=QUIET_RUN_CONFIG)
             checks = {
-                e.event_specific_data.check_name: e.event_specific_data.passed
+                e.event_specific_data.check_name: _status(e.event_specific_data.passed, e.event_specific_data.severity)
                 for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
             }
             metadata = _latest_metadata(instance, stage.asset_key, partition)
@@ -84,7 +87,25 @@ def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = 
             outcomes.append(StageOutcome(stage.name, partition, False, result.success, counts, checks, result.run_id))
         if not all(o.success for o in outcomes):
             break  # later stages build on this one
+    else:
+        if config.recipes:
+            outcomes.append(_export(config, store, config.recipes[0].name))
     return outcomes
+
+
+def _export(config: ProjectConfig, store: CorpusStore, recipe: str) -> StageOutcome:
+    """The first recipe as LLaMA-Factory training data under <store>/exports/<recipe>/."""
+    from pathlib import Path
+
+    from omnithought_dagster.curation.export import ExportError, export_subset
+
+    out = Path(config.store.root) / "exports" / recipe
+    try:
+        report = export_subset(store, recipe, "llamafactory", out, cutoff_len=config.curation.rules.max_total_tokens)
+    except ExportError as exc:
+        return StageOutcome("export", recipe, False, False, {"error": str(exc).splitlines()[0]})
+    return StageOutcome("export", recipe, False, True, {"input": report.examples, "output": report.examples, "flagged": 0,
+                                                        "detail": f"{report.format} with {report.images} images at {out}"})
 
 
 def _store_partition(partitions_def, partition: str):
@@ -99,12 +120,24 @@ def _latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, parti
     return {k: getattr(v, "value", v) for k, v in (materialization.metadata if materialization else {}).items()}
 
 
-def _latest_checks(instance: dg.DagsterInstance, check_keys, partition: str) -> dict[str, bool]:
+def _status(passed: bool, severity: dg.AssetCheckSeverity) -> str:
+    return "passed" if passed else "warn" if severity == dg.AssetCheckSeverity.WARN else "failed"
+
+
+def _latest_checks(instance: dg.DagsterInstance, check_keys, partition: str) -> dict[str, str]:
     from dagster._core.event_api import PartitionKeyFilter
     from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
     latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(list(check_keys), partition_filter=PartitionKeyFilter(key=partition))
-    return {key.name: record.status == AssetCheckExecutionRecordStatus.SUCCEEDED for key, record in latest.items()}
+    statuses = {}
+    for key, record in latest.items():
+        evaluation = record.event.dagster_event.event_specific_data if record.event and record.event.dagster_event else None
+        if record.status == AssetCheckExecutionRecordStatus.SUCCEEDED:
+            statuses[key.name] = "passed"
+        else:
+            severity = getattr(evaluation, "severity", None)  # a planned-but-never-run check has none
+            statuses[key.name] = _status(False, severity) if severity is not None else "failed"
+    return statuses
 
 
 # -- stages ----------------------------------------------------------------------------------------
@@ -121,7 +154,7 @@ def _seed_fingerprint(config: ProjectConfig, store: CorpusStore, source: str) ->
 
 def _seed_counts(store: CorpusStore, source: str, metadata: dict) -> dict[str, Any]:
     con = store.catalog(["seed_pool", "quarantine"])
-    kept, near = con.execute("SELECT count(*), count(near_duplicate_of) FROM seed_pool WHERE source = $1", [source]).fetchone()
+    kept, near = con.execute("SELECT count(*), count(near_duplicate_of) FROM seed_pool WHERE source = $1", [source]).fetchall()[0]
     reasons = dict(con.execute("SELECT reason, count(*) FROM quarantine WHERE source = $1 GROUP BY 1 ORDER BY 2 DESC, 1", [source]).fetchall())
     dropped = sum(reasons.values())
     return {"input": kept + dropped, "output": kept, "flagged": dropped, "reasons": reasons, "detail": f"{near} near-duplicate images marked"}
@@ -144,7 +177,7 @@ def _trace_counts(store: CorpusStore, partition: str, metadata: dict) -> dict[st
         "SELECT count(DISTINCT sample_id), count(*), count(*) FILTER (finish_reason = 'error'), "
         "count(*) FILTER (finish_reason = 'length'), count(final_answer) FROM cot_traces WHERE source = $1 AND shard = $2",
         [source, shard],
-    ).fetchone()
+    ).fetchall()[0]
     reasons = {k: v for k, v in {"error": errors, "length": truncated}.items() if v}
     detail = (f"{metadata.get('requests_sent', '?')} requests sent, {metadata.get('cache_hits', '?')} from cache, "
               f"{metadata.get('tokens_per_s', '?')} tokens/s; {answered}/{traces} answers parsed")
@@ -163,7 +196,7 @@ def _annotation_counts(store: CorpusStore, partition: str, metadata: dict) -> di
     traces, correct, errors, samples, pass_rate = con.execute(
         "SELECT count(*), count(*) FILTER (correct), count(judge_error), count(DISTINCT sample_id), avg(pass_rate) "
         "FROM annotations WHERE source = $1 AND shard = $2", [source, shard],
-    ).fetchone()
+    ).fetchall()[0]
     labels = dict(con.execute("SELECT difficulty_label, count(DISTINCT sample_id) FROM annotations WHERE source = $1 AND shard = $2 "
                               "GROUP BY 1 ORDER BY 1", [source, shard]).fetchall())
     auc = metadata.get("quality_auc_vs_correct")
@@ -173,6 +206,45 @@ def _annotation_counts(store: CorpusStore, partition: str, metadata: dict) -> di
     return {"input": traces, "output": traces - errors, "flagged": errors, "reasons": {"judge_error": errors} if errors else {}, "detail": detail}
 
 
+def _filter_fingerprint(config: ProjectConfig, store: CorpusStore, source: str) -> str:
+    from omnithought_dagster.ids import content_id, version_of
+
+    con = store.catalog(["annotations"])
+    ids = [r[0] for r in con.execute("SELECT annotation_id FROM annotations WHERE source = $1", [source]).fetchall()]
+    benchmarks = [config.benchmark(n).model_dump(mode="json") for n in config.curation.decontamination.benchmarks]
+    return content_id("filter-input", {"annotations": version_of(ids), "curation": config.curation.model_dump(mode="json"),
+                                       "benchmarks": benchmarks, "seed": partition_version(store, source), "code": CURATE_CODE_VERSION})
+
+
+def _filter_counts(store: CorpusStore, source: str, metadata: dict) -> dict[str, Any]:
+    con = store.catalog(["filter_decisions"])
+    total, kept = con.execute("SELECT count(*), count(*) FILTER (kept) FROM filter_decisions WHERE source = $1", [source]).fetchall()[0]
+    reasons = dict(con.execute("SELECT r.code, count(*) FROM filter_decisions, unnest(reasons) AS u(r) WHERE source = $1 "
+                               "GROUP BY 1 ORDER BY 2 DESC, 1", [source]).fetchall())
+    detail = f"{kept}/{total} traces kept; {metadata.get('contaminated_samples', '?')} samples matched a benchmark"
+    return {"input": total, "output": kept, "flagged": total - kept, "reasons": reasons, "detail": detail}
+
+
+def _subset_fingerprint(config: ProjectConfig, store: CorpusStore, recipe: str) -> str:
+    from omnithought_dagster.ids import content_id, version_of
+
+    con = store.catalog(["filter_decisions"])
+    kept = [r[0] for r in con.execute("SELECT trace_id FROM filter_decisions WHERE kept").fetchall()]
+    spec = next(r for r in config.recipes if r.name == recipe)
+    return content_id("subset-input", {"kept": version_of(kept), "recipe": spec.model_dump(mode="json"), "code": CURATE_CODE_VERSION})
+
+
+def _subset_counts(store: CorpusStore, recipe: str, metadata: dict) -> dict[str, Any]:
+    con = store.catalog(["subset_members"])
+    members, samples = con.execute("SELECT count(*), count(DISTINCT sample_id) FROM subset_members WHERE subset = $1", [recipe]).fetchall()[0]
+    strata = dict(con.execute("SELECT split_part(stratum, '/', 1), count(*) FROM subset_members WHERE subset = $1 GROUP BY 1 ORDER BY 1",
+                              [recipe]).fetchall())
+    target, shortfall = metadata.get("target_size", "?"), metadata.get("shortfall", 0)
+    detail = (f"{members} of {target} traces ({samples} samples), by difficulty {strata}; version {str(metadata.get('subset_version', ''))[:12]}"
+              + (f"; shortfall {shortfall} (too few candidates)" if shortfall else ""))
+    return {"input": metadata.get("candidates", "?"), "output": members, "flagged": shortfall or 0, "reasons": {}, "detail": detail}
+
+
 STAGES = [
     Stage("seed_pool", SEED_JOB, SEED_POOL_KEY, "seed_pool", lambda config: config.source_names, _seed_fingerprint, _seed_counts,
           (SEED_POOL_KEY, QUARANTINE_KEY, IMAGES_KEY)),
@@ -180,4 +252,8 @@ STAGES = [
           (COT_TRACES_KEY,)),
     Stage("annotations", ANNOTATE_JOB, ANNOTATIONS_KEY, "annotations", _traces_partitions, _annotations_fingerprint, _annotation_counts,
           (ANNOTATIONS_KEY,)),
+    Stage("filtered_set", FILTER_JOB, FILTERED_SET_KEY, "filter_decisions", lambda config: config.source_names, _filter_fingerprint,
+          _filter_counts, (FILTERED_SET_KEY,)),
+    Stage("sampled_subsets", SUBSET_JOB, SAMPLED_SUBSETS_KEY, "subset_members", lambda config: [r.name for r in config.recipes],
+          _subset_fingerprint, _subset_counts, (SAMPLED_SUBSETS_KEY,)),
 ]

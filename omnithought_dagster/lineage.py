@@ -103,11 +103,35 @@ def _traces_of(con, sample: str) -> list[dict[str, Any]]:
     rows = _dicts(con, "SELECT t.trace_id, t.teacher, t.prompt_version, t.rollout, t.finish_reason, t.final_answer, t.n_tokens, t.error, "
                        f"a.annotation_id, {fields} FROM cot_traces t LEFT JOIN annotations a USING (trace_id) "
                        "WHERE t.sample_id = $1 ORDER BY t.teacher, t.rollout", [sample])
+    verdicts = {r["trace_id"]: {"kept": r["kept"], "reasons": r["reasons"], "duplicate_of": r["duplicate_of"]}
+                for r in _dicts(con, "SELECT trace_id, kept, reasons, duplicate_of FROM filter_decisions WHERE sample_id = $1", [sample])}
+    subsets: dict[str, list[str]] = {}
+    for r in _dicts(con, "SELECT trace_id, subset FROM subset_members WHERE sample_id = $1 ORDER BY subset", [sample]):
+        subsets.setdefault(r["trace_id"], []).append(r["subset"])
     traces = []
     for row in rows:
         annotation = {f: row.pop(f"a_{f}") for f in ANNOTATION_FIELDS}
-        traces.append({**row, "annotation": annotation if row["annotation_id"] else None})
+        traces.append({**row, "annotation": annotation if row["annotation_id"] else None,
+                       "verdict": verdicts.get(row["trace_id"]), "subsets": subsets.get(row["trace_id"], [])})
     return traces
+
+
+def subset_summary(store: CorpusStore, subset: str) -> dict[str, Any]:
+    """What went into a subset: size, version, and counts by difficulty, primary tag and source."""
+    con = store.catalog()
+    head = _dicts(con, "SELECT any_value(subset_version) AS version, count(*) AS members, count(DISTINCT sample_id) AS samples "
+                       "FROM subset_members WHERE subset = $1", [subset])[0]
+    if not head["members"]:
+        raise LineageError(f"no subset named {subset!r} in the store")
+
+    def by(expression: str) -> dict[str, int]:
+        rows = con.execute(f"SELECT {expression} AS k, count(*) FROM subset_members m LEFT JOIN filter_decisions d USING (trace_id) "
+                           "WHERE m.subset = $1 GROUP BY 1 ORDER BY 2 DESC, 1", [subset]).fetchall()
+        return {str(k): n for k, n in rows}
+
+    return {"kind": "subset", "subset": subset, "subset_version": head["version"], "members": head["members"], "samples": head["samples"],
+            "by_difficulty": by("coalesce(d.difficulty_label, 'unknown')"),
+            "by_tag": by("coalesce(d.tags[1], 'untagged')"), "by_source": by("m.source")}
 
 
 def _trace_story(store: CorpusStore, con, trace: str) -> dict[str, Any]:

@@ -42,10 +42,11 @@ def test_demo_runs_everything_then_is_idempotent(demo_project):
     assert "seed_pool" in first and "6/6 passed" in first and "missing_image 1" in first
     assert "cot_traces" in first and "72 requests sent, 0 from cache" in first  # 18 samples x 4 rollouts
     assert "annotations" in first and "72 judge requests, 0 from cache" in first
-    assert first.count(" ran") == 6
+    assert "filtered_set" in first and "traces kept" in first
+    assert first.count(" ran") == 8
     second = runner.invoke(app, ["demo", "--config", str(config)])
     assert second.exit_code == 0, second.output
-    assert second.output.count("up to date") == 6  # nothing changed: every partition skipped
+    assert second.output.count("up to date") == 8  # nothing changed: every partition skipped
     forced = runner.invoke(app, ["demo", "--config", str(config), "--force"])
     assert forced.exit_code == 0 and "up to date" not in forced.output
 
@@ -56,8 +57,8 @@ def test_demo_reruns_a_partition_whose_input_changed(demo_project, tmp_path):
     write_json(tmp_path / "f.json", records)
     result = runner.invoke(app, ["demo", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    # synthetic's three stages are skipped; files is re-ingested, its traces and annotations follow (only the new sample is sent)
-    assert result.output.count("up to date") == 3
+    # synthetic's four stages are skipped; files is re-ingested and its stages follow (only the new sample is sent)
+    assert result.output.count("up to date") == 4
     assert "4 requests sent, 4 from cache" in result.output and "4 judge requests, 4 from cache" in result.output
 
 

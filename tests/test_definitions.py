@@ -19,7 +19,9 @@ def test_definitions_snapshot_from_the_demo_config():
     defs = build_definitions(load_config(REPO / "omnithought.yaml"))
     graph = defs.resolve_asset_graph()
     specs = {key.to_user_string(): graph.get(key) for key in graph.get_all_asset_keys()}
-    assert sorted(specs) == ["annotations", "cot_traces", "images", "quarantine", "seed_pool"]
+    assert sorted(specs) == ["annotations", "cot_traces", "filtered_set", "images", "quarantine", "sampled_subsets", "seed_pool"]
+    assert specs["filtered_set"].partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
+    assert specs["sampled_subsets"].partitions_def.get_partition_keys() == ["balanced", "hard-long"]
     for name in ("images", "quarantine", "seed_pool"):
         node = specs[name]
         assert node.group_name == "seed"
@@ -47,7 +49,14 @@ def test_definitions_snapshot_from_the_demo_config():
         "cot_traces:samples_in_seed_pool",
         "cot_traces:trace_id_unique",
         "cot_traces:truncation_rate",
+        "filtered_set:kept_traces_pass_the_rules",
+        "filtered_set:one_decision_per_trace",
         "quarantine:reasons_known",
+        "sampled_subsets:members_are_kept",
+        "sampled_subsets:no_contamination",
+        "sampled_subsets:no_sample_twice",
+        "sampled_subsets:size_matches_recipe",
+        "sampled_subsets:strata_within_tolerance",
         "seed_pool:answer_type_valid",
         "seed_pool:images_in_store",
         "seed_pool:required_columns_present",

@@ -17,7 +17,7 @@ def make_reader(source: SourceConfig) -> SeedReader:
     if isinstance(source, SyntheticSourceConfig):
         from omnithought_dagster.sources.synthetic import SyntheticReader
 
-        return SyntheticReader(source.n_samples, source.seed, source.image_size, source.families)
+        return SyntheticReader(source.n_samples, source.seed, source.image_size, source.families, source.start_index)
     if isinstance(source, JsonSourceConfig):
         from omnithought_dagster.sources.jsonfile import FlatJsonReader, LlavaJsonReader
 

@@ -56,15 +56,18 @@ class SyntheticReader:
 
     image_root: Path | None = None
 
-    def __init__(self, n_samples: int, seed: int = 0, image_size: int = 320, families: list[str] | None = None):
+    def __init__(self, n_samples: int, seed: int = 0, image_size: int = 320, families: list[str] | None = None, start_index: int = 0):
         self.n_samples = n_samples
+        self.start_index = start_index
         self.seed = seed
         self.image_size = image_size
         self.families = list(families or FAMILIES)
 
     def records(self) -> Iterator[SeedRecord]:
-        for index in range(self.n_samples):
-            yield self.sample(index)
+        for position in range(self.n_samples):
+            record = self.sample(self.start_index + position)
+            record.record_index = position
+            yield record
 
     def sample(self, index: int) -> Candidate:
         family = self.families[index % len(self.families)]
@@ -91,7 +94,8 @@ class SyntheticReader:
     def fingerprint(self) -> str:
         return content_id(
             "synthetic-source",
-            {"n": self.n_samples, "seed": self.seed, "size": self.image_size, "families": self.families, "v": GENERATOR_VERSION},
+            {"n": self.n_samples, "seed": self.seed, "size": self.image_size, "families": self.families, "v": GENERATOR_VERSION,
+             **({"start": self.start_index} if self.start_index else {})},
         )
 
 

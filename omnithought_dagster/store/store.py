@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from omnithought_dagster.store.tables import TABLES, TableSpec, table_spec
+from omnithought_dagster.store.tables import DERIVED_VIEWS, TABLES, TableSpec, table_spec
 
 PARTITION_FILE = "data.parquet"
 PARQUET_COMPRESSION = "zstd"
@@ -178,6 +178,9 @@ class CorpusStore:
                 dataset = ds.dataset(files, filesystem=self.fs, format="parquet", schema=spec.schema)
                 con.register(f"_ds_{name}", dataset)
                 con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM "_ds_{name}"')
+        if tables is None:
+            for name, sql in DERIVED_VIEWS.items():
+                con.execute(f'CREATE VIEW "{name}" AS {sql}')
         return con
 
     # -- helpers ----------------------------------------------------------------------------

@@ -158,7 +158,57 @@ ANNOTATIONS = TableSpec(
     ),
 )
 
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SEED_POOL, QUARANTINE, IMAGES, COT_TRACES, ANNOTATIONS)}
+REASON = pa.struct([pa.field("code", pa.string()), pa.field("value", pa.float64()), pa.field("threshold", pa.float64())])
+
+FILTER_DECISIONS = TableSpec(
+    name="filter_decisions",
+    description="The verdict on one trace: kept, or every rule and selection reason that dropped it, with the value that tripped it.",
+    partition_by=("source",),
+    primary_key=("trace_id",),
+    columns=(
+        Column("trace_id", pa.string(), "the trace (cot_traces.trace_id)", False),
+        Column("sample_id", pa.string(), "its seed sample", False),
+        Column("source", pa.string(), "partition key", False),
+        Column("shard", pa.string(), "the trace's cot_traces shard", False),
+        Column("rollout", pa.int32(), "rollout index", False),
+        Column("kept", pa.bool_(), "no reason applies: the trace is in the filtered set", False),
+        Column("reasons", pa.list_(REASON), "every reason that applies: {code, value measured, threshold}; empty when kept", False),
+        Column("duplicate_of", pa.string(), "duplicate_trace: the kept copy's trace_id; near_duplicate_sample: the representative sample_id"),
+        Column("tags", STRING_LIST, "judge tags (for tag-diverse sampling)", False),
+        Column("difficulty_label", pa.string(), "difficulty bin label of the sample", False),
+        Column("difficulty_score", pa.float64(), "the sample's difficulty score", False),
+        Column("pass_rate", pa.float64(), "the sample's pass rate", False),
+        Column("quality", pa.int32(), "judge quality"),
+        Column("verbosity", pa.int32(), "judge verbosity"),
+        Column("n_tokens", pa.int32(), "generated tokens"),
+        Column("preference", pa.float64(), "how strongly selection prefers this trace among its sample's (higher first)", False),
+    ),
+)
+
+SUBSET_MEMBERS = TableSpec(
+    name="subset_members",
+    description="One trace chosen for one recipe's subset.",
+    partition_by=("subset",),
+    primary_key=("subset", "trace_id"),
+    columns=(
+        Column("subset", pa.string(), "recipe name (the partition key)", False),
+        Column("subset_version", pa.string(), "hash of the subset's members: the same inputs and recipe give the same version", False),
+        Column("trace_id", pa.string(), "the member trace", False),
+        Column("sample_id", pa.string(), "its seed sample", False),
+        Column("source", pa.string(), "its source", False),
+        Column("stratum", pa.string(), "difficulty label / primary tag it was drawn for", False),
+        Column("pick", pa.int32(), "0-based order of selection (stratum by stratum)", False),
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {
+    spec.name: spec for spec in (SEED_POOL, QUARANTINE, IMAGES, COT_TRACES, ANNOTATIONS, FILTER_DECISIONS, SUBSET_MEMBERS)
+}
+
+# Views the catalog derives from the tables (name -> SQL over them).
+DERIVED_VIEWS: dict[str, str] = {
+    "filtered_set": "SELECT * FROM filter_decisions WHERE kept",
+}
 
 
 def table_spec(name: str) -> TableSpec:

@@ -1,0 +1,129 @@
+"""filtered_set (per source: filter_decisions) and sampled_subsets (per recipe: subset_members)."""
+
+from collections import Counter
+
+import dagster as dg
+
+from omnithought_dagster.assets.annotate import ANNOTATIONS_KEY
+from omnithought_dagster.assets.metadata import column_schema, counts, preview
+from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
+from omnithought_dagster.assets.teacher import COT_TRACES_KEY
+from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.curation.curate import curate_source
+from omnithought_dagster.curation.decontam import load_benchmark_items
+from omnithought_dagster.curation.sampling import load_candidates, sample_subset
+from omnithought_dagster.ids import version_of
+from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
+from omnithought_dagster.store import table_spec
+
+CURATE_GROUP = "curate"
+FILTERED_SET_KEY = dg.AssetKey("filtered_set")
+SAMPLED_SUBSETS_KEY = dg.AssetKey("sampled_subsets")
+CURATE_CODE_VERSION = "curation-v1"
+
+
+def recipe_partitions(config: ProjectConfig) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition([recipe.name for recipe in config.recipes])
+
+
+def build_curate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
+    by_source = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="source")
+
+    @dg.asset(
+        key=FILTERED_SET_KEY,
+        partitions_def=seed_partitions(config),
+        deps=[dg.AssetDep(COT_TRACES_KEY, partition_mapping=by_source), dg.AssetDep(ANNOTATIONS_KEY, partition_mapping=by_source),
+              SEED_POOL_KEY],
+        group_name=CURATE_GROUP,
+        kinds={"duckdb", "parquet"},
+        code_version=CURATE_CODE_VERSION,
+        tags={"stage": "curate", "compute": "cpu"},
+        metadata={"dagster/column_schema": column_schema(table_spec("filter_decisions")), "table": "filter_decisions"},
+    )
+    def filtered_set(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource) -> dg.MaterializeResult:
+        """Every trace of the source with its verdict: rule filters, decontamination, difficulty-aware selection."""
+        cfg = project.config
+        source = context.partition_key
+        corpus = store.open()
+        benchmarks = [cfg.benchmark(name) for name in cfg.curation.decontamination.benchmarks]
+        items = load_benchmark_items(benchmarks, cfg.seed)
+        try:
+            result = curate_source(corpus, source, cfg.curation, items)
+        except LookupError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        written = corpus.write_partition("filter_decisions", source, result.decisions)
+        table = result.decisions
+        kept = [r for r in table.select(["kept", "difficulty_label", "tags"]).to_pylist() if r["kept"]]
+        reasons = result.reason_counts
+        total = table.num_rows
+        context.log.info(f"{source}: {len(kept)}/{total} traces kept; {dict(reasons.most_common(5))}")
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": total,
+                "traces": total,
+                "kept": len(kept),
+                "dropped": total - len(kept),
+                "kept_share": round(len(kept) / total, 4) if total else 0.0,
+                "drop_reasons": counts(reasons, "reason", "traces"),
+                **{f"reason/{code}": n for code, n in sorted(reasons.items())},
+                "contaminated_samples": len(result.contamination),
+                "benchmark_items": len(items),
+                "kept_by_difficulty": counts(Counter(r["difficulty_label"] for r in kept), "difficulty"),
+                "kept_by_tag": counts(Counter(r["tags"][0] if r["tags"] else "untagged" for r in kept), "primary tag"),
+                **{f"seconds/{stage}": round(seconds, 3) for stage, seconds in result.timings.items()},
+                "preview": preview(table, ["trace_id", "kept", "reasons", "difficulty_label", "quality", "verbosity"]),
+                "path": dg.MetadataValue.path(written.uri),
+            },
+            data_version=dg.DataVersion(version_of(f"{t}:{k}" for t, k in zip(table.column("trace_id").to_pylist(),
+                                                                               table.column("kept").to_pylist(), strict=True))),
+        )
+
+    assets = [filtered_set]
+    if not config.recipes:
+        return assets
+
+    @dg.asset(
+        key=SAMPLED_SUBSETS_KEY,
+        partitions_def=recipe_partitions(config),
+        deps=[dg.AssetDep(FILTERED_SET_KEY, partition_mapping=dg.AllPartitionMapping())],
+        group_name=CURATE_GROUP,
+        kinds={"duckdb", "parquet"},
+        code_version=CURATE_CODE_VERSION,
+        tags={"stage": "curate", "compute": "cpu"},
+        metadata={"dagster/column_schema": column_schema(table_spec("subset_members")), "table": "subset_members"},
+    )
+    def sampled_subsets(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource) -> dg.MaterializeResult:
+        """One recipe's subset: difficulty-stratified, tag-diverse, deterministic; shortfalls reported, never silent."""
+        cfg = project.config
+        recipe = next(r for r in cfg.recipes if r.name == context.partition_key)
+        corpus = store.open()
+        candidates = load_candidates(corpus, recipe.sources)
+        result = sample_subset(candidates, recipe)
+        written = corpus.write_partition("subset_members", recipe.name, result.members)
+        members = result.members
+        strata = Counter(s.split("/", 1)[0] for s in members.column("stratum").to_pylist())
+        tags = Counter(s.split("/", 1)[1] for s in members.column("stratum").to_pylist())
+        if result.shortfall:
+            context.log.warning(f"recipe {recipe.name}: {result.shortfall} of {recipe.size} could not be filled (candidates exhausted)")
+        lines = ["| label | quota | first pass | shortfall |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {s['label']} | {s['quota']} | {s['picked']} | {s['shortfall']} |" for s in result.strata]
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": members.num_rows,
+                "subset_version": result.version,
+                "target_size": recipe.size,
+                "size": members.num_rows,
+                "shortfall": result.shortfall,
+                "filled_from_other_labels": result.filled_from_other_labels,
+                "filled_without_tag_caps": result.filled_without_tag_caps,
+                "candidates": len(candidates),
+                "strata": dg.MetadataValue.md("\n".join(lines)),
+                "members_by_difficulty": counts(strata, "difficulty"),
+                "members_by_tag": counts(tags, "primary tag"),
+                "preview": preview(members, ["trace_id", "sample_id", "source", "stratum", "pick"]),
+                "path": dg.MetadataValue.path(written.uri),
+            },
+            data_version=dg.DataVersion(result.version),
+        )
+
+    return [*assets, sampled_subsets]

@@ -1,0 +1,209 @@
+"""Tag-diverse, difficulty-stratified, deterministic sampling of a recipe's subset from the filtered set.
+
+The method (docs/curation.md says the same):
+1. Quotas. The recipe's difficulty mix is turned into whole quotas per difficulty label that
+   sum to the target size (largest remainder).
+2. Order. Within a label, candidates are ordered by closeness of their verbosity to the
+   label's target (when the recipe sets one), then judge quality (higher first), then a
+   pseudo-random key derived from (recipe seed, trace_id) - so ties break the same way every
+   time, and differently for a different seed.
+3. Tag-diverse draw. Candidates queue by primary tag (their first judge tag). Tags take turns
+   in a seed-determined order, each contributing its best remaining candidate, until the
+   label's quota is met. A tag stops at its cap: `max_tag_share` x the quota (at least 1), or
+   its `tag_caps` entry; a sample stops at `traces_per_sample` members.
+4. Shortfall, never silent. When a label cannot fill its quota, the deficit is first drawn
+   from the other labels' remaining candidates with the same caps counted over the whole
+   subset, then without tag caps; what still cannot be filled (candidates exhausted) is the
+   shortfall, reported per label in metadata and by a WARN check.
+The members, their order and so `subset_version` (a hash of the member trace ids) depend only
+on the filtered set and the recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from omnithought_dagster.config import RecipeConfig
+from omnithought_dagster.ids import content_id, version_of
+from omnithought_dagster.store import CorpusStore
+from omnithought_dagster.store.tables import SUBSET_MEMBERS
+
+CANDIDATE_COLUMNS = ["trace_id", "sample_id", "source", "tags", "difficulty_label", "verbosity", "quality"]
+UNTAGGED = "untagged"
+
+
+@dataclass
+class Candidates:
+    """The filtered set's kept traces as columns (numpy), the input of every recipe."""
+
+    trace_id: np.ndarray
+    sample_id: np.ndarray
+    source: np.ndarray
+    primary_tag: np.ndarray
+    label: np.ndarray
+    verbosity: np.ndarray  # float, nan when unknown
+    quality: np.ndarray  # float, nan when unknown
+    order_key: np.ndarray  # uint64 from the trace id
+
+    def __len__(self) -> int:
+        return len(self.trace_id)
+
+
+@dataclass
+class SubsetResult:
+    members: pa.Table
+    strata: list[dict] = field(default_factory=list)  # label, quota, picked (first pass), shortfall
+    filled_from_other_labels: int = 0
+    filled_without_tag_caps: int = 0
+    shortfall: int = 0
+    version: str = ""
+
+
+def load_candidates(store: CorpusStore, sources: list[str] | None) -> Candidates:
+    """Kept traces of filter_decisions (all sources, or these), read as small columns only."""
+    con = store.catalog(["filter_decisions"])
+    where = "kept" + (" AND source IN (SELECT unnest($1::VARCHAR[]))" if sources else "")
+    table = con.sql(f"SELECT {', '.join(CANDIDATE_COLUMNS)} FROM filter_decisions WHERE {where} ORDER BY trace_id",
+                    params=[sources] if sources else None).to_arrow_table()
+    con.close()
+    return candidates_from_table(table)
+
+
+def candidates_from_table(table: pa.Table) -> Candidates:
+    trace_ids = np.asarray(table.column("trace_id").to_numpy(zero_copy_only=False), dtype=object)
+    tags = table.column("tags").to_pylist()
+    return Candidates(
+        trace_id=trace_ids,
+        sample_id=np.asarray(table.column("sample_id").to_numpy(zero_copy_only=False), dtype=object),
+        source=np.asarray(table.column("source").to_numpy(zero_copy_only=False), dtype=object),
+        primary_tag=np.asarray([t[0] if t else UNTAGGED for t in tags], dtype=object),
+        label=np.asarray(table.column("difficulty_label").to_numpy(zero_copy_only=False), dtype=object),
+        verbosity=table.column("verbosity").to_numpy(zero_copy_only=False).astype(float),
+        quality=table.column("quality").to_numpy(zero_copy_only=False).astype(float),
+        order_key=np.fromiter((int(t[:16], 16) for t in trace_ids), dtype=np.uint64, count=len(trace_ids)),
+    )
+
+
+def sample_subset(candidates: Candidates, recipe: RecipeConfig) -> SubsetResult:
+    quotas = _quotas(recipe.size, recipe.difficulty_mix)
+    mask = np.ones(len(candidates), dtype=bool)
+    if recipe.sources:
+        mask &= np.isin(candidates.source, recipe.sources)
+    seed_key = np.uint64(int(content_id("recipe-seed", recipe.seed)[:16], 16))
+    random_key = _mix(candidates.order_key ^ seed_key)
+    state = _State(recipe, candidates)
+    result = SubsetResult(members=pa.table({}))
+    queues_by_label = {}
+    for label, quota in quotas.items():
+        rows = np.flatnonzero(mask & (candidates.label == label))
+        queues_by_label[label] = _queues(rows, candidates, recipe.verbosity_targets.get(label), random_key, recipe.seed)
+        cap = max(1, math.floor(recipe.max_tag_share * quota))
+        picked = state.draw(queues_by_label[label], quota, cap, label)
+        result.strata.append({"label": label, "quota": quota, "picked": picked, "shortfall": quota - picked})
+    deficit = sum(s["shortfall"] for s in result.strata)
+    if deficit:
+        # Fill from every label's leftovers (larger mix shares first), caps over the whole subset.
+        cap = max(1, math.floor(recipe.max_tag_share * recipe.size))
+        order = sorted(quotas, key=lambda label: -recipe.difficulty_mix[label])
+        for label in order:
+            got = state.draw(queues_by_label[label], deficit, cap, label, whole_subset=True)
+            result.filled_from_other_labels += got
+            deficit -= got
+        for label in order:
+            got = state.draw(queues_by_label[label], deficit, None, label, whole_subset=True)
+            result.filled_without_tag_caps += got
+            deficit -= got
+    result.shortfall = deficit
+    picks = state.picks
+    trace_ids = [candidates.trace_id[i] for i, _ in picks]
+    result.version = version_of(trace_ids)
+    result.members = pa.Table.from_pylist([
+        {"subset": recipe.name, "subset_version": result.version, "trace_id": candidates.trace_id[i], "sample_id": candidates.sample_id[i],
+         "source": candidates.source[i], "stratum": stratum, "pick": n}
+        for n, (i, stratum) in enumerate(picks)
+    ], schema=SUBSET_MEMBERS.schema)
+    return result
+
+
+class _State:
+    def __init__(self, recipe: RecipeConfig, candidates: Candidates):
+        self.recipe = recipe
+        self.candidates = candidates
+        self.per_sample: dict[str, int] = defaultdict(int)
+        self.per_tag_label: dict[tuple[str, str], int] = defaultdict(int)
+        self.per_tag: dict[str, int] = defaultdict(int)
+        self.taken: set[int] = set()
+        self.picks: list[tuple[int, str]] = []
+
+    def draw(self, queues: dict[str, list], wanted: int, cap: int | None, label: str, whole_subset: bool = False) -> int:
+        """Round-robin over tags; returns how many were picked (at most `wanted`)."""
+        picked = 0
+        active = [tag for tag in queues if queues[tag][1] < len(queues[tag][0])]
+        while picked < wanted and active:
+            still = []
+            for tag in active:
+                if picked >= wanted:
+                    still.append(tag)
+                    continue
+                count = self.per_tag[tag] if whole_subset else self.per_tag_label[(tag, label)]
+                limit = min(cap if cap is not None else math.inf, self.recipe.tag_caps.get(tag, math.inf))
+                if count >= limit or self.per_tag[tag] >= self.recipe.tag_caps.get(tag, math.inf):
+                    continue  # this tag is full
+                rows, position = queues[tag]
+                while position < len(rows):
+                    row = rows[position]
+                    position += 1
+                    sample = self.candidates.sample_id[row]
+                    if row in self.taken or self.per_sample[sample] >= self.recipe.traces_per_sample:
+                        continue
+                    self.taken.add(row)
+                    self.per_sample[sample] += 1
+                    self.per_tag[tag] += 1
+                    self.per_tag_label[(tag, label)] += 1
+                    self.picks.append((row, f"{label}/{tag}"))
+                    picked += 1
+                    break
+                queues[tag][1] = position
+                if position < len(rows):
+                    still.append(tag)
+            active = still
+        return picked
+
+
+def _queues(rows: np.ndarray, c: Candidates, target: float | None, random_key: np.ndarray, seed: int) -> dict[str, list]:
+    """tag -> [row indices in preference order, read position]; tags in a seed-determined order."""
+    if len(rows) == 0:
+        return {}
+    distance = np.abs(np.nan_to_num(c.verbosity[rows], nan=99.0) - target) if target is not None else np.zeros(len(rows))
+    quality = -np.nan_to_num(c.quality[rows], nan=-1.0)
+    order = rows[np.lexsort((random_key[rows], quality, distance))]
+    by_tag: dict[str, list[int]] = defaultdict(list)
+    for row in order:
+        by_tag[c.primary_tag[row]].append(int(row))
+    tags = sorted(by_tag, key=lambda tag: content_id("tag-order", [seed, tag]))
+    return {tag: [by_tag[tag], 0] for tag in tags}
+
+
+def _quotas(size: int, mix: dict[str, float]) -> dict[str, int]:
+    exact = {label: size * share for label, share in mix.items()}
+    quotas = {label: math.floor(value) for label, value in exact.items()}
+    for label in sorted(exact, key=lambda label: (-(exact[label] - quotas[label]), label))[: size - sum(quotas.values())]:
+        quotas[label] += 1
+    return quotas
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """A 64-bit finaliser (splitmix64): turns structured keys into well-spread pseudo-random ones."""
+    x = x.copy()
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
