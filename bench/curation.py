@@ -140,9 +140,9 @@ def generate(root: Path, n: int, shards: int) -> float:
     for shard in range(shards):
         key = f"{shard:03d}"
         base = f"""FROM range({shard}, {samples}, {shards}) a(s), range(4) b(r), vocab, tags"""
-        text = f"array_to_string(list_transform(range(300), lambda k: {words} || CASE WHEN k % 15 = 14 THEN '.' || chr(10) ELSE ' ' END), '')"
+        text = f"array_to_string(list_transform(range(500), lambda k: {words} || CASE WHEN k % 15 = 14 THEN '.' || chr(10) ELSE ' ' END), '')"
         reasoning = f"""CASE
-            WHEN hash(s, r, 'dup') % 200 = 0 AND r > 0 THEN array_to_string(list_transform(range(300), lambda k: vocab.words[(hash(s, 0, k) % {p})::INT + 1] || CASE WHEN k % 15 = 14 THEN '.' || chr(10) ELSE ' ' END), '')
+            WHEN hash(s, r, 'dup') % 200 = 0 AND r > 0 THEN array_to_string(list_transform(range(500), lambda k: vocab.words[(hash(s, 0, k) % {p})::INT + 1] || CASE WHEN k % 15 = 14 THEN '.' || chr(10) ELSE ' ' END), '')
             WHEN hash(s, r, 'loop') % 100 = 0 THEN {text} || repeat('so the answer is the same value again and again. ', 40)
             WHEN hash(s, r, 'lines') % 100 = 0 THEN repeat('We compute the value of the first bar again.' || chr(10), 30)
             WHEN hash(s, r, 'script') % 100 = 0 THEN {text} || repeat('这是一个非常长的中文推理过程。', 60)

@@ -23,8 +23,10 @@ from omnithought_dagster.config import RulesConfig, SelectionConfig
 
 # Per-trace measurements the rules read; computed once (SQL: `metrics`, Python: `measure`).
 TEXT_METRICS_SQL = {
-    "reasoning_chars": "length(trim(coalesce(reasoning, ''), ' \n\t\r'))",
-    "has_answer": "coalesce(length(trim(final_answer, ' \n\t\r')), 0) > 0",
+    # Not trim(): over 2 KB texts it cost more than everything else together; a regex finding the
+    # first non-blank character stops at once on real text.
+    "reasoning_chars": "CASE WHEN regexp_matches(coalesce(reasoning, ''), '[^ \t\n\r]') THEN length(reasoning) ELSE 0 END",
+    "has_answer": "regexp_matches(coalesce(final_answer, ''), '[^ \t\n\r]')",
     "line_repeat": "CASE WHEN len(lines) >= 4 THEN 1 - len(list_distinct(lines)) / len(lines) ELSE 0.0 END",
     "loop": "CASE WHEN $tail > 0 AND length(reasoning) >= 4 * $tail "
             "AND strpos(reasoning, right(reasoning, $tail)) <= length(reasoning) - $tail THEN 1.0 ELSE 0.0 END",
@@ -40,8 +42,8 @@ def measure(trace: dict, tail: int) -> dict:
     lines = [line for line in reasoning.split("\n") if line != ""]
     n = len(reasoning)
     return {
-        "reasoning_chars": len(reasoning.strip(" \n\t\r")),
-        "has_answer": len(answer.strip(" \n\t\r")) > 0,
+        "reasoning_chars": n if reasoning.strip(" \t\n\r") else 0,
+        "has_answer": bool(answer.strip(" \t\n\r")),
         "line_repeat": 1 - len(set(lines)) / len(lines) if len(lines) >= 4 else 0.0,
         "loop": 1.0 if tail > 0 and n >= 4 * tail and reasoning.find(reasoning[-tail:]) + 1 <= n - tail else 0.0,
         "foreign_share": (len(reasoning.encode("utf-8")) - n) / n if n else 0.0,
