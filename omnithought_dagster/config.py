@@ -346,6 +346,57 @@ class RecipeConfig(_Model):
         return {k: v / total for k, v in value.items()}
 
 
+BASELINE_RECIPE = "base"  # the recipe-dimension key of a student's untrained baseline
+
+
+class StudentConfig(_Model):
+    """A student model to fine-tune: a local folder, a hub id the trainer can load, or tiny:<name>."""
+
+    name: str = Field(pattern=SOURCE_NAME_PATTERN)
+    model: str = "tiny:student"
+    recipes: list[str] | None = Field(default=None, description="train on these recipes only; default all")
+
+
+class TrainingConfig(_Model):
+    """Supervised fine-tuning with DeepSpeed ZeRO, launched as its own process through Dagster Pipes.
+
+    The same settings run 1 CPU process here and N GPUs x M nodes elsewhere: the launcher
+    gets nproc_per_node / nnodes / hostfile, the DeepSpeed config gets the rest.
+    """
+
+    launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
+    python: str | None = Field(default=None, description="interpreter of the training environment; default: this one")
+    nproc_per_node: int = Field(default=1, ge=1, description="processes (GPUs) per node; 1 on CPU")
+    nnodes: int = Field(default=1, ge=1)
+    hostfile: str | None = Field(default=None, description="deepspeed hostfile for multi-node runs")
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = Field(default=None, ge=1024, le=65535, description="default: a free port")
+    launcher_args: list[str] = Field(default_factory=list, description="more launcher arguments, passed through")
+    gpus: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES for the training process; default: inherited")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = Field(default=False, description="ZeRO-Offload of optimizer states to CPU (DeepSpeedCPUAdam)")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batch_size: int = Field(default=4, ge=1, description="examples per process per forward")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    gradient_clipping: float = Field(default=1.0, ge=0)
+    max_steps: int = Field(default=30, ge=1, description="optimizer steps (epochs repeat the subset until reached)")
+    max_length: int = Field(default=2048, ge=16, description="tokens per example; longer replies are cut, longer prompts skipped")
+    seed: int = 0
+    work_dir: str = Field(default=".cache/train", description="local scratch for the exported subset and the model before upload")
+    env: dict[str, str] = Field(default_factory=dict, description="more environment variables for the training processes")
+
+    _resolve = field_validator("python", "hostfile", "work_dir")(_resolve_path)
+
+    def run_settings(self) -> dict[str, Any]:
+        """What changes the trained weights (hashed into checkpoint ids); placement and timeouts do not."""
+        return self.model_dump(mode="json", include={
+            "zero_stage", "offload_optimizer", "precision", "micro_batch_size", "gradient_accumulation_steps", "learning_rate",
+            "weight_decay", "warmup_steps", "gradient_clipping", "max_steps", "max_length", "seed"})
+
+
 SourceConfig = Annotated[
     Union[SyntheticSourceConfig, JsonSourceConfig, HFSourceConfig, ShareGPTSourceConfig],
     Field(discriminator="kind"),
@@ -367,6 +418,8 @@ class ProjectConfig(_Model):
     benchmarks: list[SourceConfig] = Field(default_factory=list, description="held-out evaluation items (any source kind)")
     curation: CurationConfig = CurationConfig()
     recipes: list[RecipeConfig] = Field(default_factory=list)
+    students: list[StudentConfig] = Field(default_factory=list)
+    training: TrainingConfig = TrainingConfig()
     config_path: str | None = Field(default=None, exclude=True, description="set by load_config")
 
     _resolve_models = field_validator("models_dir")(_resolve_path)
@@ -377,7 +430,7 @@ class ProjectConfig(_Model):
         # Omitted sections are validated from {} (not taken as ready-made defaults), so their
         # relative paths are resolved against the config file too.
         if isinstance(data, dict):
-            data = {**{section: {} for section in ("store", "seed", "teacher", "generation", "annotation", "curation")}, **data}
+            data = {**{section: {} for section in ("store", "seed", "teacher", "generation", "annotation", "curation", "training")}, **data}
         return data
 
     @model_validator(mode="after")
@@ -402,6 +455,15 @@ class ProjectConfig(_Model):
         recipes = [r.name for r in self.recipes]
         if len(set(recipes)) != len(recipes):
             raise ValueError("recipes: names must be unique")
+        if BASELINE_RECIPE in recipes:
+            raise ValueError(f"recipes: {BASELINE_RECIPE!r} is reserved for the students' untrained baselines")
+        students = [s.name for s in self.students]
+        if len(set(students)) != len(students):
+            raise ValueError("students: names must be unique")
+        for index, student in enumerate(self.students):
+            for recipe in student.recipes or []:
+                if recipe not in recipes:
+                    raise ValueError(f"students[{index}] (name={student.name}).recipes: no recipe {recipe!r}")
         labels = set(self.annotation.difficulty_labels)
         for index, recipe in enumerate(self.recipes):
             unknown = set(recipe.difficulty_mix) - labels
@@ -411,6 +473,17 @@ class ProjectConfig(_Model):
                 if source not in self.source_names:
                     raise ValueError(f"recipes[{index}] (name={recipe.name}).sources: no source {source!r}")
         return self
+
+    def student(self, name: str) -> StudentConfig:
+        for student in self.students:
+            if student.name == name:
+                return student
+        raise KeyError(f"no student named {name!r}")
+
+    def student_recipes(self, student: str) -> list[str]:
+        """The baseline, then the recipes this student is trained on."""
+        chosen = self.student(student).recipes
+        return [BASELINE_RECIPE] + [r.name for r in self.recipes if chosen is None or r.name in chosen]
 
     def benchmark(self, name: str) -> SourceConfig:
         for benchmark in self.benchmarks:

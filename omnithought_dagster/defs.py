@@ -10,10 +10,13 @@ from omnithought_dagster.assets import build_seed_assets
 from omnithought_dagster.assets.annotate import build_annotate_assets
 from omnithought_dagster.assets.curate import FILTERED_SET_KEY, SAMPLED_SUBSETS_KEY, build_curate_assets, recipe_partitions
 from omnithought_dagster.assets.seed import seed_partitions
+from omnithought_dagster.assets.student import (STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, baseline_partitions, build_student_assets,
+                                                student_partitions)
 from omnithought_dagster.assets.teacher import build_teacher_assets, traces_partitions
 from omnithought_dagster.checks import build_seed_checks
 from omnithought_dagster.checks.annotate import build_annotate_checks
 from omnithought_dagster.checks.curate import build_curate_checks
+from omnithought_dagster.checks.student import build_student_checks
 from omnithought_dagster.checks.teacher import build_teacher_checks
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
@@ -23,6 +26,8 @@ TEACHER_JOB = "generate_traces"
 ANNOTATE_JOB = "annotate_traces"
 FILTER_JOB = "filter_traces"
 SUBSET_JOB = "sample_subsets"
+BASELINE_JOB = "register_baselines"
+TRAIN_JOB = "train_students"
 
 # Checks are per partition (one source's rows at a time). Dagster 1.13 marks partitioned checks
 # as preview; the version is pinned in pyproject.toml, so the warning says nothing new.
@@ -47,6 +52,16 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
                                                partitions_def=recipe_partitions(config),
                                                description="Draw one recipe's tag-diverse subset from the filtered set, with checks."))
     curate = dg.Definitions(assets=build_curate_assets(config), asset_checks=build_curate_checks(config), jobs=curate_jobs)
+    students = dg.Definitions()
+    if config.students:
+        student_jobs = [dg.define_asset_job(BASELINE_JOB, selection=dg.AssetSelection.assets(STUDENT_BASELINES_KEY),
+                                            partitions_def=baseline_partitions(config),
+                                            description="Register one student's untrained base model (the baseline of its scores), with checks.")]
+        if config.recipes:
+            student_jobs.append(dg.define_asset_job(
+                TRAIN_JOB, selection=dg.AssetSelection.assets(STUDENT_CHECKPOINTS_KEY), partitions_def=student_partitions(config),
+                description="Fine-tune one student on one recipe's subset (DeepSpeed in its own process, via Pipes), with checks."))
+        students = dg.Definitions(assets=build_student_assets(config), asset_checks=build_student_checks(config), jobs=student_jobs)
     judge_key = config.annotator.api_key_env
     resources = dg.Definitions(
         resources={
@@ -55,9 +70,11 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
             # The key is read from the environment of the step, never from the project file.
             "teacher": LLMResource(api_key=dg.EnvVar(config.teacher.api_key_env)) if config.teacher.api_key_env else LLMResource(),
             "judge": LLMResource(api_key=dg.EnvVar(judge_key)) if judge_key else LLMResource(),
+            # Training and evaluation run as their own processes, reporting back through Pipes.
+            "pipes_subprocess_client": dg.PipesSubprocessClient(),
         }
     )
-    return dg.Definitions.merge(seed, teacher, annotate, curate, resources)
+    return dg.Definitions.merge(seed, teacher, annotate, curate, students, resources)
 
 
 def _stage(assets, checks, job: str, group: str, partitions, description: str) -> dg.Definitions:

@@ -15,12 +15,14 @@ from typing import Any
 import dagster as dg
 
 from omnithought_dagster.assets.annotate import ANNOTATIONS_KEY, annotations_fingerprint
+from omnithought_dagster.assets.curate import FILTERED_SET_KEY, SAMPLED_SUBSETS_KEY, filter_fingerprint, subset_fingerprint
+from omnithought_dagster.assets.student import (STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, expected_checkpoint_id, student_partition_keys,
+                                                student_partitions)
 from omnithought_dagster.assets.seed import IMAGES_KEY, QUARANTINE_KEY, SEED_CODE_VERSION, SEED_POOL_KEY
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY, traces_fingerprint, traces_partitions
-from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.curation.seed import earlier_sources, input_fingerprint, partition_version
-from omnithought_dagster.assets.curate import CURATE_CODE_VERSION, FILTERED_SET_KEY, SAMPLED_SUBSETS_KEY
-from omnithought_dagster.defs import ANNOTATE_JOB, FILTER_JOB, SEED_JOB, SUBSET_JOB, TEACHER_JOB, build_definitions
+from omnithought_dagster.defs import ANNOTATE_JOB, FILTER_JOB, SEED_JOB, SUBSET_JOB, TEACHER_JOB, TRAIN_JOB, BASELINE_JOB, build_definitions
 from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.sources import make_reader
 from omnithought_dagster.store import CorpusStore
@@ -49,6 +51,7 @@ class Stage:
     fingerprint: Callable[[ProjectConfig, CorpusStore, str], str]
     counts: Callable[[CorpusStore, str, dict], dict[str, Any]]
     check_assets: tuple[dg.AssetKey, ...]  # the assets whose checks run in the stage's job
+    store_key: Callable[[str], Any] | None = None  # the table partition a Dagster partition writes, when not the same key
 
 
 def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = False) -> list[StageOutcome]:
@@ -66,7 +69,7 @@ def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = 
             fingerprint = stage.fingerprint(config, store, partition)
             checks = _latest_checks(instance, check_keys, partition)
             metadata = _latest_metadata(instance, stage.asset_key, partition)
-            store_partition = _store_partition(partitions_def, partition)
+            store_partition = stage.store_key(partition) if stage.store_key else _store_partition(partitions_def, partition)
             if (not force and store.has_partition(stage.table, store_partition) and metadata.get("input_fingerprint") == fingerprint
                     and len(checks) == len(check_keys) and "failed" not in checks.values()):
                 outcomes.append(StageOutcome(stage.name, partition, True, True, stage.counts(store, partition, metadata), checks))
@@ -206,16 +209,6 @@ def _annotation_counts(store: CorpusStore, partition: str, metadata: dict) -> di
     return {"input": traces, "output": traces - errors, "flagged": errors, "reasons": {"judge_error": errors} if errors else {}, "detail": detail}
 
 
-def _filter_fingerprint(config: ProjectConfig, store: CorpusStore, source: str) -> str:
-    from omnithought_dagster.ids import content_id, version_of
-
-    con = store.catalog(["annotations"])
-    ids = [r[0] for r in con.execute("SELECT annotation_id FROM annotations WHERE source = $1", [source]).fetchall()]
-    benchmarks = [config.benchmark(n).model_dump(mode="json") for n in config.curation.decontamination.benchmarks]
-    return content_id("filter-input", {"annotations": version_of(ids), "curation": config.curation.model_dump(mode="json"),
-                                       "benchmarks": benchmarks, "seed": partition_version(store, source), "code": CURATE_CODE_VERSION})
-
-
 def _filter_counts(store: CorpusStore, source: str, metadata: dict) -> dict[str, Any]:
     con = store.catalog(["filter_decisions"])
     total, kept = con.execute("SELECT count(*), count(*) FILTER (kept) FROM filter_decisions WHERE source = $1", [source]).fetchall()[0]
@@ -223,15 +216,6 @@ def _filter_counts(store: CorpusStore, source: str, metadata: dict) -> dict[str,
                                "GROUP BY 1 ORDER BY 2 DESC, 1", [source]).fetchall())
     detail = f"{kept}/{total} traces kept; {metadata.get('contaminated_samples', '?')} samples matched a benchmark"
     return {"input": total, "output": kept, "flagged": total - kept, "reasons": reasons, "detail": detail}
-
-
-def _subset_fingerprint(config: ProjectConfig, store: CorpusStore, recipe: str) -> str:
-    from omnithought_dagster.ids import content_id, version_of
-
-    con = store.catalog(["filter_decisions"])
-    kept = [r[0] for r in con.execute("SELECT trace_id FROM filter_decisions WHERE kept").fetchall()]
-    spec = next(r for r in config.recipes if r.name == recipe)
-    return content_id("subset-input", {"kept": version_of(kept), "recipe": spec.model_dump(mode="json"), "code": CURATE_CODE_VERSION})
 
 
 def _subset_counts(store: CorpusStore, recipe: str, metadata: dict) -> dict[str, Any]:
@@ -245,6 +229,29 @@ def _subset_counts(store: CorpusStore, recipe: str, metadata: dict) -> dict[str,
     return {"input": metadata.get("candidates", "?"), "output": members, "flagged": shortfall or 0, "reasons": {}, "detail": detail}
 
 
+def _baseline_fingerprint(config: ProjectConfig, store: CorpusStore, student: str) -> str:
+    return expected_checkpoint_id(config, store, student, BASELINE_RECIPE)
+
+
+def _baseline_counts(store: CorpusStore, student: str, metadata: dict) -> dict[str, Any]:
+    (row,) = store.read_partition("student_checkpoints", {"student": student, "recipe": BASELINE_RECIPE}).to_pylist()
+    return {"input": 0, "output": 1, "flagged": 0, "reasons": {}, "detail": f"{student}: untrained {row['base_model']} (the baseline)"}
+
+
+def _checkpoint_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
+    keys = student_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
+    return expected_checkpoint_id(config, store, keys["student"], keys["recipe"]) or "no subset yet"
+
+
+def _checkpoint_counts(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:
+    recipe, student = partition.split("|")
+    (row,) = store.read_partition("student_checkpoints", {"student": student, "recipe": recipe}).to_pylist()
+    detail = (f"{student} on {recipe}: loss {row['initial_loss']:.3f} -> {row['final_loss']:.3f} over {row['steps']} steps, "
+              f"{row['tokens_per_s']} tokens/s ({row['launcher']}); checkpoint {row['checkpoint_id'][:12]}"
+              + (" reused" if metadata.get("reused") else ""))
+    return {"input": row["examples"], "output": 1, "flagged": 0, "reasons": {}, "detail": detail}
+
+
 STAGES = [
     Stage("seed_pool", SEED_JOB, SEED_POOL_KEY, "seed_pool", lambda config: config.source_names, _seed_fingerprint, _seed_counts,
           (SEED_POOL_KEY, QUARANTINE_KEY, IMAGES_KEY)),
@@ -252,8 +259,12 @@ STAGES = [
           (COT_TRACES_KEY,)),
     Stage("annotations", ANNOTATE_JOB, ANNOTATIONS_KEY, "annotations", _traces_partitions, _annotations_fingerprint, _annotation_counts,
           (ANNOTATIONS_KEY,)),
-    Stage("filtered_set", FILTER_JOB, FILTERED_SET_KEY, "filter_decisions", lambda config: config.source_names, _filter_fingerprint,
+    Stage("filtered_set", FILTER_JOB, FILTERED_SET_KEY, "filter_decisions", lambda config: config.source_names, filter_fingerprint,
           _filter_counts, (FILTERED_SET_KEY,)),
     Stage("sampled_subsets", SUBSET_JOB, SAMPLED_SUBSETS_KEY, "subset_members", lambda config: [r.name for r in config.recipes],
-          _subset_fingerprint, _subset_counts, (SAMPLED_SUBSETS_KEY,)),
+          subset_fingerprint, _subset_counts, (SAMPLED_SUBSETS_KEY,)),
+    Stage("student_baselines", BASELINE_JOB, STUDENT_BASELINES_KEY, "student_checkpoints", lambda config: [s.name for s in config.students],
+          _baseline_fingerprint, _baseline_counts, (STUDENT_BASELINES_KEY,), lambda student: {"student": student, "recipe": BASELINE_RECIPE}),
+    Stage("student_checkpoints", TRAIN_JOB, STUDENT_CHECKPOINTS_KEY, "student_checkpoints", student_partition_keys, _checkpoint_fingerprint,
+          _checkpoint_counts, (STUDENT_CHECKPOINTS_KEY,)),
 ]

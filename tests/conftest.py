@@ -97,18 +97,8 @@ def materialize_source(config, instance, partition: str):
 
 
 def run_checks(config, instance, partition: str) -> dict:
-    """Run only the asset checks for one partition; {check_name: AssetCheckEvaluation}."""
-    import dagster as dg
-
-    from omnithought_dagster.defs import build_definitions
-
-    # A checks-only job has no asset to carry a PartitionsDefinition; the partition travels as a tag.
-    job = dg.define_asset_job("checks_only", selection=dg.AssetSelection.all_asset_checks())
-    defs = dg.Definitions.merge(build_definitions(config), dg.Definitions(jobs=[job]))
-    result = defs.resolve_job_def("checks_only").execute_in_process(
-        tags={"dagster/partition": partition}, instance=instance, raise_on_error=False
-    )
-    return check_evaluations(result)
+    """Run only the seed-stage checks (seed_pool, quarantine) for one source; {check_name: AssetCheckEvaluation}."""
+    return run_partition_checks(config, instance, ["seed_pool", "quarantine"], partition)
 
 
 def check_evaluations(result) -> dict:
@@ -184,16 +174,21 @@ def run_job(config, instance, job: str, partition: str):
     return build_definitions(config).resolve_job_def(job).execute_in_process(partition_key=partition, instance=instance, raise_on_error=False)
 
 
-def run_partition_checks(config, instance, asset: str, partition: str) -> dict:
-    """Only the checks of one asset, for one partition."""
+def run_partition_checks(config, instance, asset: str | list[str], partition: str) -> dict:
+    """Only the checks of the given asset(s), for one partition.
+
+    A checks-only job has no asset to carry a PartitionsDefinition; the partition travels as a tag.
+    """
     import dagster as dg
 
     from omnithought_dagster.defs import build_definitions
 
-    job = dg.define_asset_job(f"{asset}_checks", selection=dg.AssetSelection.checks_for_assets(asset))
+    assets = [asset] if isinstance(asset, str) else asset
+    name = "_".join(assets) + "_checks"
+    job = dg.define_asset_job(name, selection=dg.AssetSelection.checks_for_assets(*assets))
     defs = dg.Definitions.merge(build_definitions(config), dg.Definitions(jobs=[job]))
-    result = defs.resolve_job_def(f"{asset}_checks").execute_in_process(tags={"dagster/partition": partition}, instance=instance,
-                                                                        raise_on_error=False)
+    result = defs.resolve_job_def(name).execute_in_process(tags={"dagster/partition": partition}, instance=instance,
+                                                          raise_on_error=False)
     return check_evaluations(result)
 
 

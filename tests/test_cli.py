@@ -46,7 +46,7 @@ def test_demo_runs_everything_then_is_idempotent(demo_project):
     assert first.count(" ran") == 8
     second = runner.invoke(app, ["demo", "--config", str(config)])
     assert second.exit_code == 0, second.output
-    assert second.output.count("up to date") == 8  # nothing changed: every partition skipped
+    assert second.output.count("up to date") == 8, second.output  # nothing changed: every partition skipped
     forced = runner.invoke(app, ["demo", "--config", str(config), "--force"])
     assert forced.exit_code == 0 and "up to date" not in forced.output
 

@@ -19,7 +19,8 @@ def test_definitions_snapshot_from_the_demo_config():
     defs = build_definitions(load_config(REPO / "omnithought.yaml"))
     graph = defs.resolve_asset_graph()
     specs = {key.to_user_string(): graph.get(key) for key in graph.get_all_asset_keys()}
-    assert sorted(specs) == ["annotations", "cot_traces", "filtered_set", "images", "quarantine", "sampled_subsets", "seed_pool"]
+    assert sorted(specs) == ["annotations", "cot_traces", "filtered_set", "images", "quarantine", "sampled_subsets", "seed_pool",
+                             "student_baselines", "student_checkpoints"]
     assert specs["filtered_set"].partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
     assert specs["sampled_subsets"].partitions_def.get_partition_keys() == ["balanced", "hard-long"]
     for name in ("images", "quarantine", "seed_pool"):
@@ -36,6 +37,11 @@ def test_definitions_snapshot_from_the_demo_config():
     assert annotations.group_name == "annotate" and annotations.partitions_def == traces.partitions_def
     assert {k.to_user_string() for k in annotations.parent_keys} == {"cot_traces", "seed_pool"}
     assert "parquet" in specs["seed_pool"].kinds
+    students = specs["student_checkpoints"]
+    assert students.partitions_def.get_partition_keys() == ["balanced|tiny", "hard-long|tiny"]
+    assert graph.get_partition_mapping(students.key, specs["sampled_subsets"].key).partition_dimension_name == "recipe"
+    assert students.assets_def.op.pool == "gpu" and "deepspeed" in students.kinds
+    assert specs["student_baselines"].partitions_def.get_partition_keys() == ["tiny"]
     checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
     assert checks == [
         "annotations:every_trace_annotated",
@@ -62,12 +68,15 @@ def test_definitions_snapshot_from_the_demo_config():
         "seed_pool:required_columns_present",
         "seed_pool:row_accounting",
         "seed_pool:sample_id_unique",
+        "student_baselines:loads_and_generates",
+        "student_checkpoints:loads_and_generates",
+        "student_checkpoints:loss_decreased",
     ]
     assert all(graph.get_check_spec(k).blocking for k in graph.asset_check_keys)
     schema = specs["seed_pool"].metadata["dagster/column_schema"]
     assert [c.name for c in schema.columns][:3] == ["sample_id", "source", "native_id"]
     assert defs.resolve_job_def(SEED_JOB).partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
-    assert set(defs.resources) == {"project", "store", "teacher", "judge"}
+    assert set(defs.resources) == {"project", "store", "teacher", "judge", "pipes_subprocess_client"}
 
 
 def test_teacher_step_is_a_gpu_step(project):

@@ -193,13 +193,12 @@ class TransformersBackend:
     def _load(self):
         if self._loaded is None:
             import torch
-            from transformers import AutoModelForImageTextToText, AutoTokenizer
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+            from transformers import AutoModelForImageTextToText
 
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-            processor = Qwen2VLImageProcessorPil.from_pretrained(self.model_dir)
+            from omnithought_dagster.models.vl_chat import VLTokenizer
+
             model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device).eval()
-            self._loaded = (tokenizer, processor, model)
+            self._loaded = (VLTokenizer.load(self.model_dir), model)
         return self._loaded
 
     async def aclose(self) -> None:
@@ -217,7 +216,7 @@ class TransformersBackend:
         import torch
         from PIL import Image
 
-        tokenizer, processor, model = self._load()
+        vl, model = self._load()
         images, messages = [], []
         for message in request.messages:
             content = message["content"]
@@ -232,31 +231,21 @@ class TransformersBackend:
                         parts.append(part)
                 content = parts
             messages.append({"role": message["role"], "content": content})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs: dict[str, Any] = {}
-        if images:
-            features = processor(images=images, return_tensors="pt")
-            merge = processor.merge_size ** 2
-            pieces = text.split("<|image_pad|>")
-            text = pieces[0] + "".join("<|image_pad|>" * (int(grid.prod()) // merge) + piece
-                                       for grid, piece in zip(features["image_grid_thw"], pieces[1:], strict=True))
-            inputs.update(pixel_values=features["pixel_values"].to(self.device), image_grid_thw=features["image_grid_thw"].to(self.device))
-        encoded = tokenizer(text, return_tensors="pt").to(self.device)
-        inputs.update(encoded)
-        inputs["mm_token_type_ids"] = (encoded["input_ids"] == model.config.image_token_id).long()
+        inputs = {k: v.to(self.device) for k, v in vl.encode_prompt(messages, images).items()}
         if request.seed is not None:
             torch.manual_seed(request.seed)
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
                                     temperature=max(request.temperature, 1e-5), top_p=request.top_p)
-        generated = output[0, encoded["input_ids"].shape[1]:]
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        generated = output[0, prompt_tokens:]
         eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])
         stopped = len(generated) > 0 and int(generated[-1]) in eos
         return Completion(
             key=request.key,
-            text=tokenizer.decode(generated, skip_special_tokens=True),
+            text=vl.tokenizer.decode(generated, skip_special_tokens=True),
             finish_reason="stop" if stopped or len(generated) < request.max_tokens else "length",
-            n_prompt_tokens=int(encoded["input_ids"].shape[1]),
+            n_prompt_tokens=prompt_tokens,
             n_tokens=int(len(generated)),
             latency_s=time.monotonic() - start,
         )

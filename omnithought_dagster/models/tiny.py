@@ -76,8 +76,11 @@ class TinySpec:
 
 
 TINY_TEACHER = TinySpec(name="tiny-qwen2vl-teacher", family="qwen2_vl", seed=1)
+# The student: one layer and a narrower MLP (~0.2M parameters), the same tokenizer as the
+# teacher (same corpus and vocabulary size), so the teacher's traces tokenize identically.
+TINY_STUDENT = TinySpec(name="tiny-qwen2vl-student", family="qwen2_vl", layers=1, intermediate_size=96, vision_depth=1, seed=2)
 # `model: tiny:<key>` in the project file names one of these.
-TINY_MODELS: dict[str, TinySpec] = {"teacher": TINY_TEACHER}
+TINY_MODELS: dict[str, TinySpec] = {"teacher": TINY_TEACHER, "student": TINY_STUDENT}
 
 
 def build_tiny_model(spec: TinySpec, folder: str | Path) -> Path:

@@ -14,6 +14,7 @@ the new one, never a mix or a half-written file.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class CorpusStore:
         self.fs: pafs.FileSystem = filesystem
         self.root = root_path.rstrip("/")
         self.images = ImageStore(self)
+        self.checkpoints = CheckpointStore(self)
 
     @property
     def is_local(self) -> bool:
@@ -244,6 +246,58 @@ class ImageStore:
             for info in self._store._list_files(self._store.path("images"))
             if not info.base_name.startswith(".")
         }
+
+
+class CheckpointStore:
+    """Model folders under checkpoints/<checkpoint_id>/, committed by a manifest written last.
+
+    A folder without its manifest is an interrupted upload: it does not exist for readers and
+    the next put replaces it.
+    """
+
+    MANIFEST = "omnithought_checkpoint.json"
+
+    def __init__(self, store: CorpusStore):
+        self._store = store
+
+    def path(self, checkpoint_id: str) -> str:
+        return self._store.path("checkpoints", checkpoint_id)
+
+    def uri(self, checkpoint_id: str) -> str:
+        return self._store._uri(self.path(checkpoint_id))
+
+    def exists(self, checkpoint_id: str) -> bool:
+        return self._store.fs.get_file_info(f"{self.path(checkpoint_id)}/{self.MANIFEST}").type == pafs.FileType.File
+
+    def manifest(self, checkpoint_id: str) -> dict | None:
+        if not self.exists(checkpoint_id):
+            return None
+        with self._store.fs.open_input_stream(f"{self.path(checkpoint_id)}/{self.MANIFEST}") as stream:
+            return json.loads(stream.read())
+
+    def put(self, checkpoint_id: str, folder: str | Path, manifest: dict) -> str:
+        """Upload a local model folder, then its manifest; returns the checkpoint's URI."""
+        fs, target = self._store.fs, self.path(checkpoint_id)
+        if fs.get_file_info(target).type != pafs.FileType.NotFound:
+            fs.delete_dir(target)
+        fs.create_dir(target, recursive=True)
+        pafs.copy_files(str(Path(folder).resolve()), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        with fs.open_output_stream(f"{target}/{self.MANIFEST}") as out:
+            out.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+        return self.uri(checkpoint_id)
+
+    def local_dir(self, checkpoint_id: str, cache_dir: str | Path) -> Path:
+        """A local folder holding the checkpoint: the store's own on a local store, else a downloaded copy."""
+        if not self.exists(checkpoint_id):
+            raise StoreError(f"checkpoint {checkpoint_id} is not in the store")
+        if self._store.is_local:
+            return Path(self.path(checkpoint_id))
+        local = Path(cache_dir) / checkpoint_id
+        if not (local / self.MANIFEST).is_file():
+            local.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(self.path(checkpoint_id), str(local), source_filesystem=self._store.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        return local
 
 
 def _partition_keys(spec: TableSpec, partition: str | Mapping[str, str]) -> dict[str, str]:

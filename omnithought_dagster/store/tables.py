@@ -201,8 +201,37 @@ SUBSET_MEMBERS = TableSpec(
     ),
 )
 
+STUDENT_CHECKPOINTS = TableSpec(
+    name="student_checkpoints",
+    description="One student model per (student, recipe): a fine-tuned checkpoint, or (recipe `base`) the untrained baseline.",
+    partition_by=("student", "recipe"),
+    primary_key=("checkpoint_id",),
+    columns=(
+        Column("checkpoint_id", pa.string(), "hash of the base model, subset_version and train_config_hash (baseline: of the base model)", False),
+        Column("student", pa.string(), "student name from the project file (a partition key)", False),
+        Column("recipe", pa.string(), "the recipe whose subset trained it; `base` for the untrained baseline (a partition key)", False),
+        Column("baseline", pa.bool_(), "true for the untrained base model", False),
+        Column("base_model", pa.string(), "the student's base model (path, hub id or tiny:<name>)", False),
+        Column("base_fingerprint", pa.string(), "fingerprint of the base model's files or name", False),
+        Column("subset_version", pa.string(), "the subset trained on (null for the baseline)"),
+        Column("train_config_hash", pa.string(), "hash of the training settings (null for the baseline)"),
+        Column("uri", pa.string(), "the HF-format model folder (checkpoints/<checkpoint_id>/ in the store; the base model's own for a baseline)", False),
+        Column("examples", pa.int64(), "training examples in the subset export"),
+        Column("steps", pa.int64(), "optimizer steps"),
+        Column("samples_seen", pa.int64(), "examples consumed, all ranks (repeats across epochs count)"),
+        Column("tokens_seen", pa.int64(), "input tokens consumed, all ranks"),
+        Column("initial_loss", pa.float64(), "mean loss of the first steps"),
+        Column("final_loss", pa.float64(), "mean loss of the last steps"),
+        Column("tokens_per_s", pa.float64(), "training throughput, all ranks"),
+        Column("train_seconds", pa.float64(), "wall time of the training loop"),
+        Column("launcher", pa.string(), "deepspeed | torchrun, with its world size"),
+        Column("created_at", pa.string(), "UTC ISO time the checkpoint was written", False),
+    ),
+)
+
 TABLES: dict[str, TableSpec] = {
-    spec.name: spec for spec in (SEED_POOL, QUARANTINE, IMAGES, COT_TRACES, ANNOTATIONS, FILTER_DECISIONS, SUBSET_MEMBERS)
+    spec.name: spec for spec in (SEED_POOL, QUARANTINE, IMAGES, COT_TRACES, ANNOTATIONS, FILTER_DECISIONS, SUBSET_MEMBERS,
+                                 STUDENT_CHECKPOINTS)
 }
 
 # Views the catalog derives from the tables (name -> SQL over them).

@@ -1,0 +1,188 @@
+"""student_checkpoints: one student per (student, recipe), fine-tuned by DeepSpeed in its own process.
+The asset exports the recipe's subset, writes the run's spec and launches the trainer through
+Dagster Pipes (`deepspeed` or `torchrun`, from the training interpreter), so the same asset
+drives one CPU process here and N GPUs x M nodes elsewhere; rank 0 reports the loss curve,
+tokens/s and samples seen. The checkpoint goes to the store under its checkpoint_id (base
+model + subset_version + training settings): the same inputs find it there and train nothing.
+student_baselines registers each student's untrained base model (the `base` rows of the same
+table), so every score has a delta.
+"""
+
+
+import json
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+
+from omnithought_dagster.assets.curate import SAMPLED_SUBSETS_KEY
+from omnithought_dagster.assets.metadata import column_schema
+from omnithought_dagster.assets.teacher import GPU_POOL
+from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig, TrainingConfig
+from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
+from omnithought_dagster.store import CorpusStore, table_spec
+from omnithought_dagster.train.launch import checkpoint_id, launcher_command, resolve_student, train_config_hash, training_spec
+
+STUDENT_GROUP = "student"
+STUDENT_CHECKPOINTS_KEY = dg.AssetKey("student_checkpoints")
+STUDENT_BASELINES_KEY = dg.AssetKey("student_baselines")
+STUDENT_CODE_VERSION = "student_checkpoints-v1"
+
+
+def student_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
+    """student x recipe (the recipe dimension is sampled_subsets' own partitions)."""
+    from omnithought_dagster.assets.curate import recipe_partitions
+
+    return dg.MultiPartitionsDefinition({"student": baseline_partitions(config), "recipe": recipe_partitions(config)})
+
+
+def baseline_partitions(config: ProjectConfig) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition([s.name for s in config.students])
+
+
+def student_partition_keys(config: ProjectConfig) -> list[str]:
+    """The (student, recipe) partitions that are trained (a student may be limited to some recipes)."""
+    return [str(dg.MultiPartitionKey({"student": s.name, "recipe": r}))
+            for s in config.students for r in config.student_recipes(s.name) if r != BASELINE_RECIPE]
+
+
+def expected_checkpoint_id(config: ProjectConfig, store: CorpusStore, student: str, recipe: str) -> str | None:
+    """The checkpoint_id the partition would have now (None while its subset is missing): its input fingerprint."""
+    _, base_fingerprint = resolve_student(config.student(student), config.models_dir)
+    if recipe == BASELINE_RECIPE:
+        return checkpoint_id(base_fingerprint, None, None)
+    members = store.read_partition("subset_members", recipe, columns=["subset_version"])
+    if members is None or members.num_rows == 0:
+        return None
+    return checkpoint_id(base_fingerprint, members.column("subset_version")[0].as_py(), train_config_hash(config.training))
+
+
+def training_op_tags(training: TrainingConfig) -> dict:
+    """Kubernetes GPU requests for the trainer's node (none on CPU)."""
+    if training.nproc_per_node <= 1 and not training.gpus:
+        return {}
+    gpus = str(training.nproc_per_node)
+    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}}}}}
+
+
+def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
+    if not config.students:
+        return []
+
+    @dg.asset(
+        key=STUDENT_BASELINES_KEY,
+        partitions_def=baseline_partitions(config),
+        group_name=STUDENT_GROUP,
+        kinds={"pytorch"},
+        code_version=STUDENT_CODE_VERSION,
+        tags={"stage": "student", "compute": "cpu"},
+        metadata={"dagster/column_schema": column_schema(table_spec("student_checkpoints")), "table": "student_checkpoints"},
+    )
+    def student_baselines(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource) -> dg.MaterializeResult:
+        """A student's untrained base model, as the `base` row of student_checkpoints: what every score's delta is taken against."""
+        cfg = project.config
+        student = cfg.student(context.partition_key)
+        model_dir, base_fingerprint = resolve_student(student, cfg.models_dir)
+        row = _row(checkpoint_id(base_fingerprint, None, None), student.name, BASELINE_RECIPE, student.model, base_fingerprint, None, None,
+                   model_dir)
+        return _result(store.open(), row, reused=False, extra={})
+
+    if not config.recipes:
+        return [student_baselines]
+
+    @dg.asset(
+        key=STUDENT_CHECKPOINTS_KEY,
+        partitions_def=student_partitions(config),
+        deps=[dg.AssetDep(SAMPLED_SUBSETS_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="recipe"))],
+        group_name=STUDENT_GROUP,
+        kinds={"deepspeed", "pytorch"},
+        code_version=STUDENT_CODE_VERSION,
+        pool=GPU_POOL,
+        op_tags=training_op_tags(config.training),
+        tags={"stage": "student", "compute": "gpu"},
+        metadata={"dagster/column_schema": column_schema(table_spec("student_checkpoints")), "table": "student_checkpoints"},
+    )
+    def student_checkpoints(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource,
+                            pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+        """A student fine-tuned on one recipe's subset: SFT with DeepSpeed ZeRO in its own process, reporting through Pipes."""
+        cfg = project.config
+        keys = context.partition_key.keys_by_dimension
+        student, recipe = cfg.student(keys["student"]), keys["recipe"]
+        if recipe not in cfg.student_recipes(student.name):
+            raise dg.Failure(description=f"student {student.name!r} is not trained on recipe {recipe!r} (students[].recipes)")
+        corpus = store.open()
+        model_dir, base_fingerprint = resolve_student(student, cfg.models_dir)
+        subset_version = _subset_version(corpus, recipe)
+        config_hash = train_config_hash(cfg.training)
+        ckpt = checkpoint_id(base_fingerprint, subset_version, config_hash)
+        manifest = corpus.checkpoints.manifest(ckpt)
+        if manifest is not None:
+            context.log.info(f"checkpoint {ckpt[:12]} already in the store (same base, subset {subset_version[:12]}, settings): not retrained")
+            return _result(corpus, manifest["row"], reused=True, extra={})
+
+        work = Path(cfg.training.work_dir) / ckpt
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            from omnithought_dagster.curation.export import ExportError, export_subset
+
+            try:
+                export = export_subset(corpus, recipe, "llamafactory", work / "data")
+            except ExportError as exc:
+                raise dg.Failure(description=str(exc)) from exc
+            spec_path = work / "spec.json"
+            spec_path.write_text(json.dumps(training_spec(model_dir, work / "data", work / "model", cfg.training), indent=2))
+            command = launcher_command(cfg.training, spec_path)
+            context.log.info(f"training {student.name} on {recipe} ({export.examples} examples): {' '.join(command)}")
+            env = {**cfg.training.env, "OMP_NUM_THREADS": cfg.training.env.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+            if cfg.training.gpus is not None:
+                env["CUDA_VISIBLE_DEVICES"] = cfg.training.gpus
+            started = time.monotonic()
+            invocation = pipes_subprocess_client.run(command=command, context=context, env=env, cwd=str(work))
+            reported = {k: getattr(v, "value", v) for k, v in invocation.get_materialize_result().metadata.items()}
+            context.log.info(f"trainer finished in {time.monotonic() - started:.1f} s")
+            if not (work / "model" / "config.json").is_file():
+                raise dg.Failure(description=f"the trainer exited without writing a model to {work / 'model'}")
+            row = _row(ckpt, student.name, recipe, student.model, base_fingerprint, subset_version, config_hash, corpus.checkpoints.uri(ckpt),
+                       examples=reported.get("examples"), steps=reported.get("steps"), samples_seen=reported.get("samples_seen"),
+                       tokens_seen=reported.get("tokens_seen"), initial_loss=reported.get("initial_loss"), final_loss=reported.get("final_loss"),
+                       tokens_per_s=reported.get("tokens_per_s"), train_seconds=reported.get("train_seconds"),
+                       launcher=f"{cfg.training.launcher} x{reported.get('world_size', '?')}")
+            corpus.checkpoints.put(ckpt, work / "model", {"row": row, "train_spec": json.loads(spec_path.read_text()),
+                                                          "export": {"examples": export.examples, "images": export.images}})
+            loss_curve = reported.get("loss_curve")
+            return _result(corpus, row, reused=False, extra={"loss_curve": dg.MetadataValue.md(loss_curve)} if loss_curve else {})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    return [student_baselines, student_checkpoints]
+
+
+def _subset_version(corpus: CorpusStore, recipe: str) -> str:
+    members = corpus.read_partition("subset_members", recipe, columns=["subset_version"])
+    if members is None or members.num_rows == 0:
+        raise dg.Failure(description=f"subset_members[{recipe}] is missing or empty: materialise sampled_subsets[{recipe}] first")
+    return members.column("subset_version")[0].as_py()
+
+
+def _row(ckpt: str, student: str, recipe: str, base_model: str, base_fingerprint: str, subset_version: str | None, config_hash: str | None,
+         uri: str, **stats) -> dict:
+    return {"checkpoint_id": ckpt, "student": student, "recipe": recipe, "baseline": subset_version is None, "base_model": base_model,
+            "base_fingerprint": base_fingerprint, "subset_version": subset_version, "train_config_hash": config_hash, "uri": uri,
+            **{k: stats.get(k) for k in ("examples", "steps", "samples_seen", "tokens_seen", "initial_loss", "final_loss", "tokens_per_s",
+                                         "train_seconds", "launcher")},
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _result(corpus: CorpusStore, row: dict, *, reused: bool, extra: dict) -> dg.MaterializeResult:
+    written = corpus.write_partition("student_checkpoints", {"student": row["student"], "recipe": row["recipe"]},
+                                     pa.Table.from_pylist([row], schema=table_spec("student_checkpoints").schema))
+    shown = {k: v for k, v in row.items() if v is not None and k not in {"student", "recipe"}}
+    return dg.MaterializeResult(
+        metadata={"dagster/row_count": 1, **shown, "input_fingerprint": row["checkpoint_id"], "reused": reused, "checkpoint": dg.MetadataValue.path(row["uri"]),
+                  "path": dg.MetadataValue.path(written.uri), **extra},
+        data_version=dg.DataVersion(row["checkpoint_id"]),
+    )

@@ -1,0 +1,88 @@
+"""Asset checks on student_checkpoints (per student x recipe); each re-reads the store."""
+
+import dagster as dg
+
+from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, baseline_partitions, student_partitions
+from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
+from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
+
+LOSS_DECREASED = "loss_decreased"
+LOADS_AND_GENERATES = "loads_and_generates"
+GENERATE_TOKENS = 8
+
+
+def build_student_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
+    baselines = baseline_partitions(config)
+
+    @dg.asset_check(asset=STUDENT_BASELINES_KEY, name=LOADS_AND_GENERATES, partitions_def=baselines, blocking=True)
+    def baseline_loads_and_generates(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource) -> dg.AssetCheckResult:
+        """The base model loads with from_pretrained and generates from an image + question."""
+        table = store.open().read_partition("student_checkpoints", {"student": context.partition_key, "recipe": BASELINE_RECIPE})
+        row = table.to_pylist()[0] if table is not None and table.num_rows else None
+        return _probe(store, row, context.partition_key, None)
+
+    if not config.recipes:
+        return [baseline_loads_and_generates]
+    partitions = student_partitions(config)
+
+    @dg.asset_check(asset=STUDENT_CHECKPOINTS_KEY, name=LOSS_DECREASED, partitions_def=partitions, blocking=True)
+    def loss_decreased(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource) -> dg.AssetCheckResult:
+        """The mean loss of the last steps is below that of the first steps."""
+        row = _row(store, context, partitions)
+        if row is None:
+            return dg.AssetCheckResult(passed=False, description=f"student_checkpoints[{context.partition_key}] is missing")
+        initial, final = row["initial_loss"], row["final_loss"]
+        passed = initial is not None and final is not None and final < initial
+        return dg.AssetCheckResult(
+            passed=passed, metadata={"initial_loss": initial, "final_loss": final, "steps": row["steps"]},
+            description=None if passed else f"loss did not decrease: first steps {initial}, last steps {final}",
+        )
+
+    @dg.asset_check(asset=STUDENT_CHECKPOINTS_KEY, name=LOADS_AND_GENERATES, partitions_def=partitions, blocking=True)
+    def loads_and_generates(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource,
+                            project: ProjectResource) -> dg.AssetCheckResult:
+        """The checkpoint loads with from_pretrained and generates from an image + question."""
+        return _probe(store, _row(store, context, partitions), context.partition_key, project.config.training.work_dir)
+
+    return [baseline_loads_and_generates, loss_decreased, loads_and_generates]
+
+
+def _probe(store: CorpusStoreResource, row: dict | None, partition: str, cache_dir: str | None) -> dg.AssetCheckResult:
+    if row is None:
+        return dg.AssetCheckResult(passed=False, description=f"student_checkpoints[{partition}] is missing")
+    try:
+        folder = row["uri"] if row["baseline"] else str(store.open().checkpoints.local_dir(row["checkpoint_id"], cache_dir))
+        tokens = generate_probe(folder)
+    except Exception as exc:  # the check's verdict is the failure itself
+        return dg.AssetCheckResult(passed=False, metadata={"checkpoint_id": row["checkpoint_id"]},
+                                   description=f"{type(exc).__name__}: {str(exc)[:500]}")
+    return dg.AssetCheckResult(passed=tokens > 0, metadata={"checkpoint_id": row["checkpoint_id"], "generated_tokens": tokens},
+                               description=None if tokens else "generated no tokens")
+
+
+def generate_probe(folder: str) -> int:
+    """Load a model folder and greedily generate a few tokens for an image and a question."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from transformers.utils import logging as hf_logging
+
+    from omnithought_dagster.models.vl_chat import VLTokenizer
+
+    hf_logging.disable_progress_bar()
+    vl = VLTokenizer.load(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    image = Image.new("RGB", (112, 112), (200, 40, 40))
+    inputs = vl.encode_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}], [image])
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=GENERATE_TOKENS, do_sample=False)
+    return int(output.shape[1] - inputs["input_ids"].shape[1])
+
+
+def _row(store: CorpusStoreResource, context, partitions: dg.MultiPartitionsDefinition) -> dict | None:
+    key = context.partition_key
+    if not isinstance(key, dg.MultiPartitionKey):  # a run tagged with the key as a plain string
+        key = partitions.get_partition_key_from_str(key)
+    table = store.open().read_partition("student_checkpoints", dict(key.keys_by_dimension))
+    return table.to_pylist()[0] if table is not None and table.num_rows else None

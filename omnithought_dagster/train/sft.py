@@ -1,0 +1,248 @@
+"""Supervised fine-tuning of a Qwen-VL student with DeepSpeed ZeRO: the training process.
+
+Launched by the student_checkpoints asset through Dagster Pipes, under the `deepspeed` or
+`torchrun` launcher, never inside the Dagster process:
+
+    deepspeed --num_gpus N [--num_nodes M --hostfile H] --module omnithought_dagster.train.sft --spec spec.json
+
+`spec.json` names the base model folder, the exported subset (LLaMA-Factory format:
+data.json + images/), the output folder and the training settings. Every rank trains; only
+rank 0 opens the Pipes channel and reports to Dagster (loss curve, tokens/s, samples seen,
+where the checkpoint is). The loss covers only the assistant's reply (the teacher's
+`<think>...</think>` reasoning and its answer line, end-of-turn token included). The output
+is an HF model folder (from_pretrained and vLLM load it) plus train_log.json.
+
+Imports only torch, transformers, deepspeed, dagster-pipes and this package's Dagster-free
+modules, so it runs from any environment that has those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+LOSS_WINDOW = 3  # steps averaged for the initial and final loss
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help="the run's JSON spec (written by the asset)")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    spec = json.loads(Path(args.spec).read_text())
+    _default_single_process_env()
+    rank = int(os.environ["RANK"])
+    pipes = _open_pipes() if rank == 0 else nullcontext(None)
+    with pipes as channel:
+        report = _Reporter(channel)
+        result = train(spec, report)
+        if channel is not None:
+            channel.report_asset_materialization(metadata=result["metadata"])
+    return 0
+
+
+def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
+    import deepspeed
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, DistributedSampler
+    from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    from omnithought_dagster.models.vl_chat import VLTokenizer, user_content
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    settings = spec["training"]
+    deepspeed.init_distributed(dist_backend=spec.get("dist_backend") or ("nccl" if torch.cuda.is_available() else "gloo"))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.manual_seed(settings["seed"])
+
+    model_dir, data_dir, out_dir = Path(spec["model_dir"]), Path(spec["data_dir"]), Path(spec["output_dir"])
+    vl = VLTokenizer.load(model_dir)
+    examples, skipped = [], 0
+    for record in json.loads((data_dir / "data.json").read_text()):
+        images = [Image.open(data_dir / path) for path in record["images"]]
+        user, assistant = record["messages"][0]["content"], record["messages"][-1]["content"]
+        messages = [{"role": "user", "content": user_content(user, len(images))}, {"role": "assistant", "content": assistant}]
+        encoded = vl.encode_example(messages, images, settings["max_length"])
+        if encoded is None:
+            skipped += 1
+            continue
+        examples.append(encoded)
+    if not examples:
+        raise SystemExit(f"no trainable examples in {data_dir} ({skipped} prompts longer than max_length {settings['max_length']})")
+    report.log(f"rank {rank}/{world}: {len(examples)} examples ({skipped} skipped: prompt over max_length)")
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    ds_config = deepspeed_config(settings)
+    optimizer = None
+    if not settings["offload_optimizer"]:
+        # A client optimizer needs no compiled DeepSpeed op; ZeRO shards its states all the same.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           model_parameters=None if optimizer else model.parameters())
+    sampler = DistributedSampler(examples, num_replicas=world, rank=rank, shuffle=True, seed=settings["seed"])
+    loader = DataLoader(examples, batch_size=settings["micro_batch_size"], sampler=sampler, collate_fn=vl.collate)
+
+    accumulation = settings["gradient_accumulation_steps"]
+    losses: list[float] = []
+    samples = tokens = 0
+    epoch, step, micro = 0, 0, 0
+    window: list[float] = []
+    started = time.monotonic()
+    engine.train()
+    while step < settings["max_steps"]:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            window.append(float(loss.detach()))
+            samples += int(batch["input_ids"].shape[0])
+            tokens += int(batch["attention_mask"].sum())
+            micro += 1
+            if micro % accumulation == 0:
+                step += 1
+                losses.append(_mean_across_ranks(sum(window) / len(window)))
+                window = []
+                if step == 1 or step % max(1, settings["max_steps"] // 10) == 0 or step == settings["max_steps"]:
+                    report.log(f"step {step}/{settings['max_steps']} loss {losses[-1]:.4f}")
+                if step >= settings["max_steps"]:
+                    break
+        epoch += 1
+    seconds = time.monotonic() - started
+    samples, tokens = _sum_across_ranks(samples), _sum_across_ranks(tokens)
+
+    _save(engine, model, settings, model_dir, out_dir, rank)
+    initial, final = _mean(losses[:LOSS_WINDOW]), _mean(losses[-LOSS_WINDOW:])
+    log = {
+        "losses": losses, "initial_loss": initial, "final_loss": final, "steps": step, "epochs": epoch, "examples": len(examples),
+        "skipped_examples": skipped, "samples_seen": samples, "tokens_seen": tokens, "train_seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "world_size": world, "deepspeed": ds_config,
+    }
+    if rank == 0:
+        (out_dir / "train_log.json").write_text(json.dumps(log, indent=2))
+    metadata = {
+        "output_dir": str(out_dir), "steps": step, "examples": len(examples), "skipped_examples": skipped, "samples_seen": samples,
+        "tokens_seen": tokens, "initial_loss": initial, "final_loss": final, "tokens_per_s": log["tokens_per_s"],
+        "train_seconds": log["train_seconds"], "world_size": world,
+        "loss_curve": {"raw_value": _loss_table(losses), "type": "md"},
+    }
+    return {"log": log, "metadata": metadata}
+
+
+def deepspeed_config(settings: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config of a run's settings (the batch sizes, ZeRO stage, offload and precision)."""
+    zero: dict[str, Any] = {"stage": settings["zero_stage"]}
+    if settings["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if settings["zero_stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": settings["micro_batch_size"],
+        "gradient_accumulation_steps": settings["gradient_accumulation_steps"],
+        "gradient_clipping": settings["gradient_clipping"],
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": settings["precision"] == "bf16"},
+        "fp16": {"enabled": settings["precision"] == "fp16"},
+    }
+    if settings["offload_optimizer"]:
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": settings["learning_rate"], "weight_decay": settings["weight_decay"]}}
+    if settings["warmup_steps"]:
+        config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": settings["learning_rate"],
+                                                              "warmup_num_steps": settings["warmup_steps"]}}
+    return config
+
+
+def _save(engine, model, settings: dict, model_dir: Path, out_dir: Path, rank: int) -> None:
+    """Rank 0 writes an HF folder: weights (gathered from the ranks under ZeRO-3), tokenizer, processor files."""
+    state = engine._zero3_consolidated_16bit_state_dict() if settings["zero_stage"] == 3 else None  # every rank takes part
+    if rank != 0:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module = engine.module
+    module.config.use_cache = True
+    module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    for name in os.listdir(model_dir):  # tokenizer, chat template, image processor: everything but the weights and configs
+        if not (name.endswith(".safetensors") or name.endswith(".bin") or name in {"config.json", "generation_config.json"}
+                or name.endswith(".index.json") or name.startswith(".") or name == "omnithought_tiny_model.json"):
+            source = model_dir / name
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, out_dir / name)
+
+
+def _default_single_process_env() -> None:
+    """A plain `python -m` run is a world of one (the launchers set these for every rank)."""
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": os.environ.get("MASTER_PORT", "29511")}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def _open_pipes():
+    if "DAGSTER_PIPES_CONTEXT" not in os.environ:
+        return nullcontext(None)  # run by hand: no Dagster to report to
+    from dagster_pipes import open_dagster_pipes
+
+    return open_dagster_pipes()
+
+
+class _Reporter:
+    def __init__(self, channel):
+        self.channel = channel
+
+    def log(self, message: str) -> None:
+        if self.channel is not None:
+            self.channel.log.info(message)
+        elif int(os.environ.get("RANK", "0")) == 0:
+            print(message, flush=True)
+
+
+def _mean_across_ranks(value: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
+
+
+def _sum_across_ranks(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor)
+    return int(tensor)
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if math.isfinite(v)]
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def _loss_table(losses: list[float]) -> str:
+    """A markdown table of the loss curve (at most ~20 rows)."""
+    every = max(1, len(losses) // 20)
+    rows = [(i + 1, loss) for i, loss in enumerate(losses) if i % every == 0 or i == len(losses) - 1]
+    return "| step | loss |\n| ---: | ---: |\n" + "\n".join(f"| {step} | {loss:.4f} |" for step, loss in rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

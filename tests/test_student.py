@@ -1,0 +1,129 @@
+"""student_checkpoints: the SFT trainer really stepping under DeepSpeed, launched through Pipes; ids, reuse, checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import check_evaluations, materializations, rewrite_partition, run_job, run_partition_checks, write_config
+from curation_data import build_store
+from omnithought_dagster.config import TrainingConfig, load_config
+from omnithought_dagster.defs import BASELINE_JOB, FILTER_JOB, SUBSET_JOB, TRAIN_JOB
+from omnithought_dagster.store import CorpusStore
+from omnithought_dagster.train.launch import checkpoint_id, launcher_command, train_config_hash
+from omnithought_dagster.train.sft import deepspeed_config
+
+RECIPE = {"name": "even", "size": 12, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}, "max_tag_share": 0.5}
+TRAINING = {"launcher": "deepspeed", "zero_stage": 2, "micro_batch_size": 4, "learning_rate": 0.005, "max_steps": 8, "max_length": 1024}
+
+
+def _project(tmp_path, **training):
+    build_store(tmp_path / "store", n_samples=24)
+    path = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}], recipes=[RECIPE],
+                        students=[{"name": "tiny", "model": "tiny:student"}], training={**TRAINING, **training})
+    return load_config(path)
+
+
+@pytest.fixture
+def trained(tmp_path, instance):
+    """The base and one fine-tuned student of a small curated project."""
+    config = _project(tmp_path)
+    assert run_job(config, instance, FILTER_JOB, "synthetic").success
+    assert run_job(config, instance, SUBSET_JOB, "even").success
+    base = run_job(config, instance, BASELINE_JOB, "tiny")
+    even = run_job(config, instance, TRAIN_JOB, "even|tiny")
+    return config, CorpusStore(config.store.root), base, even
+
+
+@pytest.mark.slow
+def test_training_steps_lowers_the_loss_and_stores_a_loadable_checkpoint(trained, instance):
+    config, store, base, even = trained
+    assert base.success and even.success
+    meta = materializations(even)["student_checkpoints"]
+    assert meta["steps"] == 8 and meta["examples"] == 12 and meta["samples_seen"] == 32 and meta["reused"] is False
+    assert meta["final_loss"] < meta["initial_loss"] and meta["tokens_per_s"] > 0 and "| step | loss |" in meta["loss_curve"]
+    assert {name: c.passed for name, c in check_evaluations(even).items()} == {"loss_decreased": True, "loads_and_generates": True}
+    assert {name: c.passed for name, c in check_evaluations(base).items()} == {"loads_and_generates": True}
+
+    (row,) = store.read_partition("student_checkpoints", {"student": "tiny", "recipe": "even"}).to_pylist()
+    subset_version = store.read_partition("subset_members", "even").column("subset_version")[0].as_py()
+    assert row["subset_version"] == subset_version and not row["baseline"] and row["launcher"] == "deepspeed x1"
+    assert row["checkpoint_id"] == checkpoint_id(row["base_fingerprint"], subset_version, train_config_hash(config.training))
+    manifest = store.checkpoints.manifest(row["checkpoint_id"])
+    assert manifest["row"]["checkpoint_id"] == row["checkpoint_id"] and manifest["export"]["examples"] == 12
+    folder = store.checkpoints.local_dir(row["checkpoint_id"], config.training.work_dir)
+    log = json.loads((folder / "train_log.json").read_text())
+    assert len(log["losses"]) == 8 and log["deepspeed"]["zero_optimization"]["stage"] == 2
+
+    # The checkpoint round-trips: from_pretrained loads the weights the trainer wrote, and they differ from the base.
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    (base_row,) = store.read_partition("student_checkpoints", {"student": "tiny", "recipe": "base"}).to_pylist()
+    assert base_row["baseline"] and base_row["subset_version"] is None
+    tuned = AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+    untrained = AutoModelForImageTextToText.from_pretrained(base_row["uri"]).state_dict()
+    assert tuned.keys() == untrained.keys() and any(not torch.equal(tuned[k], untrained[k]) for k in tuned)
+
+    # Same base, subset and settings: nothing is trained again, the stored checkpoint is reported.
+    again = run_job(config, instance, TRAIN_JOB, "even|tiny")
+    meta = materializations(again)["student_checkpoints"]
+    assert again.success and meta["reused"] is True and meta["checkpoint_id"] == row["checkpoint_id"]
+
+
+@pytest.mark.slow
+def test_checks_fail_on_a_rising_loss_and_a_broken_checkpoint(trained, instance):
+    config, store, _, even = trained
+    assert even.success
+    partition = {"student": "tiny", "recipe": "even"}
+    rewrite_partition(store, "student_checkpoints", partition, lambda rows: [{**rows[0], "final_loss": rows[0]["initial_loss"] + 1}])
+    (row,) = store.read_partition("student_checkpoints", partition).to_pylist()
+    weights = store.checkpoints.local_dir(row["checkpoint_id"], config.training.work_dir) / "model.safetensors"
+    weights.write_bytes(b"not a safetensors file")
+    checks = run_partition_checks(config, instance, "student_checkpoints", "even|tiny")
+    assert not checks["loss_decreased"].passed and "loss did not decrease" in checks["loss_decreased"].description
+    assert not checks["loads_and_generates"].passed and checks["loads_and_generates"].description
+    store.delete_partition("student_checkpoints", partition)
+    missing = run_partition_checks(config, instance, "student_checkpoints", "even|tiny")
+    assert not missing["loss_decreased"].passed and "missing" in missing["loss_decreased"].description
+
+
+def test_a_recipe_without_a_subset_fails_clearly(tmp_path, instance):
+    config = _project(tmp_path)
+    result = run_job(config, instance, TRAIN_JOB, "even|tiny")
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "materialise sampled_subsets[even] first" in str(failure.event_specific_data.error)
+
+
+def test_checkpoint_ids_name_what_the_weights_depend_on():
+    settings = TrainingConfig()
+    assert checkpoint_id("base", "v1", train_config_hash(settings)) != checkpoint_id("base", "v2", train_config_hash(settings))
+    assert train_config_hash(settings) != train_config_hash(settings.model_copy(update={"learning_rate": 0.1}))
+    # Placement is not part of the id: the same run on more GPUs or another port is the same checkpoint.
+    assert train_config_hash(settings) == train_config_hash(settings.model_copy(update={"nproc_per_node": 8, "master_port": 2000}))
+    assert checkpoint_id("base", None, None) != checkpoint_id("base", "v1", train_config_hash(settings))
+
+
+def test_launcher_commands_for_one_process_gpus_and_nodes(tmp_path):
+    spec = tmp_path / "spec.json"
+    one = launcher_command(TrainingConfig(master_port=29600), spec)
+    assert one[1:] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", "29600",
+                       "--module", "omnithought_dagster.train.sft", "--spec", str(spec)]
+    nodes = launcher_command(TrainingConfig(nproc_per_node=8, nnodes=4, hostfile=str(tmp_path / "hosts"), master_port=29600), spec)
+    assert nodes[nodes.index("--num_gpus") + 1] == "8" and nodes[nodes.index("--num_nodes") + 1] == "4" and "--hostfile" in nodes
+    torchrun = launcher_command(TrainingConfig(launcher="torchrun", nproc_per_node=2, master_port=29600, python="/env/bin/python"), spec)
+    assert torchrun[:3] == ["/env/bin/python", "-m", "torch.distributed.run"] and torchrun[torchrun.index("--nproc_per_node") + 1] == "2"
+
+
+def test_deepspeed_config_follows_the_settings():
+    settings = TrainingConfig(zero_stage=3, offload_optimizer=True, precision="bf16", micro_batch_size=2, gradient_accumulation_steps=4,
+                              warmup_steps=5).run_settings()
+    config = deepspeed_config(settings)
+    assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] and config["bf16"]["enabled"]
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
+    assert config["optimizer"]["type"] == "AdamW" and config["scheduler"]["params"]["warmup_num_steps"] == 5
+    plain = deepspeed_config(TrainingConfig().run_settings())
+    assert "optimizer" not in plain and "offload_optimizer" not in plain["zero_optimization"] and not plain["bf16"]["enabled"]
