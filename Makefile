@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 # vLLM cannot share the Dagster environment (its torch/transformers pins); it gets its own.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# lmms-eval cannot share it either (antlr4 4.7.2 via latex2sympy2 breaks dagster); it gets its own,
+# with this package installed without dependencies so lmms-eval finds our model class (entry point).
+LMMS_VENV := .venv-lmms
+LMMS_STAMP := $(LMMS_VENV)/.installed
 # The CPU torch wheel lies on this kind of machine (pip's find-links); install it before
 # anything that depends on torch, or pip pulls several GB of CUDA packages.
 TORCH := torch==2.13.0
@@ -16,11 +20,13 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 PYTEST_ARGS ?=
 
-.PHONY: env vllm-env demo test ui bench clean
+.PHONY: env vllm-env lmms-env demo test ui bench clean
 
-env: $(STAMP) $(VLLM_STAMP) $(DAGSTER_HOME)/dagster.yaml
+env: $(STAMP) $(VLLM_STAMP) $(LMMS_STAMP) $(DAGSTER_HOME)/dagster.yaml
 
 vllm-env: $(VLLM_STAMP)
+
+lmms-env: $(LMMS_STAMP)
 
 # Reinstalled only when pyproject.toml changes (the stamp is older than it).
 $(STAMP): pyproject.toml
@@ -41,6 +47,19 @@ $(VLLM_STAMP): deploy/vllm-cpu/requirements.txt deploy/vllm-cpu/omnithought_torc
 	  cp deploy/vllm-cpu/omnithought_torchvision_ops.py $$site/ && \
 	  echo "import omnithought_torchvision_ops" > $$site/omnithought_torchvision_ops.pth
 	$(VLLM_VENV)/bin/python -c "import torchvision.transforms, vllm.entrypoints.openai.api_server" >/dev/null
+	touch $@
+
+# torchvision comes as a CUDA build here too: the same hook as in the vLLM environment.
+$(LMMS_STAMP): deploy/lmms-eval/requirements.txt deploy/lmms-eval/constraints.txt deploy/vllm-cpu/omnithought_torchvision_ops.py pyproject.toml
+	test -x $(LMMS_VENV)/bin/python || $(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(LMMS_VENV)/bin/pip install --quiet --disable-pip-version-check -c deploy/lmms-eval/constraints.txt -r deploy/lmms-eval/requirements.txt
+	$(LMMS_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(LMMS_VENV)/bin/pip uninstall --quiet --yes torchaudio torchcodec triton 2>/dev/null || true
+	site=$$($(LMMS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  cp deploy/vllm-cpu/omnithought_torchvision_ops.py $$site/ && \
+	  echo "import omnithought_torchvision_ops" > $$site/omnithought_torchvision_ops.pth
+	$(LMMS_VENV)/bin/python -c "import lmms_eval.models as m; assert 'omnithought_vl' in m.AVAILABLE_MODELS" >/dev/null
 	touch $@
 
 $(DAGSTER_HOME)/dagster.yaml: omnithought_dagster/dagster.yaml

@@ -87,9 +87,29 @@ def demo(config: Optional[Path] = ConfigOption, force: bool = typer.Option(False
     console.print(table)
     for line in notes:
         console.print(line, soft_wrap=True)
+    scores = _score_table(_store(cfg))
+    if scores is not None:
+        console.print(scores)
     console.print(f"store: {cfg.store.root}   Dagster instance: {dagster_home}   browse both with `make ui`")
     if failed:
         raise typer.Exit(1)
+
+
+def _score_table(store) -> Table | None:
+    """Overall benchmark scores of every checkpoint, with deltas against the baseline."""
+    con = store.catalog(["benchmark_scores"])
+    rows = con.execute("SELECT student, recipe, benchmark, metric, score, n, baseline_score, delta, checkpoint_id FROM benchmark_scores "
+                       "WHERE slice = 'all' ORDER BY student, recipe != 'base', recipe, benchmark").fetchall()
+    con.close()
+    if not rows:
+        return None
+    table = Table(title="benchmark scores (overall; per-tag slices in benchmark_scores)")
+    for column in ("student", "recipe", "benchmark", "metric", "score", "n", "baseline", "delta", "checkpoint"):
+        table.add_column(column, justify="right" if column in ("score", "n", "baseline", "delta") else "left")
+    for student, recipe, benchmark, metric, score, n, base, delta, checkpoint in rows:
+        table.add_row(student, recipe, benchmark, metric, f"{score:.3f}", str(n), "-" if base is None else f"{base:.3f}",
+                      "-" if delta is None else f"{delta:+.3f}", checkpoint[:12])
+    return table
 
 
 @app.command()
@@ -167,10 +187,10 @@ def query(sql: str = typer.Argument(..., help="SQL over the views (seed_pool, qu
 
 
 @app.command()
-def lineage(ident: Optional[str] = typer.Argument(None, help="a sample, trace or image id (or a unique prefix), or SOURCE/NATIVE_ID"),
+def lineage(ident: Optional[str] = typer.Argument(None, help="a sample, trace, image or checkpoint id (or a unique prefix), or SOURCE/NATIVE_ID"),
             subset: Optional[str] = typer.Option(None, "--subset", help="summarise a subset instead: what went in by tag and difficulty"),
             config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> None:
-    """The whole story of one sample, trace or image - or, with --subset, of a subset."""
+    """The whole story of one sample, trace, image or checkpoint - or, with --subset, of a subset."""
     from omnithought_dagster.lineage import LineageError, lineage as trace, subset_summary
 
     store = _store(_config(config))
@@ -246,6 +266,8 @@ def _story_tree(story: dict) -> Tree:
             for image in story["sample"]["images"]:
                 sample.add(f"image {image['image_id']}  {image['uri']}")
         return tree
+    if story["kind"] == "checkpoint":
+        return _checkpoint_tree(story)
     if story["kind"] == "image":
         tree = Tree(f"[bold]image[/bold] {story['image_id']}")
         tree.add(f"{story.get('width')}x{story.get('height')} {story.get('format')} {story.get('n_bytes')} bytes, phash {story.get('phash')}")
@@ -285,9 +307,35 @@ def _story_tree(story: dict) -> Tree:
                 branch.add("[green]kept[/green]" if verdict["kept"] else "[red]dropped[/red]: " + escape(reasons))
             if t.get("subsets"):
                 branch.add("in subsets: " + ", ".join(t["subsets"]))
+    if story.get("checkpoints"):
+        trained = tree.add(f"trained {len({c['checkpoint_id'] for c in story['checkpoints']})} checkpoint(s)")
+        for c in story["checkpoints"]:
+            trained.add(f"{c['checkpoint_id']}  {c['student']} on {c['recipe']} (trace {c['trace_id'][:12]})")
     for row in story["quarantine"]:
         branch = tree.add(f"[yellow]quarantined[/yellow] {row['source']}/{row['native_id']} (record #{row['record_index']}): [bold]{row['reason']}[/bold]")
         branch.add(row["detail"])
+    return tree
+
+
+def _checkpoint_tree(story: dict) -> Tree:
+    c = story["checkpoint"]
+    what = "untrained baseline" if c["baseline"] else f"trained on recipe {c['recipe']}"
+    tree = Tree(f"[bold]checkpoint[/bold] {story['checkpoint_id']}  student {c['student']}, {what}")
+    tree.add(f"base model {c['base_model']}; stored at {c['uri']}")
+    if not c["baseline"]:
+        tree.add(f"{c['steps']} steps on {c['examples']} examples ({c['launcher']}), loss {_fmt(c['initial_loss'])} -> {_fmt(c['final_loss'])}, "
+                 f"{_fmt(c['tokens_per_s'])} tokens/s; train config {c['train_config_hash']}")
+        if story["training"]:
+            tree.add("settings: " + ", ".join(f"{k}={v}" for k, v in story["training"].items()))
+        on = story["trained_on"]
+        data = tree.add(f"subset {on['subset']} version {on['subset_version']}: {on['traces']} traces of {on['samples']} samples"
+                        + ("" if on["in_store"] else " [red](that version is no longer in the store)[/red]"))
+        for title, key in (("by source", "samples_by_source"), ("by primary tag", "samples_by_tag"), ("by difficulty", "samples_by_difficulty")):
+            data.add(f"{title}: " + ", ".join(f"{k} {n}" for k, n in on[key].items()))
+    scores = tree.add(f"{len(story['scores'])} score(s)")
+    for r in story["scores"]:
+        delta = "" if r["delta"] is None else f" ({r['delta']:+.3f} vs baseline)"
+        scores.add(f"{r['benchmark']} {r['metric']} [{r['slice']}]: {r['score']:.3f} over {r['n']}{delta}")
     return tree
 
 

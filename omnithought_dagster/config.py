@@ -397,6 +397,37 @@ class TrainingConfig(_Model):
             "weight_decay", "warmup_steps", "gradient_clipping", "max_steps", "max_length", "seed"})
 
 
+class EvaluationConfig(_Model):
+    """Scoring with lmms-eval, run from its own environment as a process (see omnithought_dagster.evaluation).
+
+    `benchmarks` names entries of the top-level `benchmarks` list, each written as a local
+    lmms-eval task (no hub needed); `lmms_tasks` are lmms-eval's own task names (mathverse_testmini,
+    mmmu_pro, mathvista_testmini, ...), which download their data from the hub: configuration
+    for a connected machine, none here.
+    """
+
+    python: str = Field(default=".venv-lmms/bin/python", description="interpreter of the lmms-eval environment")
+    benchmarks: list[str] = Field(default_factory=list, description="names of `benchmarks` entries scored as local tasks")
+    lmms_tasks: list[str] = Field(default_factory=list, description="standard lmms-eval tasks (need the hub)")
+    lmms_model: str = Field(default="omnithought_vl", description="lmms-eval model: omnithought_vl (ours), or qwen2_5_vl, qwen3_vl, ...")
+    model_args: dict[str, str] = Field(default_factory=dict, description="more --model_args (pretrained= is the checkpoint)")
+    device: str = "cpu"
+    batch_size: int = Field(default=1, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    limit: int | None = Field(default=None, ge=1, description="items per task (smoke runs); scores then cover only these")
+    seed: int = 0
+    regression_margin: float = Field(default=0.05, ge=0, le=1, description="a score below the baseline by more than this warns")
+    timeout_s: float = Field(default=3600, gt=0)
+    work_dir: str = Field(default=".cache/eval", description="local scratch for tasks and lmms-eval output")
+    env: dict[str, str] = Field(default_factory=dict)
+
+    _resolve = field_validator("python", "work_dir")(_resolve_path)
+
+    def run_settings(self) -> dict[str, Any]:
+        """What changes the scores (hashed into eval_config_hash)."""
+        return self.model_dump(mode="json", include={"lmms_model", "model_args", "max_new_tokens", "limit", "seed", "lmms_tasks"})
+
+
 SourceConfig = Annotated[
     Union[SyntheticSourceConfig, JsonSourceConfig, HFSourceConfig, ShareGPTSourceConfig],
     Field(discriminator="kind"),
@@ -420,6 +451,7 @@ class ProjectConfig(_Model):
     recipes: list[RecipeConfig] = Field(default_factory=list)
     students: list[StudentConfig] = Field(default_factory=list)
     training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     config_path: str | None = Field(default=None, exclude=True, description="set by load_config")
 
     _resolve_models = field_validator("models_dir")(_resolve_path)
@@ -430,7 +462,7 @@ class ProjectConfig(_Model):
         # Omitted sections are validated from {} (not taken as ready-made defaults), so their
         # relative paths are resolved against the config file too.
         if isinstance(data, dict):
-            data = {**{section: {} for section in ("store", "seed", "teacher", "generation", "annotation", "curation", "training")}, **data}
+            data = {**{section: {} for section in ("store", "seed", "teacher", "generation", "annotation", "curation", "training", "evaluation")}, **data}
         return data
 
     @model_validator(mode="after")
@@ -455,6 +487,8 @@ class ProjectConfig(_Model):
         recipes = [r.name for r in self.recipes]
         if len(set(recipes)) != len(recipes):
             raise ValueError("recipes: names must be unique")
+        for missing in sorted(set(self.evaluation.benchmarks) - set(names)):
+            raise ValueError(f"evaluation.benchmarks: {missing!r} is not a configured benchmark ({names})")
         if BASELINE_RECIPE in recipes:
             raise ValueError(f"recipes: {BASELINE_RECIPE!r} is reserved for the students' untrained baselines")
         students = [s.name for s in self.students]

@@ -9,6 +9,7 @@ import dagster as dg
 from omnithought_dagster.assets import build_seed_assets
 from omnithought_dagster.assets.annotate import build_annotate_assets
 from omnithought_dagster.assets.curate import FILTERED_SET_KEY, SAMPLED_SUBSETS_KEY, build_curate_assets, recipe_partitions
+from omnithought_dagster.assets.scores import BENCHMARK_SCORES_KEY, build_score_assets, score_partitions
 from omnithought_dagster.assets.seed import seed_partitions
 from omnithought_dagster.assets.student import (STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, baseline_partitions, build_student_assets,
                                                 student_partitions)
@@ -16,6 +17,7 @@ from omnithought_dagster.assets.teacher import build_teacher_assets, traces_part
 from omnithought_dagster.checks import build_seed_checks
 from omnithought_dagster.checks.annotate import build_annotate_checks
 from omnithought_dagster.checks.curate import build_curate_checks
+from omnithought_dagster.checks.scores import build_score_checks
 from omnithought_dagster.checks.student import build_student_checks
 from omnithought_dagster.checks.teacher import build_teacher_checks
 from omnithought_dagster.config import ProjectConfig
@@ -28,12 +30,15 @@ FILTER_JOB = "filter_traces"
 SUBSET_JOB = "sample_subsets"
 BASELINE_JOB = "register_baselines"
 TRAIN_JOB = "train_students"
+SCORE_JOB = "score_students"
 
 # Checks are per partition (one source's rows at a time). Dagster 1.13 marks partitioned checks
 # as preview; the version is pinned in pyproject.toml, so the warning says nothing new.
 warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
 # cot_traces (source x shard) depends on seed_pool (source) through this beta mapping; pinned too.
 warnings.filterwarnings("ignore", message="Class `MultiToSingleDimensionPartitionMapping` is currently in beta", category=dg.BetaWarning)
+# benchmark_scores (student x base+recipes) reads student_checkpoints (student x recipes) through this one.
+warnings.filterwarnings("ignore", message="Class `MultiPartitionMapping` is currently in beta", category=dg.BetaWarning)
 
 
 def build_definitions(config: ProjectConfig) -> dg.Definitions:
@@ -61,7 +66,13 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
             student_jobs.append(dg.define_asset_job(
                 TRAIN_JOB, selection=dg.AssetSelection.assets(STUDENT_CHECKPOINTS_KEY), partitions_def=student_partitions(config),
                 description="Fine-tune one student on one recipe's subset (DeepSpeed in its own process, via Pipes), with checks."))
-        students = dg.Definitions(assets=build_student_assets(config), asset_checks=build_student_checks(config), jobs=student_jobs)
+        score_assets = build_score_assets(config)
+        if score_assets:
+            student_jobs.append(dg.define_asset_job(
+                SCORE_JOB, selection=dg.AssetSelection.assets(BENCHMARK_SCORES_KEY), partitions_def=score_partitions(config),
+                description="Score one checkpoint (or `base`: the baseline) with lmms-eval in its own environment, with checks."))
+        students = dg.Definitions(assets=[*build_student_assets(config), *score_assets], jobs=student_jobs,
+                                  asset_checks=[*build_student_checks(config), *(build_score_checks(config) if score_assets else [])])
     judge_key = config.annotator.api_key_env
     resources = dg.Definitions(
         resources={

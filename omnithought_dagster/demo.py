@@ -18,11 +18,12 @@ from omnithought_dagster.assets.annotate import ANNOTATIONS_KEY, annotations_fin
 from omnithought_dagster.assets.curate import FILTERED_SET_KEY, SAMPLED_SUBSETS_KEY, filter_fingerprint, subset_fingerprint
 from omnithought_dagster.assets.student import (STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, expected_checkpoint_id, student_partition_keys,
                                                 student_partitions)
+from omnithought_dagster.assets.scores import BENCHMARK_SCORES_KEY, expected_scores_fingerprint, score_partition_keys, score_partitions
 from omnithought_dagster.assets.seed import IMAGES_KEY, QUARANTINE_KEY, SEED_CODE_VERSION, SEED_POOL_KEY
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY, traces_fingerprint, traces_partitions
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.curation.seed import earlier_sources, input_fingerprint, partition_version
-from omnithought_dagster.defs import ANNOTATE_JOB, FILTER_JOB, SEED_JOB, SUBSET_JOB, TEACHER_JOB, TRAIN_JOB, BASELINE_JOB, build_definitions
+from omnithought_dagster.defs import ANNOTATE_JOB, FILTER_JOB, SEED_JOB, SUBSET_JOB, TEACHER_JOB, TRAIN_JOB, BASELINE_JOB, SCORE_JOB, build_definitions
 from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.sources import make_reader
 from omnithought_dagster.store import CorpusStore
@@ -252,6 +253,21 @@ def _checkpoint_counts(store: CorpusStore, partition: str, metadata: dict) -> di
     return {"input": row["examples"], "output": 1, "flagged": 0, "reasons": {}, "detail": detail}
 
 
+def _scores_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
+    keys = score_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
+    return expected_scores_fingerprint(config, store, keys["student"], keys["recipe"]) or "not scored yet"
+
+
+def _scores_counts(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:
+    recipe, student = partition.split("|")
+    rows = store.read_partition("benchmark_scores", {"student": student, "recipe": recipe}).to_pylist()
+    overall = [r for r in rows if r["slice"] == "all"]
+    parts = [f"{r['benchmark']} {r['metric']} {r['score']:.3f}" + ("" if r["delta"] is None else f" ({r['delta']:+.3f} vs base)")
+             for r in overall]
+    return {"input": sum(r["n"] for r in overall), "output": len(rows), "flagged": 0, "reasons": {},
+            "detail": f"{student}/{recipe}: " + "; ".join(parts) + f"; {len(rows) - len(overall)} tag slices"}
+
+
 STAGES = [
     Stage("seed_pool", SEED_JOB, SEED_POOL_KEY, "seed_pool", lambda config: config.source_names, _seed_fingerprint, _seed_counts,
           (SEED_POOL_KEY, QUARANTINE_KEY, IMAGES_KEY)),
@@ -267,4 +283,7 @@ STAGES = [
           _baseline_fingerprint, _baseline_counts, (STUDENT_BASELINES_KEY,), lambda student: {"student": student, "recipe": BASELINE_RECIPE}),
     Stage("student_checkpoints", TRAIN_JOB, STUDENT_CHECKPOINTS_KEY, "student_checkpoints", student_partition_keys, _checkpoint_fingerprint,
           _checkpoint_counts, (STUDENT_CHECKPOINTS_KEY,)),
+    Stage("benchmark_scores", SCORE_JOB, BENCHMARK_SCORES_KEY, "benchmark_scores",
+          lambda config: score_partition_keys(config) if config.evaluation.benchmarks or config.evaluation.lmms_tasks else [],
+          _scores_fingerprint, _scores_counts, (BENCHMARK_SCORES_KEY,)),
 ]

@@ -29,6 +29,8 @@ def lineage(store: CorpusStore, ident: str) -> dict[str, Any]:
         return _image_story(store, con, resolved)
     if kind == "trace":
         return _trace_story(store, con, resolved)
+    if kind == "checkpoint":
+        return checkpoint_story(store, con, resolved)
     return _sample_story(store, con, resolved)
 
 
@@ -53,11 +55,12 @@ def _resolve(con, ident: str) -> tuple[str, str]:
         "SELECT 'sample' AS kind, sample_id AS id FROM seed_pool WHERE sample_id LIKE $1 "
         "UNION SELECT 'sample', sample_id FROM quarantine WHERE sample_id LIKE $1 "
         "UNION SELECT 'image', image_id FROM images WHERE image_id LIKE $1 "
-        "UNION SELECT 'trace', trace_id FROM cot_traces WHERE trace_id LIKE $1",
+        "UNION SELECT 'trace', trace_id FROM cot_traces WHERE trace_id LIKE $1 "
+        "UNION SELECT 'checkpoint', checkpoint_id FROM student_checkpoints WHERE checkpoint_id LIKE $1",
         [pattern],
     ).fetchall()
     if not matches:
-        raise LineageError(f"no sample, image or trace id starts with {ident!r}")
+        raise LineageError(f"no sample, image, trace or checkpoint id starts with {ident!r}")
     if len(matches) > 1:
         raise LineageError(f"{ident!r} is ambiguous: {sorted(f'{k} {i}' for k, i in matches)}")
     return matches[0]
@@ -81,6 +84,9 @@ def _sample_story(store: CorpusStore, con, sample: str) -> dict[str, Any]:
         "images": [],
         "near_duplicate_of": None,
         "traces": _traces_of(con, sample),
+        "checkpoints": _dicts(con, "SELECT DISTINCT c.checkpoint_id, c.student, c.recipe, m.trace_id FROM subset_members m "
+                                   "JOIN student_checkpoints c ON c.recipe = m.subset AND c.subset_version = m.subset_version "
+                                   "WHERE m.sample_id = $1 ORDER BY c.student, c.recipe, m.trace_id", [sample]),
     }
     if record is None:
         return story
@@ -132,6 +138,32 @@ def subset_summary(store: CorpusStore, subset: str) -> dict[str, Any]:
     return {"kind": "subset", "subset": subset, "subset_version": head["version"], "members": head["members"], "samples": head["samples"],
             "by_difficulty": by("coalesce(d.difficulty_label, 'unknown')"),
             "by_tag": by("coalesce(d.tags[1], 'untagged')"), "by_source": by("m.source")}
+
+
+def checkpoint_story(store: CorpusStore, con, checkpoint: str) -> dict[str, Any]:
+    """What trained a checkpoint (subset version, recipe, settings; samples by source, tag, difficulty) and its scores."""
+    (row,) = _dicts(con, "SELECT * FROM student_checkpoints WHERE checkpoint_id = $1 LIMIT 1", [checkpoint])
+    manifest = None if row["baseline"] else store.checkpoints.manifest(checkpoint)
+    story: dict[str, Any] = {"kind": "checkpoint", "checkpoint_id": checkpoint, "checkpoint": row,
+                             "training": (manifest or {}).get("train_spec", {}).get("training"), "trained_on": None,
+                             "scores": _dicts(con, "SELECT benchmark, metric, slice, score, n, baseline_score, delta, eval_config_hash "
+                                                   "FROM benchmark_scores WHERE checkpoint_id = $1 ORDER BY benchmark, slice = 'all' DESC, slice",
+                                              [checkpoint])}
+    if row["baseline"]:
+        return story
+    where = "WHERE m.subset = $1 AND m.subset_version = $2"
+    params = [row["recipe"], row["subset_version"]]
+
+    def by(expression: str) -> dict[str, int]:
+        rows = con.execute(f"SELECT {expression} AS k, count(DISTINCT m.sample_id) FROM subset_members m "
+                           f"LEFT JOIN filter_decisions d USING (trace_id) {where} GROUP BY 1 ORDER BY 2 DESC, 1", params).fetchall()
+        return {str(k): n for k, n in rows}
+
+    traces, samples = con.execute(f"SELECT count(*), count(DISTINCT m.sample_id) FROM subset_members m {where}", params).fetchall()[0]
+    story["trained_on"] = {"subset": row["recipe"], "subset_version": row["subset_version"], "traces": traces, "samples": samples,
+                           "in_store": traces > 0, "samples_by_source": by("m.source"),
+                           "samples_by_tag": by("coalesce(d.tags[1], 'untagged')"), "samples_by_difficulty": by("coalesce(d.difficulty_label, 'unknown')")}
+    return story
 
 
 def _trace_story(store: CorpusStore, con, trace: str) -> dict[str, Any]:

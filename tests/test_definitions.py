@@ -19,8 +19,8 @@ def test_definitions_snapshot_from_the_demo_config():
     defs = build_definitions(load_config(REPO / "omnithought.yaml"))
     graph = defs.resolve_asset_graph()
     specs = {key.to_user_string(): graph.get(key) for key in graph.get_all_asset_keys()}
-    assert sorted(specs) == ["annotations", "cot_traces", "filtered_set", "images", "quarantine", "sampled_subsets", "seed_pool",
-                             "student_baselines", "student_checkpoints"]
+    assert sorted(specs) == sorted(["annotations", "cot_traces", "filtered_set", "images", "quarantine", "sampled_subsets", "seed_pool",
+                             "student_baselines", "student_checkpoints", "benchmark_scores"])
     assert specs["filtered_set"].partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
     assert specs["sampled_subsets"].partitions_def.get_partition_keys() == ["balanced", "hard-long"]
     for name in ("images", "quarantine", "seed_pool"):
@@ -42,6 +42,9 @@ def test_definitions_snapshot_from_the_demo_config():
     assert graph.get_partition_mapping(students.key, specs["sampled_subsets"].key).partition_dimension_name == "recipe"
     assert students.assets_def.op.pool == "gpu" and "deepspeed" in students.kinds
     assert specs["student_baselines"].partitions_def.get_partition_keys() == ["tiny"]
+    scores = specs["benchmark_scores"]
+    assert scores.partitions_def.get_partition_keys() == ["base|tiny", "balanced|tiny", "hard-long|tiny"]
+    assert {k.to_user_string() for k in scores.parent_keys} == {"student_checkpoints", "student_baselines"}
     checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
     assert checks == [
         "annotations:every_trace_annotated",
@@ -49,6 +52,8 @@ def test_definitions_snapshot_from_the_demo_config():
         "annotations:pass_rate_consistent",
         "annotations:tags_in_taxonomy",
         "annotations:values_in_range",
+        "benchmark_scores:no_regression_vs_baseline",
+        "benchmark_scores:scores_valid",
         "cot_traces:error_rate",
         "cot_traces:final_answer_present",
         "cot_traces:rollouts_complete",
@@ -72,7 +77,8 @@ def test_definitions_snapshot_from_the_demo_config():
         "student_checkpoints:loads_and_generates",
         "student_checkpoints:loss_decreased",
     ]
-    assert all(graph.get_check_spec(k).blocking for k in graph.asset_check_keys)
+    blocking = {f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys if graph.get_check_spec(k).blocking}
+    assert set(checks) - blocking == {"benchmark_scores:no_regression_vs_baseline"}  # a regression warns, it does not block
     schema = specs["seed_pool"].metadata["dagster/column_schema"]
     assert [c.name for c in schema.columns][:3] == ["sample_id", "source", "native_id"]
     assert defs.resolve_job_def(SEED_JOB).partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]

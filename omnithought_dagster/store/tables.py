@@ -229,9 +229,53 @@ STUDENT_CHECKPOINTS = TableSpec(
     ),
 )
 
+BENCHMARK_SCORES = TableSpec(
+    name="benchmark_scores",
+    description="One (checkpoint, benchmark, metric, slice) score from lmms-eval, with its delta against the student's baseline.",
+    partition_by=("student", "recipe"),
+    primary_key=("checkpoint_id", "benchmark", "metric", "slice"),
+    columns=(
+        Column("checkpoint_id", pa.string(), "the scored model (student_checkpoints)", False),
+        Column("student", pa.string(), "student name (a partition key)", False),
+        Column("recipe", pa.string(), "the recipe it was trained on, or `base` (a partition key)", False),
+        Column("benchmark", pa.string(), "configured benchmark name, or the lmms-eval task name", False),
+        Column("task", pa.string(), "the lmms-eval task", False),
+        Column("metric", pa.string(), "the task's metric (accuracy for the local tasks)", False),
+        Column("slice", pa.string(), "`all`, or `tag:<tag>` for the items carrying that tag", False),
+        Column("score", pa.float64(), "the metric's value, in [0, 1]", False),
+        Column("n", pa.int64(), "items scored in this slice", False),
+        Column("n_benchmark", pa.int64(), "items in the whole benchmark (n is smaller only under evaluation.limit)"),
+        Column("baseline_score", pa.float64(), "the same slice's score of the student's untrained baseline (null: not scored yet)"),
+        Column("delta", pa.float64(), "score - baseline_score"),
+        Column("eval_config_hash", pa.string(), "hash of the evaluation settings and the benchmark items", False),
+        Column("evaluated_at", pa.string(), "UTC ISO time of the run", False),
+    ),
+)
+
+BENCHMARK_SAMPLES = TableSpec(
+    name="benchmark_samples",
+    description="One benchmark item's model output and verdict, for one checkpoint (lmms-eval's per-sample log).",
+    partition_by=("student", "recipe"),
+    primary_key=("checkpoint_id", "benchmark", "item_id"),
+    columns=(
+        Column("checkpoint_id", pa.string(), "the scored model", False),
+        Column("student", pa.string(), "student name (a partition key)", False),
+        Column("recipe", pa.string(), "recipe or `base` (a partition key)", False),
+        Column("benchmark", pa.string(), "configured benchmark name", False),
+        Column("doc_index", pa.int64(), "the item's row in the task's Parquet (lmms-eval's doc_id)", False),
+        Column("item_id", pa.string(), "the item's sample_id (as decontamination computes it)", False),
+        Column("tag", pa.string(), "the item's task tag", False),
+        Column("target", pa.string(), "the reference answer"),
+        Column("response", pa.string(), "the model's reply, as generated"),
+        Column("extracted_answer", pa.string(), "the answer read from the reply (Answer: line, \\boxed{}, else the last line)"),
+        Column("correct", pa.bool_(), "lmms-eval's verdict for the item", False),
+        Column("eval_config_hash", pa.string(), "as in benchmark_scores", False),
+    ),
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec for spec in (SEED_POOL, QUARANTINE, IMAGES, COT_TRACES, ANNOTATIONS, FILTER_DECISIONS, SUBSET_MEMBERS,
-                                 STUDENT_CHECKPOINTS)
+                                 STUDENT_CHECKPOINTS, BENCHMARK_SCORES, BENCHMARK_SAMPLES)
 }
 
 # Views the catalog derives from the tables (name -> SQL over them).

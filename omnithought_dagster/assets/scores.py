@@ -1,0 +1,220 @@
+"""benchmark_scores: lmms-eval scores of every student checkpoint and baseline, with deltas and per-tag slices.
+
+lmms-eval runs from its own environment (evaluation.python) as a process: its dependencies
+cannot share the Dagster environment (see the README). The configured local benchmarks are
+written as lmms-eval tasks first; lmms-eval's results JSON is parsed (its exit code is not
+trusted) and its per-sample log is kept as benchmark_samples. Partitions: student x recipe,
+the recipe dimension starting with `base` (the untrained baseline every delta is taken against).
+"""
+
+import os
+import shutil
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+
+from omnithought_dagster.assets.metadata import column_schema, preview
+from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, baseline_partitions
+from omnithought_dagster.assets.teacher import GPU_POOL
+from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
+from omnithought_dagster.evaluation.run import OVERALL, EvalError, TaskScores, lmms_command, parse_results
+from omnithought_dagster.evaluation.tasks import LocalTask, items_version, read_items, write_local_task
+from omnithought_dagster.ids import content_id
+from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
+from omnithought_dagster.store import CorpusStore, table_spec
+
+SCORES_GROUP = "scores"
+BENCHMARK_SCORES_KEY = dg.AssetKey("benchmark_scores")
+SCORES_CODE_VERSION = "benchmark_scores-v1"
+LOG_TAIL_CHARS = 3000
+
+
+def score_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
+    recipes = [BASELINE_RECIPE] + [r.name for r in config.recipes]
+    return dg.MultiPartitionsDefinition({"student": baseline_partitions(config), "recipe": dg.StaticPartitionsDefinition(recipes)})
+
+
+def score_partition_keys(config: ProjectConfig) -> list[str]:
+    """Each student's baseline first, then its recipes."""
+    return [str(dg.MultiPartitionKey({"student": s.name, "recipe": r})) for s in config.students for r in config.student_recipes(s.name)]
+
+
+def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
+    if not config.students or not (config.evaluation.benchmarks or config.evaluation.lmms_tasks):
+        return []
+    recipes = [r.name for r in config.recipes]
+    deps = [dg.AssetDep(STUDENT_BASELINES_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="student"))]
+    if recipes:
+        deps.append(dg.AssetDep(STUDENT_CHECKPOINTS_KEY, partition_mapping=dg.MultiPartitionMapping({
+            "student": dg.DimensionPartitionMapping("student", dg.IdentityPartitionMapping()),
+            "recipe": dg.DimensionPartitionMapping("recipe", dg.StaticPartitionMapping({r: r for r in recipes})),
+        })))
+
+    @dg.asset(
+        key=BENCHMARK_SCORES_KEY,
+        partitions_def=score_partitions(config),
+        deps=deps,
+        group_name=SCORES_GROUP,
+        kinds={"pytorch", "parquet"},
+        code_version=SCORES_CODE_VERSION,
+        pool=GPU_POOL,
+        tags={"stage": "scores", "compute": "gpu"},
+        metadata={"dagster/column_schema": column_schema(table_spec("benchmark_scores")), "table": "benchmark_scores"},
+    )
+    def benchmark_scores(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource) -> dg.MaterializeResult:
+        """lmms-eval scores of one checkpoint (or baseline) on the configured benchmarks: overall and per tag, with deltas."""
+        cfg = project.config
+        keys = context.partition_key.keys_by_dimension
+        student, recipe = keys["student"], keys["recipe"]
+        corpus = store.open()
+        checkpoint = _checkpoint(corpus, student, recipe)
+        model_dir = checkpoint["uri"] if checkpoint["baseline"] else str(corpus.checkpoints.local_dir(checkpoint["checkpoint_id"],
+                                                                                                      cfg.training.work_dir))
+        work = Path(cfg.evaluation.work_dir) / f"{student}-{recipe}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            local = {}
+            for name in cfg.evaluation.benchmarks:
+                task = write_local_task(cfg.benchmark(name), cfg.seed, work / "tasks" / name, max_new_tokens=cfg.evaluation.max_new_tokens)
+                local[task.name] = task
+            config_hash = eval_config_hash(cfg, {t.benchmark: t.items_version for t in local.values()})
+            tasks = [*local, *cfg.evaluation.lmms_tasks]
+            command = lmms_command(cfg.evaluation.python, cfg.evaluation.lmms_model, {**cfg.evaluation.model_args, "pretrained": model_dir}, tasks,
+                                   [t.folder for t in local.values()], work / "out", batch_size=cfg.evaluation.batch_size,
+                                   device=cfg.evaluation.device, limit=cfg.evaluation.limit, seed=cfg.evaluation.seed)
+            context.log.info(f"scoring {checkpoint['checkpoint_id'][:12]} ({student}/{recipe}): {' '.join(command)}")
+            started = time.monotonic()
+            scores = run_lmms_eval(command, tasks, work, cfg.evaluation.timeout_s, cfg.evaluation.env, local)
+            seconds = time.monotonic() - started
+        except EvalError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+        baseline = None if recipe == BASELINE_RECIPE else _baseline_scores(corpus, student, config_hash)
+        if recipe != BASELINE_RECIPE and baseline is None:
+            context.log.warning(f"{student}'s baseline has no scores under this evaluation config: materialise "
+                                f"benchmark_scores[{BASELINE_RECIPE}|{student}] for deltas")
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        rows = score_rows(checkpoint, scores, baseline, config_hash, now)
+        samples = [{"checkpoint_id": checkpoint["checkpoint_id"], "student": student, "recipe": recipe, "benchmark": s.benchmark,
+                    **sample, "eval_config_hash": config_hash} for s in scores.values() for sample in s.samples]
+        partition = {"student": student, "recipe": recipe}
+        table = pa.Table.from_pylist(rows, schema=table_spec("benchmark_scores").schema)
+        written = corpus.write_partition("benchmark_scores", partition, table)
+        corpus.write_partition("benchmark_samples", partition, pa.Table.from_pylist(samples, schema=table_spec("benchmark_samples").schema))
+        overall = [r for r in rows if r["slice"] == OVERALL]
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": len(rows),
+                "checkpoint_id": checkpoint["checkpoint_id"],
+                "eval_config_hash": config_hash,
+                **{f"score/{r['benchmark']}": r["score"] for r in overall},
+                **{f"delta/{r['benchmark']}": r["delta"] for r in overall if r["delta"] is not None},
+                "scores": dg.MetadataValue.md(score_table(rows)),
+                "samples_kept": len(samples),
+                "eval_seconds": round(seconds, 1),
+                "input_fingerprint": _input_fingerprint(checkpoint["checkpoint_id"], config_hash, baseline is not None),
+                "preview": preview(table, ["benchmark", "slice", "score", "n", "delta"]),
+                "path": dg.MetadataValue.path(written.uri),
+            },
+            data_version=dg.DataVersion(content_id("scores", rows_without_time(rows))),
+        )
+
+    return [benchmark_scores]
+
+
+def eval_config_hash(config: ProjectConfig, versions: dict[str, str] | None = None) -> str:
+    """Hash of the evaluation settings and the benchmarks' items (read them when their versions are not given)."""
+    if versions is None:
+        versions = {name: items_version(read_items(config.benchmark(name), config.seed)[0]) for name in config.evaluation.benchmarks}
+    return content_id("eval-config", {**config.evaluation.run_settings(), "benchmarks": versions})
+
+
+def expected_scores_fingerprint(config: ProjectConfig, store: CorpusStore, student: str, recipe: str) -> str | None:
+    """What benchmark_scores[recipe|student] records as its input fingerprint, from the inputs it would read now."""
+    checkpoint = store.read_partition("student_checkpoints", {"student": student, "recipe": recipe}, columns=["checkpoint_id"])
+    if checkpoint is None or checkpoint.num_rows == 0:
+        return None
+    config_hash = eval_config_hash(config)
+    has_baseline = recipe != BASELINE_RECIPE and _baseline_scores(store, student, config_hash) is not None
+    return _input_fingerprint(checkpoint.column("checkpoint_id")[0].as_py(), config_hash, has_baseline)
+
+
+def _input_fingerprint(checkpoint_id: str, config_hash: str, has_baseline: bool) -> str:
+    return content_id("scores-input", {"checkpoint": checkpoint_id, "eval": config_hash, "baseline": has_baseline})
+
+
+def run_lmms_eval(command: list[str], tasks: list[str], work: Path, timeout_s: float, env: dict[str, str],
+                  local: dict[str, LocalTask]) -> dict[str, TaskScores]:
+    """Run lmms-eval; its results decide, not its exit code. EvalError carries the end of its log."""
+    log = work / "lmms_eval.log"
+    run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "HF_DATASETS_CACHE": str(work / "hf-datasets"), **env}
+    with log.open("w") as out:
+        try:
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=run_env, cwd=work, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise EvalError(f"lmms-eval ran past {timeout_s:.0f} s and was stopped; log tail:\n{_tail(log)}") from None
+        except OSError as exc:
+            raise EvalError(f"cannot start lmms-eval ({command[0]}): {exc}") from None
+    try:
+        return parse_results(work / "out", tasks, local)
+    except EvalError as exc:
+        raise EvalError(f"{exc} (exit code {done.returncode}); log tail:\n{_tail(log)}") from None
+
+
+def score_rows(checkpoint: dict, scores: dict[str, TaskScores], baseline: dict | None, config_hash: str, now: str) -> list[dict]:
+    rows = []
+    for entry in scores.values():
+        slices = [(OVERALL, entry.score, entry.n)] + [(f"tag:{tag}", score, n) for tag, (score, n) in entry.by_tag.items()]
+        for name, score, n in slices:
+            base = None
+            if checkpoint["baseline"]:
+                base = score
+            elif baseline is not None:
+                base = baseline.get((entry.benchmark, entry.metric, name))
+            rows.append({"checkpoint_id": checkpoint["checkpoint_id"], "student": checkpoint["student"], "recipe": checkpoint["recipe"],
+                         "benchmark": entry.benchmark, "task": entry.task, "metric": entry.metric, "slice": name, "score": score, "n": n,
+                         "n_benchmark": entry.n_total, "baseline_score": base,
+                         "delta": None if base is None else round(score - base, 6), "eval_config_hash": config_hash, "evaluated_at": now})
+    return rows
+
+
+def rows_without_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "evaluated_at"} for r in rows]
+
+
+def score_table(rows: list[dict]) -> str:
+    lines = ["| benchmark | slice | score | n | baseline | delta |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        base = "" if r["baseline_score"] is None else f"{r['baseline_score']:.3f}"
+        delta = "" if r["delta"] is None else f"{r['delta']:+.3f}"
+        lines.append(f"| {r['benchmark']} | {r['slice']} | {r['score']:.3f} | {r['n']} | {base} | {delta} |")
+    return "\n".join(lines)
+
+
+def _checkpoint(corpus: CorpusStore, student: str, recipe: str) -> dict:
+    table = corpus.read_partition("student_checkpoints", {"student": student, "recipe": recipe})
+    if table is None or table.num_rows == 0:
+        upstream = f"student_baselines[{student}]" if recipe == BASELINE_RECIPE else f"student_checkpoints[{recipe}|{student}]"
+        raise dg.Failure(description=f"no checkpoint for {student}/{recipe}: materialise {upstream} first")
+    return table.to_pylist()[0]
+
+
+def _baseline_scores(corpus: CorpusStore, student: str, config_hash: str) -> dict | None:
+    table = corpus.read_partition("benchmark_scores", {"student": student, "recipe": BASELINE_RECIPE})
+    if table is None:
+        return None
+    rows = [r for r in table.to_pylist() if r["eval_config_hash"] == config_hash]
+    return {(r["benchmark"], r["metric"], r["slice"]): r["score"] for r in rows} or None
+
+
+def _tail(path: Path) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return text[-LOG_TAIL_CHARS:]

@@ -1,0 +1,54 @@
+"""Our model class for lmms-eval: a local Qwen-VL folder (the tiny students), generating with transformers.
+
+Registered through the `lmms_eval.models` entry point (pyproject.toml, lmms_entry.py) as `omnithought_vl`, so
+`lmms_eval eval --model omnithought_vl --model_args pretrained=DIR` finds it once this package
+is installed in the lmms-eval environment (the Makefile installs it there without dependencies).
+Inputs are built exactly as in training (omnithought_dagster.models.vl_chat): the images, then
+the task's text, as one user turn. Real checkpoints on GPUs use lmms-eval's own Qwen-VL classes
+(`evaluation.lmms_model` in the project file). Imports lmms-eval: load it only in that environment.
+"""
+
+from __future__ import annotations
+
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+
+
+class OmniThoughtVL(lmms):
+    is_simple = True
+
+    def __init__(self, pretrained: str, device: str = "cpu", batch_size: int | str = 1, max_new_tokens: int = 64, **kwargs) -> None:
+        super().__init__()
+        import torch
+        from transformers import AutoModelForImageTextToText
+        from transformers.utils import logging as hf_logging
+
+        from omnithought_dagster.models.vl_chat import VLTokenizer
+
+        hf_logging.disable_progress_bar()
+        self._device = torch.device(device)
+        self.vl = VLTokenizer.load(pretrained)
+        self.model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=torch.float32).to(self._device).eval()
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size_per_gpu = int(batch_size)
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        import torch
+
+        replies = []
+        for request in requests:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+            content = [{"type": "image"} for _ in visuals] + [{"type": "text", "text": context}]
+            inputs = {k: v.to(self._device) for k, v in self.vl.encode_prompt([{"role": "user", "content": content}], visuals).items()}
+            with torch.no_grad():
+                output = self.model.generate(**inputs, max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                                             do_sample=False)
+            replies.append(self.vl.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        return replies
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        raise NotImplementedError("omnithought_vl scores generate_until tasks only")
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError("omnithought_vl scores single-turn tasks only")
