@@ -331,11 +331,11 @@ def _checkpoint_tree(story: dict) -> Tree:
         data = tree.add(f"subset {on['subset']} version {on['subset_version']}: {on['traces']} traces of {on['samples']} samples"
                         + ("" if on["in_store"] else " [red](that version is no longer in the store)[/red]"))
         for title, key in (("by source", "samples_by_source"), ("by primary tag", "samples_by_tag"), ("by difficulty", "samples_by_difficulty")):
-            data.add(f"{title}: " + ", ".join(f"{k} {n}" for k, n in on[key].items()))
+            data.add(f"{title}: " + escape(", ".join(f"{k} {n}" for k, n in on[key].items())))
     scores = tree.add(f"{len(story['scores'])} score(s)")
     for r in story["scores"]:
         delta = "" if r["delta"] is None else f" ({r['delta']:+.3f} vs baseline)"
-        scores.add(f"{r['benchmark']} {r['metric']} [{r['slice']}]: {r['score']:.3f} over {r['n']}{delta}")
+        scores.add(escape(f"{r['benchmark']} {r['metric']} [{r['slice']}]: {r['score']:.3f} over {r['n']}{delta}"))
     return tree
 
 

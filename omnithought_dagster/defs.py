@@ -39,6 +39,8 @@ warnings.filterwarnings("ignore", message="Specifying a partitions_def on an Ass
 warnings.filterwarnings("ignore", message="Class `MultiToSingleDimensionPartitionMapping` is currently in beta", category=dg.BetaWarning)
 # benchmark_scores (student x base+recipes) reads student_checkpoints (student x recipes) through this one.
 warnings.filterwarnings("ignore", message="Class `MultiPartitionMapping` is currently in beta", category=dg.BetaWarning)
+# Dagster's own Pipes client calls a preview API of itself on every run; nothing for users to act on.
+warnings.filterwarnings("ignore", message="Function `PipesMessageReader.expected_writer_count` is currently in preview", category=dg.PreviewWarning)
 
 
 def build_definitions(config: ProjectConfig) -> dg.Definitions:

@@ -115,7 +115,7 @@ def test_lineage_of_a_quarantined_record_and_of_an_image(demo_project):
 
 def test_lineage_errors(demo_project):
     config, _ = demo_project
-    for ident, message in [("ffffffffffff", "no sample, image or trace id"), ("abc", "not an id"), ("files/nobody", "no record 'nobody'")]:
+    for ident, message in [("ffffffffffff", "no sample, image, trace or checkpoint id"), ("abc", "not an id"), ("files/nobody", "no record 'nobody'")]:
         result = runner.invoke(app, ["lineage", ident, "--config", str(config)])
         assert result.exit_code == 1 and message in result.output, result.output
 

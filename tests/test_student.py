@@ -66,6 +66,18 @@ def test_training_steps_lowers_the_loss_and_stores_a_loadable_checkpoint(trained
     untrained = AutoModelForImageTextToText.from_pretrained(base_row["uri"]).state_dict()
     assert tuned.keys() == untrained.keys() and any(not torch.equal(tuned[k], untrained[k]) for k in tuned)
 
+    # vLLM serves the checkpoint as it is (the same CPU build that serves the teacher).
+    from openai import OpenAI
+
+    from conftest import VLLM_PYTHON
+    from omnithought_dagster.llm.vllm_server import VLLMServer
+
+    with VLLMServer(str(VLLM_PYTHON), str(folder), served_model_name="student", max_model_len=1024, log_dir=folder.parent / "vllm-logs",
+                    startup_timeout_s=300) as server:
+        reply = OpenAI(base_url=server.base_url, api_key="none").chat.completions.create(
+            model="student", messages=[{"role": "user", "content": "How many blocks?"}], max_tokens=8, temperature=0)
+    assert reply.usage.completion_tokens > 0
+
     # Same base, subset and settings: nothing is trained again, the stored checkpoint is reported.
     again = run_job(config, instance, TRAIN_JOB, "even|tiny")
     meta = materializations(again)["student_checkpoints"]
@@ -127,3 +139,38 @@ def test_deepspeed_config_follows_the_settings():
     assert config["optimizer"]["type"] == "AdamW" and config["scheduler"]["params"]["warmup_num_steps"] == 5
     plain = deepspeed_config(TrainingConfig().run_settings())
     assert "optimizer" not in plain and "offload_optimizer" not in plain["zero_optimization"] and not plain["bf16"]["enabled"]
+
+
+@pytest.mark.slow
+def test_trainer_runs_zero3_over_two_processes_with_torchrun(tmp_path):
+    """The trainer alone (no Dagster): two ranks, ZeRO-3, weights gathered for saving; run by hand it prints instead of reporting."""
+    import os
+    import subprocess
+
+    from PIL import Image
+
+    from omnithought_dagster.models.tiny import TINY_STUDENT, build_tiny_model
+    from omnithought_dagster.train.launch import training_spec
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    records = []
+    for i in range(8):
+        Image.new("RGB", (56 + 8 * i, 56), (30 * i, 100, 200)).save(data / f"images/{i}.png")
+        records.append({"id": f"e{i}", "images": [f"images/{i}.png"],
+                        "messages": [{"role": "user", "content": f"<image>\nHow many blocks are there? ({i})"},
+                                     {"role": "assistant", "content": f"<think>\nI count {i} blocks.\n</think>\n\nAnswer: {i}"}]})
+    (data / "data.json").write_text(json.dumps(records))
+    model = build_tiny_model(TINY_STUDENT, tmp_path / "student")
+    settings = TrainingConfig(launcher="torchrun", nproc_per_node=2, zero_stage=3, micro_batch_size=2, max_steps=6, learning_rate=0.01)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(training_spec(str(model), data, tmp_path / "out", settings)))
+    done = subprocess.run(launcher_command(settings, spec), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "rank 0/2: 8 examples" in done.stdout and "step 6/6" in done.stdout
+    log = json.loads((tmp_path / "out/train_log.json").read_text())
+    assert log["world_size"] == 2 and log["samples_seen"] == 6 * 2 * 2 and log["deepspeed"]["zero_optimization"]["stage"] == 3
+    from transformers import AutoModelForImageTextToText
+
+    assert AutoModelForImageTextToText.from_pretrained(tmp_path / "out").num_parameters() > 0
