@@ -428,6 +428,23 @@ class EvaluationConfig(_Model):
         return self.model_dump(mode="json", include={"lmms_model", "model_args", "max_new_tokens", "limit", "seed", "lmms_tasks"})
 
 
+class OperationsConfig(_Model):
+    """Running it unattended: the re-curation schedule."""
+
+    recuration_cron: str = Field(default="0 3 * * *", description="when the recuration schedule re-runs the CPU curation stages")
+    timezone: str = "UTC"
+    recuration_running: bool = Field(default=False, description="start the schedule running (else turn it on in the UI)")
+
+    @field_validator("recuration_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if not is_valid_cron_string(value):
+            raise ValueError(f"{value!r} is not a cron expression (5 fields, e.g. '0 3 * * *')")
+        return value
+
+
 SourceConfig = Annotated[
     Union[SyntheticSourceConfig, JsonSourceConfig, HFSourceConfig, ShareGPTSourceConfig],
     Field(discriminator="kind"),
@@ -452,6 +469,7 @@ class ProjectConfig(_Model):
     students: list[StudentConfig] = Field(default_factory=list)
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    operations: OperationsConfig = OperationsConfig()
     config_path: str | None = Field(default=None, exclude=True, description="set by load_config")
 
     _resolve_models = field_validator("models_dir")(_resolve_path)

@@ -14,6 +14,7 @@ from omnithought_dagster.assets.seed import seed_partitions
 from omnithought_dagster.assets.student import (STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, baseline_partitions, build_student_assets,
                                                 student_partitions)
 from omnithought_dagster.assets.teacher import build_teacher_assets, traces_partitions
+from omnithought_dagster.automation import build_schedules
 from omnithought_dagster.checks import build_seed_checks
 from omnithought_dagster.checks.annotate import build_annotate_checks
 from omnithought_dagster.checks.curate import build_curate_checks
@@ -58,7 +59,8 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
         curate_jobs.append(dg.define_asset_job(SUBSET_JOB, selection=dg.AssetSelection.assets(SAMPLED_SUBSETS_KEY),
                                                partitions_def=recipe_partitions(config),
                                                description="Draw one recipe's tag-diverse subset from the filtered set, with checks."))
-    curate = dg.Definitions(assets=build_curate_assets(config), asset_checks=build_curate_checks(config), jobs=curate_jobs)
+    curate = dg.Definitions(assets=build_curate_assets(config), asset_checks=build_curate_checks(config), jobs=curate_jobs,
+                            schedules=build_schedules(config, FILTER_JOB))
     students = dg.Definitions()
     if config.students:
         student_jobs = [dg.define_asset_job(BASELINE_JOB, selection=dg.AssetSelection.assets(STUDENT_BASELINES_KEY),

@@ -83,6 +83,7 @@ def test_definitions_snapshot_from_the_demo_config():
     assert [c.name for c in schema.columns][:3] == ["sample_id", "source", "native_id"]
     assert defs.resolve_job_def(SEED_JOB).partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
     assert set(defs.resources) == {"project", "store", "teacher", "judge", "pipes_subprocess_client"}
+    assert [s.name for s in defs.schedules] == ["recuration"]
 
 
 def test_teacher_step_is_a_gpu_step(project):

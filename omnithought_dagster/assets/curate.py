@@ -8,6 +8,7 @@ from omnithought_dagster.assets.annotate import ANNOTATIONS_KEY
 from omnithought_dagster.assets.metadata import column_schema, counts, preview
 from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY
+from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.curate import curate_source
 from omnithought_dagster.curation.seed import partition_version
@@ -58,6 +59,7 @@ def build_curate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         group_name=CURATE_GROUP,
         kinds={"duckdb", "parquet"},
         code_version=CURATE_CODE_VERSION,
+        automation_condition=cpu_stage_condition(),
         tags={"stage": "curate", "compute": "cpu"},
         metadata={"dagster/column_schema": column_schema(table_spec("filter_decisions")), "table": "filter_decisions"},
     )
@@ -111,6 +113,7 @@ def build_curate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         group_name=CURATE_GROUP,
         kinds={"duckdb", "parquet"},
         code_version=CURATE_CODE_VERSION,
+        automation_condition=cpu_stage_condition(),
         tags={"stage": "curate", "compute": "cpu"},
         metadata={"dagster/column_schema": column_schema(table_spec("subset_members")), "table": "subset_members"},
     )

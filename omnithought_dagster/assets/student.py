@@ -21,6 +21,7 @@ import pyarrow as pa
 from omnithought_dagster.assets.curate import SAMPLED_SUBSETS_KEY
 from omnithought_dagster.assets.metadata import column_schema
 from omnithought_dagster.assets.teacher import GPU_POOL
+from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig, TrainingConfig
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
@@ -78,6 +79,7 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         group_name=STUDENT_GROUP,
         kinds={"pytorch"},
         code_version=STUDENT_CODE_VERSION,
+        automation_condition=cpu_stage_condition(),  # registering a base model is cheap
         tags={"stage": "student", "compute": "cpu"},
         metadata={"dagster/column_schema": column_schema(table_spec("student_checkpoints")), "table": "student_checkpoints"},
     )

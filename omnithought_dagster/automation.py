@@ -1,0 +1,39 @@
+"""When stages run without a person: CPU stages follow their upstreams, GPU stages never on their own.
+
+- CPU curation stages (filtered_set, sampled_subsets) and the baselines carry an eager
+  automation condition narrowed to upstreams whose blocking checks passed: a new or changed
+  upstream partition that failed a blocking check stops there.
+- GPU stages (cot_traces, annotations, student_checkpoints, benchmark_scores) carry none: they
+  are expensive, so they run by hand, from a job, or from a schedule someone turned on.
+- The `recuration` schedule (cron from `operations.recuration_cron`) re-runs filtered_set for
+  every source, so a changed threshold takes effect; sampled_subsets follow through their
+  automation condition, so a changed recipe does too.
+Turn automation on in the UI (Automation -> default_automation_condition_sensor) or in
+dagster.yaml; the schedule starts as `operations.recuration_running` says.
+"""
+
+import dagster as dg
+
+from omnithought_dagster.config import ProjectConfig
+
+RECURATION_SCHEDULE = "recuration"
+TRIGGER_TAG = "omnithought/trigger"
+
+
+def cpu_stage_condition() -> dg.AutomationCondition:
+    return (dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()).with_label(
+        "eager, once upstream blocking checks passed")
+
+
+def build_schedules(config: ProjectConfig, filter_job: str) -> list[dg.ScheduleDefinition]:
+    ops = config.operations
+
+    @dg.schedule(name=RECURATION_SCHEDULE, cron_schedule=ops.recuration_cron, job_name=filter_job, execution_timezone=ops.timezone,
+                 default_status=dg.DefaultScheduleStatus.RUNNING if ops.recuration_running else dg.DefaultScheduleStatus.STOPPED,
+                 description="Re-run the rule filters and selection of every source; subsets follow (automation).")
+    def recuration(context: dg.ScheduleEvaluationContext):
+        tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
+        for source in config.source_names:
+            yield dg.RunRequest(run_key=f"recuration:{source}:{tick}", partition_key=source, tags={TRIGGER_TAG: RECURATION_SCHEDULE})
+
+    return [recuration]

@@ -1,0 +1,87 @@
+"""The recuration schedule and the automation conditions: CPU stages follow, GPU stages never run on their own."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import dagster as dg
+import pytest
+
+from conftest import rewrite_partition, run_job, run_partition_checks, write_config
+from curation_data import build_store
+from omnithought_dagster.automation import RECURATION_SCHEDULE, TRIGGER_TAG
+from omnithought_dagster.config import ConfigError, load_config
+from omnithought_dagster.defs import FILTER_JOB, build_definitions
+from omnithought_dagster.store import CorpusStore
+
+RECIPES = [{"name": "even", "size": 12, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}},
+           {"name": "small", "size": 4, "difficulty_mix": {"easy": 1}}]
+GPU_STAGES = ["cot_traces", "annotations", "student_checkpoints", "benchmark_scores"]
+
+
+def _project(tmp_path, **operations):
+    build_store(tmp_path / "store", n_samples=24)
+    path = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}], recipes=RECIPES,
+                        benchmarks=[{"name": "held", "kind": "synthetic", "n_samples": 4, "seed": 3, "start_index": 900}],
+                        students=[{"name": "tiny"}], evaluation={"benchmarks": ["held"]}, operations=operations)
+    return load_config(path)
+
+
+def test_recuration_schedule_requests_every_source_on_the_filter_job(tmp_path):
+    config = _project(tmp_path, recuration_cron="30 2 * * 1", timezone="Europe/Paris")
+    defs = build_definitions(config)
+    schedule = defs.resolve_schedule_def(RECURATION_SCHEDULE)
+    assert schedule.cron_schedule == "30 2 * * 1" and schedule.execution_timezone == "Europe/Paris"
+    assert schedule.job_name == FILTER_JOB and schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    with dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 23, 2, 30, tzinfo=timezone.utc),
+                                   repository_def=defs.get_repository_def()) as context:
+        requests = list(schedule.evaluate_tick(context).run_requests)
+    assert [r.partition_key for r in requests] == ["synthetic"] and requests[0].tags[TRIGGER_TAG] == RECURATION_SCHEDULE
+    assert requests[0].run_key == "recuration:synthetic:2026-11-23T02:30:00+00:00"
+    running = build_definitions(_project(tmp_path / "on", recuration_running=True)).resolve_schedule_def(RECURATION_SCHEDULE)
+    assert running.default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_a_bad_cron_fails_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="operations.recuration_cron: .*not a cron expression"):
+        _project(tmp_path, recuration_cron="every night")
+
+
+def test_gpu_stages_carry_no_automation_and_cpu_stages_do(tmp_path):
+    graph = build_definitions(_project(tmp_path)).resolve_asset_graph()
+    for name in GPU_STAGES:
+        assert graph.get(dg.AssetKey(name)).automation_condition is None, name
+    for name in ["filtered_set", "sampled_subsets", "student_baselines"]:
+        assert "blocking checks passed" in graph.get(dg.AssetKey(name)).automation_condition.get_label(), name
+
+
+def test_subsets_follow_a_new_filtered_set_only_when_its_blocking_checks_passed(tmp_path, instance):
+    config = _project(tmp_path)
+    defs = build_definitions(config)
+    subsets = dg.AssetKey("sampled_subsets")
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert not [k for k in first.get_requested_partitions(subsets)]  # filtered_set never ran: nothing to follow
+
+    assert run_job(config, instance, FILTER_JOB, "synthetic").success  # its blocking checks ran and passed in the run
+    second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert set(second.get_requested_partitions(subsets)) == {"even", "small"}
+    requested = {key.to_user_string() for key in (r.key for r in second.results if r.true_subset.size)}
+    assert not requested & set(GPU_STAGES)
+
+    # (The request counts as handled on the tick after it; a quiet tick lets it pass.)
+    quiet = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=second.cursor)
+    assert not set(quiet.get_requested_partitions(subsets))
+
+    # Updated again (e.g. by the recuration schedule), checks passing: the subsets follow again.
+    assert run_job(config, instance, FILTER_JOB, "synthetic").success
+    third = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=quiet.cursor)
+    assert set(third.get_requested_partitions(subsets)) == {"even", "small"}
+    quiet = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=third.cursor)
+
+    # Updated again, but now failing a blocking check: the subsets stay put.
+    store = CorpusStore(config.store.root)
+    assert run_job(config, instance, FILTER_JOB, "synthetic").success
+    rewrite_partition(store, "filter_decisions", "synthetic", lambda rows: rows + [rows[0]])  # a trace decided twice
+    assert not run_partition_checks(config, instance, "filtered_set", "synthetic")["one_decision_per_trace"].passed
+    fourth = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=quiet.cursor)
+    assert not set(fourth.get_requested_partitions(subsets))
