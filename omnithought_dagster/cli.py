@@ -234,6 +234,15 @@ def export(subset: str = typer.Argument(..., help="recipe name (a sampled_subset
 
 
 @app.command()
+def report(out: Path = typer.Option(..., "--out", help="the HTML file to write"), config: Optional[Path] = ConfigOption) -> None:
+    """Write a self-contained HTML curation report (plots embedded) for people who don't open Dagster."""
+    from omnithought_dagster.report import write_report
+
+    written = write_report(_store(_config(config)), out)
+    console.print(f"wrote {written.path} ({len(written.sections)} sections, {written.figures} plots)")
+
+
+@app.command()
 def tables() -> None:
     """Print the reference of every store table (columns, types, meaning) as markdown."""
     from omnithought_dagster.store.tables import tables_markdown
