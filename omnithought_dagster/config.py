@@ -434,6 +434,11 @@ class OperationsConfig(_Model):
     recuration_cron: str = Field(default="0 3 * * *", description="when the recuration schedule re-runs the CPU curation stages")
     timezone: str = "UTC"
     recuration_running: bool = Field(default=False, description="start the schedule running (else turn it on in the UI)")
+    gpu_devices: list[str] = Field(default_factory=list, description="GPUs GPU steps lease from (CUDA indices); empty on CPU machines")
+    gpu_lock_dir: str = Field(default=".cache/gpu-locks", description="lock files of the leases (local to the machine)")
+    gpu_wait_s: float = Field(default=3600, gt=0, description="how long a GPU step waits for free devices")
+
+    _resolve = field_validator("gpu_lock_dir")(_resolve_path)
 
     @field_validator("recuration_cron")
     @classmethod

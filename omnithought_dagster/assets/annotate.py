@@ -9,6 +9,7 @@ from omnithought_dagster.annotate.taxonomy import Taxonomy
 from omnithought_dagster.assets.metadata import counts, preview
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY, shard_asset
 from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.ids import content_id, version_of
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 
@@ -29,7 +30,7 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         source, shard = keys["source"], keys["shard"]
         corpus = store.open()
         taxonomy = Taxonomy.load(cfg.annotation.taxonomy)
-        plan = judge.plan(cfg.annotator, models_dir=cfg.models_dir, log=context.log)
+        plan = judge.plan(cfg.annotator, models_dir=cfg.models_dir, log=context.log, gpu_slots=slots_from_config(cfg))
         prompt = judge_prompt(cfg.annotation)
         try:
             result = annotate_shard(corpus, source, shard, plan, prompt, cfg.annotation, taxonomy, progress=lambda s: context.log.info(

@@ -23,6 +23,7 @@ from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.evaluation.run import OVERALL, EvalError, TaskScores, lmms_command, parse_results
 from omnithought_dagster.evaluation.tasks import LocalTask, items_version, read_items, write_local_task
+from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.ids import content_id
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
@@ -89,7 +90,10 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                                    device=cfg.evaluation.device, limit=cfg.evaluation.limit, seed=cfg.evaluation.seed)
             context.log.info(f"scoring {checkpoint['checkpoint_id'][:12]} ({student}/{recipe}): {' '.join(command)}")
             started = time.monotonic()
-            scores = run_lmms_eval(command, tasks, work, cfg.evaluation.timeout_s, cfg.evaluation.env, local)
+            needed = 1 if cfg.evaluation.device.startswith("cuda") and "CUDA_VISIBLE_DEVICES" not in cfg.evaluation.env else 0
+            with slots_from_config(cfg).lease(needed, holder=f"eval {student}/{recipe}") as devices:
+                scores = run_lmms_eval(command, tasks, work, cfg.evaluation.timeout_s, {**cfg.evaluation.env, **visible_devices_env(devices)},
+                                       local)
             seconds = time.monotonic() - started
         except EvalError as exc:
             raise dg.Failure(description=str(exc)) from exc

@@ -23,6 +23,7 @@ from omnithought_dagster.assets.metadata import column_schema
 from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig, TrainingConfig
+from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 from omnithought_dagster.train.launch import checkpoint_id, launcher_command, resolve_student, train_config_hash, training_spec
@@ -143,7 +144,11 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             if cfg.training.gpus is not None:
                 env["CUDA_VISIBLE_DEVICES"] = cfg.training.gpus
             started = time.monotonic()
-            invocation = pipes_subprocess_client.run(command=command, context=context, env=env, cwd=str(work))
+            # This node's ranks get devices no other step holds (none on CPU machines or with `training.gpus` set).
+            needed = cfg.training.nproc_per_node if cfg.training.gpus is None else 0
+            with slots_from_config(cfg).lease(needed, holder=f"train {student.name}/{recipe}") as devices:
+                env.update(visible_devices_env(devices))
+                invocation = pipes_subprocess_client.run(command=command, context=context, env=env, cwd=str(work))
             reported = {k: getattr(v, "value", v) for k, v in invocation.get_materialize_result().metadata.items()}
             context.log.info(f"trainer finished in {time.monotonic() - started:.1f} s")
             if not (work / "model" / "config.json").is_file():

@@ -14,6 +14,7 @@ import dagster as dg
 from omnithought_dagster.assets.metadata import column_schema, counts, preview
 from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
 from omnithought_dagster.config import LLMConfig, ProjectConfig
+from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.ids import content_id, shard_keys, version_of
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 from omnithought_dagster.store import table_spec
@@ -67,7 +68,7 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         keys = context.partition_key.keys_by_dimension
         source, shard = keys["source"], keys["shard"]
         corpus = store.open()
-        plan = teacher.plan(cfg.teacher, models_dir=cfg.models_dir, log=context.log)
+        plan = teacher.plan(cfg.teacher, models_dir=cfg.models_dir, log=context.log, gpu_slots=slots_from_config(cfg))
         prompt = teacher_prompt(cfg.generation, cfg.teacher.structured_output)
         fingerprint = traces_fingerprint(cfg, corpus, source, plan.identity, plan.structured_output)
         try:

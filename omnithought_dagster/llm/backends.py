@@ -286,8 +286,12 @@ def describe_backend(config: LLMConfig, *, models_dir: str | Path) -> tuple[str,
 
 @contextlib.contextmanager
 def open_backend(config: LLMConfig, *, models_dir: str | Path, api_key: str | None = None, log_dir: str | Path | None = None,
-                 log=None) -> Iterator[Backend]:
-    """The configured backend, ready to use; a vLLM server it started is stopped on exit."""
+                 log=None, gpu_slots=None) -> Iterator[Backend]:
+    """The configured backend, ready to use; a vLLM server it started is stopped on exit.
+
+    A vLLM server without explicit `gpus` leases tensor x data parallel devices from gpu_slots
+    (omnithought_dagster.gpu) for its lifetime, so concurrent steps never share a GPU.
+    """
     if config.backend == "openai":
         yield OpenAIBackend(config.base_url, config.model, identity=backend_identity(config, None), api_key=api_key,
                             timeout_s=config.request_timeout_s, max_retries=config.max_retries, max_concurrency=config.max_concurrency)
@@ -300,6 +304,11 @@ def open_backend(config: LLMConfig, *, models_dir: str | Path, api_key: str | No
     from omnithought_dagster.llm.vllm_server import VLLMServer
 
     served_name = identity.replace("@", "-")
-    with VLLMServer.from_config(config, model=model, served_model_name=served_name, log_dir=log_dir, log=log) as server:
+    needed = 0 if config.gpus is not None or gpu_slots is None else config.tensor_parallel_size * config.data_parallel_size
+    with contextlib.ExitStack() as stack:
+        devices = stack.enter_context(gpu_slots.lease(needed, holder=f"vllm {served_name}")) if needed else []
+        if devices:
+            config = config.model_copy(update={"gpus": ",".join(devices)})
+        server = stack.enter_context(VLLMServer.from_config(config, model=model, served_model_name=served_name, log_dir=log_dir, log=log))
         yield OpenAIBackend(server.base_url, served_name, identity=identity, timeout_s=config.request_timeout_s,
                             max_retries=config.max_retries, max_concurrency=config.max_concurrency)

@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from omnithought_dagster.config import LLMConfig
+from omnithought_dagster.gpu import GPUSlots
 from omnithought_dagster.llm.backends import Backend, describe_backend, open_backend
 from omnithought_dagster.teacher.traces import BackendPlan
 
@@ -21,11 +22,11 @@ class LLMResource(dg.ConfigurableResource):
     api_key: str | None = None
     log_dir: str = str(Path(tempfile.gettempdir()) / "omnithought-vllm")
 
-    def plan(self, config: LLMConfig, *, models_dir: str, log=None) -> BackendPlan:
+    def plan(self, config: LLMConfig, *, models_dir: str, log=None, gpu_slots: GPUSlots | None = None) -> BackendPlan:
         identity, structured = describe_backend(config, models_dir=models_dir)
-        return BackendPlan(identity, structured, lambda: self.open(config, models_dir=models_dir, log=log))
+        return BackendPlan(identity, structured, lambda: self.open(config, models_dir=models_dir, log=log, gpu_slots=gpu_slots))
 
     @contextlib.contextmanager
-    def open(self, config: LLMConfig, *, models_dir: str, log=None) -> Iterator[Backend]:
-        with open_backend(config, models_dir=models_dir, api_key=self.api_key, log_dir=self.log_dir, log=log) as backend:
+    def open(self, config: LLMConfig, *, models_dir: str, log=None, gpu_slots: GPUSlots | None = None) -> Iterator[Backend]:
+        with open_backend(config, models_dir=models_dir, api_key=self.api_key, log_dir=self.log_dir, log=log, gpu_slots=gpu_slots) as backend:
             yield backend
