@@ -40,9 +40,9 @@ def _config(path: Optional[Path]) -> ProjectConfig:
 
 
 def _store(config: ProjectConfig):
-    from omnithought_dagster.store import CorpusStore
+    from omnithought_dagster.store import open_store
 
-    return CorpusStore(config.store.root)
+    return open_store(config.store)
 
 
 @app.command()

@@ -47,6 +47,10 @@ class StoreConfig(_Model):
     """Where the corpus store lives: a local folder or an s3:// URI."""
 
     root: str = ".omnithought"
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto, ...); default AWS")
+    region: str | None = None
+    access_key_env: str | None = Field(default=None, description="env var with the access key id; default: the AWS credential chain")
+    secret_key_env: str | None = Field(default=None, description="env var with the secret access key")
 
     _resolve = field_validator("root")(_resolve_path)
 

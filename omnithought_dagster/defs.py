@@ -81,7 +81,7 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
     resources = dg.Definitions(
         resources={
             "project": ProjectResource(config_path=config.config_path),
-            "store": CorpusStoreResource(root_uri=config.store.root),
+            "store": _store_resource(config),
             # The key is read from the environment of the step, never from the project file.
             "teacher": LLMResource(api_key=dg.EnvVar(config.teacher.api_key_env)) if config.teacher.api_key_env else LLMResource(),
             "judge": LLMResource(api_key=dg.EnvVar(judge_key)) if judge_key else LLMResource(),
@@ -90,6 +90,15 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
         }
     )
     return dg.Definitions.merge(seed, teacher, annotate, curate, students, resources)
+
+
+def _store_resource(config: ProjectConfig) -> CorpusStoreResource:
+    """The store resource; S3 keys (when the project file names their env vars) are EnvVars, read where the step runs."""
+    store = config.store
+    keys = {}
+    if store.access_key_env and store.secret_key_env:
+        keys = {"access_key": dg.EnvVar(store.access_key_env), "secret_key": dg.EnvVar(store.secret_key_env)}
+    return CorpusStoreResource(root_uri=store.root, endpoint_url=store.endpoint_url, region=store.region, **keys)
 
 
 def _stage(assets, checks, job: str, group: str, partitions, description: str) -> dg.Definitions:

@@ -26,7 +26,7 @@ from omnithought_dagster.curation.seed import earlier_sources, input_fingerprint
 from omnithought_dagster.defs import ANNOTATE_JOB, FILTER_JOB, SEED_JOB, SUBSET_JOB, TEACHER_JOB, TRAIN_JOB, BASELINE_JOB, SCORE_JOB, build_definitions
 from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.sources import make_reader
-from omnithought_dagster.store import CorpusStore
+from omnithought_dagster.store import CorpusStore, open_store
 
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -57,7 +57,7 @@ class Stage:
 
 def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = False) -> list[StageOutcome]:
     defs = build_definitions(config)
-    store = CorpusStore(config.store.root)
+    store = open_store(config.store)
     graph = defs.resolve_asset_graph()
     outcomes = []
     for stage in STAGES:
@@ -103,7 +103,8 @@ def _export(config: ProjectConfig, store: CorpusStore, recipe: str) -> StageOutc
 
     from omnithought_dagster.curation.export import ExportError, export_subset
 
-    out = Path(config.store.root) / "exports" / recipe
+    local = not config.store.root.startswith("s3://")  # an object store's export still lands on this machine
+    out = (Path(config.store.root) if local else Path(config.training.work_dir).parent) / "exports" / recipe
     try:
         report = export_subset(store, recipe, "llamafactory", out, cutoff_len=config.curation.rules.max_total_tokens)
     except ExportError as exc:

@@ -27,7 +27,7 @@ def reasoning_text(seed: int, lines: int = 8) -> str:
 def build_store(root, n_samples: int = 12, source: str = "synthetic", seed: int = 0, labels=("easy", "medium", "hard"),
                 tags=("counting", "chart/bar", "table", "math/geometry")) -> tuple[CorpusStore, list[dict], list[dict], list[dict]]:
     """Seed (real synthetic images), 4 clean rollouts per sample, annotations; returns (store, seed, traces, annotations)."""
-    store = CorpusStore(str(root))
+    store = root if isinstance(root, CorpusStore) else CorpusStore(str(root))
     result = ingest_source(source, SyntheticReader(n_samples, seed=seed).records(), SeedSettings(near_duplicate_max_distance=-1),
                            image_root=None, put_image=store.images.put)
     store.write_partition("seed_pool", source, result.kept)

@@ -2,7 +2,7 @@
 
 Secrets never sit in the project file: a resource that needs one takes it as an `EnvVar`,
 so it is read from the environment of the process that runs the step and never shown in the
-UI. (The teacher's API key and the S3 credentials arrive this way in later stages.)
+UI: the teacher's and judge's API keys, and the S3 keys of the store.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import PrivateAttr
 
-from omnithought_dagster.config import ProjectConfig, load_config
-from omnithought_dagster.store import CorpusStore
+from omnithought_dagster.config import ProjectConfig, StoreConfig, load_config
+from omnithought_dagster.store import CorpusStore, open_store
 
 
 class ProjectResource(dg.ConfigurableResource):
@@ -29,9 +29,14 @@ class ProjectResource(dg.ConfigurableResource):
 
 
 class CorpusStoreResource(dg.ConfigurableResource):
-    """The corpus store under one root URI (a local folder; object stores through pyarrow.fs)."""
+    """The corpus store under one root URI: a local folder, or s3:// (Arrow's S3 filesystem; keys through EnvVar)."""
 
     root_uri: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = None  # from EnvVar(store.access_key_env), never from the project file
+    secret_key: str | None = None
 
     def open(self) -> CorpusStore:
-        return CorpusStore(self.root_uri)
+        return open_store(StoreConfig(root=self.root_uri, endpoint_url=self.endpoint_url, region=self.region),
+                          access_key=self.access_key, secret_key=self.secret_key)

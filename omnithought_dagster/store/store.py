@@ -248,6 +248,25 @@ class ImageStore:
         }
 
 
+def open_store(config, *, access_key: str | None = None, secret_key: str | None = None) -> CorpusStore:
+    """The store a StoreConfig names. s3:// roots get an Arrow S3 filesystem (endpoint, region, and
+    keys given here or read from the env vars the config names; else the AWS credential chain)."""
+    if not config.root.startswith("s3://"):
+        return CorpusStore(config.root)
+    import os
+    from urllib.parse import urlparse
+
+    options: dict = {"region": config.region} if config.region else {}
+    if config.endpoint_url:
+        endpoint = urlparse(config.endpoint_url)
+        options.update(endpoint_override=endpoint.netloc or endpoint.path, scheme=endpoint.scheme or "https")
+    access_key = access_key or (os.environ.get(config.access_key_env) if config.access_key_env else None)
+    secret_key = secret_key or (os.environ.get(config.secret_key_env) if config.secret_key_env else None)
+    if access_key and secret_key:
+        options.update(access_key=access_key, secret_key=secret_key)
+    return CorpusStore(config.root, filesystem=pafs.S3FileSystem(**options))
+
+
 class CheckpointStore:
     """Model folders under checkpoints/<checkpoint_id>/, committed by a manifest written last.
 

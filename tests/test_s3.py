@@ -1,0 +1,142 @@
+"""The corpus store on S3: an S3-API server on loopback (moto in server mode), keys through EnvVar.
+
+Tables, images, the result cache and checkpoints go to the bucket; DuckDB reads the tables
+through pyarrow datasets (no DuckDB extension or network), so checks, lineage and the CLI work
+unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import check_evaluations, materializations, run_job, write_config, write_image, write_json
+from curation_data import build_store
+from omnithought_dagster.cli import app
+from omnithought_dagster.config import StoreConfig, load_config
+from omnithought_dagster.defs import FILTER_JOB, SEED_JOB, SUBSET_JOB
+from omnithought_dagster.store import open_store
+
+BUCKET = "corpus"
+KEYS = {"OMNI_S3_KEY": "omnithought-test", "OMNI_S3_SECRET": "not-a-real-secret"}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server on a free loopback port, with one bucket."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log.open("w"),
+                              stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail(f"moto server did not start: {log.read_text()[-2000:]}")
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEYS["OMNI_S3_KEY"],
+                     aws_secret_access_key=KEYS["OMNI_S3_SECRET"]).create_bucket(Bucket=BUCKET)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture
+def s3_store_config(s3_endpoint, monkeypatch, request):
+    for name, value in KEYS.items():
+        monkeypatch.setenv(name, value)
+    # No ambient AWS keys: the store must get its keys from the env vars the project file names.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return {"root": f"s3://{BUCKET}/{request.node.name}", "endpoint_url": s3_endpoint, "region": "us-east-1",
+            "access_key_env": "OMNI_S3_KEY", "secret_key_env": "OMNI_S3_SECRET"}
+
+
+def _objects(endpoint: str, prefix: str) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEYS["OMNI_S3_KEY"],
+                          aws_secret_access_key=KEYS["OMNI_S3_SECRET"])
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def test_seed_ingest_checks_lineage_and_cli_on_s3(tmp_path, instance, s3_store_config, s3_endpoint):
+    write_image(tmp_path / "imgs/a.png", 1)
+    files = {"name": "files", "kind": "json", "path": str(write_json(tmp_path / "f.json", [
+        {"id": "r1", "question": "How many?", "answer": "3", "image": "a.png"},
+        {"id": "r2", "question": "Gone?", "answer": "1", "image": "missing.png"}])), "image_root": str(tmp_path / "imgs")}
+    config = load_config(write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 8}, files], store=s3_store_config))
+    for source in ("synthetic", "files"):
+        result = run_job(config, instance, SEED_JOB, source)
+        assert result.success and all(c.passed for c in check_evaluations(result).values()), source
+    assert materializations(result)["seed_pool"]["path"].startswith(f"s3://{BUCKET}/")
+    prefix = s3_store_config["root"].split(f"{BUCKET}/", 1)[1]
+    keys = _objects(s3_endpoint, prefix)
+    assert f"{prefix}/tables/seed_pool/source=synthetic/data.parquet" in keys
+    assert f"{prefix}/tables/quarantine/source=files/data.parquet" in keys
+    images = [k for k in keys if re.fullmatch(rf"{re.escape(prefix)}/images/[0-9a-f]{{2}}/[0-9a-f]{{32}}", k)]
+    assert len(images) == 9  # 8 synthetic pictures + the file's one (Arrow also writes folder markers)
+
+    runner = CliRunner()
+    stats = runner.invoke(app, ["stats", "--config", config.config_path, "--json"])
+    assert stats.exit_code == 0 and '"rows": 9' in stats.stdout
+    story = runner.invoke(app, ["lineage", "files/r2", "--config", config.config_path])
+    assert story.exit_code == 0 and "missing_image" in story.output
+
+
+def test_curation_export_checkpoints_and_cache_on_s3(tmp_path, instance, s3_store_config):
+    store = open_store(StoreConfig(**s3_store_config))
+    build_store(store, n_samples=12)
+    config = load_config(write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 12}], store=s3_store_config,
+                                      recipes=[{"name": "even", "size": 6, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}}]))
+    for job, partition in [(FILTER_JOB, "synthetic"), (SUBSET_JOB, "even")]:
+        result = run_job(config, instance, job, partition)
+        failed = {n: c.description for n, c in check_evaluations(result).items() if not c.passed and c.severity.value == "ERROR"}
+        assert result.success and not failed, (job, failed)
+    assert store.read_partition("subset_members", "even").num_rows == 6
+
+    from omnithought_dagster.curation.export import export_subset
+
+    report = export_subset(store, "even", "llamafactory", tmp_path / "export")
+    assert report.examples == 6 and len(list((tmp_path / "export/images").iterdir())) == report.images
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "sub").mkdir()
+    (model / "sub/weights.bin").write_bytes(b"\x00" * 1000)
+    uri = store.checkpoints.put("c" * 32, model, {"row": {"checkpoint_id": "c" * 32}})
+    assert uri.startswith(f"s3://{BUCKET}/") and store.checkpoints.exists("c" * 32)
+    local = store.checkpoints.local_dir("c" * 32, tmp_path / "downloads")
+    assert (local / "sub/weights.bin").read_bytes() == b"\x00" * 1000 and store.checkpoints.manifest("c" * 32)["row"]
+
+    cache = store.cache("generation")
+    partition = {"source": "synthetic", "shard": "000"}
+    cache.append(partition, [("k1", {"text": "a"}), ("k2", {"text": "b"})])
+    cache.append(partition, [("k1", {"text": "newer"})])
+    cache.compact(partition)
+    assert cache.load(partition) == {"k1": {"text": "newer"}, "k2": {"text": "b"}} and cache.batch_count(partition) == 1
+
+
+def test_a_local_root_is_unchanged(tmp_path):
+    store = open_store(StoreConfig(root=str(tmp_path / "local")))
+    assert store.is_local and Path(store.root) == (tmp_path / "local").resolve()
