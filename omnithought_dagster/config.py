@@ -432,8 +432,25 @@ class EvaluationConfig(_Model):
         return self.model_dump(mode="json", include={"lmms_model", "model_args", "max_new_tokens", "limit", "seed", "lmms_tasks"})
 
 
+class K8sPlacement(_Model):
+    job_namespace: str | None = Field(default=None, description="namespace of the step pods (k8s executor)")
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="node selector of GPU step pods")
+    gpu_tolerations: list[dict[str, Any]] = Field(default_factory=list, description="tolerations of GPU step pods")
+
+
+class EcsPlacement(_Model):
+    gpu_cpu: str | None = Field(default=None, description="CPU units of a GPU step's task (ecs/cpu), e.g. '8192'")
+    gpu_memory: str | None = Field(default=None, description="memory (MiB) of a GPU step's task (ecs/memory)")
+
+
 class OperationsConfig(_Model):
-    """Running it unattended: the re-curation schedule."""
+    """Running it unattended: the re-curation schedule, the executor, GPU placement."""
+
+    executor: Literal["multiprocess", "in_process", "k8s", "ecs"] = Field(
+        default="multiprocess", description="multiprocess here; k8s (dagster-k8s) or ecs (dagster-aws) on a cluster")
+    max_concurrent: int | None = Field(default=None, ge=1, description="steps at once (default: CPU count / unlimited)")
+    k8s: K8sPlacement = K8sPlacement()
+    ecs: EcsPlacement = EcsPlacement()
 
     recuration_cron: str = Field(default="0 3 * * *", description="when the recuration schedule re-runs the CPU curation stages")
     timezone: str = "UTC"

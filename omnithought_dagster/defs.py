@@ -22,6 +22,7 @@ from omnithought_dagster.checks.scores import build_score_checks
 from omnithought_dagster.checks.student import build_student_checks
 from omnithought_dagster.checks.teacher import build_teacher_checks
 from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.placement import executor
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 
 SEED_JOB = "ingest_seeds"
@@ -89,7 +90,7 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
             "pipes_subprocess_client": dg.PipesSubprocessClient(),
         }
     )
-    return dg.Definitions.merge(seed, teacher, annotate, curate, students, resources)
+    return dg.Definitions.merge(seed, teacher, annotate, curate, students, resources, dg.Definitions(executor=executor(config)))
 
 
 def _store_resource(config: ProjectConfig) -> CorpusStoreResource:

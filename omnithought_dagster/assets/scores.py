@@ -24,6 +24,7 @@ from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.evaluation.run import OVERALL, EvalError, TaskScores, lmms_command, parse_results
 from omnithought_dagster.evaluation.tasks import LocalTask, items_version, read_items, write_local_task
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
+from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.ids import content_id
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
@@ -63,6 +64,7 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         kinds={"pytorch", "parquet"},
         code_version=SCORES_CODE_VERSION,
         pool=GPU_POOL,
+        op_tags=gpu_step_tags(config, 1 if config.evaluation.device.startswith("cuda") else 0),
         tags={"stage": "scores", "compute": "gpu"},
         metadata={"dagster/column_schema": column_schema(table_spec("benchmark_scores")), "table": "benchmark_scores"},
     )

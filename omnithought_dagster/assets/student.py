@@ -22,8 +22,9 @@ from omnithought_dagster.assets.curate import SAMPLED_SUBSETS_KEY
 from omnithought_dagster.assets.metadata import column_schema
 from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.automation import cpu_stage_condition
-from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig, TrainingConfig
+from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
+from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 from omnithought_dagster.train.launch import checkpoint_id, launcher_command, resolve_student, train_config_hash, training_spec
@@ -62,12 +63,11 @@ def expected_checkpoint_id(config: ProjectConfig, store: CorpusStore, student: s
     return checkpoint_id(base_fingerprint, members.column("subset_version")[0].as_py(), train_config_hash(config.training))
 
 
-def training_op_tags(training: TrainingConfig) -> dict:
-    """Kubernetes GPU requests for the trainer's node (none on CPU)."""
-    if training.nproc_per_node <= 1 and not training.gpus:
-        return {}
-    gpus = str(training.nproc_per_node)
-    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}}}}}
+def training_op_tags(config: ProjectConfig) -> dict:
+    """Kubernetes / ECS GPU requests for the trainer's node: nproc_per_node GPUs (none for a 1-process CPU run)."""
+    training = config.training
+    on_gpus = training.nproc_per_node > 1 or training.gpus or training.precision != "fp32" or config.operations.gpu_devices
+    return gpu_step_tags(config, training.nproc_per_node if on_gpus else 0)
 
 
 def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
@@ -104,7 +104,7 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         kinds={"deepspeed", "pytorch"},
         code_version=STUDENT_CODE_VERSION,
         pool=GPU_POOL,
-        op_tags=training_op_tags(config.training),
+        op_tags=training_op_tags(config),
         tags={"stage": "student", "compute": "gpu"},
         metadata={"dagster/column_schema": column_schema(table_spec("student_checkpoints")), "table": "student_checkpoints"},
     )

@@ -15,6 +15,7 @@ from omnithought_dagster.assets.metadata import column_schema, counts, preview
 from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
 from omnithought_dagster.config import LLMConfig, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
+from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.ids import content_id, shard_keys, version_of
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 from omnithought_dagster.store import table_spec
@@ -34,12 +35,9 @@ def traces_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
     )
 
 
-def gpu_op_tags(llm: LLMConfig) -> dict:
-    """Kubernetes GPU requests for a step that serves `llm` with vLLM (none for other backends)."""
-    if llm.backend != "vllm":
-        return {}
-    gpus = str(llm.tensor_parallel_size * llm.data_parallel_size)
-    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}}}}}
+def gpu_op_tags(config: ProjectConfig, llm: LLMConfig) -> dict:
+    """Kubernetes / ECS GPU requests for a step that serves `llm` with vLLM (none for other backends)."""
+    return gpu_step_tags(config, llm.tensor_parallel_size * llm.data_parallel_size if llm.backend == "vllm" else 0)
 
 
 def shard_asset(config: ProjectConfig, key: dg.AssetKey, group: str, llm: LLMConfig, deps: tuple = ()) -> dict:
@@ -53,7 +51,7 @@ def shard_asset(config: ProjectConfig, key: dg.AssetKey, group: str, llm: LLMCon
         "group_name": group,
         "kinds": {"vllm", "parquet"},
         "pool": GPU_POOL,
-        "op_tags": gpu_op_tags(llm),
+        "op_tags": gpu_op_tags(config, llm),
         "tags": {"stage": group, "compute": "gpu"},
         "metadata": {"dagster/column_schema": column_schema(table_spec(table)), "table": table},
     }
