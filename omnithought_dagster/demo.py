@@ -170,9 +170,9 @@ def _traces_partitions(config: ProjectConfig) -> list[str]:
 
 
 def _traces_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
-    source = traces_partitions(config).get_partition_key_from_str(partition).keys_by_dimension["source"]
+    keys = traces_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
     identity, structured = describe_backend(config.teacher, models_dir=config.models_dir)
-    return traces_fingerprint(config, store, source, identity, structured)
+    return traces_fingerprint(config, store, keys["source"], keys["shard"], identity, structured)
 
 
 def _trace_counts(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
 from omnithought_dagster.config import LLMConfig, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.placement import gpu_step_tags
-from omnithought_dagster.ids import content_id, shard_keys, version_of
+from omnithought_dagster.ids import content_id, shard_keys, shard_of, version_of
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 from omnithought_dagster.store import table_spec
 from omnithought_dagster.teacher.prompt import teacher_prompt
@@ -68,7 +68,7 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         corpus = store.open()
         plan = teacher.plan(cfg.teacher, models_dir=cfg.models_dir, log=context.log, gpu_slots=slots_from_config(cfg))
         prompt = teacher_prompt(cfg.generation, cfg.teacher.structured_output)
-        fingerprint = traces_fingerprint(cfg, corpus, source, plan.identity, plan.structured_output)
+        fingerprint = traces_fingerprint(cfg, corpus, source, shard, plan.identity, plan.structured_output)
         try:
             result = generate_shard(
                 corpus, source, shard, plan, prompt, cfg.generation, send_seed=cfg.teacher.send_seed,
@@ -107,14 +107,18 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     return [cot_traces]
 
 
-def traces_fingerprint(cfg: ProjectConfig, corpus, source: str, identity: str, structured: bool) -> str:
-    """What a cot_traces partition is computed from (the demo skips partitions whose fingerprint is unchanged)."""
-    from omnithought_dagster.curation.seed import partition_version
+def traces_fingerprint(cfg: ProjectConfig, corpus, source: str, shard: str, identity: str, structured: bool) -> str:
+    """What a cot_traces partition is computed from (the demo skips partitions whose fingerprint is unchanged).
 
+    Only the shard's own samples count (their ids hash question, options, images and answer), so a
+    source that grows re-generates just the shards its new samples fall in.
+    """
+    seed = corpus.read_partition("seed_pool", source, ["sample_id"])
+    samples = None if seed is None else [s for s in seed.column("sample_id").to_pylist() if shard_of(s, cfg.generation.shards) == int(shard)]
     prompt = teacher_prompt(cfg.generation, cfg.teacher.structured_output)
     mode = prompt.mode if structured else "none"
     return content_id("traces-input", {
-        "seed": partition_version(corpus, source), "teacher": identity, "prompt": [prompt.version, prompt.text_hash],
+        "seed": None if samples is None else version_of(samples), "teacher": identity, "prompt": [prompt.version, prompt.text_hash],
         "sampling": sampling_params(cfg.generation, mode), "rollouts": cfg.generation.rollouts, "shards": cfg.generation.shards,
         "answer_pattern": cfg.generation.answer_pattern, "code": TEACHER_CODE_VERSION,
     })

@@ -1,0 +1,52 @@
+"""Re-curation is incremental end to end: 1% more seed samples, everything re-run, requests only for the new ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import requests_served, served_config
+from omnithought_dagster.demo import run_demo
+from omnithought_dagster.store import open_store
+
+ROLLOUTS = 2
+EXTRA = {
+    "generation": {"rollouts": ROLLOUTS, "shards": 2},
+    "annotation": {"max_tokens": 160, "temperature": 1.0},
+    "curation": {"rules": {"min_tokens": 0, "min_quality": 0}, "selection": {"drop_unsolvable": False, "trivial_max_difficulty_bin": -1}},
+    "recipes": [{"name": "mix", "size": 20, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}}],
+    "students": [{"name": "tiny"}],
+    "training": {"max_steps": 4, "micro_batch_size": 4, "max_length": 1024},
+}
+
+
+@pytest.mark.slow
+def test_one_percent_more_samples_sends_requests_only_for_them_and_reuses_what_did_not_change(tmp_path, instance, vllm_server):
+    config = served_config(tmp_path, vllm_server.base_url, n_samples=100, **EXTRA)
+    first = run_demo(config, instance)
+    assert all(o.success for o in first), [(o.stage, o.partition, o.counts.get("error")) for o in first if not o.success]
+    store = open_store(config.store)
+    subset_before = store.read_partition("subset_members", "mix").column("subset_version")[0].as_py()
+    checkpoint_before = store.read_partition("student_checkpoints", {"student": "tiny", "recipe": "mix"}).column("checkpoint_id")[0].as_py()
+
+    served_before = requests_served(vllm_server)
+    grown = served_config(tmp_path, vllm_server.base_url, n_samples=101, **EXTRA)  # the same project, one more sample
+    second = run_demo(grown, instance)
+    assert all(o.success for o in second)
+    # The teacher wrote ROLLOUTS traces for the one new sample and the judge annotated them; nothing else was sent.
+    assert requests_served(vllm_server) - served_before == 2 * ROLLOUTS
+    by_stage = {}
+    for outcome in second:
+        by_stage.setdefault(outcome.stage, []).append(outcome)
+    assert [o.skipped for o in by_stage["seed_pool"]] == [False]
+    # Only the shard that holds the new sample is regenerated and re-annotated; the other one is up to date.
+    assert sorted(o.skipped for o in by_stage["cot_traces"]) == [False, True]
+    assert sorted(o.skipped for o in by_stage["annotations"]) == [False, True]
+    assert store.read_partition("seed_pool", "synthetic").num_rows == 101
+
+    subset_after = store.read_partition("subset_members", "mix").column("subset_version")[0].as_py()
+    (checkpoint,) = by_stage["student_checkpoints"]
+    checkpoint_after = store.read_partition("student_checkpoints", {"student": "tiny", "recipe": "mix"}).column("checkpoint_id")[0].as_py()
+    if subset_after == subset_before:  # the new sample did not enter the subset: the student is not retrained
+        assert checkpoint_after == checkpoint_before and (checkpoint.skipped or checkpoint.counts.get("detail", "").endswith("reused"))
+    else:
+        assert checkpoint_after != checkpoint_before and store.checkpoints.exists(checkpoint_before)
