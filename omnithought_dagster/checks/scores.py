@@ -3,6 +3,7 @@
 import dagster as dg
 
 from omnithought_dagster.assets.scores import BENCHMARK_SCORES_KEY, score_partitions
+from omnithought_dagster.checks.teacher import partition_dims
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.evaluation.run import OVERALL
 from omnithought_dagster.evaluation.tasks import task_name
@@ -59,8 +60,5 @@ def build_score_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
 
 
 def _rows(store: CorpusStoreResource, context, partitions: dg.MultiPartitionsDefinition) -> list[dict]:
-    key = context.partition_key
-    if not isinstance(key, dg.MultiPartitionKey):  # a run tagged with the key as a plain string
-        key = partitions.get_partition_key_from_str(key)
-    table = store.open().read_partition("benchmark_scores", dict(key.keys_by_dimension))
+    table = store.open().read_partition("benchmark_scores", partition_dims(context, partitions))
     return table.to_pylist() if table is not None else []

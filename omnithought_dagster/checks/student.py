@@ -3,6 +3,7 @@
 import dagster as dg
 
 from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, baseline_partitions, student_partitions
+from omnithought_dagster.checks.teacher import partition_dims
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 
@@ -64,15 +65,10 @@ def generate_probe(folder: str) -> int:
     """Load a model folder and greedily generate a few tokens for an image and a question."""
     import torch
     from PIL import Image
-    from transformers import AutoModelForImageTextToText
 
-    from transformers.utils import logging as hf_logging
+    from omnithought_dagster.models.vl_chat import load_vl_model
 
-    from omnithought_dagster.models.vl_chat import VLTokenizer
-
-    hf_logging.disable_progress_bar()
-    vl = VLTokenizer.load(folder)
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    vl, model = load_vl_model(folder)
     image = Image.new("RGB", (112, 112), (200, 40, 40))
     inputs = vl.encode_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}], [image])
     with torch.no_grad():
@@ -81,8 +77,5 @@ def generate_probe(folder: str) -> int:
 
 
 def _row(store: CorpusStoreResource, context, partitions: dg.MultiPartitionsDefinition) -> dict | None:
-    key = context.partition_key
-    if not isinstance(key, dg.MultiPartitionKey):  # a run tagged with the key as a plain string
-        key = partitions.get_partition_key_from_str(key)
-    table = store.open().read_partition("student_checkpoints", dict(key.keys_by_dimension))
+    table = store.open().read_partition("student_checkpoints", partition_dims(context, partitions))
     return table.to_pylist()[0] if table is not None and table.num_rows else None

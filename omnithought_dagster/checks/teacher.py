@@ -114,12 +114,17 @@ def rate_result(what: str, count: int, total: int, threshold: ThresholdConfig) -
 
 
 def partition_keys(context, partitions: dg.MultiPartitionsDefinition) -> tuple[str, str]:
-    """(source, shard) of the partition a check runs for (a MultiPartitionKey, or its string in a tagged run)."""
+    """(source, shard) of the partition a check runs for."""
+    keys = partition_dims(context, partitions)
+    return keys["source"], keys["shard"]
+
+
+def partition_dims(context, partitions: dg.MultiPartitionsDefinition) -> dict[str, str]:
+    """{dimension: key} of the multi-partition a check runs for (a MultiPartitionKey, or its string in a tagged run)."""
     key = context.partition_key
     if not isinstance(key, dg.MultiPartitionKey):  # a run tagged with the key as a plain string
         key = partitions.get_partition_key_from_str(key)
-    keys = key.keys_by_dimension
-    return keys["source"], keys["shard"]
+    return dict(key.keys_by_dimension)
 
 
 def _traces(store: CorpusStoreResource, source: str, shard: str, columns: list[str]):

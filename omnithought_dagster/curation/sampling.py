@@ -67,11 +67,18 @@ class SubsetResult:
 def load_candidates(store: CorpusStore, sources: list[str] | None) -> Candidates:
     """Kept traces of filter_decisions (all sources, or these), read as small columns only."""
     con = store.catalog(["filter_decisions"])
-    where = "kept" + (" AND source IN (SELECT unnest($1::VARCHAR[]))" if sources else "")
+    where, params = kept_where(sources)
     table = con.sql(f"SELECT {', '.join(CANDIDATE_COLUMNS)} FROM filter_decisions WHERE {where} ORDER BY trace_id",
-                    params=[sources] if sources else None).to_arrow_table()
+                    params=params or None).to_arrow_table()
     con.close()
     return candidates_from_table(table)
+
+
+def kept_where(sources: list[str] | None) -> tuple[str, list]:
+    """The WHERE clause (and its parameters) of a recipe's candidates in filter_decisions."""
+    if not sources:
+        return "kept", []
+    return "kept AND source IN (SELECT unnest($1::VARCHAR[]))", [sources]
 
 
 def candidates_from_table(table: pa.Table) -> Candidates:

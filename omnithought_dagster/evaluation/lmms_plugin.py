@@ -19,16 +19,10 @@ class OmniThoughtVL(lmms):
 
     def __init__(self, pretrained: str, device: str = "cpu", batch_size: int | str = 1, max_new_tokens: int = 64, **kwargs) -> None:
         super().__init__()
-        import torch
-        from transformers import AutoModelForImageTextToText
-        from transformers.utils import logging as hf_logging
+        from omnithought_dagster.models.vl_chat import load_vl_model
 
-        from omnithought_dagster.models.vl_chat import VLTokenizer
-
-        hf_logging.disable_progress_bar()
-        self._device = torch.device(device)
-        self.vl = VLTokenizer.load(pretrained)
-        self.model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=torch.float32).to(self._device).eval()
+        self._device = device
+        self.vl, self.model = load_vl_model(pretrained, device)
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size_per_gpu = int(batch_size)
 

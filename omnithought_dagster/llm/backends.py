@@ -192,13 +192,9 @@ class TransformersBackend:
 
     def _load(self):
         if self._loaded is None:
-            import torch
-            from transformers import AutoModelForImageTextToText
+            from omnithought_dagster.models.vl_chat import load_vl_model
 
-            from omnithought_dagster.models.vl_chat import VLTokenizer
-
-            model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device).eval()
-            self._loaded = (VLTokenizer.load(self.model_dir), model)
+            self._loaded = load_vl_model(self.model_dir, self.device)
         return self._loaded
 
     async def aclose(self) -> None:

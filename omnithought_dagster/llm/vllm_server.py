@@ -44,7 +44,7 @@ class VLLMServer:
         self.model = model
         self.served_model_name = served_model_name
         self.host = host
-        self.port = port or _free_port(host)
+        self.port = port or free_port(host)
         self.gpus = gpus
         self.tensor_parallel_size = tensor_parallel_size
         self.data_parallel_size = data_parallel_size
@@ -205,7 +205,8 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return totals
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now (the vLLM server's, the trainer's rendezvous)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

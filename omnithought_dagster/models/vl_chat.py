@@ -103,6 +103,17 @@ class VLTokenizer:
         return out
 
 
+def load_vl_model(folder: str | Path, device: str = "cpu") -> tuple[VLTokenizer, Any]:
+    """A model folder's inputs builder and its model (fp32, eval mode, on `device`), without progress bars."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    return VLTokenizer.load(folder), model
+
+
 def user_content(text: str, n_images: int | None = None) -> list[dict]:
     """An exported user turn ("<image>...question") as chat content parts, images where the placeholders were."""
     pieces = text.split(PLACEHOLDER)

@@ -5,13 +5,13 @@ No Dagster here: the student_checkpoints asset calls these and hands the command
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from omnithought_dagster.config import StudentConfig, TrainingConfig
 from omnithought_dagster.ids import content_id
+from omnithought_dagster.llm.vllm_server import free_port
 
 TRAIN_MODULE = "omnithought_dagster.train.sft"
 TRAINER_VERSION = "sft-v1"  # bump when the training loop changes what a checkpoint contains
@@ -56,9 +56,3 @@ def launcher_command(training: TrainingConfig, spec_path: Path) -> list[str]:
     if training.hostfile:
         command += ["--hostfile", training.hostfile]
     return command + [*training.launcher_args, "--module", TRAIN_MODULE] + script
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

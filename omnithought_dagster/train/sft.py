@@ -113,7 +113,7 @@ def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
             micro += 1
             if micro % accumulation == 0:
                 step += 1
-                losses.append(_mean_across_ranks(sum(window) / len(window)))
+                losses.append(_sum_across_ranks(sum(window) / len(window)) / world)
                 window = []
                 if step == 1 or step % max(1, settings["max_steps"] // 10) == 0 or step == settings["max_steps"]:
                     report.log(f"step {step}/{settings['max_steps']} loss {losses[-1]:.4f}")
@@ -121,7 +121,7 @@ def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
                     break
         epoch += 1
     seconds = time.monotonic() - started
-    samples, tokens = _sum_across_ranks(samples), _sum_across_ranks(tokens)
+    samples, tokens = int(_sum_across_ranks(samples)), int(_sum_across_ranks(tokens))
 
     _save(engine, model, settings, model_dir, out_dir, rank)
     initial, final = _mean(losses[:LOSS_WINDOW]), _mean(losses[-LOSS_WINDOW:])
@@ -210,7 +210,8 @@ class _Reporter:
             print(message, flush=True)
 
 
-def _mean_across_ranks(value: float) -> float:
+def _sum_across_ranks(value: float) -> float:
+    """The sum of a number over all ranks (the value itself in a world of one)."""
     import torch
     import torch.distributed as dist
 
@@ -218,18 +219,7 @@ def _mean_across_ranks(value: float) -> float:
         return value
     tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor)
-    return float(tensor) / dist.get_world_size()
-
-
-def _sum_across_ranks(value: int) -> int:
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(tensor)
-    return int(tensor)
+    return float(tensor)
 
 
 def _mean(values: list[float]) -> float | None:
