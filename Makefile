@@ -20,7 +20,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 PYTEST_ARGS ?=
 
-.PHONY: env vllm-env lmms-env demo test ui bench clean
+.PHONY: env vllm-env lmms-env browser demo test ui bench clean
 
 # Both GPU-software environments get CUDA builds of torchaudio/torchcodec (cannot load on CPU torch)
 # and triton (1 GB, unused on CPU): removed. torchvision stays for its pure-Python parts, which
@@ -33,7 +33,7 @@ site=$$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
   echo "import omnithought_torchvision_ops" > $$site/omnithought_torchvision_ops.pth
 endef
 
-env: $(STAMP) $(VLLM_STAMP) $(LMMS_STAMP) $(DAGSTER_HOME)/dagster.yaml
+env: $(STAMP) $(VLLM_STAMP) $(LMMS_STAMP) $(DAGSTER_HOME)/dagster.yaml browser
 
 vllm-env: $(VLLM_STAMP)
 
@@ -62,6 +62,18 @@ $(LMMS_STAMP): deploy/lmms-eval/requirements.txt deploy/lmms-eval/constraints.tx
 	$(call cpu_torch_fixups,$(LMMS_VENV))
 	$(LMMS_VENV)/bin/python -c "import lmms_eval.models as m; assert 'omnithought_vl' in m.AVAILABLE_MODELS" >/dev/null
 	touch $@
+
+# Debian's chromium for the browser test (Playwright drives it; no browser download). Installed
+# with apt when we are root (or have password-less sudo); otherwise the test skips and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get: chromium not installed, the browser test will skip"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \
+	  if [ "$$sudo" = none ]; then echo "not root and no sudo: chromium not installed, the browser test will skip"; \
+	  else ($$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	    || echo "apt could not install chromium: the browser test will skip"; fi; \
+	fi
 
 $(DAGSTER_HOME)/dagster.yaml: omnithought_dagster/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)

@@ -8,6 +8,9 @@
 - The `recuration` schedule (cron from `operations.recuration_cron`) re-runs filtered_set for
   every source, so a changed threshold takes effect; sampled_subsets follow through their
   automation condition, so a changed recipe does too.
+- The `source_manifests` sensor (with `operations.source_manifests` set) adds the sources that
+  manifests dropped into a folder or S3 prefix declare as dynamic partitions and requests their
+  seed_pool runs; a changed manifest requests a new run (see `sensors.py`).
 Turn automation on in the UI (Automation -> default_automation_condition_sensor) or in
 dagster.yaml; the schedule starts as `operations.recuration_running` says.
 """
@@ -32,8 +35,12 @@ def build_schedules(config: ProjectConfig, filter_job: str) -> list[dg.ScheduleD
                  default_status=dg.DefaultScheduleStatus.RUNNING if ops.recuration_running else dg.DefaultScheduleStatus.STOPPED,
                  description="Re-run the rule filters and selection of every source; subsets follow (automation).")
     def recuration(context: dg.ScheduleEvaluationContext):
+        from omnithought_dagster.assets.seed import SOURCES_PARTITIONS
+
         tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
-        for source in config.source_names:
+        # Dynamic sources: those the manifest sensor registered (a run for an unregistered one would fail).
+        sources = context.instance.get_dynamic_partitions(SOURCES_PARTITIONS) if config.dynamic_sources else config.source_names
+        for source in sources:
             yield dg.RunRequest(run_key=f"recuration:{source}:{tick}", partition_key=source, tags={TRIGGER_TAG: RECURATION_SCHEDULE})
 
     return [recuration]

@@ -458,8 +458,12 @@ class OperationsConfig(_Model):
     gpu_devices: list[str] = Field(default_factory=list, description="GPUs GPU steps lease from (CUDA indices); empty on CPU machines")
     gpu_lock_dir: str = Field(default=".cache/gpu-locks", description="lock files of the leases (local to the machine)")
     gpu_wait_s: float = Field(default=3600, gt=0, description="how long a GPU step waits for free devices")
+    source_manifests: str | None = Field(
+        default=None, description="folder or s3:// prefix watched for source manifests (<name>.yaml); set -> sources are dynamic partitions")
+    manifest_sensor_interval_s: int = Field(default=60, ge=5, description="how often the source_manifests sensor looks")
+    manifest_sensor_running: bool = Field(default=False, description="start the source_manifests sensor running (else turn it on in the UI)")
 
-    _resolve = field_validator("gpu_lock_dir")(_resolve_path)
+    _resolve = field_validator("gpu_lock_dir", "source_manifests")(_resolve_path)
 
     @field_validator("recuration_cron")
     @classmethod
@@ -483,7 +487,7 @@ class ProjectConfig(_Model):
     project: str = Field(default="omnithought", min_length=1)
     store: StoreConfig = StoreConfig()
     seed: SeedSettings = SeedSettings()
-    sources: list[SourceConfig] = Field(min_length=1)
+    sources: list[SourceConfig] = Field(default_factory=list, description="at least one, unless operations.source_manifests is set")
     models_dir: str = Field(default=".cache/models", description="where tiny:<name> models are built")
     teacher: LLMConfig = LLMConfig()
     generation: GenerationConfig = GenerationConfig()
@@ -511,6 +515,8 @@ class ProjectConfig(_Model):
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "ProjectConfig":
+        if not self.sources and self.operations.source_manifests is None:
+            raise ValueError("sources: at least one source, or operations.source_manifests to watch for them")
         seen: set[str] = set()
         for index, source in enumerate(self.sources):
             if source.name in seen:
@@ -520,8 +526,16 @@ class ProjectConfig(_Model):
 
     @property
     def source_names(self) -> list[str]:
-        """Partition keys of seed_pool, in config order (config order decides which duplicate is kept)."""
+        """The project file's sources, in config order (config order decides which duplicate is kept).
+
+        With `operations.source_manifests` set, the partitions are these followed by the sources
+        the manifest sensor added (the instance's dynamic partitions, in the order they were added).
+        """
         return [source.name for source in self.sources]
+
+    @property
+    def dynamic_sources(self) -> bool:
+        return self.operations.source_manifests is not None
 
     @model_validator(mode="after")
     def _references(self) -> "ProjectConfig":

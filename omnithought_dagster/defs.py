@@ -24,6 +24,7 @@ from omnithought_dagster.checks.teacher import build_teacher_checks
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.placement import executor
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
+from omnithought_dagster.sensors import build_sensors
 
 SEED_JOB = "ingest_seeds"
 TEACHER_JOB = "generate_traces"
@@ -48,8 +49,10 @@ warnings.filterwarnings("ignore", message="Function `PipesMessageReader.expected
 def build_definitions(config: ProjectConfig) -> dg.Definitions:
     if config.config_path is None:
         raise ValueError("build_definitions needs a config loaded from a file (load_config), so runs can reload it")
-    seed = _stage(build_seed_assets(config), build_seed_checks(config), SEED_JOB, "seed", seed_partitions(config),
-                  "Ingest one seed source: seed_pool, quarantine and images, with their checks.")
+    seed = dg.Definitions.merge(
+        _stage(build_seed_assets(config), build_seed_checks(config), SEED_JOB, "seed", seed_partitions(config),
+               "Ingest one seed source: seed_pool, quarantine and images, with their checks."),
+        dg.Definitions(sensors=build_sensors(config, SEED_JOB)))
     teacher = _stage(build_teacher_assets(config), build_teacher_checks(config), TEACHER_JOB, "teacher", traces_partitions(config),
                      "Generate one (source, shard) partition of cot_traces on the teacher (a GPU step), with its checks.")
     annotate = _stage(build_annotate_assets(config), build_annotate_checks(config), ANNOTATE_JOB, "annotate", traces_partitions(config),

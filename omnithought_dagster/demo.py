@@ -19,11 +19,12 @@ from omnithought_dagster.assets.curate import FILTERED_SET_KEY, SAMPLED_SUBSETS_
 from omnithought_dagster.assets.student import (STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, expected_checkpoint_id, student_partition_keys,
                                                 student_partitions)
 from omnithought_dagster.assets.scores import BENCHMARK_SCORES_KEY, expected_scores_fingerprint, score_partition_keys, score_partitions
-from omnithought_dagster.assets.seed import IMAGES_KEY, QUARANTINE_KEY, SEED_CODE_VERSION, SEED_POOL_KEY
+from omnithought_dagster.assets.seed import IMAGES_KEY, QUARANTINE_KEY, SEED_CODE_VERSION, SEED_POOL_KEY, SOURCES_PARTITIONS
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY, traces_fingerprint, traces_partitions
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.curation.seed import earlier_sources, input_fingerprint, partition_version
 from omnithought_dagster.defs import ANNOTATE_JOB, FILTER_JOB, SEED_JOB, SUBSET_JOB, TEACHER_JOB, TRAIN_JOB, BASELINE_JOB, SCORE_JOB, build_definitions
+from omnithought_dagster.ids import shard_keys
 from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.sources import make_reader
 from omnithought_dagster.store import CorpusStore, open_store
@@ -58,6 +59,10 @@ class Stage:
 def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = False) -> list[StageOutcome]:
     defs = build_definitions(config)
     store = open_store(config.store)
+    if config.dynamic_sources:
+        # The demo runs the project file's sources; manifest sources arrive through the sensor.
+        missing = [name for name in config.source_names if not instance.has_dynamic_partition(SOURCES_PARTITIONS, name)]
+        instance.add_dynamic_partitions(SOURCES_PARTITIONS, missing)
     graph = defs.resolve_asset_graph()
     outcomes = []
     for stage in STAGES:
@@ -166,7 +171,9 @@ def _seed_counts(store: CorpusStore, source: str, metadata: dict) -> dict[str, A
 
 
 def _traces_partitions(config: ProjectConfig) -> list[str]:
-    return traces_partitions(config).get_partition_keys()
+    """The project file's sources x shards (also when sources are dynamic partitions)."""
+    return [str(dg.MultiPartitionKey({"source": source, "shard": shard})) for source in config.source_names
+            for shard in shard_keys(config.generation.shards)]
 
 
 def _traces_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:

@@ -8,15 +8,16 @@ the DuckDB catalog; sections whose tables are empty say so. No Dagster here.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from omnithought_dagster.plots import bar as _bar
+from omnithought_dagster.plots import barh as _barh
+from omnithought_dagster.plots import curves, histogram, png_base64
 from omnithought_dagster.store import CorpusStore
 
 TOP_TAGS = 15
@@ -30,9 +31,6 @@ class Report:
 
 
 def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithought curation report") -> Report:
-    import matplotlib
-
-    matplotlib.use("Agg")
     con = store.catalog()
     report = Report(Path(out))
     parts: list[str] = []
@@ -43,7 +41,7 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
 
     def figure(draw, caption: str) -> str:
         report.figures += 1
-        return f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{_png(draw)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        return f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{png_base64(draw)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
 
     def rows(sql: str, params: list | None = None) -> list[tuple]:
         return con.execute(sql, params or []).fetchall()
@@ -78,8 +76,7 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     if tags:
         body.append(figure(lambda ax: _barh(ax, tags, "traces"), f"judge task tags (top {TOP_TAGS})"))
     if pass_rates:
-        body.append(figure(lambda ax: (ax.hist(pass_rates, bins=10, range=(0, 1), color="#4c72b0"), ax.set_xlabel("pass rate"),
-                                       ax.set_ylabel("samples")), "rollout pass rate per sample"))
+        body.append(figure(lambda ax: histogram(ax, pass_rates, "pass rate", "samples", value_range=(0, 1)), "rollout pass rate per sample"))
     section("Annotations", body or ["<p>empty: materialise annotations</p>"])
 
     # Filtering
@@ -104,11 +101,10 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
                        "ORDER BY student, recipe")
     body = [_table(["checkpoint", "student", "recipe", "baseline", "steps", "initial loss", "final loss", "tokens/s"],
                    [(c[0][:12], *c[1:]) for c in checkpoints])] if checkpoints else []
-    curves = {f"{c[1]}/{c[2]}": _losses(store, c[0]) for c in checkpoints if not c[3]}
-    curves = {k: v for k, v in curves.items() if v}
-    if curves:
-        body.append(figure(lambda ax: ([ax.plot(range(1, len(v) + 1), v, label=k) for k, v in curves.items()], ax.set_xlabel("step"),
-                                       ax.set_ylabel("loss"), ax.legend()), "training loss"))
+    losses = {f"{c[1]}/{c[2]}": _losses(store, c[0]) for c in checkpoints if not c[3]}
+    losses = {k: v for k, v in losses.items() if v}
+    if losses:
+        body.append(figure(lambda ax: curves(ax, losses), "training loss"))
     section("Students", body or ["<p>none trained yet</p>"])
 
     # Scores
@@ -138,31 +134,6 @@ def _losses(store: CorpusStore, checkpoint_id: str) -> list[float]:
             return list(json.loads(stream.read())["losses"])
     except (OSError, KeyError, ValueError):
         return []
-
-
-def _png(draw) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
-    try:
-        draw(ax)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-    finally:
-        plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _bar(ax, pairs: list[tuple], ylabel: str) -> None:
-    ax.bar([str(k) for k, _ in pairs], [v for _, v in pairs], color="#4c72b0")
-    ax.set_ylabel(ylabel)
-
-
-def _barh(ax, pairs: list[tuple], xlabel: str) -> None:
-    pairs = list(reversed(pairs))
-    ax.barh([str(k) for k, _ in pairs], [v for _, v in pairs], color="#dd8452")
-    ax.set_xlabel(xlabel)
 
 
 def _table(header: list[str], body: list[tuple]) -> str:

@@ -200,3 +200,18 @@ def rewrite_partition(store, table: str, partition: dict, change) -> None:
     path = f"{store.partition_dir(table, partition)}/data.parquet"
     rows = change(pq.read_table(path).to_pylist())
     pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([f.with_nullable(True) for f in pq.read_schema(path)])), path)
+
+
+def plot_image(value: str):
+    """The picture inside a `plot/...` metadata value (markdown with a PNG data URI), opened with PIL."""
+    import base64
+    import re
+
+    from PIL import Image as PILImage
+
+    match = re.fullmatch(r"!\[([^\]]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)\n\n\*([^*]+)\*", value)
+    assert match, value[:120]
+    image = PILImage.open(io.BytesIO(base64.b64decode(match.group(2))))
+    image.load()
+    assert image.format == "PNG" and image.size == (700, 320) and match.group(1) == match.group(3)
+    return image

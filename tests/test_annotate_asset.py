@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 from typer.testing import CliRunner
 
-from conftest import (check_evaluations, materializations, requests_served, rewrite_partition, run_job, run_partition_checks,
+from conftest import (check_evaluations, materializations, plot_image, requests_served, rewrite_partition, run_job, run_partition_checks,
                       served_config)
 from flaky_proxy import FlakyProxy
 from omnithought_dagster.annotate.taxonomy import Taxonomy
@@ -45,6 +45,7 @@ def test_annotations_for_every_trace_then_all_from_cache(vllm_server, instance, 
     assert meta["dagster/row_count"] == 24 and meta["requests_sent"] == 24 and meta["annotator"] == "tiny-judge"
     assert meta["judge_parse_failure_rate"] == 0.0 and "quality_auc_vs_correct" in meta["agreement"]
     assert "| tags | rows |" in meta["tags_distribution"] and "pass rate" in meta["pass_rate_histogram"]
+    assert all(plot_image(meta[f"plot/{name}"]) for name in ("difficulty", "tags", "pass_rate"))
 
     con = CorpusStore(config.store.root).catalog()
     rows = con.execute("SELECT count(*), count(DISTINCT trace_id), count(difficulty), min(difficulty), max(difficulty) FROM annotations").fetchone()

@@ -48,7 +48,7 @@ def test_missing_file_is_named(tmp_path):
         ({"sources": [{"name": "a", "kind": "json"}]}, r"sources\[0\] \(name=a\)\.path: Field required"),
         ({"sources": [{"name": "Bad Name", "kind": "synthetic"}]}, r"sources\[0\] \(name=Bad Name\)\.name: String should match pattern"),
         ({"sources": [{"name": "a", "kind": "synthetic"}, {"name": "a", "kind": "synthetic"}]}, r"sources\[1\]\.name: 'a' is used by an earlier source"),
-        ({"sources": []}, r"sources: List should have at least 1 item"),
+        ({"sources": []}, r"sources: at least one source, or operations.source_manifests to watch for them"),
         ({"sources": [{"name": "a", "kind": "synthetic"}], "seed": {"max_image_pixels": 0}}, r"seed\.max_image_pixels: Input should be greater than 0"),
         ({"sources": [{"name": "a", "kind": "synthetic"}], "stor": {}}, r"stor: unknown field"),
         ({"sources": [{"name": "a", "kind": "synthetic", "families": ["poetry"]}]}, r"families: Value error, unknown task families \['poetry'\]"),

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from conftest import check_evaluations, materializations, rewrite_partition, run_job, run_partition_checks, write_config
+from conftest import check_evaluations, materializations, plot_image, rewrite_partition, run_job, run_partition_checks, write_config
 from curation_data import build_store
 from omnithought_dagster.cli import app
 from omnithought_dagster.config import load_config
@@ -54,9 +54,12 @@ def test_filter_and_subsets_materialise_with_their_checks(curated):
     assert meta["traces"] == 96 and meta["contaminated_samples"] == 2 and meta["kept"] == 22 * 2
     assert meta["reason/contaminated_question"] == 8 and meta["reason/over_trace_cap"] == 22 * 2
     assert "| reason | traces |" in meta["drop_reasons"]
+    assert "drop reasons" in meta["plot/drop_reasons"] and plot_image(meta["plot/drop_reasons"])
+    assert plot_image(meta["plot/kept_by_difficulty"])
 
     even = materializations(results["even"])["sampled_subsets"]
     assert results["even"].success and even["size"] == 12 and even["shortfall"] == 0
+    assert plot_image(even["plot/composition"]) and plot_image(even["plot/tags"])
     assert all(s == "passed" for s in _status(check_evaluations(results["even"])).values())
     big = results["big"]
     assert big.success  # a shortfall warns, it does not block

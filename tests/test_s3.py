@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import dagster as dg
 import pytest
 from typer.testing import CliRunner
 
@@ -22,7 +23,7 @@ from conftest import check_evaluations, materializations, run_job, write_config,
 from curation_data import build_store
 from omnithought_dagster.cli import app
 from omnithought_dagster.config import StoreConfig, load_config
-from omnithought_dagster.defs import FILTER_JOB, SEED_JOB, SUBSET_JOB
+from omnithought_dagster.defs import FILTER_JOB, SEED_JOB, SUBSET_JOB, build_definitions
 from omnithought_dagster.store import open_store
 
 BUCKET = "corpus"
@@ -140,3 +141,28 @@ def test_curation_export_checkpoints_and_cache_on_s3(tmp_path, instance, s3_stor
 def test_a_local_root_is_unchanged(tmp_path):
     store = open_store(StoreConfig(root=str(tmp_path / "local")))
     assert store.is_local and Path(store.root) == (tmp_path / "local").resolve()
+
+
+def test_manifest_sensor_watches_an_s3_prefix(tmp_path, instance, s3_store_config, s3_endpoint):
+    """A manifest uploaded under the watched prefix becomes a partition whose seed_pool run writes to the bucket."""
+    import boto3
+    import yaml
+
+    from omnithought_dagster.sensors import SENSOR_NAME
+
+    prefix = s3_store_config["root"].split(f"{BUCKET}/", 1)[1] + "-manifests"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id=KEYS["OMNI_S3_KEY"],
+                          aws_secret_access_key=KEYS["OMNI_S3_SECRET"])
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/lake.yaml", Body=yaml.safe_dump({"kind": "synthetic", "n_samples": 4, "seed": 5}).encode())
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/nested/ignored.yaml", Body=b"kind: synthetic\n")  # only files directly under it
+    config = load_config(write_config(tmp_path, [], store=s3_store_config, operations={"source_manifests": f"s3://{BUCKET}/{prefix}"}))
+    defs = build_definitions(config)
+    with dg.build_sensor_context(instance=instance, definitions=defs) as context:
+        tick = defs.resolve_sensor_def(SENSOR_NAME)(context)
+    assert [r.partition_key for r in tick.run_requests] == ["lake"]
+    assert tick.run_requests[0].tags["omnithought/manifest"] == f"{BUCKET}/{prefix}/lake.yaml"
+    instance.add_dynamic_partitions("sources", ["lake"])
+    result = run_job(config, instance, SEED_JOB, "lake")
+    assert result.success and all(c.passed for c in check_evaluations(result).values())
+    store_prefix = s3_store_config["root"].split(f"{BUCKET}/", 1)[1]
+    assert f"{store_prefix}/tables/seed_pool/source=lake/data.parquet" in _objects(s3_endpoint, store_prefix)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import check_evaluations, materializations, rewrite_partition, run_job, run_partition_checks, write_config
+from conftest import check_evaluations, materializations, plot_image, rewrite_partition, run_job, run_partition_checks, write_config
 from curation_data import build_store
 from omnithought_dagster.cli import app
 from omnithought_dagster.config import load_config
@@ -64,6 +64,7 @@ def test_lmms_eval_scores_baseline_and_checkpoint_with_deltas_and_tag_slices(sco
     assert all(r["delta"] == 0 for r in base_rows) and base_rows[0]["eval_config_hash"] == overall["eval_config_hash"]
     meta = materializations(even)["benchmark_scores"]
     assert "| benchmark | slice | score |" in meta["scores"] and meta["samples_kept"] == 6
+    assert "score deltas against the baseline" in meta["plot/scores"] and plot_image(meta["plot/scores"])
 
     # Lineage: the checkpoint names what trained it and its scores; a trained-on sample reaches the checkpoint.
     runner = CliRunner()

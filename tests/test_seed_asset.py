@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from conftest import check_evaluations, materializations, materialize_source, write_image, write_json
+from conftest import check_evaluations, materializations, plot_image, materialize_source, write_image, write_json
 from omnithought_dagster.store import CorpusStore
 
 
@@ -36,6 +36,7 @@ def test_materialise_reports_accounting_and_passes_checks(project, instance, tmp
     assert (seed["rows_read"], seed["rows_kept"], seed["rows_quarantined"]) == (6, 2, 4)
     assert seed["dagster/row_count"] == 2
     assert "| reason | rows |" in seed["quarantined_by_reason"]
+    assert plot_image(meta["quarantine"]["plot/quarantine_reasons"])
     assert "How many blocks?" in seed["preview"]
     assert meta["quarantine"]["reason/duplicate"] == 1 and meta["quarantine"]["reason/path_escape"] == 1
     assert meta["images"]["dagster/row_count"] == 2

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import check_evaluations, materializations, rewrite_partition, run_job, run_partition_checks, write_config
+from conftest import check_evaluations, materializations, plot_image, rewrite_partition, run_job, run_partition_checks, write_config
 from curation_data import build_store
 from omnithought_dagster.config import TrainingConfig, load_config
 from omnithought_dagster.defs import BASELINE_JOB, FILTER_JOB, SUBSET_JOB, TRAIN_JOB
@@ -43,6 +43,7 @@ def test_training_steps_lowers_the_loss_and_stores_a_loadable_checkpoint(trained
     meta = materializations(even)["student_checkpoints"]
     assert meta["steps"] == 8 and meta["examples"] == 12 and meta["samples_seen"] == 32 and meta["reused"] is False
     assert meta["final_loss"] < meta["initial_loss"] and meta["tokens_per_s"] > 0 and "| step | loss |" in meta["loss_curve"]
+    assert plot_image(meta["plot/loss_curve"]) and "training loss" in meta["plot/loss_curve"]
     assert {name: c.passed for name, c in check_evaluations(even).items()} == {"loss_decreased": True, "loads_and_generates": True}
     assert {name: c.passed for name, c in check_evaluations(base).items()} == {"loads_and_generates": True}
 
@@ -168,7 +169,7 @@ def test_trainer_runs_zero3_over_two_processes_with_torchrun(tmp_path):
     done = subprocess.run(launcher_command(settings, spec), capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "rank 0/2: 8 examples" in done.stdout and "step 6/6" in done.stdout
+    assert "rank 0/2: 8 examples" in done.stdout and "training: 6/6 steps (100%)" in done.stdout
     log = json.loads((tmp_path / "out/train_log.json").read_text())
     assert log["world_size"] == 2 and log["samples_seen"] == 6 * 2 * 2 and log["deepspeed"]["zero_optimization"]["stage"] == 3
     from transformers import AutoModelForImageTextToText

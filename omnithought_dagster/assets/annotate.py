@@ -6,11 +6,12 @@ from omnithought_dagster.annotate.agreement import agreement, distributions, pas
 from omnithought_dagster.annotate.annotations import ANNOTATION_CACHE, annotate_shard
 from omnithought_dagster.annotate.judge import judge_prompt
 from omnithought_dagster.annotate.taxonomy import Taxonomy
-from omnithought_dagster.assets.metadata import counts, preview
+from omnithought_dagster.assets.metadata import bar_plot, counts, preview
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY, shard_asset
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.ids import content_id, version_of
+from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 
 ANNOTATE_GROUP = "annotate"
@@ -34,7 +35,8 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         prompt = judge_prompt(cfg.annotation)
         try:
             result = annotate_shard(corpus, source, shard, plan, prompt, cfg.annotation, taxonomy, progress=lambda s: context.log.info(
-                f"{source}/{shard}: {s.sent + s.cache_hits}/{s.total} judged, {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"))
+                progress_line(f"{source}/{shard}", s.sent + s.cache_hits, s.total, s.seconds, "traces judged", rate_done=s.sent)
+                + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"))
         except LookupError as exc:
             raise dg.Failure(description=str(exc)) from exc
         partition = {"source": source, "shard": shard}
@@ -63,6 +65,11 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "agreement": dg.MetadataValue.json(shares),
                 "pass_rate_histogram": counts(pass_rate_histogram(rows), "pass rate", "samples"),
                 **{f"{name}_distribution": counts(counter, name) for name, counter in dist.items()},
+                "plot/difficulty": bar_plot(dist["difficulty_label"], "traces by difficulty label (easy / medium / hard)", "traces",
+                                            horizontal=False, order=["easy", "medium", "hard"]),
+                "plot/tags": bar_plot(dist["tags"], "judge task tags", "traces"),
+                "plot/pass_rate": bar_plot(pass_rate_histogram(rows), "samples by rollout pass rate", "samples", horizontal=False,
+                                           order=["0", "(0.00, 0.25]", "(0.25, 0.50]", "(0.50, 0.75]", "(0.75, 1.00]", "1"]),
                 "preview": preview(result.rows, PREVIEW_COLUMNS),
                 "path": dg.MetadataValue.path(written.uri),
                 "input_fingerprint": annotations_fingerprint(cfg, corpus, source, shard, plan.identity),

@@ -5,7 +5,7 @@ from collections import Counter
 import dagster as dg
 
 from omnithought_dagster.assets.annotate import ANNOTATIONS_KEY
-from omnithought_dagster.assets.metadata import column_schema, counts, preview
+from omnithought_dagster.assets.metadata import bar_plot, column_schema, counts, preview
 from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY
 from omnithought_dagster.automation import cpu_stage_condition
@@ -88,6 +88,9 @@ def build_curate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "dropped": total - len(kept),
                 "kept_share": round(len(kept) / total, 4) if total else 0.0,
                 "drop_reasons": counts(reasons, "reason", "traces"),
+                **({"plot/drop_reasons": bar_plot(reasons, "drop reasons (a trace can have several)", "traces")} if reasons else {}),
+                "plot/kept_by_difficulty": bar_plot(Counter(r["difficulty_label"] for r in kept), "kept traces by difficulty", "traces",
+                                                    horizontal=False, order=["easy", "medium", "hard"]),
                 **{f"reason/{code}": n for code, n in sorted(reasons.items())},
                 "contaminated_samples": len(result.contamination),
                 "input_fingerprint": filter_fingerprint(cfg, corpus, source),
@@ -146,6 +149,9 @@ def build_curate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "strata": dg.MetadataValue.md("\n".join(lines)),
                 "members_by_difficulty": counts(strata, "difficulty"),
                 "members_by_tag": counts(tags, "primary tag"),
+                "plot/composition": bar_plot(strata, "subset members by difficulty", "traces", horizontal=False,
+                                             order=["easy", "medium", "hard"]),
+                "plot/tags": bar_plot(tags, "subset members by primary tag", "traces"),
                 "preview": preview(members, ["trace_id", "sample_id", "source", "stratum", "pick"]),
                 "path": dg.MetadataValue.path(written.uri),
             },

@@ -1,4 +1,8 @@
-"""Materialisation metadata shared by the assets: schema, previews and count tables for the UI."""
+"""Materialisation metadata shared by the assets: schema, previews, count tables and plots for the UI.
+
+Plots are markdown values holding a PNG data URI (`![caption](data:image/png;base64,...)`): the
+asset page and the run's event log render them; keys start with `plot/`.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
+from omnithought_dagster import plots
 from omnithought_dagster.store import TableSpec
 
 PREVIEW_ROWS = 5
 PREVIEW_CELL_CHARS = 80
+PLOT_TOP = 15
 
 
 def column_schema(spec: TableSpec) -> dg.TableSchema:
@@ -39,6 +45,22 @@ def counts(mapping: Mapping[str, int], key: str, value: str = "rows") -> dg.Meta
     lines = [f"| {key} | {value} |", "| --- | ---: |"]
     lines += [f"| {k} | {v} |" for k, v in sorted(mapping.items(), key=lambda kv: (-kv[1], kv[0]))]
     return dg.MetadataValue.md("\n".join(lines))
+
+
+def plot(draw, caption: str) -> dg.MetadataValue:
+    """A picture for the UI: `draw(ax)` on a matplotlib axes, embedded as a PNG data URI with its caption."""
+    return dg.MetadataValue.md(f"![{caption}](data:image/png;base64,{plots.png_base64(draw)})\n\n*{caption}*")
+
+
+def bar_plot(counter: Mapping[str, int], caption: str, axis: str, *, horizontal: bool = True, top_n: int = PLOT_TOP,
+             order: list[str] | None = None) -> dg.MetadataValue:
+    """Counts as bars: horizontal and largest first (the rest summed as `other`), or vertical in `order`."""
+    if order is not None:
+        data = [(k, counter.get(k, 0)) for k in order] + [(k, v) for k, v in sorted(counter.items(), key=str) if k not in order]
+    else:
+        data = plots.top(counter, top_n)
+    draw = (lambda ax: plots.barh(ax, data, axis)) if horizontal else (lambda ax: plots.bar(ax, data, axis))
+    return plot(draw, caption)
 
 
 def _cell(value: Any) -> str:

@@ -17,7 +17,8 @@ from pathlib import Path
 import dagster as dg
 import pyarrow as pa
 
-from omnithought_dagster.assets.metadata import column_schema, preview
+from omnithought_dagster.assets.metadata import column_schema, plot, preview
+from omnithought_dagster.plots import barh
 from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, baseline_partitions
 from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
@@ -123,6 +124,7 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 **{f"score/{r['benchmark']}": r["score"] for r in overall},
                 **{f"delta/{r['benchmark']}": r["delta"] for r in overall if r["delta"] is not None},
                 "scores": dg.MetadataValue.md(score_table(rows)),
+                "plot/scores": _score_plot(rows, f"{student}/{recipe}"),
                 "samples_kept": len(samples),
                 "eval_seconds": round(seconds, 1),
                 "input_fingerprint": _input_fingerprint(checkpoint["checkpoint_id"], config_hash, baseline is not None),
@@ -133,6 +135,16 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         )
 
     return [benchmark_scores]
+
+
+def _score_plot(rows: list[dict], name: str) -> dg.MetadataValue:
+    """Deltas against the baseline by benchmark and slice (scores themselves when there is no baseline)."""
+    with_delta = [r for r in rows if r["delta"] is not None]
+    if with_delta:
+        data = [(f"{r['benchmark']} / {r['slice']}", r["delta"]) for r in with_delta]
+        return plot(lambda ax: barh(ax, data, "score delta vs baseline"), f"{name}: score deltas against the baseline, by slice")
+    data = [(f"{r['benchmark']} / {r['slice']}", r["score"]) for r in rows]
+    return plot(lambda ax: barh(ax, data, "score"), f"{name}: scores by benchmark and slice")
 
 
 def eval_config_hash(config: ProjectConfig, versions: dict[str, str] | None = None) -> str:

@@ -1,10 +1,11 @@
 """seed_pool (with its quarantine and images tables): one partition per configured source."""
 
+import time
 from collections import Counter
 
 import dagster as dg
 
-from omnithought_dagster.assets.metadata import column_schema, counts, preview
+from omnithought_dagster.assets.metadata import bar_plot, column_schema, counts, preview
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.seed import (
     earlier_sources,
@@ -14,8 +15,10 @@ from omnithought_dagster.curation.seed import (
     prior_samples,
 )
 from omnithought_dagster.ids import version_of
+from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.sources import make_reader
+from omnithought_dagster.sources.manifests import resolve_source
 from omnithought_dagster.store import table_spec
 
 SEED_GROUP = "seed"
@@ -27,9 +30,22 @@ SEED_CODE_VERSION = "seed-v1"
 PREVIEW_COLUMNS = ["sample_id", "native_id", "question", "answer", "answer_type", "source_tags"]
 
 
-def seed_partitions(config: ProjectConfig) -> dg.StaticPartitionsDefinition:
-    """The configured sources are the partitions: adding a source adds a partition."""
+SOURCES_PARTITIONS = "sources"
+
+
+def seed_partitions(config: ProjectConfig) -> dg.PartitionsDefinition:
+    """One partition per source: the project file's (static), or - with `operations.source_manifests`
+    set - the dynamic partitions `sources`, which the source_manifests sensor fills."""
+    if config.dynamic_sources:
+        return dg.DynamicPartitionsDefinition(name=SOURCES_PARTITIONS)
     return dg.StaticPartitionsDefinition(config.source_names)
+
+
+def source_order(config: ProjectConfig, instance: dg.DagsterInstance | None) -> list[str]:
+    """Every source in deduplication order: the project file's, then manifest sources in the order they were added."""
+    if not config.dynamic_sources or instance is None:
+        return config.source_names
+    return config.source_names + [n for n in instance.get_dynamic_partitions(SOURCES_PARTITIONS) if n not in config.source_names]
 
 
 def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
@@ -49,18 +65,23 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         """Read one source, validate and deduplicate it, store its images, write its three tables."""
         config = project.config
         source_name = context.partition_key
-        source = config.source(source_name)
+        try:
+            source = resolve_source(config, source_name, access_key=store.access_key, secret_key=store.secret_key)
+        except KeyError as exc:
+            raise dg.Failure(description=str(exc.args[0])) from exc
+        names = source_order(config, context.instance)
         try:
             reader = make_reader(source)
         except FileNotFoundError as exc:
             raise dg.Failure(description=f"source {source_name!r}: {exc}") from exc
         corpus = store.open()
-        earlier = earlier_sources(config.source_names, source_name)
+        earlier = earlier_sources(names, source_name)
         fingerprint = input_fingerprint(
             reader.fingerprint(), config.seed, {name: partition_version(corpus, name) for name in earlier}, SEED_CODE_VERSION
         )
         total = reader.count()
         context.log.info(f"{source_name}: reading {total} records ({source.kind})")
+        started = time.monotonic()
 
         result = ingest_source(
             source_name,
@@ -69,7 +90,7 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             image_root=reader.image_root,
             put_image=corpus.images.put,
             prior=prior_samples(corpus, earlier),
-            progress=lambda done: context.log.info(f"{source_name}: {done}/{total} records"),
+            progress=lambda done: context.log.info(progress_line(source_name, done, total, time.monotonic() - started, "records")),
         )
         # Images first, the seed_pool partition last: a reader of seed_pool never sees an id
         # whose image or quarantine siblings are not written yet.
@@ -77,7 +98,7 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         quarantine_written = corpus.write_partition("quarantine", source_name, result.quarantine)
         seed_written = corpus.write_partition("seed_pool", source_name, result.kept)
 
-        later_conflicts = _later_conflicts(corpus, config.source_names, source_name, set(result.kept.column("sample_id").to_pylist()))
+        later_conflicts = _later_conflicts(corpus, names, source_name, set(result.kept.column("sample_id").to_pylist()))
         for other, n in later_conflicts.items():
             context.log.warning(
                 f"{n} samples kept here are also kept by the later source {other!r}; re-materialise seed_pool[{other}] "
@@ -99,6 +120,8 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             metadata={
                 "dagster/row_count": result.rows_quarantined,
                 "by_reason": counts(result.reasons, "reason"),
+                **({"plot/quarantine_reasons": bar_plot(result.reasons, "records set aside at ingestion, by reason", "records")}
+                   if result.reasons else {}),
                 **{f"reason/{reason}": n for reason, n in sorted(result.reasons.items())},
                 "preview": preview(result.quarantine, ["record_index", "native_id", "reason", "detail"]),
                 "path": dg.MetadataValue.path(quarantine_written.uri),

@@ -19,12 +19,13 @@ import dagster as dg
 import pyarrow as pa
 
 from omnithought_dagster.assets.curate import SAMPLED_SUBSETS_KEY
-from omnithought_dagster.assets.metadata import column_schema
+from omnithought_dagster.assets.metadata import column_schema, plot
 from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.placement import gpu_step_tags
+from omnithought_dagster.plots import curves
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 from omnithought_dagster.train.launch import checkpoint_id, launcher_command, resolve_student, train_config_hash, training_spec
@@ -160,8 +161,12 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                        launcher=f"{cfg.training.launcher} x{reported.get('world_size', '?')}")
             corpus.checkpoints.put(ckpt, work / "model", {"row": row, "train_spec": json.loads(spec_path.read_text()),
                                                           "export": {"examples": export.examples, "images": export.images}})
-            loss_curve = reported.get("loss_curve")
-            return _result(corpus, row, reused=False, extra={"loss_curve": dg.MetadataValue.md(loss_curve)} if loss_curve else {})
+            extra = {"loss_curve": dg.MetadataValue.md(reported["loss_curve"])} if reported.get("loss_curve") else {}
+            losses = json.loads((work / "model" / "train_log.json").read_text()).get("losses") or []
+            if losses:
+                extra["plot/loss_curve"] = plot(lambda ax: curves(ax, {f"{student.name}/{recipe}": losses}),
+                                                f"training loss per optimizer step ({student.name} on {recipe})")
+            return _result(corpus, row, reused=False, extra=extra)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -17,6 +17,7 @@ from omnithought_dagster.config import LLMConfig, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.ids import content_id, shard_keys, shard_of, version_of
+from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 from omnithought_dagster.store import table_spec
 from omnithought_dagster.teacher.prompt import teacher_prompt
@@ -73,7 +74,8 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             result = generate_shard(
                 corpus, source, shard, plan, prompt, cfg.generation, send_seed=cfg.teacher.send_seed,
                 progress=lambda s: context.log.info(
-                    f"{source}/{shard}: {s.sent + s.cache_hits}/{s.total} traces, {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"),
+                    progress_line(f"{source}/{shard}", s.sent + s.cache_hits, s.total, s.seconds, "traces", rate_done=s.sent)
+                    + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"),
             )
         except LookupError as exc:
             raise dg.Failure(description=str(exc)) from exc

@@ -253,6 +253,11 @@ def open_store(config, *, access_key: str | None = None, secret_key: str | None 
     keys given here or read from the env vars the config names; else the AWS credential chain)."""
     if not config.root.startswith("s3://"):
         return CorpusStore(config.root)
+    return CorpusStore(config.root, filesystem=s3_filesystem(config, access_key=access_key, secret_key=secret_key))
+
+
+def s3_filesystem(config, *, access_key: str | None = None, secret_key: str | None = None) -> pafs.S3FileSystem:
+    """An Arrow S3 filesystem with a StoreConfig's endpoint, region and keys (the store's, and the source manifests')."""
     import os
     from urllib.parse import urlparse
 
@@ -264,7 +269,7 @@ def open_store(config, *, access_key: str | None = None, secret_key: str | None 
     secret_key = secret_key or (os.environ.get(config.secret_key_env) if config.secret_key_env else None)
     if access_key and secret_key:
         options.update(access_key=access_key, secret_key=secret_key)
-    return CorpusStore(config.root, filesystem=pafs.S3FileSystem(**options))
+    return pafs.S3FileSystem(**options)
 
 
 class CheckpointStore:

@@ -28,6 +28,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from omnithought_dagster.progress import progress_line
+
 LOSS_WINDOW = 3  # steps averaged for the initial and final loss
 
 
@@ -116,7 +118,8 @@ def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
                 losses.append(_sum_across_ranks(sum(window) / len(window)) / world)
                 window = []
                 if step == 1 or step % max(1, settings["max_steps"] // 10) == 0 or step == settings["max_steps"]:
-                    report.log(f"step {step}/{settings['max_steps']} loss {losses[-1]:.4f}")
+                    report.log(progress_line("training", step, settings["max_steps"], time.monotonic() - started, "steps")
+                               + f", loss {losses[-1]:.4f}")
                 if step >= settings["max_steps"]:
                     break
         epoch += 1
