@@ -17,7 +17,7 @@ dagster.yaml; the schedule starts as `operations.recuration_running` says.
 
 import dagster as dg
 
-from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.config import SOURCES_PARTITIONS, ProjectConfig
 
 RECURATION_SCHEDULE = "recuration"
 TRIGGER_TAG = "omnithought/trigger"
@@ -35,8 +35,6 @@ def build_schedules(config: ProjectConfig, filter_job: str) -> list[dg.ScheduleD
                  default_status=dg.DefaultScheduleStatus.RUNNING if ops.recuration_running else dg.DefaultScheduleStatus.STOPPED,
                  description="Re-run the rule filters and selection of every source; subsets follow (automation).")
     def recuration(context: dg.ScheduleEvaluationContext):
-        from omnithought_dagster.assets.seed import SOURCES_PARTITIONS
-
         tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
         # Dynamic sources: those the manifest sensor registered (a run for an unregistered one would fail).
         sources = context.instance.get_dynamic_partitions(SOURCES_PARTITIONS) if config.dynamic_sources else config.source_names

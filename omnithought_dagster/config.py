@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 CONFIG_ENV_VAR = "OMNITHOUGHT_CONFIG"
 DEFAULT_CONFIG_NAME = "omnithought.yaml"
 
+# The dynamic partitions of the sources when `operations.source_manifests` is set.
+SOURCES_PARTITIONS = "sources"
+
 # Partition keys become folder names in the store and Dagster partition keys: keep them tame.
 SOURCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 

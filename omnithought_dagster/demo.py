@@ -19,9 +19,9 @@ from omnithought_dagster.assets.curate import FILTERED_SET_KEY, SAMPLED_SUBSETS_
 from omnithought_dagster.assets.student import (STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, expected_checkpoint_id, student_partition_keys,
                                                 student_partitions)
 from omnithought_dagster.assets.scores import BENCHMARK_SCORES_KEY, expected_scores_fingerprint, score_partition_keys, score_partitions
-from omnithought_dagster.assets.seed import IMAGES_KEY, QUARANTINE_KEY, SEED_CODE_VERSION, SEED_POOL_KEY, SOURCES_PARTITIONS
+from omnithought_dagster.assets.seed import IMAGES_KEY, QUARANTINE_KEY, SEED_CODE_VERSION, SEED_POOL_KEY
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY, traces_fingerprint, traces_partitions
-from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
+from omnithought_dagster.config import BASELINE_RECIPE, SOURCES_PARTITIONS, ProjectConfig
 from omnithought_dagster.curation.seed import earlier_sources, input_fingerprint, partition_version
 from omnithought_dagster.defs import ANNOTATE_JOB, FILTER_JOB, SEED_JOB, SUBSET_JOB, TEACHER_JOB, TRAIN_JOB, BASELINE_JOB, SCORE_JOB, build_definitions
 from omnithought_dagster.ids import shard_keys

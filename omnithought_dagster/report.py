@@ -15,9 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from omnithought_dagster.plots import bar as _bar
-from omnithought_dagster.plots import barh as _barh
-from omnithought_dagster.plots import curves, histogram, png_base64
+from omnithought_dagster.plots import bar, barh, curves, histogram, png_base64
 from omnithought_dagster.store import CorpusStore
 
 TOP_TAGS = 15
@@ -63,7 +61,7 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     reasons = rows("SELECT reason, count(*) FROM quarantine GROUP BY 1 ORDER BY 2 DESC")
     body = [_table(["source", "samples"], sources)]
     if reasons:
-        body.append(figure(lambda ax: _barh(ax, reasons, "records"), "quarantine reasons (records set aside at ingestion)"))
+        body.append(figure(lambda ax: barh(ax, reasons, "records"), "quarantine reasons (records set aside at ingestion)"))
     section("Seed pool", body if sources else ["<p>empty: materialise seed_pool</p>"])
 
     # Annotations
@@ -72,9 +70,9 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     pass_rates = [r[0] for r in rows("SELECT any_value(pass_rate) FROM annotations WHERE pass_rate IS NOT NULL GROUP BY sample_id")]
     body = []
     if labels:
-        body.append(figure(lambda ax: _bar(ax, labels, "samples"), "samples by difficulty label"))
+        body.append(figure(lambda ax: bar(ax, labels, "samples"), "samples by difficulty label"))
     if tags:
-        body.append(figure(lambda ax: _barh(ax, tags, "traces"), f"judge task tags (top {TOP_TAGS})"))
+        body.append(figure(lambda ax: barh(ax, tags, "traces"), f"judge task tags (top {TOP_TAGS})"))
     if pass_rates:
         body.append(figure(lambda ax: histogram(ax, pass_rates, "pass rate", "samples", value_range=(0, 1)), "rollout pass rate per sample"))
     section("Annotations", body or ["<p>empty: materialise annotations</p>"])
@@ -84,7 +82,7 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     kept = rows("SELECT source, count(*) FILTER (kept), count(*) FROM filter_decisions GROUP BY 1 ORDER BY 1")
     body = [_table(["source", "kept", "traces"], kept)] if kept else []
     if drops:
-        body.append(figure(lambda ax: _barh(ax, drops, "traces"), "drop reasons (a trace can have several)"))
+        body.append(figure(lambda ax: barh(ax, drops, "traces"), "drop reasons (a trace can have several)"))
     section("Filtered set", body or ["<p>empty: materialise filtered_set</p>"])
 
     # Subsets
@@ -93,7 +91,7 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     for subset, *_ in subsets:
         composition = rows("SELECT split_part(stratum, '/', 1) AS label, count(*) FROM subset_members WHERE subset = $1 GROUP BY 1 ORDER BY 1",
                            [subset])
-        body.append(figure(lambda ax, c=composition: _bar(ax, c, "traces"), f"{subset}: members by difficulty"))
+        body.append(figure(lambda ax, c=composition: bar(ax, c, "traces"), f"{subset}: members by difficulty"))
     section("Subsets", body or ["<p>empty: materialise sampled_subsets</p>"])
 
     # Students
@@ -113,7 +111,7 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     body = [_table(["student", "recipe", "benchmark", "metric", "slice", "score", "n", "baseline", "delta"], scores)] if scores else []
     deltas = [(f"{r[0]}/{r[1]} {r[4]}", r[8]) for r in scores if r[8] is not None and r[1] != "base"]
     if deltas:
-        body.append(figure(lambda ax: _barh(ax, deltas, "delta vs baseline"), "score deltas against each student's baseline, by slice"))
+        body.append(figure(lambda ax: barh(ax, deltas, "delta vs baseline"), "score deltas against each student's baseline, by slice"))
     section("Scores", body or ["<p>none scored yet</p>"])
     con.close()
 

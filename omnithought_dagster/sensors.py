@@ -15,13 +15,12 @@ Runs carry `omnithought/trigger=source_manifests` and the manifest's path and di
 from __future__ import annotations
 
 import json
-import os
 
 import dagster as dg
 
-from omnithought_dagster.assets.seed import SOURCES_PARTITIONS, seed_partitions
+from omnithought_dagster.assets.seed import seed_partitions
 from omnithought_dagster.automation import TRIGGER_TAG
-from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.config import SOURCES_PARTITIONS, ProjectConfig
 from omnithought_dagster.sources.manifests import manifest_filesystem, scan_manifests
 
 SENSOR_NAME = "source_manifests"
@@ -33,7 +32,6 @@ def build_sensors(config: ProjectConfig, seed_job: str) -> list[dg.SensorDefinit
         return []
     ops = config.operations
     partitions = seed_partitions(config)
-    store = config.store
 
     @dg.sensor(name=SENSOR_NAME, job_name=seed_job, minimum_interval_seconds=ops.manifest_sensor_interval_s,
                default_status=dg.DefaultSensorStatus.RUNNING if ops.manifest_sensor_running else dg.DefaultSensorStatus.STOPPED,
@@ -49,8 +47,7 @@ def build_sensors(config: ProjectConfig, seed_job: str) -> list[dg.SensorDefinit
                 new_partitions.append(name)
                 requests.append(dg.RunRequest(run_key=f"config:{name}", partition_key=name, tags={TRIGGER_TAG: SENSOR_NAME}))
 
-        keys = {k: os.environ.get(v) for k, v in (("access_key", store.access_key_env), ("secret_key", store.secret_key_env)) if v}
-        fs, folder = manifest_filesystem(config, **keys)
+        fs, folder = manifest_filesystem(config)  # S3 keys: the env vars the store config names
         found = scan_manifests(config, fs, folder)
         for manifest in found:
             if seen.get(manifest.name) == manifest.digest:

@@ -8,7 +8,6 @@ unchanged.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from curation_data import build_store
 from omnithought_dagster.cli import app
 from omnithought_dagster.config import StoreConfig, load_config
 from omnithought_dagster.defs import FILTER_JOB, SEED_JOB, SUBSET_JOB, build_definitions
+from omnithought_dagster.llm.vllm_server import free_port
 from omnithought_dagster.store import open_store
 
 BUCKET = "corpus"
@@ -33,9 +33,7 @@ KEYS = {"OMNI_S3_KEY": "omnithought-test", "OMNI_S3_SECRET": "not-a-real-secret"
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
     """moto's S3 server on a free loopback port, with one bucket."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log.open("w"),
                               stderr=subprocess.STDOUT)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,10 @@ from typer.testing import CliRunner
 
 from conftest import SERVED_NAME, write_config
 from omnithought_dagster.cli import app
+from omnithought_dagster.llm.vllm_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _graphql(port: int, query: str) -> dict:
@@ -73,7 +67,7 @@ def served_project(tmp_path_factory, vllm_server):
 @pytest.fixture(scope="module")
 def webserver(served_project):
     config, home = served_project
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "OMNITHOUGHT_CONFIG": str(config)}
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],

@@ -43,8 +43,12 @@ def distributions(rows: list[dict]) -> dict[str, Counter]:
     }
 
 
+# The buckets pass_rate_histogram uses, in order.
+PASS_RATE_BUCKETS = ["0", "(0.00, 0.25]", "(0.25, 0.50]", "(0.50, 0.75]", "(0.75, 1.00]", "1"]
+
+
 def pass_rate_histogram(rows: list[dict]) -> Counter:
-    """Samples per pass-rate bucket (0, (0, .25], ..., 1)."""
+    """Samples per pass-rate bucket (PASS_RATE_BUCKETS: 0, (0, .25], ..., 1)."""
     rates = {r["sample_id"]: r["pass_rate"] for r in rows}
     def bucket(rate: float) -> str:
         if rate == 0:

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from omnithought_dagster.annotate.agreement import agreement, distributions, pass_rate_histogram
+from omnithought_dagster.annotate.agreement import PASS_RATE_BUCKETS, agreement, distributions, pass_rate_histogram
 from omnithought_dagster.annotate.annotations import ANNOTATION_CACHE, annotate_shard
 from omnithought_dagster.annotate.judge import judge_prompt
 from omnithought_dagster.annotate.taxonomy import Taxonomy
@@ -49,6 +49,7 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         unparsable = [r for r in requested if r["judge_error"]]
         shares = agreement(rows, result.samples)
         dist = distributions(rows)
+        histogram = pass_rate_histogram(rows)
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": len(rows),
@@ -63,13 +64,12 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "judge_errors": len(rows) - len(judged),
                 **{k: v for k, v in shares.items() if v is not None},
                 "agreement": dg.MetadataValue.json(shares),
-                "pass_rate_histogram": counts(pass_rate_histogram(rows), "pass rate", "samples"),
+                "pass_rate_histogram": counts(histogram, "pass rate", "samples"),
                 **{f"{name}_distribution": counts(counter, name) for name, counter in dist.items()},
-                "plot/difficulty": bar_plot(dist["difficulty_label"], "traces by difficulty label (easy / medium / hard)", "traces",
-                                            horizontal=False, order=["easy", "medium", "hard"]),
+                "plot/difficulty": bar_plot(dist["difficulty_label"], "traces by difficulty label", "traces", horizontal=False,
+                                            order=cfg.annotation.difficulty_labels),
                 "plot/tags": bar_plot(dist["tags"], "judge task tags", "traces"),
-                "plot/pass_rate": bar_plot(pass_rate_histogram(rows), "samples by rollout pass rate", "samples", horizontal=False,
-                                           order=["0", "(0.00, 0.25]", "(0.25, 0.50]", "(0.50, 0.75]", "(0.75, 1.00]", "1"]),
+                "plot/pass_rate": bar_plot(histogram, "samples by rollout pass rate", "samples", horizontal=False, order=PASS_RATE_BUCKETS),
                 "preview": preview(result.rows, PREVIEW_COLUMNS),
                 "path": dg.MetadataValue.path(written.uri),
                 "input_fingerprint": annotations_fingerprint(cfg, corpus, source, shard, plan.identity),

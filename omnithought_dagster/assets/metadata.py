@@ -56,7 +56,7 @@ def bar_plot(counter: Mapping[str, int], caption: str, axis: str, *, horizontal:
              order: list[str] | None = None) -> dg.MetadataValue:
     """Counts as bars: horizontal and largest first (the rest summed as `other`), or vertical in `order`."""
     if order is not None:
-        data = [(k, counter.get(k, 0)) for k in order] + [(k, v) for k, v in sorted(counter.items(), key=str) if k not in order]
+        data = [(k, counter.get(k, 0)) for k in order] + [(k, v) for k, v in sorted(counter.items()) if k not in order]
     else:
         data = plots.top(counter, top_n)
     draw = (lambda ax: plots.barh(ax, data, axis)) if horizontal else (lambda ax: plots.bar(ax, data, axis))

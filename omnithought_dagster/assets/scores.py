@@ -18,7 +18,6 @@ import dagster as dg
 import pyarrow as pa
 
 from omnithought_dagster.assets.metadata import column_schema, plot, preview
-from omnithought_dagster.plots import barh
 from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, baseline_partitions
 from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
@@ -26,6 +25,7 @@ from omnithought_dagster.evaluation.run import OVERALL, EvalError, TaskScores, l
 from omnithought_dagster.evaluation.tasks import LocalTask, items_version, read_items, write_local_task
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.placement import gpu_step_tags
+from omnithought_dagster.plots import barh
 from omnithought_dagster.ids import content_id
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
@@ -139,12 +139,11 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
 
 def _score_plot(rows: list[dict], name: str) -> dg.MetadataValue:
     """Deltas against the baseline by benchmark and slice (scores themselves when there is no baseline)."""
-    with_delta = [r for r in rows if r["delta"] is not None]
-    if with_delta:
-        data = [(f"{r['benchmark']} / {r['slice']}", r["delta"]) for r in with_delta]
-        return plot(lambda ax: barh(ax, data, "score delta vs baseline"), f"{name}: score deltas against the baseline, by slice")
-    data = [(f"{r['benchmark']} / {r['slice']}", r["score"]) for r in rows]
-    return plot(lambda ax: barh(ax, data, "score"), f"{name}: scores by benchmark and slice")
+    deltas = any(r["delta"] is not None for r in rows)
+    key, axis, caption = (("delta", "score delta vs baseline", "score deltas against the baseline, by slice") if deltas
+                          else ("score", "score", "scores by benchmark and slice"))
+    data = [(f"{r['benchmark']} / {r['slice']}", r[key]) for r in rows if r[key] is not None]
+    return plot(lambda ax: barh(ax, data, axis), f"{name}: {caption}")
 
 
 def eval_config_hash(config: ProjectConfig, versions: dict[str, str] | None = None) -> str:

@@ -6,7 +6,7 @@ from collections import Counter
 import dagster as dg
 
 from omnithought_dagster.assets.metadata import bar_plot, column_schema, counts, preview
-from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.config import SOURCES_PARTITIONS, ProjectConfig
 from omnithought_dagster.curation.seed import (
     earlier_sources,
     ingest_source,
@@ -18,7 +18,6 @@ from omnithought_dagster.ids import version_of
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.sources import make_reader
-from omnithought_dagster.sources.manifests import resolve_source
 from omnithought_dagster.store import table_spec
 
 SEED_GROUP = "seed"
@@ -28,9 +27,6 @@ IMAGES_KEY = dg.AssetKey("images")
 # Bump when ingestion would produce different rows from the same input.
 SEED_CODE_VERSION = "seed-v1"
 PREVIEW_COLUMNS = ["sample_id", "native_id", "question", "answer", "answer_type", "source_tags"]
-
-
-SOURCES_PARTITIONS = "sources"
 
 
 def seed_partitions(config: ProjectConfig) -> dg.PartitionsDefinition:
@@ -66,7 +62,7 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         config = project.config
         source_name = context.partition_key
         try:
-            source = resolve_source(config, source_name, access_key=store.access_key, secret_key=store.secret_key)
+            source = store.source(config, source_name)
         except KeyError as exc:
             raise dg.Failure(description=str(exc.args[0])) from exc
         names = source_order(config, context.instance)

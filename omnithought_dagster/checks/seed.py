@@ -15,7 +15,6 @@ from omnithought_dagster.curation.seed import ANSWER_TYPES, LETTERS
 from omnithought_dagster.ids import ID_PATTERN
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.sources import QuarantineReason, make_reader
-from omnithought_dagster.sources.manifests import resolve_source
 from omnithought_dagster.store import table_spec
 
 SAMPLE_ID_UNIQUE = "sample_id_unique"
@@ -133,7 +132,7 @@ def build_seed_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
         source = context.partition_key
         kept = corpus.read_partition("seed_pool", source, ["record_index"])
         quarantined = corpus.read_partition("quarantine", source, ["record_index"])
-        read = make_reader(resolve_source(project.config, source, access_key=store.access_key, secret_key=store.secret_key)).count()
+        read = make_reader(store.source(project.config, source)).count()
         n_kept = kept.num_rows if kept is not None else 0
         n_quarantined = quarantined.num_rows if quarantined is not None else 0
         indices = (kept.column("record_index").to_pylist() if kept is not None else []) + (

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import PrivateAttr
 
-from omnithought_dagster.config import ProjectConfig, StoreConfig, load_config
+from omnithought_dagster.config import ProjectConfig, SourceConfig, StoreConfig, load_config
+from omnithought_dagster.sources.manifests import resolve_source
 from omnithought_dagster.store import CorpusStore, open_store
 
 
@@ -40,3 +41,7 @@ class CorpusStoreResource(dg.ConfigurableResource):
     def open(self) -> CorpusStore:
         return open_store(StoreConfig(root=self.root_uri, endpoint_url=self.endpoint_url, region=self.region),
                           access_key=self.access_key, secret_key=self.secret_key)
+
+    def source(self, config: ProjectConfig, name: str) -> SourceConfig:
+        """A seed source: the project file's, else its manifest (an S3 manifest is read with this store's keys)."""
+        return resolve_source(config, name, access_key=self.access_key, secret_key=self.secret_key)
