@@ -168,8 +168,14 @@ def test_browser_shows_assets_graph_checks_and_metadata_plots(webserver, tmp_pat
             page.goto(f"{base}/assets/benchmark_scores?view=lineage&lineageScope=upstream&lineageDepth=10")
             names = page.locator("[class*='AssetNode_assetName']")
             expect(names.filter(has_text="seed_pool").first).to_be_visible()
-            shown = names.all_inner_texts()
-            assert all(any(_shown_as(text, asset) for text in shown) for asset in STAGES), shown
+            # the graph lays nodes out progressively: wait until every stage has one
+            deadline = time.monotonic() + 60
+            while True:
+                shown = names.all_inner_texts()
+                if all(any(_shown_as(text, asset) for text in shown) for asset in STAGES):
+                    break
+                assert time.monotonic() < deadline, shown
+                page.wait_for_timeout(250)
             page.screenshot(path=shots / "graph.png")
 
             page.goto(f"{base}/assets/seed_pool?view=checks")
@@ -185,8 +191,8 @@ def test_browser_shows_assets_graph_checks_and_metadata_plots(webserver, tmp_pat
                 image = dialog.locator("img[src^='data:image/png']")
                 expect(image).to_be_visible()
                 dialog.evaluate("d => Promise.all(d.getAnimations({subtree: true}).map(a => a.finished))")  # fully faded in
-                # decoded and laid out by the browser: the matplotlib figure's pixel size
-                assert image.evaluate("i => [i.complete, i.naturalWidth, i.naturalHeight]") == [True, 700, 320], asset
+                # decoded by the browser (decode() settles once it is: data URIs decode asynchronously), at the figure's pixel size
+                assert image.evaluate("i => i.decode().then(() => [i.complete, i.naturalWidth, i.naturalHeight])") == [True, 700, 320], asset
                 page.screenshot(path=shots / f"{asset}_{plot.split('/')[1]}.png")
                 dialog.get_by_role("button", name="Close").click()
                 expect(dialog).to_have_count(0)
