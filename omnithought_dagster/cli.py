@@ -243,6 +243,51 @@ def report(out: Path = typer.Option(..., "--out", help="the HTML file to write")
 
 
 @app.command()
+def doctor(env: Optional[list[str]] = typer.Option(None, "--env", help="dagster | vllm | lmms (repeatable); default all"),
+           profile: Optional[str] = typer.Option(None, "--profile", help="cpu | gpu; default: the profile the environments were installed with"),
+           smoke: bool = typer.Option(False, "--smoke", help="also run each environment's smoke check (a real, tiny piece of its job)"),
+           root: Optional[Path] = typer.Option(None, "--root", help="the project checkout (default: $OMNITHOUGHT_ROOT, else .)")) -> None:
+    """Compare each environment with its lock (every drifted package named); with --smoke, exercise it."""
+    from omnithought_dagster import doctor as doc
+
+    base = root.resolve() if root else doc.default_root()
+    names = env or list(doc.ENVIRONMENTS)
+    unknown = sorted(set(names) - set(doc.ENVIRONMENTS))
+    if unknown:
+        err.print(f"[red]unknown environment[/red] {unknown}; choose from {sorted(doc.ENVIRONMENTS)}")
+        raise typer.Exit(2)
+    broken = False
+    for name in names:
+        environment = doc.ENVIRONMENTS[name]
+        used = profile or doc.installed_profile(environment, base)
+        lock = environment.lock(base, used).relative_to(base)
+        try:
+            drift = doc.environment_drift(environment, base, used)
+        except (OSError, ValueError, RuntimeError) as exc:
+            console.print(f"[red]{name}[/red] ({environment.venv}): {escape(str(exc))}", soft_wrap=True)
+            broken = True
+            continue
+        if drift:
+            broken = True
+            console.print(f"[red]{name}[/red] ({environment.venv}) differs from {lock} in {len(drift)} packages "
+                          f"(`make env PROFILE={used}` re-syncs it):")
+            for line in drift:
+                console.print(f"  {escape(str(line))}", soft_wrap=True)
+        else:
+            console.print(f"{name} ({environment.venv}, {environment.purpose}): matches {lock}", soft_wrap=True)
+        if smoke and not drift:
+            try:
+                summary = doc.smoke(environment, base, base / ".cache" / "smoke" / name, log=lambda line: console.print(escape(line)))
+            except doc.SmokeError as exc:
+                console.print(f"[red]{name} smoke check failed[/red]: {escape(str(exc))}", soft_wrap=True)
+                broken = True
+                continue
+            console.print(f"{name} smoke check: {escape(summary)}", soft_wrap=True)
+    if broken:
+        raise typer.Exit(1)
+
+
+@app.command()
 def tables() -> None:
     """Print the reference of every store table (columns, types, meaning) as markdown."""
     from omnithought_dagster.store.tables import tables_markdown

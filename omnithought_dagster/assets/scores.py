@@ -21,7 +21,7 @@ from omnithought_dagster.assets.metadata import column_schema, plot, preview
 from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, baseline_partitions
 from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
-from omnithought_dagster.evaluation.run import OVERALL, EvalError, TaskScores, lmms_command, parse_results
+from omnithought_dagster.evaluation.run import OVERALL, EvalError, TaskScores, lmms_command, run_lmms_eval
 from omnithought_dagster.evaluation.tasks import LocalTask, items_version, read_items, write_local_task
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.placement import gpu_step_tags
@@ -33,7 +33,6 @@ from omnithought_dagster.store import CorpusStore, table_spec
 SCORES_GROUP = "scores"
 BENCHMARK_SCORES_KEY = dg.AssetKey("benchmark_scores")
 SCORES_CODE_VERSION = "benchmark_scores-v1"
-LOG_TAIL_CHARS = 3000
 
 
 def score_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
@@ -167,25 +166,6 @@ def _input_fingerprint(checkpoint_id: str, config_hash: str, has_baseline: bool)
     return content_id("scores-input", {"checkpoint": checkpoint_id, "eval": config_hash, "baseline": has_baseline})
 
 
-def run_lmms_eval(command: list[str], tasks: list[str], work: Path, timeout_s: float, env: dict[str, str],
-                  local: dict[str, LocalTask]) -> dict[str, TaskScores]:
-    """Run lmms-eval; its results decide, not its exit code. EvalError carries the end of its log."""
-    log = work / "lmms_eval.log"
-    run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-               "HF_DATASETS_CACHE": str(work / "hf-datasets"), **env}
-    with log.open("w") as out:
-        try:
-            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=run_env, cwd=work, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise EvalError(f"lmms-eval ran past {timeout_s:.0f} s and was stopped; log tail:\n{_tail(log)}") from None
-        except OSError as exc:
-            raise EvalError(f"cannot start lmms-eval ({command[0]}): {exc}") from None
-    try:
-        return parse_results(work / "out", tasks, local)
-    except EvalError as exc:
-        raise EvalError(f"{exc} (exit code {done.returncode}); log tail:\n{_tail(log)}") from None
-
-
 def score_rows(checkpoint: dict, scores: dict[str, TaskScores], baseline: dict | None, config_hash: str, now: str) -> list[dict]:
     rows = []
     for entry in scores.values():
@@ -230,8 +210,3 @@ def _baseline_scores(corpus: CorpusStore, student: str, config_hash: str) -> dic
         return None
     rows = [r for r in table.to_pylist() if r["eval_config_hash"] == config_hash]
     return {(r["benchmark"], r["metric"], r["slice"]): r["score"] for r in rows} or None
-
-
-def _tail(path: Path) -> str:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return text[-LOG_TAIL_CHARS:]

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omnithought_dagster.evaluation.task_utils import extract_answer
 from omnithought_dagster.evaluation.tasks import LocalTask
+from omnithought_dagster.logtail import log_tail
 
 OVERALL = "all"
 
@@ -47,6 +50,25 @@ def lmms_command(python: str, model: str, model_args: dict[str, str], tasks: lis
     if limit is not None:
         command += ["--limit", str(limit)]
     return command
+
+
+def run_lmms_eval(command: list[str], tasks: list[str], work: Path, timeout_s: float, env: dict[str, str],
+                  local: dict[str, LocalTask]) -> dict[str, TaskScores]:
+    """Run lmms-eval; its results decide, not its exit code. EvalError carries the end of its log."""
+    log = work / "lmms_eval.log"
+    run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "HF_DATASETS_CACHE": str(work / "hf-datasets"), **env}
+    with log.open("w") as out:
+        try:
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=run_env, cwd=work, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise EvalError(f"lmms-eval ran past {timeout_s:.0f} s and was stopped; its last lines:\n{log_tail(log)}") from None
+        except OSError as exc:
+            raise EvalError(f"cannot start lmms-eval ({command[0]}): {exc}") from None
+    try:
+        return parse_results(work / "out", tasks, local)
+    except EvalError as exc:
+        raise EvalError(f"{exc} (exit code {done.returncode}); its last lines:\n{log_tail(log)}") from None
 
 
 def parse_results(output_dir: Path, tasks: list[str], local: dict[str, LocalTask]) -> dict[str, TaskScores]:

@@ -21,10 +21,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections import deque
 from pathlib import Path
 
 from omnithought_dagster.config import LLMConfig
+from omnithought_dagster.logtail import log_tail
 
 STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 # Defaults for CPU builds (harmless on GPU builds); the config's `env` overrides them.
@@ -159,10 +159,7 @@ class VLLMServer:
         self._say(f"vLLM server stopped (pid {self.process.pid})")
 
     def tail(self, lines: int = 40) -> str:
-        if not self.log_path or not self.log_path.exists():
-            return ""
-        with open(self.log_path, "rb") as handle:
-            return "\n".join(line.decode("utf-8", "replace").rstrip() for line in deque(handle, maxlen=lines))
+        return log_tail(self.log_path, lines)
 
     def metrics(self) -> dict[str, float]:
         """Prometheus counters of the server (vllm:request_success_total, ...), summed over labels."""
