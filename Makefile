@@ -35,9 +35,16 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 PYTEST_ARGS ?=
 
-.PHONY: env vllm-env lmms-env browser demo test ui bench lock doctor clean
+# The container images (deploy/docker/): built by `make envs` from the same locks.
+IMAGE ?= omnithought-dagster:latest
+GPU_IMAGE ?= omnithought-dagster-gpu:latest
 
-env: $(STAMP) $(VLLM_STAMP) $(LMMS_STAMP) $(DAGSTER_HOME)/dagster.yaml browser
+.PHONY: env envs vllm-env lmms-env browser demo test ui bench lock doctor image image-gpu clean
+
+env: envs $(DAGSTER_HOME)/dagster.yaml browser
+
+# The three environments alone (what the images run).
+envs: $(STAMP) $(VLLM_STAMP) $(LMMS_STAMP)
 
 vllm-env: $(VLLM_STAMP)
 
@@ -134,6 +141,12 @@ bench: env
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/curation.py
 	$(BIN)/python bench/training.py
+
+image:
+	docker build -f deploy/docker/Dockerfile -t $(IMAGE) .
+
+image-gpu:
+	docker build -f deploy/docker/Dockerfile.gpu -t $(GPU_IMAGE) .
 
 clean:
 	rm -rf .omnithought .dagster .cache

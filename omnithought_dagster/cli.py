@@ -58,7 +58,7 @@ def demo(config: Optional[Path] = ConfigOption, force: bool = typer.Option(False
     from omnithought_dagster.demo import run_demo
 
     with dg.DagsterInstance.get() as instance:
-        outcomes = run_demo(cfg, instance, force=force)
+        outcomes = run_demo(cfg, instance, force=force, say=lambda line: console.print(escape(line), soft_wrap=True, highlight=False))
     table = Table(title="omnithought demo: what each stage took in, produced and flagged")
     for column in ("stage", "partition", "in", "out", "flagged", "checks", "run"):
         table.add_column(column, justify="right" if column in ("in", "out", "flagged") else "left")

@@ -437,6 +437,7 @@ class EvaluationConfig(_Model):
 
 class K8sPlacement(_Model):
     job_namespace: str | None = Field(default=None, description="namespace of the step pods (k8s executor)")
+    gpu_image: str | None = Field(default=None, description="image of GPU step pods (deploy/docker/Dockerfile.gpu); default the code location's")
     gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="node selector of GPU step pods")
     gpu_tolerations: list[dict[str, Any]] = Field(default_factory=list, description="tolerations of GPU step pods")
 

@@ -8,6 +8,8 @@ checks passed) is skipped, which makes a second `make demo` fast.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,10 +28,15 @@ from omnithought_dagster.curation.seed import earlier_sources, input_fingerprint
 from omnithought_dagster.defs import ANNOTATE_JOB, FILTER_JOB, SEED_JOB, SUBSET_JOB, TEACHER_JOB, TRAIN_JOB, BASELINE_JOB, SCORE_JOB, build_definitions
 from omnithought_dagster.ids import shard_keys
 from omnithought_dagster.llm.backends import describe_backend
+from omnithought_dagster.llm.vllm_server import keep_servers, stop_kept_servers
 from omnithought_dagster.sources import make_reader
 from omnithought_dagster.store import CorpusStore, open_store
 
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# The demo's runs log through one logger of its own (below): the steps' own lines (progress with
+# rate and ETA, server starts, the trainer's reports through Pipes) without Dagster's event lines.
+DEMO_LOGGER = "omnithought_demo"
+DEMO_RUN_CONFIG = {"loggers": {DEMO_LOGGER: {"config": {}}}}
+FAILURE_LINES = 25  # of a failure's message: the failing tool's last lines come at its end
 
 
 @dataclass
@@ -41,6 +48,7 @@ class StageOutcome:
     counts: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, str] = field(default_factory=dict)  # name -> passed | warn | failed
     run_id: str | None = None
+    seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,21 +62,32 @@ class Stage:
     counts: Callable[[CorpusStore, str, dict], dict[str, Any]]
     check_assets: tuple[dg.AssetKey, ...]  # the assets whose checks run in the stage's job
     store_key: Callable[[str], Any] | None = None  # the table partition a Dagster partition writes, when not the same key
+    uses_llm: bool = False  # its steps talk to the teacher or the judge (a kept vLLM server)
 
 
-def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = False) -> list[StageOutcome]:
+def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = False,
+             say: Callable[[str], None] = lambda line: None) -> list[StageOutcome]:
+    """Materialise every stage in order; `say` hears each partition start and end and the steps' own log lines."""
     defs = build_definitions(config)
+    loggers = {DEMO_LOGGER: _say_logger(say)}
     store = open_store(config.store)
     if config.dynamic_sources:
         # The demo runs the project file's sources; manifest sources arrive through the sensor.
         missing = [name for name in config.source_names if not instance.has_dynamic_partition(SOURCES_PARTITIONS, name)]
         instance.add_dynamic_partitions(SOURCES_PARTITIONS, missing)
     graph = defs.resolve_asset_graph()
+    with keep_servers():  # one vLLM start for the teacher and the judge of every partition
+        return _run_stages(config, instance, defs, graph, store, loggers, force, say)
+
+
+def _run_stages(config, instance, defs, graph, store, loggers, force, say) -> list[StageOutcome]:
     outcomes = []
     for stage in STAGES:
+        if not stage.uses_llm:
+            stop_kept_servers()  # no later stage asks for them
         if not stage.partitions(config):
             continue
-        job = defs.resolve_job_def(stage.job)
+        job = defs.resolve_job_def(stage.job).with_logger_defs(loggers)
         partitions_def = job.partitions_def
         check_keys = [key for key in graph.asset_check_keys if key.asset_key in stage.check_assets]
         for partition in stage.partitions(config):
@@ -79,8 +98,12 @@ def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = 
             if (not force and store.has_partition(stage.table, store_partition) and metadata.get("input_fingerprint") == fingerprint
                     and len(checks) == len(check_keys) and "failed" not in checks.values()):
                 outcomes.append(StageOutcome(stage.name, partition, True, True, stage.counts(store, partition, metadata), checks))
+                say(f"= {stage.name}[{partition}] up to date")
                 continue
-            result = job.execute_in_process(partition_key=partition, instance=instance, raise_on_error=False, run_config=QUIET_RUN_CONFIG)
+            say(f"> {stage.name}[{partition}] started")
+            started = time.monotonic()
+            result = job.execute_in_process(partition_key=partition, instance=instance, raise_on_error=False, run_config=DEMO_RUN_CONFIG)
+            seconds = time.monotonic() - started
             checks = {
                 e.event_specific_data.check_name: _status(e.event_specific_data.passed, e.event_specific_data.severity)
                 for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
@@ -92,14 +115,64 @@ def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = 
                 if failure is not None:
                     error = failure.event_specific_data.error
                     cause = error.cause or error
-                    counts["error"] = (cause.message or error.message).strip().splitlines()[0]
-            outcomes.append(StageOutcome(stage.name, partition, False, result.success, counts, checks, result.run_id))
+                    counts["error"] = failure_text(cause.message or error.message)
+            outcome = StageOutcome(stage.name, partition, False, result.success, counts, checks, result.run_id, seconds)
+            outcomes.append(outcome)
+            say(outcome_line(outcome))
         if not all(o.success for o in outcomes):
             break  # later stages build on this one
     else:
         if config.recipes:
+            say(f"> export[{config.recipes[0].name}] started")
             outcomes.append(_export(config, store, config.recipes[0].name))
+            say(outcome_line(outcomes[-1]))
     return outcomes
+
+
+def outcome_line(o: StageOutcome) -> str:
+    """`< stage[partition] ran in 12.3 s: 300 in, 1200 out, 0 flagged; checks 6/6 passed` (or the failure)."""
+    c = o.counts
+    rows = f"{c.get('input', '?')} in, {c.get('output', '?')} out, {c.get('flagged', '?')} flagged"
+    passed = sum(status == "passed" for status in o.checks.values())
+    checks = f"; checks {passed}/{len(o.checks)} passed" if o.checks else ""
+    took = f" in {o.seconds:.1f} s" if o.seconds is not None else ""
+    if not o.success:
+        return f"x {o.stage}[{o.partition}] FAILED{took}:\n" + "\n".join(f"    {line}" for line in str(c.get("error", "")).split("\n"))
+    return f"< {o.stage}[{o.partition}] ran{took}: {rows}{checks}"
+
+
+def failure_text(message: str, lines: int = FAILURE_LINES) -> str:
+    """A step failure's message, its first line and its last lines (where the failing tool's own output is)."""
+    text = [line.rstrip() for line in message.strip().split("\n") if line.strip()]
+    if len(text) <= lines:
+        return "\n".join(text)
+    return "\n".join([text[0], f"... ({len(text) - lines} lines)", *text[-(lines - 1):]])
+
+
+class _SayHandler(logging.Handler):
+    """Passes a step's own log lines to `say`; Dagster's event records (step start, materialisation...) are left out."""
+
+    def __init__(self, say: Callable[[str], None]):
+        super().__init__(logging.INFO)
+        self.say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        meta = getattr(record, "dagster_meta", None) or {}
+        if meta.get("dagster_event") is not None:
+            return  # framework events; a failure is reported by the demo with its message
+        step = meta.get("step_key") or ""
+        message = meta.get("orig_message", record.getMessage())
+        self.say(f"    {step + ': ' if step else ''}{message}")
+
+
+def _say_logger(say: Callable[[str], None]) -> dg.LoggerDefinition:
+    @dg.logger(description="the demo's console: the steps' own lines, no event records")
+    def demo_logger(_init_context) -> logging.Logger:
+        log = logging.Logger(DEMO_LOGGER, level=logging.INFO)
+        log.addHandler(_SayHandler(say))
+        return log
+
+    return demo_logger
 
 
 def _export(config: ProjectConfig, store: CorpusStore, recipe: str) -> StageOutcome:
@@ -280,9 +353,9 @@ STAGES = [
     Stage("seed_pool", SEED_JOB, SEED_POOL_KEY, "seed_pool", lambda config: config.source_names, _seed_fingerprint, _seed_counts,
           (SEED_POOL_KEY, QUARANTINE_KEY, IMAGES_KEY)),
     Stage("cot_traces", TEACHER_JOB, COT_TRACES_KEY, "cot_traces", _traces_partitions, _traces_fingerprint, _trace_counts,
-          (COT_TRACES_KEY,)),
+          (COT_TRACES_KEY,), uses_llm=True),
     Stage("annotations", ANNOTATE_JOB, ANNOTATIONS_KEY, "annotations", _traces_partitions, _annotations_fingerprint, _annotation_counts,
-          (ANNOTATIONS_KEY,)),
+          (ANNOTATIONS_KEY,), uses_llm=True),
     Stage("filtered_set", FILTER_JOB, FILTERED_SET_KEY, "filter_decisions", lambda config: config.source_names, filter_fingerprint,
           _filter_counts, (FILTERED_SET_KEY,)),
     Stage("sampled_subsets", SUBSET_JOB, SAMPLED_SUBSETS_KEY, "subset_members", lambda config: [r.name for r in config.recipes],

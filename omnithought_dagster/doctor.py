@@ -191,9 +191,6 @@ def _smoke_lmms(root: Path, work: Path, log: Callable[[str], None]) -> str:
     from omnithought_dagster.evaluation.tasks import write_local_task
     from omnithought_dagster.llm.backends import resolve_model
 
-    import datasets
-
-    datasets.disable_progress_bars()
     model_dir, _ = resolve_model("tiny:student", root / ".cache" / "models")
     task = write_local_task(SyntheticSourceConfig(name="smoke", kind="synthetic", n_samples=2, image_size=128), SeedSettings(),
                             work / "tasks", max_new_tokens=8)

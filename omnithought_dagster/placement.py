@@ -31,6 +31,8 @@ def gpu_step_tags(config: ProjectConfig, gpus: int) -> dict:
     if k8s.gpu_tolerations:
         pod["tolerations"] = [dict(t) for t in k8s.gpu_tolerations]
     k8s_config: dict = {"container_config": {"resources": {"limits": {"nvidia.com/gpu": count}, "requests": {"nvidia.com/gpu": count}}}}
+    if k8s.gpu_image:
+        k8s_config["container_config"]["image"] = k8s.gpu_image
     if pod:
         k8s_config["pod_spec_config"] = pod
     tags: dict = {"dagster-k8s/config": k8s_config,

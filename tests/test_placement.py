@@ -33,7 +33,7 @@ def _config(tmp_path, executor: str, **operations):
 @pytest.mark.parametrize(("mode", "executor_name"), [("multiprocess", "omnithought_multiprocess"), ("in_process", "in_process"),
                                                      ("k8s", "omnithought_k8s"), ("ecs", "ecs")])
 def test_each_executor_mode_builds_with_gpu_requests_on_gpu_steps_only(tmp_path, mode, executor_name):
-    operations = {"max_concurrent": 4, "k8s": {"job_namespace": "omni", "gpu_node_selector": {"pool": "a100"},
+    operations = {"max_concurrent": 4, "k8s": {"job_namespace": "omni", "gpu_node_selector": {"pool": "a100"}, "gpu_image": "reg/omni-gpu:1",
                                                 "gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
                   "ecs": {"gpu_cpu": "8192", "gpu_memory": "61440"}}
     defs = build_definitions(_config(tmp_path, mode, **operations))
@@ -44,6 +44,7 @@ def test_each_executor_mode_builds_with_gpu_requests_on_gpu_steps_only(tmp_path,
         tags = graph.get(dg.AssetKey(name)).assets_def.op.tags
         k8s = json.loads(tags["dagster-k8s/config"])
         assert k8s["container_config"]["resources"]["limits"] == {"nvidia.com/gpu": str(gpus)}, name
+        assert k8s["container_config"]["image"] == "reg/omni-gpu:1"
         assert k8s["pod_spec_config"]["node_selector"] == {"pool": "a100"} and k8s["pod_spec_config"]["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert json.loads(tags["ecs/container_overrides"]) == {"resourceRequirements": [{"type": "GPU", "value": str(gpus)}]}
         assert tags["ecs/cpu"] == "8192" and tags["ecs/memory"] == "61440"

@@ -95,7 +95,7 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             needed = 1 if cfg.evaluation.device.startswith("cuda") and "CUDA_VISIBLE_DEVICES" not in cfg.evaluation.env else 0
             with slots_from_config(cfg).lease(needed, holder=f"eval {student}/{recipe}") as devices:
                 scores = run_lmms_eval(command, tasks, work, cfg.evaluation.timeout_s, {**cfg.evaluation.env, **visible_devices_env(devices)},
-                                       local)
+                                       local, progress=context.log.info)
             seconds = time.monotonic() - started
         except EvalError as exc:
             raise dg.Failure(description=str(exc)) from exc

@@ -10,6 +10,9 @@ the task's text, as one user turn. Real checkpoints on GPUs use lmms-eval's own 
 
 from __future__ import annotations
 
+import sys
+import time
+
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
@@ -29,7 +32,10 @@ class OmniThoughtVL(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         import torch
 
-        replies = []
+        from omnithought_dagster.evaluation.run import PROGRESS_PREFIX
+        from omnithought_dagster.progress import progress_line
+
+        replies, started, every = [], time.monotonic(), max(1, len(requests) // 10)
         for request in requests:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
@@ -39,6 +45,9 @@ class OmniThoughtVL(lmms):
                 output = self.model.generate(**inputs, max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
                                              do_sample=False)
             replies.append(self.vl.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+            if len(replies) % every == 0 or len(replies) == len(requests):  # run_lmms_eval forwards these lines to the step's log
+                line = progress_line(f"evaluation {task}", len(replies), len(requests), time.monotonic() - started, "items")
+                print(PROGRESS_PREFIX + line, file=sys.stderr, flush=True)
         return replies
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import subprocess
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from omnithought_dagster.evaluation.tasks import LocalTask
 from omnithought_dagster.logtail import log_tail
 
 OVERALL = "all"
+PROGRESS_PREFIX = "omnithought-progress: "  # our model class's progress lines in lmms-eval's output
+POLL_S = 1.0
 
 
 class EvalError(RuntimeError):
@@ -53,22 +57,49 @@ def lmms_command(python: str, model: str, model_args: dict[str, str], tasks: lis
 
 
 def run_lmms_eval(command: list[str], tasks: list[str], work: Path, timeout_s: float, env: dict[str, str],
-                  local: dict[str, LocalTask]) -> dict[str, TaskScores]:
-    """Run lmms-eval; its results decide, not its exit code. EvalError carries the end of its log."""
+                  local: dict[str, LocalTask], progress: Callable[[str], None] | None = None) -> dict[str, TaskScores]:
+    """Run lmms-eval; its results decide, not its exit code. EvalError carries the end of its log.
+
+    Progress lines our model class writes to the log (PROGRESS_PREFIX) go to `progress` as they come.
+    """
     log = work / "lmms_eval.log"
     run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                "HF_DATASETS_CACHE": str(work / "hf-datasets"), **env}
-    with log.open("w") as out:
+    with log.open("wb") as out:
         try:
-            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=run_env, cwd=work, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise EvalError(f"lmms-eval ran past {timeout_s:.0f} s and was stopped; its last lines:\n{log_tail(log)}") from None
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env, cwd=work)
         except OSError as exc:
             raise EvalError(f"cannot start lmms-eval ({command[0]}): {exc}") from None
+    deadline, read = time.monotonic() + timeout_s, 0
+    try:
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                raise EvalError(f"lmms-eval ran past {timeout_s:.0f} s and was stopped; its last lines:\n{log_tail(log)}")
+            time.sleep(POLL_S)
+            read = _forward_progress(log, read, progress)
+        _forward_progress(log, read, progress)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     try:
         return parse_results(work / "out", tasks, local)
     except EvalError as exc:
-        raise EvalError(f"{exc} (exit code {done.returncode}); its last lines:\n{log_tail(log)}") from None
+        raise EvalError(f"{exc} (exit code {process.returncode}); its last lines:\n{log_tail(log)}") from None
+
+
+def _forward_progress(log: Path, offset: int, progress: Callable[[str], None] | None) -> int:
+    """Pass the complete new progress lines of the log (from byte `offset`) on; returns the new offset."""
+    if progress is None:
+        return offset
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        chunk = handle.read()
+    end = chunk.rfind(b"\n") + 1  # complete lines only
+    for line in chunk[:end].decode("utf-8", "replace").split("\n"):
+        if line.startswith(PROGRESS_PREFIX):
+            progress(line[len(PROGRESS_PREFIX):])
+    return offset + end
 
 
 def parse_results(output_dir: Path, tasks: list[str], local: dict[str, LocalTask]) -> dict[str, TaskScores]:

@@ -38,6 +38,7 @@ def write_local_task(spec, seed_settings, folder: str | Path, *, max_new_tokens:
     """Read a benchmark source and write it as an lmms-eval task into `folder` (replaced)."""
     import datasets
 
+    datasets.disable_progress_bars()  # its bar would land in the step's output
     rows, images = read_items(spec, seed_settings)
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)

@@ -297,7 +297,7 @@ def open_backend(config: LLMConfig, *, models_dir: str | Path, api_key: str | No
     if config.backend == "transformers":
         yield TransformersBackend(model, identity=identity)
         return
-    from omnithought_dagster.llm.vllm_server import VLLMServer
+    from omnithought_dagster.llm.vllm_server import serving
 
     served_name = identity.replace("@", "-")
     needed = 0 if config.gpus is not None or gpu_slots is None else config.tensor_parallel_size * config.data_parallel_size
@@ -305,6 +305,7 @@ def open_backend(config: LLMConfig, *, models_dir: str | Path, api_key: str | No
         devices = stack.enter_context(gpu_slots.lease(needed, holder=f"vllm {served_name}")) if needed else []
         if devices:
             config = config.model_copy(update={"gpus": ",".join(devices)})
-        server = stack.enter_context(VLLMServer.from_config(config, model=model, served_model_name=served_name, log_dir=log_dir, log=log))
+        server = stack.enter_context(serving(config, model=model, served_model_name=served_name, log_dir=log_dir, log=log,
+                                             keep=not devices))
         yield OpenAIBackend(server.base_url, served_name, identity=identity, timeout_s=config.request_timeout_s,
                             max_retries=config.max_retries, max_concurrency=config.max_concurrency)

@@ -11,6 +11,7 @@ ignored and would then never stop.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -21,6 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from omnithought_dagster.config import LLMConfig
@@ -33,6 +35,61 @@ DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NO
 
 class VLLMStartError(RuntimeError):
     """The server exited or did not become ready; the message carries the end of its log."""
+
+
+# Servers kept across steps while a keep_servers() block runs (the demo): key -> running server.
+_kept: dict[tuple, "VLLMServer"] | None = None
+
+
+@contextlib.contextmanager
+def keep_servers() -> Iterator[None]:
+    """Within this block, a server a step asks for is reused by later steps that ask for the same one.
+
+    The demo runs every partition in its own process, one after the other, and the teacher and
+    the judge are one model there: keeping the server up saves a ~30 s start per partition. The
+    block owns the servers and stops them all when it ends; outside such a block (the UI, the
+    daemon, a multiprocess run) every step starts and stops its own.
+    """
+    global _kept
+    if _kept is not None:
+        yield  # already inside one
+        return
+    _kept = {}
+    try:
+        yield
+    finally:
+        stop_kept_servers()
+        _kept = None
+
+
+def stop_kept_servers() -> None:
+    """Stop the servers a keep_servers() block holds (the block goes on; a later ask starts a new one)."""
+    for server in list((_kept or {}).values()):
+        server.log = None  # the step that last used it has ended
+        server.stop()
+    if _kept:
+        _kept.clear()
+
+
+@contextlib.contextmanager
+def serving(config: LLMConfig, *, model: str, served_model_name: str, log_dir=None, log=None, keep: bool = True) -> Iterator["VLLMServer"]:
+    """A started server for this config: its own (stopped on exit), or the kept one inside keep_servers().
+
+    keep=False: never kept (a server on leased GPUs must stop when the lease ends).
+    """
+    if _kept is None or not keep:
+        with VLLMServer.from_config(config, model=model, served_model_name=served_model_name, log_dir=log_dir, log=log) as server:
+            yield server
+        return
+    key = (model, served_model_name, config.model_dump_json())
+    server = _kept.get(key)
+    if server is not None and server.process is not None and server.process.poll() is None:
+        server.log = log
+        server._say(f"vLLM server reused (pid {server.process.pid}, {server.base_url}), kept up by the demo")
+    else:
+        server = VLLMServer.from_config(config, model=model, served_model_name=served_model_name, log_dir=log_dir, log=log).start()
+        _kept[key] = server
+    yield server
 
 
 class VLLMServer:
