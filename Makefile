@@ -136,7 +136,9 @@ test: env
 ui: env
 	$(BIN)/dg dev -h $(HOST) -p $(PORT)
 
+# Every benchmark (each prints JSON). The training one reads the subset `make demo` exports.
 bench: env
+	test -d .omnithought/exports/balanced || $(BIN)/omnithought demo
 	$(BIN)/python bench/seed_ingest.py
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/curation.py

@@ -14,7 +14,9 @@ def main() -> None:
 
     model, requests_path = sys.argv[1], sys.argv[2]
     requests = json.loads(open(requests_path).read())
-    llm = LLM(model=model, enforce_eager=True, max_model_len=2048,
+    # The same engine settings the pipeline's server gets (llm/vllm_server.py): on the CPU build a seeded
+    # request hit by a chunked prefill kills the engine (EngineDeadError), so chunked prefill is off.
+    llm = LLM(model=model, enforce_eager=True, max_model_len=2048, enable_chunked_prefill=False,
               structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
     params = [
         SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"], top_p=r["top_p"], seed=r["seed"],

@@ -91,11 +91,14 @@ def _run_stages(config, instance, defs, graph, store, loggers, force, say) -> li
         partitions_def = job.partitions_def
         check_keys = [key for key in graph.asset_check_keys if key.asset_key in stage.check_assets]
         for partition in stage.partitions(config):
-            fingerprint = stage.fingerprint(config, store, partition)
+            try:
+                fingerprint = stage.fingerprint(config, store, partition)
+            except Exception:  # noqa: BLE001 - e.g. a source that cannot be opened: the step runs and says why
+                fingerprint = None
             checks = _latest_checks(instance, check_keys, partition)
             metadata = _latest_metadata(instance, stage.asset_key, partition)
             store_partition = stage.store_key(partition) if stage.store_key else _store_partition(partitions_def, partition)
-            if (not force and store.has_partition(stage.table, store_partition) and metadata.get("input_fingerprint") == fingerprint
+            if (not force and store.has_partition(stage.table, store_partition) and fingerprint is not None and metadata.get("input_fingerprint") == fingerprint
                     and len(checks) == len(check_keys) and "failed" not in checks.values()):
                 outcomes.append(StageOutcome(stage.name, partition, True, True, stage.counts(store, partition, metadata), checks))
                 say(f"= {stage.name}[{partition}] up to date")

@@ -31,6 +31,33 @@ def demo_project(tmp_path, monkeypatch, vllm_server):
     return config, first.output
 
 
+def test_a_failing_stage_says_so_at_once_with_the_end_of_its_error(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere" / "data.json"
+    config = write_config(tmp_path, [{"name": "files", "kind": "json", "path": str(missing)}])
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    result = runner.invoke(app, ["demo", "--config", str(config)])
+    assert result.exit_code != 0
+    lines = result.output.split("\n")
+    failed = next(i for i, line in enumerate(lines) if line.startswith("x seed_pool[files] FAILED in "))
+    assert lines[failed - 1].startswith("> seed_pool[files] started") or "seed_pool" in lines[failed - 1]
+    assert "nowhere" in "\n".join(lines[failed:failed + 5])  # the error itself, right there
+    assert "cot_traces" not in result.output  # later stages build on it
+
+
+def test_failure_text_keeps_the_first_and_the_last_lines():
+    from omnithought_dagster.demo import StageOutcome, failure_text, outcome_line
+
+    message = "lmms-eval wrote no results JSON; its last lines:\n" + "\n".join(f"line {i}" for i in range(100))
+    text = failure_text(message, lines=5)
+    assert text.split("\n") == ["lmms-eval wrote no results JSON; its last lines:", "... (96 lines)", "line 96", "line 97", "line 98",
+                                 "line 99"]
+    assert failure_text("one\n\ntwo") == "one\ntwo"
+    line = outcome_line(StageOutcome("benchmark_scores", "base|tiny", False, False, {"error": "boom\nlast words"}, seconds=3.25))
+    assert line == "x benchmark_scores[base|tiny] FAILED in 3.2 s:\n    boom\n    last words"
+    ok = outcome_line(StageOutcome("seed_pool", "s", False, True, {"input": 3, "output": 2, "flagged": 1}, {"a": "passed", "b": "warn"}, seconds=1))
+    assert ok == "< seed_pool[s] ran in 1.0 s: 3 in, 2 out, 1 flagged; checks 1/2 passed"
+
+
 def _json(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -43,10 +70,16 @@ def test_demo_runs_everything_then_is_idempotent(demo_project):
     assert "cot_traces" in first and "72 requests sent, 0 from cache" in first  # 18 samples x 4 rollouts
     assert "annotations" in first and "72 judge requests, 0 from cache" in first
     assert "filtered_set" in first and "traces kept" in first
-    assert first.count(" ran") == 8
+    # It talks while it works: each partition's start, and its end with time and rows.
+    lines = first.split("\n")
+    assert sum(line.startswith("> ") for line in lines) == 8 and sum(line.startswith("< ") and " ran in " in line for line in lines) == 8
+    assert "> seed_pool[synthetic] started" in first and "< seed_pool[synthetic] ran in " in first
+    assert "18 in, 18 out, 0 flagged; checks 6/6 passed" in first
+    assert "    ingest_seed_source: synthetic: reading 18 records (synthetic)" in first  # a step's own line
+    assert "STEP_START" not in first and "ASSET_MATERIALIZATION" not in first  # no Dagster event lines
     second = runner.invoke(app, ["demo", "--config", str(config)])
     assert second.exit_code == 0, second.output
-    assert second.output.count("up to date") == 8, second.output  # nothing changed: every partition skipped
+    assert second.output.count("] up to date") == 8, second.output  # nothing changed: every partition skipped
     forced = runner.invoke(app, ["demo", "--config", str(config), "--force"])
     assert forced.exit_code == 0 and "up to date" not in forced.output
 
@@ -58,7 +91,7 @@ def test_demo_reruns_a_partition_whose_input_changed(demo_project, tmp_path):
     result = runner.invoke(app, ["demo", "--config", str(config)])
     assert result.exit_code == 0, result.output
     # synthetic's four stages are skipped; files is re-ingested and its stages follow (only the new sample is sent)
-    assert result.output.count("up to date") == 4
+    assert result.output.count("] up to date") == 4
     assert "4 requests sent, 4 from cache" in result.output and "4 judge requests, 4 from cache" in result.output
 
 

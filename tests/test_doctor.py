@@ -133,27 +133,18 @@ def test_lmms_smoke_check_evaluates_two_items(tmp_path):
     assert summary.startswith("lmms-eval scored 2 items")
 
 
+# An interpreter of another of our environments stands in for a broken install: the error is the tool's own.
 @pytest.mark.slow
-def test_a_broken_lmms_environment_fails_its_smoke_check_with_the_tools_own_error(tmp_path):
-    # An interpreter without lmms-eval stands in for a broken install: the error is Python's own.
-    root = _fake_root(tmp_path, ".venv-lmms", REPO / ".venv" / "bin" / "python")
-    with pytest.raises(doctor.SmokeError, match="No module named '?lmms_eval"):
-        doctor.smoke(doctor.ENVIRONMENTS["lmms"], root, tmp_path / "work", log=lambda line: None)
-
-
-@pytest.mark.slow
-def test_a_broken_vllm_environment_fails_its_smoke_check_with_the_tools_own_error(tmp_path):
-    root = _fake_root(tmp_path, ".venv-vllm", REPO / ".venv" / "bin" / "python")
-    with pytest.raises(doctor.SmokeError, match="No module named 'vllm'"):
-        doctor.smoke(doctor.ENVIRONMENTS["vllm"], root, tmp_path / "work", log=lambda line: None)
-
-
-@pytest.mark.slow
-def test_a_broken_trainer_fails_its_smoke_check_with_the_tools_own_error(tmp_path):
-    # A python that is not an interpreter of the training environment: deepspeed's launcher is missing.
-    root = _fake_root(tmp_path, ".venv", REPO / ".venv-vllm" / "bin" / "python")
-    with pytest.raises(doctor.SmokeError, match="No module named '?deepspeed"):
-        doctor.smoke(doctor.ENVIRONMENTS["dagster"], root, tmp_path / "work", log=lambda line: None)
+@pytest.mark.parametrize(("name", "stand_in", "error"), [
+    ("lmms", ".venv", "No module named '?lmms_eval"),
+    ("vllm", ".venv", "No module named 'vllm'"),
+    ("dagster", ".venv-vllm", "No module named '?deepspeed"),  # the trainer's launcher is missing
+])
+def test_a_broken_environment_fails_its_smoke_check_with_the_tools_own_error(tmp_path, name, stand_in, error):
+    env = doctor.ENVIRONMENTS[name]
+    root = _fake_root(tmp_path, env.venv, REPO / stand_in / "bin" / "python")
+    with pytest.raises(doctor.SmokeError, match=error):
+        doctor.smoke(env, root, tmp_path / "work", log=lambda line: None)
 
 
 @pytest.mark.slow
@@ -173,3 +164,32 @@ def test_make_installs_each_environment_from_its_lock_and_smoke_checks_it():
         assert f"--python {env.venv}/bin/python deploy/env/gpu/{name}.lock" in dry.stdout
         assert f"omnithought doctor --env {name} --profile gpu --smoke" in dry.stdout
     assert "omnithought_torchvision_ops" not in dry.stdout  # the CPU-only hook stays out of GPU environments
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(doctor.ENVIRONMENTS))
+def test_each_gpu_lock_is_a_complete_resolution_for_the_gpu_platform(name, tmp_path):
+    """Re-resolving a GPU lock's own pins for CPython 3.11 on manylinux x86_64 gives back exactly those pins (no GPU needed)."""
+    lock = doctor.ENVIRONMENTS[name].lock(REPO, "gpu")
+    out = tmp_path / "again.txt"
+    done = subprocess.run([str(REPO / ".venv-uv/bin/uv"), "pip", "compile", "--quiet", "--python-version", "3.11", "--python-platform",
+                           "x86_64-manylinux_2_28", str(lock), "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert doctor.read_lock(out) == doctor.read_lock(lock)
+
+
+@pytest.mark.parametrize("profile", doctor.PROFILES)
+def test_the_dagster_lock_satisfies_every_dependency_pyproject_declares(profile):
+    """A dependency added to pyproject.toml without `make lock` fails here, not at the next fresh install."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + (project["optional-dependencies"]["dev"] if profile == "cpu" else [])
+    pins = doctor.read_lock(doctor.ENVIRONMENTS["dagster"].lock(REPO, profile))
+    for line in wanted:
+        requirement = Requirement(line)
+        name = doctor.normalize(requirement.name)
+        assert name in pins, f"{name} is not in the {profile} lock: run `make lock`"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} does not satisfy {requirement}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -152,3 +153,58 @@ def test_every_tiny_family_builds_deterministically_and_generates(family, tmp_pa
     assert (first / "model.safetensors").stat().st_size < 3_000_000
     (done,) = _complete(TransformersBackend(first, identity=family), _request(json_schema=None, max_tokens=8))
     assert done.error is None and done.n_tokens <= 8 and done.n_prompt_tokens > 64
+
+
+FAKE_SERVER = '''#!{python}
+"""Stands in for `python -m vllm.entrypoints.openai.api_server`: lists the served model at /v1/models."""
+import http.server, json, sys
+args = sys.argv
+port, name = int(args[args.index("--port") + 1]), args[args.index("--served-model-name") + 1]
+class Models(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({{"data": [{{"id": name}}]}}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), Models).serve_forever()
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_kept_servers_are_reused_by_later_steps_and_stopped_with_the_block(tmp_path):
+    """Inside keep_servers() (the demo) a second ask for the same server gets the running one; outside, each ask its own."""
+    from omnithought_dagster.config import LLMConfig
+    from omnithought_dagster.llm.vllm_server import keep_servers, serving, stop_kept_servers
+
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_SERVER.format(python=sys.executable))
+    fake.chmod(0o755)
+    config = LLMConfig(python=str(fake), startup_timeout_s=30, extra_args=["--no-enable-chunked-prefill"])
+    kw = {"model": "m", "served_model_name": "tiny", "log_dir": tmp_path}
+    with serving(config, **kw) as own:
+        first = own.process.pid
+    assert not _alive(first)  # a step's own server stops with the step
+    with keep_servers():
+        with serving(config, **kw) as a:
+            pid = a.process.pid
+        assert _alive(pid)  # kept for the next step
+        with serving(config, **kw) as b:
+            assert b.process.pid == pid
+        with serving(config.model_copy(update={"max_model_len": 1024}), **kw) as other:
+            assert other.process.pid != pid  # another configuration is another server
+            other_pid = other.process.pid
+        with serving(config, **kw, keep=False) as leased:  # e.g. on leased GPUs
+            leased_pid = leased.process.pid
+        assert not _alive(leased_pid)
+        stop_kept_servers()
+        assert not _alive(pid) and not _alive(other_pid)
+        with serving(config, **kw) as again:
+            last = again.process.pid
+        assert last != pid and _alive(last)
+    assert not _alive(last)
