@@ -9,7 +9,7 @@ every format and live in `curation.seed`, so each reader only knows its format.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -36,8 +36,11 @@ class QuarantineReason(StrEnum):
     MISSING_IMAGE = "missing_image"  # the image file does not exist
     EMPTY_IMAGE = "empty_image"  # zero-byte image
     CORRUPT_IMAGE = "corrupt_image"  # bytes that do not decode as an image
+    UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format"  # an image in a format a seed pool may not hold (EPS, PDF, SVG, ...)
+    UNREADABLE_IMAGE = "unreadable_image"  # an image path the OS cannot resolve or read (loops, bad names, permissions)
     OVERSIZED_IMAGE = "oversized_image"  # over the configured pixel or byte limit
     DUPLICATE = "duplicate"  # same sample_id as an earlier record (this source or an earlier one)
+    RECORD_ERROR = "record_error"  # anything else that went wrong with this one record: the exception's type and message
 
 
 @dataclass
@@ -102,6 +105,18 @@ class SeedReader(Protocol):
 # -- shared helpers -----------------------------------------------------------------------------
 
 
+def parse_guarded(parse: Callable[[int, Any], "SeedRecord"], index: int, record: Any) -> "SeedRecord":
+    """A reader's parse of one record; whatever it raises becomes that record's record_error, never the partition's."""
+    try:
+        return parse(index, record)
+    except Exception as exc:  # noqa: BLE001 - one record's surprise must not end the source
+        return Rejected(index, None, QuarantineReason.RECORD_ERROR, f"reading the record failed: {error_text(exc)}", excerpt(record))
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
 def excerpt(value: Any) -> str:
     if isinstance(value, bytes):
         text = value.decode("utf-8", errors="replace")
@@ -127,27 +142,58 @@ def get_path(record: dict, dotted: str | None) -> Any:
     return node
 
 
+class NonStandardLiteral:
+    """A NaN / Infinity / -Infinity in JSON (not JSON, but Python's parser accepts it): never a value we keep."""
+
+    def __init__(self, literal: str):
+        self.literal = literal
+
+    def __repr__(self) -> str:
+        return self.literal
+
+
+def loads(text: str) -> Any:
+    """json.loads with NaN / Infinity kept as NonStandardLiteral, so the field holding one is rejected, not read as a number."""
+    return json.loads(text, parse_constant=NonStandardLiteral)
+
+
+# Errors a hostile document raises from the JSON parser: bad syntax, nesting past the recursion limit,
+# numbers too long to convert, memory.
+JSON_ERRORS = (json.JSONDecodeError, RecursionError, ValueError, MemoryError)
+
+
 def iter_json_records(path: Path) -> Iterator[tuple[Any, tuple[QuarantineReason, str] | None]]:
     """(record, problem) for each record of a .json array or a .jsonl file, in order.
 
     Bytes are decoded with surrogateescape, so a record holding invalid UTF-8 still parses and
-    is caught per record (as lone surrogates) instead of failing the whole file. An unparsable
-    JSONL line is one malformed record; an unparsable JSON file is one unreadable_file record.
+    is caught per record (as lone surrogates) instead of failing the whole file; a leading
+    byte-order mark is dropped. JSONL splits on newlines only: U+2028, U+2029 and U+0085 are
+    legal inside JSON strings. An unparsable JSONL line is one malformed record; an unparsable
+    (or unreadable) JSON file is one unreadable_file record.
     """
-    data = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    try:
+        data = read_json_text(path)
+    except OSError as exc:
+        yield str(path), (QuarantineReason.UNREADABLE_FILE, f"{path.name}: cannot read: {exc}")
+        return
     if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(data):
-        for line in data.splitlines():
+        for number, line in enumerate(data.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line), None
+                yield loads(line), None
             except json.JSONDecodeError as exc:
-                yield line, (QuarantineReason.MALFORMED_RECORD, f"{path.name}: invalid JSON: {exc.msg} at column {exc.colno}")
+                yield line, (QuarantineReason.MALFORMED_RECORD, f"{path.name} line {number}: invalid JSON: {exc.msg} at column {exc.colno}")
+            except JSON_ERRORS as exc:
+                yield line, (QuarantineReason.MALFORMED_RECORD, f"{path.name} line {number}: unparsable JSON: {type(exc).__name__}: {exc}")
         return
     try:
-        parsed = json.loads(data)
+        parsed = loads(data)
     except json.JSONDecodeError as exc:
         yield data, (QuarantineReason.UNREADABLE_FILE, f"{path.name}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        return
+    except JSON_ERRORS as exc:
+        yield data, (QuarantineReason.UNREADABLE_FILE, f"{path.name}: unparsable JSON: {type(exc).__name__}: {exc}")
         return
     if isinstance(parsed, list):
         yield from ((record, None) for record in parsed)
@@ -155,13 +201,22 @@ def iter_json_records(path: Path) -> Iterator[tuple[Any, tuple[QuarantineReason,
         yield parsed, None
 
 
-def count_json_records(path: Path) -> int:
+def read_json_text(path: Path) -> str:
+    """A JSON file's text: invalid UTF-8 kept as lone surrogates (caught per record), a byte-order mark dropped."""
     data = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(data):
-        return sum(1 for line in data.splitlines() if line.strip())
+    return data[1:] if data.startswith("\ufeff") else data
+
+
+def count_json_records(path: Path) -> int:
     try:
-        parsed = json.loads(data)
-    except json.JSONDecodeError:
+        data = read_json_text(path)
+    except OSError:
+        return 1  # one unreadable_file record
+    if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(data):
+        return sum(1 for line in data.split("\n") if line.strip())
+    try:
+        parsed = loads(data)
+    except JSON_ERRORS:
         return 1  # the whole file is one unreadable_file record
     return len(parsed) if isinstance(parsed, list) else 1
 
@@ -171,7 +226,7 @@ def _looks_like_jsonl(data: str) -> bool:
     if head != "{":
         return False
     # A JSON file holding a single object spans the file; JSONL has one object per line.
-    lines = [line for line in data.splitlines() if line.strip()]
+    lines = [line for line in data.split("\n") if line.strip()]
     return len(lines) > 1 and lines[0].rstrip().endswith("}")
 
 

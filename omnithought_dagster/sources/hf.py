@@ -28,6 +28,7 @@ from omnithought_dagster.sources.base import (
     expand_paths,
     files_fingerprint,
     get_path,
+    parse_guarded,
 )
 from omnithought_dagster.sources.jsonfile import candidate_from_mapping
 
@@ -53,7 +54,7 @@ class HFReader:
                 except UnicodeDecodeError:
                     rows = [_row_or_error(batch, i) for i in range(batch.num_rows)]
                 for row in rows:
-                    yield self._parse(index, row)
+                    yield parse_guarded(self._parse, index, row)
                     index += 1
 
     def count(self) -> int:

@@ -34,6 +34,7 @@ from omnithought_dagster.sources.base import (
     expand_paths,
     files_fingerprint,
     get_path,
+    parse_guarded,
     iter_json_records,
 )
 
@@ -57,7 +58,7 @@ class _JsonReaderBase:
                 elif not isinstance(record, dict):
                     yield Rejected(index, None, QuarantineReason.NOT_AN_OBJECT, f"record is a {type(record).__name__}, not an object", excerpt(record))
                 else:
-                    yield self.parse(index, record)
+                    yield parse_guarded(self.parse, index, record)
                 index += 1
 
     def count(self) -> int:

@@ -1,0 +1,188 @@
+"""Hostile seed inputs: no record breaks its partition, each gets the reason of its class, and the rows add up.
+
+Every case runs a real file through the JSON reader and `ingest_source` beside good records, and
+checks that the good ones are kept, the bad one is quarantined with the expected reason, and
+read = kept + quarantined.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import png_bytes, write_image
+from omnithought_dagster.config import JsonSourceConfig, SeedSettings
+from omnithought_dagster.curation.seed import ingest_source
+from omnithought_dagster.sources import make_reader
+from omnithought_dagster.sources.jsonfile import FlatJsonReader
+
+
+def _ingest(tmp_path, filename: str, data: bytes, **fields):
+    (tmp_path / filename).write_bytes(data)
+    config = JsonSourceConfig(name="src", kind="json", path=str(tmp_path / filename), image_root=str(tmp_path), fields=fields or {})
+    reader = make_reader(config)
+    result = ingest_source("src", reader.records(), SeedSettings(near_duplicate_max_distance=-1), image_root=reader.image_root,
+                           put_image=lambda image_id, data: True)
+    assert result.rows_read == result.rows_kept + result.rows_quarantined
+    return result
+
+
+def _good(i: int, **extra) -> dict:
+    return {"id": f"g{i}", "question": f"How many blocks are in picture {i}?", "answer": str(i), "image": f"g{i}.png", **extra}
+
+
+def _jsonl(records: list) -> bytes:
+    return "\n".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records).encode()
+
+
+@pytest.fixture
+def images(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / f"g{i}.png", i)
+    return tmp_path
+
+
+def _reasons(result) -> dict[str, str]:
+    return {row["native_id"] or str(row["record_index"]): row["reason"] for row in result.quarantine.to_pylist()}
+
+
+def test_unicode_line_separators_inside_strings_do_not_split_records(images):
+    records = [_good(0, question="First line\u2028second line\u2029third\x85 end?"), _good(1)]
+    result = _ingest(images, "s.jsonl", _jsonl(records))
+    assert result.rows_kept == 2 and result.rows_quarantined == 0
+    assert "\u2028" in result.kept.column("question")[0].as_py()
+
+
+@pytest.mark.parametrize("filename", ["s.jsonl", "s.json"])
+def test_a_byte_order_mark_loses_no_record(images, filename):
+    records = [_good(0), _good(1)]
+    body = _jsonl(records) if filename.endswith("l") else json.dumps(records).encode()
+    result = _ingest(images, filename, "\ufeff".encode() + body)
+    assert result.rows_kept == 2 and result.rows_quarantined == 0
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_standard_json_literals_are_not_answers(images, literal):
+    line = json.dumps(_good(0)).replace('"answer": "0"', f'"answer": {literal}')
+    result = _ingest(images, "s.jsonl", _jsonl([line, _good(1)]))
+    assert result.rows_kept == 1 and _reasons(result) == {"g0": "malformed_record"}
+    assert literal in result.quarantine.column("detail")[0].as_py()
+
+
+def test_nesting_past_the_recursion_limit_is_one_bad_line_not_a_crash(images):
+    deep = "[" * 100_000 + "]" * 100_000
+    result = _ingest(images, "s.jsonl", _jsonl([_good(0), deep, _good(1)]))
+    assert result.rows_kept == 2 and list(_reasons(result).values()) == ["malformed_record"]
+    assert "RecursionError" in result.quarantine.column("detail")[0].as_py()
+
+
+def test_a_json_file_nested_past_the_recursion_limit_is_one_unreadable_file(images):
+    result = _ingest(images, "s.json", b'[{"a": ' * 50_000 + b"1" + b"}]" * 50_000)
+    assert result.rows_kept == 0 and list(_reasons(result).values()) == ["unreadable_file"]
+
+
+def test_a_value_too_big_for_its_column_is_that_records_quarantine(images):
+    result = _ingest(images, "s.jsonl", _jsonl([_good(0, difficulty=2**70), _good(1), _good(2, difficulty=3)]))
+    assert result.rows_kept == 2 and _reasons(result) == {"g0": "malformed_record"}
+    assert "does not fit its column" in result.quarantine.column("detail")[0].as_py()
+
+
+@pytest.mark.parametrize(("path", "make"), [
+    ("bad\x00name.png", None),
+    ("loop.png", "loop"),
+    ("x" * 300 + ".png", None),
+])
+def test_image_paths_the_os_cannot_resolve_are_unreadable_images(images, path, make):
+    if make == "loop":
+        os.symlink(images / "loop.png", images / "loop.png")
+    result = _ingest(images, "s.jsonl", _jsonl([_good(0), {**_good(1), "image": path}]))
+    assert result.rows_kept == 1 and _reasons(result) == {"g1": "unreadable_image"}
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", "unsupported_image_format"),
+    (b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n", "unsupported_image_format"),
+    (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "unsupported_image_format"),
+    (b"hello, I am not an image", "unsupported_image_format"),
+    (png_bytes(5)[:60], "corrupt_image"),  # a PNG cut short
+    (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "corrupt_image"),  # a JPEG header and nothing
+])
+def test_only_seed_raster_formats_are_opened(images, data, reason):
+    (images / "odd.img").write_bytes(data)
+    result = _ingest(images, "s.jsonl", _jsonl([_good(0), {**_good(1), "image": "odd.img"}]))
+    assert result.rows_kept == 1 and _reasons(result) == {"g1": reason}
+
+
+def test_the_eps_plugin_is_never_asked(images, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("EPS plugin asked to open seed bytes")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", refuse)
+    (images / "x.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+    result = _ingest(images, "s.jsonl", _jsonl([{**_good(0), "image": "x.eps"}]))
+    assert _reasons(result) == {"g0": "unsupported_image_format"}
+
+
+def test_exif_orientation_is_applied_before_size_and_hash(images):
+    picture = Image.new("RGB", (40, 20), "white")
+    picture.paste((0, 0, 0), (0, 0, 10, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 on display
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", exif=exif)
+    (images / "rot.jpg").write_bytes(buffer.getvalue())
+    upright = io.BytesIO()
+    picture.rotate(-90, expand=True).save(upright, "JPEG")
+    (images / "upright.jpg").write_bytes(upright.getvalue())
+    records = [{**_good(0), "image": "rot.jpg"}, {**_good(1), "image": "upright.jpg"}]
+    result = _ingest(images, "s.jsonl", _jsonl(records))
+    rows = {r["width"]: r for r in result.images.to_pylist()}
+    assert [(r["width"], r["height"]) for r in result.images.to_pylist()] == [(20, 40), (20, 40)]
+    rotated, plain = result.images.to_pylist()
+    distance = bin(int(rotated["phash"], 16) ^ int(plain["phash"], 16)).count("1")
+    assert distance <= 8 and rows  # the same picture as a person sees it
+
+
+def test_an_unexpected_error_reading_one_record_is_its_record_error(images, monkeypatch):
+    original = FlatJsonReader.parse
+
+    def parse(self, index, record):
+        if record.get("id") == "g1":
+            raise KeyError("value")
+        return original(self, index, record)
+
+    monkeypatch.setattr(FlatJsonReader, "parse", parse)
+    result = _ingest(images, "s.jsonl", _jsonl([_good(0), _good(1), _good(2)]))
+    assert result.rows_kept == 2
+    (row,) = result.quarantine.to_pylist()
+    assert row["reason"] == "record_error" and row["record_index"] == 1 and "KeyError: 'value'" in row["detail"]
+
+
+def test_an_unreadable_data_file_is_one_record_and_the_other_files_are_read(images, monkeypatch):
+    (images / "data").mkdir()
+    (images / "data" / "a.jsonl").write_bytes(_jsonl([_good(0)]))
+    bad = images / "data" / "b.jsonl"
+    bad.write_bytes(_jsonl([_good(1)]))
+    read_bytes = Path.read_bytes
+
+    def refuse(self):  # root reads any file: the OS's refusal is simulated
+        if self == bad:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    config = JsonSourceConfig(name="src", kind="json", path=str(images / "data"), image_root=str(images))
+    reader = make_reader(config)
+    result = ingest_source("src", reader.records(), SeedSettings(near_duplicate_max_distance=-1), image_root=reader.image_root,
+                           put_image=lambda image_id, data: True)
+    assert result.rows_read == result.rows_kept + result.rows_quarantined == reader.count() == 2
+    assert result.rows_kept == 1
+    (row,) = result.quarantine.to_pylist()
+    assert row["reason"] == "unreadable_file" and "Permission denied" in row["detail"]
