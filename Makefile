@@ -95,16 +95,24 @@ $(LMMS_STAMP): $(LOCKS)/lmms.lock pyproject.toml deploy/env/cpu/omnithought_torc
 	touch $@
 
 # Re-resolve every profile's locks from their inputs (deploy/env/<profile>/*.in, pyproject.toml);
-# then review the diff and commit it. The only way versions move.
+# then review the diff and commit it. The only way versions move. uv keeps the pins a lock already
+# has unless an input asks otherwise (`make lock UPGRADE=--upgrade` moves everything to the newest).
+# A lock is rewritten only when it changed, so unchanged environments are not re-synced.
+UPGRADE ?=
+define relock
+$(if $(wildcard $(1)),cp $(1) $(1).new;) $(2) -o $(1).new || { rm -f $(1).new; exit 1; }; \
+  if cmp -s $(1).new $(1); then rm -f $(1).new; else mv $(1).new $(1); fi
+endef
+
 lock: | $(UV)
-	$(UV) pip compile --quiet --generate-hashes --custom-compile-command "make lock" deploy/env/uv.in -o deploy/env/uv.txt
-	$(UV_COMPILE) pyproject.toml deploy/env/cpu/dagster.in --extra dev -o deploy/env/cpu/dagster.lock
-	$(UV_COMPILE) deploy/env/cpu/vllm.in --no-emit-package torchaudio --no-emit-package torchcodec --no-emit-package triton \
-	  -o deploy/env/cpu/vllm.lock
-	$(UV_COMPILE) deploy/env/cpu/lmms.in -o deploy/env/cpu/lmms.lock
-	$(UV_COMPILE) pyproject.toml deploy/env/gpu/dagster.in -o deploy/env/gpu/dagster.lock
-	$(UV_COMPILE) deploy/env/gpu/vllm.in -o deploy/env/gpu/vllm.lock
-	$(UV_COMPILE) deploy/env/gpu/lmms.in -o deploy/env/gpu/lmms.lock
+	$(call relock,deploy/env/uv.txt,$(UV) pip compile --quiet --generate-hashes --custom-compile-command "make lock" $(UPGRADE) deploy/env/uv.in)
+	$(call relock,deploy/env/cpu/dagster.lock,$(UV_COMPILE) $(UPGRADE) pyproject.toml deploy/env/cpu/dagster.in --extra dev)
+	$(call relock,deploy/env/cpu/vllm.lock,$(UV_COMPILE) $(UPGRADE) deploy/env/cpu/vllm.in \
+	  --no-emit-package torchaudio --no-emit-package torchcodec --no-emit-package triton)
+	$(call relock,deploy/env/cpu/lmms.lock,$(UV_COMPILE) $(UPGRADE) deploy/env/cpu/lmms.in)
+	$(call relock,deploy/env/gpu/dagster.lock,$(UV_COMPILE) $(UPGRADE) pyproject.toml deploy/env/gpu/dagster.in)
+	$(call relock,deploy/env/gpu/vllm.lock,$(UV_COMPILE) $(UPGRADE) deploy/env/gpu/vllm.in)
+	$(call relock,deploy/env/gpu/lmms.lock,$(UV_COMPILE) $(UPGRADE) deploy/env/gpu/lmms.in)
 
 # What is installed against the locks: every drifted package named (exit 1 on drift).
 doctor: | $(STAMP)

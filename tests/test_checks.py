@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -147,3 +149,24 @@ def test_gx_helper_reports_each_expectation():
     assert "zz" in result.description
     with pytest.raises(ValueError, match="no expectation 'expect_magic'"):
         validate_frame(frame, [Expect("expect_magic")])
+
+
+def test_row_accounting_catches_a_reader_that_splits_a_record(project, instance, tmp_path, monkeypatch):
+    """The reader's own count cannot vouch for the reader: a line split on U+2028 (the old bug) is caught."""
+    from omnithought_dagster.sources import base
+
+    write_image(tmp_path / "imgs/a.png", 1)
+    lines = [json.dumps({"id": "r1", "question": "Two\u2028lines?", "answer": "1", "image": "a.png"}, ensure_ascii=False),
+             json.dumps({"id": "r2", "question": "One?", "answer": "2", "image": "a.png"})]
+    (tmp_path / "f.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    files = {"name": "files", "kind": "json", "path": str(tmp_path / "f.jsonl"), "image_root": str(tmp_path / "imgs")}
+    config = project([files])
+    real_read = base.read_json_text
+    monkeypatch.setattr(base, "read_json_text", lambda path: real_read(path).replace("\u2028", "\n"))  # what splitlines() did
+    assert not materialize_source(config, instance, "files").success  # the blocking check stops the run
+    checks = run_checks(config, instance, "files")
+    assert "row_accounting" in _failed(checks)
+    assert checks["row_accounting"].metadata["read"].value == 2  # counted on the bytes
+    monkeypatch.undo()
+    assert materialize_source(config, instance, "files").success
+    assert "row_accounting" not in _failed(run_checks(config, instance, "files"))

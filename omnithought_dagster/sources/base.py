@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 RAW_EXCERPT_CHARS = 500
+JSON_WHITESPACE = " \t\r\n"  # what JSON itself counts as whitespace (str.strip() would take U+3000, U+2028, ...)
 
 
 class QuarantineReason(StrEnum):
@@ -178,8 +179,8 @@ def iter_json_records(path: Path) -> Iterator[tuple[Any, tuple[QuarantineReason,
         return
     if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(data):
         for number, line in enumerate(data.split("\n"), start=1):
-            if not line.strip():
-                continue
+            if not line.strip(JSON_WHITESPACE):
+                continue  # only JSON's own whitespace: a line of U+3000 is a bad record, not nothing
             try:
                 yield loads(line), None
             except json.JSONDecodeError as exc:
@@ -213,7 +214,7 @@ def count_json_records(path: Path) -> int:
     except OSError:
         return 1  # one unreadable_file record
     if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(data):
-        return sum(1 for line in data.split("\n") if line.strip())
+        return sum(1 for line in data.split("\n") if line.strip(JSON_WHITESPACE))
     try:
         parsed = loads(data)
     except JSON_ERRORS:
@@ -222,12 +223,12 @@ def count_json_records(path: Path) -> int:
 
 
 def _looks_like_jsonl(data: str) -> bool:
-    head = data.lstrip()[:1]
+    head = data.lstrip(JSON_WHITESPACE)[:1]
     if head != "{":
         return False
     # A JSON file holding a single object spans the file; JSONL has one object per line.
-    lines = [line for line in data.split("\n") if line.strip()]
-    return len(lines) > 1 and lines[0].rstrip().endswith("}")
+    lines = [line for line in data.split("\n") if line.strip(JSON_WHITESPACE)]
+    return len(lines) > 1 and lines[0].rstrip(JSON_WHITESPACE).endswith("}")
 
 
 def files_fingerprint(paths: list[Path]) -> list[tuple[str, int, int]]:

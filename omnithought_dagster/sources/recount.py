@@ -1,0 +1,101 @@
+"""How many raw records a source holds, counted by a route that shares no parsing code with the readers.
+
+`row_accounting` compares this count with kept + quarantined rows. A reader that splits a record
+in two, merges two, or skips one (a line separator taken for a line break, a byte-order mark
+swallowing the first record) cannot hide behind a count it made itself:
+- JSONL: non-blank lines, found on the raw bytes (blank = only JSON whitespace);
+- JSON: the elements of the top-level array (or 1 for a single value), found by a byte-level
+  scanner of strings and brackets - not the json module; a file whose brackets or strings do not
+  balance is one record (the reader's unreadable_file);
+- Parquet: the row count in the files' footers; Arrow (datasets.save_to_disk): the record batches'
+  lengths as the IPC stream states them;
+- synthetic: the configured number of samples.
+The files themselves are the reader's list (which files belong to a source is not parsing).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+BOM = b"\xef\xbb\xbf"
+JSON_WHITESPACE = b" \t\r\n"
+# A JSON string (escapes included), a structural character, or a run of anything else (numbers, literals, junk).
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},:]|[^\s\[\]{},:"]+', re.DOTALL)
+
+
+def raw_record_count(config, reader) -> int:
+    """Records in the source of `config`, whose files `reader` lists."""
+    if config.kind == "synthetic":
+        return config.n_samples
+    if config.kind in ("json", "sharegpt"):
+        return sum(json_file_records(path) for path in reader.files)
+    if config.kind == "hf":
+        return sum(table_file_rows(path) for path in reader.files)
+    raise ValueError(f"no independent count for source kind {config.kind!r}")
+
+
+def json_file_records(path: Path) -> int:
+    """Records of one .json / .jsonl file, from its bytes."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return 1  # the reader's unreadable_file record
+    if data.startswith(BOM):
+        data = data[len(BOM):]
+    lines = [line for line in data.split(b"\n") if line.strip(JSON_WHITESPACE)]
+    if path.suffix.lower() == ".jsonl":
+        return len(lines)
+    start = data.lstrip(JSON_WHITESPACE)[:1]
+    if start == b"{" and len(lines) > 1 and lines[0].rstrip(JSON_WHITESPACE).endswith(b"}"):
+        return len(lines)  # one object per line, in a file named .json
+    return _top_level_elements(data)
+
+
+def _top_level_elements(data: bytes) -> int:
+    """Elements of the top-level array; 1 for any other single value or for bytes that do not balance."""
+    depth, count, expecting, balanced = 0, 0, False, True
+    array = data.lstrip(JSON_WHITESPACE)[:1] == b"["
+    position = 0
+    for match in _TOKEN.finditer(data):
+        token = match.group()
+        if data[position:match.start()].strip(JSON_WHITESPACE):
+            balanced = False  # bytes no token covers: an unterminated string
+            break
+        position = match.end()
+        if token in (b"[", b"{"):
+            if depth == 1 and expecting:
+                count, expecting = count + 1, False
+            depth += 1
+            if depth == 1:
+                expecting = True
+        elif token in (b"]", b"}"):
+            depth -= 1
+            if depth < 0:
+                balanced = False
+                break
+        elif token == b",":
+            if depth == 1:
+                expecting = True
+        elif token != b":" and depth == 1 and expecting:
+            count, expecting = count + 1, False
+    if data[position:].strip(JSON_WHITESPACE):
+        balanced = False
+    if not array or not balanced or depth != 0:
+        return 1
+    return count
+
+
+def table_file_rows(path: Path) -> int:
+    """Rows of a Parquet file (its footer) or an Arrow IPC stream/file (its batches' lengths)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".arrow":
+        with pa.memory_map(str(path)) as source:
+            try:
+                reader = pa.ipc.open_stream(source)
+            except pa.ArrowInvalid:
+                return pa.ipc.open_file(source).read_all().num_rows
+            return sum(batch.num_rows for batch in reader)
+    return pq.ParquetFile(path).metadata.num_rows

@@ -1,0 +1,49 @@
+"""The independent record count behind row_accounting agrees with the readers on well-formed and hostile files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from omnithought_dagster.sources.base import count_json_records, iter_json_records
+from omnithought_dagster.sources.recount import json_file_records
+
+
+@pytest.mark.parametrize(("name", "data", "expected"), [
+    ("a.json", b'[{"a": 1}, {"b": "x,]}"}, 3, "s", null, [1, [2]]]', 6),
+    ("a.json", b"[]", 0),
+    ("a.json", b'\xef\xbb\xbf[{"a": 1}, {"a": 2}]', 2),
+    ("a.json", b'{"a": [1, 2, 3]}', 1),
+    ("a.json", b'[{"a": 1}, {"a": 2}', 1),  # truncated: one unreadable file
+    ("a.json", b'[{"a": "unterminated}]', 1),
+    ("a.json", b'{"a": 1}\n{"a": 2}\n{"a": 3}\n', 3),  # JSONL in a .json file
+    ("a.jsonl", b'{"a": 1}\n\n  \n{"a": "x\xe2\x80\xa8y"}\n{"broken\n', 3),  # U+2028 is no line break; a bad line is a record
+    ("a.jsonl", '{"a": 1}\n\u3000\n'.encode(), 2),  # a line of ideographic space is a (bad) record, not a blank
+    ("a.jsonl", b'\xef\xbb\xbf{"a": 1}\r\n{"a": 2}\r\n', 2),
+    ("a.json", b'[' * 5000 + b']' * 5000, 1),
+])
+def test_raw_count_and_the_readers_agree(tmp_path, name, data, expected):
+    path = tmp_path / name
+    path.write_bytes(data)
+    assert json_file_records(path) == expected
+    assert count_json_records(path) == expected == sum(1 for _ in iter_json_records(path))
+
+
+_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(), lambda inner: st.lists(inner, max_size=3) |
+                       st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=10)
+
+
+@settings(max_examples=150, deadline=None)
+@given(records=st.lists(st.dictionaries(st.text(max_size=8), _values, max_size=4), max_size=8), jsonl=st.booleans(),
+       ascii_only=st.booleans())
+def test_generated_files_are_counted_alike_by_both_routes(tmp_path_factory, records, jsonl, ascii_only):
+    path = tmp_path_factory.mktemp("gen") / ("g.jsonl" if jsonl else "g.json")
+    if jsonl:
+        text = "\n".join(json.dumps(r, ensure_ascii=ascii_only) for r in records)
+    else:
+        text = json.dumps(records, ensure_ascii=ascii_only, indent=1 if ascii_only else None)
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    parsed = list(iter_json_records(path))
+    assert json_file_records(path) == len(parsed) == len(records)
