@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import png_bytes, write_image
 from omnithought_dagster.config import JsonSourceConfig, SeedSettings
 from omnithought_dagster.curation.seed import ingest_source
-from omnithought_dagster.sources import make_reader
+from omnithought_dagster.sources import QuarantineReason, make_reader
 from omnithought_dagster.sources.jsonfile import FlatJsonReader
 
 
@@ -81,9 +81,11 @@ def test_nesting_past_the_recursion_limit_is_one_bad_line_not_a_crash(images):
     assert "RecursionError" in result.quarantine.column("detail")[0].as_py()
 
 
-def test_a_json_file_nested_past_the_recursion_limit_is_one_unreadable_file(images):
-    result = _ingest(images, "s.json", b'[{"a": ' * 50_000 + b"1" + b"}]" * 50_000)
-    assert result.rows_kept == 0 and list(_reasons(result).values()) == ["unreadable_file"]
+def test_a_json_array_element_nested_past_the_recursion_limit_is_one_malformed_record(images):
+    body = b'{"a": [' * 50_000 + b"1" + b"]}" * 50_000
+    result = _ingest(images, "s.json", b"[" + json.dumps(_good(0)).encode() + b", " + body + b", " + json.dumps(_good(1)).encode() + b"]")
+    assert result.rows_kept == 2 and list(_reasons(result).values()) == ["malformed_record"]
+    assert "RecursionError" in result.quarantine.column("detail")[0].as_py()
 
 
 def test_a_value_too_big_for_its_column_is_that_records_quarantine(images):
@@ -186,3 +188,47 @@ def test_an_unreadable_data_file_is_one_record_and_the_other_files_are_read(imag
     assert result.rows_kept == 1
     (row,) = result.quarantine.to_pylist()
     assert row["reason"] == "unreadable_file" and "Permission denied" in row["detail"]
+
+
+# -- generated inputs: whatever the record holds, ingestion neither crashes nor miscounts ---------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_scalars = (st.none() | st.booleans() | st.integers(min_value=-2**80, max_value=2**80) | st.floats(allow_nan=True, allow_infinity=True)
+            | st.text() | st.binary(max_size=16))
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                       max_leaves=6)
+_images = st.one_of(st.sampled_from([png_bytes(1), png_bytes(2)[:50], b"", b"%!PS-Adobe", b"GIF89a"]), st.binary(max_size=64))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(records=st.lists(st.fixed_dictionaries({}, optional={"id": _values, "question": _values, "answer": _values, "choices": _values,
+                                                            "answer_type": _values, "tags": _values, "difficulty": _values,
+                                                            "image": _values | st.just("g0.png")}), max_size=6),
+       picture=_images)
+def test_generated_records_never_crash_ingestion_and_always_add_up(images, records, picture):
+    (images / "gen.img").write_bytes(picture)
+    lines = []
+    for i, record in enumerate(records):
+        record = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in record.items()}
+        if i % 2:
+            record.setdefault("image", "gen.img")
+        lines.append(json.dumps(record, default=repr))  # NaN / Infinity literals included
+    result = _ingest(images, "gen.jsonl", "\n".join(lines).encode())
+    assert result.rows_read == len(records) == result.rows_kept + result.rows_quarantined
+    assert set(result.quarantine.column("reason").to_pylist()) <= {r.value for r in QuarantineReason}
+
+
+_json_ish = st.lists(st.sampled_from([b"{", b"}", b"[", b"]", b",", b":", b'"', b"\\", b"\n", b"\r", b" ", b"\xef\xbb\xbf", b"\xe2\x80\xa8",
+                                      b"\xff", b"a", b"1", b"NaN", b'"id"', b'"question": "q"', b"\x00", b"\xe3\x80\x80"]),
+                     max_size=40).map(b"".join)
+
+
+@settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(_json_ish, st.binary(max_size=80)), suffix=st.sampled_from([".json", ".jsonl"]))
+def test_arbitrary_bytes_never_crash_the_reader_and_match_the_independent_count(images, data, suffix):
+    from omnithought_dagster.sources.recount import json_file_records
+
+    path = images / f"any{suffix}"
+    result = _ingest(images, path.name, data)
+    assert result.rows_read == result.rows_kept + result.rows_quarantined == json_file_records(path)

@@ -47,3 +47,18 @@ def test_generated_files_are_counted_alike_by_both_routes(tmp_path_factory, reco
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     parsed = list(iter_json_records(path))
     assert json_file_records(path) == len(parsed) == len(records)
+
+
+@pytest.mark.parametrize(("data", "reasons"), [
+    ('[{"a": 1},, {"a": 2}]', [None, None]),  # an empty slot holds no record
+    ('[{"a": 1}, {"a": }, {"a": 2}]', [None, "malformed_record", None]),
+    ('[1, 2 3, 4]', [None, "malformed_record", None]),
+    ('[{"a": 1}, {"a": 2}', ["unreadable_file"]),  # truncated: nothing can be trusted
+    ('["x\\", 1]', ["unreadable_file"]),  # a string that never closes
+])
+def test_one_bad_element_of_a_json_array_loses_only_itself(tmp_path, data, reasons):
+    path = tmp_path / "a.json"
+    path.write_text(data)
+    got = [problem[0].value if problem else None for _, problem in iter_json_records(path)]
+    assert got == reasons
+    assert json_file_records(path) == count_json_records(path) == len(reasons)

@@ -9,6 +9,7 @@ every format and live in `curation.seed`, so each reader only knows its format.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -190,16 +191,78 @@ def iter_json_records(path: Path) -> Iterator[tuple[Any, tuple[QuarantineReason,
         return
     try:
         parsed = loads(data)
-    except json.JSONDecodeError as exc:
-        yield data, (QuarantineReason.UNREADABLE_FILE, f"{path.name}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
-        return
     except JSON_ERRORS as exc:
-        yield data, (QuarantineReason.UNREADABLE_FILE, f"{path.name}: unparsable JSON: {type(exc).__name__}: {exc}")
+        # One bad element must not take the file's other records with it: parse the array element by element.
+        elements = _array_elements(data, path.name)
+        if elements is not None:
+            yield from elements
+            return
+        where = f"{exc.msg} at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {exc}"
+        yield data, (QuarantineReason.UNREADABLE_FILE, f"{path.name}: unparsable JSON: {where}")
         return
     if isinstance(parsed, list):
         yield from ((record, None) for record in parsed)
     else:
         yield parsed, None
+
+
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.DOTALL)
+
+
+def _array_elements(data: str, name: str) -> list[tuple[Any, tuple[QuarantineReason, str] | None]] | None:
+    """The elements of a top-level JSON array that does not parse as a whole: each good one parsed, each bad one a
+    malformed record. None when the file is not such an array, or its brackets and strings do not close (truncated)."""
+    decoder = json.JSONDecoder(parse_constant=NonStandardLiteral)
+    position = len(data) - len(data.lstrip(JSON_WHITESPACE))
+    if data[position:position + 1] != "[":
+        return None
+    position += 1
+    out: list = []
+    while True:
+        position = _skip_whitespace(data, position)
+        if position >= len(data):
+            return None  # no closing bracket
+        if data[position] == "]":
+            return out if not data[position + 1:].strip(JSON_WHITESPACE) else None
+        if data[position] == ",":
+            position += 1  # an empty slot holds no record
+            continue
+        try:
+            value, end = decoder.raw_decode(data, position)
+            if data[_skip_whitespace(data, end):][:1] not in (",", "]"):
+                raise ValueError("junk after the value")
+            out.append((value, None))
+        except JSON_ERRORS as exc:
+            end = _element_end(data, position)
+            if end is None:
+                return None
+            out.append((data[position:end], (QuarantineReason.MALFORMED_RECORD, f"{name} element {len(out)}: invalid JSON: {type(exc).__name__}: {exc}")))
+        position = end
+
+
+def _skip_whitespace(data: str, position: int) -> int:
+    while position < len(data) and data[position] in JSON_WHITESPACE:
+        position += 1
+    return position
+
+
+def _element_end(data: str, start: int) -> int | None:
+    """Where the array element starting at `start` ends (the next ',' or ']' outside strings and brackets)."""
+    depth, last = 0, start
+    for match in _STRING_OR_BRACKET.finditer(data, start):
+        if '"' in data[last:match.start()]:
+            return None  # a string that never closes
+        last = match.end()
+        token = match.group()
+        if token in "[{":
+            depth += 1
+        elif token in "]}":
+            if depth == 0:
+                return match.start() if token == "]" else None
+            depth -= 1
+        elif token == "," and depth == 0:
+            return match.start()
+    return None
 
 
 def read_json_text(path: Path) -> str:
@@ -218,7 +281,8 @@ def count_json_records(path: Path) -> int:
     try:
         parsed = loads(data)
     except JSON_ERRORS:
-        return 1  # the whole file is one unreadable_file record
+        elements = _array_elements(data, path.name)
+        return 1 if elements is None else len(elements)  # one unreadable_file record, or the array's elements
     return len(parsed) if isinstance(parsed, list) else 1
 
 

@@ -54,9 +54,9 @@ def json_file_records(path: Path) -> int:
 
 def _top_level_elements(data: bytes) -> int:
     """Elements of the top-level array; 1 for any other single value or for bytes that do not balance."""
-    depth, count, expecting, balanced = 0, 0, False, True
+    opened: list[bytes] = []  # the brackets open now, innermost last
+    count, expecting, balanced, position = 0, False, True, 0
     array = data.lstrip(JSON_WHITESPACE)[:1] == b"["
-    position = 0
     for match in _TOKEN.finditer(data):
         token = match.group()
         if data[position:match.start()].strip(JSON_WHITESPACE):
@@ -64,26 +64,26 @@ def _top_level_elements(data: bytes) -> int:
             break
         position = match.end()
         if token in (b"[", b"{"):
-            if depth == 1 and expecting:
+            if len(opened) == 1 and expecting:
                 count, expecting = count + 1, False
-            depth += 1
-            if depth == 1:
-                expecting = True
+            opened.append(token)
+            expecting = len(opened) == 1
         elif token in (b"]", b"}"):
-            depth -= 1
-            if depth < 0:
+            if not opened or _CLOSES[token] != opened.pop():
                 balanced = False
                 break
         elif token == b",":
-            if depth == 1:
-                expecting = True
-        elif token != b":" and depth == 1 and expecting:
+            expecting = expecting or len(opened) == 1
+        elif token != b":" and len(opened) == 1 and expecting:
             count, expecting = count + 1, False
     if data[position:].strip(JSON_WHITESPACE):
         balanced = False
-    if not array or not balanced or depth != 0:
+    if not array or not balanced or opened:
         return 1
     return count
+
+
+_CLOSES = {b"]": b"[", b"}": b"{"}
 
 
 def table_file_rows(path: Path) -> int:
