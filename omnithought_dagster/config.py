@@ -112,7 +112,20 @@ class SyntheticSourceConfig(_SourceBase):
         return value
 
 
-class JsonSourceConfig(_SourceBase):
+class _FileSourceBase(_SourceBase):
+    """Sources read from files, whose records name image files."""
+
+    allowed_image_roots: list[str] = Field(default_factory=list, description=(
+        "folders besides image_root that image paths may point into (absolute paths, e.g. those "
+        "`datasets` writes into Parquet); any other path outside image_root is path_escape"))
+
+    @field_validator("allowed_image_roots")
+    @classmethod
+    def _resolve_roots(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return [_resolve_path(root, info) for root in value]
+
+
+class JsonSourceConfig(_FileSourceBase):
     """JSON (an array of records) or JSONL; `flat` question/answer/image records or LLaVA conversations."""
 
     kind: Literal["json"]
@@ -124,7 +137,7 @@ class JsonSourceConfig(_SourceBase):
     _resolve = field_validator("path", "image_root")(_resolve_path)
 
 
-class HFSourceConfig(_SourceBase):
+class HFSourceConfig(_FileSourceBase):
     """Parquet files / HF `datasets.save_to_disk` folders; the image column is the HF Image struct."""
 
     kind: Literal["hf"]
@@ -136,7 +149,7 @@ class HFSourceConfig(_SourceBase):
     _resolve = field_validator("path", "image_root")(_resolve_path)
 
 
-class ShareGPTSourceConfig(_SourceBase):
+class ShareGPTSourceConfig(_FileSourceBase):
     """ShareGPT / LLaMA-Factory records: a message list plus an images list (JSON or JSONL)."""
 
     kind: Literal["sharegpt"]

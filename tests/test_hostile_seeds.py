@@ -232,3 +232,29 @@ def test_arbitrary_bytes_never_crash_the_reader_and_match_the_independent_count(
     path = images / f"any{suffix}"
     result = _ingest(images, path.name, data)
     assert result.rows_read == result.rows_kept + result.rows_quarantined == json_file_records(path)
+
+
+def test_absolute_image_paths_datasets_writes_into_parquet_get_a_hint_and_a_way_in(tmp_path):
+    """`Dataset.to_parquet` from file paths stores {bytes: None, path: /abs/...}: path_escape says what to do; allowed_image_roots lets it in."""
+    import datasets
+
+    from omnithought_dagster.config import HFSourceConfig
+
+    pictures = tmp_path / "elsewhere"
+    paths = [str(write_image(pictures / f"{i}.png", i)) for i in range(2)]
+    data = tmp_path / "data"
+    data.mkdir()
+    dataset = datasets.Dataset.from_dict({"image": paths, "question": ["How many?", "Which colour?"], "answer": ["3", "red"]})
+    dataset.cast_column("image", datasets.Image()).to_parquet(str(data / "train.parquet"))
+
+    def ingest(**extra):
+        config = HFSourceConfig(name="hf", kind="hf", path=str(data), **extra)
+        reader = make_reader(config)
+        return ingest_source("hf", reader.records(), SeedSettings(near_duplicate_max_distance=-1), image_root=reader.image_root,
+                             allowed_roots=config.allowed_image_roots, put_image=lambda image_id, data: True)
+
+    refused = ingest()
+    assert refused.rows_kept == 0 and set(refused.quarantine.column("reason").to_pylist()) == {"path_escape"}
+    assert "allowed_image_roots" in refused.quarantine.column("detail")[0].as_py()
+    allowed = ingest(allowed_image_roots=[str(pictures)])
+    assert allowed.rows_kept == 2 and allowed.rows_quarantined == 0

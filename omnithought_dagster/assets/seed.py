@@ -84,6 +84,7 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             reader.records(),
             config.seed,
             image_root=reader.image_root,
+            allowed_roots=getattr(source, "allowed_image_roots", []),
             put_image=corpus.images.put,
             prior=prior_samples(corpus, earlier),
             progress=lambda done: context.log.info(progress_line(source_name, done, total, time.monotonic() - started, "records")),

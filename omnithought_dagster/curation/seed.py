@@ -114,8 +114,13 @@ def ingest_source(
     put_image: Callable[[str, bytes], bool],
     prior: PriorSamples | None = None,
     progress: Callable[[int], None] | None = None,
+    allowed_roots: Iterable[str | Path] = (),
 ) -> IngestResult:
-    """Turn one source's records into kept rows, quarantine rows and image rows."""
+    """Turn one source's records into kept rows, quarantine rows and image rows.
+
+    Image paths resolve under `image_root`, or under one of `allowed_roots` (absolute paths a dataset holds).
+    """
+    roots = [Path(root) for root in allowed_roots]
     prior = prior or PriorSamples()
     kept: list[dict] = []
     quarantined: list[dict] = []
@@ -131,7 +136,7 @@ def ingest_source(
             quarantined.append(_quarantine_row(source, record.record_index, record.native_id, record.reason, record.detail, record.raw_excerpt))
             continue
         try:
-            row, images = _validate(source, record, settings, image_root)
+            row, images = _validate(source, record, settings, image_root, roots)
             _check_column_types(row)
         except _Reject as problem:
             quarantined.append(_quarantine_row(source, record.record_index, _safe_text(record.native_id), problem.reason, problem.detail, record.raw_excerpt))
@@ -178,7 +183,8 @@ def ingest_source(
 # -- validation ----------------------------------------------------------------------------------
 
 
-def _validate(source: str, record: Candidate, settings: SeedSettings, image_root: Path | None) -> tuple[dict, list[_Image]]:
+def _validate(source: str, record: Candidate, settings: SeedSettings, image_root: Path | None,
+              allowed_roots: list[Path]) -> tuple[dict, list[_Image]]:
     native_id = _text(record.native_id, "native_id")
     question = _text(record.question, "question", empty=QuarantineReason.EMPTY_QUESTION)
     question = unicodedata.normalize("NFC", question).strip()
@@ -203,7 +209,7 @@ def _validate(source: str, record: Candidate, settings: SeedSettings, image_root
         raise _Reject(QuarantineReason.TOO_MANY_IMAGES, f"{len(record.images)} images, limit {settings.max_images_per_sample}")
     if record.placeholder_count and record.placeholder_count != len(record.images):
         raise _Reject(QuarantineReason.IMAGE_PLACEHOLDER_MISMATCH, f"{record.placeholder_count} <image> placeholders but {len(record.images)} images")
-    images = [_load_image(ref, position, image_root, settings) for position, ref in enumerate(record.images)]
+    images = [_load_image(ref, position, image_root, settings, allowed_roots) for position, ref in enumerate(record.images)]
 
     image_ids = [image.image_id for image in images]
     row = {
@@ -368,10 +374,10 @@ def _metadata_json(metadata: dict) -> str:
     return text
 
 
-def _load_image(ref: ImageRef, position: int, image_root: Path | None, settings: SeedSettings) -> _Image:
+def _load_image(ref: ImageRef, position: int, image_root: Path | None, settings: SeedSettings, allowed_roots: list[Path] = ()) -> _Image:
     """Read, bound-check, decode and hash one image, or reject the record with the reason."""
     label = f"image {position} ({ref.describe()})"
-    data = ref.data if ref.data is not None else _read_image_file(ref.path or "", label, image_root, settings)
+    data = ref.data if ref.data is not None else _read_image_file(ref.path or "", label, image_root, settings, allowed_roots)
     if not data:
         raise _Reject(QuarantineReason.EMPTY_IMAGE, f"{label} is zero bytes")
     if len(data) > settings.max_image_bytes:
@@ -408,7 +414,7 @@ def _load_image(ref: ImageRef, position: int, image_root: Path | None, settings:
     return _Image(bytes_id(data), data, width, height, fmt, mode, phash)
 
 
-def _read_image_file(path: str, label: str, image_root: Path | None, settings: SeedSettings) -> bytes:
+def _read_image_file(path: str, label: str, image_root: Path | None, settings: SeedSettings, allowed_roots: list[Path] = ()) -> bytes:
     if image_root is None:
         raise _Reject(QuarantineReason.MALFORMED_RECORD, f"{label}: a path, but this source has no image root")
     if not path.strip():
@@ -416,8 +422,10 @@ def _read_image_file(path: str, label: str, image_root: Path | None, settings: S
     try:
         root = image_root.resolve()
         target = (root / path).resolve()  # absolute paths replace root; symlinks are followed
-        if not target.is_relative_to(root):
-            raise _Reject(QuarantineReason.PATH_ESCAPE, f"{label} resolves to {target}, outside the source root {root}")
+        if not any(target.is_relative_to(allowed) for allowed in [root, *(r.resolve() for r in allowed_roots)]):
+            hint = ("; an absolute path - if the source's images live there, list that folder in its allowed_image_roots"
+                    if Path(path).is_absolute() else "")
+            raise _Reject(QuarantineReason.PATH_ESCAPE, f"{label} resolves to {target}, outside the source root {root}{hint}")
         if not target.is_file():
             raise _Reject(QuarantineReason.MISSING_IMAGE, f"{label}: no file at {target}")
         size = target.stat().st_size

@@ -61,7 +61,8 @@ class HFReader:
         return sum(_num_rows(path) for path in self.files)
 
     def fingerprint(self) -> str:
-        return content_id("hf-source", {"files": files_fingerprint(self.files), "fields": self.fields.model_dump(), "split": self.config.split})
+        return content_id("hf-source", {"files": files_fingerprint(self.files), "fields": self.fields.model_dump(), "split": self.config.split,
+                                         "allowed_image_roots": self.config.allowed_image_roots})
 
     def _parse(self, index: int, row: Any) -> SeedRecord:
         if isinstance(row, Rejected):

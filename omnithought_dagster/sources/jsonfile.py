@@ -81,9 +81,10 @@ class FlatJsonReader(_JsonReaderBase):
         super().__init__(config.path, config.image_root)
         self.format = config.format
         self.fields = config.fields
+        self.allowed_image_roots = config.allowed_image_roots
 
     def settings(self) -> dict:
-        return {"format": self.format, "fields": self.fields.model_dump()}
+        return {"format": self.format, "fields": self.fields.model_dump(), "allowed_image_roots": self.allowed_image_roots}
 
     def parse(self, index: int, record: dict) -> SeedRecord:
         return candidate_from_mapping(index, record, self.fields)
