@@ -72,7 +72,8 @@ class SeedSettings(_Model):
 
 
 class FieldMap(_Model):
-    """Where a record keeps each field. Dotted paths reach into nested objects (`meta.id`)."""
+    """Where a record keeps each field: a dotted path into nested objects (`meta.id`), or a JMESPath
+    expression for lists and filters (`texts[0].user`, `conversations[?from=='human'] | [0].value`)."""
 
     id: str | None = "id"
     question: str = "question"
@@ -82,6 +83,18 @@ class FieldMap(_Model):
     answer_type: str | None = "answer_type"
     tags: str | None = "tags"
     difficulty: str | None = "difficulty"
+
+    @field_validator("*")
+    @classmethod
+    def _valid_path(cls, value: str | None) -> str | None:
+        if value:
+            from omnithought_dagster.fieldpath import get_path
+
+            try:
+                get_path({}, value)
+            except Exception as exc:  # jmespath's ParseError / LexerError name the position
+                raise ValueError(f"{value!r} is neither a dotted path nor a valid JMESPath expression: {exc}") from None
+        return value
 
 
 class _SourceBase(_Model):

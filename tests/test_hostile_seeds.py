@@ -258,3 +258,38 @@ def test_absolute_image_paths_datasets_writes_into_parquet_get_a_hint_and_a_way_
     assert "allowed_image_roots" in refused.quarantine.column("detail")[0].as_py()
     allowed = ingest(allowed_image_roots=[str(pictures)])
     assert allowed.rows_kept == 2 and allowed.rows_quarantined == 0
+
+
+def test_a_finevision_shaped_dataset_maps_through_list_indexing(tmp_path):
+    """FineVision's layout: `images` a list of HF Images, `texts` a list of {user, assistant} turns (written by `datasets`)."""
+    import datasets
+
+    from omnithought_dagster.config import FieldMap, HFSourceConfig
+
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image()),
+                                  "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string")}],
+                                  "source": datasets.Value("string")})
+    rows = {"images": [[{"bytes": png_bytes(1), "path": None}], [{"bytes": png_bytes(2), "path": None}, {"bytes": png_bytes(3), "path": None}],
+                       [{"bytes": png_bytes(4), "path": None}]],
+            "texts": [[{"user": "How many bars?", "assistant": "3"}], [{"user": "Which is larger?", "assistant": "the left one"}],
+                      []],
+            "source": ["chart", "pair", "empty"]}
+    (tmp_path / "fv").mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "fv" / "train.parquet"))
+    config = HFSourceConfig(name="fv", kind="hf", path=str(tmp_path / "fv"),
+                            fields=FieldMap(question="texts[0].user", answer="texts[0].assistant", image="images", id=None))
+    reader = make_reader(config)
+    result = ingest_source("fv", reader.records(), SeedSettings(near_duplicate_max_distance=-1), image_root=reader.image_root,
+                           put_image=lambda image_id, data: True)
+    kept = result.kept.to_pylist()
+    assert [(r["question"], r["answer"], len(r["image_ids"])) for r in kept] == [("How many bars?", "3", 1), ("Which is larger?", "the left one", 2)]
+    assert "texts" not in kept[0]["metadata"] and '"source": "chart"' in kept[0]["metadata"]
+    (row,) = result.quarantine.to_pylist()
+    assert row["reason"] == "empty_question" and "'texts[0].user' found nothing" in row["detail"]
+
+
+def test_a_field_path_that_is_no_expression_fails_the_config_naming_it():
+    from omnithought_dagster.config import FieldMap
+
+    with pytest.raises(ValueError, match="'texts\\[0.user' is neither a dotted path nor a valid JMESPath expression"):
+        FieldMap(question="texts[0.user")

@@ -16,6 +16,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from omnithought_dagster.fieldpath import get_path, path_head  # noqa: F401 - the readers' field paths
+
 RAW_EXCERPT_CHARS = 500
 JSON_WHITESPACE = " \t\r\n"  # what JSON itself counts as whitespace (str.strip() would take U+3000, U+2028, ...)
 
@@ -130,18 +132,6 @@ def excerpt(value: Any) -> str:
         except (TypeError, ValueError):
             text = repr(value)
     return text[:RAW_EXCERPT_CHARS]
-
-
-def get_path(record: dict, dotted: str | None) -> Any:
-    """record['a']['b'] for 'a.b'; None when any step is missing."""
-    if not dotted:
-        return None
-    node: Any = record
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 class NonStandardLiteral:

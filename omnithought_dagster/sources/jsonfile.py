@@ -34,6 +34,7 @@ from omnithought_dagster.sources.base import (
     expand_paths,
     files_fingerprint,
     get_path,
+    path_head,
     parse_guarded,
     iter_json_records,
 )
@@ -137,9 +138,16 @@ def candidate_from_mapping(index: int, record: dict, fields: FieldMap, images: l
     """A flat record -> Candidate, through a field mapping. Unmapped fields go to metadata."""
     native_id = _native_id(get_path(record, fields.id), index)
     if images is None:
-        images = _image_list(get_path(record, fields.image))
+        found = get_path(record, fields.image)
+        images = _image_list(found)
         if images is None:
-            return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, f"field {fields.image!r} is not a path or a list of paths", excerpt(record))
+            problem = _nothing_at(fields.image, record) if found is None else f"field {fields.image!r} is not a path or a list of paths"
+            return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, problem, excerpt(record))
+    question, answer = get_path(record, fields.question), get_path(record, fields.answer)
+    if question is None:
+        return Rejected(index, native_id, QuarantineReason.EMPTY_QUESTION, f"question is missing: {_nothing_at(fields.question, record)}", excerpt(record))
+    if answer is None:
+        return Rejected(index, native_id, QuarantineReason.MISSING_ANSWER, f"answer is missing: {_nothing_at(fields.answer, record)}", excerpt(record))
     choices = get_path(record, fields.choices)
     if choices is not None and not isinstance(choices, list):
         return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, f"field {fields.choices!r} is not a list", excerpt(record))
@@ -151,16 +159,20 @@ def candidate_from_mapping(index: int, record: dict, fields: FieldMap, images: l
     return Candidate(
         record_index=index,
         native_id=native_id,
-        question=get_path(record, fields.question),
-        answer=get_path(record, fields.answer),
+        question=question,
+        answer=answer,
         images=images,
         choices=choices,
         answer_type=get_path(record, fields.answer_type),
         tags=[str(t) for t in tags] if isinstance(tags, list) else [],
         difficulty=difficulty if isinstance(difficulty, int) and not isinstance(difficulty, bool) else None,
-        metadata={k: v for k, v in record.items() if k not in {c.split(".")[0] for c in consumed}},
+        metadata={k: v for k, v in record.items() if k not in {path_head(c) for c in consumed}},
         raw_excerpt=excerpt(record),
     )
+
+
+def _nothing_at(path: str, record: dict) -> str:
+    return f"the field path {path!r} found nothing (the record's keys: {', '.join(sorted(map(str, record))[:12])})"
 
 
 def _from_conversation(
