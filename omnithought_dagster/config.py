@@ -81,6 +81,7 @@ class FieldMap(_Model):
     image: str = "image"
     choices: str | None = "choices"
     answer_type: str | None = "answer_type"
+    question_type: str | None = "question_type"  # MathVista's multi_choice / free_form; multi_choice wins over answer_type
     tags: str | None = "tags"
     difficulty: str | None = "difficulty"
 

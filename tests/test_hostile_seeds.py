@@ -293,3 +293,20 @@ def test_a_field_path_that_is_no_expression_fails_the_config_naming_it():
 
     with pytest.raises(ValueError, match="'texts\\[0.user' is neither a dotted path nor a valid JMESPath expression"):
         FieldMap(question="texts[0.user")
+
+
+def test_mathvista_style_declared_types_are_reconciled_with_the_choices(images):
+    base = {"image": "g0.png", "precision": None}
+    records = [
+        {**base, "pid": "1", "question": "Which is bigger?", "choices": ["the cat", "the dog"], "answer": "the dog",
+         "question_type": "multi_choice", "answer_type": "text"},
+        {**base, "pid": "2", "question": "List the sides.", "choices": None, "answer": "[1, 2]", "question_type": "free_form", "answer_type": "list"},
+        {**base, "pid": "3", "question": "How long?", "choices": None, "answer": "3.5", "question_type": "free_form", "answer_type": "float"},
+        {**base, "pid": "4", "question": "How many?", "choices": ["1", "2"], "answer": "7", "question_type": "free_form", "answer_type": "integer"},
+        {**base, "pid": "5", "question": "Which?", "choices": ["red", "blue"], "answer": "blue", "question_type": "free_form", "answer_type": "text"},
+    ]
+    result = _ingest(images, "mv.json", json.dumps(records).encode(), id="pid")
+    kept = {r["native_id"]: (r["answer_type"], r["answer"]) for r in result.kept.to_pylist()}
+    assert kept == {"1": ("multiple_choice", "B"), "2": ("free_form", "[1, 2]"), "3": ("numeric", "3.5"), "5": ("multiple_choice", "B")}
+    (row,) = result.quarantine.to_pylist()
+    assert (row["native_id"], row["reason"]) == ("4", "answer_type_conflict") and "names none of them" in row["detail"]

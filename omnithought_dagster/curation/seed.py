@@ -34,6 +34,8 @@ ANSWER_TYPE_ALIASES = {
     "numeric": "numeric", "number": "numeric", "numerical": "numeric", "integer": "numeric", "float": "numeric",
     "math": "math", "expression": "math", "latex": "math", "symbolic": "math",
     "free_form": "free_form", "free-form": "free_form", "freeform": "free_form", "open": "free_form", "text": "free_form",
+    # MathVista-style answer_type is the answer's data type: text / integer / float / list.
+    "list": "free_form", "string": "free_form", "str": "free_form", "int": "numeric",
 }
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # The raster formats a seed image may be in (PIL format names); anything else is unsupported_image_format.
@@ -316,6 +318,13 @@ def _answer_type(declared: Any, answer: str, choices: list[str]) -> str:
             raise _Reject(QuarantineReason.MALFORMED_RECORD, f"answer_type {declared!r} is not one of {list(ANSWER_TYPES)} (or an alias)")
         if answer_type == "multiple_choice" and not choices:
             raise _Reject(QuarantineReason.MALFORMED_RECORD, "answer_type is multiple_choice but the record gives no options")
+        if choices and answer_type != "multiple_choice":
+            # Options and another declared type: a data type of the option (MathVista's `text`) when the answer
+            # names an option; otherwise the record contradicts itself, and no guess is made.
+            if _names_an_option(answer, choices):
+                return "multiple_choice"
+            raise _Reject(QuarantineReason.ANSWER_TYPE_CONFLICT, f"declared {declared!r}, but the record gives {len(choices)} options "
+                                                                 f"and its answer {answer[:80]!r} names none of them")
         return answer_type
     if choices:
         return "multiple_choice"
@@ -326,6 +335,14 @@ def _answer_type(declared: Any, answer: str, choices: list[str]) -> str:
     ):
         return "math"
     return "free_form"
+
+
+def _names_an_option(answer: str, choices: list[str]) -> bool:
+    try:
+        _choice_letter(answer, choices)
+    except _Reject:
+        return False
+    return True
 
 
 def _choice_letter(answer: str, choices: list[str]) -> str:

@@ -33,6 +33,7 @@ class QuarantineReason(StrEnum):
     QUESTION_TOO_LONG = "question_too_long"
     MISSING_ANSWER = "missing_answer"
     ANSWER_NOT_IN_CHOICES = "answer_not_in_choices"  # multiple choice whose answer names no option
+    ANSWER_TYPE_CONFLICT = "answer_type_conflict"  # a declared non-choice type, options, and an answer naming none of them
     NO_IMAGE = "no_image"  # a record without any image while images are required
     TOO_MANY_IMAGES = "too_many_images"
     IMAGE_PLACEHOLDER_MISMATCH = "image_placeholder_mismatch"  # <image> tokens != images given

@@ -163,12 +163,20 @@ def candidate_from_mapping(index: int, record: dict, fields: FieldMap, images: l
         answer=answer,
         images=images,
         choices=choices,
-        answer_type=get_path(record, fields.answer_type),
+        answer_type=_declared_type(record, fields),
         tags=[str(t) for t in tags] if isinstance(tags, list) else [],
         difficulty=difficulty if isinstance(difficulty, int) and not isinstance(difficulty, bool) else None,
         metadata={k: v for k, v in record.items() if k not in {path_head(c) for c in consumed}},
         raw_excerpt=excerpt(record),
     )
+
+
+def _declared_type(record: dict, fields: FieldMap) -> Any:
+    """The declared answer type; a question type that declares multiple choice wins (MathVista: multi_choice + answer_type text)."""
+    question_type = get_path(record, fields.question_type)
+    if isinstance(question_type, str) and question_type.strip().lower().replace("-", "_") in ("multi_choice", "multiple_choice", "mcq"):
+        return "multiple_choice"
+    return get_path(record, fields.answer_type)
 
 
 def _nothing_at(path: str, record: dict) -> str:
