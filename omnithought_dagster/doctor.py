@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,7 +244,3 @@ def _write_image(path: Path) -> None:
 def default_root() -> Path:
     """The project checkout: where the environments and deploy/env live (the current folder by default)."""
     return Path(os.environ.get("OMNITHOUGHT_ROOT", Path.cwd())).resolve()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `omnithought doctor`")
