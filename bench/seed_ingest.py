@@ -1,9 +1,16 @@
 """Seed-stage throughput on this machine; prints one JSON object.
 
-    .venv/bin/python bench/seed_ingest.py [--samples 2000] [--hashes 1000000] [--rows 200000]
+    .venv/bin/python bench/seed_ingest.py [--samples 2000] [--hashes 1000000] [--rows 200000] [--rounds 3]
 
+- parallel (the target): N synthetic 320 px PNGs on disk ingested end to end - JSON reader, checks, images
+  into a real store, the three partitions streamed to Parquet - with 1 worker and with one per core, against
+  the floor measured in the same run: one process doing nothing but read the file, PIL-decode it, pHash it
+  (imagehash) and BLAKE2b it. Rounds are interleaved (floor, 1 worker, all cores) and medians reported;
+  `ratio_to_floor_x_cores` = all-cores records/s / (floor records/s x cores), target >= 0.8;
+- memory: peak RSS of one process ingesting N and 4N text-heavy records (2 KB questions) streamed to
+  partition files, against the same records collected in memory (what the asset did before): the growth
+  per record shows what stays in memory;
 - synthetic: generate + validate + pHash + store images, records/s (one process);
-- json_on_disk: the same images read back from files through the JSON reader, records/s;
 - near_dup_index: the banded pHash index over N hashes (10% planted neighbours), seconds;
 - store_write: one seed_pool partition of N rows to zstd Parquet, seconds and MB;
 - peak_rss_mb: the process's peak resident memory.
@@ -12,9 +19,14 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import random
 import resource
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +38,8 @@ import pyarrow as pa  # noqa: E402
 
 from omnithought_dagster.config import SeedSettings, parse_config  # noqa: E402
 from omnithought_dagster.curation.near_dup import earliest_near_duplicates  # noqa: E402
-from omnithought_dagster.curation.seed import ingest_source  # noqa: E402
+from omnithought_dagster.curation.seed import SeedSinks, ingest_source, ingest_source_into  # noqa: E402
+from omnithought_dagster.processes import available_cores  # noqa: E402
 from omnithought_dagster.sources import make_reader  # noqa: E402
 from omnithought_dagster.sources.synthetic import SyntheticReader  # noqa: E402
 from omnithought_dagster.store import CorpusStore  # noqa: E402
@@ -52,23 +65,148 @@ def bench_synthetic(store: CorpusStore, n: int) -> dict:
     }
 
 
-def bench_json_on_disk(root: Path, n: int) -> dict:
+def write_json_source(root: Path, n: int) -> tuple[Path, Path, list[str]]:
+    """N synthetic records as JSONL with their 320 px PNGs as files (not timed); the image file names."""
     images = root / "imgs"
     images.mkdir(parents=True)
-    records = []
+    names, lines = [], []
     for record in SyntheticReader(n, seed=321).records():
         name = f"{record.native_id}.png"
         (images / name).write_bytes(record.images[0].data)
-        records.append({"id": record.native_id, "question": record.question, "answer": record.answer,
-                        "choices": record.choices, "image": name})
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    source = parse_config({"sources": [{"name": "disk", "kind": "json", "path": str(root / "data.jsonl"),
-                                        "image_root": str(images)}]}, base_dir=root).sources[0]
+        names.append(name)
+        lines.append(json.dumps({"id": record.native_id, "question": record.question, "answer": record.answer, "choices": record.choices, "image": name}))
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "data.jsonl", images, names
+
+
+def floor_records_per_s(images: Path, names: list[str], store_root: Path | None = None) -> float:
+    """The one-process floor: read, decode, pHash, BLAKE2b - nothing else; with a store, also the store's write of the bytes."""
+    import imagehash
+    from PIL import Image
+
+    put = CorpusStore(str(store_root)).images.put if store_root else None
+    start = time.perf_counter()
+    for name in names:
+        data = (images / name).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            imagehash.phash(image)
+        image_id = hashlib.blake2b(data, digest_size=16).hexdigest()
+        if put:
+            put(image_id, data)
+    rate = len(names) / (time.perf_counter() - start)
+    if store_root:
+        shutil.rmtree(store_root)
+    return rate
+
+
+def discard_image(image_id: str, data: bytes) -> bool:
+    """A put_image that stores nothing (module-level, so worker processes can be handed it, as they are the store's)."""
+    return True
+
+
+def _discard_by_name():
+    """discard_image as `seed_ingest.discard_image`: run as a script this module is __main__, which workers do not import."""
+    import importlib
+
+    return importlib.import_module("seed_ingest").discard_image
+
+
+def ingest_records_per_s(data: Path, images: Path, store_root: Path, workers: int, store_images: bool) -> tuple[float, int]:
+    """The seed stage end to end into a fresh store, as the asset runs it (image bytes stored, or not)."""
+    source = parse_config({"sources": [{"name": "disk", "kind": "json", "path": str(data), "image_root": str(images)}]},
+                          base_dir=data.parent).sources[0]
+    store = CorpusStore(str(store_root))
     reader = make_reader(source)
     start = time.perf_counter()
-    result = ingest_source("disk", reader.records(), SeedSettings(), image_root=reader.image_root, put_image=lambda i, d: True)
+    with store.partition_writer("seed_pool", "disk") as kept, store.partition_writer("quarantine", "disk") as quarantine, \
+            store.partition_writer("images", "disk") as stored:
+        result = ingest_source_into("disk", reader.records(), SeedSettings(), image_root=reader.image_root,
+                                    put_image=store.images.put if store_images else _discard_by_name(),
+                                    sinks=SeedSinks(kept, quarantine, stored), workers=workers)
     elapsed = time.perf_counter() - start
-    return {"records": n, "seconds": round(elapsed, 3), "records_per_s": round(n / elapsed, 1), "kept": result.rows_kept}
+    shutil.rmtree(store_root)
+    return result.rows_read / elapsed, result.rows_kept
+
+
+def bench_parallel(root: Path, n: int, rounds: int) -> dict:
+    data, images, names = write_json_source(root, n)
+    cores = available_cores()
+    ingest_records_per_s(data, images, root / "warm", 1, True)  # imports and page cache, as in a running step
+    runs: dict[str, list[float]] = {}
+    for r in range(rounds):  # interleaved, so a noisy neighbour hits every variant alike
+        for name, run in [
+            ("floor", lambda: floor_records_per_s(images, names)),
+            ("one_worker", lambda: ingest_records_per_s(data, images, root / "s", 1, False)[0]),
+            ("all_cores", lambda: ingest_records_per_s(data, images, root / "s", cores, False)[0]),
+            ("floor_with_store", lambda: floor_records_per_s(images, names, root / "s")),
+            ("one_worker_with_store", lambda: ingest_records_per_s(data, images, root / "s", 1, True)[0]),
+            ("all_cores_with_store", lambda: ingest_records_per_s(data, images, root / "s", cores, True)[0]),
+        ]:
+            runs.setdefault(name, []).append(run())
+    rate = {name: statistics.median(values) for name, values in runs.items()}
+    return {
+        "records": n, "cores": cores, "rounds": rounds,
+        "records_per_s": {name: round(value, 1) for name, value in rate.items()},
+        "ratio_to_floor_x_cores": round(rate["all_cores"] / (rate["floor"] * cores), 3),
+        "target_ratio_to_floor_x_cores": 0.8,
+        "one_worker_ratio_to_floor": round(rate["one_worker"] / rate["floor"], 3),
+        "speedup_all_cores_vs_one": round(rate["all_cores"] / rate["one_worker"], 2),
+        "with_store_ratio_to_floor_with_store_x_cores": round(rate["all_cores_with_store"] / (rate["floor_with_store"] * cores), 3),
+        "with_store_speedup_all_cores_vs_one": round(rate["all_cores_with_store"] / rate["one_worker_with_store"], 2),
+        "samples": {name: [round(v) for v in values] for name, values in runs.items()},
+    }
+
+
+def bench_memory(root: Path, n: int) -> dict:
+    """Peak RSS of a fresh process ingesting N and 4N text-heavy records (written here, not in the probe), streamed to
+    partition files vs collected in memory; the growth per record is what the ingestion keeps."""
+    out: dict = {"records": [n, 4 * n], "question_chars": MEMORY_QUESTION_CHARS}
+    sources = {count: write_text_heavy_source(root / f"src{count}", count) for count in (n, 4 * n)}
+    for mode in ("streamed", "collected"):
+        peaks = []
+        for count, data in sources.items():
+            run = subprocess.run([sys.executable, __file__, "--memory-probe", str(data), "--probe-mode", mode],
+                                 check=True, capture_output=True, text=True)
+            peaks.append(json.loads(run.stdout)["peak_rss_mb"])
+        out[f"{mode}_peak_rss_mb"] = peaks
+        out[f"{mode}_bytes_per_record"] = round((peaks[1] - peaks[0]) * 2**20 / (3 * n))
+        out[f"{mode}_projected_mb_at_1_8m_records"] = round(peaks[0] + out[f"{mode}_bytes_per_record"] * 1.8e6 / 2**20)
+    out["streamed_growth_over_collected"] = round(out["streamed_bytes_per_record"] / out["collected_bytes_per_record"], 3)
+    return out
+
+
+MEMORY_QUESTION_CHARS = 2000
+
+
+def write_text_heavy_source(root: Path, n: int) -> Path:
+    """N records of ~2 KB questions sharing one small image (decoding is not what this measures)."""
+    root.mkdir(parents=True)
+    (root / "x.png").write_bytes(next(iter(SyntheticReader(1, seed=5, image_size=128).records())).images[0].data)
+    words = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor ".split()
+    rng = random.Random(n)
+    with open(root / "data.jsonl", "w") as out:
+        for i in range(n):
+            text = " ".join(rng.choice(words) for _ in range(MEMORY_QUESTION_CHARS // 6))
+            out.write(json.dumps({"id": f"m{i}", "question": f"Question {i}: {text}?", "answer": str(i % 7), "image": "x.png"}) + "\n")
+    return root / "data.jsonl"
+
+
+def memory_probe(data: Path, mode: str) -> None:
+    source = parse_config({"sources": [{"name": "disk", "kind": "json", "path": str(data)}]}, base_dir=data.parent).sources[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = CorpusStore(str(Path(tmp) / "store"))
+        reader = make_reader(source)
+        settings = SeedSettings(near_duplicate_max_distance=-1)  # one image for all: every row would be a near duplicate
+        if mode == "streamed":
+            with store.partition_writer("seed_pool", "disk") as kept, store.partition_writer("quarantine", "disk") as quarantine, \
+                    store.partition_writer("images", "disk") as stored:
+                ingest_source_into("disk", reader.records(), settings, image_root=reader.image_root, put_image=store.images.put,
+                                   sinks=SeedSinks(kept, quarantine, stored))
+        else:
+            result = ingest_source("disk", reader.records(), settings, image_root=reader.image_root, put_image=store.images.put)
+            store.write_partition("seed_pool", "disk", result.kept)
+    print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 
 def bench_near_dup(n: int) -> dict:
@@ -106,7 +244,8 @@ def bench_store_write(store: CorpusStore, rows: int) -> dict:
         "metadata": ["{}"] * rows,
         "near_duplicate_of": [None] * rows,
         "near_duplicate_distance": [None] * rows,
-    }).cast(SEED_POOL.schema)
+        "turn": [None] * rows,
+    }).select(SEED_POOL.column_names).cast(SEED_POOL.schema)
     start = time.perf_counter()
     written = store.write_partition("seed_pool", "bench", table)
     write_s = time.perf_counter() - start
@@ -121,13 +260,21 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory-records", type=int, default=10_000)
+    parser.add_argument("--memory-probe", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe:
+        memory_probe(args.memory_probe, args.probe_mode)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         store = CorpusStore(str(Path(tmp) / "store"))
         report = {
             "benchmark": "seed_ingest",
+            "parallel": bench_parallel(Path(tmp) / "parallel", args.samples, args.rounds),
+            "memory": bench_memory(Path(tmp) / "memory", args.memory_records),
             "synthetic": bench_synthetic(store, args.samples),
-            "json_on_disk": bench_json_on_disk(Path(tmp) / "json", args.samples),
             "near_dup_index": bench_near_dup(args.hashes),
             "store_write": bench_store_write(store, args.rows),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

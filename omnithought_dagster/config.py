@@ -69,6 +69,9 @@ class SeedSettings(_Model):
     near_duplicate_max_distance: int = Field(
         default=4, ge=-1, le=32, description="perceptual-hash Hamming distance marking near duplicates; -1 turns marking off"
     )
+    workers: int = Field(default=0, ge=0, le=1024, description=(
+        "processes that read, decode and hash a source's images: 0 = one per CPU core the step may use; 1 = the step's "
+        "own process. A source under 256 records per worker uses fewer (starting a process costs ~1-2 s)"))
 
 
 class FieldMap(_Model):
@@ -126,8 +129,21 @@ class SyntheticSourceConfig(_SourceBase):
         return value
 
 
+MultiTurn = Literal["first", "each"]
+MULTI_TURN_DESCRIPTION = (
+    "conversations with several user turns: `first` keeps the first question/answer pair (later turns go to "
+    "metadata), `each` makes every user turn its own sample; either way a turn gets only the images its own <image> "
+    "placeholders reference (a turn without any refers to the images shown before it)")
+
+
 class _FileSourceBase(_SourceBase):
     """Sources read from files, whose records name image files."""
+
+    @model_validator(mode="after")
+    def _multi_turn_needs_conversations(self):
+        if getattr(self, "multi_turn", "first") == "each" and getattr(self, "format", "llava") == "flat":
+            raise ValueError("multi_turn: each splits conversations; a flat source has none (use format: llava)")
+        return self
 
     allowed_image_roots: list[str] = Field(default_factory=list, description=(
         "folders besides image_root that image paths may point into (absolute paths, e.g. those "
@@ -147,6 +163,7 @@ class JsonSourceConfig(_FileSourceBase):
     image_root: str | None = Field(default=None, description="folder image paths are relative to; default the file's folder")
     format: Literal["flat", "llava"] = "flat"
     fields: FieldMap = FieldMap()
+    multi_turn: MultiTurn = Field(default="first", description=MULTI_TURN_DESCRIPTION + " (format: llava)")
 
     _resolve = field_validator("path", "image_root")(_resolve_path)
 
@@ -158,7 +175,11 @@ class HFSourceConfig(_FileSourceBase):
     path: str
     split: str | None = Field(default=None, description="for a DatasetDict folder: which split; default all")
     image_root: str | None = Field(default=None, description="where Image structs with only a path look; default the data folder")
+    format: Literal["flat", "llava"] = Field(default="flat", description=(
+        "flat: one question/answer per row through `fields`; llava: a `conversations` column of {from, value} turns "
+        "(LLaVA-OneVision's parquet), the id and image columns from `fields`"))
     fields: FieldMap = FieldMap()
+    multi_turn: MultiTurn = Field(default="first", description=MULTI_TURN_DESCRIPTION + " (format: llava)")
 
     _resolve = field_validator("path", "image_root")(_resolve_path)
 
@@ -177,6 +198,7 @@ class ShareGPTSourceConfig(_FileSourceBase):
     assistant_role: str = "assistant"
     system_role: str = "system"
     id_key: str | None = "id"
+    multi_turn: MultiTurn = Field(default="first", description=MULTI_TURN_DESCRIPTION)
 
     _resolve = field_validator("path", "image_root")(_resolve_path)
 
@@ -530,7 +552,7 @@ class ProjectConfig(_Model):
     students: list[StudentConfig] = Field(default_factory=list)
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
-    operations: OperationsConfig = OperationsConfig()
+    operations: OperationsConfig = Field(default_factory=OperationsConfig)  # a factory: its cron check imports dagster, which a seed worker process never needs
     config_path: str | None = Field(default=None, exclude=True, description="set by load_config")
 
     _resolve_models = field_validator("models_dir")(_resolve_path)

@@ -14,7 +14,7 @@ from omnithought_dagster.store import TABLES, CorpusStore, StoreError
 def _quarantine_rows(source: str, n: int, reason: str = "missing_image") -> pa.Table:
     return pa.Table.from_pylist(
         [
-            {"source": source, "native_id": f"r{i}", "record_index": i, "reason": reason, "detail": "d",
+            {"source": source, "native_id": f"r{i}", "record_index": i, "turn": None, "reason": reason, "detail": "d",
              "sample_id": None, "duplicate_of": None, "raw_excerpt": None}
             for i in range(n)
         ]
@@ -42,11 +42,13 @@ def test_failed_write_leaves_previous_partition_and_no_temp_file(tmp_path, monke
     store = CorpusStore(str(tmp_path))
     store.write_partition("quarantine", "a", _quarantine_rows("a", 3))
 
-    def half_write(table, where, **kwargs):
-        kwargs["filesystem"].open_output_stream(where).write(b"PAR1 half a file")
+    real_write = pq.ParquetWriter.write_table
+
+    def half_write(self, table, **kwargs):
+        real_write(self, table.slice(0, 2), **kwargs)  # some rows reach the temporary file, then the disk fills
         raise OSError("disk full")
 
-    monkeypatch.setattr(pq, "write_table", half_write)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", half_write)
     with pytest.raises(OSError, match="disk full"):
         store.write_partition("quarantine", "a", _quarantine_rows("a", 5))
     monkeypatch.undo()
@@ -86,7 +88,7 @@ def test_schema_is_enforced(tmp_path):
     with pytest.raises(StoreError, match="missing \\['detail'"):
         store.write_partition("quarantine", "a", _quarantine_rows("a", 1).drop_columns(["detail"]))
     with pytest.raises(StoreError, match="nulls in required columns \\['reason'\\]"):
-        bad = _quarantine_rows("a", 1).set_column(3, "reason", pa.array([None], pa.string()))
+        bad = _quarantine_rows("a", 1).set_column(4, "reason", pa.array([None], pa.string()))
         store.write_partition("quarantine", "a", bad)
     with pytest.raises(StoreError, match="rows carry source=\\['b'\\]"):
         store.write_partition("quarantine", "a", _quarantine_rows("b", 1))

@@ -1,15 +1,18 @@
 """seed_pool (with its quarantine and images tables): one partition per configured source."""
 
+import contextlib
 import time
-from collections import Counter
 
 import dagster as dg
+import pyarrow as pa
 
 from omnithought_dagster.assets.metadata import bar_plot, column_schema, counts, preview
 from omnithought_dagster.config import SOURCES_PARTITIONS, ProjectConfig
 from omnithought_dagster.curation.seed import (
+    SeedSinks,
     earlier_sources,
-    ingest_source,
+    ingest_source_into,
+    ingest_workers,
     input_fingerprint,
     partition_version,
     prior_samples,
@@ -18,15 +21,17 @@ from omnithought_dagster.ids import version_of
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.sources import make_reader
+from omnithought_dagster.sources.recount import raw_record_count
 from omnithought_dagster.store import table_spec
+from omnithought_dagster.store.tables import QUARANTINE, SEED_POOL
 
 SEED_GROUP = "seed"
 SEED_POOL_KEY = dg.AssetKey("seed_pool")
 QUARANTINE_KEY = dg.AssetKey("quarantine")
 IMAGES_KEY = dg.AssetKey("images")
 # Bump when ingestion would produce different rows from the same input.
-SEED_CODE_VERSION = "seed-v1"
-PREVIEW_COLUMNS = ["sample_id", "native_id", "question", "answer", "answer_type", "source_tags"]
+SEED_CODE_VERSION = "seed-v2"
+PREVIEW_COLUMNS = ["sample_id", "native_id", "turn", "question", "answer", "answer_type", "source_tags"]
 
 
 def seed_partitions(config: ProjectConfig) -> dg.PartitionsDefinition:
@@ -75,27 +80,37 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         fingerprint = input_fingerprint(
             reader.fingerprint(), config.seed, {name: partition_version(corpus, name) for name in earlier}, SEED_CODE_VERSION
         )
-        total = reader.count()
-        context.log.info(f"{source_name}: reading {total} records ({source.kind})")
+        total = raw_record_count(source, reader)
+        workers = ingest_workers(config.seed, total)
+        context.log.info(f"{source_name}: reading {total} records ({source.kind}), checked in {workers} process{'es' if workers > 1 else ''}")
         started = time.monotonic()
 
-        result = ingest_source(
-            source_name,
-            reader.records(),
-            config.seed,
-            image_root=reader.image_root,
-            allowed_roots=getattr(source, "allowed_image_roots", []),
-            put_image=corpus.images.put,
-            prior=prior_samples(corpus, earlier),
-            progress=lambda done: context.log.info(progress_line(source_name, done, total, time.monotonic() - started, "records")),
-        )
-        # Images first, the seed_pool partition last: a reader of seed_pool never sees an id
-        # whose image or quarantine siblings are not written yet.
-        images_written = corpus.write_partition("images", source_name, result.images)
-        quarantine_written = corpus.write_partition("quarantine", source_name, result.quarantine)
-        seed_written = corpus.write_partition("seed_pool", source_name, result.kept)
+        # Rows stream into the three partitions as they are checked. They commit images first, seed_pool last
+        # (ExitStack exits in reverse): a reader of seed_pool never sees an id whose image or quarantine siblings
+        # are not written yet, and a failed or killed step leaves the old partitions as they were.
+        with contextlib.ExitStack() as partitions:
+            seed_out = partitions.enter_context(corpus.partition_writer("seed_pool", source_name))
+            quarantine_out = partitions.enter_context(corpus.partition_writer("quarantine", source_name))
+            images_out = partitions.enter_context(corpus.partition_writer("images", source_name))
+            result = ingest_source_into(
+                source_name,
+                reader.records(),
+                config.seed,
+                image_root=reader.image_root,
+                allowed_roots=getattr(source, "allowed_image_roots", []),
+                put_image=corpus.images.put,
+                sinks=SeedSinks(seed_out, quarantine_out, images_out),
+                prior=prior_samples(corpus, earlier),
+                progress=lambda done: context.log.info(progress_line(source_name, done, total, time.monotonic() - started, "records")),
+                workers=workers,
+            )
+        for note in result.notes:
+            context.log.warning(f"{source_name}: {note}")
+        seed_written, quarantine_written, images_written = seed_out.written, quarantine_out.written, images_out.written
+        kept_ids = corpus.read_partition("seed_pool", source_name, columns=["sample_id"]).column("sample_id").to_pylist()
+        image_ids = corpus.read_partition("images", source_name, columns=["image_id"]).column("image_id").to_pylist()
 
-        later_conflicts = _later_conflicts(corpus, names, source_name, set(result.kept.column("sample_id").to_pylist()))
+        later_conflicts = _later_conflicts(corpus, names, source_name, set(kept_ids))
         for other, n in later_conflicts.items():
             context.log.warning(
                 f"{n} samples kept here are also kept by the later source {other!r}; re-materialise seed_pool[{other}] "
@@ -105,12 +120,12 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         yield dg.MaterializeResult(
             asset_key=IMAGES_KEY,
             metadata={
-                "dagster/row_count": result.images.num_rows,
+                "dagster/row_count": len(image_ids),
                 "images_stored": result.images_stored,
                 "images_already_in_store": result.images_reused,
                 "path": dg.MetadataValue.path(images_written.uri),
             },
-            data_version=dg.DataVersion(version_of(result.images.column("image_id").to_pylist())),
+            data_version=dg.DataVersion(version_of(image_ids)),
         )
         yield dg.MaterializeResult(
             asset_key=QUARANTINE_KEY,
@@ -120,7 +135,8 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 **({"plot/quarantine_reasons": bar_plot(result.reasons, "records set aside at ingestion, by reason", "records")}
                    if result.reasons else {}),
                 **{f"reason/{reason}": n for reason, n in sorted(result.reasons.items())},
-                "preview": preview(result.quarantine, ["record_index", "native_id", "reason", "detail"]),
+                "preview": preview(pa.Table.from_pylist(result.quarantine_head, schema=QUARANTINE.schema),
+                                   ["record_index", "turn", "native_id", "reason", "detail"]),
                 "path": dg.MetadataValue.path(quarantine_written.uri),
             },
         )
@@ -128,21 +144,25 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             asset_key=SEED_POOL_KEY,
             metadata={
                 "dagster/row_count": result.rows_kept,
+                "records_read": result.records_read,
                 "rows_read": result.rows_read,
                 "rows_kept": result.rows_kept,
                 "rows_quarantined": result.rows_quarantined,
-                "accounting": f"{result.rows_read} read = {result.rows_kept} kept + {result.rows_quarantined} quarantined",
+                "accounting": f"{result.rows_read} read = {result.rows_kept} kept + {result.rows_quarantined} quarantined"
+                              + (f" (from {result.records_read} records split into turns)" if result.rows_read != result.records_read else ""),
+                "workers": result.workers,
+                "records_per_s": round(result.rows_read / max(time.monotonic() - started, 1e-9), 1),
                 "quarantined_by_reason": counts(result.reasons, "reason"),
                 "near_duplicates_marked": result.near_duplicates,
-                "answer_types": counts(Counter(result.kept.column("answer_type").to_pylist()), "answer_type"),
-                "source_tags": counts(Counter(t for tags in result.kept.column("source_tags").to_pylist() for t in tags), "tag"),
-                "preview": preview(result.kept, PREVIEW_COLUMNS),
+                "answer_types": counts(result.answer_types, "answer_type"),
+                "source_tags": counts(result.source_tags, "tag"),
+                "preview": preview(pa.Table.from_pylist(result.kept_head, schema=SEED_POOL.schema), PREVIEW_COLUMNS),
                 "path": dg.MetadataValue.path(seed_written.uri),
                 "parquet_bytes": seed_written.bytes,
                 "input_fingerprint": fingerprint,
                 "later_source_conflicts": dg.MetadataValue.json(later_conflicts),
             },
-            data_version=dg.DataVersion(version_of(result.kept.column("sample_id").to_pylist())),
+            data_version=dg.DataVersion(version_of(kept_ids)),
         )
 
     return [ingest_seed_source]

@@ -128,29 +128,31 @@ def build_seed_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
 
     @dg.asset_check(asset=SEED_POOL_KEY, name=ROW_ACCOUNTING, partitions_def=partitions, blocking=True)
     def row_accounting(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
-        """Records in the source (counted again now, without the readers' parsing: sources/recount.py) = rows kept +
-        rows quarantined, each record index exactly once."""
+        """Records in the source (counted again now, without the readers' parsing: sources/recount.py) are each accounted
+        for by rows kept + rows quarantined: every record index once - or, for a conversation split into turns, once
+        per turn - and none missing or out of range."""
         corpus = store.open()
         source = context.partition_key
-        kept = corpus.read_partition("seed_pool", source, ["record_index"])
-        quarantined = corpus.read_partition("quarantine", source, ["record_index"])
         source_config = store.source(project.config, source)
         read = raw_record_count(source_config, make_reader(source_config))
-        n_kept = kept.num_rows if kept is not None else 0
-        n_quarantined = quarantined.num_rows if quarantined is not None else 0
-        indices = (kept.column("record_index").to_pylist() if kept is not None else []) + (
-            quarantined.column("record_index").to_pylist() if quarantined is not None else []
-        )
-        counted_twice = len(indices) - len(set(indices))
-        never_accounted = len(set(range(read)) - set(indices))
-        passed = read == n_kept + n_quarantined and counted_twice == 0 and never_accounted == 0
+        rows = [table.select(["record_index", "turn"]).to_pylist()
+                for table in (corpus.read_partition("seed_pool", source), corpus.read_partition("quarantine", source)) if table is not None]
+        keys = [(row["record_index"], row["turn"]) for part in rows for row in part]
+        accounted = {index for index, _ in keys}
+        counted_twice = len(keys) - len(set(keys))
+        never_accounted = len(set(range(read)) - accounted)
+        out_of_range = len(accounted - set(range(read)))
+        n_kept, n_quarantined = (len(rows[0]), len(rows[1])) if len(rows) == 2 else (0, 0)
+        passed = len(accounted) == read and counted_twice == 0 and never_accounted == 0 and out_of_range == 0
         return dg.AssetCheckResult(
             passed=passed,
-            metadata={"read": read, "kept": n_kept, "quarantined": n_quarantined, "unaccounted": read - n_kept - n_quarantined,
-                      "records_counted_twice": counted_twice, "records_never_accounted": never_accounted},
+            metadata={"read": read, "kept": n_kept, "quarantined": n_quarantined, "records_accounted": len(accounted),
+                      "unaccounted": read - len(accounted),
+                      "turn_rows_beyond_one_per_record": len(set(keys)) - len(accounted), "records_counted_twice": counted_twice,
+                      "records_never_accounted": never_accounted, "record_indices_out_of_range": out_of_range},
             description=None if passed else (
-                f"source has {read} records; the store accounts for {n_kept} kept + {n_quarantined} quarantined, "
-                f"{counted_twice} record indices twice and misses {never_accounted}"
+                f"source has {read} records; the store accounts for {len(accounted)} of them ({n_kept} kept + {n_quarantined} "
+                f"quarantined rows), {counted_twice} rows twice, misses {never_accounted} and names {out_of_range} that do not exist"
             ),
         )
 

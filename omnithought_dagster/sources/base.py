@@ -9,7 +9,6 @@ every format and live in `curation.seed`, so each reader only knows its format.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -17,9 +16,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from omnithought_dagster.fieldpath import get_path, path_head  # noqa: F401 - the readers' field paths
+from omnithought_dagster.sources import jsonstream
+from omnithought_dagster.sources.jsonstream import JSON_ERRORS, NonStandardLiteral, loads  # noqa: F401 - part of this module's API
 
 RAW_EXCERPT_CHARS = 500
-JSON_WHITESPACE = " \t\r\n"  # what JSON itself counts as whitespace (str.strip() would take U+3000, U+2028, ...)
 
 
 class QuarantineReason(StrEnum):
@@ -75,6 +75,7 @@ class Candidate:
     metadata: dict[str, Any] = field(default_factory=dict)
     raw_excerpt: str | None = None
     placeholder_count: int | None = None  # <image> tokens seen in the text, when the format has them
+    turn: int | None = None  # the conversation turn (1-based) a sample came from; None for formats without turns
 
 
 @dataclass
@@ -86,13 +87,15 @@ class Rejected:
     reason: QuarantineReason
     detail: str
     raw_excerpt: str | None = None
+    turn: int | None = None
 
 
 SeedRecord = Candidate | Rejected
 
 
 class SeedReader(Protocol):
-    """One source format. `records()` yields one item per raw record, in a stable order."""
+    """One source format. `records()` yields, in a stable order, one item per raw record - or, for a conversation
+    split with `multi_turn: each`, one per user turn, all with the record's index and their own `turn`."""
 
     image_root: Path | None
 
@@ -110,12 +113,14 @@ class SeedReader(Protocol):
 # -- shared helpers -----------------------------------------------------------------------------
 
 
-def parse_guarded(parse: Callable[[int, Any], "SeedRecord"], index: int, record: Any) -> "SeedRecord":
-    """A reader's parse of one record; whatever it raises becomes that record's record_error, never the partition's."""
+def parse_guarded(parse: Callable[[int, Any], "SeedRecord | list[SeedRecord]"], index: int, record: Any) -> list["SeedRecord"]:
+    """A reader's parse of one record, as a list (a split conversation gives several); whatever it raises becomes
+    that record's record_error, never the partition's."""
     try:
-        return parse(index, record)
+        parsed = parse(index, record)
     except Exception as exc:  # noqa: BLE001 - one record's surprise must not end the source
-        return Rejected(index, None, QuarantineReason.RECORD_ERROR, f"reading the record failed: {error_text(exc)}", excerpt(record))
+        return [Rejected(index, None, QuarantineReason.RECORD_ERROR, f"reading the record failed: {error_text(exc)}", excerpt(record))]
+    return parsed if isinstance(parsed, list) else [parsed]
 
 
 def error_text(exc: BaseException) -> str:
@@ -135,155 +140,16 @@ def excerpt(value: Any) -> str:
     return text[:RAW_EXCERPT_CHARS]
 
 
-class NonStandardLiteral:
-    """A NaN / Infinity / -Infinity in JSON (not JSON, but Python's parser accepts it): never a value we keep."""
-
-    def __init__(self, literal: str):
-        self.literal = literal
-
-    def __repr__(self) -> str:
-        return self.literal
-
-
-def loads(text: str) -> Any:
-    """json.loads with NaN / Infinity kept as NonStandardLiteral, so the field holding one is rejected, not read as a number."""
-    return json.loads(text, parse_constant=NonStandardLiteral)
-
-
-# Errors a hostile document raises from the JSON parser: bad syntax, nesting past the recursion limit,
-# numbers too long to convert, memory.
-JSON_ERRORS = (json.JSONDecodeError, RecursionError, ValueError, MemoryError)
-
-
 def iter_json_records(path: Path) -> Iterator[tuple[Any, tuple[QuarantineReason, str] | None]]:
-    """(record, problem) for each record of a .json array or a .jsonl file, in order.
-
-    Bytes are decoded with surrogateescape, so a record holding invalid UTF-8 still parses and
-    is caught per record (as lone surrogates) instead of failing the whole file; a leading
-    byte-order mark is dropped. JSONL splits on newlines only: U+2028, U+2029 and U+0085 are
-    legal inside JSON strings. An unparsable JSONL line is one malformed record; an unparsable
-    (or unreadable) JSON file is one unreadable_file record.
-    """
-    try:
-        data = read_json_text(path)
-    except OSError as exc:
-        yield str(path), (QuarantineReason.UNREADABLE_FILE, f"{path.name}: cannot read: {exc}")
-        return
-    if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(data):
-        for number, line in enumerate(data.split("\n"), start=1):
-            if not line.strip(JSON_WHITESPACE):
-                continue  # only JSON's own whitespace: a line of U+3000 is a bad record, not nothing
-            try:
-                yield loads(line), None
-            except json.JSONDecodeError as exc:
-                yield line, (QuarantineReason.MALFORMED_RECORD, f"{path.name} line {number}: invalid JSON: {exc.msg} at column {exc.colno}")
-            except JSON_ERRORS as exc:
-                yield line, (QuarantineReason.MALFORMED_RECORD, f"{path.name} line {number}: unparsable JSON: {type(exc).__name__}: {exc}")
-        return
-    try:
-        parsed = loads(data)
-    except JSON_ERRORS as exc:
-        # One bad element must not take the file's other records with it: parse the array element by element.
-        elements = _array_elements(data, path.name)
-        if elements is not None:
-            yield from elements
-            return
-        where = f"{exc.msg} at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {exc}"
-        yield data, (QuarantineReason.UNREADABLE_FILE, f"{path.name}: unparsable JSON: {where}")
-        return
-    if isinstance(parsed, list):
-        yield from ((record, None) for record in parsed)
-    else:
-        yield parsed, None
-
-
-_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.DOTALL)
-
-
-def _array_elements(data: str, name: str) -> list[tuple[Any, tuple[QuarantineReason, str] | None]] | None:
-    """The elements of a top-level JSON array that does not parse as a whole: each good one parsed, each bad one a
-    malformed record. None when the file is not such an array, or its brackets and strings do not close (truncated)."""
-    decoder = json.JSONDecoder(parse_constant=NonStandardLiteral)
-    position = len(data) - len(data.lstrip(JSON_WHITESPACE))
-    if data[position:position + 1] != "[":
-        return None
-    position += 1
-    out: list = []
-    while True:
-        position = _skip_whitespace(data, position)
-        if position >= len(data):
-            return None  # no closing bracket
-        if data[position] == "]":
-            return out if not data[position + 1:].strip(JSON_WHITESPACE) else None
-        if data[position] == ",":
-            position += 1  # an empty slot holds no record
-            continue
-        try:
-            value, end = decoder.raw_decode(data, position)
-            if data[_skip_whitespace(data, end):][:1] not in (",", "]"):
-                raise ValueError("junk after the value")
-            out.append((value, None))
-        except JSON_ERRORS as exc:
-            end = _element_end(data, position)
-            if end is None:
-                return None
-            out.append((data[position:end], (QuarantineReason.MALFORMED_RECORD, f"{name} element {len(out)}: invalid JSON: {type(exc).__name__}: {exc}")))
-        position = end
-
-
-def _skip_whitespace(data: str, position: int) -> int:
-    while position < len(data) and data[position] in JSON_WHITESPACE:
-        position += 1
-    return position
-
-
-def _element_end(data: str, start: int) -> int | None:
-    """Where the array element starting at `start` ends (the next ',' or ']' outside strings and brackets)."""
-    depth, last = 0, start
-    for match in _STRING_OR_BRACKET.finditer(data, start):
-        if '"' in data[last:match.start()]:
-            return None  # a string that never closes
-        last = match.end()
-        token = match.group()
-        if token in "[{":
-            depth += 1
-        elif token in "]}":
-            if depth == 0:
-                return match.start() if token == "]" else None
-            depth -= 1
-        elif token == "," and depth == 0:
-            return match.start()
-    return None
-
-
-def read_json_text(path: Path) -> str:
-    """A JSON file's text: invalid UTF-8 kept as lone surrogates (caught per record), a byte-order mark dropped."""
-    data = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    return data[1:] if data.startswith("\ufeff") else data
+    """(record, problem) for each record of a .json array or a .jsonl file, in order, read a record at a time
+    (sources/jsonstream.py): an unparsable JSONL line or array element is one malformed record; a file that cannot
+    be read, or whose array does not close, is one unreadable_file record."""
+    for record, problem in jsonstream.records(path):
+        yield record, None if problem is None else (QuarantineReason(problem[0]), problem[1])
 
 
 def count_json_records(path: Path) -> int:
-    try:
-        data = read_json_text(path)
-    except OSError:
-        return 1  # one unreadable_file record
-    if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(data):
-        return sum(1 for line in data.split("\n") if line.strip(JSON_WHITESPACE))
-    try:
-        parsed = loads(data)
-    except JSON_ERRORS:
-        elements = _array_elements(data, path.name)
-        return 1 if elements is None else len(elements)  # one unreadable_file record, or the array's elements
-    return len(parsed) if isinstance(parsed, list) else 1
-
-
-def _looks_like_jsonl(data: str) -> bool:
-    head = data.lstrip(JSON_WHITESPACE)[:1]
-    if head != "{":
-        return False
-    # A JSON file holding a single object spans the file; JSONL has one object per line.
-    lines = [line for line in data.split("\n") if line.strip(JSON_WHITESPACE)]
-    return len(lines) > 1 and lines[0].rstrip(JSON_WHITESPACE).endswith("}")
+    return jsonstream.count(path)
 
 
 def files_fingerprint(paths: list[Path]) -> list[tuple[str, int, int]]:

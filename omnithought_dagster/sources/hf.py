@@ -30,7 +30,7 @@ from omnithought_dagster.sources.base import (
     get_path,
     parse_guarded,
 )
-from omnithought_dagster.sources.jsonfile import candidate_from_mapping
+from omnithought_dagster.sources.jsonfile import candidate_from_mapping, llava_records
 
 BATCH_ROWS = 1024
 
@@ -54,7 +54,7 @@ class HFReader:
                 except UnicodeDecodeError:
                     rows = [_row_or_error(batch, i) for i in range(batch.num_rows)]
                 for row in rows:
-                    yield parse_guarded(self._parse, index, row)
+                    yield from parse_guarded(self._parse, index, row)
                     index += 1
 
     def count(self) -> int:
@@ -62,18 +62,23 @@ class HFReader:
 
     def fingerprint(self) -> str:
         return content_id("hf-source", {"files": files_fingerprint(self.files), "fields": self.fields.model_dump(), "split": self.config.split,
-                                         "allowed_image_roots": self.config.allowed_image_roots})
+                                         "allowed_image_roots": self.config.allowed_image_roots, "format": self.config.format,
+                                         "multi_turn": self.config.multi_turn})
 
-    def _parse(self, index: int, row: Any) -> SeedRecord:
+    def _parse(self, index: int, row: Any) -> SeedRecord | list[SeedRecord]:
         if isinstance(row, Rejected):
             row.record_index = index
             return row
         images = _images_from_cell(get_path(row, self.fields.image))
         if images is None:
             return Rejected(index, None, QuarantineReason.MALFORMED_RECORD, f"column {self.fields.image!r} holds no image struct, path or list of them", excerpt(_printable(row)))
-        candidate = candidate_from_mapping(index, row, self.fields, images=images)
-        candidate.raw_excerpt = excerpt(_printable(row))
-        return candidate
+        if self.config.format == "llava":
+            parsed = llava_records(index, row, self.fields, images, self.config.multi_turn)
+        else:
+            parsed = [candidate_from_mapping(index, row, self.fields, images=images)]
+        for item in parsed:
+            item.raw_excerpt = excerpt(_printable(row))
+        return parsed
 
 
 def _data_files(path: Path, split: str | None) -> list[Path]:

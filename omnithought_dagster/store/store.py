@@ -14,7 +14,9 @@ the new one, never a mix or a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,28 +78,14 @@ class CorpusStore:
 
     def write_partition(self, table: str, partition: str | Mapping[str, str], data: pa.Table) -> WrittenPartition:
         """Replace one partition of a table with `data`, atomically. Columns are cast to the spec."""
-        spec = table_spec(table)
-        keys = _partition_keys(spec, partition)
-        data = _conform(spec, data)
-        for column in spec.partition_by:
-            values = set(data.column(column).to_pylist())
-            if values - {keys[column]}:
-                raise StoreError(f"{table}[{keys}]: rows carry {column}={sorted(values - {keys[column]})}, not the partition's")
-        directory = self.partition_dir(table, keys)
-        final = f"{directory}/{PARTITION_FILE}"
-        self.fs.create_dir(directory, recursive=True)
-        if self.is_local:
-            temporary = f"{directory}/.{PARTITION_FILE}.{uuid.uuid4().hex}.tmp"
-            try:
-                pq.write_table(data, temporary, filesystem=self.fs, compression=PARQUET_COMPRESSION)
-                self.fs.move(temporary, final)
-            except BaseException:
-                _delete_quietly(self.fs, temporary)
-                raise
-        else:
-            pq.write_table(data, final, filesystem=self.fs, compression=PARQUET_COMPRESSION)
-        size = self.fs.get_file_info(final).size or 0
-        return WrittenPartition(table, keys, self._uri(final), data.num_rows, size)
+        with self.partition_writer(table, partition) as writer:
+            writer.write(data)
+        return writer.written
+
+    def partition_writer(self, table: str, partition: str | Mapping[str, str]) -> "PartitionWriter":
+        """Replace one partition with rows written batch by batch (memory bounded by one batch), atomically:
+        readers see the old partition until the writer commits; a writer that fails or is killed leaves it."""
+        return PartitionWriter(self, table, partition)
 
     def read_partition(self, table: str, partition: str | Mapping[str, str], columns: list[str] | None = None) -> pa.Table | None:
         """One partition, or None when it was never written."""
@@ -200,6 +188,75 @@ class CorpusStore:
         return f"{scheme}://{path}"
 
 
+class PartitionWriter:
+    """One partition written in batches, committed as a whole (use as a context manager: commit on success,
+    nothing on failure). Every batch is checked against the table's spec and partition key as it comes.
+
+    Local stores write a hidden temporary file beside the partition and rename it over the old one at commit;
+    object stores get a local temporary file uploaded at commit (the upload completes, or nothing is visible).
+    """
+
+    def __init__(self, store: CorpusStore, table: str, partition: str | Mapping[str, str]):
+        self.store, self.spec = store, table_spec(table)
+        self.keys = _partition_keys(self.spec, partition)
+        self.directory = store.partition_dir(table, self.keys)
+        self.final = f"{self.directory}/{PARTITION_FILE}"
+        self.rows = 0
+        self.written: WrittenPartition | None = None
+        if store.is_local:
+            store.fs.create_dir(self.directory, recursive=True)
+            self._temporary, self._local = f"{self.directory}/.{PARTITION_FILE}.{uuid.uuid4().hex}.tmp", None
+        else:
+            import tempfile
+
+            handle, self._local = tempfile.mkstemp(prefix=f"omnithought-{table}-", suffix=".parquet")
+            os.close(handle)
+            self._temporary = self._local
+        self._filesystem = store.fs if store.is_local else pafs.LocalFileSystem()
+        self._writer = pq.ParquetWriter(self._temporary, self.spec.schema, filesystem=self._filesystem, compression=PARQUET_COMPRESSION)
+
+    def write(self, data: pa.Table) -> None:
+        data = _conform(self.spec, data)
+        for column in self.spec.partition_by:
+            values = set(data.column(column).to_pylist())
+            if values - {self.keys[column]}:
+                raise StoreError(f"{self.spec.name}[{self.keys}]: rows carry {column}={sorted(values - {self.keys[column]})}, not the partition's")
+        self._writer.write_table(data)
+        self.rows += data.num_rows
+
+    def commit(self) -> WrittenPartition:
+        fs = self.store.fs
+        try:
+            self._writer.close()
+            if self.store.is_local:
+                fs.move(self._temporary, self.final)
+            else:
+                fs.create_dir(self.directory, recursive=True)
+                pafs.copy_files(self._local, self.final, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+                os.unlink(self._local)
+        except BaseException:
+            _delete_quietly(self._filesystem, self._temporary)
+            raise
+        size = fs.get_file_info(self.final).size or 0
+        self.written = WrittenPartition(self.spec.name, self.keys, self.store._uri(self.final), self.rows, size)
+        return self.written
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            _delete_quietly(self._filesystem, self._temporary)
+
+    def __enter__(self) -> "PartitionWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
 class ImageStore:
     """Image bytes named by their content hash: writing the same bytes twice stores them once."""
 
@@ -217,6 +274,8 @@ class ImageStore:
 
     def put(self, image_id: str, data: bytes) -> bool:
         """Store bytes under their id; False when they were already there (deduplicated)."""
+        if self._store.is_local:
+            return self._put_local(image_id, data)
         fs = self._store.fs
         final = self.path(image_id)
         if fs.get_file_info(final).type == pafs.FileType.File:
@@ -232,6 +291,24 @@ class ImageStore:
         except BaseException:
             if target != final:
                 _delete_quietly(fs, target)
+            raise
+        return True
+
+    def _put_local(self, image_id: str, data: bytes) -> bool:
+        # Plain os calls: the seed stage stores one image per record, and each pyarrow fs call costs ~50 us more.
+        final = self.path(image_id)
+        if os.path.isfile(final):
+            return False
+        directory = os.path.dirname(final)
+        os.makedirs(directory, exist_ok=True)
+        temporary = f"{directory}/.{image_id}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(temporary, "wb") as out:
+                out.write(data)
+            os.replace(temporary, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
             raise
         return True
 

@@ -8,6 +8,7 @@ the two disagree).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -31,7 +32,7 @@ class TableSpec:
     columns: tuple[Column, ...]
     primary_key: tuple[str, ...] = field(default=())
 
-    @property
+    @functools.cached_property  # read per row by the seed stage's type check: build it once
     def schema(self) -> pa.Schema:
         return pa.schema([pa.field(c.name, c.type, nullable=c.nullable) for c in self.columns])
 
@@ -50,6 +51,7 @@ SEED_POOL = TableSpec(
         Column("source", pa.string(), "configured source name (the partition key)", False),
         Column("native_id", pa.string(), "the record's id in its source (or its position when it has none)", False),
         Column("record_index", pa.int64(), "0-based position of the record in the source as read", False),
+        Column("turn", pa.int32(), "the conversation turn (1-based) the sample came from; null for formats without turns"),
         Column("image_ids", STRING_LIST, "content hashes of the image bytes, in question order; keys of the image store", False),
         Column("image_phashes", STRING_LIST, "64-bit perceptual hash (hex) of each image, aligned with image_ids", False),
         Column("question", pa.string(), "question text, NFC, image placeholders removed", False),
@@ -72,6 +74,7 @@ QUARANTINE = TableSpec(
         Column("source", pa.string(), "configured source name (the partition key)", False),
         Column("native_id", pa.string(), "the record's id in its source, when it could be read"),
         Column("record_index", pa.int64(), "0-based position of the record in the source as read", False),
+        Column("turn", pa.int32(), "the conversation turn (1-based) set aside, when one turn of a record was; null otherwise"),
         Column("reason", pa.string(), "reason code (see omnithought_dagster.sources.base.QuarantineReason)", False),
         Column("detail", pa.string(), "what exactly was wrong, with the offending value", False),
         Column("sample_id", pa.string(), "the sample's id when it got that far (duplicates always have one)"),
