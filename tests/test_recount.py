@@ -62,3 +62,42 @@ def test_one_bad_element_of_a_json_array_loses_only_itself(tmp_path, data, reaso
     got = [problem[0].value if problem else None for _, problem in iter_json_records(path)]
     assert got == reasons
     assert json_file_records(path) == count_json_records(path) == len(reasons)
+
+
+# -- the streamed reader across chunk boundaries ---------------------------------------------------------------------
+
+_TRICKY_ARRAY = ('\ufeff[ {"q": "a \\"quoted\\" ]}, word", "n": [1, {"x": "\\\\"}]}, ,'
+                 ' 12.5e3 , "s\\u2028t" , true, null, {"bad": 01}, [[["deep"]]], {"emoji": "\U0001f600", "back": "\\\\\\""}'
+                 ' , -0 ]\n').encode()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 16, 1 << 20])
+def test_arrays_read_in_small_chunks_give_the_same_records(tmp_path, monkeypatch, chunk):
+    from omnithought_dagster.sources import jsonstream
+
+    path = tmp_path / "tricky.json"
+    path.write_bytes(_TRICKY_ARRAY)
+    reference = list(iter_json_records(path))
+    monkeypatch.setattr(jsonstream, "CHUNK_BYTES", chunk)
+    got = list(iter_json_records(path))
+    assert [(repr(r), p) for r, p in got] == [(repr(r), p) for r, p in reference]
+    assert len(got) == count_json_records(path) == json_file_records(path) == 9
+    assert [p[0].value for _, p in got if p] == ["malformed_record"]  # {"bad": 01}
+    assert got[0][0] == {"q": 'a "quoted" ]}, word', "n": [1, {"x": "\\"}]}
+
+
+def test_arbitrary_bytes_in_tiny_chunks_match_the_independent_count(tmp_path, monkeypatch):
+    """Bytes cut at every boundary: the streamed reader never crashes and counts what the byte scanner counts."""
+    import random
+
+    from omnithought_dagster.sources import jsonstream
+
+    monkeypatch.setattr(jsonstream, "CHUNK_BYTES", 3)
+    pieces = [b"[", b"]", b"{", b"}", b",", b":", b'"', b"\\", b" ", b"\n", b"a", b"1", b'"x"', b"\xff", b"null", b"\xef\xbb\xbf"]
+    rng = random.Random(7)
+    path = tmp_path / "any.json"
+    for _ in range(600):
+        data = b"[" + b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) + rng.choice([b"]", b"", b"]]", b"] x"])
+        path.write_bytes(data)
+        records = list(iter_json_records(path))
+        assert len(records) == count_json_records(path) == json_file_records(path), data

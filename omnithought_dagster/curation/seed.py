@@ -78,6 +78,9 @@ BATCH_RECORDS = 32
 # A source this small per worker is checked in the step's own process: starting a process costs ~1-2 s.
 MIN_RECORDS_PER_WORKER = 256
 PREVIEW_ROWS = 10
+# While the workers start, the step's process checks the first batches itself (tests turn this off to make every
+# batch go through the pool).
+CHECK_WHILE_WORKERS_START = True
 
 
 class RowSink(Protocol):
@@ -374,7 +377,7 @@ def _checked(records: Iterable[SeedRecord], context: _Context, workers: int, not
         window: deque = deque()  # batches in flight, oldest first: results are taken in order
         for batch in _batches(records, BATCH_RECORDS):
             # While the workers start (an interpreter and its imports, ~0.5-1 s) this process checks batches itself.
-            window.append((batch, pool.submit(batch) if pool.ready() else _done(batch, context)))
+            window.append((batch, pool.submit(batch) if pool.ready() or not CHECK_WHILE_WORKERS_START else _done(batch, context)))
             if len(window) > 2 * workers:
                 yield from pool.collect(*window.popleft())
         while window:

@@ -195,11 +195,13 @@ def _array_elements(handle: IO[bytes], keep: bool, closed: _Closed) -> Iterator[
     (`[1,,2]`) hold no element. `closed` is set when the array ends with its strings and brackets matched and
     nothing after it but whitespace."""
     handle.seek(0)
-    buf = handle.read(CHUNK_BYTES)
-    if buf.startswith(BOM):
-        buf = buf[len(BOM):]
+    if handle.read(len(BOM)) != BOM:
+        handle.seek(0)
+    buf = b""
+    while not buf:  # the caller saw '[' as the first byte that is not whitespace
+        buf = handle.read(CHUNK_BYTES).lstrip(WHITESPACE)
     eof = False
-    pos = buf.index(b"[") + 1  # the caller saw '[' as the first non-whitespace byte
+    pos = 1
     stack = [ord("[")]
     start: int | None = None  # where the current top-level element begins
 

@@ -62,6 +62,9 @@ def _top_level_elements(data: bytes) -> int:
         if data[position:match.start()].strip(JSON_WHITESPACE):
             balanced = False  # bytes no token covers: an unterminated string
             break
+        if array and not opened and position > 0:
+            balanced = False  # anything after the array's closing bracket
+            break
         position = match.end()
         if token in (b"[", b"{"):
             if len(opened) == 1 and expecting:
