@@ -49,6 +49,11 @@ class HFReader:
         index = 0
         for path in self.files:
             for batch in _batches(path):
+                if isinstance(batch, _Unreadable):  # a file or a row group that does not decode: its rows, set aside
+                    for offset in range(batch.rows):
+                        yield Rejected(index, None, QuarantineReason.UNREADABLE_FILE, batch.detail(offset))
+                        index += 1
+                    continue
                 try:
                     rows = batch.to_pylist()
                 except UnicodeDecodeError:
@@ -71,7 +76,9 @@ class HFReader:
             return row
         images = _images_from_cell(get_path(row, self.fields.image))
         if images is None:
-            return Rejected(index, None, QuarantineReason.MALFORMED_RECORD, f"column {self.fields.image!r} holds no image struct, path or list of them", excerpt(_printable(row)))
+            native = get_path(row, self.fields.id)
+            return Rejected(index, None if native in (None, "") else str(native), QuarantineReason.MALFORMED_RECORD,
+                            f"column {self.fields.image!r} holds no image struct, path or list of them", excerpt(_printable(row)))
         if self.config.format == "llava":
             parsed = llava_records(index, row, self.fields, images, self.config.multi_turn)
         else:
@@ -94,18 +101,55 @@ def _data_files(path: Path, split: str | None) -> list[Path]:
     return expand_paths(str(path), (".parquet", ".arrow"))
 
 
-def _batches(path: Path) -> Iterator[pa.RecordBatch]:
+class _Unreadable:
+    """Rows of a data file that cannot be decoded: `rows` of them (1 when not even the count can be read)."""
+
+    def __init__(self, path: Path, rows: int, why: BaseException, where: str = ""):
+        self.path, self.rows, self.why, self.where = path, rows, why, where
+
+    def detail(self, offset: int) -> str:
+        what = f"row {offset} of {self.where}" if self.where else "the file"
+        return f"{self.path.name}: {what} cannot be read: {type(self.why).__name__}: {str(self.why)[:200]}"
+
+
+# What pyarrow raises on bytes that are not the format they claim, or cut short.
+_ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
+
+
+def _batches(path: Path) -> Iterator[pa.RecordBatch | _Unreadable]:
+    """Record batches of one file. A file that cannot be opened is one _Unreadable row; a Parquet row group that does
+    not decode is an _Unreadable of its rows (the footer says how many); an Arrow stream that breaks part-way is one
+    _Unreadable for what is left. Readers of the source go on with the next row group or file."""
     if path.suffix == ".arrow":
-        with pa.memory_map(str(path)) as source:
-            yield from pa.ipc.open_stream(source)
+        try:
+            with pa.memory_map(str(path)) as source:
+                stream = pa.ipc.open_stream(source)
+                while True:
+                    try:
+                        batch = stream.read_next_batch()
+                    except StopIteration:
+                        return
+                    yield batch
+        except _ARROW_ERRORS as exc:
+            yield _Unreadable(path, 1, exc)
         return
-    yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+    try:
+        parquet = pq.ParquetFile(path)
+    except _ARROW_ERRORS as exc:
+        yield _Unreadable(path, 1, exc)
+        return
+    for group in range(parquet.metadata.num_row_groups):
+        done = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group]):
+                yield batch
+                done += batch.num_rows
+        except _ARROW_ERRORS as exc:  # the group's rows not read yet are set aside, one quarantine row each
+            yield _Unreadable(path, parquet.metadata.row_group(group).num_rows - done, exc, f"row group {group} (after {done} rows)")
 
 
 def _num_rows(path: Path) -> int:
-    if path.suffix == ".arrow":
-        return sum(batch.num_rows for batch in _batches(path))
-    return pq.ParquetFile(path).metadata.num_rows
+    return sum(item.rows if isinstance(item, _Unreadable) else item.num_rows for item in _batches(path))
 
 
 def _row_or_error(batch: pa.RecordBatch, i: int) -> dict | Rejected:

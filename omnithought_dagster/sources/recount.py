@@ -90,15 +90,23 @@ _CLOSES = {b"]": b"[", b"}": b"{"}
 
 
 def table_file_rows(path: Path) -> int:
-    """Rows of a Parquet file (its footer) or an Arrow IPC stream/file (its batches' lengths)."""
+    """Rows of a Parquet file (its footer) or an Arrow IPC stream/file (its batches' lengths, until it breaks, and one
+    for the broken rest). A file whose footer or stream header cannot be read at all is one record: the reader's
+    unreadable_file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    errors = (pa.ArrowException, OSError, ValueError, EOFError)
     if path.suffix == ".arrow":
-        with pa.memory_map(str(path)) as source:
-            try:
-                reader = pa.ipc.open_stream(source)
-            except pa.ArrowInvalid:
-                return pa.ipc.open_file(source).read_all().num_rows
-            return sum(batch.num_rows for batch in reader)
-    return pq.ParquetFile(path).metadata.num_rows
+        rows = 0
+        try:
+            with pa.memory_map(str(path)) as source:
+                for batch in pa.ipc.open_stream(source):
+                    rows += batch.num_rows
+        except errors:
+            rows += 1
+        return rows
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except errors:
+        return 1
