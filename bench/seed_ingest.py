@@ -1,12 +1,15 @@
 """Seed-stage throughput on this machine; prints one JSON object.
 
-    .venv/bin/python bench/seed_ingest.py [--samples 2000] [--hashes 1000000] [--rows 200000] [--rounds 3]
+    .venv/bin/python bench/seed_ingest.py [--samples 4000] [--hashes 1000000] [--rows 200000] [--rounds 3]
 
 - parallel (the target): N synthetic 320 px PNGs on disk ingested end to end - JSON reader, checks, images
   into a real store, the three partitions streamed to Parquet - with 1 worker and with one per core, against
   the floor measured in the same run: one process doing nothing but read the file, PIL-decode it, pHash it
   (imagehash) and BLAKE2b it. Rounds are interleaved (floor, 1 worker, all cores) and medians reported;
-  `ratio_to_floor_x_cores` = all-cores records/s / (floor records/s x cores), target >= 0.8;
+  `ratio_to_floor_x_cores` = all-cores records/s / (floor records/s x cores), target >= 0.8, end to end and
+  `steady_` between the first and last progress marks (every 1000 records: what a corpus-size source sees,
+  without the second or so a step spends starting its workers and writing its last rows); the same with the
+  image bytes written to the store, against a floor that writes them too;
 - memory: peak RSS of one process ingesting N and 4N text-heavy records (2 KB questions) streamed to
   partition files, against the same records collected in memory (what the asset did before): the growth
   per record shows what stays in memory;
@@ -40,6 +43,7 @@ from omnithought_dagster.config import SeedSettings, parse_config  # noqa: E402
 from omnithought_dagster.curation.near_dup import earliest_near_duplicates  # noqa: E402
 from omnithought_dagster.curation.seed import SeedSinks, ingest_source, ingest_source_into  # noqa: E402
 from omnithought_dagster.processes import available_cores  # noqa: E402
+from discard import discard_image  # noqa: E402 - bench/ is on sys.path as the script's folder
 from omnithought_dagster.sources import make_reader  # noqa: E402
 from omnithought_dagster.sources.synthetic import SyntheticReader  # noqa: E402
 from omnithought_dagster.store import CorpusStore  # noqa: E402
@@ -100,33 +104,32 @@ def floor_records_per_s(images: Path, names: list[str], store_root: Path | None 
     return rate
 
 
-def discard_image(image_id: str, data: bytes) -> bool:
-    """A put_image that stores nothing (module-level, so worker processes can be handed it, as they are the store's)."""
-    return True
-
-
-def _discard_by_name():
-    """discard_image as `seed_ingest.discard_image`: run as a script this module is __main__, which workers do not import."""
-    import importlib
-
-    return importlib.import_module("seed_ingest").discard_image
-
-
 def ingest_records_per_s(data: Path, images: Path, store_root: Path, workers: int, store_images: bool) -> tuple[float, int]:
     """The seed stage end to end into a fresh store, as the asset runs it (image bytes stored, or not)."""
     source = parse_config({"sources": [{"name": "disk", "kind": "json", "path": str(data), "image_root": str(images)}]},
                           base_dir=data.parent).sources[0]
     store = CorpusStore(str(store_root))
     reader = make_reader(source)
-    start = time.perf_counter()
+    marks: list[tuple[int, float]] = []
+    start, cpu = time.perf_counter(), time.process_time()
     with store.partition_writer("seed_pool", "disk") as kept, store.partition_writer("quarantine", "disk") as quarantine, \
             store.partition_writer("images", "disk") as stored:
         result = ingest_source_into("disk", reader.records(), SeedSettings(), image_root=reader.image_root,
-                                    put_image=store.images.put if store_images else _discard_by_name(),
-                                    sinks=SeedSinks(kept, quarantine, stored), workers=workers)
-    elapsed = time.perf_counter() - start
+                                    put_image=store.images.put if store_images else discard_image,
+                                    sinks=SeedSinks(kept, quarantine, stored), workers=workers,
+                                    progress=lambda done: marks.append((done, time.perf_counter())))
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     shutil.rmtree(store_root)
+    MAIN_CPU.setdefault(workers, []).append(cpu / result.rows_read)
+    # Between the first and the last progress mark (every 1000 records): the rate once the workers run, without the
+    # fixed costs of a step (starting the processes, the last flush, near-duplicate marks) that a large source amortises.
+    (first, t_first), (last, t_last) = marks[0], marks[-1]
+    STEADY.setdefault((workers, store_images), []).append((last - first) / (t_last - t_first))
     return result.rows_read / elapsed, result.rows_kept
+
+
+MAIN_CPU: dict[int, list[float]] = {}  # the step's own CPU seconds per record, by worker count
+STEADY: dict[tuple[int, bool], list[float]] = {}  # records/s between the first and the last progress mark
 
 
 def bench_parallel(root: Path, n: int, rounds: int) -> dict:
@@ -149,11 +152,20 @@ def bench_parallel(root: Path, n: int, rounds: int) -> dict:
         "records": n, "cores": cores, "rounds": rounds,
         "records_per_s": {name: round(value, 1) for name, value in rate.items()},
         "ratio_to_floor_x_cores": round(rate["all_cores"] / (rate["floor"] * cores), 3),
+        "steady_records_per_s": {"one_worker": round(statistics.median(STEADY[1, False])),
+                                 "all_cores": round(statistics.median(STEADY[cores, False])),
+                                 "all_cores_with_store": round(statistics.median(STEADY[cores, True]))},
+        "steady_ratio_to_floor_x_cores": round(statistics.median(STEADY[cores, False]) / (rate["floor"] * cores), 3),
+        "steady_with_store_ratio_to_floor_with_store_x_cores": round(statistics.median(STEADY[cores, True]) / (rate["floor_with_store"] * cores), 3),
         "target_ratio_to_floor_x_cores": 0.8,
         "one_worker_ratio_to_floor": round(rate["one_worker"] / rate["floor"], 3),
         "speedup_all_cores_vs_one": round(rate["all_cores"] / rate["one_worker"], 2),
         "with_store_ratio_to_floor_with_store_x_cores": round(rate["all_cores_with_store"] / (rate["floor_with_store"] * cores), 3),
         "with_store_speedup_all_cores_vs_one": round(rate["all_cores_with_store"] / rate["one_worker_with_store"], 2),
+        # The step's process reads, merges and writes for every worker (and checks the first batches itself while they
+        # start): its CPU per record bounds how many cores one source can keep busy.
+        "step_process_ms_per_record_all_cores": round(1000 * statistics.median(MAIN_CPU[cores]), 3),
+        "cores_one_step_process_can_feed": round(statistics.median(MAIN_CPU[1]) / statistics.median(MAIN_CPU[cores])),
         "samples": {name: [round(v) for v in values] for name, values in runs.items()},
     }
 
@@ -164,14 +176,17 @@ def bench_memory(root: Path, n: int) -> dict:
     out: dict = {"records": [n, 4 * n], "question_chars": MEMORY_QUESTION_CHARS}
     sources = {count: write_text_heavy_source(root / f"src{count}", count) for count in (n, 4 * n)}
     for mode in ("streamed", "collected"):
-        peaks = []
+        peaks, growth = [], []
         for count, data in sources.items():
             run = subprocess.run([sys.executable, __file__, "--memory-probe", str(data), "--probe-mode", mode],
                                  check=True, capture_output=True, text=True)
-            peaks.append(json.loads(run.stdout)["peak_rss_mb"])
+            probe = json.loads(run.stdout)
+            peaks.append(probe["peak_rss_mb"])
+            growth.append(probe["growth_mb"])
         out[f"{mode}_peak_rss_mb"] = peaks
-        out[f"{mode}_bytes_per_record"] = round((peaks[1] - peaks[0]) * 2**20 / (3 * n))
-        out[f"{mode}_projected_mb_at_1_8m_records"] = round(peaks[0] + out[f"{mode}_bytes_per_record"] * 1.8e6 / 2**20)
+        out[f"{mode}_resident_growth_mb"] = growth
+        out[f"{mode}_bytes_per_record"] = round((growth[1] - growth[0]) * 2**20 / (3 * n))
+        out[f"{mode}_projected_growth_mb_at_1_8m_records"] = round(out[f"{mode}_bytes_per_record"] * 1.8e6 / 2**20)
     out["streamed_growth_over_collected"] = round(out["streamed_bytes_per_record"] / out["collected_bytes_per_record"], 3)
     return out
 
@@ -198,6 +213,8 @@ def memory_probe(data: Path, mode: str) -> None:
         store = CorpusStore(str(Path(tmp) / "store"))
         reader = make_reader(source)
         settings = SeedSettings(near_duplicate_max_distance=-1)  # one image for all: every row would be a near duplicate
+        ingest_source("warm", iter([]), settings, image_root=None, put_image=store.images.put)  # imports, before the baseline
+        before = _resident_mb()
         if mode == "streamed":
             with store.partition_writer("seed_pool", "disk") as kept, store.partition_writer("quarantine", "disk") as quarantine, \
                     store.partition_writer("images", "disk") as stored:
@@ -206,7 +223,13 @@ def memory_probe(data: Path, mode: str) -> None:
         else:
             result = ingest_source("disk", reader.records(), settings, image_root=reader.image_root, put_image=store.images.put)
             store.write_partition("seed_pool", "disk", result.kept)
-    print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+    print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                      "growth_mb": round(_resident_mb() - before, 1)}))
+
+
+def _resident_mb() -> float:
+    """Resident memory now (Python seldom hands memory back, so after a run this is what the run kept at its peak)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
 
 
 def bench_near_dup(n: int) -> dict:
@@ -257,7 +280,7 @@ def bench_store_write(store: CorpusStore, rows: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)

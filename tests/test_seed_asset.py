@@ -103,3 +103,17 @@ def test_missing_source_file_fails_the_run_with_a_clear_message(project, instanc
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "source 'files'" in failure.event_specific_data.error.message or "no such file" in str(failure.event_specific_data)
+
+
+def test_a_dataset_folder_that_cannot_be_opened_fails_the_run_naming_it(project, instance, tmp_path):
+    """A save_to_disk folder whose dataset_dict.json is garbage: the source cannot be opened at all - the one case
+    that fails the step - and the message says which source and where."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "dataset_dict.json").write_text("{not json")
+    config = project([{"name": "broken", "kind": "hf", "path": str(folder)}])
+    result = materialize_source(config, instance, "broken")
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = str(failure.event_specific_data.error.message)
+    assert "source 'broken' cannot be opened" in message and str(folder) in message and "JSONDecodeError" in message

@@ -198,3 +198,30 @@ def test_a_failing_step_stops_its_workers(mixed_source, monkeypatch):
         ingest_source_into("src", reader.records(), settings, image_root=reader.image_root, put_image=lambda i, d: True,
                            sinks=SeedSinks(FullDisk(), TableSink(QUARANTINE), TableSink(IMAGES)), workers=2)
     assert multiprocessing.active_children() == []
+
+
+def test_the_pool_runs_inside_a_step_that_the_dagster_cli_launches(tmp_path):
+    """The real thing: `dagster asset materialize` under the project's multiprocess executor, a source large enough for
+    two workers; the step's __main__ is Dagster's CLI, which the workers must not run again."""
+    from conftest import write_config
+
+    for i in range(N_PICTURES):
+        write_image(tmp_path / "pics" / f"p{i}.png", i)
+    n = 2 * MIN_RECORDS_PER_WORKER + 10
+    records = [{"id": f"r{i}", "question": f"How many shapes, case {i}?", "answer": str(i % 4), "image": f"p{i % N_PICTURES}.png"}
+               for i in range(n)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = write_config(tmp_path / "project", [{"name": "big", "kind": "json", "path": str(tmp_path / "big.jsonl"),
+                                                  "image_root": str(tmp_path / "pics")}],
+                          seed={"workers": 2}, store_root=str(tmp_path / "store"))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = {**os.environ, "OMNITHOUGHT_CONFIG": str(config), "DAGSTER_HOME": str(home)}
+    run = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "omnithought_dagster.definitions",
+                          "--select", "seed_pool,quarantine,images", "--partition", "big"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "checked in 2 processes" in run.stderr
+    from omnithought_dagster.store import CorpusStore
+
+    assert CorpusStore(str(tmp_path / "store")).read_partition("seed_pool", "big").num_rows == n

@@ -75,6 +75,9 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             reader = make_reader(source)
         except FileNotFoundError as exc:
             raise dg.Failure(description=f"source {source_name!r}: {exc}") from exc
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a dataset_dict.json / state.json that does not parse, ...
+            raise dg.Failure(description=f"source {source_name!r} cannot be opened ({getattr(source, 'path', '')}): "
+                                         f"{type(exc).__name__}: {exc}") from exc
         corpus = store.open()
         earlier = earlier_sources(names, source_name)
         fingerprint = input_fingerprint(

@@ -149,6 +149,11 @@ def _batches(path: Path) -> Iterator[pa.RecordBatch | _Unreadable]:
 
 
 def _num_rows(path: Path) -> int:
+    if path.suffix != ".arrow":
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except _ARROW_ERRORS:
+            return 1
     return sum(item.rows if isinstance(item, _Unreadable) else item.num_rows for item in _batches(path))
 
 
