@@ -177,7 +177,7 @@ def bench_memory(root: Path, n: int) -> dict:
     sources = {count: write_text_heavy_source(root / f"src{count}", count) for count in (n, 4 * n)}
     for mode in ("streamed", "collected"):
         peaks, growth = [], []
-        for count, data in sources.items():
+        for data in sources.values():
             run = subprocess.run([sys.executable, __file__, "--memory-probe", str(data), "--probe-mode", mode],
                                  check=True, capture_output=True, text=True)
             probe = json.loads(run.stdout)

@@ -31,7 +31,7 @@ QUARANTINE_KEY = dg.AssetKey("quarantine")
 IMAGES_KEY = dg.AssetKey("images")
 # Bump when ingestion would produce different rows from the same input.
 SEED_CODE_VERSION = "seed-v2"
-PREVIEW_COLUMNS = ["sample_id", "native_id", "turn", "question", "answer", "answer_type", "source_tags"]
+PREVIEW_COLUMNS = ["sample_id", "native_id", "question", "answer", "answer_type", "source_tags"]
 
 
 def seed_partitions(config: ProjectConfig) -> dg.PartitionsDefinition:

@@ -434,7 +434,7 @@ class _CheckPool:
             verdicts = future.result()
         except BrokenProcessPool:
             verdicts = [self._alone(record) for record in batch]
-        return zip(batch, verdicts)
+        return zip(batch, verdicts, strict=True)  # a verdict per record, or the pool is broken
 
     def _alone(self, record: SeedRecord) -> _Accepted | _SetAside:
         try:

@@ -252,7 +252,7 @@ def conversation_records(
     else:
         metadata["turns"] = len(turns)
     out: list[SeedRecord] = []
-    for number, ((question, answer), its_images) in enumerate(zip(turns, turn_images), start=1):
+    for number, ((question, answer), its_images) in enumerate(zip(turns, turn_images, strict=True), start=1):
         out.append(Candidate(
             record_index=index,
             native_id=native_id if multi_turn != "each" else f"{native_id}#{number}",
