@@ -1,4 +1,5 @@
-"""Parquet shards and HF `datasets.save_to_disk` folders.
+"""Parquet shards and HF `datasets.save_to_disk` folders: flat rows through the field mapping, or (`format: llava`)
+a `conversations` column of {from, value} turns, as LLaVA-OneVision's parquet holds them.
 
 The image column holds what the HF `Image` feature stores: a struct {bytes, path} (bytes may
 be null with a path relative to `image_root`), a list of such structs, or a plain path. Rows
