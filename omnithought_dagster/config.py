@@ -515,6 +515,9 @@ class OperationsConfig(_Model):
         default=None, description="folder or s3:// prefix watched for source manifests (<name>.yaml); set -> sources are dynamic partitions")
     manifest_sensor_interval_s: int = Field(default=60, ge=5, description="how often the source_manifests sensor looks")
     manifest_sensor_running: bool = Field(default=False, description="start the source_manifests sensor running (else turn it on in the UI)")
+    partition_lock_wait_s: float = Field(default=3600, ge=0, description=(
+        "a model stage's run waits this long for another run of the same partition to finish (then reuses its cached "
+        "results) before it fails; 0 fails at once"))
 
     _resolve = field_validator("gpu_lock_dir", "source_manifests")(_resolve_path)
 

@@ -19,17 +19,93 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """In a child process: be killed (SIGKILL) the moment the parent dies, however it dies - a SIGKILLed step
+def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
+    """In a child process: get `signum` (SIGKILL: die) the moment the parent dies, however it dies - a SIGKILLed step
     leaves no child running. Linux only (prctl); elsewhere a no-op. Exits at once when the parent is already gone."""
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+# What a child process (a vLLM server, a trainer, an evaluator) gets of the step's environment: locale, paths and
+# temp folders, proxies and certificates, the accelerator's and the ML libraries' own variables, thread counts. Not
+# the rest - the store's keys, other services' API keys, whatever else a step holds.
+INHERITED_ENV_NAMES = {
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "TEMP", "TMP", "LD_LIBRARY_PATH",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    "http_proxy", "https_proxy", "no_proxy", "CC", "CXX", "PYTHONUNBUFFERED", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE",
+}
+INHERITED_ENV_PREFIXES = (
+    "LC_", "XDG_", "CUDA_", "NVIDIA_", "NCCL_", "CUBLAS_", "CUDNN_", "TORCH", "TRITON_", "VLLM_", "HF_", "HUGGINGFACE_",
+    "TRANSFORMERS_", "TOKENIZERS_", "DS_", "DEEPSPEED_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "ROCR_", "HIP_",
+    "MASTER_", "WORLD_SIZE", "LOCAL_RANK", "RANK", "DAGSTER_PIPES_",
+)
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a child process is started with: the step's variables it needs (INHERITED_ENV_*), plus `extra`."""
+    env = {name: value for name, value in os.environ.items()
+           if name in INHERITED_ENV_NAMES or name.startswith(INHERITED_ENV_PREFIXES)}
+    env.update(extra or {})
+    return env
+
+
+def guarded(command: list[str], grace_s: float = 20.0) -> list[str]:
+    """`command` run under a guard that dies with this process and takes the command's whole process group with it.
+
+    Start the result with `start_new_session=True`: the guard leads a process group that holds the command and
+    everything it starts (a vLLM server's engine processes, a launcher's ranks). When the process that started it
+    dies - a SIGKILL, the OOM killer, a cancelled pod - the guard gets SIGTERM (parent-death signal), passes it to
+    the group, waits `grace_s` for the command to end, then SIGKILLs the group. `os.killpg(guard.pid, ...)` reaches
+    them all, as before. The command's own exit ends the guard with its exit code.
+    """
+    return [sys.executable, "-m", "omnithought_dagster.processes", "guard", str(os.getpid()), str(grace_s), "--", *command]
+
+
+def _guard(parent_pid: int, grace_s: float, command: list[str]) -> int:
+    import subprocess
+    import time
+
+    child: subprocess.Popen | None = None
+
+    def end_group(signum=None, frame=None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's SIGTERM below is not for the guard
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(0, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while child is not None and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(0, signal.SIGKILL)  # what is left, the guard too
+
+    signal.signal(signal.SIGTERM, end_group)
+    signal.signal(signal.SIGINT, end_group)
+    signal.signal(signal.SIGHUP, end_group)
+    die_with_parent(parent_pid, signal.SIGTERM)
+    child = subprocess.Popen(command, preexec_fn=_default_signals)
+    code = child.wait()
+    # The command ended by itself: what it started and left behind goes too (the guard ignores this SIGTERM).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(0, signal.SIGTERM)
+    return code
+
+
+def _default_signals() -> None:  # in a child between fork and exec: a backgrounded shell may have left them ignored
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 4 and argv[0] == "guard" and "--" in argv:
+        split = argv.index("--")
+        return _guard(int(argv[1]), float(argv[2]), argv[split + 1:])
+    print("usage: python -m omnithought_dagster.processes guard PARENT_PID GRACE_S -- COMMAND...", file=sys.stderr)
+    return 2
 
 
 @contextlib.contextmanager
@@ -49,3 +125,7 @@ def main_module_hidden():
     finally:
         for name, value in saved.items():
             setattr(main, name, value)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -17,7 +17,9 @@ from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-Action = tuple[str, float]  # ("status", 500) | ("sleep", seconds) | ("forward", 0)
+# ("status", 500) | ("sleep", seconds) | ("forward", 0) | ("retry_after", (429, "3")) | ("body", (content_type, bytes))
+# | ("reset", 0): close the connection without a reply | ("truncate", 0): forward, then cut the reply's body in half
+Action = tuple[str, object]
 
 
 class FlakyProxy:
@@ -25,6 +27,7 @@ class FlakyProxy:
         self.upstream = upstream.rstrip("/")
         self.script = script
         self.attempts: Counter[str] = Counter()
+        self.attempt_times: dict[str, list[float]] = {}  # when each attempt of each logical request arrived
         self.forwarded = 0
         self._lock = threading.Lock()
         proxy = self
@@ -44,30 +47,46 @@ class FlakyProxy:
                 with proxy._lock:
                     proxy.attempts[key] += 1
                     attempt = proxy.attempts[key]
+                    proxy.attempt_times.setdefault(key, []).append(time.monotonic())
                 kind, value = proxy.script(attempt)
                 if kind == "status":
                     self._send(int(value), json.dumps({"error": {"message": f"injected {int(value)} on attempt {attempt}"}}).encode())
+                    return
+                if kind == "retry_after":
+                    status, after = value
+                    self._send(status, json.dumps({"error": {"message": f"slow down ({after})"}}).encode(), {"Retry-After": after})
+                    return
+                if kind == "body":
+                    content_type, payload = value
+                    self._send(200, payload, content_type=content_type)
+                    return
+                if kind == "reset":
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # no status line, no body: the client sees the connection drop
                     return
                 if kind == "sleep":
                     time.sleep(value)
                 with proxy._lock:
                     proxy.forwarded += 1
                 self._relay(urllib.request.Request(proxy.upstream + self.path.removeprefix("/v1"), data=body,
-                                                   headers={"Content-Type": "application/json"}))
+                                                   headers={"Content-Type": "application/json"}), truncate=kind == "truncate")
 
-            def _relay(self, request):
+            def _relay(self, request, truncate: bool = False):
                 try:
                     with urllib.request.urlopen(request, timeout=120) as response:
-                        self._send(response.status, response.read())
+                        payload = response.read()
+                        self._send(response.status, payload[: len(payload) // 2] if truncate else payload)
                 except urllib.error.HTTPError as exc:
                     self._send(exc.code, exc.read())
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            def _send(self, status: int, payload: bytes):
+            def _send(self, status: int, payload: bytes, headers: dict | None = None, content_type: str = "application/json"):
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)

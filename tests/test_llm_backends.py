@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -208,3 +211,110 @@ def test_kept_servers_are_reused_by_later_steps_and_stopped_with_the_block(tmp_p
             last = again.process.pid
         assert last != pid and _alive(last)
     assert not _alive(last)
+
+
+# -- replies of every shape become rows; Retry-After is honoured (issue 13) --------------------------------------------
+
+MALFORMED = {
+    "no choices": ("application/json", json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": SERVED_NAME,
+                                                   "choices": []}).encode()),
+    "a body that is not JSON": ("text/html", b"<html><body>502 Bad Gateway (but sent as 200)</body></html>"),
+    "JSON cut short": ("application/json", b'{"id": "x", "object": "chat.completion", "choices": [{"index": 0, "mess'),
+    "a choice without text": ("application/json", json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": SERVED_NAME,
+                                                              "choices": [{"index": 0, "finish_reason": "stop",
+                                                                           "message": {"role": "assistant", "content": None}}]}).encode()),
+    "an empty body": ("application/json", b""),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_200_reply_is_retried_then_recorded_never_raised(vllm_server, case):
+    """Before: an empty `choices` or a non-JSON body raised out of the backend and took the step (and its in-flight
+    requests) down. Now each is retried like a 5xx, and a request that only ever gets such replies is an error row."""
+    with FlakyProxy(vllm_server.base_url, lambda attempt: ("body", MALFORMED[case])) as proxy:
+        (failed,) = _complete(_backend(proxy.base_url, max_retries=1), _request())
+    assert failed.finish_reason == "error" and failed.text is None and failed.error
+    with FlakyProxy(vllm_server.base_url, lambda attempt: ("body", MALFORMED[case]) if attempt == 1 else ("forward", 0)) as proxy:
+        (done,) = _complete(_backend(proxy.base_url, max_retries=1), _request("again"))
+    assert done.finish_reason == "stop" and done.attempts == 2
+
+
+def test_a_reset_connection_and_a_truncated_reply_are_retried(vllm_server):
+    faults = {1: ("reset", 0), 2: ("truncate", 0)}
+    with FlakyProxy(vllm_server.base_url, lambda attempt: faults.get(attempt, ("forward", 0))) as proxy:
+        (done,) = _complete(_backend(proxy.base_url, max_retries=3), _request())
+    assert done.finish_reason == "stop" and done.attempts == 3 and json.loads(done.text, strict=False)
+
+
+def test_retry_after_is_honoured_up_to_the_cap(vllm_server):
+    """Before: a 429 asking for 3 s was retried after ~0.6 s (the backoff). Now the wait is the server's, capped."""
+    with FlakyProxy(vllm_server.base_url, lambda attempt: ("retry_after", (429, "2")) if attempt == 1 else ("forward", 0)) as proxy:
+        (done,) = _complete(_backend(proxy.base_url), _request("polite"))
+    (times,) = proxy.attempt_times.values()
+    assert done.finish_reason == "stop" and done.attempts == 2 and times[1] - times[0] >= 2.0
+    with FlakyProxy(vllm_server.base_url, lambda attempt: ("retry_after", (503, "3600")) if attempt == 1 else ("forward", 0)) as proxy:
+        (done,) = _complete(_backend(proxy.base_url, retry_after_cap_s=1.0), _request("capped"))
+    (times,) = proxy.attempt_times.values()
+    assert done.finish_reason == "stop" and 1.0 <= times[1] - times[0] < 10
+
+
+def test_retry_after_forms():
+    import httpx
+    import openai
+
+    from omnithought_dagster.llm.backends import retry_after_s
+
+    def error(headers):
+        response = httpx.Response(429, headers=headers, request=httpx.Request("POST", "http://x"))
+        return openai.RateLimitError("slow down", response=response, body=None)
+
+    assert retry_after_s(error({"retry-after": "3"})) == 3.0
+    assert retry_after_s(error({"retry-after-ms": "1500"})) == 1.5
+    assert 9 <= retry_after_s(error({"retry-after": __import__("email.utils").utils.formatdate(__import__("time").time() + 10,
+                                                                                                usegmt=True)})) <= 11
+    assert retry_after_s(error({"retry-after": "soon"})) is None and retry_after_s(error({})) is None
+    assert retry_after_s(ValueError("no response")) is None
+
+
+# -- a server dies with its step and sees only what it needs (issue 13) ------------------------------------------------
+
+FAKE_SERVER_WITH_ENGINE = FAKE_SERVER.replace("http.server.HTTPServer(", '''import os, subprocess, pathlib
+engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # stands in for vLLM's engine process
+pathlib.Path(os.environ["FAKE_SERVER_REPORT"]).write_text(json.dumps({{"pid": os.getpid(), "engine": engine.pid, "env": dict(os.environ)}}))
+http.server.HTTPServer(''')
+
+
+def test_a_killed_step_takes_its_server_and_engine_with_it(tmp_path):
+    """Before: the server ran in its own session and outlived a SIGKILLed step (holding the GPU). Now a guard leads
+    the server's process group and ends it when the step dies."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_SERVER_WITH_ENGINE.format(python=sys.executable))
+    fake.chmod(0o755)
+    report = tmp_path / "server.json"
+    step = tmp_path / "step.py"
+    step.write_text(
+        "import time\nfrom omnithought_dagster.llm.vllm_server import VLLMServer\n"
+        f"s = VLLMServer({str(fake)!r}, 'm', served_model_name='tiny', log_dir={str(tmp_path)!r}, startup_timeout_s=60,\n"
+        f"               extra_args=['--no-enable-chunked-prefill'], env={{'FAKE_SERVER_REPORT': {str(report)!r}}}).start()\n"
+        "print(s.process.pid, flush=True)\ntime.sleep(600)\n")
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "do-not-pass-me", "OPENAI_API_KEY": "nor-me", "HF_HOME": str(tmp_path / "hf"),
+           "VLLM_LOGGING_LEVEL": "DEBUG"}
+    process = subprocess.Popen([sys.executable, str(step)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        guard = int(process.stdout.readline())
+        server = json.loads(report.read_text())
+        assert _alive(server["pid"]) and _alive(server["engine"])
+        # The server's environment: what it needs and the config's env, none of the step's other secrets.
+        assert "AWS_SECRET_ACCESS_KEY" not in server["env"] and "OPENAI_API_KEY" not in server["env"]
+        assert server["env"]["HF_HOME"] == str(tmp_path / "hf") and server["env"]["VLLM_LOGGING_LEVEL"] == "DEBUG"
+        process.kill()  # SIGKILL: no cleanup code of the step runs
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in (guard, server["pid"], server["engine"])) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in (guard, server["pid"], server["engine"]) if _alive(pid)], "a server process outlived its step"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(guard, signal.SIGKILL)

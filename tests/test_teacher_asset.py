@@ -198,3 +198,26 @@ def test_trace_checks_fail_on_damage(damaged, instance, change, failed):
     assert _failed(checks) == failed
     for name in failed:
         assert checks[name].description
+
+
+def test_two_runs_of_one_partition_pay_once_and_both_succeed(vllm_server, instance, tmp_path):
+    """Before: two runs of one partition at once both sent every request, and the loser failed in cache compaction
+    after its write. Now the second waits on the partition's lock, then serves everything from the cache."""
+    config = _config(tmp_path, vllm_server.base_url, n_samples=50, generation={"shards": 1, "flush_every": 4},
+                     teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test",
+                              "max_concurrency": 4})
+    assert _run(config, instance, SEED_JOB, "synthetic").success
+    code = ("import sys; from omnithought_dagster.config import load_config; from omnithought_dagster.defs import build_definitions;"
+            "import dagster as dg; c = load_config(sys.argv[1]); i = dg.DagsterInstance.get();"
+            "r = build_definitions(c).resolve_job_def('generate_traces').execute_in_process(partition_key='000|synthetic', instance=i,"
+            " raise_on_error=False); sys.exit(0 if r.success else 1)")
+    env = {**os.environ, "DAGSTER_HOME": instance.root_directory}
+    before = requests_served(vllm_server)
+    runs = [subprocess.Popen([sys.executable, "-c", code, config.config_path], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+    assert [code for code, _ in outcomes] == [0, 0], [err[-2000:] for _, err in outcomes]
+    assert requests_served(vllm_server) - before == 200  # 50 samples x 4 rollouts, sent once between the two runs
+    assert any("is being written by pid" in err for _, err in outcomes)  # the second said what it waited for
+    rows = CorpusStore(config.store.root).read_partition("cot_traces", {"source": "synthetic", "shard": "000"})
+    assert rows.num_rows == 200 and len(set(rows.column("trace_id").to_pylist())) == 200

@@ -7,7 +7,7 @@ from omnithought_dagster.annotate.annotations import ANNOTATION_CACHE, annotate_
 from omnithought_dagster.annotate.judge import judge_prompt
 from omnithought_dagster.annotate.taxonomy import Taxonomy
 from omnithought_dagster.assets.metadata import bar_plot, counts, preview
-from omnithought_dagster.assets.teacher import COT_TRACES_KEY, shard_asset
+from omnithought_dagster.assets.teacher import COT_TRACES_KEY, one_run, shard_asset
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.ids import content_id, version_of
@@ -33,15 +33,16 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         taxonomy = Taxonomy.load(cfg.annotation.taxonomy)
         plan = judge.plan(cfg.annotator, models_dir=cfg.models_dir, log=context.log, gpu_slots=slots_from_config(cfg))
         prompt = judge_prompt(cfg.annotation)
-        try:
-            result = annotate_shard(corpus, source, shard, plan, prompt, cfg.annotation, taxonomy, progress=lambda s: context.log.info(
-                progress_line(f"{source}/{shard}", s.sent + s.cache_hits, s.total, s.seconds, "traces judged", rate_done=s.sent)
-                + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"))
-        except LookupError as exc:
-            raise dg.Failure(description=str(exc)) from exc
         partition = {"source": source, "shard": shard}
-        written = corpus.write_partition("annotations", partition, result.rows)
-        corpus.cache(ANNOTATION_CACHE).compact(partition)
+        with one_run(corpus, "annotations", partition, cfg, context):  # a second run waits, then reads the cache
+            try:
+                result = annotate_shard(corpus, source, shard, plan, prompt, cfg.annotation, taxonomy, progress=lambda s: context.log.info(
+                    progress_line(f"{source}/{shard}", s.sent + s.cache_hits, s.total, s.seconds, "traces judged", rate_done=s.sent)
+                    + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"))
+            except LookupError as exc:
+                raise dg.Failure(description=str(exc)) from exc
+            written = corpus.write_partition("annotations", partition, result.rows)
+            corpus.cache(ANNOTATION_CACHE).compact(partition)
 
         rows = result.rows.to_pylist()
         judged = [r for r in rows if r["judge_error"] is None]

@@ -79,6 +79,9 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             raise dg.Failure(description=f"source {source_name!r} cannot be opened ({getattr(source, 'path', '')}): "
                                          f"{type(exc).__name__}: {exc}") from exc
         corpus = store.open()
+        swept = corpus.images.sweep_temporaries()
+        if swept:
+            context.log.info(f"removed {swept} temporary image files that killed writers left behind")
         earlier = earlier_sources(names, source_name)
         fingerprint = input_fingerprint(
             reader.fingerprint(), config.seed, {name: partition_version(corpus, name) for name in earlier}, SEED_CODE_VERSION

@@ -7,6 +7,7 @@ hit. `generation.shards` bounds a shard's size (source size / shards); Dagster's
 in the `gpu` concurrency pool and asks Kubernetes for the GPUs its vLLM server uses.
 """
 
+import contextlib
 from collections import Counter
 
 import dagster as dg
@@ -20,6 +21,7 @@ from omnithought_dagster.ids import content_id, shard_keys, shard_of, version_of
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 from omnithought_dagster.store import table_spec
+from omnithought_dagster.store.store import PartitionBusy
 from omnithought_dagster.teacher.prompt import teacher_prompt
 from omnithought_dagster.teacher.traces import GENERATION_CACHE, generate_shard, sampling_params
 
@@ -58,6 +60,17 @@ def shard_asset(config: ProjectConfig, key: dg.AssetKey, group: str, llm: LLMCon
     }
 
 
+@contextlib.contextmanager
+def one_run(corpus, table: str, partition: dict, config: ProjectConfig, context: dg.AssetExecutionContext):
+    """The partition's one-writer lock (store.partition_lock) around a model stage's step; a run that waited past
+    `operations.partition_lock_wait_s` fails saying who holds it."""
+    try:
+        with corpus.partition_lock(table, partition, wait_s=config.operations.partition_lock_wait_s, log=context.log):
+            yield
+    except PartitionBusy as exc:
+        raise dg.Failure(description=str(exc)) from exc
+
+
 def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(**shard_asset(config, COT_TRACES_KEY, TEACHER_GROUP, config.teacher), code_version=TEACHER_CODE_VERSION)
     def cot_traces(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource,
@@ -70,18 +83,20 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         plan = teacher.plan(cfg.teacher, models_dir=cfg.models_dir, log=context.log, gpu_slots=slots_from_config(cfg))
         prompt = teacher_prompt(cfg.generation, cfg.teacher.structured_output)
         fingerprint = traces_fingerprint(cfg, corpus, source, shard, plan.identity, plan.structured_output)
-        try:
-            result = generate_shard(
-                corpus, source, shard, plan, prompt, cfg.generation, send_seed=cfg.teacher.send_seed,
-                progress=lambda s: context.log.info(
-                    progress_line(f"{source}/{shard}", s.sent + s.cache_hits, s.total, s.seconds, "traces", rate_done=s.sent)
-                    + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"),
-            )
-        except LookupError as exc:
-            raise dg.Failure(description=str(exc)) from exc
         partition = {"source": source, "shard": shard}
-        written = corpus.write_partition("cot_traces", partition, result.rows)
-        corpus.cache(GENERATION_CACHE).compact(partition)
+        # One run of a partition at a time: a second one waits, then finds the first's replies in the cache.
+        with one_run(corpus, "cot_traces", partition, cfg, context):
+            try:
+                result = generate_shard(
+                    corpus, source, shard, plan, prompt, cfg.generation, send_seed=cfg.teacher.send_seed,
+                    progress=lambda s: context.log.info(
+                        progress_line(f"{source}/{shard}", s.sent + s.cache_hits, s.total, s.seconds, "traces", rate_done=s.sent)
+                        + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"),
+                )
+            except LookupError as exc:
+                raise dg.Failure(description=str(exc)) from exc
+            written = corpus.write_partition("cot_traces", partition, result.rows)
+            corpus.cache(GENERATION_CACHE).compact(partition)
 
         rows = result.rows
         finish = Counter(rows.column("finish_reason").to_pylist())

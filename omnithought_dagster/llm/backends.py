@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any, Protocol
 from omnithought_dagster.config import LLMConfig
 
 TINY_PREFIX = "tiny:"
+# The longest wait a server's Retry-After gets: past it the request is retried anyway (and, after the retries, recorded).
+RETRY_AFTER_CAP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,15 +80,16 @@ def image_data_url(data: bytes) -> str:
 class OpenAIBackend:
     """Async client with bounded concurrency, per-request timeout and retries with backoff.
 
-    Retried: timeouts, connection errors, 408/409/425/429 and 5xx. The client's own retries are
-    off so every attempt is counted here (Completion.attempts).
+    Retried: timeouts, connection errors, 408/409/425/429, 5xx and malformed 200 replies (no choices, no text, a
+    body that is not JSON); waits follow the server's Retry-After up to a cap, else exponential backoff. The
+    client's own retries are off so every attempt is counted here (Completion.attempts).
     """
 
     supports_structured_output = True
 
     def __init__(self, base_url: str, model: str, *, identity: str, api_key: str | None = None, timeout_s: float = 300,
                  max_retries: int = 4, max_concurrency: int = 32,
-                 retry_wait_s: tuple[float, float] = (0.5, 20.0)):
+                 retry_wait_s: tuple[float, float] = (0.5, 20.0), retry_after_cap_s: float = RETRY_AFTER_CAP_S):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.identity = identity
@@ -94,6 +98,7 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self.max_concurrency = max_concurrency
         self.retry_wait_s = retry_wait_s
+        self.retry_after_cap_s = retry_after_cap_s
         self._client = None
         self._semaphore: asyncio.Semaphore | None = None
 
@@ -131,33 +136,87 @@ class OpenAIBackend:
             try:
                 async for attempt in AsyncRetrying(
                     stop=stop_after_attempt(self.max_retries + 1),
-                    wait=wait_exponential_jitter(initial=self.retry_wait_s[0], max=self.retry_wait_s[1]),
+                    wait=WaitRetryAfter(wait_exponential_jitter(initial=self.retry_wait_s[0], max=self.retry_wait_s[1]),
+                                        self.retry_after_cap_s),
                     retry=retry_if_exception(_retryable),
                     reraise=True,
                 ):
                     with attempt:
                         attempts += 1
-                        response = await client.chat.completions.create(**kwargs)
+                        # The reply is read inside the attempt: a 200 whose body is no chat completion (no choices, not
+                        # JSON, cut short) is a MalformedReply, retried like a 5xx and then recorded, never raised.
+                        text, finish_reason, usage = _read_reply(await client.chat.completions.create(**kwargs))
             except Exception as exc:  # after the retries: record, never raise
                 return Completion(request.key, None, "error", latency_s=time.monotonic() - start, attempts=attempts,
                                   error=f"{type(exc).__name__}: {_short(str(exc))}")
-        choice = response.choices[0]
-        usage = response.usage
         return Completion(
             key=request.key,
-            text=choice.message.content,
-            finish_reason="length" if choice.finish_reason == "length" else "stop",
-            n_prompt_tokens=usage.prompt_tokens if usage else None,
-            n_tokens=usage.completion_tokens if usage else None,
+            text=text,
+            finish_reason="length" if finish_reason == "length" else "stop",
+            n_prompt_tokens=getattr(usage, "prompt_tokens", None),
+            n_tokens=getattr(usage, "completion_tokens", None),
             latency_s=time.monotonic() - start,
             attempts=attempts,
         )
 
 
+class MalformedReply(Exception):
+    """An HTTP 200 whose body is not a usable chat completion."""
+
+
+def _read_reply(response: Any) -> tuple[str, str | None, Any]:
+    """(text, finish_reason, usage) of a chat completion, or MalformedReply saying what is wrong with it."""
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list):
+        raise MalformedReply(f"the reply is no chat completion: {_short(repr(response), 200)}")
+    if not choices:
+        raise MalformedReply("the reply has no choices")
+    message = getattr(choices[0], "message", None)
+    text = getattr(message, "content", None)
+    if not isinstance(text, str):
+        raise MalformedReply(f"the reply's first choice has no text content (finish_reason {getattr(choices[0], 'finish_reason', None)!r})")
+    return text, getattr(choices[0], "finish_reason", None), getattr(response, "usage", None)
+
+
+class WaitRetryAfter:
+    """tenacity wait: the server's Retry-After (seconds or an HTTP date; `retry-after-ms` too) when it sends one,
+    up to `cap_s`; otherwise the fallback (exponential backoff with jitter)."""
+
+    def __init__(self, fallback, cap_s: float):
+        self.fallback, self.cap_s = fallback, cap_s
+
+    def __call__(self, retry_state) -> float:
+        hinted = retry_after_s(retry_state.outcome.exception() if retry_state.outcome else None)
+        return min(hinted, self.cap_s) if hinted is not None else self.fallback(retry_state)
+
+
+def retry_after_s(exc: BaseException | None) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    try:
+        if headers.get("retry-after-ms"):
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        value = headers.get("retry-after")
+        if not value:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None  # a hint we cannot read: back off as usual
+
+
 def _retryable(exc: BaseException) -> bool:
     import openai
 
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
+    # A body that does not parse (cut short, not JSON) reaches us as the client's JSONDecodeError or validation error.
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError, MalformedReply,
+                        json.JSONDecodeError)):
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500

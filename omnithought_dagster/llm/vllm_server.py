@@ -3,10 +3,12 @@
 vLLM cannot share the Dagster environment (it pins torch and transformers differently), so
 the server runs from the interpreter of its own virtualenv, as a process group of its own:
 `python -m vllm.entrypoints.openai.api_server` (`vllm serve` looks for package metadata named
-vllm, which the CPU wheel does not have). Readiness is the model listed at /v1/models; stop is
-SIGTERM to the group, then SIGKILL - by PID, never by name. SIGINT/SIGTERM are reset to their
-defaults in the child, because a process started from a backgrounded shell inherits them
-ignored and would then never stop.
+vllm, which the CPU wheel does not have). It runs under a guard (`processes.guarded`) that leads
+its process group and ends the group when the step that started it dies, however it dies.
+Readiness is the model listed at /v1/models; stop is SIGTERM to the group, then SIGKILL - by PID,
+never by name. SIGINT/SIGTERM are reset to their defaults in the child, because a process
+started from a backgrounded shell inherits them ignored and would then never stop. The server
+gets an explicit environment (`processes.child_environment`), not every secret of the step.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from omnithought_dagster.config import LLMConfig
 from omnithought_dagster.logtail import log_tail
+from omnithought_dagster.processes import child_environment, guarded
 
 STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 # Defaults for CPU builds (harmless on GPU builds); the config's `env` overrides them.
@@ -147,7 +150,8 @@ class VLLMServer:
         return command + self.extra_args
 
     def environment(self) -> dict[str, str]:
-        env = {**os.environ, **DEFAULT_ENV}
+        # Not the step's whole environment (its other secrets): what a server needs, and the config's `env`.
+        env = child_environment(DEFAULT_ENV)
         if Path(self.model).is_dir():
             env["HF_HUB_OFFLINE"] = "1"  # a local folder needs no hub; never let vLLM try one
         if self.gpus is not None:
@@ -162,8 +166,10 @@ class VLLMServer:
         self.log_path = self.log_dir / f"vllm-{self.port}-{int(time.time())}.log"
         handle = open(self.log_path, "wb")
         try:
+            # Under a guard leading the server's process group: a step that dies however it dies (SIGKILL, OOM,
+            # a cancelled pod) takes the server and its engine processes with it, GPU memory freed.
             self.process = subprocess.Popen(
-                self.command(), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                guarded(self.command()), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self.environment(), start_new_session=True, preexec_fn=_default_signals,
             )
         finally:

@@ -11,6 +11,7 @@ batches of a partition into one file once the step is done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -20,6 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from omnithought_dagster.store.store import sweep_temporaries
 
 CACHE_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -42,7 +45,9 @@ class ResultCache:
         """Every cached result of the partition; the newest wins when a key repeats."""
         entries: dict[str, tuple[float, dict]] = {}
         for path in self._batches(partition):
-            table = pq.read_table(path, filesystem=self._store.fs)
+            table = self._read(path)
+            if table is None:
+                continue
             for key, payload, written in zip(*(table.column(c).to_pylist() for c in ("key", "payload", "written_at")), strict=True):
                 if key not in entries or written >= entries[key][0]:
                     entries[key] = (written, json.loads(payload))
@@ -63,10 +68,21 @@ class ResultCache:
         batches = self._batches(partition)
         if len(batches) < 2:
             return
-        table = pa.concat_tables([pq.read_table(path, filesystem=self._store.fs) for path in batches])
-        self._write(partition, f"batch-{int(time.time() * 1000):013d}-compacted-{uuid.uuid4().hex[:8]}.parquet", table)
+        # Another process may fold the same batches at the same time (two runs of one partition): a batch that is
+        # gone was folded by it, and its file holds the rows - skip it here, never fail for it.
+        tables = [table for table in map(self._read, batches) if table is not None]
+        if tables:
+            self._write(partition, f"batch-{int(time.time() * 1000):013d}-compacted-{uuid.uuid4().hex[:8]}.parquet",
+                        pa.concat_tables(tables))
         for path in batches:
-            self._store.fs.delete_file(path)
+            with contextlib.suppress(FileNotFoundError):
+                self._store.fs.delete_file(path)
+
+    def _read(self, path: str) -> pa.Table | None:
+        try:
+            return pq.read_table(path, filesystem=self._store.fs)
+        except FileNotFoundError:
+            return None
 
     def batch_count(self, partition: Mapping[str, str]) -> int:
         return len(self._batches(partition))
@@ -85,6 +101,7 @@ class ResultCache:
         if not self._store.is_local:
             pq.write_table(table, final, filesystem=self._store.fs)
             return
-        temporary = f"{directory}/.{name}.tmp"
+        sweep_temporaries(directory)
+        temporary = f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
         pq.write_table(table, temporary, filesystem=self._store.fs)
         self._store.fs.move(temporary, final)

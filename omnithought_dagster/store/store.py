@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +31,17 @@ from omnithought_dagster.store.tables import DERIVED_VIEWS, TABLES, TableSpec, t
 
 PARTITION_FILE = "data.parquet"
 PARQUET_COMPRESSION = "zstd"
+# A hidden temporary file (".<name>.tmp") not written to for this long belongs to no live writer (writers flush every
+# few seconds): one killed mid-write left it, and the next writer in that folder removes it.
+STALE_TEMPORARY_S = 3600.0
 
 
 class StoreError(RuntimeError):
     """A store operation that cannot proceed (bad partition key, schema mismatch, ...)."""
+
+
+class PartitionBusy(StoreError):
+    """Another run holds the partition's lock and did not let go in time."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,50 @@ class CorpusStore:
     def delete_partition(self, table: str, partition: str | Mapping[str, str]) -> None:
         _delete_quietly(self.fs, f"{self.partition_dir(table, partition)}/{PARTITION_FILE}")
 
+    @contextlib.contextmanager
+    def partition_lock(self, table: str, partition: str | Mapping[str, str], *, wait_s: float = 3600.0, log=None,
+                       poll_s: float = 2.0) -> Iterator[None]:
+        """Hold the one-writer lock of a partition for the block: a second run of the same partition waits for the
+        first (then finds its results in the cache) instead of paying for every request again, and fails with a clear
+        message after `wait_s`. An flock: the kernel releases it when its holder dies, however it dies. The lock files
+        live under `<root>/locks/` for a local store; an object store has no flock, so its runs lock on this machine's
+        `~/.cache/omnithought/locks/<root>` - they exclude each other only on one machine."""
+        import fcntl
+        import socket
+
+        keys = _partition_keys(table_spec(table), partition)
+        base = Path(self.path("locks")) if self.is_local else Path.home() / ".cache" / "omnithought" / "locks" / self.root.strip("/")
+        path = base.joinpath(table, *(f"{k}={v}" for k, v in keys.items())).with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as handle:
+            started, said = time.monotonic(), 0.0
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another run"
+                    waited = time.monotonic() - started
+                    if waited >= wait_s:
+                        raise PartitionBusy(f"{table}[{keys}] is being written by {holder}; waited {waited:.0f} s for it "
+                                         f"(two runs of one partition would pay for every request twice)") from None
+                    if log is not None and (said == 0.0 or waited - said >= 60):
+                        said = max(waited, 1e-9)
+                        log.info(f"{table}[{keys}] is being written by {holder}: waiting for it")
+                    time.sleep(poll_s)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                handle.truncate()
+                handle.flush()
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def cache(self, name: str):
         """The result cache `name` (generation, annotation, ...) under cache/<name>/."""
         from omnithought_dagster.store.cache import ResultCache
@@ -205,6 +257,7 @@ class PartitionWriter:
         self.written: WrittenPartition | None = None
         if store.is_local:
             store.fs.create_dir(self.directory, recursive=True)
+            sweep_temporaries(self.directory)
             self._temporary, self._local = f"{self.directory}/.{PARTITION_FILE}.{uuid.uuid4().hex}.tmp", None
         else:
             import tempfile
@@ -315,6 +368,13 @@ class ImageStore:
     def get(self, image_id: str) -> bytes:
         with self._store.fs.open_input_stream(self.path(image_id)) as stream:
             return stream.read()
+
+    def sweep_temporaries(self, max_age_s: float = STALE_TEMPORARY_S) -> int:
+        """Stale temporaries of puts killed mid-write, in every folder of a local image store (the seed step runs it)."""
+        root = self._store.path("images")
+        if not self._store.is_local or not os.path.isdir(root):
+            return 0
+        return sum(sweep_temporaries(entry.path, max_age_s) for entry in os.scandir(root) if entry.is_dir())
 
     def ids(self) -> set[str]:
         """Every stored image id (one listing, cheap on object stores too)."""
@@ -428,6 +488,22 @@ def _conform(spec: TableSpec, data: pa.Table) -> pa.Table:
         return data.select(spec.column_names).cast(spec.schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
         raise StoreError(f"{spec.name}: rows do not fit the schema: {exc}") from exc
+
+
+def sweep_temporaries(directory: str, max_age_s: float = STALE_TEMPORARY_S) -> int:
+    """Remove the stale hidden temporary files (".*.tmp") directly in a local folder; returns how many went."""
+    removed, cutoff = 0, time.time() - max_age_s
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
