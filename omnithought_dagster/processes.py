@@ -55,21 +55,30 @@ def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def guarded(command: list[str], grace_s: float = 20.0) -> list[str]:
+def guarded(command: list[str], grace_s: float = 20.0, keep_env: list[str] | None = None) -> list[str]:
     """`command` run under a guard that dies with this process and takes the command's whole process group with it.
 
     Start the result with `start_new_session=True`: the guard leads a process group that holds the command and
     everything it starts (a vLLM server's engine processes, a launcher's ranks). When the process that started it
     dies - a SIGKILL, the OOM killer, a cancelled pod - the guard gets SIGTERM (parent-death signal), passes it to
     the group, waits `grace_s` for the command to end, then SIGKILLs the group. `os.killpg(guard.pid, ...)` reaches
-    them all, as before. The command's own exit ends the guard with its exit code.
+    them all, as before. The command's own exit ends the guard with its exit code. A guard not started in a session
+    of its own (Dagster's Pipes client starts the trainer) makes one. With `keep_env` the command gets
+    `child_environment()` plus those names only, whatever environment the guard was given.
     """
-    return [sys.executable, "-m", "omnithought_dagster.processes", "guard", str(os.getpid()), str(grace_s), "--", *command]
+    keep = ["--keep-env", ",".join(keep_env)] if keep_env is not None else []
+    return [sys.executable, "-m", "omnithought_dagster.processes", "guard", str(os.getpid()), str(grace_s), *keep, "--", *command]
 
 
-def _guard(parent_pid: int, grace_s: float, command: list[str]) -> int:
+def _guard(parent_pid: int, grace_s: float, command: list[str], keep_env: list[str] | None = None) -> int:
     import subprocess
     import time
+
+    with contextlib.suppress(OSError):
+        os.setsid()  # lead a process group of our own (fails, harmlessly, when already a session leader)
+    env = None
+    if keep_env is not None:
+        env = child_environment({name: os.environ[name] for name in keep_env if name in os.environ})
 
     child: subprocess.Popen | None = None
 
@@ -86,7 +95,7 @@ def _guard(parent_pid: int, grace_s: float, command: list[str]) -> int:
     signal.signal(signal.SIGINT, end_group)
     signal.signal(signal.SIGHUP, end_group)
     die_with_parent(parent_pid, signal.SIGTERM)
-    child = subprocess.Popen(command, preexec_fn=_default_signals)
+    child = subprocess.Popen(command, preexec_fn=_default_signals, env=env)
     code = child.wait()
     # The command ended by itself: what it started and left behind goes too (the guard ignores this SIGTERM).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -103,8 +112,10 @@ def _default_signals() -> None:  # in a child between fork and exec: a backgroun
 def main(argv: list[str]) -> int:
     if len(argv) >= 4 and argv[0] == "guard" and "--" in argv:
         split = argv.index("--")
-        return _guard(int(argv[1]), float(argv[2]), argv[split + 1:])
-    print("usage: python -m omnithought_dagster.processes guard PARENT_PID GRACE_S -- COMMAND...", file=sys.stderr)
+        options = argv[3:split]
+        keep = options[1].split(",") if options[:1] == ["--keep-env"] and len(options) == 2 else None
+        return _guard(int(argv[1]), float(argv[2]), argv[split + 1:], [name for name in keep if name] if keep is not None else None)
+    print("usage: python -m omnithought_dagster.processes guard PARENT_PID GRACE_S [--keep-env A,B] -- COMMAND...", file=sys.stderr)
     return 2
 
 

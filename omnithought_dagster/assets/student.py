@@ -25,6 +25,7 @@ from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.placement import gpu_step_tags
+from omnithought_dagster.processes import guarded
 from omnithought_dagster.plots import curves
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
@@ -149,7 +150,10 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             needed = cfg.training.nproc_per_node if cfg.training.gpus is None else 0
             with slots_from_config(cfg).lease(needed, holder=f"train {student.name}/{recipe}") as devices:
                 env.update(visible_devices_env(devices))
-                invocation = pipes_subprocess_client.run(command=command, context=context, env=env, cwd=str(work))
+                # Under a guard: the launcher and its ranks end with the step however it ends; they see the variables
+                # they need plus the training env, not the step's other secrets.
+                invocation = pipes_subprocess_client.run(command=guarded(command, keep_env=sorted(env)), context=context, env=env,
+                                                         cwd=str(work))
             reported = {k: getattr(v, "value", v) for k, v in invocation.get_materialize_result().metadata.items()}
             context.log.info(f"trainer finished in {time.monotonic() - started:.1f} s")
             if not (work / "model" / "config.json").is_file():

@@ -8,9 +8,12 @@ of the task's Parquet, which carries each item's id and tag.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import time
 from collections import defaultdict
@@ -21,6 +24,7 @@ from pathlib import Path
 from omnithought_dagster.evaluation.task_utils import extract_answer
 from omnithought_dagster.evaluation.tasks import LocalTask
 from omnithought_dagster.logtail import log_tail
+from omnithought_dagster.processes import child_environment, guarded
 
 OVERALL = "all"
 PROGRESS_PREFIX = "omnithought-progress: "  # our model class's progress lines in lmms-eval's output
@@ -63,11 +67,16 @@ def run_lmms_eval(command: list[str], tasks: list[str], work: Path, timeout_s: f
     Progress lines our model class writes to the log (PROGRESS_PREFIX) go to `progress` as they come.
     """
     log = work / "lmms_eval.log"
-    run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-               "HF_DATASETS_CACHE": str(work / "hf-datasets"), **env}
+    # What the evaluator needs, not the step's every secret; under a guard that ends it (and whatever it starts)
+    # when the step dies, however it dies.
+    run_env = child_environment({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                                 "HF_DATASETS_CACHE": str(work / "hf-datasets"), **env})
+    if not Path(command[0]).exists() and shutil.which(command[0]) is None:
+        raise EvalError(f"cannot start lmms-eval: no interpreter at {command[0]} (evaluation.python)")
     with log.open("wb") as out:
         try:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env, cwd=work)
+            process = subprocess.Popen(guarded(command), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env,
+                                       cwd=work, start_new_session=True)
         except OSError as exc:
             raise EvalError(f"cannot start lmms-eval ({command[0]}): {exc}") from None
     deadline, read = time.monotonic() + timeout_s, 0
@@ -80,7 +89,8 @@ def run_lmms_eval(command: list[str], tasks: list[str], work: Path, timeout_s: f
         _forward_progress(log, read, progress)
     finally:
         if process.poll() is None:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # the guard's group: lmms-eval and what it started
             process.wait()
     try:
         return parse_results(work / "out", tasks, local)
