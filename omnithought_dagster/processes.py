@@ -67,7 +67,7 @@ def guarded(command: list[str], grace_s: float = 20.0, keep_env: list[str] | Non
     `child_environment()` plus those names only, whatever environment the guard was given.
     """
     keep = ["--keep-env", ",".join(keep_env)] if keep_env is not None else []
-    return [sys.executable, "-m", "omnithought_dagster.processes", "guard", str(os.getpid()), str(grace_s), *keep, "--", *command]
+    return [sys.executable, "-m", "omnithought_dagster.processes", "guard", *keep, str(os.getpid()), str(grace_s), "--", *command]
 
 
 def _guard(parent_pid: int, grace_s: float, command: list[str], keep_env: list[str] | None = None) -> int:
@@ -95,7 +95,7 @@ def _guard(parent_pid: int, grace_s: float, command: list[str], keep_env: list[s
     signal.signal(signal.SIGINT, end_group)
     signal.signal(signal.SIGHUP, end_group)
     die_with_parent(parent_pid, signal.SIGTERM)
-    child = subprocess.Popen(command, preexec_fn=_default_signals, env=env)
+    child = subprocess.Popen(command, preexec_fn=default_signals, env=env)
     code = child.wait()
     # The command ended by itself: what it started and left behind goes too (the guard ignores this SIGTERM).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -104,19 +104,11 @@ def _guard(parent_pid: int, grace_s: float, command: list[str], keep_env: list[s
     return code
 
 
-def _default_signals() -> None:  # in a child between fork and exec: a backgrounded shell may have left them ignored
+def default_signals() -> None:
+    """For preexec_fn (in a child between fork and exec): SIGINT/SIGTERM back to their defaults - a process started from
+    a backgrounded shell inherits them ignored and would never stop."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) >= 4 and argv[0] == "guard" and "--" in argv:
-        split = argv.index("--")
-        options = argv[3:split]
-        keep = options[1].split(",") if options[:1] == ["--keep-env"] and len(options) == 2 else None
-        return _guard(int(argv[1]), float(argv[2]), argv[split + 1:], [name for name in keep if name] if keep is not None else None)
-    print("usage: python -m omnithought_dagster.processes guard PARENT_PID GRACE_S [--keep-env A,B] -- COMMAND...", file=sys.stderr)
-    return 2
 
 
 @contextlib.contextmanager
@@ -136,6 +128,24 @@ def main_module_hidden():
     finally:
         for name, value in saved.items():
             setattr(main, name, value)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m omnithought_dagster.processes")
+    commands = parser.add_subparsers(dest="verb", required=True)
+    guard = commands.add_parser("guard", help="run COMMAND in a process group that ends when PARENT_PID dies")
+    guard.add_argument("parent_pid", type=int)
+    guard.add_argument("grace_s", type=float)
+    guard.add_argument("--keep-env", help="comma-separated names the command gets besides child_environment()")
+    guard.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("guard needs a command after --")
+    keep = None if args.keep_env is None else [name for name in args.keep_env.split(",") if name]
+    return _guard(args.parent_pid, args.grace_s, command, keep)
 
 
 if __name__ == "__main__":

@@ -257,8 +257,8 @@ def ingest_source_into(
     with tempfile.TemporaryDirectory(prefix="omnithought-seed-") as scratch:
         # With near-duplicate marking on, kept rows wait in a local spill file: their marks are known at the end.
         spill = pq.ParquetWriter(os.path.join(scratch, "kept.parquet"), SEED_POOL.schema, compression="lz4") if marking else None
-        kept_out = _Batcher(spill if spill is not None else sinks.kept, SEED_POOL)
-        quarantine_out, images_out = _Batcher(sinks.quarantine, QUARANTINE), _Batcher(sinks.images, IMAGES)
+        kept_out = _Batcher(spill.write_table if spill is not None else sinks.kept.write, SEED_POOL)
+        quarantine_out, images_out = _Batcher(sinks.quarantine.write, QUARANTINE), _Batcher(sinks.images.write, IMAGES)
 
         def set_aside(record: SeedRecord, reason: QuarantineReason, detail: str, sample: str | None = None, first: str | None = None) -> None:
             nonlocal rows_quarantined
@@ -328,10 +328,10 @@ def ingest_source_into(
 
 
 class _Batcher:
-    """Rows gathered into Arrow tables of FLUSH_ROWS for a sink (a ParquetWriter or a RowSink)."""
+    """Rows gathered into Arrow tables of FLUSH_ROWS, each handed to `write` (a sink's write, a ParquetWriter's write_table)."""
 
-    def __init__(self, sink, spec: TableSpec):
-        self.sink, self.spec, self.rows = sink, spec, []
+    def __init__(self, write: Callable[[pa.Table], None], spec: TableSpec):
+        self.write, self.spec, self.rows = write, spec, []
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -340,8 +340,7 @@ class _Batcher:
 
     def flush(self) -> None:
         if self.rows:
-            table = pa.Table.from_pylist(self.rows, schema=self.spec.schema)
-            (self.sink.write_table if isinstance(self.sink, pq.ParquetWriter) else self.sink.write)(table)
+            self.write(pa.Table.from_pylist(self.rows, schema=self.spec.schema))
             self.rows = []
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from omnithought_dagster.config import LLMConfig
 from omnithought_dagster.logtail import log_tail
-from omnithought_dagster.processes import child_environment, guarded
+from omnithought_dagster.processes import child_environment, default_signals, guarded
 
 STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 # Defaults for CPU builds (harmless on GPU builds); the config's `env` overrides them.
@@ -170,7 +170,7 @@ class VLLMServer:
             # a cancelled pod) takes the server and its engine processes with it, GPU memory freed.
             self.process = subprocess.Popen(
                 guarded(self.command()), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.environment(), start_new_session=True, preexec_fn=_default_signals,
+                env=self.environment(), start_new_session=True, preexec_fn=default_signals,
             )
         finally:
             handle.close()
@@ -271,7 +271,3 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
-
-def _default_signals() -> None:  # runs in the child between fork and exec
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
