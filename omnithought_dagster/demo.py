@@ -29,6 +29,7 @@ from omnithought_dagster.defs import ANNOTATE_JOB, FILTER_JOB, SEED_JOB, SUBSET_
 from omnithought_dagster.ids import shard_keys
 from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.llm.vllm_server import keep_servers, stop_kept_servers
+from omnithought_dagster.pools import run_in_process
 from omnithought_dagster.sources import make_reader
 from omnithought_dagster.store import CorpusStore, open_store
 
@@ -105,7 +106,7 @@ def _run_stages(config, instance, defs, graph, store, loggers, force, say) -> li
                 continue
             say(f"> {stage.name}[{partition}] started")
             started = time.monotonic()
-            result = job.execute_in_process(partition_key=partition, instance=instance, raise_on_error=False, run_config=DEMO_RUN_CONFIG)
+            result = run_in_process(job, instance, partition_key=partition, raise_on_error=False, run_config=DEMO_RUN_CONFIG)
             seconds = time.monotonic() - started
             checks = {
                 e.event_specific_data.check_name: _status(e.event_specific_data.passed, e.event_specific_data.severity)

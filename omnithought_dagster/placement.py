@@ -18,6 +18,7 @@ import json
 import dagster as dg
 
 from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.pools import watched
 
 
 def gpu_step_tags(config: ProjectConfig, gpus: int) -> dict:
@@ -47,7 +48,7 @@ def gpu_step_tags(config: ProjectConfig, gpus: int) -> dict:
 def executor(config: ProjectConfig) -> dg.ExecutorDefinition:
     ops = config.operations
     if ops.executor == "in_process":
-        return dg.in_process_executor
+        return watched(dg.in_process_executor)
     if ops.executor == "k8s":
         from dagster_k8s import k8s_job_executor
 
@@ -59,4 +60,5 @@ def executor(config: ProjectConfig) -> dg.ExecutorDefinition:
         from dagster_aws.ecs import ecs_executor
 
         return ecs_executor
-    return dg.multiprocess_executor.configured({"max_concurrent": ops.max_concurrent or 0}, name="omnithought_multiprocess")
+    # Local runs are watched (pools.py): a killed run's pool slots are freed, a step waiting for one obeys SIGTERM.
+    return watched(dg.multiprocess_executor).configured({"max_concurrent": ops.max_concurrent or 0}, name="omnithought_multiprocess")

@@ -10,6 +10,8 @@ partitioned by the dynamic partitions `sources`. Each tick the sensor
 - keeps `{name: sha256}` of what it handled as its cursor. A removed manifest removes nothing:
   its partition and data stay, and the sensor says so once.
 Runs carry `omnithought/trigger=source_manifests` and the manifest's path and digest as tags.
+
+And, always, `dead_run_reaper` (pools.py): runs whose processes all died get marked failed and their pool slots freed.
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ import dagster as dg
 from omnithought_dagster.assets.seed import seed_partitions
 from omnithought_dagster.automation import TRIGGER_TAG
 from omnithought_dagster.config import SOURCES_PARTITIONS, ProjectConfig
+from omnithought_dagster.pools import free_dead_runs
 from omnithought_dagster.sources.manifests import manifest_filesystem, scan_manifests
 
 SENSOR_NAME = "source_manifests"
+REAPER_NAME = "dead_run_reaper"
+REAPER_INTERVAL_S = 30
 MANIFEST_TAG = "omnithought/manifest"
 
 
 def build_sensors(config: ProjectConfig, seed_job: str) -> list[dg.SensorDefinition]:
     if not config.dynamic_sources:
-        return []
+        return [dead_run_reaper]
     ops = config.operations
     partitions = seed_partitions(config)
 
@@ -76,4 +81,14 @@ def build_sensors(config: ProjectConfig, seed_job: str) -> list[dg.SensorDefinit
             cursor=cursor,
         )
 
-    return [source_manifests]
+    return [source_manifests, dead_run_reaper]
+
+
+@dg.sensor(name=REAPER_NAME, minimum_interval_seconds=REAPER_INTERVAL_S, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Where the daemon runs: marks runs of this machine whose every process died as failed and frees their "
+                       "pool slots (a run that starts, or a step waiting for a slot, does the same).")
+def dead_run_reaper(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    freed = free_dead_runs(context.instance, context.log)
+    if not freed:
+        return dg.SkipReason("no dead runs hold pool slots")
+    return dg.SkipReason("; ".join(f"run {item.run_id}: {item.reason}, {item.slots} pool slot(s) freed" for item in freed))

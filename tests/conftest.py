@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +120,69 @@ def materializations(result) -> dict:
             m = event.event_specific_data.materialization
             out[m.asset_key.to_user_string()] = {k: getattr(v, "value", v) for k, v in m.metadata.items()}
     return out
+
+
+# A run of one job in a process of its own, for the tests that kill it (and tests of two runs at once).
+_RUN_IN_A_PROCESS = ("import sys; import dagster as dg; from omnithought_dagster.config import load_config;"
+                     "from omnithought_dagster.defs import build_definitions;"
+                     "r = build_definitions(load_config(sys.argv[1])).resolve_job_def(sys.argv[2]).execute_in_process("
+                     "partition_key=sys.argv[3], instance=dg.DagsterInstance.get(), raise_on_error=False); sys.exit(0 if r.success else 1)")
+
+
+def start_run(config, instance, job: str, partition: str, **popen):
+    """Start the job's run of one partition in a new process (its step runs there: the in-process executor)."""
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
+    return subprocess.Popen([sys.executable, "-c", _RUN_IN_A_PROCESS, config.config_path, job, partition],
+                            env={**os.environ, "DAGSTER_HOME": instance.root_directory}, **popen)
+
+
+def processes_mentioning(*texts: str) -> list[str]:
+    """Live processes (not zombies) whose command line contains every one of `texts`: "<pid> <command line>"."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if all(text in command for text in texts) and state != "Z":
+            found.append(f"{entry.name} {command}")
+    return found
+
+
+def wait_for_process(*texts: str, timeout: float = 300, run=None) -> list[str]:
+    """Wait until a process whose command line contains `texts` runs (while `run`, the Popen starting it, lives)."""
+    deadline = time.monotonic() + timeout
+    while not (found := processes_mentioning(*texts)):
+        assert run is None or run.poll() is None, "the run ended before its process was seen"
+        assert time.monotonic() < deadline, f"no process mentioning {texts} within {timeout} s"
+        time.sleep(0.1)
+    return found
+
+
+def assert_none_left(text: str, timeout: float = 30) -> None:
+    """Within `timeout`, no process whose command line contains `text` is left."""
+    deadline = time.monotonic() + timeout
+    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"left running: {left}"
+
+
+def wait_for_webserver(port: int, process, timeout: float = 120) -> None:
+    """Until Dagster's webserver on `port` (started as `process`, output piped) answers; its output if it dies first."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the webserver did not start:\n{process.stdout.read()}") from None
+            time.sleep(0.5)
 
 
 # -- the tiny teacher and a vLLM server shared by the session ---------------------------------------

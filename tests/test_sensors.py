@@ -122,6 +122,6 @@ def test_recuration_and_config_with_dynamic_sources(tmp_path, instance):
         assert [r.partition_key for r in schedule.evaluate_tick(context).run_requests] == ["a", "b"]
     with pytest.raises(ConfigError, match="at least one source, or operations.source_manifests"):
         load_config(write_config(tmp_path / "none", []))
-    # Without a watched folder there is no sensor and partitions stay static.
+    # Without a watched folder there is no manifest sensor (the dead-run reaper only) and partitions stay static.
     static = build_definitions(load_config(write_config(tmp_path / "static", [{"name": "s", "kind": "synthetic", "n_samples": 2}])))
-    assert not list(static.sensors or [])
+    assert [sensor.name for sensor in static.sensors] == ["dead_run_reaper"]

@@ -7,15 +7,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from conftest import (SERVED_NAME, VLLM_PYTHON, check_evaluations, materializations, requests_served, rewrite_partition, run_job,
-                      run_partition_checks, served_config)
+                      run_partition_checks, served_config, start_run)
 from flaky_proxy import FlakyProxy
 from omnithought_dagster.defs import SEED_JOB, TEACHER_JOB, build_definitions
 from omnithought_dagster.store import CorpusStore
@@ -96,12 +94,7 @@ def test_kill_mid_shard_then_resume_without_duplicates(vllm_server, instance, tm
     assert _run(config, instance, SEED_JOB, "synthetic").success
     cache = CorpusStore(config.store.root).cache("generation")
     partition = {"source": "synthetic", "shard": "000"}
-    home = Path(instance.root_directory)
-    code = ("import sys; from omnithought_dagster.config import load_config; from omnithought_dagster.defs import build_definitions;"
-            "import dagster as dg; c = load_config(sys.argv[1]); i = dg.DagsterInstance.get();"
-            "build_definitions(c).resolve_job_def('generate_traces').execute_in_process(partition_key='000|synthetic', instance=i)")
-    child = subprocess.Popen([sys.executable, "-c", code, config.config_path], env={**os.environ, "DAGSTER_HOME": str(home)},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    child = start_run(config, instance, TEACHER_JOB, "000|synthetic", start_new_session=True)
     deadline = time.monotonic() + 240
     while cache.batch_count(partition) < 3:
         assert child.poll() is None, "the run finished before it could be killed"
@@ -207,14 +200,8 @@ def test_two_runs_of_one_partition_pay_once_and_both_succeed(vllm_server, instan
                      teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test",
                               "max_concurrency": 4})
     assert _run(config, instance, SEED_JOB, "synthetic").success
-    code = ("import sys; from omnithought_dagster.config import load_config; from omnithought_dagster.defs import build_definitions;"
-            "import dagster as dg; c = load_config(sys.argv[1]); i = dg.DagsterInstance.get();"
-            "r = build_definitions(c).resolve_job_def('generate_traces').execute_in_process(partition_key='000|synthetic', instance=i,"
-            " raise_on_error=False); sys.exit(0 if r.success else 1)")
-    env = {**os.environ, "DAGSTER_HOME": instance.root_directory}
     before = requests_served(vllm_server)
-    runs = [subprocess.Popen([sys.executable, "-c", code, config.config_path], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [start_run(config, instance, TEACHER_JOB, "000|synthetic", stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outcomes = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
     assert [code for code, _ in outcomes] == [0, 0], [err[-2000:] for _, err in outcomes]
     assert requests_served(vllm_server) - before == 200  # 50 samples x 4 rollouts, sent once between the two runs

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SERVED_NAME, write_config
+from conftest import SERVED_NAME, wait_for_webserver, write_config
 from omnithought_dagster.cli import app
 from omnithought_dagster.llm.vllm_server import free_port
 
@@ -74,15 +74,7 @@ def webserver(served_project):
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"webserver did not start:\n{process.stdout.read().decode()}") from None
-                time.sleep(0.5)
+        wait_for_webserver(port, process)
         yield port
     finally:
         os.killpg(process.pid, signal.SIGKILL)

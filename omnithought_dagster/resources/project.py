@@ -7,10 +7,14 @@ UI: the teacher's and judge's API keys, and the S3 keys of the store.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import dagster as dg
 from pydantic import PrivateAttr
 
 from omnithought_dagster.config import ProjectConfig, SourceConfig, StoreConfig, load_config
+from omnithought_dagster.pools import joining_run
 from omnithought_dagster.sources.manifests import resolve_source
 from omnithought_dagster.store import CorpusStore, open_store
 
@@ -27,6 +31,13 @@ class ProjectResource(dg.ConfigurableResource):
         if self._config is None:
             self._config = load_config(self.config_path)
         return self._config
+
+    @contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["ProjectResource"]:
+        # Every step uses this resource, so every step process keeps its run alive while it works: a step the
+        # multiprocess executor spawned holds its run's pool slot until it ends, even if its run worker was killed.
+        with joining_run(context.instance, context.run_id):
+            yield self
 
 
 class CorpusStoreResource(dg.ConfigurableResource):
