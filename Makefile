@@ -144,9 +144,8 @@ test: env
 ui: env
 	$(BIN)/dg dev -h $(HOST) -p $(PORT)
 
-# Every benchmark (each prints JSON). The training one reads the subset `make demo` exports.
+# Every benchmark (each prints JSON); each makes its own data.
 bench: env
-	test -d .omnithought/exports/balanced || $(BIN)/omnithought demo
 	$(BIN)/python bench/seed_ingest.py
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/curation.py

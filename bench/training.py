@@ -1,12 +1,19 @@
-"""SFT throughput of the trainer the student_checkpoints asset launches (no Dagster, same command line).
+"""The trainer the student_checkpoints asset launches (no Dagster, the same command line): speed and memory.
 
-    .venv/bin/python bench/training.py [--data .omnithought/exports/balanced] [--steps 40] [--zero-stage 2]
-                                       [--launcher deepspeed|torchrun] [--nproc 1] [--micro-batch 4] [--model tiny:student]
+    .venv/bin/python bench/training.py [--steps 20] [--examples 200] [--sizes 1000,20000] [--memory-steps 5]
+                                       [--micro-batch 4] [--image-size 320] [--repeats 2] [--model tiny:student]
 
-Trains the student on an exported subset (`make demo` writes .omnithought/exports/balanced) and
-prints one JSON object: the trainer's own numbers (tokens/s over the training loop, samples
-seen, loss at start and end) and the wall time of the whole launch (launcher, process start,
-model load, save). Peak RSS is the largest of the launched processes.
+Prints one JSON object:
+- `throughput`: tokens/s over the training loop of the trainer (transformers' Trainer, `train/sft.py`)
+  and of the hand-written DeepSpeed loop it replaced (`bench/reference_sft_loop.py`, kept as the
+  peer), run alternately `--repeats` times each on the same generated export and steps; medians and
+  their ratio (target: >= 0.90).
+- `memory`: peak RSS of the training process for exports of each `--sizes` examples (`--memory-steps`
+  steps each); the ratio of the largest to the smallest (target: <= 1.15 - examples are read lazily,
+  so memory does not grow with the subset), and the wall time of building the example index.
+
+The exports are generated (`--image-size` px images, a pool of 64 distinct ones; reasoning replies of
+~100 tokens), so the bench needs no `make demo` first.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,40 +34,91 @@ sys.path.insert(0, str(REPO))
 from omnithought_dagster.config import StudentConfig, TrainingConfig  # noqa: E402
 from omnithought_dagster.train.launch import launcher_command, resolve_student, training_spec  # noqa: E402
 
+IMAGE_POOL = 64
+# The launched command under a parent that reports the peak RSS of its whole tree (the launcher and the rank).
+MEASURED = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(code)")
+
+
+def export(folder: Path, examples: int, image_size: int) -> Path:
+    from PIL import Image, ImageDraw
+
+    (folder / "images").mkdir(parents=True)
+    for i in range(IMAGE_POOL):
+        image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
+        ImageDraw.Draw(image).rectangle([i % 50, i % 30, image_size // 2 + i, image_size // 3 + i], fill=(i * 4 % 256, 90, 200))
+        image.save(folder / f"images/{i}.png")
+    with (folder / "data.json").open("w") as out:
+        out.write("[")
+        for i in range(examples):
+            reasoning = " ".join(f"step {j}: the block at {i % 7},{j} is counted" for j in range(8))
+            record = {"id": f"e{i}", "images": [f"images/{i % IMAGE_POOL}.png"],
+                      "messages": [{"role": "user", "content": f"<image>\nHow many blocks are there? ({i})"},
+                                   {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\nAnswer: {i % 9}"}]}
+            out.write(("," if i else "") + json.dumps(record))
+        out.write("]")
+    return folder
+
+
+def run(kind: str, model_dir: str, data: Path, work: Path, settings: TrainingConfig) -> dict:
+    """One training run (kind: trainer | reference); its log, wall time and peak RSS."""
+    work.mkdir(parents=True)
+    spec = work / "spec.json"
+    spec.write_text(json.dumps(training_spec(model_dir, data, work / "out", settings, run_dir=work / "run")))
+    command = launcher_command(settings, spec)
+    if kind == "reference":
+        command = command[:command.index("--module")] + [str(REPO / "bench/reference_sft_loop.py"), "--spec", str(spec)]
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", MEASURED, *command], capture_output=True, text=True, cwd=work,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    wall = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    log = json.loads((work / "out/train_log.json").read_text())
+    peak = int(done.stdout.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
+    return {"log": log, "wall": wall, "peak_rss_mb": round(peak / 1024)}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default=str(REPO / ".omnithought/exports/balanced"))
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--zero-stage", type=int, default=2)
-    parser.add_argument("--launcher", default="deepspeed")
-    parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--sizes", default="1000,20000")
+    parser.add_argument("--memory-steps", type=int, default=5)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=320)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default="tiny:student")
+    parser.add_argument("--workers", type=int, default=1, help="processes decoding examples ahead of the trainer")
     args = parser.parse_args()
-    data = Path(args.data)
-    if not (data / "data.json").is_file():
-        raise SystemExit(f"{data}/data.json not found: run `make demo` (it exports the first recipe) or pass --data")
     model_dir, _ = resolve_student(StudentConfig(name="bench", model=args.model), REPO / ".cache/models")
-    settings = TrainingConfig(launcher=args.launcher, nproc_per_node=args.nproc, zero_stage=args.zero_stage,
-                              micro_batch_size=args.micro_batch, max_steps=args.steps, learning_rate=0.005)
+    sizes = [int(size) for size in args.sizes.split(",") if size]
     with tempfile.TemporaryDirectory() as tmp:
-        spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps(training_spec(model_dir, data, Path(tmp) / "out", settings)))
-        started = time.monotonic()
-        done = subprocess.run(launcher_command(settings, spec), capture_output=True, text=True, cwd=tmp,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        wall = time.monotonic() - started
-        if done.returncode != 0:
-            raise SystemExit(done.stdout[-2000:] + done.stderr[-3000:])
-        log = json.loads((Path(tmp) / "out/train_log.json").read_text())
+        tmp = Path(tmp)
+        data = export(tmp / "speed", args.examples, args.image_size)
+        settings = TrainingConfig(micro_batch_size=args.micro_batch, max_steps=args.steps, learning_rate=0.005, max_length=2048,
+                                  dataloader_workers=args.workers)
+        speed = {"trainer": [], "reference": []}
+        for repeat in range(args.repeats):  # alternated, so drift in the machine's speed hits both alike
+            for kind in ("reference", "trainer"):
+                speed[kind].append(run(kind, model_dir, data, tmp / f"{kind}-{repeat}", settings)["log"]["tokens_per_s"])
+        trainer, reference = statistics.median(speed["trainer"]), statistics.median(speed["reference"])
+
+        memory = {}
+        for size in sizes:
+            sized = export(tmp / f"size-{size}", size, args.image_size)
+            measured = run("trainer", model_dir, sized, tmp / f"memory-{size}",
+                           settings.model_copy(update={"max_steps": args.memory_steps}))
+            memory[str(size)] = {"peak_rss_mb": measured["peak_rss_mb"], "wall_seconds": round(measured["wall"], 1),
+                                 "examples": measured["log"]["examples"]}
+    peaks = [memory[str(size)]["peak_rss_mb"] for size in sizes]
     print(json.dumps({
-        "model": args.model, "launcher": args.launcher, "processes": args.nproc, "zero_stage": args.zero_stage,
-        "micro_batch_size": args.micro_batch, "steps": log["steps"], "examples": log["examples"], "samples_seen": log["samples_seen"],
-        "tokens_seen": log["tokens_seen"], "tokens_per_s": log["tokens_per_s"],
-        "samples_per_s": round(log["samples_seen"] / log["train_seconds"], 1), "train_seconds": log["train_seconds"],
-        "wall_seconds": round(wall, 1), "initial_loss": log["initial_loss"], "final_loss": log["final_loss"],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+        "model": args.model, "micro_batch_size": args.micro_batch, "image_size": args.image_size,
+        "throughput": {"steps": args.steps, "examples": args.examples, "trainer_tokens_per_s": speed["trainer"],
+                       "reference_loop_tokens_per_s": speed["reference"], "median_ratio": round(trainer / reference, 3),
+                       "target_ratio_at_least": 0.90},
+        "memory": {**memory, "largest_to_smallest_peak_ratio": round(max(peaks) / min(peaks), 3) if peaks else None,
+                   "target_ratio_at_most": 1.15},
     }, indent=2))
 
 

@@ -413,8 +413,18 @@ class StudentConfig(_Model):
     recipes: list[str] | None = Field(default=None, description="train on these recipes only; default all")
 
 
+class LoraSettings(_Model):
+    """LoRA adapters (peft) instead of training the whole model; the checkpoint holds the merged weights and the adapter."""
+
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="module names of the language model that get adapters")
+
+
 class TrainingConfig(_Model):
-    """Supervised fine-tuning with DeepSpeed ZeRO, launched as its own process through Dagster Pipes.
+    """Supervised fine-tuning on transformers' Trainer with DeepSpeed ZeRO, launched as its own process through Dagster Pipes.
 
     The same settings run 1 CPU process here and N GPUs x M nodes elsewhere: the launcher
     gets nproc_per_node / nnodes / hostfile, the DeepSpeed config gets the rest.
@@ -437,9 +447,27 @@ class TrainingConfig(_Model):
     learning_rate: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup", "constant"] = Field(
+        default="cosine", description="the learning rate after warmup: decays to 0 (linear, cosine) or stays")
     gradient_clipping: float = Field(default=1.0, ge=0)
-    max_steps: int = Field(default=30, ge=1, description="optimizer steps (epochs repeat the subset until reached)")
-    max_length: int = Field(default=2048, ge=16, description="tokens per example; longer replies are cut, longer prompts skipped")
+    max_steps: int = Field(default=30, ge=1, description="optimizer steps (epochs repeat the subset until reached); unused with epochs")
+    epochs: float | None = Field(default=None, gt=0, description="passes over the subset instead of max_steps")
+    max_length: int = Field(default=2048, ge=16, description="tokens per example, images included")
+    overlong: Literal["skip", "truncate_reply"] = Field(default="skip", description=(
+        "an example over max_length: skip it (counted), or cut its reply (an example whose prompt and images do not fit is "
+        "skipped either way: images are never cut)"))
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations in the backward pass (less memory)")
+    freeze_vision_tower: bool = False
+    freeze_projector: bool = Field(default=False, description="the vision-to-language merger")
+    freeze_language_model: bool = False
+    lora: LoraSettings | None = Field(default=None, description="train LoRA adapters on the language model instead")
+    eval_share: float = Field(default=0.0, ge=0, le=0.5, description="share of the subset held out for the evaluation loss")
+    eval_steps: int = Field(default=0, ge=0, description="evaluation loss every N steps (0: once, at the end); needs eval_share")
+    save_steps: int = Field(default=0, ge=0, description=(
+        "a resumable training checkpoint (model, optimizer, scheduler, data position, RNG) every N optimizer steps; a rerun "
+        "after a kill resumes from the newest complete one. 0: none"))
+    save_total_limit: int = Field(default=2, ge=1, description="training checkpoints kept (the newest)")
+    dataloader_workers: int = Field(default=0, ge=0, description="processes decoding examples ahead of the trainer")
     seed: int = 0
     work_dir: str = Field(default=".cache/train", description="local scratch for the exported subset and the model before upload")
     env: dict[str, str] = Field(default_factory=dict, description="more environment variables for the training processes")
@@ -450,7 +478,25 @@ class TrainingConfig(_Model):
         """What changes the trained weights (hashed into checkpoint ids); placement and timeouts do not."""
         return self.model_dump(mode="json", include={
             "zero_stage", "offload_optimizer", "precision", "micro_batch_size", "gradient_accumulation_steps", "learning_rate",
-            "weight_decay", "warmup_steps", "gradient_clipping", "max_steps", "max_length", "seed"})
+            "weight_decay", "warmup_steps", "lr_scheduler", "gradient_clipping", "max_steps", "epochs", "max_length", "overlong",
+            "freeze_vision_tower", "freeze_projector", "freeze_language_model", "lora", "eval_share", "seed"})
+
+    @model_validator(mode="after")
+    def _coherent(self) -> TrainingConfig:
+        if self.freeze_vision_tower and self.freeze_projector and self.freeze_language_model:
+            raise ValueError("training: every part is frozen (freeze_vision_tower, freeze_projector, freeze_language_model): nothing to train")
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("training: lora with zero_stage 3 is not supported (use ZeRO 0-2: adapters are small)")
+        if self.lora is not None and self.freeze_language_model:
+            raise ValueError("training: lora puts adapters on the language model, which freeze_language_model freezes")
+        if self.eval_steps and not self.eval_share:
+            raise ValueError("training: eval_steps needs eval_share (the held-out part it evaluates on)")
+        return self
+
+    def process_settings(self) -> dict[str, Any]:
+        """What the training process needs besides run_settings: how it saves, evaluates and reads (not the weights)."""
+        return self.model_dump(mode="json", include={"gradient_checkpointing", "eval_steps", "save_steps", "save_total_limit",
+                                                     "dataloader_workers"})
 
 
 class EvaluationConfig(_Model):

@@ -129,8 +129,10 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             return _result(corpus, manifest["row"], reused=True, extra={})
 
         work = Path(cfg.training.work_dir) / ckpt
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        # work/run holds the example index and the training checkpoints: a rerun after a kill resumes from the newest
+        # complete one. Everything else there (the export, a half-written model) is redone.
+        _clear(work, keep={"run"})
+        succeeded = False
         try:
             from omnithought_dagster.curation.export import ExportError, export_subset
 
@@ -139,7 +141,8 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             except ExportError as exc:
                 raise dg.Failure(description=str(exc)) from exc
             spec_path = work / "spec.json"
-            spec_path.write_text(json.dumps(training_spec(model_dir, work / "data", work / "model", cfg.training), indent=2))
+            spec = training_spec(model_dir, work / "data", work / "model", cfg.training, run_dir=work / "run")
+            spec_path.write_text(json.dumps(spec, indent=2))
             command = launcher_command(cfg.training, spec_path)
             context.log.info(f"training {student.name} on {recipe} ({export.examples} examples): {' '.join(command)}")
             env = {**cfg.training.env, "OMP_NUM_THREADS": cfg.training.env.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
@@ -166,15 +169,36 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             corpus.checkpoints.put(ckpt, work / "model", {"row": row, "train_spec": json.loads(spec_path.read_text()),
                                                           "export": {"examples": export.examples, "images": export.images}})
             extra = {"loss_curve": dg.MetadataValue.md(reported["loss_curve"])} if reported.get("loss_curve") else {}
-            losses = json.loads((work / "model" / "train_log.json").read_text()).get("losses") or []
-            if losses:
-                extra["plot/loss_curve"] = plot(lambda ax: curves(ax, {f"{student.name}/{recipe}": losses}),
+            extra.update({key: reported[key] for key in ("skipped_examples", "resumed_from_step", "eval_loss") if key in reported})
+            if reported.get("skipped"):
+                extra["skipped"] = dg.MetadataValue.json(reported["skipped"])
+            log = json.loads((work / "model" / "train_log.json").read_text())
+            if log.get("losses"):
+                extra["plot/loss_curve"] = plot(lambda ax: curves(ax, {f"{student.name}/{recipe}": log["losses"]}),
                                                 f"training loss per optimizer step ({student.name} on {recipe})")
-            return _result(corpus, row, reused=False, extra=extra)
+            if log.get("learning_rates"):
+                schedule = f"{cfg.training.lr_scheduler}, warmup {cfg.training.warmup_steps}"
+                extra["plot/learning_rate"] = plot(lambda ax: curves(ax, {"learning rate": log["learning_rates"]}, ylabel="learning rate"),
+                                                   f"learning rate per optimizer step ({schedule})")
+            result = _result(corpus, row, reused=False, extra=extra)
+            succeeded = True
+            return result
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            # After a failure or a kill the run folder stays for the rerun to resume from; after success nothing stays.
+            _clear(work, keep=set() if succeeded else {"run"})
 
     return [student_baselines, student_checkpoints]
+
+
+def _clear(folder: Path, keep: set[str]) -> None:
+    """Remove what `folder` holds but the entries named in `keep` (the folder itself when nothing is kept)."""
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in folder.iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def subset_version(corpus: CorpusStore, recipe: str) -> str | None:

@@ -51,13 +51,7 @@ class VLTokenizer:
         Returns None when the prompt alone is longer than max_length (the example cannot be
         trained on without cutting its images); a long reply is cut at max_length.
         """
-        if not messages or messages[-1]["role"] != "assistant":
-            raise ValueError("a training example must end with the assistant's turn")
-        prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        if not full.startswith(prompt):
-            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-        reply = full[len(prompt):]
+        prompt, reply = self._prompt_and_reply(messages)
         vision, prompt = self._vision(prompt, images)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         reply_ids = self.tokenizer(reply, add_special_tokens=False)["input_ids"]
@@ -66,6 +60,33 @@ class VLTokenizer:
         ids = (prompt_ids + reply_ids)[:max_length] if max_length else prompt_ids + reply_ids
         labels = ([IGNORE_INDEX] * len(prompt_ids) + reply_ids)[:len(ids)]
         return {"input_ids": ids, "labels": labels, "vision": vision}
+
+    def example_length(self, messages: list[dict], image_sizes: list[tuple[int, int]]) -> tuple[int, int]:
+        """(prompt tokens, prompt + reply tokens) of encode_example's output before any cut, from the images' (width,
+        height) alone: no pixel is decoded."""
+        prompt, reply = self._prompt_and_reply(messages)
+        merge = self.image_processor.merge_size ** 2
+        counts = [self.image_processor.get_number_of_image_patches(height, width, {}) // merge for width, height in image_sizes]
+        prompt = self._expand(prompt, counts)
+        n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return n_prompt, n_prompt + len(self.tokenizer(reply, add_special_tokens=False)["input_ids"])
+
+    def _prompt_and_reply(self, messages: list[dict]) -> tuple[str, str]:
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("a training example must end with the assistant's turn")
+        prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+        return prompt, full[len(prompt):]
+
+    @staticmethod
+    def _expand(text: str, counts: list[int]) -> str:
+        """Each image pad repeated to its image's visual token count."""
+        pieces = text.split(IMAGE_PAD)
+        if len(pieces) - 1 != len(counts):
+            raise ValueError(f"{len(pieces) - 1} image placeholders but {len(counts)} images")
+        return pieces[0] + "".join(IMAGE_PAD * count + piece for count, piece in zip(counts, pieces[1:], strict=True))
 
     def collate(self, examples: list[dict]) -> dict[str, Any]:
         """Right-padded batch of encode_example outputs, images concatenated in order."""
@@ -81,15 +102,11 @@ class VLTokenizer:
 
     def _vision(self, text: str, images: list) -> tuple[dict | None, str]:
         """Image features and the text with each image pad expanded to its visual token count."""
-        pieces = text.split(IMAGE_PAD)
-        if len(pieces) - 1 != len(images):
-            raise ValueError(f"{len(pieces) - 1} image placeholders but {len(images)} images")
         if not images:
-            return None, text
+            return None, self._expand(text, [])
         features = self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
         merge = self.image_processor.merge_size ** 2
-        text = pieces[0] + "".join(IMAGE_PAD * (int(grid.prod()) // merge) + piece
-                                   for grid, piece in zip(features["image_grid_thw"], pieces[1:], strict=True))
+        text = self._expand(text, [int(grid.prod()) // merge for grid in features["image_grid_thw"]])
         return {"pixel_values": features["pixel_values"], "image_grid_thw": features["image_grid_thw"]}, text
 
     def _tensors(self, rows: list[list[int]], vision: dict | None) -> dict[str, Any]:

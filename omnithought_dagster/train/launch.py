@@ -14,7 +14,7 @@ from omnithought_dagster.ids import content_id
 from omnithought_dagster.llm.vllm_server import free_port
 
 TRAIN_MODULE = "omnithought_dagster.train.sft"
-TRAINER_VERSION = "sft-v1"  # bump when the training loop changes what a checkpoint contains
+TRAINER_VERSION = "sft-v2"  # bump when the trainer changes what a checkpoint contains (v2: transformers' Trainer)
 
 
 def resolve_student(student: StudentConfig, models_dir: str | Path) -> tuple[str, str]:
@@ -36,8 +36,12 @@ def checkpoint_id(base_fingerprint: str, subset_version: str | None, config_hash
     return content_id("checkpoint", {"base": base_fingerprint, "subset_version": subset_version, "train_config": config_hash})
 
 
-def training_spec(model_dir: str, data_dir: Path, output_dir: Path, training: TrainingConfig) -> dict[str, Any]:
-    return {"model_dir": str(model_dir), "data_dir": str(data_dir), "output_dir": str(output_dir), "training": training.run_settings()}
+def training_spec(model_dir: str, data_dir: Path, output_dir: Path, training: TrainingConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    """What the training process reads: the model, the exported subset, where the model goes, and `run_dir`, where it keeps
+    its example index and training checkpoints (kept across a kill; default: beside the output)."""
+    return {"model_dir": str(model_dir), "data_dir": str(data_dir), "output_dir": str(output_dir),
+            "run_dir": str(run_dir or Path(output_dir).parent / "run"),
+            "training": {**training.run_settings(), **training.process_settings()}}
 
 
 def launcher_command(training: TrainingConfig, spec_path: Path) -> list[str]:

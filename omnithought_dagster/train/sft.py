@@ -1,18 +1,27 @@
-"""Supervised fine-tuning of a Qwen-VL student with DeepSpeed ZeRO: the training process.
+"""Supervised fine-tuning of a Qwen-VL student on transformers' Trainer with DeepSpeed ZeRO: the training process.
 
 Launched by the student_checkpoints asset through Dagster Pipes, under the `deepspeed` or
 `torchrun` launcher, never inside the Dagster process:
 
     deepspeed --num_gpus N [--num_nodes M --hostfile H] --module omnithought_dagster.train.sft --spec spec.json
 
-`spec.json` names the base model folder, the exported subset (LLaMA-Factory format:
-data.json + images/), the output folder and the training settings. Every rank trains; only
-rank 0 opens the Pipes channel and reports to Dagster (loss curve, tokens/s, samples seen,
-where the checkpoint is). The loss covers only the assistant's reply (the teacher's
-`<think>...</think>` reasoning and its answer line, end-of-turn token included). The output
-is an HF model folder (from_pretrained and vLLM load it) plus train_log.json.
+`spec.json` names the base model folder, the exported subset (LLaMA-Factory format: data.json +
+images/), the output folder, the run folder (example index and training checkpoints, kept
+across a kill) and the training settings. The Trainer brings the optimizer, the LR schedule
+(warmup then linear / cosine decay), gradient accumulation and checkpointing, mixed precision,
+DeepSpeed through its config, evaluation, and checkpoints with resume (model, optimizer,
+scheduler, RNG, data position); this module brings the data (read lazily: `train/data.py`), the
+collator (loss only on the assistant's reply - the teacher's `<think>...</think>` reasoning and
+answer line, end-of-turn token included - images expanded as the model expects), freezing and
+LoRA, and the reporting: only rank 0 opens the Pipes channel (progress lines with ETA, then the
+loss / learning-rate curves, tokens/s, examples seen and skipped, the step it resumed from).
 
-Imports only torch, transformers, deepspeed, dagster-pipes and this package's Dagster-free
+A training checkpoint counts once every rank has written it: a `COMPLETE` file is added after a
+barrier, and only checkpoints holding one are resumed from. The output is an HF model folder
+(from_pretrained and vLLM load it; with LoRA the merged weights, the adapter in `adapter/`) plus
+train_log.json.
+
+Imports only torch, transformers, deepspeed, peft, dagster-pipes and this package's Dagster-free
 modules, so it runs from any environment that has those.
 """
 
@@ -22,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -31,9 +41,12 @@ from typing import Any
 from omnithought_dagster.progress import progress_line
 
 LOSS_WINDOW = 3  # steps averaged for the initial and final loss
+COMPLETE = "COMPLETE"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, train_fn=None) -> int:
+    """The process's entry: read the spec, train (`train_fn`, default `train`), report the result through Pipes on rank 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="the run's JSON spec (written by the asset)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
@@ -44,141 +57,274 @@ def main(argv: list[str] | None = None) -> int:
     pipes = _open_pipes() if rank == 0 else nullcontext(None)
     with pipes as channel:
         report = _Reporter(channel)
-        result = train(spec, report)
+        result = (train_fn or train)(spec, report)
         if channel is not None:
             channel.report_asset_materialization(metadata=result["metadata"])
     return 0
 
 
-def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
-    import deepspeed
+def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     import torch
-    from PIL import Image
-    from torch.utils.data import DataLoader, DistributedSampler
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
-    from omnithought_dagster.models.vl_chat import VLTokenizer, user_content
+    from omnithought_dagster.models.vl_chat import VLTokenizer
+    from omnithought_dagster.train.data import ExampleIndex, LazyExamples, build_index, split
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     settings = spec["training"]
-    deepspeed.init_distributed(dist_backend=spec.get("dist_backend") or ("nccl" if torch.cuda.is_available() else "gloo"))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.manual_seed(settings["seed"])
-
     model_dir, data_dir, out_dir = Path(spec["model_dir"]), Path(spec["data_dir"]), Path(spec["output_dir"])
+    run_dir = Path(spec.get("run_dir") or out_dir.parent / "run")
+    # DeepSpeed's process group first (gloo on CPU): the Trainer's DeepSpeed config reads the world size from it.
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=spec.get("dist_backend") or ("nccl" if torch.cuda.is_available() else "gloo"))
+    args = training_arguments(settings, run_dir / "checkpoints")
+    rank, world = args.process_index, args.world_size
+
     vl = VLTokenizer.load(model_dir)
-    examples, skipped = [], 0
-    for record in json.loads((data_dir / "data.json").read_text()):
-        images = [Image.open(data_dir / path) for path in record["images"]]
-        user, assistant = record["messages"][0]["content"], record["messages"][-1]["content"]
-        messages = [{"role": "user", "content": user_content(user, len(images))}, {"role": "assistant", "content": assistant}]
-        encoded = vl.encode_example(messages, images, settings["max_length"])
-        if encoded is None:
-            skipped += 1
-            continue
-        examples.append(encoded)
-    if not examples:
-        raise SystemExit(f"no trainable examples in {data_dir} ({skipped} prompts longer than max_length {settings['max_length']})")
-    report.log(f"rank {rank}/{world}: {len(examples)} examples ({skipped} skipped: prompt over max_length)")
+    with args.main_process_first(local=True, desc="example index"):  # one rank per machine reads the export
+        index_dir = run_dir / "index"
+        if args.local_process_index == 0:
+            index = build_index(data_dir, index_dir, vl, settings["max_length"], settings["overlong"])
+        else:
+            index = ExampleIndex.load(index_dir)
+    skipped = dict(index.skipped)
+    if not index.offsets:
+        raise SystemExit(f"no trainable examples in {data_dir} (set aside: {skipped or 'none'}; max_length {settings['max_length']})")
+    train_part, held_out = split(index, settings["eval_share"], settings["seed"])
+    # Without worker processes a batch's examples are decoded by threads of this one (no copy of the batch between processes).
+    threads = 1 if settings["dataloader_workers"] else min(4, len(os.sched_getaffinity(0)))
+    train_set = LazyExamples(index, vl, settings["max_length"], train_part, threads=threads)
+    eval_set = LazyExamples(index, vl, settings["max_length"], held_out, threads=threads) if held_out else None
+    report.log(f"rank {rank}/{world}: {len(train_set)} examples" + (f", {len(eval_set)} held out" if eval_set else "")
+               + (f" ({sum(skipped.values())} set aside: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else ""))
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
-    ds_config = deepspeed_config(settings)
-    optimizer = None
-    if not settings["offload_optimizer"]:
-        # A client optimizer needs no compiled DeepSpeed op; ZeRO shards its states all the same.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           model_parameters=None if optimizer else model.parameters())
-    sampler = DistributedSampler(examples, num_replicas=world, rank=rank, shuffle=True, seed=settings["seed"])
-    loader = DataLoader(examples, batch_size=settings["micro_batch_size"], sampler=sampler, collate_fn=vl.collate)
+    frozen = freeze(model, settings)
+    if settings.get("lora"):
+        model = with_lora(model, settings["lora"])
+    resume = latest_complete(run_dir / "checkpoints")
+    marker, progress = _MarkComplete(), _Progress(report)
+    trainer = _counting_trainer()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate,
+                                  callbacks=[progress, marker])
+    marker.trainer = trainer
+    from transformers import PrinterCallback
 
-    accumulation = settings["gradient_accumulation_steps"]
-    losses: list[float] = []
-    samples = tokens = 0
-    epoch, step, micro = 0, 0, 0
-    window: list[float] = []
-    started = time.monotonic()
-    engine.train()
-    while step < settings["max_steps"]:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            window.append(float(loss.detach()))
-            samples += int(batch["input_ids"].shape[0])
-            tokens += int(batch["attention_mask"].sum())
-            micro += 1
-            if micro % accumulation == 0:
-                step += 1
-                losses.append(_sum_across_ranks(sum(window) / len(window)) / world)
-                window = []
-                if step == 1 or step % max(1, settings["max_steps"] // 10) == 0 or step == settings["max_steps"]:
-                    report.log(progress_line("training", step, settings["max_steps"], time.monotonic() - started, "steps")
-                               + f", loss {losses[-1]:.4f}")
-                if step >= settings["max_steps"]:
-                    break
-        epoch += 1
-    seconds = time.monotonic() - started
-    samples, tokens = int(_sum_across_ranks(samples)), int(_sum_across_ranks(tokens))
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; _Progress reports what matters
+    if resume is not None:
+        trainer.resumed = json.loads((resume / COMPLETE).read_text())
+        report.log(f"resuming from {resume.name} (step {_step(resume)} of {args.max_steps if args.max_steps > 0 else '?'})")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = progress.seconds()  # the training loop's, as the tokens counted: not the engine's set-up nor loading a checkpoint
+    if eval_set is not None and not settings["eval_steps"]:
+        trainer.evaluate()
 
-    _save(engine, model, settings, model_dir, out_dir, rank)
+    _save(trainer, settings, model_dir, out_dir)
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+    evals = [{"step": entry["step"], "eval_loss": entry["eval_loss"]} for entry in history if "eval_loss" in entry]
+    counted = trainer.totals()
     initial, final = _mean(losses[:LOSS_WINDOW]), _mean(losses[-LOSS_WINDOW:])
+    run_tokens = counted["tokens"] - trainer.resumed["tokens"]
     log = {
-        "losses": losses, "initial_loss": initial, "final_loss": final, "steps": step, "epochs": epoch, "examples": len(examples),
-        "skipped_examples": skipped, "samples_seen": samples, "tokens_seen": tokens, "train_seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "world_size": world, "deepspeed": ds_config,
+        "losses": losses, "learning_rates": rates, "eval": evals, "initial_loss": initial, "final_loss": final,
+        "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 4), "examples": len(train_set),
+        "held_out": len(eval_set) if eval_set else 0, "skipped_examples": sum(skipped.values()), "skipped": skipped,
+        "samples_seen": counted["samples"], "tokens_seen": counted["tokens"], "train_seconds": round(seconds, 3),
+        "tokens_per_s": round(run_tokens / seconds, 1) if seconds else None, "world_size": world,
+        "resumed_from_step": _step(resume) if resume else None, "frozen": frozen, "lora": settings.get("lora"),
+        "deepspeed": args.deepspeed if isinstance(args.deepspeed, dict) else None,
     }
     if rank == 0:
         (out_dir / "train_log.json").write_text(json.dumps(log, indent=2))
     metadata = {
-        "output_dir": str(out_dir), "steps": step, "examples": len(examples), "skipped_examples": skipped, "samples_seen": samples,
-        "tokens_seen": tokens, "initial_loss": initial, "final_loss": final, "tokens_per_s": log["tokens_per_s"],
-        "train_seconds": log["train_seconds"], "world_size": world,
+        "output_dir": str(out_dir), "steps": log["steps"], "examples": log["examples"], "skipped_examples": log["skipped_examples"],
+        "skipped": {"raw_value": skipped, "type": "json"}, "samples_seen": log["samples_seen"], "tokens_seen": log["tokens_seen"],
+        "initial_loss": initial, "final_loss": final, "tokens_per_s": log["tokens_per_s"], "train_seconds": log["train_seconds"],
+        "world_size": world, "resumed_from_step": log["resumed_from_step"] if resume else -1,
         "loss_curve": {"raw_value": _loss_table(losses), "type": "md"},
     }
+    if evals:
+        metadata["eval_loss"] = evals[-1]["eval_loss"]
     return {"log": log, "metadata": metadata}
 
 
+def training_arguments(settings: dict[str, Any], output_dir: Path):
+    """transformers' TrainingArguments for the settings (DeepSpeed through deepspeed_config, CPU when there is no GPU)."""
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    evaluate = settings["eval_share"] > 0 and settings["eval_steps"] > 0
+    return TrainingArguments(
+        output_dir=str(output_dir), seed=settings["seed"], data_seed=settings["seed"],
+        per_device_train_batch_size=settings["micro_batch_size"], per_device_eval_batch_size=settings["micro_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"], learning_rate=settings["learning_rate"],
+        weight_decay=settings["weight_decay"], warmup_steps=settings["warmup_steps"], lr_scheduler_type=settings["lr_scheduler"],
+        max_grad_norm=settings["gradient_clipping"] or 0.0,
+        max_steps=-1 if settings.get("epochs") else settings["max_steps"], num_train_epochs=settings.get("epochs") or 1,
+        bf16=settings["precision"] == "bf16", fp16=settings["precision"] == "fp16",
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings["gradient_checkpointing"] else None,
+        eval_strategy="steps" if evaluate else "no", eval_steps=settings["eval_steps"] or None,
+        save_strategy="steps" if settings["save_steps"] else "no", save_steps=settings["save_steps"] or 500,
+        save_total_limit=settings["save_total_limit"], logging_strategy="steps", logging_steps=1, logging_first_step=True,
+        report_to=[], disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=settings["dataloader_workers"],
+        dataloader_persistent_workers=settings["dataloader_workers"] > 0,  # not restarted every epoch
+        use_cpu=not cuda, ddp_backend=None if cuda else "gloo", deepspeed=deepspeed_config(settings),
+    )
+
+
 def deepspeed_config(settings: dict[str, Any]) -> dict[str, Any]:
-    """The DeepSpeed config of a run's settings (the batch sizes, ZeRO stage, offload and precision)."""
+    """The DeepSpeed config of a run: ZeRO stage and offload here; batch sizes, clipping and precision are the Trainer's
+    ("auto"), as are the optimizer and schedule (DeepSpeed's CPU Adam only with offload)."""
     zero: dict[str, Any] = {"stage": settings["zero_stage"]}
     if settings["offload_optimizer"]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if settings["zero_stage"] == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": settings["micro_batch_size"],
-        "gradient_accumulation_steps": settings["gradient_accumulation_steps"],
-        "gradient_clipping": settings["gradient_clipping"],
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "bf16": {"enabled": settings["precision"] == "bf16"},
-        "fp16": {"enabled": settings["precision"] == "fp16"},
+        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9, "wall_clock_breakdown": False,
+        "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
     }
     if settings["offload_optimizer"]:
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": settings["learning_rate"], "weight_decay": settings["weight_decay"]}}
-    if settings["warmup_steps"]:
-        config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": settings["learning_rate"],
-                                                              "warmup_num_steps": settings["warmup_steps"]}}
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto"}}
     return config
 
 
-def _save(engine, model, settings: dict, model_dir: Path, out_dir: Path, rank: int) -> None:
-    """Rank 0 writes an HF folder: weights (gathered from the ranks under ZeRO-3), tokenizer, processor files."""
-    state = engine._zero3_consolidated_16bit_state_dict() if settings["zero_stage"] == 3 else None  # every rank takes part
-    if rank != 0:
+def freeze(model, settings: dict[str, Any]) -> list[str]:
+    """Freeze the parts the settings name (vision tower, projector, language model); the names of the frozen parts."""
+    parts = {"vision_tower": settings.get("freeze_vision_tower"), "projector": settings.get("freeze_projector"),
+             "language_model": settings.get("freeze_language_model")}
+    for name, parameter in model.named_parameters():
+        if parts[part_of(name)]:
+            parameter.requires_grad_(False)
+    return [part for part, frozen in parts.items() if frozen]
+
+
+def part_of(parameter_name: str) -> str:
+    """Which part of a Qwen-VL model a parameter belongs to: the projector is the vision merger(s), the rest of the vision
+    model is the tower; everything else (embeddings, decoder, lm_head) is the language model."""
+    if ".visual." in f".{parameter_name}":
+        return "projector" if "merger" in parameter_name else "vision_tower"
+    return "language_model"
+
+
+def with_lora(model, lora: dict[str, Any]):
+    """The model with LoRA adapters on the language model's target modules (peft); only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    pattern = r".*language_model.*\.(" + "|".join(re.escape(m) for m in lora["target_modules"]) + r")$"
+    return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=pattern,
+                                            task_type="CAUSAL_LM"))
+
+
+def latest_complete(folder: Path) -> Path | None:
+    """The newest training checkpoint every rank finished writing (one marked COMPLETE), or None."""
+    if not folder.is_dir():
+        return None
+    done = [path for path in folder.iterdir() if CHECKPOINT.match(path.name) and (path / COMPLETE).is_file()]
+    return max(done, key=_step, default=None)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(CHECKPOINT.match(checkpoint.name).group(1))
+
+
+def _counting_trainer():
+    """transformers' Trainer that also counts the examples and tokens it trained on (samples_seen, tokens/s), those of the
+    checkpoint it resumed from included."""
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):
+        samples = tokens = 0
+        resumed = {"samples": 0, "tokens": 0}
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.samples += int(inputs["input_ids"].shape[0])
+            self.tokens += int(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def totals(self) -> dict[str, int]:
+            """Over every rank and the resumed run (a collective: every rank calls it)."""
+            return {"samples": self.resumed["samples"] + int(_sum_across_ranks(self.samples)),
+                    "tokens": self.resumed["tokens"] + int(_sum_across_ranks(self.tokens))}
+
+    return CountingTrainer
+
+
+class _Callback:
+    """A TrainerCallback without transformers at import time: events it does not define do nothing."""
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+class _MarkComplete(_Callback):
+    """Once every rank has saved a training checkpoint (the counts' all-reduce is the meeting point), rank 0 marks it
+    COMPLETE, with the examples and tokens seen so far; a rerun resumes only from a marked one."""
+
+    trainer = None
+
+    def on_save(self, args, state, control, **kwargs):
+        counts = self.trainer.totals()
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / COMPLETE).write_text(json.dumps({"step": state.global_step, **counts}))
+
+
+class _Progress(_Callback):
+    """Progress lines (with ETA) at ~10 points of the run, the loss and learning rate with them."""
+
+    def __init__(self, report: _Reporter):
+        self.report = report
+        self.started = 0.0
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.monotonic(), state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.ended = time.monotonic()
+
+    def seconds(self) -> float:
+        return getattr(self, "ended", time.monotonic()) - self.started
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        step, total = state.global_step, state.max_steps
+        if "eval_loss" in logs:
+            self.report.log(f"evaluation at step {step}: loss {logs['eval_loss']:.4f}")
+        if "loss" not in logs or not (step == 1 or step % max(1, total // 10) == 0 or step == total):
+            return
+        line = progress_line("training", step, total, time.monotonic() - self.started, "steps", rate_done=step - self.first_step)
+        self.report.log(f"{line}, loss {logs['loss']:.4f}, lr {logs.get('learning_rate', 0):.2e}")
+
+
+def _save(trainer, settings: dict, model_dir: Path, out_dir: Path) -> None:
+    """An HF folder in out_dir: the weights (gathered from the ranks under ZeRO-3; with LoRA merged, the adapter itself in
+    adapter/), and the tokenizer and processor files of the base."""
+    if settings.get("lora"):  # ZeRO 0-2 only (the config refuses LoRA with ZeRO-3): every rank holds the whole model
+        if trainer.args.should_save:
+            trainer.model.save_pretrained(out_dir / "adapter")
+            merged = trainer.model.merge_and_unload()
+            merged.config.use_cache = True
+            merged.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        trainer.model.config.use_cache = True
+        trainer.save_model(str(out_dir))  # every rank takes part (ZeRO-3 gathers the weights); rank 0 writes
+    if not trainer.args.should_save:
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    module = engine.module
-    module.config.use_cache = True
-    module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    (out_dir / "training_args.bin").unlink(missing_ok=True)
     for name in os.listdir(model_dir):  # tokenizer, chat template, image processor: everything but the weights and configs
         if not (name.endswith(".safetensors") or name.endswith(".bin") or name in {"config.json", "generation_config.json"}
                 or name.endswith(".index.json") or name.startswith(".") or name == "omnithought_tiny_model.json"):

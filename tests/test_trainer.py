@@ -1,0 +1,115 @@
+"""The training process's parts: the lazy example index and its over-length policy, which checkpoint a rerun resumes
+from, what freezing and LoRA train (a real run of the trainer), and the settings' coherence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from omnithought_dagster.config import StudentConfig, TrainingConfig
+from omnithought_dagster.train.launch import launcher_command, resolve_student, training_spec
+from omnithought_dagster.train.sft import COMPLETE, latest_complete, part_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def student():
+    from omnithought_dagster.models.vl_chat import VLTokenizer
+
+    model_dir, _ = resolve_student(StudentConfig(name="t", model="tiny:student"), REPO / ".cache" / "models")
+    return model_dir, VLTokenizer.load(model_dir)
+
+
+def _export(folder: Path, replies: list[str], size=(64, 64), missing_image: int | None = None) -> Path:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, reply in enumerate(replies):
+        if i != missing_image:
+            Image.new("RGB", size, (20 * i % 255, 90, 160)).save(folder / f"images/{i}.png")
+        records.append({"id": f"e{i}", "images": [f"images/{i}.png"],
+                        "messages": [{"role": "user", "content": f"<image>\nHow many blocks? ({i})"}, {"role": "assistant", "content": reply}]})
+    (folder / "data.json").write_text(json.dumps(records))
+    return folder
+
+
+def test_the_index_keeps_what_fits_and_counts_what_it_sets_aside(student, tmp_path):
+    from omnithought_dagster.train.data import ExampleIndex, LazyExamples, build_index
+
+    _, vl = student
+    replies = ["<think>short</think>\nAnswer: 1", "<think>" + "long reasoning " * 60 + "</think>\nAnswer: 2", "<think>x</think>\nAnswer: 3"]
+    data = _export(tmp_path / "data", replies, missing_image=2)
+    skip = build_index(data, tmp_path / "skip", vl, max_length=120, overlong="skip")
+    assert len(skip.offsets) == 1 and dict(skip.skipped) == {"over_max_length": 1, "unreadable_record": 1} and skip.records == 3
+    cut = build_index(data, tmp_path / "cut", vl, max_length=120, overlong="truncate_reply")
+    assert len(cut.offsets) == 2 and dict(cut.skipped) == {"unreadable_record": 1} and list(cut.lengths)[1] == 120
+    tiny = build_index(data, tmp_path / "tiny", vl, max_length=40, overlong="truncate_reply")  # the image alone does not fit
+    assert not tiny.offsets and tiny.skipped["prompt_over_max_length"] == 2
+
+    examples = LazyExamples(ExampleIndex.load(tmp_path / "cut"), vl, 120)
+    first, second = examples[0], examples[1]
+    assert len(second["input_ids"]) == 120 and second["vision"]["image_grid_thw"].shape[0] == 1  # reply cut, image whole
+    assert len(first["input_ids"]) == list(cut.lengths)[0] and first["labels"][-1] != -100
+
+
+def test_a_rerun_resumes_only_from_a_checkpoint_every_rank_finished(tmp_path):
+    folder = tmp_path / "checkpoints"
+    assert latest_complete(folder) is None
+    for step, complete in [(4, True), (8, True), (12, False)]:
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (folder / f"checkpoint-{step}" / COMPLETE).write_text("{}")
+    (folder / "checkpoint-x").mkdir()
+    (folder / "tmp-checkpoint-16").mkdir()
+    assert latest_complete(folder).name == "checkpoint-8"
+
+
+def test_model_parts_for_freezing(student):
+    assert part_of("model.visual.blocks.0.attn.qkv.weight") == "vision_tower"
+    assert part_of("model.visual.patch_embed.proj.weight") == "vision_tower"
+    assert part_of("model.visual.merger.mlp.0.weight") == "projector"
+    assert part_of("model.visual.deepstack_merger_list.0.norm.weight") == "projector"
+    assert part_of("model.language_model.layers.0.mlp.up_proj.weight") == part_of("lm_head.weight") == "language_model"
+
+
+def test_incoherent_settings_are_refused():
+    with pytest.raises(ValidationError, match="nothing to train"):
+        TrainingConfig(freeze_vision_tower=True, freeze_projector=True, freeze_language_model=True)
+    with pytest.raises(ValidationError, match="lora with zero_stage 3"):
+        TrainingConfig(lora={"r": 4}, zero_stage=3)
+    with pytest.raises(ValidationError, match="eval_steps needs eval_share"):
+        TrainingConfig(eval_steps=5)
+
+
+@pytest.mark.slow
+def test_lora_and_a_frozen_vision_tower_train_only_what_they_should(student, tmp_path):
+    """A real run: LoRA on the language model, vision tower frozen, held-out loss. The saved model is the merged one (and the
+    adapter beside it); the vision tower's weights did not move, the language model's did; the schedule decayed."""
+    import torch
+    from safetensors.torch import load_file
+
+    model_dir, _ = student
+    data = _export(tmp_path / "data", [f"<think>I count {i} blocks.</think>\nAnswer: {i}" for i in range(10)])
+    settings = TrainingConfig(max_steps=6, micro_batch_size=2, learning_rate=0.05, max_length=256, warmup_steps=2, lr_scheduler="linear",
+                              freeze_vision_tower=True, lora={"r": 4, "alpha": 8, "dropout": 0.0}, eval_share=0.2, eval_steps=3)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(training_spec(model_dir, data, tmp_path / "out", settings, run_dir=tmp_path / "run")))
+    done = subprocess.run(launcher_command(settings, spec), capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "rank 0/1: 8 examples, 2 held out" in done.stdout
+    log = json.loads((tmp_path / "out/train_log.json").read_text())
+    assert log["frozen"] == ["vision_tower"] and log["lora"]["r"] == 4 and [e["step"] for e in log["eval"]] == [3, 6]
+    rates = log["learning_rates"]
+    assert rates[0] < rates[1] and rates[-1] < rates[1]  # warmup, then linear decay
+    assert (tmp_path / "out/adapter/adapter_config.json").is_file()
+    before, after = load_file(Path(model_dir) / "model.safetensors"), load_file(tmp_path / "out/model.safetensors")
+    assert set(before) == set(after)  # merged: the base's own tensors, no adapter tensors
+    moved = {part_of(name) for name in before if not torch.equal(before[name], after[name])}
+    assert moved == {"language_model"}
