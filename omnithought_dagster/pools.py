@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,20 +128,8 @@ def joining_run(instance: dg.DagsterInstance | None, run_id: str | None) -> Iter
         yield
 
 
-def _remove_if_unheld(path: Path) -> None:
-    try:
-        with path.open("r") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            path.unlink(missing_ok=True)
-    except (BlockingIOError, FileNotFoundError):
-        pass
-
-
-def run_alive(instance: dg.DagsterInstance, run_id: str) -> bool | None:
-    """True while a process of the run holds its record, False once all have died, None without a record."""
-    path = _record(instance, run_id)
-    if path is None:
-        return None
+def _unheld(path: Path) -> bool | None:
+    """Whether no process holds a lock on the file (None: there is no file)."""
     try:
         handle = path.open("r")
     except FileNotFoundError:
@@ -149,9 +138,16 @@ def run_alive(instance: dg.DagsterInstance, run_id: str) -> bool | None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True
+            return False
         fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
+        return True
+
+
+def run_alive(instance: dg.DagsterInstance, run_id: str) -> bool | None:
+    """True while a process of the run holds its record, False once all have died, None without a record."""
+    path = _record(instance, run_id)
+    unheld = _unheld(path) if path is not None else None
+    return None if unheld is None else not unheld
 
 
 @dataclass(frozen=True)
@@ -161,20 +157,24 @@ class Freed:
     slots: int  # slots and pending claims it held
 
 
-def _slot_holders(instance: dg.DagsterInstance) -> dict[str, int]:
-    """run id -> number of slots it holds and claims it has pending, over every pool."""
+def _pool_steps(instance: dg.DagsterInstance) -> set[tuple[str, str, str, bool]]:
+    """(run id, pool, step key, claimed) of every step holding or waiting for a slot, over every pool."""
     storage = instance.event_log_storage
     if not storage.supports_global_concurrency_limits:
-        return {}
-    steps: set[tuple[str, str, str]] = set()  # a claimed step is in both lists
+        return set()
+    steps = set()
     for key in storage.get_concurrency_keys():
         info = storage.get_concurrency_info(key)
-        steps.update((slot.run_id, key, slot.step_key) for slot in info.claimed_slots)
-        steps.update((step.run_id, key, step.step_key) for step in info.pending_steps)
-    held: dict[str, int] = {}
-    for run_id, _, _ in steps:
-        held[run_id] = held.get(run_id, 0) + 1
-    return held
+        claimed = {(slot.run_id, slot.step_key) for slot in info.claimed_slots}
+        steps.update((run_id, key, step_key, True) for run_id, step_key in claimed)
+        steps.update((step.run_id, key, step.step_key, False) for step in info.pending_steps
+                     if (step.run_id, step.step_key) not in claimed)  # a claimed step is in both lists
+    return steps
+
+
+def _slot_holders(instance: dg.DagsterInstance) -> dict[str, int]:
+    """run id -> number of slots it holds and claims it has pending, over every pool."""
+    return dict(Counter(run_id for run_id, _, _, _ in _pool_steps(instance)))
 
 
 def free_dead_runs(instance: dg.DagsterInstance, log=None) -> list[Freed]:
@@ -182,9 +182,11 @@ def free_dead_runs(instance: dg.DagsterInstance, log=None) -> list[Freed]:
     holders = _slot_holders(instance)
     freed: list[Freed] = []
     folder = record_dir(instance)
-    recorded = sorted(folder.glob("*.lock")) if folder and folder.is_dir() else []
-    for temporary in folder.glob(".*.tmp") if recorded or (folder and folder.is_dir()) else []:
-        _remove_if_unheld(temporary)  # a run worker killed between writing its record and naming it
+    present = folder is not None and folder.is_dir()
+    recorded = sorted(folder.glob("*.lock")) if present else []
+    for temporary in folder.glob(".*.tmp") if present else []:  # a run worker killed between writing its record and naming it
+        if _unheld(temporary):
+            temporary.unlink(missing_ok=True)
     for path in recorded:
         run_id = path.stem
         if run_alive(instance, run_id) is not False:
@@ -215,15 +217,7 @@ def free_dead_runs(instance: dg.DagsterInstance, log=None) -> list[Freed]:
 
 def _waiting(instance: dg.DagsterInstance, run_id: str) -> bool:
     """Whether a step of the run waits for a pool slot (queued, or assigned but not yet taken)."""
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits:
-        return False
-    for key in storage.get_concurrency_keys():
-        info = storage.get_concurrency_info(key)
-        claimed = {slot.step_key for slot in info.claimed_slots if slot.run_id == run_id}
-        if any(step.run_id == run_id and step.step_key not in claimed for step in info.pending_steps):
-            return True
-    return False
+    return any(run == run_id and not claimed for run, _, _, claimed in _pool_steps(instance))
 
 
 class _Watcher(threading.Thread):
