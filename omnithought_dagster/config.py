@@ -464,12 +464,14 @@ class TrainingConfig(_Model):
     eval_share: float = Field(default=0.0, ge=0, le=0.5, description="share of the subset held out for the evaluation loss")
     eval_steps: int = Field(default=0, ge=0, description="evaluation loss every N steps (0: once, at the end); needs eval_share")
     save_steps: int = Field(default=0, ge=0, description=(
-        "a resumable training checkpoint (model, optimizer, scheduler, data position, RNG) every N optimizer steps; a rerun "
-        "after a kill resumes from the newest complete one. 0: none"))
-    save_total_limit: int = Field(default=2, ge=1, description="training checkpoints kept (the newest)")
+        "a resumable training checkpoint (model, optimizer, scheduler, data position, RNG) every N optimizer steps, copied "
+        "to the store under runs/<checkpoint_id>/; a rerun after a kill resumes from the newest complete one (this disk's or "
+        "the store's). 0: none"))
+    save_total_limit: int = Field(default=2, ge=1, description="training checkpoints kept (the newest), on disk and in the store")
     dataloader_workers: int = Field(default=0, ge=0, description="processes decoding examples ahead of the trainer")
     seed: int = 0
-    work_dir: str = Field(default=".cache/train", description="local scratch for the exported subset and the model before upload")
+    work_dir: str = Field(default=".cache/train", description=(
+        "local scratch: the exported subset, the example index, training checkpoints, the model before upload"))
     env: dict[str, str] = Field(default_factory=dict, description="more environment variables for the training processes")
 
     _resolve = field_validator("python", "hostfile", "work_dir")(_resolve_path)

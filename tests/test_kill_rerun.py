@@ -9,6 +9,7 @@ writes exactly the rows an uninterrupted run writes, none twice, redoing at most
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from omnithought_dagster.annotate.annotations import ANNOTATION_CACHE
 from omnithought_dagster.assets.student import expected_checkpoint_id
 from omnithought_dagster.defs import ANNOTATE_JOB, BASELINE_JOB, FILTER_JOB, SCORE_JOB, SEED_JOB, SUBSET_JOB, TEACHER_JOB, TRAIN_JOB
 from omnithought_dagster.store import CorpusStore
+from omnithought_dagster.train.checkpoints import RunCheckpoints
 from omnithought_dagster.train.launch import TRAIN_MODULE
 from test_scores import _project as scores_project
 from test_student import _project as student_project
@@ -72,17 +74,17 @@ def test_judging_killed_mid_shard_resumes_from_its_cache(vllm_server, instance, 
     assert set(rows.column("trace_id").to_pylist()) == set(store.read_partition("cot_traces", partition).column("trace_id").to_pylist())
 
 
-def test_training_killed_mid_run_leaves_no_trainer_and_resumes_from_its_last_complete_checkpoint(tmp_path, instance):
-    config = student_project(tmp_path, max_steps=30, save_steps=5)
+def test_training_killed_mid_run_leaves_no_trainer_and_resumes_on_another_machine_from_the_stored_checkpoint(tmp_path, instance):
+    config = student_project(tmp_path, max_steps=120, save_steps=10)
     assert run_job(config, instance, FILTER_JOB, "synthetic").success
     assert run_job(config, instance, SUBSET_JOB, "even").success
     store = CorpusStore(config.store.root)
     ckpt = expected_checkpoint_id(config, store, "tiny", "even")
-    saved = Path(config.training.work_dir) / ckpt / "run" / "checkpoints"
+    stored = RunCheckpoints(store, ckpt)
     run = start_run(config, instance, TRAIN_JOB, "even|tiny")
     wait_for_process(TRAIN_MODULE, str(config.training.work_dir), run=run)  # the trainer started
     deadline = time.monotonic() + 300
-    while not list(saved.glob("checkpoint-*/COMPLETE")):  # ... and saved a complete training checkpoint
+    while not stored.steps():  # ... saved a complete training checkpoint, and the step copied it to the store
         assert run.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -90,18 +92,19 @@ def test_training_killed_mid_run_leaves_no_trainer_and_resumes_from_its_last_com
     assert_none_left(str(config.training.work_dir))  # launcher and ranks went with the step
     assert not store.has_partition("student_checkpoints", {"student": "tiny", "recipe": "even"})
     assert store.checkpoints.manifest(ckpt) is None and not store.checkpoints.exists(ckpt)
-    last = max(int(path.parent.name.split("-")[1]) for path in saved.glob("checkpoint-*/COMPLETE"))
-    assert 5 <= last < 30
+    last = stored.steps()[-1]
+    assert 10 <= last < 120 and last % 10 == 0
+    shutil.rmtree(config.training.work_dir)  # the rerun lands on a machine without the killed run's disk
 
     result = run_job(config, instance, TRAIN_JOB, "even|tiny")
     assert result.success
     meta = materializations(result)["student_checkpoints"]
-    assert meta["resumed_from_step"] >= last and meta["steps"] == 30 and meta["reused"] is False  # as many steps as one whole run
+    assert meta["resumed_from_step"] >= last and meta["steps"] == 120 and meta["reused"] is False  # as many steps as one whole run
     log = json.loads((store.checkpoints.local_dir(ckpt, tmp_path / "fetched") / "train_log.json").read_text())
-    assert len(log["losses"]) == 30 and log["samples_seen"] == 30 * config.training.micro_batch_size
+    assert len(log["losses"]) == 120 and log["samples_seen"] == 120 * config.training.micro_batch_size
     rows = store.read_partition("student_checkpoints", {"student": "tiny", "recipe": "even"}).to_pylist()
     assert [row["checkpoint_id"] for row in rows] == [ckpt] and store.checkpoints.manifest(ckpt)["row"]["checkpoint_id"] == ckpt
-    assert not (Path(config.training.work_dir) / ckpt).exists()  # nothing stays after success
+    assert not (Path(config.training.work_dir) / ckpt).exists() and stored.steps() == []  # nothing stays after success
 
 
 def test_evaluation_killed_mid_run_leaves_no_evaluator_and_no_scores_then_scores_again(tmp_path, instance):

@@ -136,6 +136,35 @@ def test_curation_export_checkpoints_and_cache_on_s3(tmp_path, instance, s3_stor
     assert cache.load(partition) == {"k1": {"text": "newer"}, "k2": {"text": "b"}} and cache.batch_count(partition) == 1
 
 
+def test_training_checkpoints_of_a_run_round_trip_through_s3(tmp_path, s3_store_config, s3_endpoint):
+    """A killed run's training checkpoints reach the bucket marker last, and a fresh machine restores the newest."""
+    from test_run_checkpoints import _checkpoint
+
+    from omnithought_dagster.train.checkpoints import COMPLETE, RunCheckpoints, complete_steps
+
+    store = open_store(StoreConfig(**s3_store_config))
+    run = RunCheckpoints(store, "d" * 32)
+    local = tmp_path / "trainer" / "checkpoints"
+    with pytest.raises(KeyboardInterrupt):
+        with run.uploading(local, keep=1, log=lambda m: None, poll_s=0.05):
+            for step in (5, 10):
+                _checkpoint(local, step)
+                deadline = time.monotonic() + 30
+                while step not in run.steps():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            raise KeyboardInterrupt  # the step is stopped
+    keys = [key for key in _objects(s3_endpoint, f"{s3_store_config['root'].split('/', 3)[3]}/runs/{'d' * 32}/")
+            if not key.endswith("/")]  # Arrow's folder markers aside
+    assert keys and all("/checkpoint-10/" in key for key in keys) and any(key.endswith(f"checkpoint-10/{COMPLETE}") for key in keys)
+    fresh = tmp_path / "other-machine" / "checkpoints"
+    assert run.restore(fresh, log=lambda m: None) == 10 and complete_steps(fresh) == [10]
+    assert (fresh / "checkpoint-10/global_step10/optim_states.pt").read_text() == "optimizer 10"
+    run.delete()
+    assert run.steps() == [] and not [key for key in _objects(s3_endpoint, f"{s3_store_config['root'].split('/', 3)[3]}/runs/{'d' * 32}/")
+                                      if not key.endswith("/")]
+
+
 def test_a_local_root_is_unchanged(tmp_path):
     store = open_store(StoreConfig(root=str(tmp_path / "local")))
     assert store.is_local and Path(store.root) == (tmp_path / "local").resolve()

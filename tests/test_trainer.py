@@ -1,5 +1,5 @@
-"""The training process's parts: the lazy example index and its over-length policy, which checkpoint a rerun resumes
-from, what freezing and LoRA train (a real run of the trainer), and the settings' coherence."""
+"""The training process's parts: the lazy example index and its over-length policy, what freezing and LoRA train
+(a real run of the trainer), and the settings' coherence. Training checkpoints and the store: test_run_checkpoints.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from omnithought_dagster.config import StudentConfig, TrainingConfig
 from omnithought_dagster.train.launch import launcher_command, resolve_student, training_spec
-from omnithought_dagster.train.sft import COMPLETE, latest_complete, part_of
+from omnithought_dagster.train.sft import part_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,18 +56,6 @@ def test_the_index_keeps_what_fits_and_counts_what_it_sets_aside(student, tmp_pa
     first, second = examples[0], examples[1]
     assert len(second["input_ids"]) == 120 and second["vision"]["image_grid_thw"].shape[0] == 1  # reply cut, image whole
     assert len(first["input_ids"]) == list(cut.lengths)[0] and first["labels"][-1] != -100
-
-
-def test_a_rerun_resumes_only_from_a_checkpoint_every_rank_finished(tmp_path):
-    folder = tmp_path / "checkpoints"
-    assert latest_complete(folder) is None
-    for step, complete in [(4, True), (8, True), (12, False)]:
-        (folder / f"checkpoint-{step}").mkdir(parents=True)
-        if complete:
-            (folder / f"checkpoint-{step}" / COMPLETE).write_text("{}")
-    (folder / "checkpoint-x").mkdir()
-    (folder / "tmp-checkpoint-16").mkdir()
-    assert latest_complete(folder).name == "checkpoint-8"
 
 
 def test_model_parts_for_freezing(student):

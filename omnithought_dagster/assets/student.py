@@ -29,6 +29,7 @@ from omnithought_dagster.processes import guarded
 from omnithought_dagster.plots import curves
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
+from omnithought_dagster.train.checkpoints import RunCheckpoints
 from omnithought_dagster.train.launch import checkpoint_id, launcher_command, resolve_student, train_config_hash, training_spec
 
 STUDENT_GROUP = "student"
@@ -130,8 +131,12 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
 
         work = Path(cfg.training.work_dir) / ckpt
         # work/run holds the example index and the training checkpoints: a rerun after a kill resumes from the newest
-        # complete one. Everything else there (the export, a half-written model) is redone.
+        # complete one, this disk's or the store's (runs/<checkpoint_id>/, the one a replaced machine finds). Everything
+        # else there (the export, a half-written model) is redone.
         _clear(work, keep={"run"})
+        run_checkpoints = RunCheckpoints(corpus, ckpt)
+        if cfg.training.save_steps:
+            run_checkpoints.restore(work / "run" / "checkpoints", log=context.log.info)
         succeeded = False
         try:
             from omnithought_dagster.curation.export import ExportError, export_subset
@@ -151,7 +156,8 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             started = time.monotonic()
             # This node's ranks get devices no other step holds (none on CPU machines or with `training.gpus` set).
             needed = cfg.training.nproc_per_node if cfg.training.gpus is None else 0
-            with slots_from_config(cfg).lease(needed, holder=f"train {student.name}/{recipe}") as devices:
+            with slots_from_config(cfg).lease(needed, holder=f"train {student.name}/{recipe}") as devices, \
+                    run_checkpoints.uploading(work / "run" / "checkpoints", keep=cfg.training.save_total_limit, log=context.log.info):
                 env.update(visible_devices_env(devices))
                 # Under a guard: the launcher and its ranks end with the step however it ends; they see the variables
                 # they need plus the training env, not the step's other secrets.
@@ -181,6 +187,7 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 extra["plot/learning_rate"] = plot(lambda ax: curves(ax, {"learning rate": log["learning_rates"]}, ylabel="learning rate"),
                                                    f"learning rate per optimizer step ({schedule})")
             result = _result(corpus, row, reused=False, extra=extra)
+            run_checkpoints.delete()  # the model is stored: its training checkpoints are no longer needed
             succeeded = True
             return result
         finally:

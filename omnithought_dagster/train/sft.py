@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from omnithought_dagster.progress import progress_line
+from omnithought_dagster.train.checkpoints import COMPLETE, latest_complete, step_of
 
 LOSS_WINDOW = 3  # steps averaged for the initial and final loss
-COMPLETE = "COMPLETE"
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def main(argv: list[str] | None = None, train_fn=None) -> int:
@@ -116,7 +115,7 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; _Progress reports what matters
     if resume is not None:
         trainer.resumed = json.loads((resume / COMPLETE).read_text())
-        report.log(f"resuming from {resume.name} (step {_step(resume)} of {args.max_steps if args.max_steps > 0 else '?'})")
+        report.log(f"resuming from {resume.name} (step {step_of(resume)} of {args.max_steps if args.max_steps > 0 else '?'})")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = progress.seconds()  # the training loop's, as the tokens counted: not the engine's set-up nor loading a checkpoint
     if eval_set is not None and not settings["eval_steps"]:
@@ -136,7 +135,7 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         "held_out": len(eval_set) if eval_set else 0, "skipped_examples": sum(skipped.values()), "skipped": skipped,
         "samples_seen": counted["samples"], "tokens_seen": counted["tokens"], "train_seconds": round(seconds, 3),
         "tokens_per_s": round(run_tokens / seconds, 1) if seconds else None, "world_size": world,
-        "resumed_from_step": _step(resume) if resume else None, "frozen": frozen, "lora": settings.get("lora"),
+        "resumed_from_step": step_of(resume) if resume else None, "frozen": frozen, "lora": settings.get("lora"),
         "deepspeed": args.deepspeed if isinstance(args.deepspeed, dict) else None,
     }
     if rank == 0:
@@ -223,18 +222,6 @@ def with_lora(model, lora: dict[str, Any]):
     pattern = r".*language_model.*\.(" + "|".join(re.escape(m) for m in lora["target_modules"]) + r")$"
     return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=pattern,
                                             task_type="CAUSAL_LM"))
-
-
-def latest_complete(folder: Path) -> Path | None:
-    """The newest training checkpoint every rank finished writing (one marked COMPLETE), or None."""
-    if not folder.is_dir():
-        return None
-    done = [path for path in folder.iterdir() if CHECKPOINT.match(path.name) and (path / COMPLETE).is_file()]
-    return max(done, key=_step, default=None)
-
-
-def _step(checkpoint: Path) -> int:
-    return int(CHECKPOINT.match(checkpoint.name).group(1))
 
 
 def _counting_trainer():
