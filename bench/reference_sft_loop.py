@@ -91,6 +91,8 @@ def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
             micro += 1
             if micro % accumulation == 0:
                 step += 1
+                if step == 1:
+                    mark = (time.monotonic(), tokens)  # the steady-state rate counts from here, as the trainer's does
                 losses.append(_sum_across_ranks(sum(window) / len(window)) / world)
                 window = []
                 if step == 1 or step % max(1, settings["max_steps"] // 10) == 0 or step == settings["max_steps"]:
@@ -99,7 +101,9 @@ def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
                 if step >= settings["max_steps"]:
                     break
         epoch += 1
-    seconds = time.monotonic() - started
+    ended = time.monotonic()
+    seconds = ended - started
+    steady = round(_sum_across_ranks(tokens - mark[1]) / (ended - mark[0]), 1) if step > 1 else None
     samples, tokens = int(_sum_across_ranks(samples)), int(_sum_across_ranks(tokens))
 
     _save(engine, model, settings, model_dir, out_dir, rank)
@@ -107,7 +111,8 @@ def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
     log = {
         "losses": losses, "initial_loss": initial, "final_loss": final, "steps": step, "epochs": epoch, "examples": len(examples),
         "skipped_examples": skipped, "samples_seen": samples, "tokens_seen": tokens, "train_seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "world_size": world, "deepspeed": ds_config,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "steady_tokens_per_s": steady, "world_size": world,
+        "deepspeed": ds_config,
     }
     if rank == 0:
         (out_dir / "train_log.json").write_text(json.dumps(log, indent=2))

@@ -4,10 +4,13 @@
                                        [--micro-batch 4] [--image-size 320] [--repeats 2] [--model tiny:student]
 
 Prints one JSON object:
-- `throughput`: tokens/s over the training loop of the trainer (transformers' Trainer, `train/sft.py`)
-  and of the hand-written DeepSpeed loop it replaced (`bench/reference_sft_loop.py`, kept as the
-  peer), run alternately `--repeats` times each on the same generated export and steps; medians and
-  their ratio (target: >= 0.90).
+- `throughput`: tokens/s of the trainer (transformers' Trainer, `train/sft.py`) and of the
+  hand-written DeepSpeed loop it replaced (`bench/reference_sft_loop.py`, kept as the peer), run
+  alternately `--repeats` times each on the same generated export and steps; medians and their
+  ratio. `steady`: after each run's first optimizer step (whose time holds one-off costs - loader
+  workers starting, the first batch, first allocations - in both); the target (>= 0.90) is on it.
+  `whole_loop`: from the loop's start. The peer encodes every example before its loop starts (the
+  memory growth the trainer removes), so neither of its rates includes decoding; the trainer's do.
 - `memory`: peak RSS of the training process for exports of each `--sizes` examples (`--memory-steps`
   steps each); the ratio of the largest to the smallest (target: <= 1.15 - examples are read lazily,
   so memory does not grow with the subset), and the wall time of building the example index.
@@ -99,10 +102,14 @@ def main() -> None:
         settings = TrainingConfig(micro_batch_size=args.micro_batch, max_steps=args.steps, learning_rate=0.005, max_length=2048,
                                   dataloader_workers=args.workers)
         speed = {"trainer": [], "reference": []}
+        steady = {"trainer": [], "reference": []}
         for repeat in range(args.repeats):  # alternated, so drift in the machine's speed hits both alike
             for kind in ("reference", "trainer"):
-                speed[kind].append(run(kind, model_dir, data, tmp / f"{kind}-{repeat}", settings)["log"]["tokens_per_s"])
-        trainer, reference = statistics.median(speed["trainer"]), statistics.median(speed["reference"])
+                log = run(kind, model_dir, data, tmp / f"{kind}-{repeat}", settings)["log"]
+                speed[kind].append(log["tokens_per_s"])
+                steady[kind].append(log["steady_tokens_per_s"])
+        ratio = {name: round(statistics.median(rates["trainer"]) / statistics.median(rates["reference"]), 3)
+                 for name, rates in (("steady", steady), ("whole_loop", speed))}
 
         memory = {}
         for size in sizes:
@@ -114,9 +121,11 @@ def main() -> None:
     peaks = [memory[str(size)]["peak_rss_mb"] for size in sizes]
     print(json.dumps({
         "model": args.model, "micro_batch_size": args.micro_batch, "image_size": args.image_size,
-        "throughput": {"steps": args.steps, "examples": args.examples, "trainer_tokens_per_s": speed["trainer"],
-                       "reference_loop_tokens_per_s": speed["reference"], "median_ratio": round(trainer / reference, 3),
-                       "target_ratio_at_least": 0.90},
+        "throughput": {"steps": args.steps, "examples": args.examples, "dataloader_workers": args.workers,
+                       "trainer_steady_tokens_per_s": steady["trainer"], "reference_steady_tokens_per_s": steady["reference"],
+                       "steady_median_ratio": ratio["steady"], "target_ratio_at_least": 0.90,
+                       "trainer_whole_loop_tokens_per_s": speed["trainer"], "reference_whole_loop_tokens_per_s": speed["reference"],
+                       "whole_loop_median_ratio": ratio["whole_loop"]},
         "memory": {**memory, "largest_to_smallest_peak_ratio": round(max(peaks) / min(peaks), 3) if peaks else None,
                    "target_ratio_at_most": 1.15},
     }, indent=2))

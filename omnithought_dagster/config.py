@@ -468,7 +468,8 @@ class TrainingConfig(_Model):
         "to the store under runs/<checkpoint_id>/; a rerun after a kill resumes from the newest complete one (this disk's or "
         "the store's). 0: none"))
     save_total_limit: int = Field(default=2, ge=1, description="training checkpoints kept (the newest), on disk and in the store")
-    dataloader_workers: int = Field(default=0, ge=0, description="processes decoding examples ahead of the trainer")
+    dataloader_workers: int = Field(default=1, ge=0, description=(
+        "processes per rank decoding examples ahead of the trainer (0: threads of the rank decode each batch)"))
     seed: int = 0
     work_dir: str = Field(default=".cache/train", description=(
         "local scratch: the exported subset, the example index, training checkpoints, the model before upload"))

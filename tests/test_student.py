@@ -56,6 +56,7 @@ def test_training_steps_lowers_the_loss_and_stores_a_loadable_checkpoint(trained
     folder = store.checkpoints.local_dir(row["checkpoint_id"], config.training.work_dir)
     log = json.loads((folder / "train_log.json").read_text())
     assert len(log["losses"]) == 8 and log["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert log["steady_tokens_per_s"] > 0 and log["tokens_seen"] > 0  # the rate after the first step, beside the whole loop's
 
     # The checkpoint round-trips: from_pretrained loads the weights the trainer wrote, and they differ from the base.
     import torch
