@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/training.py [--steps 20] [--examples 200] [--sizes 1000,20000] [--memory-steps 5]
                                        [--micro-batch 4] [--image-size 320] [--repeats 2] [--model tiny:student]
+                                       [--kd-teacher tiny:teacher]
 
 Prints one JSON object:
 - `throughput`: tokens/s of the trainer (transformers' Trainer, `train/sft.py`) and of the
@@ -14,6 +15,9 @@ Prints one JSON object:
 - `memory`: peak RSS of the training process for exports of each `--sizes` examples (`--memory-steps`
   steps each); the ratio of the largest to the smallest (target: <= 1.15 - examples are read lazily,
   so memory does not grow with the subset), and the wall time of building the example index.
+
+- `distillation` (with `--kd-teacher`): steady tokens/s of method kd (a teacher forward per micro-batch)
+  and of sft, alternated on the same export; the step-cost ratio kd / sft.
 
 The exports are generated (`--image-size` px images, a pool of 64 distinct ones; reasoning replies of
 ~100 tokens), so the bench needs no `make demo` first.
@@ -35,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from omnithought_dagster.config import StudentConfig, TrainingConfig  # noqa: E402
-from omnithought_dagster.train.launch import launcher_command, resolve_student, training_spec  # noqa: E402
+from omnithought_dagster.train.launch import launcher_command, resolve_student, run_method, training_spec  # noqa: E402
 
 IMAGE_POOL = 64
 # The launched command under a parent that reports the peak RSS of its whole tree (the launcher and the rank).
@@ -63,11 +67,11 @@ def export(folder: Path, examples: int, image_size: int) -> Path:
     return folder
 
 
-def run(kind: str, model_dir: str, data: Path, work: Path, settings: TrainingConfig) -> dict:
-    """One training run (kind: trainer | reference); its log, wall time and peak RSS."""
+def run(kind: str, model_dir: str, data: Path, work: Path, settings: TrainingConfig, method: dict | None = None) -> dict:
+    """One training run (kind: trainer | reference; method: None for sft); its log, wall time and peak RSS."""
     work.mkdir(parents=True)
     spec = work / "spec.json"
-    spec.write_text(json.dumps(training_spec(model_dir, data, work / "out", settings, run_dir=work / "run")))
+    spec.write_text(json.dumps(training_spec(model_dir, data, work / "out", settings, run_dir=work / "run", method=method)))
     command = launcher_command(settings, spec)
     if kind == "reference":
         command = command[:command.index("--module")] + [str(REPO / "bench/reference_sft_loop.py"), "--spec", str(spec)]
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default="tiny:student")
     parser.add_argument("--workers", type=int, default=1, help="processes decoding examples ahead of the trainer")
+    parser.add_argument("--kd-teacher", default=None, help="also time method kd with this teacher against sft (e.g. tiny:teacher)")
     args = parser.parse_args()
     model_dir, _ = resolve_student(StudentConfig(name="bench", model=args.model), REPO / ".cache/models")
     sizes = [int(size) for size in args.sizes.split(",") if size]
@@ -118,6 +123,18 @@ def main() -> None:
                            settings.model_copy(update={"max_steps": args.memory_steps}))
             memory[str(size)] = {"peak_rss_mb": measured["peak_rss_mb"], "wall_seconds": round(measured["wall"], 1),
                                  "examples": measured["log"]["examples"]}
+        distill = None
+        if args.kd_teacher:  # the cost of a teacher forward per micro-batch, against sft on the same data and steps
+            student = StudentConfig(name="bench", model=args.model, method="kd", kd={"teacher": args.kd_teacher})
+            method = run_method(student, REPO / ".cache/models")
+            rates = {"sft": [], "kd": []}
+            for repeat in range(args.repeats):
+                for name in ("sft", "kd"):
+                    log = run("trainer", model_dir, data, tmp / f"method-{name}-{repeat}", settings,
+                              method if name == "kd" else None)["log"]
+                    rates[name].append(log["steady_tokens_per_s"])
+            distill = {"teacher": args.kd_teacher, "sft_steady_tokens_per_s": rates["sft"], "kd_steady_tokens_per_s": rates["kd"],
+                       "kd_step_cost_vs_sft": round(statistics.median(rates["sft"]) / statistics.median(rates["kd"]), 3)}
     peaks = [memory[str(size)]["peak_rss_mb"] for size in sizes]
     print(json.dumps({
         "model": args.model, "micro_batch_size": args.micro_batch, "image_size": args.image_size,
@@ -128,6 +145,7 @@ def main() -> None:
                        "whole_loop_median_ratio": ratio["whole_loop"]},
         "memory": {**memory, "largest_to_smallest_peak_ratio": round(max(peaks) / min(peaks), 3) if peaks else None,
                    "target_ratio_at_most": 1.15},
+        "distillation": distill,
     }, indent=2))
 
 

@@ -379,6 +379,8 @@ def _checkpoint_tree(story: dict) -> Tree:
     if not c["baseline"]:
         tree.add(f"{c['steps']} steps on {c['examples']} examples ({c['launcher']}), loss {_fmt(c['initial_loss'])} -> {_fmt(c['final_loss'])}, "
                  f"{_fmt(c['tokens_per_s'])} tokens/s; train config {c['train_config_hash']}")
+        method = story.get("method") or {"name": "sft"}
+        tree.add("method: " + escape(", ".join([method["name"], *(f"{k}={v}" for k, v in method.items() if k != "name")])))
         if story["training"]:
             tree.add("settings: " + ", ".join(f"{k}={v}" for k, v in story["training"].items()))
         on = story["trained_on"]

@@ -405,12 +405,37 @@ class RecipeConfig(_Model):
 BASELINE_RECIPE = "base"  # the recipe-dimension key of a student's untrained baseline
 
 
+class DistillSettings(_Model):
+    """White-box token-level distillation (`method: kd`): the student matches a teacher model's next-token distribution
+    over the reply tokens of each trace, mixed with the SFT loss."""
+
+    teacher: str = Field(description="the teacher model: a local folder, a hub id or tiny:<name>; it must tokenize like the "
+                                     "student (same vocabulary and image processor)")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        default="forward_kl", description="KL(teacher || student), KL(student || teacher), or the generalized JSD with `beta`")
+    beta: float = Field(default=0.5, gt=0, lt=1, description="jsd: the teacher's weight in the mixture (0.5: the symmetric JSD)")
+    temperature: float = Field(default=1.0, gt=0, description="both distributions are softened by it; the loss is scaled by T^2")
+    top_k: int | None = Field(default=None, ge=1, description="compare only the teacher's k most likely tokens (renormalised)")
+    weight: float = Field(default=0.5, ge=0, le=1, description="the distillation loss's share; the SFT loss gets 1 - weight")
+
+
 class StudentConfig(_Model):
-    """A student model to fine-tune: a local folder, a hub id the trainer can load, or tiny:<name>."""
+    """A student model to fine-tune: a local folder, a hub id the trainer can load, or tiny:<name>, and how (`method`)."""
 
     name: str = Field(pattern=SOURCE_NAME_PATTERN)
     model: str = "tiny:student"
     recipes: list[str] | None = Field(default=None, description="train on these recipes only; default all")
+    method: Literal["sft", "kd"] = Field(default="sft", description=(
+        "sft: the teacher's traces as targets (long-CoT SFT); kd: also match a teacher model's token distribution (`kd`)"))
+    kd: DistillSettings | None = Field(default=None, description="method kd's settings")
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> StudentConfig:
+        if self.method == "kd" and self.kd is None:
+            raise ValueError(f"students[{self.name}]: method kd needs `kd:` settings (at least `teacher`)")
+        if self.method != "kd" and self.kd is not None:
+            raise ValueError(f"students[{self.name}]: `kd:` settings are given but method is {self.method!r}")
+        return self
 
 
 class LoraSettings(_Model):
@@ -661,6 +686,9 @@ class ProjectConfig(_Model):
             for recipe in student.recipes or []:
                 if recipe not in recipes:
                     raise ValueError(f"students[{index}] (name={student.name}).recipes: no recipe {recipe!r}")
+            if student.method == "kd" and self.training.zero_stage == 3:
+                raise ValueError(f"students[{index}] (name={student.name}): method kd with training.zero_stage 3 is not supported "
+                                 "(the teacher is a whole copy on every rank; use ZeRO 0-2)")
         labels = set(self.annotation.difficulty_labels)
         for index, recipe in enumerate(self.recipes):
             unknown = set(recipe.difficulty_mix) - labels

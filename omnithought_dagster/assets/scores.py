@@ -9,7 +9,6 @@ the recipe dimension starting with `base` (the untrained baseline every delta is
 
 import os
 import shutil
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY, STUDENT_CH
 from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.evaluation.run import OVERALL, EvalError, TaskScores, lmms_command, run_lmms_eval
-from omnithought_dagster.evaluation.tasks import LocalTask, items_version, read_items, write_local_task
+from omnithought_dagster.evaluation.tasks import items_version, read_items, write_local_task
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.plots import barh

@@ -30,7 +30,8 @@ from omnithought_dagster.plots import curves
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 from omnithought_dagster.train.checkpoints import RunCheckpoints
-from omnithought_dagster.train.launch import checkpoint_id, launcher_command, resolve_student, train_config_hash, training_spec
+from omnithought_dagster.train.launch import (checkpoint_id, launcher_command, method_hash, resolve_student, run_method, train_config_hash,
+                                              training_spec)
 
 STUDENT_GROUP = "student"
 STUDENT_CHECKPOINTS_KEY = dg.AssetKey("student_checkpoints")
@@ -61,7 +62,10 @@ def expected_checkpoint_id(config: ProjectConfig, store: CorpusStore, student: s
     if recipe == BASELINE_RECIPE:
         return checkpoint_id(base_fingerprint, None, None)
     version = subset_version(store, recipe)
-    return None if version is None else checkpoint_id(base_fingerprint, version, train_config_hash(config.training))
+    if version is None:
+        return None
+    return checkpoint_id(base_fingerprint, version, train_config_hash(config.training),
+                         method_hash(run_method(config.student(student), config.models_dir)))
 
 
 def training_op_tags(config: ProjectConfig) -> dict:
@@ -123,7 +127,8 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         if version is None:
             raise dg.Failure(description=f"subset_members[{recipe}] is missing or empty: materialise sampled_subsets[{recipe}] first")
         config_hash = train_config_hash(cfg.training)
-        ckpt = checkpoint_id(base_fingerprint, version, config_hash)
+        method = run_method(student, cfg.models_dir)
+        ckpt = checkpoint_id(base_fingerprint, version, config_hash, method_hash(method))
         manifest = corpus.checkpoints.manifest(ckpt)
         if manifest is not None:
             context.log.info(f"checkpoint {ckpt[:12]} already in the store (same base, subset {version[:12]}, settings): not retrained")
@@ -146,10 +151,11 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             except ExportError as exc:
                 raise dg.Failure(description=str(exc)) from exc
             spec_path = work / "spec.json"
-            spec = training_spec(model_dir, work / "data", work / "model", cfg.training, run_dir=work / "run")
+            spec = training_spec(model_dir, work / "data", work / "model", cfg.training, run_dir=work / "run", method=method)
             spec_path.write_text(json.dumps(spec, indent=2))
             command = launcher_command(cfg.training, spec_path)
-            context.log.info(f"training {student.name} on {recipe} ({export.examples} examples): {' '.join(command)}")
+            how = "sft" if method is None else f"{method['name']} from {student.kd.teacher} ({method['divergence']}, weight {method['weight']})"
+            context.log.info(f"training {student.name} on {recipe} ({export.examples} examples, {how}): {' '.join(command)}")
             env = {**cfg.training.env, "OMP_NUM_THREADS": cfg.training.env.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
             if cfg.training.gpus is not None:
                 env["CUDA_VISIBLE_DEVICES"] = cfg.training.gpus
@@ -175,13 +181,18 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             corpus.checkpoints.put(ckpt, work / "model", {"row": row, "train_spec": json.loads(spec_path.read_text()),
                                                           "export": {"examples": export.examples, "images": export.images}})
             extra = {"loss_curve": dg.MetadataValue.md(reported["loss_curve"])} if reported.get("loss_curve") else {}
-            extra.update({key: reported[key] for key in ("skipped_examples", "resumed_from_step", "eval_loss") if key in reported})
+            extra.update({key: reported[key] for key in ("skipped_examples", "resumed_from_step", "eval_loss", "method", "teacher",
+                                                         "initial_kd_loss", "final_kd_loss", "final_ce_loss") if key in reported})
             if reported.get("skipped"):
                 extra["skipped"] = dg.MetadataValue.json(reported["skipped"])
             log = json.loads((work / "model" / "train_log.json").read_text())
             if log.get("losses"):
                 extra["plot/loss_curve"] = plot(lambda ax: curves(ax, {f"{student.name}/{recipe}": log["losses"]}),
                                                 f"training loss per optimizer step ({student.name} on {recipe})")
+            if log.get("kd_losses"):
+                extra["plot/kd_loss"] = plot(lambda ax: curves(ax, {"distillation (to the teacher)": log["kd_losses"],
+                                                                    "SFT (cross-entropy)": log["ce_losses"]}),
+                                             f"the loss's parts per optimizer step ({student.name} on {recipe}, {log['method']})")
             if log.get("learning_rates"):
                 schedule = f"{cfg.training.lr_scheduler}, warmup {cfg.training.warmup_steps}"
                 extra["plot/learning_rate"] = plot(lambda ax: curves(ax, {"learning rate": log["learning_rates"]}, ylabel="learning rate"),

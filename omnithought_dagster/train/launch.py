@@ -29,19 +29,39 @@ def train_config_hash(training: TrainingConfig) -> str:
     return content_id("train-config", {**training.run_settings(), "trainer": TRAINER_VERSION})
 
 
-def checkpoint_id(base_fingerprint: str, subset_version: str | None, config_hash: str | None) -> str:
-    """The baseline's id names only the base model; a trained checkpoint's adds what it learned from and how."""
+def run_method(student: StudentConfig, models_dir: str | Path) -> dict[str, Any] | None:
+    """What the student's method adds to its runs: None for sft; for kd its settings, the teacher's folder (or hub id) and
+    the teacher's fingerprint (tiny:<name> teachers are built when missing)."""
+    if student.method == "sft":
+        return None
+    from omnithought_dagster.llm.backends import resolve_model
+
+    teacher_dir, fingerprint = resolve_model(student.kd.teacher, models_dir)
+    return {"name": student.method, **student.kd.model_dump(mode="json"), "teacher_dir": str(teacher_dir),
+            "teacher_fingerprint": fingerprint or content_id("base-model", {"model": student.kd.teacher})}
+
+
+def method_hash(method: dict[str, Any] | None) -> str | None:
+    """What of a method changes the weights (its settings and the teacher's fingerprint, not where the teacher lies)."""
+    return None if method is None else content_id("method", {k: v for k, v in method.items() if k != "teacher_dir"})
+
+
+def checkpoint_id(base_fingerprint: str, subset_version: str | None, config_hash: str | None, method: str | None = None) -> str:
+    """The baseline's id names only the base model; a trained checkpoint's adds what it learned from and how (the training
+    settings, and the method's hash for any method but sft, whose ids stay what they were)."""
     if subset_version is None:
         return content_id("checkpoint", {"base": base_fingerprint, "baseline": True})
-    return content_id("checkpoint", {"base": base_fingerprint, "subset_version": subset_version, "train_config": config_hash})
+    how = {"train_config": config_hash} if method is None else {"train_config": config_hash, "method": method}
+    return content_id("checkpoint", {"base": base_fingerprint, "subset_version": subset_version, **how})
 
 
-def training_spec(model_dir: str, data_dir: Path, output_dir: Path, training: TrainingConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """What the training process reads: the model, the exported subset, where the model goes, and `run_dir`, where it keeps
-    its example index and training checkpoints (kept across a kill; default: beside the output)."""
+def training_spec(model_dir: str, data_dir: Path, output_dir: Path, training: TrainingConfig, run_dir: Path | None = None,
+                  method: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the training process reads: the model, the exported subset, where the model goes, `run_dir`, where it keeps
+    its example index and training checkpoints (kept across a kill; default: beside the output), and the method (None: sft)."""
     return {"model_dir": str(model_dir), "data_dir": str(data_dir), "output_dir": str(output_dir),
             "run_dir": str(run_dir or Path(output_dir).parent / "run"),
-            "training": {**training.run_settings(), **training.process_settings()}}
+            "training": {**training.run_settings(), **training.process_settings()}, "method": method}
 
 
 def launcher_command(training: TrainingConfig, spec_path: Path) -> list[str]:

@@ -105,11 +105,14 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     frozen = freeze(model, settings)
     if settings.get("lora"):
         model = with_lora(model, settings["lora"])
+    method = spec.get("method")
+    teacher = _teacher(method, vl, settings, args.device) if method else None
     resume = latest_complete(run_dir / "checkpoints")
     marker, progress = _MarkComplete(), _Progress(report)
     trainer = _counting_trainer()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate,
                                   callbacks=[progress, marker])
     marker.trainer = progress.trainer = trainer
+    trainer.distill = (teacher, method) if teacher is not None else None
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; _Progress reports what matters
@@ -126,6 +129,7 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     losses = [entry["loss"] for entry in history if "loss" in entry]
     rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
     evals = [{"step": entry["step"], "eval_loss": entry["eval_loss"]} for entry in history if "eval_loss" in entry]
+    parts = {name: [entry[name] for entry in history if name in entry] for name in ("ce_loss", "kd_loss")}
     counted = trainer.totals()
     initial, final = _mean(losses[:LOSS_WINDOW]), _mean(losses[-LOSS_WINDOW:])
     run_tokens = counted["tokens"] - trainer.resumed["tokens"]
@@ -138,7 +142,11 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         "tokens_per_s": round(run_tokens / seconds, 1) if seconds else None, "steady_tokens_per_s": steady, "world_size": world,
         "resumed_from_step": step_of(resume) if resume else None, "frozen": frozen, "lora": settings.get("lora"),
         "deepspeed": args.deepspeed if isinstance(args.deepspeed, dict) else None,
+        "method": method["name"] if method else "sft",
     }
+    if method:  # the two parts of the loss, per step
+        log.update({"ce_losses": parts["ce_loss"], "kd_losses": parts["kd_loss"], "teacher": method["teacher"],
+                    "initial_kd_loss": _mean(parts["kd_loss"][:LOSS_WINDOW]), "final_kd_loss": _mean(parts["kd_loss"][-LOSS_WINDOW:])})
     if rank == 0:
         (out_dir / "train_log.json").write_text(json.dumps(log, indent=2))
     metadata = {
@@ -150,7 +158,22 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     }
     if evals:
         metadata["eval_loss"] = evals[-1]["eval_loss"]
+    if method:
+        metadata.update({"method": method["name"], "teacher": method["teacher"], "initial_kd_loss": log["initial_kd_loss"],
+                         "final_kd_loss": log["final_kd_loss"], "final_ce_loss": _mean(parts["ce_loss"][-LOSS_WINDOW:])})
     return {"log": log, "metadata": metadata}
+
+
+def _teacher(method: dict[str, Any], vl, settings: dict[str, Any], device):
+    """The KD teacher, checked to read the student's inputs, frozen on this rank's device in the training precision."""
+    import torch
+
+    from omnithought_dagster.models.vl_chat import VLTokenizer
+    from omnithought_dagster.train.distill import check_teacher, load_teacher
+
+    check_teacher(vl, VLTokenizer.load(method["teacher_dir"]), method["teacher"])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings["precision"], torch.float32)
+    return load_teacher(method["teacher_dir"], dtype, device)
 
 
 def training_arguments(settings: dict[str, Any], output_dir: Path):
@@ -235,11 +258,44 @@ def _counting_trainer():
     class CountingTrainer(Trainer):
         samples = tokens = 0
         resumed = {"samples": 0, "tokens": 0}
+        distill = None  # (teacher model, method settings) for method kd
+        _parts: dict | None = None  # the loss's parts summed since the last log (kd)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.samples += int(inputs["input_ids"].shape[0])
             self.tokens += int(inputs["attention_mask"].sum())
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """With a teacher: (1 - weight) * the SFT loss + weight * the divergence from the teacher over the reply tokens
+            (train/distill.py). Evaluation keeps the SFT loss alone, comparable between methods."""
+            if self.distill is None or not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            import torch
+
+            from omnithought_dagster.train.distill import reply_divergence
+
+            teacher, settings = self.distill
+            sft, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            with torch.no_grad():
+                teacher_logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            kd, _ = reply_divergence(outputs.logits, teacher_logits, inputs["labels"], settings, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                kd = kd * self.accelerator.num_processes  # as the Trainer scales the SFT loss (a count over every rank)
+            parts = self._parts = self._parts or {"ce_loss": 0.0, "kd_loss": 0.0}
+            parts["ce_loss"] += sft.detach()
+            parts["kd_loss"] += kd.detach()
+            loss = (1 - settings["weight"]) * sft + settings["weight"] * kd
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            """The loss's parts beside the loss (their mean over the ranks, per optimizer step since the last log)."""
+            if self._parts is not None and "loss" in logs:
+                steps = max(1, self.state.global_step - getattr(self, "_logged_at", 0))
+                for name, value in self._parts.items():
+                    logs[name] = round(_sum_across_ranks(float(value)) / self.args.world_size / steps, 6)
+                self._parts, self._logged_at = None, self.state.global_step
+            super().log(logs, *args, **kwargs)
 
         def totals(self) -> dict[str, int]:
             """Over every rank and the resumed run (a collective: every rank calls it)."""
