@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -150,11 +149,7 @@ def _save(engine, model, settings: dict, model_dir: Path, out_dir: Path, rank: i
     module = engine.module
     module.config.use_cache = True
     module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-    for name in os.listdir(model_dir):  # tokenizer, chat template, image processor: everything but the weights and configs
-        if not (name.endswith(".safetensors") or name.endswith(".bin") or name in {"config.json", "generation_config.json"}
-                or name.endswith(".index.json") or name.startswith(".") or name == "omnithought_tiny_model.json"):
-            source = model_dir / name
-            (shutil.copytree if source.is_dir() else shutil.copy2)(source, out_dir / name)
+    sft.copy_processor_files(model_dir, out_dir)
 
 
 if __name__ == "__main__":

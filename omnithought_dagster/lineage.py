@@ -150,11 +150,13 @@ def _member_counts(con, expression: str, count: str, where: str, params: list) -
 
 def checkpoint_story(store: CorpusStore, con, checkpoint: str) -> dict[str, Any]:
     """What trained a checkpoint (subset version, recipe, settings; samples by source, tag, difficulty) and its scores."""
+    from omnithought_dagster.train.launch import method_identity  # the config's models: only when a checkpoint is asked for
+
     (row,) = _dicts(con, "SELECT * FROM student_checkpoints WHERE checkpoint_id = $1 LIMIT 1", [checkpoint])
     manifest = None if row["baseline"] else store.checkpoints.manifest(checkpoint)
     story: dict[str, Any] = {"kind": "checkpoint", "checkpoint_id": checkpoint, "checkpoint": row,
                              "training": (manifest or {}).get("train_spec", {}).get("training"), "trained_on": None,
-                             "method": _method((manifest or {}).get("train_spec", {})) if manifest else None,
+                             "method": method_identity(manifest["train_spec"].get("method")) if manifest else None,
                              "scores": _dicts(con, "SELECT benchmark, metric, slice, score, n, baseline_score, delta, eval_config_hash "
                                                    "FROM benchmark_scores WHERE checkpoint_id = $1 ORDER BY benchmark, slice = 'all' DESC, slice",
                                               [checkpoint])}
@@ -171,12 +173,6 @@ def checkpoint_story(store: CorpusStore, con, checkpoint: str) -> dict[str, Any]
                            "in_store": traces > 0, "samples_by_source": by("m.source"), "samples_by_tag": by(BY_TAG),
                            "samples_by_difficulty": by(BY_DIFFICULTY)}
     return story
-
-
-def _method(spec: dict[str, Any]) -> dict[str, Any]:
-    """How a checkpoint was trained: sft, or a method with its settings and teacher (where the teacher lay left out)."""
-    method = spec.get("method")
-    return {"name": "sft"} if not method else {k: v for k, v in method.items() if k != "teacher_dir"}
 
 
 def _trace_story(store: CorpusStore, con, trace: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ table), so every score has a delta.
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -162,8 +163,9 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             started = time.monotonic()
             # This node's ranks get devices no other step holds (none on CPU machines or with `training.gpus` set).
             needed = cfg.training.nproc_per_node if cfg.training.gpus is None else 0
-            with slots_from_config(cfg).lease(needed, holder=f"train {student.name}/{recipe}") as devices, \
-                    run_checkpoints.uploading(work / "run" / "checkpoints", keep=cfg.training.save_total_limit, log=context.log.info):
+            uploading = (run_checkpoints.uploading(work / "run" / "checkpoints", keep=cfg.training.save_total_limit, log=context.log.info)
+                         if cfg.training.save_steps else nullcontext())
+            with slots_from_config(cfg).lease(needed, holder=f"train {student.name}/{recipe}") as devices, uploading:
                 env.update(visible_devices_env(devices))
                 # Under a guard: the launcher and its ranks end with the step however it ends; they see the variables
                 # they need plus the training env, not the step's other secrets.

@@ -85,11 +85,12 @@ class RunCheckpoints:
             self.fs.delete_dir(target)  # an interrupted upload of the same step
         local = pafs.LocalFileSystem()
         files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != COMPLETE)
+        for folder in sorted({path.parent.relative_to(checkpoint).as_posix() for path in files} | {"."}):
+            self.fs.create_dir(target if folder == "." else f"{target}/{folder}", recursive=True)  # each once
         size = 0
         for path in [*files, checkpoint / COMPLETE]:
-            destination = f"{target}/{path.relative_to(checkpoint).as_posix()}"
-            self.fs.create_dir(destination.rsplit("/", 1)[0], recursive=True)
-            pafs.copy_files(str(path.resolve()), destination, source_filesystem=local, destination_filesystem=self.fs)
+            pafs.copy_files(str(path.resolve()), f"{target}/{path.relative_to(checkpoint).as_posix()}", source_filesystem=local,
+                            destination_filesystem=self.fs)
             size += path.stat().st_size
         return size
 
@@ -155,7 +156,6 @@ class _Uploader(threading.Thread):
         self.run_store, self.folder, self.keep, self.log, self.poll_s = run, folder, keep, log, poll_s
         self.uploaded: list[int] = []
         self._halt = threading.Event()
-        self._lock = threading.Lock()
         self._known = set(run.steps())
 
     def run(self) -> None:
@@ -168,20 +168,20 @@ class _Uploader(threading.Thread):
 
     def sync(self) -> None:
         """Upload the newest complete local checkpoint if the store lacks it. An upload that fails (the trainer rotated the
-        checkpoint away, the store hiccuped) is logged and retried at the next newer one."""
-        with self._lock:
-            steps = complete_steps(self.folder)
-            if not steps or steps[-1] in self._known:
-                return
-            step = steps[-1]
-            started = time.monotonic()
-            try:
-                size = self.run_store.upload(self.folder / f"checkpoint-{step}")
-                self.run_store.prune(self.keep)
-            except (OSError, FileNotFoundError) as exc:
-                self.log(f"training checkpoint {step} not copied to the store: {exc}")
-                return
-            self._known.add(step)
-            self.uploaded.append(step)
-            self.log(f"training checkpoint {step} copied to {self.run_store.uri} ({size / 2**20:.1f} MiB in "
-                     f"{time.monotonic() - started:.1f} s)")
+        checkpoint away, the store hiccuped) is logged and retried at the next newer one. Called by the thread, or after
+        it stopped: never by both at once."""
+        steps = complete_steps(self.folder)
+        if not steps or steps[-1] in self._known:
+            return
+        step = steps[-1]
+        started = time.monotonic()
+        try:
+            size = self.run_store.upload(self.folder / f"checkpoint-{step}")
+            self.run_store.prune(self.keep)
+        except OSError as exc:  # FileNotFoundError among them
+            self.log(f"training checkpoint {step} not copied to the store: {exc}")
+            return
+        self._known.add(step)
+        self.uploaded.append(step)
+        self.log(f"training checkpoint {step} copied to {self.run_store.uri} ({size / 2**20:.1f} MiB in "
+                 f"{time.monotonic() - started:.1f} s)")

@@ -85,11 +85,17 @@ def _processor_value(processor, key: str):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def load_teacher(teacher_dir: str | Path, dtype, device):
-    """The teacher, frozen and in eval mode, on the rank's device (a whole copy per rank: ZeRO 0-2)."""
+def load_teacher(method: dict[str, Any], student_vl, precision: str, device):
+    """The method's teacher, checked to read the student's inputs, frozen in eval mode on the rank's device in the training
+    precision (a whole copy per rank: ZeRO 0-2)."""
+    import torch
     from transformers import AutoModelForImageTextToText
 
-    teacher = AutoModelForImageTextToText.from_pretrained(teacher_dir, dtype=dtype)
+    from omnithought_dagster.models.vl_chat import VLTokenizer
+
+    check_teacher(student_vl, VLTokenizer.load(method["teacher_dir"]), method["teacher"])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    teacher = AutoModelForImageTextToText.from_pretrained(method["teacher_dir"], dtype=dtype)
     teacher.config.use_cache = False
     teacher.requires_grad_(False)
     return teacher.eval().to(device)

@@ -41,9 +41,15 @@ def run_method(student: StudentConfig, models_dir: str | Path) -> dict[str, Any]
             "teacher_fingerprint": fingerprint or content_id("base-model", {"model": student.kd.teacher})}
 
 
+def method_identity(method: dict[str, Any] | None) -> dict[str, Any]:
+    """What a method is: its name, settings and the teacher's fingerprint - not where the teacher lies ({"name": "sft"} for
+    sft). Hashed into the checkpoint id, shown by lineage."""
+    return {"name": "sft"} if method is None else {k: v for k, v in method.items() if k != "teacher_dir"}
+
+
 def method_hash(method: dict[str, Any] | None) -> str | None:
-    """What of a method changes the weights (its settings and the teacher's fingerprint, not where the teacher lies)."""
-    return None if method is None else content_id("method", {k: v for k, v in method.items() if k != "teacher_dir"})
+    """What of a method changes the weights (None for sft, whose checkpoint ids stay what they were)."""
+    return None if method is None else content_id("method", method_identity(method))
 
 
 def checkpoint_id(base_fingerprint: str, subset_version: str | None, config_hash: str | None, method: str | None = None) -> str:

@@ -69,6 +69,7 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
 
     from omnithought_dagster.models.vl_chat import VLTokenizer
     from omnithought_dagster.train.data import ExampleIndex, LazyExamples, build_index, split
+    from omnithought_dagster.train.distill import load_teacher
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -106,7 +107,7 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     if settings.get("lora"):
         model = with_lora(model, settings["lora"])
     method = spec.get("method")
-    teacher = _teacher(method, vl, settings, args.device) if method else None
+    teacher = load_teacher(method, vl, settings["precision"], args.device) if method else None
     resume = latest_complete(run_dir / "checkpoints")
     marker, progress = _MarkComplete(), _Progress(report)
     trainer = _counting_trainer()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate,
@@ -162,18 +163,6 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         metadata.update({"method": method["name"], "teacher": method["teacher"], "initial_kd_loss": log["initial_kd_loss"],
                          "final_kd_loss": log["final_kd_loss"], "final_ce_loss": _mean(parts["ce_loss"][-LOSS_WINDOW:])})
     return {"log": log, "metadata": metadata}
-
-
-def _teacher(method: dict[str, Any], vl, settings: dict[str, Any], device):
-    """The KD teacher, checked to read the student's inputs, frozen on this rank's device in the training precision."""
-    import torch
-
-    from omnithought_dagster.models.vl_chat import VLTokenizer
-    from omnithought_dagster.train.distill import check_teacher, load_teacher
-
-    check_teacher(vl, VLTokenizer.load(method["teacher_dir"]), method["teacher"])
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings["precision"], torch.float32)
-    return load_teacher(method["teacher_dir"], dtype, device)
 
 
 def training_arguments(settings: dict[str, Any], output_dir: Path):
@@ -387,7 +376,12 @@ def _save(trainer, settings: dict, model_dir: Path, out_dir: Path) -> None:
     if not trainer.args.should_save:
         return
     (out_dir / "training_args.bin").unlink(missing_ok=True)
-    for name in os.listdir(model_dir):  # tokenizer, chat template, image processor: everything but the weights and configs
+    copy_processor_files(model_dir, out_dir)
+
+
+def copy_processor_files(model_dir: Path, out_dir: Path) -> None:
+    """The base's tokenizer, chat template and image processor into a saved model: all it holds but weights and configs."""
+    for name in os.listdir(model_dir):
         if not (name.endswith(".safetensors") or name.endswith(".bin") or name in {"config.json", "generation_config.json"}
                 or name.endswith(".index.json") or name.startswith(".") or name == "omnithought_tiny_model.json"):
             source = model_dir / name
