@@ -210,7 +210,35 @@ def vllm_server(tiny_teacher, tmp_path_factory):
     server = VLLMServer(str(VLLM_PYTHON), str(tiny_teacher), served_model_name=SERVED_NAME, max_model_len=2048,
                         log_dir=tmp_path_factory.mktemp("vllm-logs"), startup_timeout_s=300)
     with server:
+        _SESSION_SERVERS.append(server)
         yield server
+    _SESSION_SERVERS.clear()
+
+
+# The session's server is shared by many modules: one that ends (a crash inside vLLM, say) would fail every later test that
+# asks for it. Before each module and each test it is started again, in place (same URL), if it has ended; the warnings
+# summary says when, with the exit code and the end of its log, so the cause is not lost.
+_SESSION_SERVERS: list = []
+
+
+def _revive_session_servers() -> None:
+    import warnings
+
+    for server in _SESSION_SERVERS:
+        if server.process is not None and server.process.poll() is not None:
+            code, tail = server.process.returncode, server.tail(60)
+            warnings.warn(f"the session's vLLM server had ended (exit code {code}); starting it again. The end of its log:\n{tail}")
+            server.start()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _session_server_alive_for_the_module():
+    _revive_session_servers()
+
+
+@pytest.fixture(autouse=True)
+def _session_server_alive():
+    _revive_session_servers()
 
 
 def requests_served(server) -> float:
