@@ -419,22 +419,54 @@ class DistillSettings(_Model):
     weight: float = Field(default=0.5, ge=0, le=1, description="the distillation loss's share; the SFT loss gets 1 - weight")
 
 
+class GRPOSettings(_Model):
+    """Reinforcement learning with verifiable rewards (`method: grpo`, TRL's GRPOTrainer), started from another student's
+    checkpoint on the same recipe: the student answers each question of the subset `num_generations` times; each answer is
+    rewarded by the project's answer verifier (1 right, 0 wrong or missing) plus a format reward (`<think>...</think>` then
+    `Answer: ...`), and the policy moves towards the answers that beat their group's mean."""
+
+    start_from: str = Field(description="the student (method sft or kd, same base model) whose checkpoint on the same recipe "
+                                        "GRPO starts from; its partition is trained first")
+    num_generations: int = Field(default=4, ge=2, description="answers sampled per question (the group the advantages are taken in)")
+    max_completion_length: int = Field(default=256, ge=8, description="tokens per sampled answer")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature of the answers")
+    beta: float = Field(default=0.0, ge=0, description="KL penalty towards the starting checkpoint (0: none, and no reference "
+                                                       "model is held)")
+    epsilon: float = Field(default=0.2, gt=0, lt=1, description="PPO-style clipping of the probability ratio")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(default="dapo", description="TRL's loss normalisation")
+    answer_weight: float = Field(default=1.0, ge=0, description="weight of the verifier's reward (right answer: 1)")
+    format_weight: float = Field(default=0.5, ge=0, description="weight of the format reward (`<think>` block then `Answer:`)")
+    learning_rate: float | None = Field(default=None, gt=0, description="default: training.learning_rate (RL usually wants less)")
+    max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; default: training.max_steps")
+
+    @model_validator(mode="after")
+    def _some_reward(self) -> GRPOSettings:
+        if self.answer_weight == 0 and self.format_weight == 0:
+            raise ValueError("grpo: answer_weight and format_weight are both 0: there is nothing to learn from")
+        return self
+
+
 class StudentConfig(_Model):
     """A student model to fine-tune: a local folder, a hub id the trainer can load, or tiny:<name>, and how (`method`)."""
 
     name: str = Field(pattern=SOURCE_NAME_PATTERN)
     model: str = "tiny:student"
     recipes: list[str] | None = Field(default=None, description="train on these recipes only; default all")
-    method: Literal["sft", "kd"] = Field(default="sft", description=(
-        "sft: the teacher's traces as targets (long-CoT SFT); kd: also match a teacher model's token distribution (`kd`)"))
+    method: Literal["sft", "kd", "grpo"] = Field(default="sft", description=(
+        "sft: the teacher's traces as targets (long-CoT SFT); kd: also match a teacher model's token distribution (`kd`); "
+        "grpo: RL with the answer verifier's reward, from another student's checkpoint (`grpo`)"))
     kd: DistillSettings | None = Field(default=None, description="method kd's settings")
+    grpo: GRPOSettings | None = Field(default=None, description="method grpo's settings")
 
     @model_validator(mode="after")
     def _method_settings(self) -> StudentConfig:
-        if self.method == "kd" and self.kd is None:
-            raise ValueError(f"students[{self.name}]: method kd needs `kd:` settings (at least `teacher`)")
-        if self.method != "kd" and self.kd is not None:
-            raise ValueError(f"students[{self.name}]: `kd:` settings are given but method is {self.method!r}")
+        for method in ("kd", "grpo"):
+            given = getattr(self, method) is not None
+            if self.method == method and not given:
+                needs = "at least `teacher`" if method == "kd" else "at least `start_from`"
+                raise ValueError(f"students[{self.name}]: method {method} needs `{method}:` settings ({needs})")
+            if self.method != method and given:
+                raise ValueError(f"students[{self.name}]: `{method}:` settings are given but method is {self.method!r}")
         return self
 
 
@@ -689,6 +721,8 @@ class ProjectConfig(_Model):
             if student.method == "kd" and self.training.zero_stage == 3:
                 raise ValueError(f"students[{index}] (name={student.name}): method kd with training.zero_stage 3 is not supported "
                                  "(the teacher is a whole copy on every rank; use ZeRO 0-2)")
+            if student.method == "grpo":
+                self._check_grpo(index, student)
         labels = set(self.annotation.difficulty_labels)
         for index, recipe in enumerate(self.recipes):
             unknown = set(recipe.difficulty_mix) - labels
@@ -698,6 +732,25 @@ class ProjectConfig(_Model):
                 if source not in self.source_names:
                     raise ValueError(f"recipes[{index}] (name={recipe.name}).sources: no source {source!r}")
         return self
+
+    def _check_grpo(self, index: int, student: StudentConfig) -> None:
+        where = f"students[{index}] (name={student.name}).grpo"
+        start = next((s for s in self.students if s.name == student.grpo.start_from), None)
+        if start is None or start is student:
+            raise ValueError(f"{where}.start_from: no other student named {student.grpo.start_from!r}")
+        if start.method == "grpo":
+            raise ValueError(f"{where}.start_from: {start.name!r} is itself a grpo student; start from an sft or kd one")
+        if start.model != student.model:
+            raise ValueError(f"{where}.start_from: {start.name!r} is trained from {start.model!r}, this student from {student.model!r}; "
+                             "give both the same base model")
+        missing = set(self.student_recipes(student.name)) - set(self.student_recipes(start.name))
+        if missing:
+            raise ValueError(f"{where}.start_from: {start.name!r} is not trained on {sorted(missing)}")
+        world = self.training.micro_batch_size * self.training.gradient_accumulation_steps * self.training.nproc_per_node * self.training.nnodes
+        if world % student.grpo.num_generations:
+            raise ValueError(f"{where}.num_generations: the answers of one generation round (micro_batch_size x "
+                             f"gradient_accumulation_steps x processes = {world}) must be a multiple of num_generations "
+                             f"({student.grpo.num_generations})")
 
     def student(self, name: str) -> StudentConfig:
         for student in self.students:

@@ -332,7 +332,11 @@ def _checkpoint_fingerprint(config: ProjectConfig, store: CorpusStore, partition
 def _checkpoint_counts(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:
     recipe, student = partition.split("|")
     (row,) = store.read_partition("student_checkpoints", {"student": student, "recipe": recipe}).to_pylist()
-    detail = (f"{student} on {recipe}: loss {row['initial_loss']:.3f} -> {row['final_loss']:.3f} over {row['steps']} steps, "
+    if metadata.get("initial_reward") is not None and metadata.get("final_reward") is not None:  # grpo: the reward is the objective
+        moved = f"reward {metadata['initial_reward']:.3f} -> {metadata['final_reward']:.3f}"
+    else:
+        moved = f"loss {row['initial_loss']:.3f} -> {row['final_loss']:.3f}"
+    detail = (f"{student} on {recipe}: {moved} over {row['steps']} steps, "
               f"{row['tokens_per_s']} tokens/s ({row['launcher']}); checkpoint {row['checkpoint_id'][:12]}"
               + (" reused" if metadata.get("reused") else ""))
     return {"input": row["examples"], "output": 1, "flagged": 0, "reasons": {}, "detail": detail}

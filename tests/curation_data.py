@@ -25,8 +25,9 @@ def reasoning_text(seed: int, lines: int = 8) -> str:
 
 
 def build_store(root, n_samples: int = 12, source: str = "synthetic", seed: int = 0, labels=("easy", "medium", "hard"),
-                tags=("counting", "chart/bar", "table", "math/geometry")) -> tuple[CorpusStore, list[dict], list[dict], list[dict]]:
-    """Seed (real synthetic images), 4 clean rollouts per sample, annotations; returns (store, seed, traces, annotations)."""
+                tags=("counting", "chart/bar", "table", "math/geometry"), reasoning=None) -> tuple[CorpusStore, list[dict], list[dict], list[dict]]:
+    """Seed (real synthetic images), 4 clean rollouts per sample, annotations; returns (store, seed, traces, annotations).
+    `reasoning(i)` writes the i-th trace's reasoning (default: reasoning_text)."""
     store = root if isinstance(root, CorpusStore) else CorpusStore(str(root))
     result = ingest_source(source, SyntheticReader(n_samples, seed=seed).records(), SeedSettings(near_duplicate_max_distance=-1),
                            image_root=None, put_image=store.images.put)
@@ -40,7 +41,7 @@ def build_store(root, n_samples: int = 12, source: str = "synthetic", seed: int 
             traces.append({
                 "trace_id": trace_id, "sample_id": sample["sample_id"], "source": source, "shard": "000", "teacher": "t",
                 "prompt_version": "cot-v1", "rollout": rollout, "text": None,
-                "reasoning": reasoning_text(s_index * 4 + rollout), "final_answer": sample["answer"], "finish_reason": "stop",
+                "reasoning": (reasoning or reasoning_text)(s_index * 4 + rollout), "final_answer": sample["answer"], "finish_reason": "stop",
                 "n_prompt_tokens": 200, "n_tokens": 120, "latency_s": 0.1, "attempts": 1, "error": None,
             })
             label = labels[s_index % len(labels)]

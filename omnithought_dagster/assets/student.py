@@ -23,7 +23,7 @@ from omnithought_dagster.assets.curate import SAMPLED_SUBSETS_KEY
 from omnithought_dagster.assets.metadata import column_schema, plot
 from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.automation import cpu_stage_condition
-from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
+from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig, StudentConfig
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.processes import guarded
@@ -38,6 +38,9 @@ STUDENT_GROUP = "student"
 STUDENT_CHECKPOINTS_KEY = dg.AssetKey("student_checkpoints")
 STUDENT_BASELINES_KEY = dg.AssetKey("student_baselines")
 STUDENT_CODE_VERSION = "student_checkpoints-v1"
+# What a method reports beyond the loss; kept in the checkpoint's manifest (the loss_decreased check reads grpo's rewards).
+METHOD_RESULTS = ("initial_kd_loss", "final_kd_loss", "final_ce_loss", "start_checkpoint", "initial_reward", "final_reward",
+                  "initial_pass_rate", "final_pass_rate", "mean_completion_length")
 
 
 def student_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
@@ -52,9 +55,11 @@ def baseline_partitions(config: ProjectConfig) -> dg.StaticPartitionsDefinition:
 
 
 def student_partition_keys(config: ProjectConfig) -> list[str]:
-    """The (student, recipe) partitions that are trained (a student may be limited to some recipes)."""
+    """The (student, recipe) partitions that are trained (a student may be limited to some recipes), in an order that can
+    run one after the other: grpo students after the others (each starts from another student's checkpoint)."""
+    ordered = sorted(config.students, key=lambda s: s.method == "grpo")
     return [str(dg.MultiPartitionKey({"student": s.name, "recipe": r}))
-            for s in config.students for r in config.student_recipes(s.name) if r != BASELINE_RECIPE]
+            for s in ordered for r in config.student_recipes(s.name) if r != BASELINE_RECIPE]
 
 
 def expected_checkpoint_id(config: ProjectConfig, store: CorpusStore, student: str, recipe: str) -> str | None:
@@ -66,7 +71,14 @@ def expected_checkpoint_id(config: ProjectConfig, store: CorpusStore, student: s
     if version is None:
         return None
     return checkpoint_id(base_fingerprint, version, train_config_hash(config.training),
-                         method_hash(run_method(config.student(student), config.models_dir)))
+                         method_hash(partition_method(config, store, config.student(student), recipe)))
+
+
+def partition_method(config: ProjectConfig, store: CorpusStore, student: StudentConfig, recipe: str) -> dict | None:
+    """The student's method on a recipe whose subset exists (run_method); grpo's names the checkpoint it starts from: the
+    start_from student's on the same recipe, by the id that one has now."""
+    start = expected_checkpoint_id(config, store, student.grpo.start_from, recipe) if student.method == "grpo" else None
+    return run_method(student, config.models_dir, start_checkpoint=start, answer_pattern=config.generation.answer_pattern)
 
 
 def training_op_tags(config: ProjectConfig) -> dict:
@@ -128,7 +140,7 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         if version is None:
             raise dg.Failure(description=f"subset_members[{recipe}] is missing or empty: materialise sampled_subsets[{recipe}] first")
         config_hash = train_config_hash(cfg.training)
-        method = run_method(student, cfg.models_dir)
+        method = partition_method(cfg, corpus, student, recipe)
         ckpt = checkpoint_id(base_fingerprint, version, config_hash, method_hash(method))
         manifest = corpus.checkpoints.manifest(ckpt)
         if manifest is not None:
@@ -145,6 +157,8 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             run_checkpoints.restore(work / "run" / "checkpoints", log=context.log.info)
         succeeded = False
         try:
+            if student.method == "grpo":  # RL starts from another student's checkpoint on this recipe
+                model_dir = str(_start_checkpoint(corpus, method["start_checkpoint"], student, recipe, work / "start"))
             from omnithought_dagster.curation.export import ExportError, export_subset
 
             try:
@@ -155,7 +169,7 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             spec = training_spec(model_dir, work / "data", work / "model", cfg.training, run_dir=work / "run", method=method)
             spec_path.write_text(json.dumps(spec, indent=2))
             command = launcher_command(cfg.training, spec_path)
-            how = "sft" if method is None else f"{method['name']} from {student.kd.teacher} ({method['divergence']}, weight {method['weight']})"
+            how = _describe_method(student, method)
             context.log.info(f"training {student.name} on {recipe} ({export.examples} examples, {how}): {' '.join(command)}")
             env = {**cfg.training.env, "OMP_NUM_THREADS": cfg.training.env.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
             if cfg.training.gpus is not None:
@@ -180,11 +194,14 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                        tokens_seen=reported.get("tokens_seen"), initial_loss=reported.get("initial_loss"), final_loss=reported.get("final_loss"),
                        tokens_per_s=reported.get("tokens_per_s"), train_seconds=reported.get("train_seconds"),
                        launcher=f"{cfg.training.launcher} x{reported.get('world_size', '?')}")
+            results = {key: reported[key] for key in METHOD_RESULTS if key in reported}
             corpus.checkpoints.put(ckpt, work / "model", {"row": row, "train_spec": json.loads(spec_path.read_text()),
-                                                          "export": {"examples": export.examples, "images": export.images}})
+                                                          "export": {"examples": export.examples, "images": export.images},
+                                                          "results": results})
             extra = {"loss_curve": dg.MetadataValue.md(reported["loss_curve"])} if reported.get("loss_curve") else {}
-            extra.update({key: reported[key] for key in ("skipped_examples", "resumed_from_step", "eval_loss", "method", "teacher",
-                                                         "initial_kd_loss", "final_kd_loss", "final_ce_loss") if key in reported})
+            extra.update({key: reported[key] for key in ("skipped_examples", "resumed_from_step", "eval_loss", "method", "teacher")
+                          if key in reported})
+            extra.update(results)
             if reported.get("skipped"):
                 extra["skipped"] = dg.MetadataValue.json(reported["skipped"])
             log = json.loads((work / "model" / "train_log.json").read_text())
@@ -195,6 +212,10 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 extra["plot/kd_loss"] = plot(lambda ax: curves(ax, {"distillation (to the teacher)": log["kd_losses"],
                                                                     "SFT (cross-entropy)": log["ce_losses"]}),
                                              f"the loss's parts per optimizer step ({student.name} on {recipe}, {log['method']})")
+            if log.get("rewards"):
+                extra["plot/reward"] = plot(lambda ax: curves(ax, {"reward (weighted sum)": log["rewards"], "pass rate (verifier)": log["pass_rates"],
+                                                                   "format": log["format_rates"]}, ylabel="mean over the step's answers"),
+                                            f"GRPO rewards per optimizer step ({student.name} on {recipe})")
             if log.get("learning_rates"):
                 schedule = f"{cfg.training.lr_scheduler}, warmup {cfg.training.warmup_steps}"
                 extra["plot/learning_rate"] = plot(lambda ax: curves(ax, {"learning rate": log["learning_rates"]}, ylabel="learning rate"),
@@ -208,6 +229,24 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             _clear(work, keep=set() if succeeded else {"run"})
 
     return [student_baselines, student_checkpoints]
+
+
+def _describe_method(student: StudentConfig, method: dict | None) -> str:
+    if method is None:
+        return "sft"
+    if method["name"] == "grpo":
+        return (f"grpo from {student.grpo.start_from}'s checkpoint {method['start_checkpoint'][:12]} ({method['num_generations']} answers "
+                f"a question, {method['loss_type']})")
+    return f"{method['name']} from {student.kd.teacher} ({method['divergence']}, weight {method['weight']})"
+
+
+def _start_checkpoint(corpus: CorpusStore, start: str, student: StudentConfig, recipe: str, cache_dir: Path) -> Path:
+    """The folder of the checkpoint a grpo student starts from; a clear failure while it is not trained yet."""
+    if corpus.checkpoints.manifest(start) is None:
+        raise dg.Failure(description=(
+            f"student {student.name!r} (grpo) starts from {student.grpo.start_from!r}'s checkpoint on {recipe!r} ({start[:12]}), which is "
+            f"not in the store: materialise student_checkpoints[{recipe}|{student.grpo.start_from}] first"))
+    return corpus.checkpoints.local_dir(start, cache_dir)
 
 
 def _clear(folder: Path, keep: set[str]) -> None:

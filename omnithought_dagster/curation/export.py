@@ -4,7 +4,8 @@ Formats (each example: the images, a user turn with one `<image>` placeholder pe
 the question and options, and the assistant turn - the teacher's reasoning and final answer in
 the structured form `<think>\\n...\\n</think>\\n\\nAnswer: ...`):
 - sharegpt:     data.json - [{"id", "conversations": [{"from": "human"|"gpt", "value"}], "images": [...]}]
-- llamafactory: data.json - [{"id", "messages": [{"role": "user"|"assistant", "content"}], "images": [...]}]
+- llamafactory: data.json - [{"id", "messages": [{"role": "user"|"assistant", "content"}], "images": [...],
+                "reference": {"answer", "answer_type", "choices"}} (the reference answer: the RL methods' reward)
                 and dataset_info.json registering it (formatting sharegpt, the messages/images columns and tags)
 - hf:           a datasets.save_to_disk folder with columns id, messages, images (a sequence of Image)
 Images are copied to images/<image_id>.<ext> beside the data (paths in the data are relative).
@@ -97,7 +98,8 @@ def export_subset(store: CorpusStore, subset: str, fmt: str, out: str | Path, *,
 def _examples(store: CorpusStore, subset: str) -> tuple[list[dict], str]:
     con = store.catalog(["subset_members", "cot_traces", "seed_pool"])
     rows = con.sql("""
-        SELECT m.trace_id, m.subset_version, m.pick, s.question, s.choices, s.image_ids, t.reasoning, t.final_answer
+        SELECT m.trace_id, m.subset_version, m.pick, s.question, s.choices, s.image_ids, s.answer, s.answer_type, t.reasoning,
+               t.final_answer
         FROM subset_members m JOIN cot_traces t USING (trace_id) JOIN seed_pool s ON s.sample_id = m.sample_id
         WHERE m.subset = $subset ORDER BY m.pick
     """, params={"subset": subset}).to_arrow_table().to_pylist()
@@ -108,6 +110,7 @@ def _examples(store: CorpusStore, subset: str) -> tuple[list[dict], str]:
         "id": row["trace_id"], "image_ids": list(row["image_ids"]),
         "user": user_text(row["question"], list(row["choices"]), len(row["image_ids"])),
         "assistant": assistant_text(row["reasoning"], row["final_answer"]),
+        "reference": {"answer": row["answer"], "answer_type": row["answer_type"], "choices": list(row["choices"])},
     } for row in rows]
     return examples, rows[0]["subset_version"]
 
@@ -134,7 +137,7 @@ def _write_sharegpt(examples: list[dict], out: Path, images: dict[str, str]) -> 
 
 def _write_llamafactory(examples: list[dict], out: Path, images: dict[str, str]) -> None:
     data = [{"id": e["id"], "messages": [{"role": "user", "content": e["user"]}, {"role": "assistant", "content": e["assistant"]}],
-             "images": [images[i] for i in e["image_ids"]]} for e in examples]
+             "images": [images[i] for i in e["image_ids"]], "reference": e["reference"]} for e in examples]
     (out / "data.json").write_text(json.dumps(data, ensure_ascii=False, indent=1))
     info = {"omnithought": {"file_name": "data.json", "formatting": "sharegpt",
                             "columns": {"messages": "messages", "images": "images"},

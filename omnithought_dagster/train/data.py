@@ -91,7 +91,10 @@ def build_index(data_dir: Path, out_dir: Path, vl, max_length: int, overlong: st
                 continue
             index.offsets.append(out.tell())
             index.lengths.append(min(total, max_length))
-            out.write(json.dumps({"messages": messages, "images": [str(data_dir / p) for p in images]}).encode() + b"\n")
+            kept = {"messages": messages, "images": [str(data_dir / p) for p in images]}
+            if isinstance(record.get("reference"), dict):
+                kept["reference"] = record["reference"]  # the reference answer (method grpo's reward)
+            out.write(json.dumps(kept).encode() + b"\n")
     index.save()
     return index
 

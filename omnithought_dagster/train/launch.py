@@ -29,11 +29,19 @@ def train_config_hash(training: TrainingConfig) -> str:
     return content_id("train-config", {**training.run_settings(), "trainer": TRAINER_VERSION})
 
 
-def run_method(student: StudentConfig, models_dir: str | Path) -> dict[str, Any] | None:
+def run_method(student: StudentConfig, models_dir: str | Path, *, start_checkpoint: str | None = None,
+               answer_pattern: str | None = None) -> dict[str, Any] | None:
     """What the student's method adds to its runs: None for sft; for kd its settings, the teacher's folder (or hub id) and
-    the teacher's fingerprint (tiny:<name> teachers are built when missing)."""
+    the teacher's fingerprint (tiny:<name> teachers are built when missing); for grpo its settings, the checkpoint it
+    starts from (`start_checkpoint`, the start_from student's on the same recipe) and the answer pattern its reward
+    parses replies with."""
     if student.method == "sft":
         return None
+    if student.method == "grpo":
+        if start_checkpoint is None or answer_pattern is None:
+            raise ValueError(f"students[{student.name}]: method grpo needs the checkpoint it starts from and the answer pattern")
+        return {"name": "grpo", **student.grpo.model_dump(mode="json"), "start_checkpoint": start_checkpoint,
+                "answer_pattern": answer_pattern}
     from omnithought_dagster.llm.backends import resolve_model
 
     teacher_dir, fingerprint = resolve_model(student.kd.teacher, models_dir)
@@ -42,8 +50,8 @@ def run_method(student: StudentConfig, models_dir: str | Path) -> dict[str, Any]
 
 
 def method_identity(method: dict[str, Any] | None) -> dict[str, Any]:
-    """What a method is: its name, settings and the teacher's fingerprint - not where the teacher lies ({"name": "sft"} for
-    sft). Hashed into the checkpoint id, shown by lineage."""
+    """What a method is: its name, settings and the teacher's fingerprint or the checkpoint it starts from - not where the
+    teacher lies ({"name": "sft"} for sft). Hashed into the checkpoint id, shown by lineage."""
     return {"name": "sft"} if method is None else {k: v for k, v in method.items() if k != "teacher_dir"}
 
 

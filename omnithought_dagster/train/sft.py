@@ -42,6 +42,9 @@ from omnithought_dagster.progress import progress_line
 from omnithought_dagster.train.checkpoints import COMPLETE, latest_complete, step_of
 
 LOSS_WINDOW = 3  # steps averaged for the initial and final loss
+# What a base folder may hold besides weights that is not the tokenizer's or processor's: a tiny model's manifest, and when
+# the base is a stored checkpoint (grpo starts from one) the store's manifest, its training log and its LoRA adapter.
+NOT_PROCESSOR_FILES = {"omnithought_tiny_model.json", "omnithought_checkpoint.json", "train_log.json", "adapter"}
 
 
 def main(argv: list[str] | None = None, train_fn=None) -> int:
@@ -80,7 +83,14 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=spec.get("dist_backend") or ("nccl" if torch.cuda.is_available() else "gloo"))
-    args = training_arguments(settings, run_dir / "checkpoints")
+    method = spec.get("method")
+    kind = method["name"] if method else "sft"
+    if kind == "grpo":
+        from omnithought_dagster.train.grpo import grpo_arguments
+
+        args = grpo_arguments(training_kwargs(settings, run_dir / "checkpoints"), method)
+    else:
+        args = training_arguments(settings, run_dir / "checkpoints")
     rank, world = args.process_index, args.world_size
 
     vl = VLTokenizer.load(model_dir)
@@ -93,25 +103,41 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     skipped = dict(index.skipped)
     if not index.offsets:
         raise SystemExit(f"no trainable examples in {data_dir} (set aside: {skipped or 'none'}; max_length {settings['max_length']})")
-    train_part, held_out = split(index, settings["eval_share"], settings["seed"])
-    # Without worker processes a batch's examples are decoded by threads of this one (no copy of the batch between processes).
-    threads = 1 if settings["dataloader_workers"] else min(4, len(os.sched_getaffinity(0)))
-    train_set = LazyExamples(index, vl, settings["max_length"], train_part, threads=threads)
-    eval_set = LazyExamples(index, vl, settings["max_length"], held_out, threads=threads) if held_out else None
+    if kind == "grpo":  # questions only; answers are sampled, so there is no held-out loss to take
+        from omnithought_dagster.train.grpo import prompt_dataset
+
+        with args.main_process_first(local=True, desc="questions"):
+            train_set, set_aside = prompt_dataset(index, None, run_dir / "questions")
+        skipped.update(set_aside)
+        eval_set = None
+        if not len(train_set):
+            raise SystemExit(f"grpo: no question in {data_dir} has a reference answer (set aside: {skipped})")
+    else:
+        train_part, held_out = split(index, settings["eval_share"], settings["seed"])
+        # Without worker processes a batch's examples are decoded by threads of this one (no copy of the batch between processes).
+        threads = 1 if settings["dataloader_workers"] else min(4, len(os.sched_getaffinity(0)))
+        train_set = LazyExamples(index, vl, settings["max_length"], train_part, threads=threads)
+        eval_set = LazyExamples(index, vl, settings["max_length"], held_out, threads=threads) if held_out else None
     report.log(f"rank {rank}/{world}: {len(train_set)} examples" + (f", {len(eval_set)} held out" if eval_set else "")
                + (f" ({sum(skipped.values())} set aside: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else ""))
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
+    model.config.use_cache = kind == "grpo"  # GRPO generates; the others only score given text
     frozen = freeze(model, settings)
     if settings.get("lora"):
         model = with_lora(model, settings["lora"])
-    method = spec.get("method")
-    teacher = load_teacher(method, vl, settings["precision"], args.device) if method else None
+    teacher = load_teacher(method, vl, settings["precision"], args.device) if kind == "kd" else None
     resume = latest_complete(run_dir / "checkpoints")
     marker, progress = _MarkComplete(), _Progress(report)
-    trainer = _counting_trainer()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate,
-                                  callbacks=[progress, marker])
+    if kind == "grpo":
+        from omnithought_dagster.train.grpo import grpo_trainer_class, reward_functions, vl_processor
+
+        trainer = grpo_trainer_class(_counting_trainer)(model=model, reward_funcs=reward_functions(method["answer_pattern"]), args=args,
+                                                        train_dataset=train_set, processing_class=vl_processor(model_dir),
+                                                        callbacks=[progress, marker])
+    else:
+        trainer = _counting_trainer()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate,
+                                      callbacks=[progress, marker])
     marker.trainer = progress.trainer = trainer
     trainer.distill = (teacher, method) if teacher is not None else None
     from transformers import PrinterCallback
@@ -143,11 +169,15 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         "tokens_per_s": round(run_tokens / seconds, 1) if seconds else None, "steady_tokens_per_s": steady, "world_size": world,
         "resumed_from_step": step_of(resume) if resume else None, "frozen": frozen, "lora": settings.get("lora"),
         "deepspeed": args.deepspeed if isinstance(args.deepspeed, dict) else None,
-        "method": method["name"] if method else "sft",
+        "method": kind,
     }
-    if method:  # the two parts of the loss, per step
+    if kind == "kd":  # the two parts of the loss, per step
         log.update({"ce_losses": parts["ce_loss"], "kd_losses": parts["kd_loss"], "teacher": method["teacher"],
                     "initial_kd_loss": _mean(parts["kd_loss"][:LOSS_WINDOW]), "final_kd_loss": _mean(parts["kd_loss"][-LOSS_WINDOW:])})
+    if kind == "grpo":  # rewards, pass rate and answer lengths per step
+        from omnithought_dagster.train.grpo import grpo_log
+
+        log.update({**grpo_log(history), "start_checkpoint": method["start_checkpoint"]})
     if rank == 0:
         (out_dir / "train_log.json").write_text(json.dumps(log, indent=2))
     metadata = {
@@ -159,20 +189,32 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     }
     if evals:
         metadata["eval_loss"] = evals[-1]["eval_loss"]
-    if method:
-        metadata.update({"method": method["name"], "teacher": method["teacher"], "initial_kd_loss": log["initial_kd_loss"],
+    if kind == "kd":
+        metadata.update({"method": kind, "teacher": method["teacher"], "initial_kd_loss": log["initial_kd_loss"],
                          "final_kd_loss": log["final_kd_loss"], "final_ce_loss": _mean(parts["ce_loss"][-LOSS_WINDOW:])})
+    if kind == "grpo":
+        metadata.update({"method": kind, "start_checkpoint": method["start_checkpoint"],
+                         "initial_reward": _mean(log["rewards"][:LOSS_WINDOW]), "final_reward": _mean(log["rewards"][-LOSS_WINDOW:]),
+                         "initial_pass_rate": _mean(log["pass_rates"][:LOSS_WINDOW]),
+                         "final_pass_rate": _mean(log["pass_rates"][-LOSS_WINDOW:]),
+                         "mean_completion_length": _mean(log["completion_lengths"])})
     return {"log": log, "metadata": metadata}
 
 
 def training_arguments(settings: dict[str, Any], output_dir: Path):
     """transformers' TrainingArguments for the settings (DeepSpeed through deepspeed_config, CPU when there is no GPU)."""
-    import torch
     from transformers import TrainingArguments
+
+    return TrainingArguments(**training_kwargs(settings, output_dir))
+
+
+def training_kwargs(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    """The Trainer arguments of a run, as keywords (TrainingArguments', or a subclass's such as TRL's GRPOConfig)."""
+    import torch
 
     cuda = torch.cuda.is_available()
     evaluate = settings["eval_share"] > 0 and settings["eval_steps"] > 0
-    return TrainingArguments(
+    return dict(
         output_dir=str(output_dir), seed=settings["seed"], data_seed=settings["seed"],
         per_device_train_batch_size=settings["micro_batch_size"], per_device_eval_batch_size=settings["micro_batch_size"],
         gradient_accumulation_steps=settings["gradient_accumulation_steps"], learning_rate=settings["learning_rate"],
@@ -239,21 +281,24 @@ def with_lora(model, lora: dict[str, Any]):
                                             task_type="CAUSAL_LM"))
 
 
-def _counting_trainer():
-    """transformers' Trainer that also counts the examples and tokens it trained on (samples_seen, tokens/s), those of the
-    checkpoint it resumed from included."""
+def _counting_trainer(base=None):
+    """transformers' Trainer (or `base`, a subclass of it) that also counts the examples and tokens it trained on
+    (samples_seen, tokens/s), those of the checkpoint it resumed from included."""
     from transformers import Trainer
 
-    class CountingTrainer(Trainer):
+    class CountingTrainer(base or Trainer):
         samples = tokens = 0
         resumed = {"samples": 0, "tokens": 0}
         distill = None  # (teacher model, method settings) for method kd
         _parts: dict | None = None  # the loss's parts summed since the last log (kd)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            self.count(inputs)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def count(self, inputs) -> None:
             self.samples += int(inputs["input_ids"].shape[0])
             self.tokens += int(inputs["attention_mask"].sum())
-            return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """With a teacher: (1 - weight) * the SFT loss + weight * the divergence from the teacher over the reply tokens
@@ -358,7 +403,8 @@ class _Progress(_Callback):
         if "loss" not in logs or not (step == 1 or step % max(1, total // 10) == 0 or step == total):
             return
         line = progress_line("training", step, total, time.monotonic() - self.started, "steps", rate_done=step - self.first_step)
-        self.report.log(f"{line}, loss {logs['loss']:.4f}, lr {logs.get('learning_rate', 0):.2e}")
+        rewards = f", reward {logs['reward']:.3f}, pass rate {logs.get('rewards/answer/mean') or 0:.2f}" if logs.get("reward") is not None else ""
+        self.report.log(f"{line}, loss {logs['loss']:.4f}{rewards}, lr {logs.get('learning_rate', 0):.2e}")
 
 
 def _save(trainer, settings: dict, model_dir: Path, out_dir: Path) -> None:
@@ -383,7 +429,7 @@ def copy_processor_files(model_dir: Path, out_dir: Path) -> None:
     """The base's tokenizer, chat template and image processor into a saved model: all it holds but weights and configs."""
     for name in os.listdir(model_dir):
         if not (name.endswith(".safetensors") or name.endswith(".bin") or name in {"config.json", "generation_config.json"}
-                or name.endswith(".index.json") or name.startswith(".") or name == "omnithought_tiny_model.json"):
+                or name.endswith(".index.json") or name.startswith(".") or name in NOT_PROCESSOR_FILES):
             source = model_dir / name
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, out_dir / name)
 
@@ -428,7 +474,7 @@ def _sum_across_ranks(value: float) -> float:
 
 
 def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if math.isfinite(v)]
+    values = [v for v in values if v is not None and math.isfinite(v)]
     return round(sum(values) / len(values), 6) if values else None
 
 
