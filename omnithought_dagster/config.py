@@ -446,21 +446,47 @@ class GRPOSettings(_Model):
         return self
 
 
+class OPSDSettings(_Model):
+    """On-policy self-distillation with privileged context (`method: opsd`): the student samples its own answer to each
+    question; a teacher with the student's weights reads the same plus privileged context (the curated trace or the
+    reference answer) and the student is trained towards it, token by token along its own sample (generalized JSD)."""
+
+    context: Literal["trace", "answer"] = Field(default="trace", description="what only the teacher sees: the curated trace "
+                                                                              "of the question, or its reference answer")
+    teacher: Literal["frozen", "ema", "live"] = Field(default="frozen", description=(
+        "the teacher's weights: a frozen copy of the start, an exponential moving average of the student, or the student itself"))
+    ema_decay: float = Field(default=0.99, gt=0, lt=1, description="teacher ema: teacher <- decay x teacher + (1 - decay) x student")
+    beta: float = Field(default=0.5, gt=0, lt=1, description="the generalized JSD's teacher weight (0.5: symmetric)")
+    top_k: int | None = Field(default=None, ge=1, description="compare only the teacher's k most likely tokens (renormalised)")
+    clip: float | None = Field(default=None, gt=0, description="cap on each sampled token's divergence (None: no cap)")
+    max_new_tokens: int = Field(default=256, ge=1, description="tokens the student samples per question")
+    temperature: float = Field(default=1.0, gt=0, description="the student's sampling temperature")
+
+
 class StudentConfig(_Model):
     """A student model to fine-tune: a local folder, a hub id the trainer can load, or tiny:<name>, and how (`method`)."""
 
     name: str = Field(pattern=SOURCE_NAME_PATTERN)
     model: str = "tiny:student"
     recipes: list[str] | None = Field(default=None, description="train on these recipes only; default all")
-    method: Literal["sft", "kd", "grpo"] = Field(default="sft", description=(
+    method: Literal["sft", "kd", "opsd", "grpo"] = Field(default="sft", description=(
         "sft: the teacher's traces as targets (long-CoT SFT); kd: also match a teacher model's token distribution (`kd`); "
+        "opsd: on-policy self-distillation with privileged context (`opsd`); "
         "grpo: RL with the answer verifier's reward, from another student's checkpoint (`grpo`)"))
     kd: DistillSettings | None = Field(default=None, description="method kd's settings")
+    opsd: OPSDSettings | None = Field(default=None, description="method opsd's settings (all have defaults: `opsd: {}`)")
     grpo: GRPOSettings | None = Field(default=None, description="method grpo's settings")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _opsd_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") == "opsd" and data.get("opsd") is None:
+            return {**data, "opsd": {}}  # every opsd setting has a default
+        return data
 
     @model_validator(mode="after")
     def _method_settings(self) -> StudentConfig:
-        for method in ("kd", "grpo"):
+        for method in ("kd", "opsd", "grpo"):
             given = getattr(self, method) is not None
             if self.method == method and not given:
                 needs = "at least `teacher`" if method == "kd" else "at least `start_from`"
@@ -739,7 +765,7 @@ class ProjectConfig(_Model):
         if start is None or start is student:
             raise ValueError(f"{where}.start_from: no other student named {student.grpo.start_from!r}")
         if start.method == "grpo":
-            raise ValueError(f"{where}.start_from: {start.name!r} is itself a grpo student; start from an sft or kd one")
+            raise ValueError(f"{where}.start_from: {start.name!r} is itself a grpo student; start from an sft, kd or opsd one")
         if start.model != student.model:
             raise ValueError(f"{where}.start_from: {start.name!r} is trained from {start.model!r}, this student from {student.model!r}; "
                              "give both the same base model")

@@ -40,7 +40,8 @@ STUDENT_BASELINES_KEY = dg.AssetKey("student_baselines")
 STUDENT_CODE_VERSION = "student_checkpoints-v1"
 # What a method reports beyond the loss; kept in the checkpoint's manifest (the loss_decreased check reads grpo's rewards).
 METHOD_RESULTS = ("initial_kd_loss", "final_kd_loss", "final_ce_loss", "start_checkpoint", "initial_reward", "final_reward",
-                  "initial_pass_rate", "final_pass_rate", "mean_completion_length")
+                  "initial_pass_rate", "final_pass_rate", "mean_completion_length", "initial_divergence", "final_divergence",
+                  "mean_sample_length")
 
 
 def student_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
@@ -212,6 +213,10 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 extra["plot/kd_loss"] = plot(lambda ax: curves(ax, {"distillation (to the teacher)": log["kd_losses"],
                                                                     "SFT (cross-entropy)": log["ce_losses"]}),
                                              f"the loss's parts per optimizer step ({student.name} on {recipe}, {log['method']})")
+            if log.get("opsd_divergences"):
+                extra["plot/opsd"] = plot(lambda ax: curves(ax, {"JSD to the privileged teacher": log["opsd_divergences"]}),
+                                          f"on-policy divergence per optimizer step ({student.name} on {recipe}; answers "
+                                          f"{log['mean_sample_length']:.0f} tokens on average)")
             if log.get("rewards"):
                 extra["plot/reward"] = plot(lambda ax: curves(ax, {"reward (weighted sum)": log["rewards"], "pass rate (verifier)": log["pass_rates"],
                                                                    "format": log["format_rates"]}, ylabel="mean over the step's answers"),
@@ -234,6 +239,8 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
 def _describe_method(student: StudentConfig, method: dict | None) -> str:
     if method is None:
         return "sft"
+    if method["name"] == "opsd":
+        return f"opsd ({method['teacher']} teacher with the {method['context']} as privileged context, {method['max_new_tokens']} tokens sampled)"
     if method["name"] == "grpo":
         return (f"grpo from {student.grpo.start_from}'s checkpoint {method['start_checkpoint'][:12]} ({method['num_generations']} answers "
                 f"a question, {method['loss_type']})")

@@ -37,6 +37,8 @@ def run_method(student: StudentConfig, models_dir: str | Path, *, start_checkpoi
     parses replies with."""
     if student.method == "sft":
         return None
+    if student.method == "opsd":
+        return {"name": "opsd", **student.opsd.model_dump(mode="json")}
     if student.method == "grpo":
         if start_checkpoint is None or answer_pattern is None:
             raise ValueError(f"students[{student.name}]: method grpo needs the checkpoint it starts from and the answer pattern")

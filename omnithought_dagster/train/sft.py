@@ -89,6 +89,10 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         from omnithought_dagster.train.grpo import grpo_arguments
 
         args = grpo_arguments(training_kwargs(settings, run_dir / "checkpoints"), method)
+    elif kind == "opsd":  # sampled answers: no held-out loss to take
+        from transformers import TrainingArguments
+
+        args = TrainingArguments(**{**training_kwargs(settings, run_dir / "checkpoints"), "eval_strategy": "no"})
     else:
         args = training_arguments(settings, run_dir / "checkpoints")
     rank, world = args.process_index, args.world_size
@@ -112,6 +116,10 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         eval_set = None
         if not len(train_set):
             raise SystemExit(f"grpo: no question in {data_dir} has a reference answer (set aside: {skipped})")
+    elif kind == "opsd":  # the question for the student, with the privileged context for the teacher
+        from omnithought_dagster.train.opsd import PrivilegedPrompts
+
+        train_set, eval_set = PrivilegedPrompts(index, vl, method["context"]), None
     else:
         train_part, held_out = split(index, settings["eval_share"], settings["seed"])
         # Without worker processes a batch's examples are decoded by threads of this one (no copy of the batch between processes).
@@ -122,7 +130,7 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
                + (f" ({sum(skipped.values())} set aside: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else ""))
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = kind == "grpo"  # GRPO generates; the others only score given text
+    model.config.use_cache = kind == "grpo"  # GRPO generates through TRL; opsd asks for the cache when it samples
     frozen = freeze(model, settings)
     if settings.get("lora"):
         model = with_lora(model, settings["lora"])
@@ -135,6 +143,17 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         trainer = grpo_trainer_class(_counting_trainer)(model=model, reward_funcs=reward_functions(method["answer_pattern"]), args=args,
                                                         train_dataset=train_set, processing_class=vl_processor(model_dir),
                                                         callbacks=[progress, marker])
+    elif kind == "opsd":
+        from omnithought_dagster.train import opsd
+
+        teacher_model = opsd.make_teacher(model, method["teacher"])
+        if teacher_model is not None:
+            teacher_model.to(args.device)
+        trainer = opsd.opsd_trainer_class(_counting_trainer)(model=model, args=args, train_dataset=train_set, data_collator=opsd.collate,
+                                                            callbacks=[progress, marker])
+        trainer.opsd = (teacher_model, method, opsd.end_token_ids(vl.tokenizer, model), vl.tokenizer.pad_token_id)
+        if method["teacher"] == "ema":
+            trainer.add_callback(trainer.EMATeacher(trainer))
     else:
         trainer = _counting_trainer()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate,
                                       callbacks=[progress, marker])
@@ -156,7 +175,7 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     losses = [entry["loss"] for entry in history if "loss" in entry]
     rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
     evals = [{"step": entry["step"], "eval_loss": entry["eval_loss"]} for entry in history if "eval_loss" in entry]
-    parts = {name: [entry[name] for entry in history if name in entry] for name in ("ce_loss", "kd_loss")}
+    parts = {name: [entry[name] for entry in history if name in entry] for name in ("ce_loss", "kd_loss", "opsd_divergence", "sample_length")}
     counted = trainer.totals()
     initial, final = _mean(losses[:LOSS_WINDOW]), _mean(losses[-LOSS_WINDOW:])
     run_tokens = counted["tokens"] - trainer.resumed["tokens"]
@@ -174,6 +193,10 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     if kind == "kd":  # the two parts of the loss, per step
         log.update({"ce_losses": parts["ce_loss"], "kd_losses": parts["kd_loss"], "teacher": method["teacher"],
                     "initial_kd_loss": _mean(parts["kd_loss"][:LOSS_WINDOW]), "final_kd_loss": _mean(parts["kd_loss"][-LOSS_WINDOW:])})
+    if kind == "opsd":  # the divergence to the privileged teacher and the sampled answers' length, per step
+        log.update({"opsd_divergences": parts["opsd_divergence"], "sample_lengths": parts["sample_length"],
+                    "initial_divergence": _mean(parts["opsd_divergence"][:LOSS_WINDOW]),
+                    "final_divergence": _mean(parts["opsd_divergence"][-LOSS_WINDOW:]), "mean_sample_length": _mean(parts["sample_length"])})
     if kind == "grpo":  # rewards, pass rate and answer lengths per step
         from omnithought_dagster.train.grpo import grpo_log
 
@@ -192,6 +215,9 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     if kind == "kd":
         metadata.update({"method": kind, "teacher": method["teacher"], "initial_kd_loss": log["initial_kd_loss"],
                          "final_kd_loss": log["final_kd_loss"], "final_ce_loss": _mean(parts["ce_loss"][-LOSS_WINDOW:])})
+    if kind == "opsd":
+        metadata.update({"method": kind, "initial_divergence": log["initial_divergence"], "final_divergence": log["final_divergence"],
+                         "mean_sample_length": log["mean_sample_length"]})
     if kind == "grpo":
         metadata.update({"method": kind, "start_checkpoint": method["start_checkpoint"],
                          "initial_reward": _mean(log["rewards"][:LOSS_WINDOW]), "final_reward": _mean(log["rewards"][-LOSS_WINDOW:]),
