@@ -16,8 +16,9 @@ Prints one JSON object:
   steps each); the ratio of the largest to the smallest (target: <= 1.15 - examples are read lazily,
   so memory does not grow with the subset), and the wall time of building the example index.
 
-- `distillation` (with `--kd-teacher`): steady tokens/s of method kd (a teacher forward per micro-batch)
-  and of sft, alternated on the same export; the step-cost ratio kd / sft.
+- `distillation` (with `--kd-teacher`): steady tokens/s of method kd (a teacher forward per micro-batch),
+  of prefix_mask_kd at its full budget (plus a saliency pass and masked attention) and of sft, alternated
+  on the same export; the step-cost ratios kd / sft and prefix_mask_kd / kd.
 
 The exports are generated (`--image-size` px images, a pool of 64 distinct ones; reasoning replies of
 ~100 tokens), so the bench needs no `make demo` first.
@@ -124,17 +125,24 @@ def main() -> None:
             memory[str(size)] = {"peak_rss_mb": measured["peak_rss_mb"], "wall_seconds": round(measured["wall"], 1),
                                  "examples": measured["log"]["examples"]}
         distill = None
-        if args.kd_teacher:  # the cost of a teacher forward per micro-batch, against sft on the same data and steps
-            student = StudentConfig(name="bench", model=args.model, method="kd", kd={"teacher": args.kd_teacher})
-            method = run_method(student, REPO / ".cache/models")
-            rates = {"sft": [], "kd": []}
+        if args.kd_teacher:  # the cost of a teacher forward per micro-batch, and of the masks on top, against sft on the same data
+            # prefix_mask_kd at its full budget from the second step on (the steady rate leaves the first out): the saliency
+            # pass, the masks' ranking and SDPA with an explicit mask, at their most.
+            masked = {"teacher": args.kd_teacher, "warmup_steps": 0, "growth": 0.3, "max_budget": 0.3, "tolerance": 1e9}
+            methods = {"sft": None,
+                       "kd": run_method(StudentConfig(name="bench", model=args.model, method="kd", kd={"teacher": args.kd_teacher}),
+                                        REPO / ".cache/models"),
+                       "prefix_mask_kd": run_method(StudentConfig(name="bench", model=args.model, method="prefix_mask_kd",
+                                                                  prefix_mask_kd=masked), REPO / ".cache/models")}
+            rates = {name: [] for name in methods}
             for repeat in range(args.repeats):
-                for name in ("sft", "kd"):
-                    log = run("trainer", model_dir, data, tmp / f"method-{name}-{repeat}", settings,
-                              method if name == "kd" else None)["log"]
+                for name, method in methods.items():
+                    log = run("trainer", model_dir, data, tmp / f"method-{name}-{repeat}", settings, method)["log"]
                     rates[name].append(log["steady_tokens_per_s"])
-            distill = {"teacher": args.kd_teacher, "sft_steady_tokens_per_s": rates["sft"], "kd_steady_tokens_per_s": rates["kd"],
-                       "kd_step_cost_vs_sft": round(statistics.median(rates["sft"]) / statistics.median(rates["kd"]), 3)}
+            median = {name: statistics.median(values) for name, values in rates.items()}
+            distill = {"teacher": args.kd_teacher, **{f"{name}_steady_tokens_per_s": values for name, values in rates.items()},
+                       "kd_step_cost_vs_sft": round(median["sft"] / median["kd"], 3),
+                       "prefix_mask_kd_step_cost_vs_kd": round(median["kd"] / median["prefix_mask_kd"], 3)}
     peaks = [memory[str(size)]["peak_rss_mb"] for size in sizes]
     print(json.dumps({
         "model": args.model, "micro_batch_size": args.micro_batch, "image_size": args.image_size,

@@ -419,6 +419,25 @@ class DistillSettings(_Model):
     weight: float = Field(default=0.5, ge=0, le=1, description="the distillation loss's share; the SFT loss gets 1 - weight")
 
 
+class PrefixMaskSettings(DistillSettings):
+    """Salient reasoning-prefix masking (`method: prefix_mask_kd`): kd's loss, with the student's attention mask hiding,
+    for each reply token it predicts, the earlier reply tokens its attention leans on most (never the image or the
+    prompt); the share hidden (the budget) grows over training while the student keeps up with the teacher."""
+
+    saliency: Literal["student", "teacher"] = Field(default="student", description=(
+        "whose attention ranks the earlier reply tokens: the student's (one extra forward pass without gradients per "
+        "micro-batch) or the teacher's (taken from the pass the KD loss needs; needs a teacher with the same attention interface)"))
+    saliency_layers: list[int] = Field(default=[-1], min_length=1, description=(
+        "text decoder layers whose attention (heads averaged, then layers) is the saliency; negative counts from the last"))
+    max_budget: float = Field(default=0.3, gt=0, le=1, description="the largest share of a prediction's candidate tokens hidden")
+    growth: float = Field(default=0.02, gt=0, le=1, description="budget added after an optimizer step the student kept up in")
+    warmup_steps: int = Field(default=10, ge=0, description="optimizer steps of plain KD (budget 0) before the masks start")
+    tolerance: float = Field(default=1.25, ge=1, description=(
+        "the budget grows after a step whose divergence to the teacher under the masks is at most tolerance x its divergence "
+        "without them, and holds otherwise"))
+    keep_recent: int = Field(default=1, ge=0, description="the tokens just before each prediction that are never hidden")
+
+
 class GRPOSettings(_Model):
     """Reinforcement learning with verifiable rewards (`method: grpo`, TRL's GRPOTrainer), started from another student's
     checkpoint on the same recipe: the student answers each question of the subset `num_generations` times; each answer is
@@ -469,11 +488,13 @@ class StudentConfig(_Model):
     name: str = Field(pattern=SOURCE_NAME_PATTERN)
     model: str = "tiny:student"
     recipes: list[str] | None = Field(default=None, description="train on these recipes only; default all")
-    method: Literal["sft", "kd", "opsd", "grpo"] = Field(default="sft", description=(
+    method: Literal["sft", "kd", "prefix_mask_kd", "opsd", "grpo"] = Field(default="sft", description=(
         "sft: the teacher's traces as targets (long-CoT SFT); kd: also match a teacher model's token distribution (`kd`); "
+        "prefix_mask_kd: kd with the student's most salient earlier reasoning tokens hidden from it (`prefix_mask_kd`); "
         "opsd: on-policy self-distillation with privileged context (`opsd`); "
         "grpo: RL with the answer verifier's reward, from another student's checkpoint (`grpo`)"))
     kd: DistillSettings | None = Field(default=None, description="method kd's settings")
+    prefix_mask_kd: PrefixMaskSettings | None = Field(default=None, description="method prefix_mask_kd's settings (kd's and its own)")
     opsd: OPSDSettings | None = Field(default=None, description="method opsd's settings (all have defaults: `opsd: {}`)")
     grpo: GRPOSettings | None = Field(default=None, description="method grpo's settings")
 
@@ -486,10 +507,10 @@ class StudentConfig(_Model):
 
     @model_validator(mode="after")
     def _method_settings(self) -> StudentConfig:
-        for method in ("kd", "opsd", "grpo"):
+        for method in ("kd", "prefix_mask_kd", "opsd", "grpo"):
             given = getattr(self, method) is not None
             if self.method == method and not given:
-                needs = "at least `teacher`" if method == "kd" else "at least `start_from`"
+                needs = "at least `start_from`" if method == "grpo" else "at least `teacher`"
                 raise ValueError(f"students[{self.name}]: method {method} needs `{method}:` settings ({needs})")
             if self.method != method and given:
                 raise ValueError(f"students[{self.name}]: `{method}:` settings are given but method is {self.method!r}")
@@ -744,8 +765,8 @@ class ProjectConfig(_Model):
             for recipe in student.recipes or []:
                 if recipe not in recipes:
                     raise ValueError(f"students[{index}] (name={student.name}).recipes: no recipe {recipe!r}")
-            if student.method == "kd" and self.training.zero_stage == 3:
-                raise ValueError(f"students[{index}] (name={student.name}): method kd with training.zero_stage 3 is not supported "
+            if student.method in ("kd", "prefix_mask_kd") and self.training.zero_stage == 3:
+                raise ValueError(f"students[{index}] (name={student.name}): method {student.method} with training.zero_stage 3 is not supported "
                                  "(the teacher is a whole copy on every rank; use ZeRO 0-2)")
             if student.method == "grpo":
                 self._check_grpo(index, student)
@@ -765,7 +786,7 @@ class ProjectConfig(_Model):
         if start is None or start is student:
             raise ValueError(f"{where}.start_from: no other student named {student.grpo.start_from!r}")
         if start.method == "grpo":
-            raise ValueError(f"{where}.start_from: {start.name!r} is itself a grpo student; start from an sft, kd or opsd one")
+            raise ValueError(f"{where}.start_from: {start.name!r} is itself a grpo student; start from an sft, kd, prefix_mask_kd or opsd one")
         if start.model != student.model:
             raise ValueError(f"{where}.start_from: {start.name!r} is trained from {start.model!r}, this student from {student.model!r}; "
                              "give both the same base model")

@@ -38,14 +38,14 @@ def test_definitions_snapshot_from_the_demo_config():
     assert {k.to_user_string() for k in annotations.parent_keys} == {"cot_traces", "seed_pool"}
     assert "parquet" in specs["seed_pool"].kinds
     students = specs["student_checkpoints"]
-    assert students.partitions_def.get_partition_keys() == ["balanced|tiny", "balanced|tiny-kd", "balanced|tiny-grpo", "hard-long|tiny",
-                                                           "hard-long|tiny-kd", "hard-long|tiny-grpo"]
+    assert students.partitions_def.get_partition_keys() == ["balanced|tiny", "balanced|tiny-kd", "balanced|tiny-masked", "balanced|tiny-grpo",
+                                                           "hard-long|tiny", "hard-long|tiny-kd", "hard-long|tiny-masked", "hard-long|tiny-grpo"]
     assert graph.get_partition_mapping(students.key, specs["sampled_subsets"].key).partition_dimension_name == "recipe"
     assert students.assets_def.op.pool == "gpu" and "deepspeed" in students.kinds
-    assert specs["student_baselines"].partitions_def.get_partition_keys() == ["tiny", "tiny-kd", "tiny-grpo"]
+    assert specs["student_baselines"].partitions_def.get_partition_keys() == ["tiny", "tiny-kd", "tiny-masked", "tiny-grpo"]
     scores = specs["benchmark_scores"]
-    assert scores.partitions_def.get_partition_keys() == ["base|tiny", "base|tiny-kd", "base|tiny-grpo", "balanced|tiny", "balanced|tiny-kd",
-                                                         "balanced|tiny-grpo", "hard-long|tiny", "hard-long|tiny-kd", "hard-long|tiny-grpo"]
+    assert scores.partitions_def.get_partition_keys() == [f"{recipe}|{student}" for recipe in ("base", "balanced", "hard-long")
+                                                         for student in ("tiny", "tiny-kd", "tiny-masked", "tiny-grpo")]
     assert {k.to_user_string() for k in scores.parent_keys} == {"student_checkpoints", "student_baselines"}
     checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
     assert checks == [

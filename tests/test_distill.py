@@ -12,14 +12,13 @@ import torch
 from pydantic import ValidationError
 
 from conftest import materializations, plot_image, run_job, write_config
-from curation_data import build_store
 from omnithought_dagster.config import ConfigError, StudentConfig, load_config
-from omnithought_dagster.defs import FILTER_JOB, SUBSET_JOB, TRAIN_JOB
+from omnithought_dagster.defs import TRAIN_JOB
 from omnithought_dagster.lineage import checkpoint_story
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.train.distill import check_teacher, reply_divergence, token_divergence
 from omnithought_dagster.train.launch import checkpoint_id, method_hash
-from test_student import RECIPE, TRAINING
+from test_student import RECIPE, SFT_STUDENT, SOURCES, TRAINING, sft_first
 
 TEACHER = [0.5, 0.5]
 STUDENT = [0.9, 0.1]
@@ -126,23 +125,12 @@ def test_kd_with_zero3_is_refused(tmp_path):
 def test_sft_and_kd_students_train_on_one_recipe_through_the_asset(tmp_path, instance):
     """An SFT student first; then a second student distils from that fine-tuned one (a teacher that knows the data) on
     the same recipe, beside it in the same project."""
-    build_store(tmp_path / "store", n_samples=24)
-    sources = [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}]
     training = {**TRAINING, "max_steps": 12}
-    config = load_config(write_config(tmp_path, sources, recipes=[RECIPE], students=[{"name": "sft", "model": "tiny:student"}],
-                                      training=training))
-    assert run_job(config, instance, FILTER_JOB, "synthetic").success
-    assert run_job(config, instance, SUBSET_JOB, "even").success
-    first = run_job(config, instance, TRAIN_JOB, "even|sft")
-    assert first.success
-    sft = materializations(first)["student_checkpoints"]
-    store = CorpusStore(config.store.root)
-    teacher = store.checkpoints.local_dir(sft["input_fingerprint"], tmp_path / "teacher")
-
+    sft, teacher = sft_first(tmp_path, instance, training)
     kd_student = {"name": "kd", "model": "tiny:student", "method": "kd",
                   "kd": {"teacher": str(teacher), "divergence": "jsd", "temperature": 2.0, "top_k": 32, "weight": 0.7}}
-    config = load_config(write_config(tmp_path, sources, recipes=[RECIPE], students=[{"name": "sft", "model": "tiny:student"}, kd_student],
-                                      training=training))
+    config = load_config(write_config(tmp_path, SOURCES, recipes=[RECIPE], students=[SFT_STUDENT, kd_student], training=training))
+    store = CorpusStore(config.store.root)
     result = run_job(config, instance, TRAIN_JOB, "even|kd")
     assert result.success
     kd = materializations(result)["student_checkpoints"]

@@ -11,14 +11,13 @@ import torch
 from PIL import Image
 
 from conftest import materializations, plot_image, run_job, write_config
-from curation_data import build_store
 from omnithought_dagster.config import StudentConfig, load_config
-from omnithought_dagster.defs import FILTER_JOB, SUBSET_JOB, TRAIN_JOB
+from omnithought_dagster.defs import TRAIN_JOB
 from omnithought_dagster.lineage import checkpoint_story
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.train.opsd import (PRIVILEGED_HEADER, PrivilegedPrompts, completion_logits, ema_update, example_divergence,
                                             teacher_messages, trim_after_end)
-from test_student import RECIPE, TRAINING
+from test_student import RECIPE, SOURCES, TRAINING, sft_first
 
 TRACE = "<think>\nThree red squares and one blue.\n</think>\n\nAnswer: 3"
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nHow many red squares?"}]},
@@ -110,22 +109,13 @@ def test_the_ema_teacher_moves_a_share_of_the_way():
 def test_opsd_trains_a_student_towards_its_privileged_self_through_the_asset(tmp_path, instance):
     """An SFT student first (a model that reads the context: the random base barely does); then opsd from that checkpoint,
     its frozen copy reading the trace: the student's own samples are pulled towards what it says with the solution in view."""
-    build_store(tmp_path / "store", n_samples=24, reasoning=lambda i: "count the red squares")
-    sources = [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}]
     training = {**TRAINING, "max_steps": 60, "learning_rate": 0.01}
-    config = load_config(write_config(tmp_path, sources, recipes=[RECIPE], students=[{"name": "sft", "model": "tiny:student"}],
-                                      training=training))
-    assert run_job(config, instance, FILTER_JOB, "synthetic").success
-    assert run_job(config, instance, SUBSET_JOB, "even").success
-    first = run_job(config, instance, TRAIN_JOB, "even|sft")
-    assert first.success
-    store = CorpusStore(config.store.root)
-    tuned = store.checkpoints.local_dir(materializations(first)["student_checkpoints"]["input_fingerprint"], tmp_path / "sft")
-
+    _, tuned = sft_first(tmp_path, instance, training, reasoning=lambda i: "count the red squares")
     student = {"name": "self", "model": str(tuned), "method": "opsd",
                "opsd": {"context": "trace", "teacher": "frozen", "max_new_tokens": 16, "clip": 5.0}}
-    config = load_config(write_config(tmp_path, sources, recipes=[RECIPE], students=[student], training={**training, "max_steps": 10,
+    config = load_config(write_config(tmp_path, SOURCES, recipes=[RECIPE], students=[student], training={**training, "max_steps": 10,
                                                                                                          "learning_rate": 0.002}))
+    store = CorpusStore(config.store.root)
     result = run_job(config, instance, TRAIN_JOB, "even|self")
     assert result.success
     meta = materializations(result)["student_checkpoints"]

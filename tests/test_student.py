@@ -18,6 +18,24 @@ RECIPE = {"name": "even", "size": 12, "difficulty_mix": {"easy": 1, "medium": 1,
 TRAINING = {"launcher": "deepspeed", "zero_stage": 2, "micro_batch_size": 4, "learning_rate": 0.005, "max_steps": 8, "max_length": 1024}
 
 
+SOURCES = [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}]
+SFT_STUDENT = {"name": "sft", "model": "tiny:student"}
+
+
+def sft_first(tmp_path, instance, training: dict, reasoning=None):
+    """A small curated project (recipe `even` over 24 synthetic samples; `reasoning` as build_store's) and the sft student
+    trained on it - the teacher or the start of the methods built on it: that run's student_checkpoints metadata and the
+    checkpoint's local folder."""
+    build_store(tmp_path / "store", n_samples=24, reasoning=reasoning)
+    config = load_config(write_config(tmp_path, SOURCES, recipes=[RECIPE], students=[SFT_STUDENT], training=training))
+    assert run_job(config, instance, FILTER_JOB, "synthetic").success
+    assert run_job(config, instance, SUBSET_JOB, "even").success
+    first = run_job(config, instance, TRAIN_JOB, "even|sft")
+    assert first.success
+    sft = materializations(first)["student_checkpoints"]
+    return sft, CorpusStore(config.store.root).checkpoints.local_dir(sft["input_fingerprint"], tmp_path / "sft")
+
+
 def _project(tmp_path, **training):
     build_store(tmp_path / "store", n_samples=24)
     path = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}], recipes=[RECIPE],

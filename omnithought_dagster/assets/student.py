@@ -41,7 +41,7 @@ STUDENT_CODE_VERSION = "student_checkpoints-v1"
 # What a method reports beyond the loss; kept in the checkpoint's manifest (the loss_decreased check reads grpo's rewards).
 METHOD_RESULTS = ("initial_kd_loss", "final_kd_loss", "final_ce_loss", "start_checkpoint", "initial_reward", "final_reward",
                   "initial_pass_rate", "final_pass_rate", "mean_completion_length", "initial_divergence", "final_divergence",
-                  "mean_sample_length")
+                  "mean_sample_length", "final_mask_budget", "final_masking_cost", "final_hidden_per_prediction")
 
 
 def student_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
@@ -213,6 +213,13 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 extra["plot/kd_loss"] = plot(lambda ax: curves(ax, {"distillation (to the teacher)": log["kd_losses"],
                                                                     "SFT (cross-entropy)": log["ce_losses"]}),
                                              f"the loss's parts per optimizer step ({student.name} on {recipe}, {log['method']})")
+            if log.get("mask_budgets"):
+                extra["plot/mask_budget"] = plot(lambda ax: curves(ax, {"budget (share of earlier reply tokens hidden)": log["mask_budgets"],
+                                                                        "masking cost (divergence masked / unmasked)": log["masking_costs"]},
+                                                                   ylabel="share; ratio"),
+                                                 f"self-paced masking budget per optimizer step ({student.name} on {recipe}; "
+                                                 f"{log['hidden_per_prediction'][-1] if log['hidden_per_prediction'] else 0:.1f} "
+                                                 "tokens hidden per prediction at the end)")
             if log.get("opsd_divergences"):
                 extra["plot/opsd"] = plot(lambda ax: curves(ax, {"JSD to the privileged teacher": log["opsd_divergences"]}),
                                           f"on-policy divergence per optimizer step ({student.name} on {recipe}; answers "
@@ -244,7 +251,11 @@ def _describe_method(student: StudentConfig, method: dict | None) -> str:
     if method["name"] == "grpo":
         return (f"grpo from {student.grpo.start_from}'s checkpoint {method['start_checkpoint'][:12]} ({method['num_generations']} answers "
                 f"a question, {method['loss_type']})")
-    return f"{method['name']} from {student.kd.teacher} ({method['divergence']}, weight {method['weight']})"
+    teacher = getattr(student, method["name"]).teacher
+    if method["name"] == "prefix_mask_kd":
+        return (f"prefix_mask_kd from {teacher} ({method['divergence']}, weight {method['weight']}; up to {method['max_budget']:.0%} of "
+                f"the earlier reply tokens hidden by the {method['saliency']}'s attention)")
+    return f"{method['name']} from {teacher} ({method['divergence']}, weight {method['weight']})"
 
 
 def _start_checkpoint(corpus: CorpusStore, start: str, student: StudentConfig, recipe: str, cache_dir: Path) -> Path:

@@ -31,7 +31,7 @@ def train_config_hash(training: TrainingConfig) -> str:
 
 def run_method(student: StudentConfig, models_dir: str | Path, *, start_checkpoint: str | None = None,
                answer_pattern: str | None = None) -> dict[str, Any] | None:
-    """What the student's method adds to its runs: None for sft; for kd its settings, the teacher's folder (or hub id) and
+    """What the student's method adds to its runs: None for sft; for kd and prefix_mask_kd its settings, the teacher's folder (or hub id) and
     the teacher's fingerprint (tiny:<name> teachers are built when missing); for grpo its settings, the checkpoint it
     starts from (`start_checkpoint`, the start_from student's on the same recipe) and the answer pattern its reward
     parses replies with."""
@@ -46,9 +46,10 @@ def run_method(student: StudentConfig, models_dir: str | Path, *, start_checkpoi
                 "answer_pattern": answer_pattern}
     from omnithought_dagster.llm.backends import resolve_model
 
-    teacher_dir, fingerprint = resolve_model(student.kd.teacher, models_dir)
-    return {"name": student.method, **student.kd.model_dump(mode="json"), "teacher_dir": str(teacher_dir),
-            "teacher_fingerprint": fingerprint or content_id("base-model", {"model": student.kd.teacher})}
+    settings = getattr(student, student.method)  # kd, prefix_mask_kd: a teacher model
+    teacher_dir, fingerprint = resolve_model(settings.teacher, models_dir)
+    return {"name": student.method, **settings.model_dump(mode="json"), "teacher_dir": str(teacher_dir),
+            "teacher_fingerprint": fingerprint or content_id("base-model", {"model": settings.teacher})}
 
 
 def method_identity(method: dict[str, Any] | None) -> dict[str, Any]:

@@ -134,7 +134,7 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     frozen = freeze(model, settings)
     if settings.get("lora"):
         model = with_lora(model, settings["lora"])
-    teacher = load_teacher(method, vl, settings["precision"], args.device) if kind == "kd" else None
+    teacher = load_teacher(method, vl, settings["precision"], args.device) if kind in ("kd", "prefix_mask_kd") else None
     resume = latest_complete(run_dir / "checkpoints")
     marker, progress = _MarkComplete(), _Progress(report)
     if kind == "grpo":
@@ -154,6 +154,21 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         trainer.opsd = (teacher_model, method, opsd.end_token_ids(vl.tokenizer, model), vl.tokenizer.pad_token_id)
         if method["teacher"] == "ema":
             trainer.add_callback(trainer.EMATeacher(trainer))
+    elif kind == "prefix_mask_kd":
+        from omnithought_dagster.train import prefix_mask
+
+        prefix_mask.use_prefix_masks(model)
+        student_layers = teacher_layers = None
+        if method["saliency"] == "teacher":
+            prefix_mask.use_prefix_masks(teacher)
+            teacher_layers = prefix_mask.chosen_layers(teacher, method["saliency_layers"])
+        else:
+            student_layers = prefix_mask.chosen_layers(model, method["saliency_layers"])
+        trainer = prefix_mask.prefix_mask_trainer_class(_counting_trainer)(
+            model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate, callbacks=[progress, marker])
+        trainer.prefix = (method, vl.image_token_id, student_layers, teacher_layers)
+        trainer.schedule = prefix_mask.BudgetSchedule(method["max_budget"], method["growth"], method["warmup_steps"], method["tolerance"])
+        trainer.add_callback(trainer.Schedule(trainer))
     else:
         trainer = _counting_trainer()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate,
                                       callbacks=[progress, marker])
@@ -175,7 +190,8 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     losses = [entry["loss"] for entry in history if "loss" in entry]
     rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
     evals = [{"step": entry["step"], "eval_loss": entry["eval_loss"]} for entry in history if "eval_loss" in entry]
-    parts = {name: [entry[name] for entry in history if name in entry] for name in ("ce_loss", "kd_loss", "opsd_divergence", "sample_length")}
+    parts = {name: [entry[name] for entry in history if name in entry]
+             for name in ("ce_loss", "kd_loss", "opsd_divergence", "sample_length", "mask_budget", "masking_cost", "hidden_per_prediction")}
     counted = trainer.totals()
     initial, final = _mean(losses[:LOSS_WINDOW]), _mean(losses[-LOSS_WINDOW:])
     run_tokens = counted["tokens"] - trainer.resumed["tokens"]
@@ -190,9 +206,12 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         "deepspeed": args.deepspeed if isinstance(args.deepspeed, dict) else None,
         "method": kind,
     }
-    if kind == "kd":  # the two parts of the loss, per step
+    if kind in ("kd", "prefix_mask_kd"):  # the two parts of the loss, per step
         log.update({"ce_losses": parts["ce_loss"], "kd_losses": parts["kd_loss"], "teacher": method["teacher"],
                     "initial_kd_loss": _mean(parts["kd_loss"][:LOSS_WINDOW]), "final_kd_loss": _mean(parts["kd_loss"][-LOSS_WINDOW:])})
+    if kind == "prefix_mask_kd":  # the masking budget in force and the reply tokens hidden per prediction, per step
+        log.update({"mask_budgets": parts["mask_budget"], "masking_costs": parts["masking_cost"],
+                    "hidden_per_prediction": parts["hidden_per_prediction"], "final_mask_budget": trainer.schedule.budget})
     if kind == "opsd":  # the divergence to the privileged teacher and the sampled answers' length, per step
         log.update({"opsd_divergences": parts["opsd_divergence"], "sample_lengths": parts["sample_length"],
                     "initial_divergence": _mean(parts["opsd_divergence"][:LOSS_WINDOW]),
@@ -212,9 +231,12 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     }
     if evals:
         metadata["eval_loss"] = evals[-1]["eval_loss"]
-    if kind == "kd":
+    if kind in ("kd", "prefix_mask_kd"):
         metadata.update({"method": kind, "teacher": method["teacher"], "initial_kd_loss": log["initial_kd_loss"],
                          "final_kd_loss": log["final_kd_loss"], "final_ce_loss": _mean(parts["ce_loss"][-LOSS_WINDOW:])})
+    if kind == "prefix_mask_kd":
+        metadata.update({"final_mask_budget": log["final_mask_budget"], "final_masking_cost": _mean(parts["masking_cost"][-LOSS_WINDOW:]),
+                         "final_hidden_per_prediction": _mean(parts["hidden_per_prediction"][-LOSS_WINDOW:])})
     if kind == "opsd":
         metadata.update({"method": kind, "initial_divergence": log["initial_divergence"], "final_divergence": log["final_divergence"],
                          "mean_sample_length": log["mean_sample_length"]})
@@ -336,10 +358,14 @@ def _counting_trainer(base=None):
             from omnithought_dagster.train.distill import reply_divergence
 
             teacher, settings = self.distill
-            sft, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            with torch.no_grad():
-                teacher_logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-            kd, _ = reply_divergence(outputs.logits, teacher_logits, inputs["labels"], settings, num_items_in_batch)
+            teacher_logits = self.teacher_logits(teacher, inputs)
+            with self.student_view(model, inputs):
+                sft, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            if teacher_logits is None:
+                with torch.no_grad():
+                    teacher_logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            kd, values = reply_divergence(outputs.logits, teacher_logits, inputs["labels"], settings, num_items_in_batch)
+            self.divergence_seen(values)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 kd = kd * self.accelerator.num_processes  # as the Trainer scales the SFT loss (a count over every rank)
             parts = self._parts = self._parts or {"ce_loss": 0.0, "kd_loss": 0.0}
@@ -347,6 +373,17 @@ def _counting_trainer(base=None):
             parts["kd_loss"] += kd.detach()
             loss = (1 - settings["weight"]) * sft + settings["weight"] * kd
             return (loss, outputs) if return_outputs else loss
+
+        def teacher_logits(self, teacher, inputs):
+            """The teacher's logits when a subclass takes them before the student's pass (None: after it, here)."""
+            return None
+
+        def student_view(self, model, inputs):
+            """What the student's training pass runs within (a subclass hides context from it)."""
+            return nullcontext()
+
+        def divergence_seen(self, values) -> None:
+            """The per-token divergences of a micro-batch, for a subclass that paces itself by them."""
 
         def log(self, logs, *args, **kwargs):
             """The loss's parts beside the loss (their mean over the ranks, per optimizer step since the last log)."""
