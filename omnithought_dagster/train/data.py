@@ -99,26 +99,64 @@ def build_index(data_dir: Path, out_dir: Path, vl, max_length: int, overlong: st
     return index
 
 
-class LazyExamples:
-    """A map-style dataset (torch's protocol) of encoded examples, each read and encoded when asked for."""
+class IndexRecords:
+    """A map-style dataset (torch's protocol) of an example index's records - the export's conversations, images as
+    paths - each read from disk when asked for."""
 
-    def __init__(self, index: ExampleIndex, vl, max_length: int, positions: list[int] | None = None, threads: int = 1):
-        self.index, self.vl, self.max_length = index, vl, max_length
+    def __init__(self, index: ExampleIndex, positions: list[int] | None = None):
+        self.index = index
         self.positions = positions  # a slice of the index (the training or the held-out part), None = all
-        self.threads = threads
         self._handle = None
-        self._pool = None
 
     def __len__(self) -> int:
         return len(self.positions) if self.positions is not None else len(self.index.offsets)
 
+    def __getitem__(self, item: int) -> dict:
+        return self.record(item)
+
+    def record(self, item: int) -> dict:
+        position = self.positions[item] if self.positions is not None else item
+        if self._handle is None:  # opened in the process that reads (a DataLoader worker has its own)
+            self._handle = (self.index.path / EXAMPLES_FILE).open("rb")
+        self._handle.seek(self.index.offsets[position])
+        return json.loads(self._handle.readline())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None}
+
+
+def open_images(paths: list[str]) -> list:
+    """A record's images, decoded as RGB."""
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
+class LazyExamples(IndexRecords):
+    """The index's records encoded for training (tokens, labels, pixels), each when asked for."""
+
+    def __init__(self, index: ExampleIndex, vl, max_length: int, positions: list[int] | None = None, threads: int = 1):
+        super().__init__(index, positions)
+        self.vl, self.max_length = vl, max_length
+        self.threads = threads
+        self._pool = None
+
     def __getitem__(self, item: int) -> dict[str, Any]:
-        return self._encode(self._record(item))
+        return self._encode(self.record(item))
 
     def __getitems__(self, items: list[int]) -> list[dict[str, Any]]:
         """A batch (what torch's DataLoader asks for when this exists): its examples decoded and encoded in parallel threads
         (PIL and the image processor release the GIL), the records read in order first."""
-        records = [self._record(item) for item in items]
+        records = [self.record(item) for item in items]
         if len(records) < 2 or self.threads < 2:
             return [self._encode(record) for record in records]
         if self._pool is None:
@@ -127,24 +165,11 @@ class LazyExamples:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="examples")
         return list(self._pool.map(self._encode, records))
 
-    def _record(self, item: int) -> dict:
-        position = self.positions[item] if self.positions is not None else item
-        if self._handle is None:  # opened in the process that reads (a DataLoader worker has its own)
-            self._handle = (self.index.path / EXAMPLES_FILE).open("rb")
-        self._handle.seek(self.index.offsets[position])
-        return json.loads(self._handle.readline())
-
     def _encode(self, record: dict) -> dict[str, Any]:
-        from PIL import Image
-
-        images = []
-        for path in record["images"]:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        return self.vl.encode_example(record["messages"], images, self.max_length)
+        return self.vl.encode_example(record["messages"], open_images(record["images"]), self.max_length)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handle": None, "_pool": None}
+        return {**super().__getstate__(), "_pool": None}
 
 
 def split(index: ExampleIndex, eval_share: float, seed: int) -> tuple[list[int] | None, list[int] | None]:

@@ -85,24 +85,23 @@ def prompt_dataset(index, positions: list[int] | None, cache_dir: Path):
     (dataset, set-aside counts)."""
     import datasets
 
-    from omnithought_dagster.train.data import EXAMPLES_FILE
+    from omnithought_dagster.train.data import IndexRecords
 
     skipped: dict[str, int] = {}
-    chosen = positions if positions is not None else range(len(index.offsets))
+    records = IndexRecords(index, positions)
 
     def rows():
-        with (index.path / EXAMPLES_FILE).open("rb") as handle:
-            for position in chosen:
-                handle.seek(index.offsets[position])
-                record = json.loads(handle.readline())
-                reference = record.get("reference") or {}
-                if not isinstance(reference.get("answer"), str) or not isinstance(reference.get("answer_type"), str):
-                    skipped["no_reference_answer"] = skipped.get("no_reference_answer", 0) + 1
-                    continue
-                user = record["messages"][0]
-                yield {"prompt_json": json.dumps([{"role": "user", "content": user["content"]}]), "images": record["images"],
-                       "reference": reference["answer"], "answer_type": reference["answer_type"],
-                       "choices": [str(c) for c in reference.get("choices") or []]}
+        for item in range(len(records)):
+            record = records.record(item)
+            reference = record.get("reference") or {}
+            if not isinstance(reference.get("answer"), str) or not isinstance(reference.get("answer_type"), str):
+                skipped["no_reference_answer"] = skipped.get("no_reference_answer", 0) + 1
+                continue
+            user = record["messages"][0]
+            yield {"prompt_json": json.dumps([{"role": "user", "content": user["content"]}]), "images": record["images"],
+                   "reference": reference["answer"], "answer_type": reference["answer_type"],
+                   "choices": [str(c) for c in reference.get("choices") or []]}
+        records.close()
 
     features = datasets.Features({"prompt_json": datasets.Value("string"), "images": datasets.Sequence(datasets.Image()),
                                   "reference": datasets.Value("string"), "answer_type": datasets.Value("string"),

@@ -22,6 +22,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from omnithought_dagster.train.data import IndexRecords, open_images
+
 PRIVILEGED_HEADER = {
     "trace": "\n\n(Privileged context, for the teacher only) A worked solution to this question:\n",
     "answer": "\n\n(Privileged context, for the teacher only) The correct answer is: ",
@@ -47,33 +49,20 @@ def teacher_messages(messages: list[dict], context: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-class PrivilegedPrompts:
+class PrivilegedPrompts(IndexRecords):
     """A map-style dataset of the index's examples as (student prompt, teacher prompt) pairs, encoded when asked for: the
     student's is the question alone, the teacher's the question plus the privileged context; the same images."""
 
     def __init__(self, index, vl, context: str, positions: list[int] | None = None):
-        from omnithought_dagster.train.data import LazyExamples
-
-        self.examples = LazyExamples(index, vl, None, positions)
+        super().__init__(index, positions)
         self.vl, self.context = vl, context
 
-    def __len__(self) -> int:
-        return len(self.examples)
-
     def __getitem__(self, item: int) -> dict[str, Any]:
-        from PIL import Image
-
-        record = self.examples._record(item)
-        images = []
-        for path in record["images"]:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+        record = self.record(item)
+        images = open_images(record["images"])
         student = self.vl.encode_prompt(record["messages"][:1], images)
         teacher = self.vl.encode_prompt(teacher_messages(record["messages"], self.context), images)
         return {"student": dict(student), "teacher": dict(teacher)}
-
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__)
 
 
 def collate(examples: list[dict]) -> dict[str, list]:
