@@ -172,7 +172,7 @@ def _in_process_trainer(tmp_path, model_dir, settings: dict, steps: int, save_st
 
     from omnithought_dagster.models.vl_chat import VLTokenizer
     from omnithought_dagster.train.data import LazyExamples, build_index
-    from omnithought_dagster.train.prefix_mask import prefix_mask_trainer_class
+    from omnithought_dagster.train.prefix_mask import build_trainer
     from omnithought_dagster.train.sft import _counting_trainer
 
     data = tmp_path / "data"
@@ -188,18 +188,10 @@ def _in_process_trainer(tmp_path, model_dir, settings: dict, steps: int, save_st
     method = StudentConfig(name="s", method="prefix_mask_kd", prefix_mask_kd={"teacher": str(model_dir), **settings}).prefix_mask_kd.model_dump()
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     teacher = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
-    use_prefix_masks(model)
-    if method["saliency"] == "teacher":
-        use_prefix_masks(teacher)
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps, save_steps=save_steps or steps, per_device_train_batch_size=2,
                              learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, remove_unused_columns=False)
-    run = prefix_mask_trainer_class(_counting_trainer)(model=model, args=args, train_dataset=examples, data_collator=vl.collate)
-    ranks = chosen_layers(teacher if method["saliency"] == "teacher" else model, method["saliency_layers"])
-    run.distill = (teacher, method)
-    run.prefix = (method, vl.image_token_id, None, ranks) if method["saliency"] == "teacher" else (method, vl.image_token_id, ranks, None)
-    run.schedule = BudgetSchedule(method["max_budget"], method["growth"], method["warmup_steps"], method["tolerance"])
-    run.add_callback(run.Schedule(run))
-    return run
+    return build_trainer(_counting_trainer, model, teacher, method, vl.image_token_id, args=args, train_dataset=examples,
+                         data_collator=vl.collate)
 
 
 def test_the_budget_resumes_from_a_training_checkpoint(tmp_path, tiny_teacher):

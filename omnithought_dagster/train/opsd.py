@@ -137,6 +137,19 @@ def ema_update(teacher, student, decay: float) -> None:
             t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1 - decay)
 
 
+def build_trainer(counting_base, model, method: dict[str, Any], vl, **trainer_kwargs):
+    """The run's opsd trainer: the teacher beside the student (none for `live`, on the student's device), the sampling's
+    end and pad tokens, and for an ema teacher the callback that moves it after each optimizer step."""
+    teacher = make_teacher(model, method["teacher"])
+    trainer = opsd_trainer_class(counting_base)(model=model, data_collator=collate, **trainer_kwargs)
+    if teacher is not None:
+        teacher.to(trainer.args.device)
+    trainer.opsd = (teacher, method, end_token_ids(vl.tokenizer, model), vl.tokenizer.pad_token_id)
+    if method["teacher"] == "ema":
+        trainer.add_callback(trainer.EMATeacher(trainer))
+    return trainer
+
+
 def opsd_trainer_class(counting_base):
     """The run's counting Trainer with the OPSD loss: per example, the student samples, then both read the sample."""
     from transformers import TrainerCallback

@@ -35,7 +35,6 @@ from typing import Any
 ATTENTION = "omnithought_prefix_mask"
 _HIDDEN: ContextVar = ContextVar("prefix_mask_hidden", default=None)
 _CAPTURE: ContextVar = ContextVar("prefix_mask_capture", default=None)
-_registered = False
 
 
 def salient_prefix_mask(saliency, labels, image_tokens, budget: float, keep_recent: int = 1):
@@ -88,31 +87,16 @@ class BudgetSchedule:
         self.budget, self.steps, self.cost = state["budget"], state["steps"], state["cost"]
 
 
-def register() -> None:
-    """Make ATTENTION a transformers attention implementation (and its mask function); idempotent."""
-    global _registered
-    if _registered:
-        return
+def use_prefix_masks(model) -> None:
+    """Run `model`'s text decoder under ATTENTION, registered here with transformers (its vision tower keeps its own)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(ATTENTION, _attention)
+    AttentionInterface.register(ATTENTION, _attention)  # a mapping entry: registering again changes nothing
     AttentionMaskInterface.register(ATTENTION, _mask)
-    _registered = True
-
-
-def use_prefix_masks(model) -> None:
-    """Run `model`'s text decoder under ATTENTION (its vision tower keeps its implementation)."""
-    register()
     base = _base_model(model)
     sub = "text_config" if "text_config" in getattr(type(base.config), "sub_configs", {}) else ""
     base.set_attn_implementation({sub: ATTENTION} if sub else ATTENTION)
-
-
-def restore_attention(model, implementation: str = "sdpa") -> None:
-    base = _base_model(model)
-    sub = "text_config" if "text_config" in getattr(type(base.config), "sub_configs", {}) else ""
-    base.set_attn_implementation({sub: implementation} if sub else implementation)
 
 
 def text_attention_layers(model) -> list:
@@ -206,10 +190,27 @@ def _base_model(model):
     return get_base() if callable(get_base) else model
 
 
+def build_trainer(counting_trainer, model, teacher, method: dict[str, Any], image_token_id: int, **trainer_kwargs):
+    """The run's prefix_mask_kd trainer: the student's (and with `saliency: teacher` the teacher's) text decoder under
+    ATTENTION, the layers whose attention ranks the tokens, the budget's schedule as a callback, kd's (teacher, settings)."""
+    use_prefix_masks(model)
+    ranker = model
+    if method["saliency"] == "teacher":
+        use_prefix_masks(teacher)
+        ranker = teacher
+    layers = chosen_layers(ranker, method["saliency_layers"])
+    trainer = prefix_mask_trainer_class(counting_trainer)(model=model, **trainer_kwargs)
+    trainer.distill = (teacher, method)
+    trainer.prefix = (method, image_token_id, None, layers) if ranker is teacher else (method, image_token_id, layers, None)
+    trainer.schedule = BudgetSchedule(method["max_budget"], method["growth"], method["warmup_steps"], method["tolerance"])
+    trainer.add_callback(trainer.Schedule(trainer))
+    return trainer
+
+
 def prefix_mask_trainer_class(counting_trainer):
-    """The KD trainer (`counting_trainer()`, sft.py's) whose student trains under salient-prefix masks. Set `.prefix` to
-    (settings, image token id, the student's saliency layers or None, the teacher's or None) and add `.Schedule(trainer)`
-    as a callback: it paces the budget once per optimizer step and keeps its state in the training checkpoints."""
+    """The KD trainer (`counting_trainer()`, sft.py's) whose student trains under salient-prefix masks (set up by
+    build_trainer): `.prefix` is (settings, image token id, the student's saliency layers or None, the teacher's or None);
+    its `.Schedule(trainer)` callback paces the budget once per optimizer step and keeps its state in the checkpoints."""
     import torch
     from transformers import TrainerCallback
     from transformers.trainer_callback import ExportableState
@@ -229,13 +230,16 @@ def prefix_mask_trainer_class(counting_trainer):
             self._in_force = 0.0  # the budget of the step being trained
 
         def teacher_logits(self, teacher, inputs):
-            """The teacher's pass comes first: the unmasked pass measures against it, and with saliency from the teacher it
+            """kd's teacher pass, first: the unmasked pass measures against it, and with saliency from the teacher it
             records the teacher's attention."""
             _, _, _, teacher_layers = self.prefix
-            recording = teacher_layers is not None and self.schedule.budget > 0
-            with torch.no_grad(), capturing(teacher_layers if recording else []) as record:
-                logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-            self._teacher = (logits, record["saliency"] if recording else None)
+            if teacher_layers is None or self.schedule.budget <= 0:
+                logits, saliency = super().teacher_logits(teacher, inputs), None
+            else:
+                with capturing(teacher_layers) as record:
+                    logits = super().teacher_logits(teacher, inputs)
+                saliency = record["saliency"]
+            self._teacher = (logits, saliency)
             return logits
 
         def student_view(self, model, inputs):

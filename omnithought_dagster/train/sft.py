@@ -146,29 +146,12 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     elif kind == "opsd":
         from omnithought_dagster.train import opsd
 
-        teacher_model = opsd.make_teacher(model, method["teacher"])
-        if teacher_model is not None:
-            teacher_model.to(args.device)
-        trainer = opsd.opsd_trainer_class(_counting_trainer)(model=model, args=args, train_dataset=train_set, data_collator=opsd.collate,
-                                                            callbacks=[progress, marker])
-        trainer.opsd = (teacher_model, method, opsd.end_token_ids(vl.tokenizer, model), vl.tokenizer.pad_token_id)
-        if method["teacher"] == "ema":
-            trainer.add_callback(trainer.EMATeacher(trainer))
+        trainer = opsd.build_trainer(_counting_trainer, model, method, vl, args=args, train_dataset=train_set, callbacks=[progress, marker])
     elif kind == "prefix_mask_kd":
         from omnithought_dagster.train import prefix_mask
 
-        prefix_mask.use_prefix_masks(model)
-        student_layers = teacher_layers = None
-        if method["saliency"] == "teacher":
-            prefix_mask.use_prefix_masks(teacher)
-            teacher_layers = prefix_mask.chosen_layers(teacher, method["saliency_layers"])
-        else:
-            student_layers = prefix_mask.chosen_layers(model, method["saliency_layers"])
-        trainer = prefix_mask.prefix_mask_trainer_class(_counting_trainer)(
-            model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate, callbacks=[progress, marker])
-        trainer.prefix = (method, vl.image_token_id, student_layers, teacher_layers)
-        trainer.schedule = prefix_mask.BudgetSchedule(method["max_budget"], method["growth"], method["warmup_steps"], method["tolerance"])
-        trainer.add_callback(trainer.Schedule(trainer))
+        trainer = prefix_mask.build_trainer(_counting_trainer, model, teacher, method, vl.image_token_id, args=args, train_dataset=train_set,
+                                            eval_dataset=eval_set, data_collator=vl.collate, callbacks=[progress, marker])
     else:
         trainer = _counting_trainer()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate,
                                       callbacks=[progress, marker])
@@ -353,7 +336,6 @@ def _counting_trainer(base=None):
             (train/distill.py). Evaluation keeps the SFT loss alone, comparable between methods."""
             if self.distill is None or not model.training:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            import torch
 
             from omnithought_dagster.train.distill import reply_divergence
 
@@ -361,9 +343,6 @@ def _counting_trainer(base=None):
             teacher_logits = self.teacher_logits(teacher, inputs)
             with self.student_view(model, inputs):
                 sft, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            if teacher_logits is None:
-                with torch.no_grad():
-                    teacher_logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
             kd, values = reply_divergence(outputs.logits, teacher_logits, inputs["labels"], settings, num_items_in_batch)
             self.divergence_seen(values)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
@@ -375,8 +354,11 @@ def _counting_trainer(base=None):
             return (loss, outputs) if return_outputs else loss
 
         def teacher_logits(self, teacher, inputs):
-            """The teacher's logits when a subclass takes them before the student's pass (None: after it, here)."""
-            return None
+            """The frozen teacher's logits on the micro-batch (before the student's pass: a subclass may use them in it)."""
+            import torch
+
+            with torch.no_grad():
+                return teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
 
         def student_view(self, model, inputs):
             """What the student's training pass runs within (a subclass hides context from it)."""
