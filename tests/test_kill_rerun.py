@@ -1,5 +1,5 @@
 """Every stage that runs a model or a subprocess, SIGKILLed mid-work and run again: judging (annotations),
-training (student_checkpoints) and evaluation (benchmark_scores). (Generation: test_teacher_asset.py; the vLLM
+training (student_checkpoints, sft and a distillation method) and evaluation (benchmark_scores). (Generation: test_teacher_asset.py; the vLLM
 server a step starts: test_llm_backends.py.)
 
 The run is killed as the OOM killer or a preempted machine would: SIGKILL of the process that runs the step, no
@@ -15,14 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_none_left, materializations, requests_served, run_job, served_config, start_run, wait_for_process
+from conftest import assert_none_left, materializations, requests_served, run_job, served_config, start_run, wait_for_process, write_config
+from curation_data import build_store
 from omnithought_dagster.annotate.annotations import ANNOTATION_CACHE
 from omnithought_dagster.assets.student import expected_checkpoint_id
+from omnithought_dagster.config import load_config
 from omnithought_dagster.defs import ANNOTATE_JOB, BASELINE_JOB, FILTER_JOB, SCORE_JOB, SEED_JOB, SUBSET_JOB, TEACHER_JOB, TRAIN_JOB
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.train.checkpoints import RunCheckpoints
 from omnithought_dagster.train.launch import TRAIN_MODULE
 from test_scores import _project as scores_project
+from test_student import RECIPE, SOURCES, TRAINING
 from test_student import _project as student_project
 
 pytestmark = pytest.mark.slow
@@ -74,14 +77,15 @@ def test_judging_killed_mid_shard_resumes_from_its_cache(vllm_server, instance, 
     assert set(rows.column("trace_id").to_pylist()) == set(store.read_partition("cot_traces", partition).column("trace_id").to_pylist())
 
 
-def test_training_killed_mid_run_leaves_no_trainer_and_resumes_on_another_machine_from_the_stored_checkpoint(tmp_path, instance):
-    config = student_project(tmp_path, max_steps=120, save_steps=10)
+def _train_until_a_checkpoint_is_stored_then_kill(config, instance, student: str):
+    """Curate recipe `even`, start training `student` on it, SIGKILL the step once a training checkpoint is in the store;
+    nothing it started may be left. Returns (store, the checkpoint id, its stored training checkpoints)."""
     assert run_job(config, instance, FILTER_JOB, "synthetic").success
     assert run_job(config, instance, SUBSET_JOB, "even").success
     store = CorpusStore(config.store.root)
-    ckpt = expected_checkpoint_id(config, store, "tiny", "even")
+    ckpt = expected_checkpoint_id(config, store, student, "even")
     stored = RunCheckpoints(store, ckpt)
-    run = start_run(config, instance, TRAIN_JOB, "even|tiny")
+    run = start_run(config, instance, TRAIN_JOB, f"even|{student}")
     wait_for_process(TRAIN_MODULE, str(config.training.work_dir), run=run)  # the trainer started
     deadline = time.monotonic() + 300
     while not stored.steps():  # ... saved a complete training checkpoint, and the step copied it to the store
@@ -90,6 +94,12 @@ def test_training_killed_mid_run_leaves_no_trainer_and_resumes_on_another_machin
         time.sleep(0.05)
     _kill(run)
     assert_none_left(str(config.training.work_dir))  # launcher and ranks went with the step
+    return store, ckpt, stored
+
+
+def test_training_killed_mid_run_leaves_no_trainer_and_resumes_on_another_machine_from_the_stored_checkpoint(tmp_path, instance):
+    config = student_project(tmp_path, max_steps=120, save_steps=10)
+    store, ckpt, stored = _train_until_a_checkpoint_is_stored_then_kill(config, instance, "tiny")
     assert not store.has_partition("student_checkpoints", {"student": "tiny", "recipe": "even"})
     assert store.checkpoints.manifest(ckpt) is None and not store.checkpoints.exists(ckpt)
     last = stored.steps()[-1]
@@ -105,6 +115,29 @@ def test_training_killed_mid_run_leaves_no_trainer_and_resumes_on_another_machin
     rows = store.read_partition("student_checkpoints", {"student": "tiny", "recipe": "even"}).to_pylist()
     assert [row["checkpoint_id"] for row in rows] == [ckpt] and store.checkpoints.manifest(ckpt)["row"]["checkpoint_id"] == ckpt
     assert not (Path(config.training.work_dir) / ckpt).exists() and stored.steps() == []  # nothing stays after success
+
+
+def test_a_distillation_run_killed_mid_run_leaves_no_trainer_and_resumes_its_masking_budget(tmp_path, instance):
+    """prefix_mask_kd (a teacher model beside the student, a budget paced step by step): SIGKILLed once a training
+    checkpoint is stored, nothing it started is left; the rerun on a clean disk goes on with the budget where it was (a
+    fresh schedule would warm up again from 0)."""
+    build_store(tmp_path / "store", n_samples=24)
+    student = {"name": "masked", "model": "tiny:student", "method": "prefix_mask_kd",
+               "prefix_mask_kd": {"teacher": "tiny:teacher", "warmup_steps": 2, "growth": 0.05, "tolerance": 2.0}}
+    config = load_config(write_config(tmp_path, SOURCES, recipes=[RECIPE], students=[student],
+                                      training={**TRAINING, "max_steps": 80, "save_steps": 10}))
+    store, ckpt, stored = _train_until_a_checkpoint_is_stored_then_kill(config, instance, "masked")
+    assert store.checkpoints.manifest(ckpt) is None
+    last = stored.steps()[-1]
+    shutil.rmtree(config.training.work_dir)
+
+    result = run_job(config, instance, TRAIN_JOB, "even|masked")
+    assert result.success
+    meta = materializations(result)["student_checkpoints"]
+    assert meta["resumed_from_step"] >= last and meta["steps"] == 80
+    budgets = json.loads((store.checkpoints.local_dir(ckpt, tmp_path / "fetched") / "train_log.json").read_text())["mask_budgets"]
+    assert len(budgets) == 80 and budgets[last - 1] > 0  # the killed run had started masking
+    assert all(a <= b for a, b in zip(budgets, budgets[1:]))  # and the rerun did not start again from 0
 
 
 def test_evaluation_killed_mid_run_leaves_no_evaluator_and_no_scores_then_scores_again(tmp_path, instance):
