@@ -119,16 +119,19 @@ def _local(tmp_path) -> LocalTask:
 
     folder = tmp_path / "task"
     folder.mkdir()
-    pq.write_table(pa.table({"doc_id": ["s0", "s1", "s2"], "tag": ["counting", "counting", "table"]}), folder / "data.parquet")
+    pq.write_table(pa.table({"doc_id": ["s0", "s1", "s2"], "tag": ["counting", "counting", "table"], "answer": ["4", "4", "7"]}),
+                   folder / "data.parquet")
     return LocalTask("held", "omnithought_held", folder, 3, "v")
 
 
-def _write_run(out: Path, results: dict, samples: list[dict] | None) -> None:
+def _write_run(out: Path, results: dict, samples: list[dict | str] | None) -> None:
+    """lmms-eval's output as it writes it: JSON with ensure_ascii off (U+2028 and friends unescaped); a str is a raw line."""
     run = out / "model"
     run.mkdir(parents=True)
     (run / "20260101_results.json").write_text(json.dumps({"results": results, "n-samples": {"omnithought_held": {"original": 3, "effective": 3}}}))
     if samples is not None:
-        (run / "20260101_samples_omnithought_held.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        lines = (s if isinstance(s, str) else json.dumps(s, ensure_ascii=False) for s in samples)
+        (run / "20260101_samples_omnithought_held.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def test_parse_results_scores_and_tag_slices(tmp_path):
@@ -141,6 +144,28 @@ def test_parse_results_scores_and_tag_slices(tmp_path):
     assert isinstance(entry, TaskScores) and entry.score == pytest.approx(2 / 3) and entry.n == 3 and entry.n_total == 3
     assert entry.by_tag == {"counting": (0.5, 2), "table": (1.0, 1)}
     assert [s["extracted_answer"] for s in entry.samples] == ["4", "5", "7"] and entry.samples[2]["item_id"] == "s2"
+
+
+def test_a_generation_holding_line_separators_is_one_record(tmp_path):
+    """The bug that failed a fresh `make demo`: str.splitlines() cut a record whose reply held U+2028 in two."""
+    local = _local(tmp_path)
+    replies = ["Answer: 4\u2028and more", "x\u2029y\x85z\x0b\x0c\x1c\x1d\x1e Answer: 4", "\u2028\u2028\\boxed{7}"]
+    samples = [{"doc_id": i, "target": "4", "resps": [[reply]], "accuracy": 1.0} for i, reply in enumerate(replies)]
+    _write_run(tmp_path / "out", {"omnithought_held": {"accuracy,none": 1.0}}, samples)
+    entry = parse_results(tmp_path / "out", ["omnithought_held"], {"omnithought_held": local})["omnithought_held"]
+    assert [s["response"] for s in entry.samples] == replies and entry.score == 1.0 and not any(s["problem"] for s in entry.samples)
+
+
+def test_an_unreadable_or_missing_record_is_scored_wrong_with_its_reason(tmp_path):
+    local = _local(tmp_path)
+    samples = ['{"doc_id": 0, "resps": [["Answer: 4"]], "accur', {"doc_id": 2, "target": "7", "resps": [["Answer: 7"]], "accuracy": 1.0},
+               {"doc_id": "two", "accuracy": 1.0}, {"doc_id": 1, "accuracy": "NaN"}]
+    _write_run(tmp_path / "out", {"omnithought_held": {"accuracy,none": 1.0}}, samples)
+    entry = parse_results(tmp_path / "out", ["omnithought_held"], {"omnithought_held": local})["omnithought_held"]
+    assert [s["doc_index"] for s in entry.samples] == [0, 1, 2] and [s["correct"] for s in entry.samples] == [False, False, True]
+    assert entry.samples[0]["problem"].startswith("no readable per-sample record") and "invalid JSON" in entry.samples[0]["problem"]
+    assert entry.samples[2]["problem"] is None and entry.score == pytest.approx(1 / 3) and entry.lmms_eval_score == 1.0
+    assert entry.by_tag == {"counting": (0.0, 2), "table": (1.0, 1)}
 
 
 @pytest.mark.parametrize(("results", "samples", "message"), [

@@ -114,6 +114,10 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         written = corpus.write_partition("benchmark_scores", partition, table)
         corpus.write_partition("benchmark_samples", partition, pa.Table.from_pylist(samples, schema=table_spec("benchmark_samples").schema))
         overall = [r for r in rows if r["slice"] == OVERALL]
+        unscored = [s for s in samples if s["problem"]]
+        if unscored:
+            context.log.warning(f"{len(unscored)} items had no readable verdict from lmms-eval and are scored wrong, e.g. "
+                                f"item {unscored[0]['doc_index']}: {unscored[0]['problem']}")
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": len(rows),
@@ -124,6 +128,8 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "scores": dg.MetadataValue.md(score_table(rows)),
                 "plot/scores": _score_plot(rows, f"{student}/{recipe}"),
                 "samples_kept": len(samples),
+                "items_without_verdict": len(unscored),
+                **{f"lmms_eval_score/{e.benchmark}": e.lmms_eval_score for e in scores.values() if e.samples and e.lmms_eval_score is not None},
                 "eval_seconds": round(seconds, 1),
                 "input_fingerprint": _input_fingerprint(checkpoint["checkpoint_id"], config_hash, baseline is not None),
                 "preview": preview(table, ["benchmark", "slice", "score", "n", "delta"]),

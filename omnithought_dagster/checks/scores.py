@@ -18,7 +18,8 @@ def build_score_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
 
     @dg.asset_check(asset=BENCHMARK_SCORES_KEY, name=SCORES_VALID, partitions_def=partitions, blocking=True)
     def scores_valid(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
-        """Every configured benchmark has an overall score; scores lie in [0, 1]; n equals the benchmark's size (or the limit)."""
+        """Every configured benchmark has an overall score; scores lie in [0, 1]; n equals the benchmark's size (or the limit);
+        our benchmarks' scores are the share of their stored item rows marked correct."""
         rows = _rows(store, context, partitions)
         if not rows:
             return dg.AssetCheckResult(passed=False, description=f"benchmark_scores[{context.partition_key}] is missing or empty")
@@ -35,6 +36,8 @@ def build_score_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
             tagged = sum(r["n"] for r in rows if r["task"] == task and r["slice"].startswith("tag:"))
             if tagged and tagged != row["n"]:
                 problems.append(f"{row['benchmark']}: tag slices cover {tagged} items, overall {row['n']}")
+        ours = {task: overall[task] for task in map(task_name, evaluation.benchmarks) if task in overall}
+        problems += _scores_from_items(store, context, partitions, ours)
         return dg.AssetCheckResult(passed=not problems, metadata={"rows": len(rows), "problems": len(problems)},
                                    description="; ".join(problems[:5]) or None)
 
@@ -57,6 +60,22 @@ def build_score_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
         return dg.AssetCheckResult(passed=True, metadata=metadata)
 
     return [scores_valid, no_regression_vs_baseline]
+
+
+def _scores_from_items(store: CorpusStoreResource, context, partitions: dg.MultiPartitionsDefinition, overall: dict) -> list[str]:
+    """Our benchmarks' scores (`overall`: task -> its overall row) against their stored item rows (benchmark_samples):
+    the share marked correct, over as many items - what a reader with DuckDB recomputes."""
+    table = store.open().read_partition("benchmark_samples", partition_dims(context, partitions), columns=["benchmark", "correct"])
+    items: dict[str, list[bool]] = {}
+    for row in table.to_pylist() if table is not None else []:
+        items.setdefault(row["benchmark"], []).append(bool(row["correct"]))
+    problems = []
+    for row in overall.values():
+        marks = items.get(row["benchmark"], [])
+        if len(marks) != row["n"] or abs(sum(marks) / max(len(marks), 1) - row["score"]) > 1e-9:
+            problems.append(f"{row['benchmark']}: score {row['score']:.4f} over {row['n']} items, but its stored item rows give "
+                            f"{sum(marks)}/{len(marks)}")
+    return problems
 
 
 def _rows(store: CorpusStoreResource, context, partitions: dg.MultiPartitionsDefinition) -> list[dict]:

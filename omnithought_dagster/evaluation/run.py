@@ -25,6 +25,7 @@ from omnithought_dagster.evaluation.task_utils import extract_answer
 from omnithought_dagster.evaluation.tasks import LocalTask
 from omnithought_dagster.logtail import log_tail
 from omnithought_dagster.processes import child_environment, guarded
+from omnithought_dagster.sources import jsonstream
 
 OVERALL = "all"
 PROGRESS_PREFIX = "omnithought-progress: "  # our model class's progress lines in lmms-eval's output
@@ -45,6 +46,7 @@ class TaskScores:
     n_total: int | None
     by_tag: dict[str, tuple[float, int]] = field(default_factory=dict)  # tag -> (score, n)
     samples: list[dict] = field(default_factory=list)
+    lmms_eval_score: float | None = None  # lmms-eval's own aggregate (our tasks' score is the mean of their item rows)
 
 
 def lmms_command(python: str, model: str, model_args: dict[str, str], tasks: list[str], include_paths: list[Path], output_dir: Path, *,
@@ -133,9 +135,12 @@ def parse_results(output_dir: Path, tasks: list[str], local: dict[str, LocalTask
             raise EvalError(f"{results_path.name}: {task} has no numeric {metric}")
         counts = n_samples.get(task) or {}
         entry = TaskScores(task, local[task].benchmark if task in local else task, metric, float(value), int(counts.get("effective", 0)),
-                           counts.get("original"))
+                           counts.get("original"), lmms_eval_score=float(value))
         if task in local:
-            entry.samples, entry.by_tag = _samples(results_path.parent, task, local[task])
+            # Our own tasks are scored from their per-item rows (what benchmark_samples stores); lmms-eval's aggregate is kept
+            # beside it and differs only where a record was unreadable (scored wrong, with the reason).
+            entry.samples = _samples(results_path.parent, task, local[task], entry.n)
+            entry.score, entry.n, entry.by_tag = item_scores(entry.samples)
         scores[task] = entry
     return scores
 
@@ -150,23 +155,66 @@ def _main_metric(task: str, values: dict, local: LocalTask | None) -> tuple[str,
     return "?", None
 
 
-def _samples(folder: Path, task: str, local: LocalTask) -> tuple[list[dict], dict[str, tuple[float, int]]]:
+def _samples(folder: Path, task: str, local: LocalTask, n_items: int) -> list[dict]:
+    """One row per item lmms-eval was asked to score (the task's first `n_items` rows), read from its per-sample log
+    (sources/jsonstream.jsonl_file: lines end at "\\n" only - a generation holding U+2028 is one record, not two).
+
+    An item whose record is unreadable (a line that is not JSON, a record without a usable doc_id or verdict) or
+    missing is scored wrong, with `problem` saying why: one bad record never fails the partition, and the task's score
+    is the mean of these rows, so it is what a reader of benchmark_samples recomputes."""
     import pyarrow.parquet as pq
 
     files = sorted(folder.glob(f"*_samples_{task}.jsonl"))
     if not files:
         raise EvalError(f"lmms-eval wrote no per-sample file for {task} in {folder}")
-    items = pq.read_table(local.folder / "data.parquet", columns=["doc_id", "tag"]).to_pylist()
-    samples, totals = [], defaultdict(lambda: [0.0, 0])
-    for line in files[-1].read_text().splitlines():
-        record = json.loads(line)
-        item = items[int(record["doc_id"])]
-        response = record["resps"][0] if isinstance(record.get("resps"), list) else record.get("resps")
-        while isinstance(response, list):
-            response = response[0] if response else ""
-        value = float(record["accuracy"])
-        samples.append({"doc_index": int(record["doc_id"]), "item_id": item["doc_id"], "tag": item["tag"], "target": str(record.get("target")),
-                        "response": response or "", "extracted_answer": extract_answer(response or ""), "correct": value >= 1.0})
-        totals[item["tag"]][0] += value
-        totals[item["tag"]][1] += 1
-    return samples, {tag: (total / n, n) for tag, (total, n) in sorted(totals.items())}
+    items = pq.read_table(local.folder / "data.parquet", columns=["doc_id", "tag", "answer"]).to_pylist()
+    n_items = min(n_items, len(items)) if n_items else len(items)
+    found: dict[int, dict] = {}
+    problems: list[str] = []
+    for number, record, problem in jsonstream.jsonl_file(files[-1]):
+        sample, problem = (None, problem) if problem else _sample(record, n_items)
+        if sample is None:
+            problems.append(problem or f"line {number}: unreadable")
+        elif sample["doc_index"] in found:
+            problems.append(f"line {number}: a second record for item {sample['doc_index']} (the first is kept)")
+        else:
+            found[sample["doc_index"]] = sample
+    if problems:
+        found_note = f"; {len(problems)} unreadable per-sample records ({problems[0]})"
+    else:
+        found_note = ""
+    samples = []
+    for index in range(n_items):
+        item = items[index]
+        sample = found.get(index) or {"doc_index": index, "target": str(item["answer"]), "response": None, "extracted_answer": None,
+                                      "correct": False, "problem": "no readable per-sample record from lmms-eval" + found_note}
+        samples.append({**sample, "item_id": item["doc_id"], "tag": item["tag"]})
+    return samples
+
+
+def _sample(record, n_items: int) -> tuple[dict | None, str | None]:
+    """A per-sample record as an item row (None and why when it cannot be one)."""
+    if not isinstance(record, dict):
+        return None, f"a record that is a {type(record).__name__}, not an object"
+    doc_id, value = record.get("doc_id"), record.get("accuracy")
+    if isinstance(doc_id, bool) or not isinstance(doc_id, int) or not 0 <= doc_id < n_items:
+        return None, f"doc_id {str(doc_id)[:40]!r} is not an item of the task"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, f"item {doc_id}: accuracy {str(value)[:40]!r} is not a number"
+    response = record.get("resps")
+    while isinstance(response, list):
+        response = response[0] if response else ""
+    response = response if isinstance(response, str) else "" if response is None else str(response)
+    return {"doc_index": doc_id, "target": str(record.get("target")), "response": response, "extracted_answer": extract_answer(response),
+            "correct": float(value) >= 1.0, "problem": None}, None
+
+
+def item_scores(samples: list[dict]) -> tuple[float, int, dict[str, tuple[float, int]]]:
+    """(score, n, {tag: (score, n)}) of per-item rows: the share marked correct."""
+    totals = defaultdict(lambda: [0, 0])
+    for sample in samples:
+        totals[sample["tag"]][0] += bool(sample["correct"])
+        totals[sample["tag"]][1] += 1
+    n = len(samples)
+    score = sum(bool(s["correct"]) for s in samples) / n if n else 0.0
+    return score, n, {tag: (right / count, count) for tag, (right, count) in sorted(totals.items())}

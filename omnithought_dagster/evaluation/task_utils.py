@@ -36,7 +36,8 @@ def extract_answer(reply):
     boxed = BOXED.findall(reply)
     if boxed:
         return boxed[-1].strip()
-    lines = [line.strip() for line in reply.strip().splitlines() if line.strip()]
+    # The last line as the model broke it: "\n" (or "\r"), not the Unicode separators a generation may hold inside a line.
+    lines = [line.strip() for line in reply.replace("\r", "\n").split("\n") if line.strip()]
     return lines[-1] if lines else ""
 
 

@@ -252,8 +252,9 @@ def is_cpu_build(python: str) -> bool:
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
+    """Totals per metric name of Prometheus' text format, whose lines end at "\\n" (a label value may hold U+2028)."""
     totals: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         if not line or line.startswith("#"):
             continue
         name_labels, _, value = line.rpartition(" ")

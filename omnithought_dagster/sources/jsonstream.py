@@ -137,15 +137,30 @@ def jsonl_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes]]:
             yield number, line
 
 
+def jsonl_file(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, record, None) or (line number, raw text, why it does not parse) for every non-blank line of a JSONL
+    file - the one reader of the project's JSONL (lmms-eval's per-sample logs, examples, exports): lines end at b"\\n"
+    only, never at U+2028, U+2029 or U+0085, which JSON strings may hold unescaped (`str.splitlines()` splits on them
+    and cuts a record in two). Bytes that are not UTF-8 become lone surrogates; a leading byte-order mark is dropped."""
+    with open(path, "rb") as handle:
+        for number, line in jsonl_lines(handle):
+            yield number, *_parse_line(line, f"line {number}")
+
+
+def _parse_line(line: bytes, where: str) -> tuple[Any, str | None]:
+    text = decode(line.rstrip(b"\r\n"))
+    try:
+        return loads(text), None
+    except json.JSONDecodeError as exc:
+        return text, f"{where}: invalid JSON: {exc.msg} at column {exc.colno}"
+    except JSON_ERRORS as exc:
+        return text, f"{where}: unparsable JSON: {type(exc).__name__}: {exc}"
+
+
 def _jsonl_records(handle: IO[bytes], name: str) -> Iterator[tuple[Any, tuple[str, str] | None]]:
     for number, line in jsonl_lines(handle):
-        text = decode(line.rstrip(b"\r\n"))
-        try:
-            yield loads(text), None
-        except json.JSONDecodeError as exc:
-            yield text, ("malformed_record", f"{name} line {number}: invalid JSON: {exc.msg} at column {exc.colno}")
-        except JSON_ERRORS as exc:
-            yield text, ("malformed_record", f"{name} line {number}: unparsable JSON: {type(exc).__name__}: {exc}")
+        record, problem = _parse_line(line, f"{name} line {number}")
+        yield record, None if problem is None else ("malformed_record", problem)
 
 
 def _document_records(handle: IO[bytes], name: str) -> Iterator[tuple[Any, tuple[str, str] | None]]:

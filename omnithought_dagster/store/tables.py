@@ -271,7 +271,8 @@ BENCHMARK_SAMPLES = TableSpec(
         Column("target", pa.string(), "the reference answer"),
         Column("response", pa.string(), "the model's reply, as generated"),
         Column("extracted_answer", pa.string(), "the answer read from the reply (Answer: line, \\boxed{}, else the last line)"),
-        Column("correct", pa.bool_(), "lmms-eval's verdict for the item", False),
+        Column("correct", pa.bool_(), "lmms-eval's verdict for the item (false when its record was unreadable or missing)", False),
+        Column("problem", pa.string(), "why the item has no verdict of lmms-eval's and is scored wrong (null when it has one)"),
         Column("eval_config_hash", pa.string(), "as in benchmark_scores", False),
     ),
 )
