@@ -27,7 +27,7 @@ def test_definitions_snapshot_from_the_demo_config():
         node = specs[name]
         assert node.group_name == "seed"
         assert node.partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
-        assert node.code_version == "seed-v2"
+        assert node.code_version == "seed-v3"
         assert node.description
     traces = specs["cot_traces"]
     assert traces.group_name == "teacher" and traces.code_version == "cot_traces-v1"

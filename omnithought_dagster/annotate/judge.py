@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from omnithought_dagster.annotate.taxonomy import Taxonomy
 from omnithought_dagster.config import AnnotationConfig, PromptConfig
+from omnithought_dagster.markup import defuse
 
 JUDGE_V1 = PromptConfig(
     version="judge-v1",
@@ -37,6 +38,7 @@ JUDGE_V1 = PromptConfig(
     ),
 )
 SCORES = ("difficulty", "verbosity", "quality")
+JUDGE_FENCES = ("<<<", ">>>")  # around the candidate reasoning in JUDGE_V1: what a reasoning may not write itself
 _TRUE = {"true", "yes", "y", "correct", "1"}
 _FALSE = {"false", "no", "n", "incorrect", "wrong", "0"}
 
@@ -55,10 +57,15 @@ class JudgePrompt:
 
     def user_text(self, *, question: str, choices: list[str], reference: str, reasoning: str | None, final_answer: str | None,
                   taxonomy: Taxonomy, settings: AnnotationConfig) -> str:
-        options = "\nOptions:\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices)) if choices else ""
+        # Every text from the dataset or the teacher is defused (markup.defuse): the judge's tokenizer reads no special
+        # token, placeholder or delimiter out of it, and a reasoning cannot close the fence around it (<<< >>>).
+        def text(value: str) -> str:
+            return defuse(value, JUDGE_FENCES)
+
+        options = "\nOptions:\n" + "\n".join(f"{chr(65 + i)}. {text(c)}" for i, c in enumerate(choices)) if choices else ""
         reasoning = (reasoning or "(none)")[: settings.reasoning_max_chars]
-        return self.config.user.format(question=question, choices=options, reference=reference, reasoning=reasoning,
-                                       final_answer=final_answer or "(none)", labels=", ".join(taxonomy.names),
+        return self.config.user.format(question=text(question), choices=options, reference=text(reference), reasoning=text(reasoning),
+                                       final_answer=text(final_answer or "(none)"), labels=", ".join(taxonomy.names),
                                        max_tags=settings.max_tags)
 
 

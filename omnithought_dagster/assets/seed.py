@@ -30,7 +30,7 @@ SEED_POOL_KEY = dg.AssetKey("seed_pool")
 QUARANTINE_KEY = dg.AssetKey("quarantine")
 IMAGES_KEY = dg.AssetKey("images")
 # Bump when ingestion would produce different rows from the same input.
-SEED_CODE_VERSION = "seed-v2"
+SEED_CODE_VERSION = "seed-v3"
 PREVIEW_COLUMNS = ["sample_id", "native_id", "question", "answer", "answer_type", "source_tags"]
 
 

@@ -16,11 +16,13 @@ images, an image is missing from the store, or an example is over the token cuto
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omnithought_dagster.markup import FORGED_DELIMITER, find_markup
 from omnithought_dagster.store import CorpusStore
 
 FORMATS = ("sharegpt", "llamafactory", "hf")
@@ -44,8 +46,28 @@ class ExportReport:
     problems: list[str] = field(default_factory=list)
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_ASSISTANT = re.compile(r"<think>(\n.*\n)</think>(\n\nAnswer: .*)", re.DOTALL)
+
+
 def assistant_text(reasoning: str | None, final_answer: str | None) -> str:
-    return f"<think>\n{(reasoning or '').strip()}\n</think>\n\nAnswer: {(final_answer or '').strip()}"
+    return f"{THINK_OPEN}\n{(reasoning or '').strip()}\n{THINK_CLOSE}\n\nAnswer: {(final_answer or '').strip()}"
+
+
+def assistant_parts(text: str) -> list[dict]:
+    """An exported assistant turn as chat parts for our tokenization: the two delimiters this format writes are markup,
+    everything else is text (models/vl_chat.py encodes it as plain text). A turn in another form is text alone. A
+    delimiter inside the reasoning or the answer is a forged one: MarkupError (the trainer sets the example aside)."""
+    from omnithought_dagster.models.vl_chat import MarkupError
+
+    match = _ASSISTANT.fullmatch(text)
+    if match is None:
+        return [{"type": "text", "text": text}]
+    forged = find_markup(match.group(1) + match.group(2), [FORGED_DELIMITER])
+    if forged:
+        raise MarkupError(f"the reply holds {forged[0].describe()} inside its reasoning or answer")
+    return [{"type": "markup", "text": THINK_OPEN}, {"type": "text", "text": match.group(1)},
+            {"type": "markup", "text": THINK_CLOSE}, {"type": "text", "text": match.group(2)}]
 
 
 def user_text(question: str, choices: list[str], n_images: int) -> str:

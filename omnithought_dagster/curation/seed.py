@@ -43,9 +43,12 @@ import pyarrow.parquet as pq
 from omnithought_dagster.config import SeedSettings
 from omnithought_dagster.curation.near_dup import earliest_near_duplicates
 from omnithought_dagster.ids import bytes_id, sample_id
+from omnithought_dagster.markup import TOKEN_KINDS, first_markup
 from omnithought_dagster.processes import available_cores, die_with_parent, main_module_hidden
 from omnithought_dagster.sources.base import Candidate, ImageRef, NonStandardLiteral, QuarantineReason, Rejected, SeedRecord, error_text
 from omnithought_dagster.store.tables import IMAGES, QUARANTINE, SEED_POOL, TableSpec
+
+PLACEHOLDER = "<image>"  # where a record's text says an image goes (LLaVA, LLaMA-Factory; flat records too)
 
 ANSWER_TYPES = ("multiple_choice", "numeric", "math", "free_form")
 ANSWER_TYPE_ALIASES = {
@@ -515,8 +518,17 @@ def _validate(source: str, record: Candidate, settings: SeedSettings, image_root
     question = unicodedata.normalize("NFC", question).strip()
     if not question:
         raise _Reject(QuarantineReason.EMPTY_QUESTION, "question is empty or whitespace")
+    if record.placeholder_count is None and PLACEHOLDER in question:
+        # A flat record's <image> placeholders mark where its images go, as LLaVA's do: as many as images, then removed.
+        if question.count(PLACEHOLDER) != len(record.images):
+            raise _Reject(QuarantineReason.IMAGE_PLACEHOLDER_MISMATCH,
+                          f"{question.count(PLACEHOLDER)} {PLACEHOLDER} placeholders in the question but {len(record.images)} images")
+        question = question.replace(PLACEHOLDER, "").strip()
+        if not question:
+            raise _Reject(QuarantineReason.EMPTY_QUESTION, "question holds nothing but <image> placeholders")
     answer = _answer_text(record.answer)
     choices = [_text(c, "choices") for c in record.choices] if record.choices else []
+    _refuse_markup({"question": question, "answer": answer, **{f"option {i + 1}": c for i, c in enumerate(choices)}})
     if not choices:
         question, choices = _split_options(question)
     if len(question) > settings.max_question_chars:
@@ -556,6 +568,16 @@ def _validate(source: str, record: Candidate, settings: SeedSettings, image_root
         "near_duplicate_distance": None,
     }
     return row, images
+
+
+def _refuse_markup(fields: dict[str, str]) -> None:
+    """Text from a dataset is data: a field holding a string a tokenizer or a training format reads as markup (a special
+    token, a placeholder, the reply format's delimiters) sets the record aside, naming the string. Control characters
+    stay (they are text to a tokenizer; curation and the reply format deal with them where models write them)."""
+    for name, text in fields.items():
+        found = first_markup(text, TOKEN_KINDS)
+        if found is not None:
+            raise _Reject(QuarantineReason.MARKUP_IN_TEXT, f"{name} holds {found.describe()}: text from a dataset is data, never markup")
 
 
 def _check_column_types(row: dict) -> None:

@@ -17,6 +17,20 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 
+def record_problem(task: str, doc_id: int, problem: str) -> None:
+    """Why an item got no reply, for the step (evaluation/run.py reads the file the environment names)."""
+    import json
+    import os
+
+    from omnithought_dagster.evaluation.run import PROBLEMS_ENV
+
+    path = os.environ.get(PROBLEMS_ENV)
+    print(f"omnithought_vl: {task} item {doc_id}: {problem}", file=sys.stderr, flush=True)
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps({"task": task, "doc_id": doc_id, "problem": problem[:500]}) + "\n")
+
+
 class OmniThoughtVL(lmms):
     is_simple = True
 
@@ -38,13 +52,17 @@ class OmniThoughtVL(lmms):
         replies, started, every = [], time.monotonic(), max(1, len(requests) // 10)
         for request in requests:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-            content = [{"type": "image"} for _ in visuals] + [{"type": "text", "text": context}]
-            inputs = {k: v.to(self._device) for k, v in self.vl.encode_prompt([{"role": "user", "content": content}], visuals).items()}
-            with torch.no_grad():
-                output = self.model.generate(**inputs, max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
-                                             do_sample=False)
-            replies.append(self.vl.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+            try:
+                visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+                content = [{"type": "image"} for _ in visuals] + [{"type": "text", "text": context}]  # the task's text: plain text
+                inputs = {k: v.to(self._device) for k, v in self.vl.encode_prompt([{"role": "user", "content": content}], visuals).items()}
+                with torch.no_grad():
+                    output = self.model.generate(**inputs, max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                                                 do_sample=False)
+                replies.append(self.vl.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+            except Exception as exc:  # noqa: BLE001 - one item's failure is that item's (scored wrong, with the reason), not the run's
+                replies.append("")
+                record_problem(task, doc_id, f"generation failed: {type(exc).__name__}: {exc}")
             if len(replies) % every == 0 or len(replies) == len(requests):  # run_lmms_eval forwards these lines to the step's log
                 line = progress_line(f"evaluation {task}", len(replies), len(requests), time.monotonic() - started, "items")
                 print(PROGRESS_PREFIX + line, file=sys.stderr, flush=True)

@@ -29,6 +29,8 @@ from omnithought_dagster.sources import jsonstream
 
 OVERALL = "all"
 PROGRESS_PREFIX = "omnithought-progress: "  # our model class's progress lines in lmms-eval's output
+PROBLEMS_ENV = "OMNITHOUGHT_EVAL_PROBLEMS"  # where our model class records the items it could not generate for (lmms_plugin.py)
+PROBLEMS_FILE = "generation_problems.jsonl"
 POLL_S = 1.0
 
 
@@ -72,7 +74,7 @@ def run_lmms_eval(command: list[str], tasks: list[str], work: Path, timeout_s: f
     # What the evaluator needs, not the step's every secret; under a guard that ends it (and whatever it starts)
     # when the step dies, however it dies.
     run_env = child_environment({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                                 "HF_DATASETS_CACHE": str(work / "hf-datasets"), **env})
+                                 "HF_DATASETS_CACHE": str(work / "hf-datasets"), PROBLEMS_ENV: str(work / PROBLEMS_FILE), **env})
     if not Path(command[0]).exists() and shutil.which(command[0]) is None:
         raise EvalError(f"cannot start lmms-eval: no interpreter at {command[0]} (evaluation.python)")
     with log.open("wb") as out:
@@ -95,7 +97,7 @@ def run_lmms_eval(command: list[str], tasks: list[str], work: Path, timeout_s: f
                 os.killpg(process.pid, signal.SIGKILL)  # the guard's group: lmms-eval and what it started
             process.wait()
     try:
-        return parse_results(work / "out", tasks, local)
+        return parse_results(work / "out", tasks, local, work / PROBLEMS_FILE)
     except EvalError as exc:
         raise EvalError(f"{exc} (exit code {process.returncode}); its last lines:\n{log_tail(log)}") from None
 
@@ -114,8 +116,9 @@ def _forward_progress(log: Path, offset: int, progress: Callable[[str], None] | 
     return offset + end
 
 
-def parse_results(output_dir: Path, tasks: list[str], local: dict[str, LocalTask]) -> dict[str, TaskScores]:
-    """{task: scores} from the newest results JSON under output_dir; EvalError when anything asked for is missing."""
+def parse_results(output_dir: Path, tasks: list[str], local: dict[str, LocalTask], problems: Path | None = None) -> dict[str, TaskScores]:
+    """{task: scores} from the newest results JSON under output_dir; EvalError when anything asked for is missing.
+    `problems`: our model class's record of items it could not generate for (scored wrong; the reason goes to the row)."""
     found = sorted(Path(output_dir).rglob("*_results.json"))
     if not found:
         raise EvalError(f"lmms-eval wrote no results JSON under {output_dir}: the evaluation failed (see its log)")
@@ -128,6 +131,10 @@ def parse_results(output_dir: Path, tasks: list[str], local: dict[str, LocalTask
     missing = [task for task in tasks if task not in results]
     if missing:
         raise EvalError(f"{results_path.name}: no results for {', '.join(missing)} (have {sorted(results)})")
+    failed: dict[str, dict[int, str]] = {}
+    for _, record, problem in jsonstream.jsonl_file(problems) if problems is not None and Path(problems).exists() else ():
+        if problem is None and isinstance(record, dict) and isinstance(record.get("doc_id"), int):
+            failed.setdefault(str(record.get("task")), {})[record["doc_id"]] = str(record.get("problem"))
     scores = {}
     for task in tasks:
         metric, value = _main_metric(task, results[task], local.get(task))
@@ -139,7 +146,7 @@ def parse_results(output_dir: Path, tasks: list[str], local: dict[str, LocalTask
         if task in local:
             # Our own tasks are scored from their per-item rows (what benchmark_samples stores); lmms-eval's aggregate is kept
             # beside it and differs only where a record was unreadable (scored wrong, with the reason).
-            entry.samples = _samples(results_path.parent, task, local[task], entry.n)
+            entry.samples = _samples(results_path.parent, task, local[task], entry.n, failed.get(task, {}))
             entry.score, entry.n, entry.by_tag = item_scores(entry.samples)
         scores[task] = entry
     return scores
@@ -155,7 +162,7 @@ def _main_metric(task: str, values: dict, local: LocalTask | None) -> tuple[str,
     return "?", None
 
 
-def _samples(folder: Path, task: str, local: LocalTask, n_items: int) -> list[dict]:
+def _samples(folder: Path, task: str, local: LocalTask, n_items: int, failed: dict[int, str]) -> list[dict]:
     """One row per item lmms-eval was asked to score (the task's first `n_items` rows), read from its per-sample log
     (sources/jsonstream.jsonl_file: lines end at "\\n" only - a generation holding U+2028 is one record, not two).
 
@@ -188,6 +195,8 @@ def _samples(folder: Path, task: str, local: LocalTask, n_items: int) -> list[di
         item = items[index]
         sample = found.get(index) or {"doc_index": index, "target": str(item["answer"]), "response": None, "extracted_answer": None,
                                       "correct": False, "problem": "no readable per-sample record from lmms-eval" + found_note}
+        if index in failed:  # our model class wrote no reply for it (lmms-eval scored the empty one)
+            sample = {**sample, "correct": False, "problem": failed[index]}
         samples.append({**sample, "item_id": item["doc_id"], "tag": item["tag"]})
     return samples
 

@@ -6,6 +6,14 @@ build here; the PIL image processor works alone. So the chat template renders on
 (grid_thw.prod() // merge_size**2), and `mm_token_type_ids` marks the image tokens (Qwen2-VL
 and Qwen3-VL refuse to run without it; Qwen2.5-VL silently skips M-RoPE).
 
+Text is data, never markup (README "Text is data"): a message's content is a string or a list of
+parts - `{"type": "image"}`, `{"type": "text", "text": ...}` - and every such text is encoded as
+plain text: the tokens of its characters, never a special or added token, whatever it holds
+(`<|im_end|>`, `<|image_pad|>`, `<think>`). Only the chat template's own text and `{"type":
+"markup", "text": ...}` parts, which our code writes (the `<think>` / `</think>` of the reply
+format), are read as markup. The template is rendered with a sentinel where each text goes; its
+pieces are tokenized as usual, each text through `plain_ids`.
+
 Used by the transformers teacher backend, the SFT trainer (which masks everything but the
 assistant's reply out of the loss) and the lmms-eval model plugin, so all three see exactly
 the same token layout. No torch or transformers import at module level.
@@ -13,6 +21,7 @@ the same token layout. No torch or transformers import at module level.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +29,18 @@ from typing import Any
 IMAGE_PAD = "<|image_pad|>"
 PLACEHOLDER = "<image>"  # what exported training data puts where an image goes
 IGNORE_INDEX = -100
+# Where a text goes in a rendered template: private-use characters no template writes, around the text's number.
+_SENTINEL_OPEN, _SENTINEL_CLOSE = "\U000f0000", "\U000f0001"
+_SENTINEL = re.compile(f"{_SENTINEL_OPEN}(\\d+){_SENTINEL_CLOSE}")
+
+
+class MarkupError(ValueError):
+    """A text that cannot be encoded as plain text (the tokenizer still finds one of its added tokens in it), or markup
+    where a format has text."""
+
+
+class ImageTokensError(ValueError):
+    """An example whose image tokens do not come out as many as its images give."""
 
 
 @dataclass
@@ -38,12 +59,41 @@ class VLTokenizer:
         config = AutoConfig.from_pretrained(model_dir)
         return cls(AutoTokenizer.from_pretrained(model_dir), Qwen2VLImageProcessorPil.from_pretrained(model_dir), config.image_token_id)
 
+    def __post_init__(self) -> None:
+        import re
+
+        added = {int(i): str(token) for i, token in self.tokenizer.added_tokens_decoder.items()}
+        self.added_ids = frozenset(added)
+        self.added_tokens = sorted(set(added.values()), key=len, reverse=True)  # what a tokenizer matches in text as a whole
+        self._added = re.compile("|".join(map(re.escape, self.added_tokens))) if self.added_tokens else None
+
+    def plain_ids(self, text: str) -> list[int]:
+        """`text` as the tokens of its characters: no special or added token, whatever the text holds. The text is cut
+        right after the first character of every added token's string in it (the cut pieces cannot form one) and each
+        piece tokenized with special tokens split; the ids decode to `text` again. MarkupError if one still comes out."""
+        pieces = [text]
+        while self._added is not None and any(self._added.search(piece) for piece in pieces):
+            cut = []
+            for piece in pieces:
+                last = 0
+                for match in self._added.finditer(piece):
+                    cut.append(piece[last:match.start() + 1])
+                    last = match.start() + 1
+                cut.append(piece[last:])
+            pieces = [piece for piece in cut if piece]
+        ids: list[int] = []
+        for piece in pieces:
+            ids += self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if self.added_ids.intersection(ids):
+            found = sorted({self.tokenizer.convert_ids_to_tokens(i) for i in self.added_ids.intersection(ids)})
+            raise MarkupError(f"text the tokenizer reads as its added tokens {found} even when told not to")
+        return ids
+
     def encode_prompt(self, messages: list[dict], images: list) -> dict[str, Any]:
         """Model inputs (batch of one, torch tensors) for generating the next assistant turn."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        vision, text = self._vision(text, images)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._tensors([ids], vision)
+        rendered, texts = self._render(messages, add_generation_prompt=True)
+        vision, rendered = self._vision(rendered, images)
+        return self._tensors([self._ids(rendered, texts)], vision)
 
     def encode_example(self, messages: list[dict], images: list, max_length: int | None = None) -> dict[str, Any] | None:
         """One training example: labels only on the last (assistant) turn, its end-of-turn token included.
@@ -51,10 +101,9 @@ class VLTokenizer:
         Returns None when the prompt alone is longer than max_length (the example cannot be
         trained on without cutting its images); a long reply is cut at max_length.
         """
-        prompt, reply = self._prompt_and_reply(messages)
+        (prompt, reply), texts = self._prompt_and_reply(messages)
         vision, prompt = self._vision(prompt, images)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        reply_ids = self.tokenizer(reply, add_special_tokens=False)["input_ids"]
+        prompt_ids, reply_ids = self._ids(prompt, texts), self._ids(reply, texts)
         if max_length is not None and len(prompt_ids) >= max_length:
             return None
         ids = (prompt_ids + reply_ids)[:max_length] if max_length else prompt_ids + reply_ids
@@ -63,22 +112,56 @@ class VLTokenizer:
 
     def example_length(self, messages: list[dict], image_sizes: list[tuple[int, int]]) -> tuple[int, int]:
         """(prompt tokens, prompt + reply tokens) of encode_example's output before any cut, from the images' (width,
-        height) alone: no pixel is decoded."""
-        prompt, reply = self._prompt_and_reply(messages)
+        height) alone: no pixel is decoded. MarkupError when a text cannot be encoded as plain text, ImageTokensError when
+        the image tokens do not come out as many as the images give."""
+        (prompt, reply), texts = self._prompt_and_reply(messages)
         merge = self.image_processor.merge_size ** 2
         counts = [self.image_processor.get_number_of_image_patches(height, width, {}) // merge for width, height in image_sizes]
-        prompt = self._expand(prompt, counts)
-        n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        return n_prompt, n_prompt + len(self.tokenizer(reply, add_special_tokens=False)["input_ids"])
+        prompt_ids = self._ids(self._expand(prompt, counts), texts)
+        if prompt_ids.count(self.image_token_id) != sum(counts):
+            raise ImageTokensError(f"{prompt_ids.count(self.image_token_id)} image tokens but the images give {sum(counts)}")
+        return len(prompt_ids), len(prompt_ids) + len(self._ids(reply, texts))
 
-    def _prompt_and_reply(self, messages: list[dict]) -> tuple[str, str]:
+    def _prompt_and_reply(self, messages: list[dict]) -> tuple[tuple[str, str], list[str]]:
         if not messages or messages[-1]["role"] != "assistant":
             raise ValueError("a training example must end with the assistant's turn")
-        prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt, texts = self._render(messages[:-1], add_generation_prompt=True)
+        full, texts = self._render(messages, add_generation_prompt=False)
         if not full.startswith(prompt):
             raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-        return prompt, full[len(prompt):]
+        return (prompt, full[len(prompt):]), texts
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[str]]:
+        """The chat template's text with a sentinel (private-use characters around a number) where each text of the
+        messages goes, and those texts: the template never sees a character of them."""
+        texts: list[str] = []
+
+        def slot(text: str) -> str:
+            texts.append(text)
+            return f"{_SENTINEL_OPEN}{len(texts) - 1}{_SENTINEL_CLOSE}"
+
+        shown = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, str):
+                content = slot(content)
+            else:
+                parts = [{"type": "text", "text": slot(part["text"]) if part.get("type") == "text" else part["text"]}
+                         if part.get("type") in ("text", "markup") else part for part in content]
+                # Text and markup alone: one string (every template renders string content; some only that).
+                content = "".join(part["text"] for part in parts) if all(p.get("type") == "text" for p in parts) else parts
+            shown.append({**message, "content": content})
+        return self.tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=add_generation_prompt), texts
+
+    def _ids(self, rendered: str, texts: list[str]) -> list[int]:
+        """Token ids of a rendered template: its own pieces as markup, each sentinel's text as plain text."""
+        ids: list[int] = []
+        for position, piece in enumerate(_SENTINEL.split(rendered)):
+            if position % 2:
+                ids += self.plain_ids(texts[int(piece)])
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
 
     @staticmethod
     def _expand(text: str, counts: list[int]) -> str:
@@ -135,7 +218,7 @@ def user_content(text: str, n_images: int | None = None) -> list[dict]:
     """An exported user turn ("<image>...question") as chat content parts, images where the placeholders were."""
     pieces = text.split(PLACEHOLDER)
     if n_images is not None and len(pieces) - 1 != n_images:
-        raise ValueError(f"{len(pieces) - 1} {PLACEHOLDER} placeholders but {n_images} images")
+        raise ImageTokensError(f"{len(pieces) - 1} {PLACEHOLDER} placeholders but {n_images} images")
     parts: list[dict] = []
     for index, piece in enumerate(pieces):
         if index:
@@ -143,6 +226,13 @@ def user_content(text: str, n_images: int | None = None) -> list[dict]:
         if piece:
             parts.append({"type": "text", "text": piece})
     return parts
+
+
+def content_text(content: str | list[dict]) -> str:
+    """A message's text as written: its text and markup parts joined (images left out)."""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if part.get("type") in ("text", "markup"))
 
 
 def _concat(visions: list[dict | None]) -> dict | None:

@@ -37,6 +37,7 @@ class QuarantineReason(StrEnum):
     NO_IMAGE = "no_image"  # a record without any image while images are required
     TOO_MANY_IMAGES = "too_many_images"
     IMAGE_PLACEHOLDER_MISMATCH = "image_placeholder_mismatch"  # <image> tokens != images given
+    MARKUP_IN_TEXT = "markup_in_text"  # a question, option or answer holding a special token, a placeholder or a delimiter
     PATH_ESCAPE = "path_escape"  # an image path that leaves the source root (../, absolute, symlink)
     MISSING_IMAGE = "missing_image"  # the image file does not exist
     EMPTY_IMAGE = "empty_image"  # zero-byte image

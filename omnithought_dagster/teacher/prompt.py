@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from omnithought_dagster.config import GenerationConfig, PromptConfig
+from omnithought_dagster.markup import defuse
 
 COT_V1 = PromptConfig(
     version="cot-v1",
@@ -54,6 +55,9 @@ class TeacherPrompt:
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
     def user_text(self, question: str, choices: list[str], answer_type: str) -> str:
+        """The user turn: the prompt's template (the project's, trusted) around the sample's text, defused - the server's
+        tokenizer reads no special token, placeholder or delimiter out of a question (markup.defuse)."""
+        question, choices = defuse(question), [defuse(c) for c in choices]
         options = "\n\nOptions:\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices)) if choices else ""
         kind = ANSWER_KIND.get(answer_type, ANSWER_KIND["free_form"])
         fmt = FORMAT_JSON if self.mode == "json" else FORMAT_TEXT

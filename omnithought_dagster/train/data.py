@@ -9,8 +9,10 @@ encodes an example only when a batch asks for it; what stays in memory is 16 byt
 
 Over-length policy (`training.overlong`): `skip` sets aside every example longer than
 `max_length`; `truncate_reply` cuts the reply at `max_length` and sets aside only examples whose
-prompt (question and images) does not fit. Images are never cut. Set-aside examples are counted
-by reason. No Dagster, no torch at module level.
+prompt (question and images) does not fit. Images are never cut. An example whose text cannot be
+encoded as plain text, whose reply forges the format's delimiters (`markup_in_text`) or whose image
+tokens do not match its images (`image_token_mismatch`) is set aside too: one bad example never
+fails a training run. Set-aside examples are counted by reason. No Dagster, no torch at module level.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnithought_dagster.models.vl_chat import user_content
+from omnithought_dagster.curation.export import assistant_parts
+from omnithought_dagster.models.vl_chat import ImageTokensError, MarkupError, user_content
 from omnithought_dagster.sources import jsonstream
 
 EXAMPLES_FILE = "examples.jsonl"
@@ -53,13 +56,14 @@ class ExampleIndex:
 
 
 def conversation(record: dict) -> tuple[list[dict], list[str]]:
-    """An exported record's chat messages (images where its placeholders are) and its image paths."""
+    """An exported record's chat messages (images where its placeholders are, the reply format's delimiters as markup,
+    every other character as text) and its image paths."""
     images = list(record.get("images") or [])
     turns = record["messages"]
     if len(turns) < 2 or turns[-1]["role"] != "assistant":
         raise ValueError("a training record must end with the assistant's turn")
     return ([{"role": "user", "content": user_content(turns[0]["content"], len(images))},
-             {"role": "assistant", "content": turns[-1]["content"]}], images)
+             {"role": "assistant", "content": assistant_parts(turns[-1]["content"])}], images)
 
 
 def build_index(data_dir: Path, out_dir: Path, vl, max_length: int, overlong: str) -> ExampleIndex:
@@ -80,6 +84,12 @@ def build_index(data_dir: Path, out_dir: Path, vl, max_length: int, overlong: st
                     with Image.open(data_dir / path) as image:  # reads the header only
                         sizes.append(image.size)
                 prompt, total = vl.example_length(messages, sizes)
+            except MarkupError:  # text the student would read as markup: never trained on
+                index.skipped["markup_in_text"] += 1
+                continue
+            except ImageTokensError:
+                index.skipped["image_token_mismatch"] += 1
+                continue
             except (OSError, ValueError, KeyError, TypeError, IndexError):
                 index.skipped["unreadable_record"] += 1
                 continue

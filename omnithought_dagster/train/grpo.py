@@ -79,12 +79,13 @@ def reward_functions(answer_pattern: str) -> list:
     return [answer, format]
 
 
-def prompt_dataset(index, positions: list[int] | None, cache_dir: Path):
+def prompt_dataset(index, positions: list[int] | None, cache_dir: Path, added: tuple[str, ...] = ()):
     """The questions of the index's examples (no reply) as a datasets.Dataset for GRPOTrainer: `prompt` (the user turn,
-    images where its placeholders were), `images` (decoded when read), `reference`, `answer_type`, `choices`. Returns
-    (dataset, set-aside counts)."""
+    images where its placeholders were), `images` (decoded when read), `reference`, `answer_type`, `choices`. `added`: the
+    student tokenizer's added tokens, markup beside markup.py's own. Returns (dataset, set-aside counts)."""
     import datasets
 
+    from omnithought_dagster.markup import TOKEN_KINDS, find_markup
     from omnithought_dagster.train.data import IndexRecords
 
     skipped: dict[str, int] = {}
@@ -98,6 +99,11 @@ def prompt_dataset(index, positions: list[int] | None, cache_dir: Path):
                 skipped["no_reference_answer"] = skipped.get("no_reference_answer", 0) + 1
                 continue
             user = record["messages"][0]
+            # TRL renders and tokenizes the prompt itself, markup and all: a question holding a special token, a placeholder
+            # or a delimiter (the export lets none through) is set aside, never sent.
+            if any(find_markup(part.get("text"), TOKEN_KINDS, added) for part in user["content"] if part.get("type") == "text"):
+                skipped["markup_in_text"] = skipped.get("markup_in_text", 0) + 1
+                continue
             yield {"prompt_json": json.dumps([{"role": "user", "content": user["content"]}]), "images": record["images"],
                    "reference": reference["answer"], "answer_type": reference["answer_type"],
                    "choices": [str(c) for c in reference.get("choices") or []]}

@@ -33,13 +33,15 @@ PRIVILEGED_HEADER = {
 def teacher_messages(messages: list[dict], context: str) -> list[dict]:
     """The teacher's conversation: the student's user turn with the privileged context appended to its text (the trace or
     the reference answer), no assistant turn. `messages` is an exported example's [user, assistant]."""
-    user, reply = messages[0], messages[-1]
+    from omnithought_dagster.models.vl_chat import content_text
+
+    user, reply = messages[0], content_text(messages[-1]["content"])
     if context == "trace":
-        extra = reply["content"]
+        extra = reply
     else:
         from omnithought_dagster.teacher.prompt import parse_reply
 
-        extra = parse_reply(reply["content"], r"(?is)(?:final answer|answer)\s*(?:is\b|[:：])\s*(.+?)[\s.]*$").final_answer or ""
+        extra = parse_reply(reply, r"(?is)(?:final answer|answer)\s*(?:is\b|[:：])\s*(.+?)[\s.]*$").final_answer or ""
     content = [dict(part) for part in user["content"]]
     text = PRIVILEGED_HEADER[context] + extra
     if content and content[-1].get("type") == "text":

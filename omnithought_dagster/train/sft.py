@@ -111,7 +111,7 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         from omnithought_dagster.train.grpo import prompt_dataset
 
         with args.main_process_first(local=True, desc="questions"):
-            train_set, set_aside = prompt_dataset(index, None, run_dir / "questions")
+            train_set, set_aside = prompt_dataset(index, None, run_dir / "questions", tuple(vl.added_tokens))
         skipped.update(set_aside)
         eval_set = None
         if not len(train_set):
