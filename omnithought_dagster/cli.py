@@ -212,25 +212,33 @@ def lineage(ident: Optional[str] = typer.Argument(None, help="a sample, trace, i
 def export(subset: str = typer.Argument(..., help="recipe name (a sampled_subsets partition)"),
            fmt: str = typer.Option("llamafactory", "--format", help="sharegpt | llamafactory | hf"),
            out: Path = typer.Option(..., "--out", help="folder to write (replaced)"),
-           cutoff_len: Optional[int] = typer.Option(None, "--cutoff-len", help="refuse examples longer than this many tokens"),
-           tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder for --cutoff-len (default: chars/4)"),
+           cutoff_len: Optional[int] = typer.Option(None, "--cutoff-len", help="set aside examples longer than this many tokens "
+                                                    "(counted with the student's chat template and image tokens: needs --tokenizer)"),
+           tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="the student's model folder: counts tokens for --cutoff-len, "
+                                                   "and its added tokens count as markup"),
            config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> None:
-    """Write a subset as training data (ShareGPT, LLaMA-Factory or HF datasets), after a pre-flight validation."""
+    """Write a subset as training data (ShareGPT, LLaMA-Factory or HF datasets); the pre-flight sets aside what a client would misread."""
     from omnithought_dagster.curation.export import ExportError, export_subset
 
-    store = _store(_config(config))
+    cfg = _config(config)
+    store = _store(cfg)
     try:
-        report = export_subset(store, subset, fmt, out, cutoff_len=cutoff_len, tokenizer=tokenizer)
+        report = export_subset(store, subset, fmt, out, cutoff_len=cutoff_len, tokenizer=tokenizer, clean_markup=cfg.curation.rules.markup == "clean")
     except ExportError as exc:
         err.print(f"[red]export refused[/red]: {escape(str(exc))}")
         raise typer.Exit(1) from None
     summary = {"subset": report.subset, "subset_version": report.subset_version, "format": report.format, "examples": report.examples,
-               "images": report.images, "out": str(report.out), "token_counter": report.token_counter, "max_tokens": report.max_tokens_seen}
+               "images": report.images, "out": str(report.out), "dataset_name": report.dataset_name, "token_counter": report.token_counter,
+               "max_tokens": report.max_tokens_seen, "set_aside": [{"id": a.id, "reason": a.reason, "detail": a.detail} for a in report.set_aside]}
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
     else:
         console.print(f"exported {report.examples} examples ({report.images} images) of {subset} "
-                      f"[{report.subset_version[:12]}] as {report.format} to {report.out}")
+                      f"[{report.subset_version[:12]}] as {report.format} to {report.out}, registered as {report.dataset_name}")
+        for aside in report.set_aside[:20]:
+            console.print(f"  set aside {aside.id[:12]}: {aside.reason}: " + escape(aside.detail))
+        if len(report.set_aside) > 20:
+            console.print(f"  ... and {len(report.set_aside) - 20} more (manifest.json lists them all)")
 
 
 @app.command()
@@ -357,7 +365,8 @@ def _story_tree(story: dict) -> Tree:
                 branch.add(_annotation_line(t["annotation"]))
             if t.get("verdict"):
                 verdict = t["verdict"]
-                reasons = ", ".join(f"{r['code']} ({_fmt(r['value'])} vs {_fmt(r['threshold'])})" for r in verdict["reasons"])
+                reasons = ", ".join(f"{r['code']} ({_fmt(r['value'])} vs {_fmt(r['threshold'])}{', ' + r['detail'] if r.get('detail') else ''})"
+                                    for r in verdict["reasons"])
                 branch.add("[green]kept[/green]" if verdict["kept"] else "[red]dropped[/red]: " + escape(reasons))
             if t.get("subsets"):
                 branch.add("in subsets: " + ", ".join(t["subsets"]))

@@ -348,6 +348,10 @@ class RulesConfig(_Model):
     drop_duplicate_traces: bool = True
     near_duplicate_question_similarity: float = Field(
         default=90.0, ge=0, le=101, description="near_duplicate_sample: image near-duplicate (seed pHash) and question similarity >= this; 101 = off")
+    markup: Literal["drop", "clean"] = Field(
+        default="drop", description="a reasoning or final answer holding markup (special tokens, media placeholders, <think> delimiters, control "
+                                    "characters; markup.py): drop: set aside with the kind as reason code and the string as detail; clean: keep it, "
+                                    "and delete the markup where the text is exported (training data)")
 
 
 class DecontaminationConfig(_Model):
@@ -375,6 +379,9 @@ class CurationConfig(_Model):
     decontamination: DecontaminationConfig = DecontaminationConfig()
     selection: SelectionConfig = SelectionConfig()
     check_sample_limit: int = Field(default=200_000, ge=1, description="kept traces re-checked in Python per partition (a deterministic sample above this)")
+    max_set_aside_share: float = Field(
+        default=0.05, ge=0, le=1, description="sampled_subsets' check `exportable`: a subset whose export pre-flight sets aside up to this share "
+                                              "of its traces warns; more fails the check (and blocks training on it)")
     duckdb_memory_limit: str = "3GB"
     duckdb_threads: int | None = None
 

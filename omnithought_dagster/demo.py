@@ -183,16 +183,26 @@ def _export(config: ProjectConfig, store: CorpusStore, recipe: str) -> StageOutc
     """The first recipe as LLaMA-Factory training data under <store>/exports/<recipe>/."""
     from pathlib import Path
 
+    from collections import Counter
+
     from omnithought_dagster.curation.export import ExportError, export_subset
+    from omnithought_dagster.train.launch import resolve_student
 
     local = not config.store.root.startswith("s3://")  # an object store's export still lands on this machine
     out = (Path(config.store.root) if local else Path(config.training.work_dir).parent) / "exports" / recipe
+    # The cutoff counts what LLaMA-Factory counts - the first student's chat template and image tokens - so an example the
+    # export accepts is never cut by the client.
+    tokenizer = resolve_student(config.students[0], config.models_dir)[0] if config.students else None
     try:
-        report = export_subset(store, recipe, "llamafactory", out, cutoff_len=config.curation.rules.max_total_tokens)
+        report = export_subset(store, recipe, "llamafactory", out, cutoff_len=config.curation.rules.max_total_tokens if tokenizer else None,
+                               tokenizer=tokenizer, clean_markup=config.curation.rules.markup == "clean")
     except ExportError as exc:
-        return StageOutcome("export", recipe, False, False, {"error": str(exc).splitlines()[0]})
-    return StageOutcome("export", recipe, False, True, {"input": report.examples, "output": report.examples, "flagged": 0,
-                                                        "detail": f"{report.format} with {report.images} images at {out}"})
+        return StageOutcome("export", recipe, False, False, {"error": str(exc).split("\n")[0]})
+    reasons = Counter(a.reason for a in report.set_aside)
+    return StageOutcome("export", recipe, False, True, {"input": report.examples + len(report.set_aside), "output": report.examples,
+                                                        "flagged": len(report.set_aside), "reasons": dict(reasons),
+                                                        "detail": f"{report.format} with {report.images} images at {out}, registered as "
+                                                                  f"{report.dataset_name}"})
 
 
 def _store_partition(partitions_def, partition: str):

@@ -79,10 +79,17 @@ _PARTS = {SPECIAL_TOKEN: _SPECIAL_PARTS, MEDIA_PLACEHOLDER: _PLACEHOLDER_PARTS, 
 
 
 def sql_pattern(kind: str) -> str:
-    """The kind's pattern for DuckDB's regexp functions (RE2)."""
+    """The kind's pattern for DuckDB's regexp functions (RE2); `sql_shown` writes a match as `Finding.shown` does."""
     if kind == CONTROL_CHARACTER:
         return _re2_class(_CONTROL_RANGES)
     return "|".join(_PARTS[kind])
+
+
+def sql_shown(kind: str, match_sql: str) -> str:
+    """SQL writing a match (`match_sql`, a VARCHAR expression) the way Finding.shown does."""
+    if kind == CONTROL_CHARACTER:
+        return f"printf('U+%04X', unicode({match_sql}))"
+    return f"chr(39) || {match_sql} || chr(39)"
 
 
 def _python_pattern(kind: str) -> str:
@@ -103,10 +110,13 @@ class Finding:
     text: str
     start: int
 
+    @property
+    def shown(self) -> str:
+        """`'<|im_end|>'`; a control character by its code point (`U+200B`)."""
+        return f"U+{ord(self.text):04X}" if self.kind == CONTROL_CHARACTER else f"'{self.text}'"
+
     def describe(self) -> str:
-        """`'<|im_end|>' (special_token)`; a control character by its code point."""
-        shown = f"U+{ord(self.text):04X}" if self.kind == CONTROL_CHARACTER else repr(self.text)
-        return f"{shown} ({self.kind})"
+        return f"{self.shown} ({self.kind})"
 
 
 def find_markup(text: str | None, kinds: Iterable[str] = KINDS, extra: Iterable[str] = ()) -> list[Finding]:
@@ -126,6 +136,16 @@ def find_markup(text: str | None, kinds: Iterable[str] = KINDS, extra: Iterable[
                 start = text.find(token, start + 1)
         found.sort(key=lambda f: f.start)
     return found
+
+
+def markup_counts(text: str | None) -> dict[str, tuple[int, str | None]]:
+    """{kind: (how many, the first one as `describe` shows it)}, each kind matched on its own (curation's rules, in SQL
+    through `sql_pattern`, count the same way)."""
+    counts = {}
+    for kind in KINDS:
+        found = _PATTERNS[kind].findall(text or "")
+        counts[kind] = (len(found), Finding(kind, found[0], 0).shown if found else None)
+    return counts
 
 
 def first_markup(text: str | None, kinds: Iterable[str] = KINDS, extra: Iterable[str] = ()) -> Finding | None:

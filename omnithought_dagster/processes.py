@@ -7,6 +7,8 @@ import ctypes
 import os
 import signal
 import sys
+from collections import deque
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -55,7 +57,7 @@ def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def guarded(command: list[str], grace_s: float = 20.0, keep_env: list[str] | None = None) -> list[str]:
+def guarded(command: list[str], grace_s: float = 20.0, keep_env: list[str] | None = None, stderr_tail: str | os.PathLike | None = None) -> list[str]:
     """`command` run under a guard that dies with this process and takes the command's whole process group with it.
 
     Start the result with `start_new_session=True`: the guard leads a process group that holds the command and
@@ -64,14 +66,18 @@ def guarded(command: list[str], grace_s: float = 20.0, keep_env: list[str] | Non
     the group, waits `grace_s` for the command to end, then SIGKILLs the group. `os.killpg(guard.pid, ...)` reaches
     them all, as before. The command's own exit ends the guard with its exit code. A guard not started in a session
     of its own (Dagster's Pipes client starts the trainer) makes one. With `keep_env` the command gets
-    `child_environment()` plus those names only, whatever environment the guard was given.
+    `child_environment()` plus those names only, whatever environment the guard was given. With `stderr_tail` the
+    command's standard error still reaches the guard's, and its last lines are also written to that file when the command
+    ends: what a caller puts in its error when the command failed (a Pipes client reports only the exit code).
     """
     keep = ["--keep-env", ",".join(keep_env)] if keep_env is not None else []
-    return [sys.executable, "-m", "omnithought_dagster.processes", "guard", *keep, str(os.getpid()), str(grace_s), "--", *command]
+    tail = ["--stderr-tail", str(stderr_tail)] if stderr_tail is not None else []
+    return [sys.executable, "-m", "omnithought_dagster.processes", "guard", *keep, *tail, str(os.getpid()), str(grace_s), "--", *command]
 
 
-def _guard(parent_pid: int, grace_s: float, command: list[str], keep_env: list[str] | None = None) -> int:
+def _guard(parent_pid: int, grace_s: float, command: list[str], keep_env: list[str] | None = None, stderr_tail: str | None = None) -> int:
     import subprocess
+    import threading
     import time
 
     with contextlib.suppress(OSError):
@@ -95,13 +101,35 @@ def _guard(parent_pid: int, grace_s: float, command: list[str], keep_env: list[s
     signal.signal(signal.SIGINT, end_group)
     signal.signal(signal.SIGHUP, end_group)
     die_with_parent(parent_pid, signal.SIGTERM)
-    child = subprocess.Popen(command, preexec_fn=default_signals, env=env)
+    child = subprocess.Popen(command, preexec_fn=default_signals, env=env, stderr=subprocess.PIPE if stderr_tail else None)
+    copier = None
+    if stderr_tail:
+        lines: deque[bytes] = deque(maxlen=STDERR_TAIL_LINES)
+        copier = threading.Thread(target=_copy_stderr, args=(child.stderr, lines), daemon=True)
+        copier.start()
     code = child.wait()
+    if copier is not None:
+        copier.join(timeout=5)  # a grandchild may hold the pipe open: what came until now is enough
+        with contextlib.suppress(OSError):
+            Path(stderr_tail).write_bytes(b"".join(lines))
     # The command ended by itself: what it started and left behind goes too (the guard ignores this SIGTERM).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(0, signal.SIGTERM)
     return code
+
+
+STDERR_TAIL_LINES = 200
+
+
+def _copy_stderr(pipe, lines) -> None:
+    """The command's standard error, line by line, to the guard's own and into `lines` (the last ones kept)."""
+    out = sys.stderr.buffer
+    for line in iter(pipe.readline, b""):
+        lines.append(line)
+        with contextlib.suppress(OSError, ValueError):
+            out.write(line)
+            out.flush()
 
 
 def default_signals() -> None:
@@ -139,13 +167,14 @@ def main(argv: list[str]) -> int:
     guard.add_argument("parent_pid", type=int)
     guard.add_argument("grace_s", type=float)
     guard.add_argument("--keep-env", help="comma-separated names the command gets besides child_environment()")
+    guard.add_argument("--stderr-tail", help="a file that gets the last lines of the command's standard error when it ends")
     guard.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("guard needs a command after --")
     keep = None if args.keep_env is None else [name for name in args.keep_env.split(",") if name]
-    return _guard(args.parent_pid, args.grace_s, command, keep)
+    return _guard(args.parent_pid, args.grace_s, command, keep, args.stderr_tail)
 
 
 if __name__ == "__main__":

@@ -96,8 +96,8 @@ def test_lineage_shows_verdicts_subsets_and_a_subset_summary(curated):
 @pytest.mark.parametrize("fmt", ["sharegpt", "llamafactory", "hf"])
 def test_export_formats(curated, tmp_path, fmt):
     config, store, _ = curated
-    report = export_subset(store, "even", fmt, tmp_path / fmt, cutoff_len=4096)
-    assert report.examples == 12 and (tmp_path / fmt / "manifest.json").exists()
+    report = export_subset(store, "even", fmt, tmp_path / fmt)
+    assert report.examples == 12 and not report.set_aside and (tmp_path / fmt / "manifest.json").exists()
     images = list((tmp_path / fmt / "images").iterdir())
     assert len(images) == report.images == 12
     if fmt == "hf":
@@ -115,31 +115,74 @@ def test_export_formats(curated, tmp_path, fmt):
     assert user.count("<image>") == len(example["images"]) == 1 and (tmp_path / fmt / example["images"][0]).exists()
     assert assistant.startswith("<think>\n") and "\n</think>\n\nAnswer: " in assistant
     if fmt == "llamafactory":
-        info = json.loads((tmp_path / fmt / "dataset_info.json").read_text())["omnithought"]
-        assert info["formatting"] == "sharegpt" and info["columns"] == {"messages": "messages", "images": "images"}
+        info = json.loads((tmp_path / fmt / "dataset_info.json").read_text())
+        assert list(info) == [report.dataset_name] and report.dataset_name == f"omnithought_even_{report.subset_version[:12]}"
+        entry = info[report.dataset_name]
+        assert entry["formatting"] == "sharegpt" and entry["columns"] == {"messages": "messages", "images": "images"}
 
 
-def test_export_refuses_bad_subsets(curated, tmp_path):
+def test_the_cutoff_counts_the_template_and_the_image_tokens_as_the_trainer_does(curated, tmp_path, tiny_teacher):
+    """The old chars/4 estimate fell below the real count for every example (LLaMA-Factory then cut them): the cutoff now
+    counts with the student's chat template and image expansion, and an over-long example is set aside, not cut."""
+    from omnithought_dagster.models.vl_chat import VLTokenizer
+    from omnithought_dagster.train.data import build_index
+
     config, store, _ = curated
-    with pytest.raises(ExportError, match="over the cutoff of 50"):
-        export_subset(store, "even", "sharegpt", tmp_path / "a", cutoff_len=50)
-    member = store.read_partition("subset_members", "even").to_pylist()[0]
+    with pytest.raises(ExportError, match="needs the student's model folder"):
+        export_subset(store, "even", "llamafactory", tmp_path / "x", cutoff_len=4096)
+    report = export_subset(store, "even", "llamafactory", tmp_path / "all", cutoff_len=4096, tokenizer=str(tiny_teacher))
+    index = build_index(tmp_path / "all", tmp_path / "index", VLTokenizer.load(tiny_teacher), 4096, "skip")
+    lengths = sorted(index.lengths)
+    assert report.max_tokens_seen == lengths[-1] and lengths[0] > 100  # 320x320 images: ~100 visual tokens each
+    cutoff = lengths[len(lengths) // 2]
+    cut = export_subset(store, "even", "llamafactory", tmp_path / "cut", cutoff_len=cutoff, tokenizer=str(tiny_teacher))
+    assert cut.examples == sum(n <= cutoff for n in lengths) and len(cut.set_aside) == sum(n > cutoff for n in lengths)
+    assert {a.reason for a in cut.set_aside} == {"over_cutoff"} and cut.max_tokens_seen == lengths[-1]
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert len(manifest["set_aside"]) == len(cut.set_aside) and manifest["cutoff_len"] == cutoff
+
+
+def test_the_preflight_sets_bad_examples_aside_and_writes_the_rest(curated, tmp_path, instance):
+    config, store, _ = curated
+    members = store.read_partition("subset_members", "even").to_pylist()
     seed = store.read_partition("seed_pool", "synthetic")
+    traces = store.read_partition("cot_traces", {"source": "synthetic", "shard": "000"})
     rows = seed.to_pylist()
+    by_sample = {m["sample_id"]: m["trace_id"] for m in members}
+    questions = {members[0]["sample_id"]: "Look at <image> and answer.", members[1]["sample_id"]: "How many? <|im_end|>\n<|im_start|>user"}
     for row in rows:
-        if row["sample_id"] == member["sample_id"]:
-            row["question"] = "Look at <image> and answer."
+        row["question"] = questions.get(row["sample_id"], row["question"])
     store.write_partition("seed_pool", "synthetic", pa.Table.from_pylist(rows, schema=seed.schema))
-    with pytest.raises(ExportError, match="2 <image> placeholders but 1 images"):
-        export_subset(store, "even", "llamafactory", tmp_path / "b")
-    store.write_partition("seed_pool", "synthetic", seed)
-    image = next(r["image_ids"][0] for r in rows if r["sample_id"] == member["sample_id"])
+    trace_rows = traces.to_pylist()
+    for row in trace_rows:
+        if row["trace_id"] == members[2]["trace_id"]:
+            row["reasoning"] = "We count.\u202e then </think> Answer: 9"
+    store.write_partition("cot_traces", {"source": "synthetic", "shard": "000"}, pa.Table.from_pylist(trace_rows, schema=traces.schema))
+    image = next(r["image_ids"][0] for r in rows if r["sample_id"] == members[3]["sample_id"])
     store.fs.delete_file(store.images.path(image))
-    with pytest.raises(ExportError, match=f"image {image} is missing"):
-        export_subset(store, "even", "hf", tmp_path / "c")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    report = export_subset(store, "even", "llamafactory", tmp_path / "b")
+    assert report.examples == 8 and {a.id: a.reason for a in report.set_aside} == {
+        by_sample[members[0]["sample_id"]]: "image_placeholder_mismatch", by_sample[members[1]["sample_id"]]: "markup_in_text",
+        members[2]["trace_id"]: "markup_in_text", by_sample[members[3]["sample_id"]]: "missing_image"}
+    details = {a.id: a.detail for a in report.set_aside}
+    assert details[members[2]["trace_id"]] == "its reasoning holds U+202E (control_character)"
+    assert "'<|im_end|>' (special_token)" in details[by_sample[members[1]["sample_id"]]]
+    data = json.loads((tmp_path / "b" / "data.json").read_text())
+    assert len(data) == 8 and not any("<|" in m["content"] or "\u202e" in m["content"] for e in data for m in e["messages"])
+    # With markup cleaned (curation.rules.markup: clean) the reply is written without it; the question is still set aside.
+    cleaned = export_subset(store, "even", "llamafactory", tmp_path / "c", clean_markup=True)
+    assert members[2]["trace_id"] not in {a.id for a in cleaned.set_aside} and cleaned.examples == 9
+    reply = next(e for e in json.loads((tmp_path / "c" / "data.json").read_text()) if e["id"] == members[2]["trace_id"])["messages"][1]
+    assert reply["content"] == "<think>\nWe count. then  Answer: 9\n</think>\n\nAnswer: " + reply["content"].rsplit("Answer: ", 1)[1]
+    # The subset's check reports the same: 4 of 12 is over the 5% threshold, so it fails; under a 50% threshold it warns.
+    checks = _status(run_partition_checks(config, instance, "sampled_subsets", "even"))
+    assert checks["exportable"] == "ERROR"
+    lenient = load_config(write_config(tmp_path / "lenient", [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}],
+                                       store_root=str(store.root_uri), recipes=RECIPES, curation={"max_set_aside_share": 0.5}))
+    assert _status(run_partition_checks(lenient, instance, "sampled_subsets", "even"))["exportable"] == "WARN"
+    assert not (tmp_path / "a").exists()
     result = CliRunner().invoke(app, ["export", "even", "--format", "sharegpt", "--out", str(tmp_path / "d"), "--config", config.config_path])
-    assert result.exit_code == 1 and "export refused" in result.output
+    assert result.exit_code == 0 and "set aside" in result.output and "missing_image" in result.output
     with pytest.raises(ExportError, match="no members"):
         export_subset(store, "nope", "hf", tmp_path / "e")
 

@@ -89,6 +89,15 @@ def test_the_guard_passes_the_exit_code_and_filters_the_environment(tmp_path, mo
     assert "AWS_SECRET_ACCESS_KEY" not in child_environment() and child_environment({"X": "1"})["X"] == "1"
 
 
+def test_the_guard_keeps_the_last_lines_of_standard_error_and_still_passes_them_on(tmp_path):
+    code = ("import sys\nfor i in range(500): print(f'line {i}', file=sys.stderr)\n"
+            "print('Traceback: ValueError: Image features and image tokens do not match', file=sys.stderr); sys.exit(3)")
+    done = subprocess.run(guarded([sys.executable, "-c", code], stderr_tail=tmp_path / "tail"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and done.stderr.count("\n") == 501  # everything still reaches the caller's stream
+    kept = (tmp_path / "tail").read_text().split("\n")
+    assert kept[-2] == "Traceback: ValueError: Image features and image tokens do not match" and len(kept) == 201
+
+
 def test_an_evaluator_dies_with_a_killed_step(tmp_path):
     """lmms-eval (here a stand-in that starts a child of its own) ends with the step that runs it."""
     report = tmp_path / "tree.json"

@@ -129,6 +129,17 @@ def test_a_recipe_without_a_subset_fails_clearly(tmp_path, instance):
     assert "materialise sampled_subsets[even] first" in str(failure.event_specific_data.error)
 
 
+@pytest.mark.slow
+def test_a_failing_trainer_fails_the_step_with_its_own_last_lines(tmp_path, instance):
+    """Pipes reports only "External execution process failed with code 1": the step's error carries what the trainer said."""
+    config = _project(tmp_path, max_length=16)  # every example's prompt is longer: nothing to train on
+    assert run_job(config, instance, FILTER_JOB, "synthetic").success and run_job(config, instance, SUBSET_JOB, "even").success
+    result = run_job(config, instance, TRAIN_JOB, "even|tiny")
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.message
+    assert "the trainer failed" in message and "no trainable examples" in message and "'prompt_over_max_length': 12" in message
+
+
 def test_checkpoint_ids_name_what_the_weights_depend_on():
     settings = TrainingConfig()
     assert checkpoint_id("base", "v1", train_config_hash(settings)) != checkpoint_id("base", "v2", train_config_hash(settings))

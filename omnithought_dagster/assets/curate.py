@@ -21,7 +21,7 @@ from omnithought_dagster.store import CorpusStore, table_spec
 CURATE_GROUP = "curate"
 FILTERED_SET_KEY = dg.AssetKey("filtered_set")
 SAMPLED_SUBSETS_KEY = dg.AssetKey("sampled_subsets")
-CURATE_CODE_VERSION = "curation-v1"
+CURATE_CODE_VERSION = "curation-v2"  # v2: markup rules, reasons carry a detail
 
 
 def filter_fingerprint(config: ProjectConfig, store: CorpusStore, source: str) -> str:
@@ -93,6 +93,8 @@ def build_curate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                                                     horizontal=False, order=cfg.annotation.difficulty_labels),
                 **{f"reason/{code}": n for code, n in sorted(reasons.items())},
                 "contaminated_samples": len(result.contamination),
+                # `markup: clean` keeps traces holding markup; the export deletes it from their text (curation.export).
+                **{f"markup_kept/{kind}": n for kind, n in sorted(result.markup_kept.items())},
                 "input_fingerprint": filter_fingerprint(cfg, corpus, source),
                 "benchmark_items": len(items),
                 "kept_by_difficulty": counts(Counter(r["difficulty_label"] for r in kept), "difficulty"),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
+from dagster._core.errors import DagsterPipesExecutionError  # not exported at the top level in 1.13
 
 from omnithought_dagster.assets.curate import SAMPLED_SUBSETS_KEY
 from omnithought_dagster.assets.metadata import column_schema, plot
@@ -25,6 +26,7 @@ from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig, StudentConfig
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
+from omnithought_dagster.logtail import log_tail
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.processes import guarded
 from omnithought_dagster.plots import curves
@@ -162,10 +164,14 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 model_dir = str(_start_checkpoint(corpus, method["start_checkpoint"], student, recipe, work / "start"))
             from omnithought_dagster.curation.export import ExportError, export_subset
 
-            try:
-                export = export_subset(corpus, recipe, "llamafactory", work / "data")
+            try:  # what the student's tokenizer would read as markup is set aside too (its own added tokens)
+                export = export_subset(corpus, recipe, "llamafactory", work / "data", tokenizer=model_dir,
+                                       clean_markup=cfg.curation.rules.markup == "clean")
             except ExportError as exc:
                 raise dg.Failure(description=str(exc)) from exc
+            if export.set_aside:
+                context.log.warning(f"the export set {len(export.set_aside)} of {export.examples + len(export.set_aside)} traces aside, e.g. "
+                                    f"{export.set_aside[0].id[:12]}: {export.set_aside[0].reason}: {export.set_aside[0].detail}")
             spec_path = work / "spec.json"
             spec = training_spec(model_dir, work / "data", work / "model", cfg.training, run_dir=work / "run", method=method)
             spec_path.write_text(json.dumps(spec, indent=2))
@@ -184,8 +190,12 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 env.update(visible_devices_env(devices))
                 # Under a guard: the launcher and its ranks end with the step however it ends; they see the variables
                 # they need plus the training env, not the step's other secrets.
-                invocation = pipes_subprocess_client.run(command=guarded(command, keep_env=sorted(env)), context=context, env=env,
-                                                         cwd=str(work))
+                tail = work / "trainer.stderr"
+                try:
+                    invocation = pipes_subprocess_client.run(command=guarded(command, keep_env=sorted(env), stderr_tail=tail), context=context,
+                                                             env=env, cwd=str(work))
+                except DagsterPipesExecutionError as exc:  # it says only the exit code: the trainer's own last lines say why
+                    raise dg.Failure(description=f"the trainer failed ({exc}); its last lines:\n{log_tail(tail)}") from None
             reported = {k: getattr(v, "value", v) for k, v in invocation.get_materialize_result().metadata.items()}
             context.log.info(f"trainer finished in {time.monotonic() - started:.1f} s")
             if not (work / "model" / "config.json").is_file():
@@ -197,11 +207,15 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                        launcher=f"{cfg.training.launcher} x{reported.get('world_size', '?')}")
             results = {key: reported[key] for key in METHOD_RESULTS if key in reported}
             corpus.checkpoints.put(ckpt, work / "model", {"row": row, "train_spec": json.loads(spec_path.read_text()),
-                                                          "export": {"examples": export.examples, "images": export.images},
+                                                          "export": {"examples": export.examples, "images": export.images,
+                                                                     "set_aside": len(export.set_aside)},
                                                           "results": results})
             extra = {"loss_curve": dg.MetadataValue.md(reported["loss_curve"])} if reported.get("loss_curve") else {}
             extra.update({key: reported[key] for key in ("skipped_examples", "resumed_from_step", "eval_loss", "method", "teacher")
                           if key in reported})
+            if export.set_aside:
+                extra["export_set_aside"] = dg.MetadataValue.json([{"trace_id": a.id, "reason": a.reason, "detail": a.detail}
+                                                                   for a in export.set_aside[:50]])
             extra.update(results)
             if reported.get("skipped"):
                 extra["skipped"] = dg.MetadataValue.json(reported["skipped"])

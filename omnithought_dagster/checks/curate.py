@@ -18,6 +18,7 @@ STRATA_WITHIN_TOLERANCE = "strata_within_tolerance"
 NO_SAMPLE_TWICE = "no_sample_twice"
 MEMBERS_KEPT = "members_are_kept"
 NO_CONTAMINATION = "no_contamination"
+EXPORTABLE = "exportable"
 
 
 def build_curate_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
@@ -154,7 +155,36 @@ def build_curate_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
                                                               "contaminated": len(hits), "examples": dg.MetadataValue.json(examples)},
                                    description=f"{len(hits)} member samples match benchmark items" if hits else None)
 
-    return [*checks, size_matches_recipe, strata_within_tolerance, no_sample_twice, members_are_kept, no_contamination]
+    @dg.asset_check(asset=SAMPLED_SUBSETS_KEY, name=EXPORTABLE, partitions_def=recipes, blocking=True)
+    def exportable(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
+        """The export's pre-flight over the members (missing images, placeholder counts, markup a client would read as tokens):
+        the traces it would set aside. Up to curation.max_set_aside_share of the subset warns (the export writes the rest);
+        more fails."""
+        from omnithought_dagster.curation.export import ExportError, preflight
+
+        cfg = project.config
+        try:
+            checked = preflight(store.open(), context.partition_key, clean_markup=cfg.curation.rules.markup == "clean")
+        except ExportError as exc:
+            return dg.AssetCheckResult(passed=False, description=str(exc))
+        share = len(checked.set_aside) / max(checked.considered, 1)
+        by_reason: dict[str, int] = {}
+        for aside in checked.set_aside:
+            by_reason[aside.reason] = by_reason.get(aside.reason, 0) + 1
+        metadata = {"members": checked.considered, "set_aside": len(checked.set_aside), "set_aside_share": round(share, 4),
+                    "by_reason": dg.MetadataValue.json(by_reason), "threshold": cfg.curation.max_set_aside_share,
+                    "examples": dg.MetadataValue.json([{"trace_id": a.id, "reason": a.reason, "detail": a.detail} for a in checked.set_aside[:10]])}
+        if not checked.set_aside:
+            return dg.AssetCheckResult(passed=True, metadata=metadata)
+        first = checked.set_aside[0]
+        description = (f"the export would set aside {len(checked.set_aside)} of {checked.considered} traces ({share:.1%}), e.g. "
+                       f"{first.id[:12]}: {first.reason}: {first.detail}")
+        if share <= cfg.curation.max_set_aside_share:
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, metadata=metadata, description=description)
+        return dg.AssetCheckResult(passed=False, metadata=metadata,
+                                   description=f"{description}: over curation.max_set_aside_share ({cfg.curation.max_set_aside_share:.1%})")
+
+    return [*checks, size_matches_recipe, strata_within_tolerance, no_sample_twice, members_are_kept, no_contamination, exportable]
 
 
 def _eligible(store: CorpusStoreResource, recipe) -> int:

@@ -23,6 +23,7 @@ class CurationResult:
     decisions: pa.Table
     timings: dict[str, float]
     contamination: dict[str, list[Contamination]] = field(default_factory=dict)
+    markup_kept: dict[str, int] = field(default_factory=dict)  # kept traces holding markup, by kind (`markup: clean`)
 
     @property
     def reason_counts(self) -> Counter:
@@ -54,7 +55,7 @@ def curate_source(store: CorpusStore, source: str, curation: CurationConfig, ben
     timings.update(decisions.timings)
     table = decisions.table.select(FILTER_DECISIONS.column_names).cast(FILTER_DECISIONS.schema)
     con.close()
-    return CurationResult(table, timings, contamination)
+    return CurationResult(table, timings, contamination, decisions.markup_kept)
 
 
 def recheck_kept(store: CorpusStore, source: str, curation: CurationConfig, benchmark_items: list[BenchmarkItem],

@@ -1,4 +1,4 @@
-"""Export a subset as training data for VLM trainers, after a pre-flight validation that fails loudly.
+"""Export a subset as training data for VLM trainers, after a pre-flight that sets aside what a client would misread.
 
 Formats (each example: the images, a user turn with one `<image>` placeholder per image then
 the question and options, and the assistant turn - the teacher's reasoning and final answer in
@@ -6,11 +6,20 @@ the structured form `<think>\\n...\\n</think>\\n\\nAnswer: ...`):
 - sharegpt:     data.json - [{"id", "conversations": [{"from": "human"|"gpt", "value"}], "images": [...]}]
 - llamafactory: data.json - [{"id", "messages": [{"role": "user"|"assistant", "content"}], "images": [...],
                 "reference": {"answer", "answer_type", "choices"}} (the reference answer: the RL methods' reward)
-                and dataset_info.json registering it (formatting sharegpt, the messages/images columns and tags)
+                and dataset_info.json registering it as `omnithought_<subset>_<version>` (formatting sharegpt, the
+                messages/images columns and tags): names of two exports never collide
 - hf:           a datasets.save_to_disk folder with columns id, messages, images (a sequence of Image)
-Images are copied to images/<image_id>.<ext> beside the data (paths in the data are relative).
-The validation refuses to write anything when an example's placeholders do not match its
-images, an image is missing from the store, or an example is over the token cutoff.
+Images are copied to images/<image_id>.<ext> beside the data (paths in the data are relative to the
+export folder: LLaMA-Factory's `dataset_dir`, whose `media_dir` defaults to it).
+
+Pre-flight (`preflight`): an example is set aside, with its reason, when an image is missing from
+the store (`missing_image`), its turns hold more or fewer `<image>` than it has images (LLaMA-Factory
+counts them across all messages: `image_placeholder_mismatch`), its text holds markup the client
+would read as tokens or placeholders - or, in the reply, any markup at all (`markup_in_text`; README
+"Text is data"; with `curation.rules.markup: clean` the reply is cleaned first), or it is longer than
+`cutoff_len` tokens (`over_cutoff`) counted as the client counts: the student's chat template and
+image expansion (models/vl_chat.py, the trainer's own encoding), never a character estimate. The
+others are written; one bad example never refuses a subset. manifest.json lists what was set aside.
 """
 
 from __future__ import annotations
@@ -22,15 +31,36 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omnithought_dagster.markup import FORGED_DELIMITER, find_markup
+from omnithought_dagster.markup import FORGED_DELIMITER, KINDS, TOKEN_KINDS, clean, find_markup
 from omnithought_dagster.store import CorpusStore
 
 FORMATS = ("sharegpt", "llamafactory", "hf")
 PLACEHOLDER = "<image>"
+SET_ASIDE_REASONS = ("missing_image", "image_placeholder_mismatch", "markup_in_text", "over_cutoff")
 
 
 class ExportError(RuntimeError):
-    """The subset cannot be exported; the message lists the offending examples."""
+    """The subset cannot be exported at all (no members, every example set aside, no tokenizer for a cutoff)."""
+
+
+@dataclass(frozen=True)
+class SetAside:
+    id: str  # the trace id
+    reason: str  # one of SET_ASIDE_REASONS
+    detail: str
+
+
+@dataclass
+class Preflight:
+    examples: list[dict]  # what will be written
+    subset_version: str
+    set_aside: list[SetAside]
+    token_counter: str
+    max_tokens_seen: int = 0
+
+    @property
+    def considered(self) -> int:
+        return len(self.examples) + len(self.set_aside)
 
 
 @dataclass
@@ -42,8 +72,9 @@ class ExportReport:
     images: int
     out: Path
     token_counter: str
+    dataset_name: str
     max_tokens_seen: int = 0
-    problems: list[str] = field(default_factory=list)
+    set_aside: list[SetAside] = field(default_factory=list)
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -75,39 +106,110 @@ def user_text(question: str, choices: list[str], n_images: int) -> str:
     return PLACEHOLDER * n_images + "\n" + question + options
 
 
+def dataset_name(subset: str, version: str) -> str:
+    """The name an export registers in dataset_info.json: its subset and version, so two exports never collide."""
+    return f"omnithought_{subset}_{version[:12]}"
+
+
+def preflight(store: CorpusStore, subset: str, *, cutoff_len: int | None = None, tokenizer: str | None = None,
+              clean_markup: bool = False) -> Preflight:
+    """The subset's examples, and those set aside with their reasons. `tokenizer`: the student's model folder (its
+    tokenizer, chat template and image processor), needed to count tokens for `cutoff_len` and adding its own
+    added tokens to the markup looked for. `clean_markup`: delete markup from the reply first (curation.rules.markup)."""
+    if cutoff_len is not None and tokenizer is None:
+        raise ExportError("a token cutoff needs the student's model folder (--tokenizer) to count what the client counts: its chat "
+                          "template and the image tokens; a character estimate undercounts")
+    examples, version = _examples(store, subset, clean_markup)
+    vl = _vl_tokenizer(tokenizer) if tokenizer else None
+    added = tuple(vl.added_tokens) if vl is not None else ()
+    kept, set_aside, longest = [], [], 0
+    for example in examples:
+        problem, tokens = _problem(store, example, vl, added, cutoff_len)
+        longest = max(longest, tokens)
+        if problem is None:
+            kept.append(example)
+        else:
+            set_aside.append(SetAside(example["id"], *problem))
+    counter = f"the chat template and image tokens of {tokenizer}" if vl is not None else "none (no cutoff)"
+    return Preflight(kept, version, set_aside, counter, longest)
+
+
+def _problem(store: CorpusStore, example: dict, vl, added: tuple[str, ...], cutoff_len: int | None) -> tuple[tuple[str, str] | None, int]:
+    """(reason, detail) for an example a client would misread (None when it is sound), and its length in tokens."""
+    for image_id in example["image_ids"]:
+        if not store.images.exists(image_id):
+            return ("missing_image", f"image {image_id} is missing from the image store"), 0
+    n_images = len(example["image_ids"])
+    placeholders = example["user"].count(PLACEHOLDER) + example["assistant"].count(PLACEHOLDER)
+    if placeholders != n_images:
+        return ("image_placeholder_mismatch", f"{placeholders} {PLACEHOLDER} placeholders in its turns but {n_images} images"), 0
+    question = example["user"][len(PLACEHOLDER) * n_images:]
+    for name, text, kinds in (("question", question, TOKEN_KINDS), ("reasoning", example["reasoning"], KINDS),
+                              ("final answer", example["final_answer"], KINDS)):
+        found = find_markup(text, kinds, added)
+        if found:
+            return ("markup_in_text", f"its {name} holds {found[0].describe()}"), 0
+    if vl is None or cutoff_len is None:
+        return None, 0
+    tokens = _client_tokens(store, example, vl)
+    if cutoff_len is not None and tokens > cutoff_len:
+        return ("over_cutoff", f"{tokens} tokens with the chat template and image tokens, over the cutoff of {cutoff_len}"), tokens
+    return None, tokens
+
+
+def _client_tokens(store: CorpusStore, example: dict, vl) -> int:
+    """Prompt + reply tokens as the trainer (and LLaMA-Factory with the model's template) encodes the example: image
+    sizes from the stored bytes' headers."""
+    import io
+
+    from PIL import Image
+
+    from omnithought_dagster.train.data import conversation
+
+    sizes = []
+    for image_id in example["image_ids"]:
+        with Image.open(io.BytesIO(store.images.get(image_id))) as image:
+            sizes.append(image.size)
+    messages, _ = conversation({"messages": [{"role": "user", "content": example["user"]}, {"role": "assistant", "content": example["assistant"]}],
+                                "images": example["image_ids"]})
+    return vl.example_length(messages, sizes)[1]
+
+
+def _vl_tokenizer(model_dir: str):
+    from omnithought_dagster.models.vl_chat import VLTokenizer
+
+    try:
+        return VLTokenizer.load(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot load the tokenizer and image processor of {model_dir}: {exc}") from None
+
+
 def export_subset(store: CorpusStore, subset: str, fmt: str, out: str | Path, *, cutoff_len: int | None = None,
-                  tokenizer: str | None = None) -> ExportReport:
+                  tokenizer: str | None = None, clean_markup: bool = False) -> ExportReport:
+    """Write the subset's sound examples in `fmt` to `out` (replaced as a whole, atomically); the report lists what was
+    set aside. ExportError when there is nothing to write."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    examples, version = _examples(store, subset)
-    count = _token_counter(tokenizer)
-    problems, longest = [], 0
-    for example in examples:
-        user = example["user"]
-        if user.count(PLACEHOLDER) != len(example["image_ids"]):
-            problems.append(f"{example['id']}: {user.count(PLACEHOLDER)} {PLACEHOLDER} placeholders but {len(example['image_ids'])} images")
-        for image_id in example["image_ids"]:
-            if not store.images.exists(image_id):
-                problems.append(f"{example['id']}: image {image_id} is missing from the image store")
-        if cutoff_len is not None:
-            tokens = count(user + example["assistant"])
-            longest = max(longest, tokens)
-            if tokens > cutoff_len:
-                problems.append(f"{example['id']}: {tokens} tokens, over the cutoff of {cutoff_len}")
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        raise ExportError(f"subset {subset!r} failed pre-flight validation ({len(problems)} problems):\n  {shown}"
-                          + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    checked = preflight(store, subset, cutoff_len=cutoff_len, tokenizer=tokenizer, clean_markup=clean_markup)
+    if not checked.examples:
+        shown = "\n  ".join(f"{a.id}: {a.reason}: {a.detail}" for a in checked.set_aside[:20])
+        raise ExportError(f"subset {subset!r}: all {checked.considered} examples were set aside by the pre-flight:\n  {shown}")
+    examples, version = checked.examples, checked.subset_version
+    name = dataset_name(subset, version)
     out = Path(out)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
     try:
         images = _copy_images(store, examples, staging / "images")
-        _WRITERS[fmt](examples, staging, images)
-        report = ExportReport(subset, version, fmt, len(examples), len(images), out, "tokenizer" if tokenizer else "estimate (chars / 4)", longest)
+        _WRITERS[fmt](examples, staging, images, name)
+        report = ExportReport(subset, version, fmt, len(examples), len(images), out, checked.token_counter, name, checked.max_tokens_seen,
+                              checked.set_aside)
         (staging / "manifest.json").write_text(json.dumps({
-            "subset": subset, "subset_version": version, "format": fmt, "examples": len(examples), "images": len(images),
-            "cutoff_len": cutoff_len, "token_counter": report.token_counter, "assistant_format": assistant_text("<reasoning>", "<answer>"),
-        }, indent=2))
+            "subset": subset, "subset_version": version, "format": fmt, "dataset_name": name, "examples": len(examples),
+            "images": len(images), "cutoff_len": cutoff_len, "token_counter": report.token_counter, "max_tokens": checked.max_tokens_seen,
+            "markup": "cleaned from the replies" if clean_markup else "replies holding markup set aside",
+            "assistant_format": assistant_text("<reasoning>", "<answer>"),
+            "set_aside": [{"id": a.id, "reason": a.reason, "detail": a.detail} for a in checked.set_aside],
+        }, indent=2, ensure_ascii=False))
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +219,7 @@ def export_subset(store: CorpusStore, subset: str, fmt: str, out: str | Path, *,
     return report
 
 
-def _examples(store: CorpusStore, subset: str) -> tuple[list[dict], str]:
+def _examples(store: CorpusStore, subset: str, clean_markup: bool = False) -> tuple[list[dict], str]:
     con = store.catalog(["subset_members", "cot_traces", "seed_pool"])
     rows = con.sql("""
         SELECT m.trace_id, m.subset_version, m.pick, s.question, s.choices, s.image_ids, s.answer, s.answer_type, t.reasoning,
@@ -128,12 +230,15 @@ def _examples(store: CorpusStore, subset: str) -> tuple[list[dict], str]:
     con.close()
     if not rows:
         raise ExportError(f"subset {subset!r} has no members (materialise sampled_subsets[{subset}] first)")
-    examples = [{
-        "id": row["trace_id"], "image_ids": list(row["image_ids"]),
-        "user": user_text(row["question"], list(row["choices"]), len(row["image_ids"])),
-        "assistant": assistant_text(row["reasoning"], row["final_answer"]),
-        "reference": {"answer": row["answer"], "answer_type": row["answer_type"], "choices": list(row["choices"])},
-    } for row in rows]
+    examples = []
+    for row in rows:
+        reasoning, answer = (clean(row["reasoning"]), clean(row["final_answer"])) if clean_markup else (row["reasoning"], row["final_answer"])
+        examples.append({
+            "id": row["trace_id"], "image_ids": list(row["image_ids"]), "reasoning": reasoning or "", "final_answer": answer or "",
+            "user": user_text(row["question"], list(row["choices"]), len(row["image_ids"])),
+            "assistant": assistant_text(reasoning, answer),
+            "reference": {"answer": row["answer"], "answer_type": row["answer_type"], "choices": list(row["choices"])},
+        })
     return examples, rows[0]["subset_version"]
 
 
@@ -151,23 +256,22 @@ def _copy_images(store: CorpusStore, examples: list[dict], folder: Path) -> dict
     return paths
 
 
-def _write_sharegpt(examples: list[dict], out: Path, images: dict[str, str]) -> None:
+def _write_sharegpt(examples: list[dict], out: Path, images: dict[str, str], name: str) -> None:
     data = [{"id": e["id"], "conversations": [{"from": "human", "value": e["user"]}, {"from": "gpt", "value": e["assistant"]}],
              "images": [images[i] for i in e["image_ids"]]} for e in examples]
     (out / "data.json").write_text(json.dumps(data, ensure_ascii=False, indent=1))
 
 
-def _write_llamafactory(examples: list[dict], out: Path, images: dict[str, str]) -> None:
+def _write_llamafactory(examples: list[dict], out: Path, images: dict[str, str], name: str) -> None:
     data = [{"id": e["id"], "messages": [{"role": "user", "content": e["user"]}, {"role": "assistant", "content": e["assistant"]}],
              "images": [images[i] for i in e["image_ids"]], "reference": e["reference"]} for e in examples]
     (out / "data.json").write_text(json.dumps(data, ensure_ascii=False, indent=1))
-    info = {"omnithought": {"file_name": "data.json", "formatting": "sharegpt",
-                            "columns": {"messages": "messages", "images": "images"},
-                            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}
+    info = {name: {"file_name": "data.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+                   "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}
     (out / "dataset_info.json").write_text(json.dumps(info, indent=2))
 
 
-def _write_hf(examples: list[dict], out: Path, images: dict[str, str]) -> None:
+def _write_hf(examples: list[dict], out: Path, images: dict[str, str], name: str) -> None:
     import datasets
 
     features = datasets.Features({
@@ -184,12 +288,3 @@ def _write_hf(examples: list[dict], out: Path, images: dict[str, str]) -> None:
 
 
 _WRITERS = {"sharegpt": _write_sharegpt, "llamafactory": _write_llamafactory, "hf": _write_hf}
-
-
-def _token_counter(tokenizer: str | None):
-    if tokenizer is None:
-        return lambda text: -(-len(text) // 4)  # a conservative estimate without a tokenizer
-    from transformers import AutoTokenizer
-
-    loaded = AutoTokenizer.from_pretrained(tokenizer)
-    return lambda text: len(loaded(text, add_special_tokens=False)["input_ids"])

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from omnithought_dagster.config import RulesConfig, SelectionConfig
+from omnithought_dagster.markup import KINDS as MARKUP_KINDS
+from omnithought_dagster.markup import markup_counts, sql_pattern, sql_shown
 
 # Per-trace measurements the rules read; computed once (SQL: `metrics`, Python: `measure`).
 TEXT_METRICS_SQL = {
@@ -33,6 +35,21 @@ TEXT_METRICS_SQL = {
     "foreign_share": "CASE WHEN length(reasoning) > 0 THEN (strlen(reasoning) - length(reasoning)) / length(reasoning) ELSE 0.0 END",
     "content_hash": "hash(coalesce(reasoning, ''), coalesce(final_answer, ''))",
 }
+# Markup in what the student would learn to write (reasoning and final answer; markup.py): per kind, how many and the
+# first one, as the rules' value and detail. One scan finds the traces holding any; only those are measured kind by kind.
+_REPLY_TEXT = "coalesce(reasoning, '') || chr(10) || coalesce(final_answer, '')"
+
+
+def _quoted(pattern: str) -> str:
+    return "'" + pattern.replace("'", "''") + "'"
+
+
+_ANY_MARKUP = _quoted("|".join(f"(?:{sql_pattern(kind)})" for kind in MARKUP_KINDS))
+for _kind in MARKUP_KINDS:
+    TEXT_METRICS_SQL[f"{_kind}_n"] = (f"CASE WHEN regexp_matches({_REPLY_TEXT}, {_ANY_MARKUP}) "
+                                      f"THEN len(regexp_extract_all({_REPLY_TEXT}, {_quoted(sql_pattern(_kind))})) ELSE 0 END")
+    TEXT_METRICS_SQL[f"{_kind}_first"] = (f"CASE WHEN {_kind}_n > 0 THEN "  # the column just above (DuckDB's lateral alias)
+                                          f"{sql_shown(_kind, f'regexp_extract({_REPLY_TEXT}, {_quoted(sql_pattern(_kind))})')} END")
 
 
 def measure(trace: dict, tail: int) -> dict:
@@ -41,7 +58,10 @@ def measure(trace: dict, tail: int) -> dict:
     answer = trace.get("final_answer") or ""
     lines = [line for line in reasoning.split("\n") if line != ""]
     n = len(reasoning)
+    markup = {f"{kind}_{part}": value for kind, (count, first) in markup_counts(f"{reasoning}\n{answer}").items()
+              for part, value in (("n", count), ("first", first))}
     return {
+        **markup,
         "reasoning_chars": n if reasoning.strip(" \t\n\r") else 0,
         "has_answer": bool(answer.strip(" \t\n\r")),
         "line_repeat": 1 - len(set(lines)) / len(lines) if len(lines) >= 4 else 0.0,
@@ -58,6 +78,8 @@ class Rule:
     threshold: float | None
     value: Callable[[dict], float | None]  # Python twin over the joined row dict
     trips: Callable[[dict], bool]
+    detail_sql: str = "NULL"  # what tripped it, in words (the markup rules name the string)
+    detail: Callable[[dict], str | None] = lambda row: None
 
 
 def _flag(value) -> float:
@@ -163,8 +185,22 @@ def contaminated_image(c: RulesConfig) -> Rule | None:
                 lambda r: r["image_distance"], lambda r: r["image_distance"] is not None)
 
 
+def _markup_rule(kind: str):
+    def rule(c: RulesConfig) -> Rule | None:
+        """The reasoning or final answer holds markup of this kind (markup.py); off with `markup: clean` (kept, then cleaned
+        where the text is exported). The value is how many, the detail the first one."""
+        if c.markup != "drop":
+            return None
+        return Rule(kind, f"m.{kind}_n", f"m.{kind}_n > 0", 0, lambda r: r[f"{kind}_n"], lambda r: r[f"{kind}_n"] > 0,
+                    f"m.{kind}_first", lambda r: r[f"{kind}_first"])
+
+    rule.__name__ = kind
+    return rule
+
+
 RULES = [not_annotated, missing_reasoning, missing_answer, wrong_answer, truncated, generation_error, annotation_error, too_short, too_long,
-         repetitive_lines, repetitive_loop, script_mismatch, low_quality, near_duplicate_sample, contaminated_question, contaminated_image]
+         repetitive_lines, repetitive_loop, script_mismatch, low_quality, near_duplicate_sample, contaminated_question, contaminated_image,
+         *map(_markup_rule, MARKUP_KINDS)]
 # Codes added after the row rules: duplicate traces (the first clean copy is kept), then
 # difficulty-aware selection (sample-level unsolvable / trivial; a per-sample cap on clean traces).
 DUPLICATE = "duplicate_trace"
@@ -177,7 +213,7 @@ def active_rules(config: RulesConfig) -> list[Rule]:
 
 def rule_reasons(row: dict, rules: list[Rule]) -> list[dict]:
     """The Python verdict of the row rules on one joined row (what the checks recompute)."""
-    return [{"code": r.code, "value": _number(r.value(row)), "threshold": r.threshold} for r in rules if r.trips(row)]
+    return [{"code": r.code, "value": _number(r.value(row)), "threshold": r.threshold, "detail": r.detail(row)} for r in rules if r.trips(row)]
 
 
 def preference(quality: float | None, verbosity: float | None, label: str, selection: SelectionConfig) -> float:
@@ -200,6 +236,7 @@ def _number(value) -> float | None:
 class Decisions:
     table: pa.Table
     timings: dict[str, float]
+    markup_kept: dict[str, int]  # kept traces holding markup, by kind (only under `markup: clean`: cleaned where exported)
 
 
 def decide(con, source: str, rules_cfg: RulesConfig, selection: SelectionConfig, flags: pa.Table) -> Decisions:
@@ -225,7 +262,7 @@ def decide(con, source: str, rules_cfg: RulesConfig, selection: SelectionConfig,
     rules = active_rules(rules_cfg)
     reason_items = ",\n        ".join(
         f"CASE WHEN {r.trips_sql} THEN {{'code': '{r.code}', 'value': ({r.value_sql})::DOUBLE, 'threshold': "
-        f"{'NULL' if r.threshold is None else repr(float(r.threshold))}::DOUBLE}} END"
+        f"{'NULL' if r.threshold is None else repr(float(r.threshold))}::DOUBLE, 'detail': ({r.detail_sql})::VARCHAR}} END"
         for r in rules
     )
     values = {"min_tokens": rules_cfg.min_tokens, "max_total_tokens": rules_cfg.max_total_tokens,
@@ -254,7 +291,8 @@ def decide(con, source: str, rules_cfg: RulesConfig, selection: SelectionConfig,
         ), with_dup AS (
           SELECT * REPLACE (
               CASE WHEN first_copy IS NOT NULL AND first_copy <> trace_id
-                   THEN list_append(row_reasons, {{'code': '{DUPLICATE}', 'value': 1.0::DOUBLE, 'threshold': NULL::DOUBLE}})
+                   THEN list_append(row_reasons, {{'code': '{DUPLICATE}', 'value': 1.0::DOUBLE, 'threshold': NULL::DOUBLE,
+                                                   'detail': NULL::VARCHAR}})
                    ELSE row_reasons END AS row_reasons)
           FROM deduped
         ), selected AS (
@@ -266,11 +304,13 @@ def decide(con, source: str, rules_cfg: RulesConfig, selection: SelectionConfig,
         SELECT trace_id, sample_id, $source AS source, shard, rollout,
           list_concat(row_reasons, list_filter([
             CASE WHEN {str(selection.drop_unsolvable).upper()} AND pass_rate = 0
-                 THEN {{'code': 'unsolvable_sample', 'value': pass_rate, 'threshold': 0.0::DOUBLE}} END,
+                 THEN {{'code': 'unsolvable_sample', 'value': pass_rate, 'threshold': 0.0::DOUBLE, 'detail': NULL::VARCHAR}} END,
             CASE WHEN pass_rate >= {selection.trivial_min_pass_rate!r} AND difficulty_bin <= {selection.trivial_max_difficulty_bin}
-                 THEN {{'code': 'trivial_sample', 'value': pass_rate, 'threshold': {selection.trivial_min_pass_rate!r}::DOUBLE}} END,
+                 THEN {{'code': 'trivial_sample', 'value': pass_rate, 'threshold': {selection.trivial_min_pass_rate!r}::DOUBLE,
+                        'detail': NULL::VARCHAR}} END,
             CASE WHEN clean_rank > {selection.max_traces_per_sample}
-                 THEN {{'code': 'over_trace_cap', 'value': clean_rank::DOUBLE, 'threshold': {float(selection.max_traces_per_sample)!r}::DOUBLE}} END
+                 THEN {{'code': 'over_trace_cap', 'value': clean_rank::DOUBLE, 'threshold': {float(selection.max_traces_per_sample)!r}::DOUBLE,
+                        'detail': NULL::VARCHAR}} END
           ], lambda x: x IS NOT NULL)) AS reasons,
           CASE WHEN first_copy IS NOT NULL AND first_copy <> trace_id THEN first_copy ELSE near_duplicate_of END AS duplicate_of,
           coalesce(tags, []::VARCHAR[]) AS tags, coalesce(difficulty_label, 'unannotated') AS difficulty_label,
@@ -280,8 +320,11 @@ def decide(con, source: str, rules_cfg: RulesConfig, selection: SelectionConfig,
     """, params={"source": source}).to_arrow_table()
     kept = pa.compute.equal(pa.compute.list_value_length(table.column("reasons")), 0)
     table = table.append_column("kept", kept)
+    con.register("decided", table.select(["trace_id", "kept"]))
+    counts = con.execute(f"SELECT {', '.join(f'count(*) FILTER (WHERE m.{kind}_n > 0)' for kind in MARKUP_KINDS)} "
+                         "FROM m JOIN decided USING (trace_id) WHERE decided.kept").fetchone()
     timings["decide"] = time.perf_counter() - started
-    return Decisions(table, timings)
+    return Decisions(table, timings, {kind: n for kind, n in zip(MARKUP_KINDS, counts, strict=True) if n})
 
 
 # -- per-sample flags: near duplicates and contamination ----------------------------------------------

@@ -161,7 +161,8 @@ ANNOTATIONS = TableSpec(
     ),
 )
 
-REASON = pa.struct([pa.field("code", pa.string()), pa.field("value", pa.float64()), pa.field("threshold", pa.float64())])
+REASON = pa.struct([pa.field("code", pa.string()), pa.field("value", pa.float64()), pa.field("threshold", pa.float64()),
+                    pa.field("detail", pa.string())])
 
 FILTER_DECISIONS = TableSpec(
     name="filter_decisions",
@@ -175,7 +176,7 @@ FILTER_DECISIONS = TableSpec(
         Column("shard", pa.string(), "the trace's cot_traces shard", False),
         Column("rollout", pa.int32(), "rollout index", False),
         Column("kept", pa.bool_(), "no reason applies: the trace is in the filtered set", False),
-        Column("reasons", pa.list_(REASON), "every reason that applies: {code, value measured, threshold}; empty when kept", False),
+        Column("reasons", pa.list_(REASON), "every reason that applies: {code, value measured, threshold, detail (what tripped it, e.g. the markup string)}; empty when kept", False),
         Column("duplicate_of", pa.string(), "duplicate_trace: the kept copy's trace_id; near_duplicate_sample: the representative sample_id"),
         Column("tags", STRING_LIST, "judge tags (for tag-diverse sampling)", False),
         Column("difficulty_label", pa.string(), "difficulty bin label of the sample", False),
