@@ -59,7 +59,7 @@ def main() -> None:
         (tmp / "requests.json").write_text(json.dumps(requests))
         done = subprocess.run([str(VLLM_PYTHON), str(REPO / "bench" / "vllm_offline.py"), str(model), str(tmp / "requests.json")],
                               capture_output=True, text=True, env=_offline_env())
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        lines = [line for line in done.stdout.split("\n") if line.startswith("{")]
         if done.returncode != 0 or not lines:
             raise SystemExit(f"offline vLLM run failed ({done.returncode}):\n{done.stderr[-3000:]}")
         raw = json.loads(lines[-1])

@@ -193,5 +193,16 @@ def defuse(text: str | None, extra: Iterable[str] = ()) -> str | None:
     return text
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str | None) -> str | None:
+    """`text` with each lone surrogate (a JSON `\\ud800` escape in a reply, undecodable bytes read with surrogateescape)
+    replaced by U+FFFD: Arrow, Parquet and every UTF-8 writer refuse them, and one such reply must not fail a partition."""
+    if text is None or not _LONE_SURROGATE.search(text):
+        return text
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def _extra_tokens(extra: Iterable[str]) -> list[str]:
     return sorted({token for token in extra if token and not _TOKENS.fullmatch(token)}, key=len, reverse=True)

@@ -191,7 +191,7 @@ def free_dead_runs(instance: dg.DagsterInstance, log=None) -> list[Freed]:
         run_id = path.stem
         if run_alive(instance, run_id) is not False:
             continue
-        who = path.read_text().strip().splitlines()[:1]
+        who = path.read_text().strip().split("\n")[:1]
         run = instance.get_run_by_id(run_id)
         died = run is not None and run.status not in ENDED
         reason = f"{who[0] if who else 'its run worker'} died without ending the run" if died else "the run had ended"

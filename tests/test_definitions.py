@@ -65,6 +65,7 @@ def test_definitions_snapshot_from_the_demo_config():
         "filtered_set:kept_traces_pass_the_rules",
         "filtered_set:one_decision_per_trace",
         "quarantine:reasons_known",
+        "sampled_subsets:exportable",
         "sampled_subsets:members_are_kept",
         "sampled_subsets:no_contamination",
         "sampled_subsets:no_sample_twice",

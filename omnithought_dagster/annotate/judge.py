@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from omnithought_dagster.annotate.taxonomy import Taxonomy
 from omnithought_dagster.config import AnnotationConfig, PromptConfig
-from omnithought_dagster.markup import defuse
+from omnithought_dagster.markup import defuse, storable
 
 JUDGE_V1 = PromptConfig(
     version="judge-v1",
@@ -115,7 +115,7 @@ def parse_judgement(text: str | None, taxonomy: Taxonomy, settings: AnnotationCo
         if name not in data:
             raise JudgeParseError(f"missing {name!r}")
         scores[name] = _score(name, data[name])
-    raw_tags = _tag_list(data.get("tags"))
+    raw_tags = [storable(tag) for tag in _tag_list(data.get("tags"))]  # a `\ud800` escape: U+FFFD, never an unwritable row
     if not raw_tags:
         raise JudgeParseError("no tags")
     labels, mappings = taxonomy.map_tags(raw_tags, settings.tag_min_similarity, settings.max_tags)

@@ -6,6 +6,7 @@ asset page and the run's event log render them; keys start with `plot/`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,7 +44,7 @@ def preview(table: pa.Table, columns: list[str], rows: int = PREVIEW_ROWS) -> dg
 
 def counts(mapping: Mapping[str, int], key: str, value: str = "rows") -> dg.MetadataValue:
     lines = [f"| {key} | {value} |", "| --- | ---: |"]
-    lines += [f"| {k} | {v} |" for k, v in sorted(mapping.items(), key=lambda kv: (-kv[1], kv[0]))]
+    lines += [f"| {_cell(k)} | {v} |" for k, v in sorted(mapping.items(), key=lambda kv: (-kv[1], kv[0]))]  # keys may be a dataset's tags
     return dg.MetadataValue.md("\n".join(lines))
 
 
@@ -63,9 +64,15 @@ def bar_plot(counter: Mapping[str, int], caption: str, axis: str, *, horizontal:
     return plot(draw, caption)
 
 
+# In a cell, a row's text is data: what markdown reads as structure or markup is escaped (CommonMark lets a backslash
+# escape any ASCII punctuation), and every line ending - \r too - becomes a space.
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>&|#!])")
+_LINE_ENDS = re.compile("\r\n|[\r\n]")
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, list):
         value = ", ".join(str(v) for v in value)
-    text = "" if value is None else str(value)
-    text = text.replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= PREVIEW_CELL_CHARS else text[: PREVIEW_CELL_CHARS - 3] + "..."
+    text = _LINE_ENDS.sub(" ", "" if value is None else str(value))
+    text = text if len(text) <= PREVIEW_CELL_CHARS else text[: PREVIEW_CELL_CHARS - 3] + "..."
+    return _MARKDOWN.sub(r"\\\1", text)

@@ -24,6 +24,7 @@ from pathlib import Path
 from omnithought_dagster.evaluation.task_utils import extract_answer
 from omnithought_dagster.evaluation.tasks import LocalTask
 from omnithought_dagster.logtail import log_tail
+from omnithought_dagster.markup import storable
 from omnithought_dagster.processes import child_environment, guarded
 from omnithought_dagster.sources import jsonstream
 
@@ -181,7 +182,7 @@ def _samples(folder: Path, task: str, local: LocalTask, n_items: int, failed: di
     for number, record, problem in jsonstream.jsonl_file(files[-1]):
         sample, problem = (None, problem) if problem else _sample(record, n_items)
         if sample is None:
-            problems.append(problem or f"line {number}: unreadable")
+            problems.append(storable(problem or f"line {number}: unreadable"))
         elif sample["doc_index"] in found:
             problems.append(f"line {number}: a second record for item {sample['doc_index']} (the first is kept)")
         else:
@@ -213,9 +214,10 @@ def _sample(record, n_items: int) -> tuple[dict | None, str | None]:
     response = record.get("resps")
     while isinstance(response, list):
         response = response[0] if response else ""
-    response = response if isinstance(response, str) else "" if response is None else str(response)
-    return {"doc_index": doc_id, "target": str(record.get("target")), "response": response, "extracted_answer": extract_answer(response),
-            "correct": float(value) >= 1.0, "problem": None}, None
+    # Undecodable bytes in the log arrive as lone surrogates (surrogateescape): stored as U+FFFD, never a failed write.
+    response = storable(response if isinstance(response, str) else "" if response is None else str(response))
+    return {"doc_index": doc_id, "target": storable(str(record.get("target"))), "response": response,
+            "extracted_answer": extract_answer(response), "correct": float(value) >= 1.0, "problem": None}, None
 
 
 def item_scores(samples: list[dict]) -> tuple[float, int, dict[str, tuple[float, int]]]:

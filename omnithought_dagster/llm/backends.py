@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from omnithought_dagster.config import LLMConfig
+from omnithought_dagster.markup import storable
 
 TINY_PREFIX = "tiny:"
 # The longest wait a server's Retry-After gets: past it the request is retried anyway (and, after the retries, recorded).
@@ -175,7 +176,8 @@ def _read_reply(response: Any) -> tuple[str, str | None, Any]:
     text = getattr(message, "content", None)
     if not isinstance(text, str):
         raise MalformedReply(f"the reply's first choice has no text content (finish_reason {getattr(choices[0], 'finish_reason', None)!r})")
-    return text, getattr(choices[0], "finish_reason", None), getattr(response, "usage", None)
+    # A reply is data: a lone surrogate (a `\ud800` escape in its JSON) would make the cache and the partition unwritable.
+    return storable(text), getattr(choices[0], "finish_reason", None), getattr(response, "usage", None)
 
 
 class WaitRetryAfter:
@@ -224,7 +226,7 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
+    text = " ".join(storable(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from omnithought_dagster.config import GenerationConfig, PromptConfig
-from omnithought_dagster.markup import defuse
+from omnithought_dagster.markup import defuse, storable
 
 COT_V1 = PromptConfig(
     version="cot-v1",
@@ -123,7 +123,9 @@ def parse_reply(text: str | None, answer_pattern: str) -> ParsedReply:
             data = None
         if isinstance(data, dict) and isinstance(data.get("final_answer"), str):
             reasoning = data.get("reasoning")
-            return ParsedReply(reasoning.strip() if isinstance(reasoning, str) else None, _clean(data["final_answer"]), "json")
+            # A `\ud800` escape decodes to a lone surrogate no UTF-8 writer takes: stored as U+FFFD (markup.storable).
+            return ParsedReply(storable(reasoning.strip() or None) if isinstance(reasoning, str) else None,
+                               storable(_clean(data["final_answer"])), "json")
     pattern = re.compile(answer_pattern)
     think = _THINK.search(stripped)
     if think:
