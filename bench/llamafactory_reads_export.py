@@ -10,9 +10,10 @@ transformers at 5.6; our locks hold 5.23). One way, on this CPU machine (~3 min)
     /tmp/lf/bin/pip uninstall -y torchaudio && mkdir $site/torchaudio && touch $site/torchaudio/__init__.py
     /tmp/lf/bin/python bench/llamafactory_reads_export.py EXPORT_DIR MODEL_DIR [--cutoff-len N]
 
-Prints JSON, as its last line: examples LLaMA-Factory read (beside the export's own count), how many it cut (the reply does not end with
-the template's end of turn, or its `Answer:` line is gone), image tokens per example against the visual tokens of
-its images, and any added token inside a label span but the template's end of turn and the reply's <think> / </think>.
+Prints JSON, as its last line: examples LLaMA-Factory read (beside the export's own count), the longest example as it
+counts it (beside the export's own count, `max_tokens`), how many it cut (an example differs from the same example read
+without a cutoff, or its reply lost its end of turn or its `Answer:` line), the image token counts it produced, and any
+added token inside a label span but the template's end of turn and the reply's <think> / </think>.
 Exit 1 when it cut, lost or misread anything.
 """
 
@@ -61,7 +62,7 @@ def main() -> int:
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     allowed = {"<|im_end|>", "<think>", "</think>"}
     cut, leaked, lengths, image_tokens = [], [], [], []
-    for index, (row, full) in enumerate(zip(rows, whole, strict=True)):
+    for index, (row, full) in enumerate(zip(rows, whole)):  # a count that differs is reported below
         labels = [i for i in row["labels"] if i != -100]
         lengths.append(len(full["input_ids"]))
         image_tokens.append(row["input_ids"].count(image_token))

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from omnithought_dagster.config import ConfigError, ProjectConfig, load_config
@@ -181,7 +182,7 @@ def query(sql: str = typer.Argument(..., help="SQL over the views (seed_pool, qu
     for name in names:
         table.add_column(name)
     for row in rows:
-        table.add_row(*(_cell(v) for v in row))
+        table.add_row(*(Text(_cell(v)) for v in row))  # a cell is text: a row's "[...]" is no rich markup
     console.print(table)
     console.print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}")
 
@@ -309,52 +310,52 @@ def _story_tree(story: dict) -> Tree:
         for title, key in (("by difficulty", "by_difficulty"), ("by primary tag", "by_tag"), ("by source", "by_source")):
             branch = tree.add(title)
             for name, n in story[key].items():
-                branch.add(f"{name}: {n}")
+                branch.add(f"{escape(str(name))}: {n}")
         return tree
     if story["kind"] == "trace":
         t = story["trace"]
         tree = Tree(f"[bold]trace[/bold] {story['trace_id']}  rollout {t['rollout']} of sample {t['sample_id']}")
         tree.add(f"teacher {t['teacher']}, prompt {t['prompt_version']}; {t['source']}/{t['shard']}")
-        tree.add(f"finish: {t['finish_reason']}, {t['n_tokens']} tokens, {t['attempts']} attempt(s)" + (f", error: {t['error']}" if t["error"] else ""))
+        tree.add(f"finish: {t['finish_reason']}, {t['n_tokens']} tokens, {t['attempts']} attempt(s)" + (f", error: {escape(str(t['error']))}" if t["error"] else ""))
         tree.add("final answer: " + escape(str(t["final_answer"])))
         tree.add("reasoning: " + escape(_short(t["reasoning"] or "", 200)))
         if story.get("annotation"):
             tree.add(_annotation_line(story["annotation"]))
         record = story["sample"]["kept"]
         if record:
-            sample = tree.add(f"from sample {record['sample_id']}: source {record['source']}, native id {record['native_id']}")
+            sample = tree.add(f"from sample {record['sample_id']}: source {record['source']}, native id {escape(str(record['native_id']))}")
             sample.add("question: " + escape(_short(record["question"], 200)))
             sample.add(f"reference answer ({record['answer_type']}): {escape(record['answer'])}")
             for image in story["sample"]["images"]:
-                sample.add(f"image {image['image_id']}  {image['uri']}")
+                sample.add(f"image {image['image_id']}  {escape(str(image['uri']))}")
         return tree
     if story["kind"] == "checkpoint":
         return _checkpoint_tree(story)
     if story["kind"] == "image":
         tree = Tree(f"[bold]image[/bold] {story['image_id']}")
         tree.add(f"{story.get('width')}x{story.get('height')} {story.get('format')} {story.get('n_bytes')} bytes, phash {story.get('phash')}")
-        tree.add(f"stored at {story['uri']} ({'present' if story['in_store'] else '[red]MISSING[/red]'})")
+        tree.add(f"stored at {escape(str(story['uri']))} ({'present' if story['in_store'] else '[red]MISSING[/red]'})")
         used = tree.add(f"used by {len(story['used_by'])} sample(s)")
         for row in story["used_by"]:
-            used.add(f"{row['sample_id']}  {row['source']}/{row['native_id']}")
+            used.add(f"{row['sample_id']}  {row['source']}/{escape(str(row['native_id']))}")
         return tree
     tree = Tree(f"[bold]sample[/bold] {story['sample_id']}  [{'green' if story['status'] == 'kept' else 'red'}]{story['status']}[/]")
     record = story["kept"]
     if record:
-        origin = tree.add(f"from source [bold]{record['source']}[/bold], native id {record['native_id']}, record #{record['record_index']}")
-        origin.add(f"question: {_short(record['question'], 200)}")
+        origin = tree.add(f"from source [bold]{record['source']}[/bold], native id {escape(str(record['native_id']))}, record #{record['record_index']}")
+        origin.add("question: " + escape(_short(record["question"], 200)))
         if record["choices"]:
-            origin.add("choices: " + "  ".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(record["choices"])))
-        origin.add(f"answer ({record['answer_type']}): {record['answer']}")
+            origin.add("choices: " + escape("  ".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(record["choices"]))))
+        origin.add(f"answer ({record['answer_type']}): {escape(record['answer'])}")
         if record["source_tags"]:
-            origin.add(f"source tags: {', '.join(record['source_tags'])}; difficulty {record['source_difficulty']}")
+            origin.add(f"source tags: {escape(', '.join(record['source_tags']))}; difficulty {record['source_difficulty']}")
         images = tree.add(f"{len(story['images'])} image(s)")
         for image in story["images"]:
             state = "" if image["in_store"] else " [red]MISSING FROM STORE[/red]"
-            images.add(f"{image['image_id']}  {image.get('width')}x{image.get('height')} {image.get('format')}  {image['uri']}{state}")
+            images.add(f"{image['image_id']}  {image.get('width')}x{image.get('height')} {image.get('format')}  {escape(str(image['uri']))}{state}")
         if story["near_duplicate_of"]:
             near = story["near_duplicate_of"]
-            tree.add(f"near duplicate (phash distance {near['distance']}) of {near['sample_id']} {near.get('source', '')}/{near.get('native_id', '')}")
+            tree.add(f"near duplicate (phash distance {near['distance']}) of {near['sample_id']} {near.get('source', '')}/{escape(str(near.get('native_id', '')))}")
         for other in story["also_kept_by"]:
             tree.add(f"[red]also kept by {other}[/red] (cross-source duplicate: re-materialise the later source)")
     if story.get("traces"):
@@ -365,7 +366,7 @@ def _story_tree(story: dict) -> Tree:
                 branch.add(_annotation_line(t["annotation"]))
             if t.get("verdict"):
                 verdict = t["verdict"]
-                reasons = ", ".join(f"{r['code']} ({_fmt(r['value'])} vs {_fmt(r['threshold'])}{', ' + r['detail'] if r.get('detail') else ''})"
+                reasons = ", ".join(f"{r['code']} ({_fmt(r['value'])} vs {_fmt(r['threshold'])}{', ' + escape(r['detail']) if r.get('detail') else ''})"
                                     for r in verdict["reasons"])
                 branch.add("[green]kept[/green]" if verdict["kept"] else "[red]dropped[/red]: " + escape(reasons))
             if t.get("subsets"):
@@ -375,8 +376,8 @@ def _story_tree(story: dict) -> Tree:
         for c in story["checkpoints"]:
             trained.add(f"{c['checkpoint_id']}  {c['student']} on {c['recipe']} (trace {c['trace_id'][:12]})")
     for row in story["quarantine"]:
-        branch = tree.add(f"[yellow]quarantined[/yellow] {row['source']}/{row['native_id']} (record #{row['record_index']}): [bold]{row['reason']}[/bold]")
-        branch.add(row["detail"])
+        branch = tree.add(f"[yellow]quarantined[/yellow] {row['source']}/{escape(str(row['native_id']))} (record #{row['record_index']}): [bold]{row['reason']}[/bold]")
+        branch.add(escape(str(row["detail"])))  # the detail quotes the record ('[INST]' would be rich markup)
     return tree
 
 
@@ -384,7 +385,7 @@ def _checkpoint_tree(story: dict) -> Tree:
     c = story["checkpoint"]
     what = "untrained baseline" if c["baseline"] else f"trained on recipe {c['recipe']}"
     tree = Tree(f"[bold]checkpoint[/bold] {story['checkpoint_id']}  student {c['student']}, {what}")
-    tree.add(f"base model {c['base_model']}; stored at {c['uri']}")
+    tree.add(f"base model {escape(str(c['base_model']))}; stored at {escape(str(c['uri']))}")
     if not c["baseline"]:
         tree.add(f"{c['steps']} steps on {c['examples']} examples ({c['launcher']}), loss {_fmt(c['initial_loss'])} -> {_fmt(c['final_loss'])}, "
                  f"{_fmt(c['tokens_per_s'])} tokens/s; train config {c['train_config_hash']}")

@@ -181,9 +181,8 @@ def _say_logger(say: Callable[[str], None]) -> dg.LoggerDefinition:
 
 def _export(config: ProjectConfig, store: CorpusStore, recipe: str) -> StageOutcome:
     """The first recipe as LLaMA-Factory training data under <store>/exports/<recipe>/."""
-    from pathlib import Path
-
     from collections import Counter
+    from pathlib import Path
 
     from omnithought_dagster.curation.export import ExportError, export_subset
     from omnithought_dagster.train.launch import resolve_student
@@ -310,7 +309,9 @@ def _filter_counts(store: CorpusStore, source: str, metadata: dict) -> dict[str,
     total, kept = con.execute("SELECT count(*), count(*) FILTER (kept) FROM filter_decisions WHERE source = $1", [source]).fetchall()[0]
     reasons = dict(con.execute("SELECT r.code, count(*) FROM filter_decisions, unnest(reasons) AS u(r) WHERE source = $1 "
                                "GROUP BY 1 ORDER BY 2 DESC, 1", [source]).fetchall())
-    detail = f"{kept}/{total} traces kept; {metadata.get('contaminated_samples', '?')} samples matched a benchmark"
+    markup = {key.split("/", 1)[1]: value for key, value in metadata.items() if key.startswith("markup_kept/")}
+    detail = f"{kept}/{total} traces kept; {metadata.get('contaminated_samples', '?')} samples matched a benchmark" + (
+        f"; kept traces holding markup, deleted where exported: {', '.join(f'{k} {v}' for k, v in sorted(markup.items()))}" if markup else "")
     return {"input": total, "output": kept, "flagged": total - kept, "reasons": reasons, "detail": detail}
 
 

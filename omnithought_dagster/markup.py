@@ -40,6 +40,8 @@ CONTROL_CHARACTER = "control_character"
 KINDS = (SPECIAL_TOKEN, MEDIA_PLACEHOLDER, FORGED_DELIMITER, CONTROL_CHARACTER)
 TOKEN_KINDS = (SPECIAL_TOKEN, MEDIA_PLACEHOLDER, FORGED_DELIMITER)  # the strings a tokenizer or a format reads as markup
 
+IMAGE_PLACEHOLDER = "<image>"  # where training formats (LLaVA, LLaMA-Factory) and seed records put an image
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # our reply format's delimiters (curation.export)
 WORD_JOINER = "\u2060"  # what `defuse` puts inside a markup string: invisible, and it joins nothing a tokenizer matches
 
 # Special tokens: the `<|...|>` family (ChatML, Qwen, Llama 3, Phi, GLM; DeepSeek's fullwidth bars) with any name,
@@ -62,7 +64,7 @@ _CONTROL_RANGES = (
     (0xFFF9, 0xFFFB), (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x1343F), (0x1BCA0, 0x1BCA3),
     (0x1D173, 0x1D17A), (0xE0001, 0xE0001), (0xE0020, 0xE007F),
     (0xE000, 0xF8FF), (0xF0000, 0xFFFFD), (0x100000, 0x10FFFD),  # private use
-    (0xFDD0, 0xFDEF), (0xFFFE, 0xFFFF),  # noncharacters
+    (0xFDD0, 0xFDEF), *((plane + 0xFFFE, plane + 0xFFFF) for plane in range(0, 0x110000, 0x10000)),  # noncharacters
 )
 _SURROGATES = (0xD800, 0xDFFF)  # only Python strings hold them (JSON read with surrogateescape); never UTF-8, never SQL
 
@@ -177,7 +179,7 @@ def defuse(text: str | None, extra: Iterable[str] = ()) -> str | None:
     if text is None:
         return None
     text = _C0.sub("", text)
-    tokens = _extra_tokens(extra)
+    tokens = [token for token in _extra_tokens(extra) if len(token) > 1]
     for _ in range(len(text) + 1):  # each round breaks at least one string; new ones cannot form (a joiner joins nothing)
         found = find_markup(text, TOKEN_KINDS, tokens)
         if not found:
@@ -205,4 +207,6 @@ def storable(text: str | None) -> str | None:
 
 
 def _extra_tokens(extra: Iterable[str]) -> list[str]:
+    """A tokenizer's own added tokens that the patterns do not cover (one-character ones are found, never defused: no
+    joiner can be put inside them - our encoding refuses text holding one)."""
     return sorted({token for token in extra if token and not _TOKENS.fullmatch(token)}, key=len, reverse=True)

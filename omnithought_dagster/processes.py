@@ -108,14 +108,14 @@ def _guard(parent_pid: int, grace_s: float, command: list[str], keep_env: list[s
         copier = threading.Thread(target=_copy_stderr, args=(child.stderr, lines), daemon=True)
         copier.start()
     code = child.wait()
-    if copier is not None:
-        copier.join(timeout=5)  # a grandchild may hold the pipe open: what came until now is enough
-        with contextlib.suppress(OSError):
-            Path(stderr_tail).write_bytes(b"".join(lines))
     # The command ended by itself: what it started and left behind goes too (the guard ignores this SIGTERM).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(0, signal.SIGTERM)
+    if copier is not None:
+        copier.join(timeout=5)  # a process that ignored the SIGTERM may still hold the pipe: what came until now is enough
+        with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: the copier appended while this read
+            Path(stderr_tail).write_bytes(b"".join(list(lines)))
     return code
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -140,6 +141,12 @@ def test_the_cutoff_counts_the_template_and_the_image_tokens_as_the_trainer_does
     assert {a.reason for a in cut.set_aside} == {"over_cutoff"} and cut.max_tokens_seen == lengths[-1]
     manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
     assert len(manifest["set_aside"]) == len(cut.set_aside) and manifest["cutoff_len"] == cutoff
+    # A stored image that no longer decodes is that example's problem, not the export's.
+    member = store.read_partition("subset_members", "even").to_pylist()[0]
+    image = next(r["image_ids"][0] for r in store.read_partition("seed_pool", "synthetic").to_pylist() if r["sample_id"] == member["sample_id"])
+    Path(store.images.path(image)).write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    broken = export_subset(store, "even", "llamafactory", tmp_path / "broken", cutoff_len=4096, tokenizer=str(tiny_teacher))
+    assert [(a.id, a.reason) for a in broken.set_aside] == [(member["trace_id"], "unreadable_image")] and broken.examples == 11
 
 
 def test_the_preflight_sets_bad_examples_aside_and_writes_the_rest(curated, tmp_path, instance):

@@ -172,7 +172,7 @@ def test_an_exported_example_holds_no_markup_a_client_reads(student_tokenizer, r
     if clean_markup:
         reasoning, answer = clean(reasoning), clean(answer)
     example = {"id": "t", "image_ids": ["i"], "reasoning": reasoning, "final_answer": answer, "user": user_text(question, [], 1),
-               "assistant": assistant_text(reasoning, answer)}
+               "question": user_text(question, [], 0), "assistant": assistant_text(reasoning, answer)}
     problem, _ = _problem(_Store(), example, vl, tuple(vl.added_tokens), None)
     if problem is not None:
         assert problem[0] in ("markup_in_text", "image_placeholder_mismatch")
@@ -206,6 +206,20 @@ def test_plain_text_is_its_characters_and_never_a_token(student_tokenizer, text)
     assert vl.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) == text
 
 
+def test_a_one_character_added_token_is_refused_not_looped_on(student_tokenizer):
+    """No cut can break a one-character added token: the text is refused (the example set aside), never a hang."""
+    from omnithought_dagster.models.vl_chat import MarkupError, VLTokenizer
+
+    vl = student_tokenizer
+    tokenizer = type(vl.tokenizer).from_pretrained(vl.tokenizer.name_or_path)
+    tokenizer.add_tokens(["§"])
+    one = VLTokenizer(tokenizer, vl.image_processor, vl.image_token_id)
+    with pytest.raises(MarkupError, match="one-character added token"):
+        one.plain_ids("see § 3 <|im_end|>")
+    assert one.plain_ids("no such token <|im_end|>") == vl.plain_ids("no such token <|im_end|>")
+    assert defuse("a § b", ["§"]) == "a § b" and find_markup("a § b", extra=["§"])[0].text == "§"
+
+
 @given(hostile_text(surrogates=False), hostile_text(surrogates=False, max_pieces=6))
 @settings(deadline=None, max_examples=120, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 def test_a_training_example_labels_only_the_reply_and_its_own_delimiters(student_tokenizer, reasoning, question):
@@ -215,7 +229,7 @@ def test_a_training_example_labels_only_the_reply_and_its_own_delimiters(student
 
     from omnithought_dagster.curation.export import assistant_text, user_text
     from omnithought_dagster.models.vl_chat import ImageTokensError, MarkupError
-    from omnithought_dagster.train.data import conversation
+    from omnithought_dagster.curation.export import conversation
 
     vl = student_tokenizer
     record = {"messages": [{"role": "user", "content": user_text(question, [], 1)},

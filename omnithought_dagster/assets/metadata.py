@@ -36,7 +36,7 @@ def preview(table: pa.Table, columns: list[str], rows: int = PREVIEW_ROWS) -> dg
     head = table.select(columns).slice(0, rows).to_pylist()
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in head:
-        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+        lines.append("| " + " | ".join(markdown_cell(row[c]) for c in columns) + " |")
     if not head:
         lines.append("| " + " | ".join("" for _ in columns) + " |")
     return dg.MetadataValue.md("\n".join(lines))
@@ -44,7 +44,7 @@ def preview(table: pa.Table, columns: list[str], rows: int = PREVIEW_ROWS) -> dg
 
 def counts(mapping: Mapping[str, int], key: str, value: str = "rows") -> dg.MetadataValue:
     lines = [f"| {key} | {value} |", "| --- | ---: |"]
-    lines += [f"| {_cell(k)} | {v} |" for k, v in sorted(mapping.items(), key=lambda kv: (-kv[1], kv[0]))]  # keys may be a dataset's tags
+    lines += [f"| {markdown_cell(k)} | {v} |" for k, v in sorted(mapping.items(), key=lambda kv: (-kv[1], kv[0]))]  # keys may be a dataset's tags
     return dg.MetadataValue.md("\n".join(lines))
 
 
@@ -66,13 +66,14 @@ def bar_plot(counter: Mapping[str, int], caption: str, axis: str, *, horizontal:
 
 # In a cell, a row's text is data: what markdown reads as structure or markup is escaped (CommonMark lets a backslash
 # escape any ASCII punctuation), and every line ending - \r too - becomes a space.
-_MARKDOWN = re.compile(r"([\\`*_\[\]<>&|#!])")
+_MARKDOWN = re.compile(r"([\\`*_~\[\]<>&|#!])")
 _LINE_ENDS = re.compile("\r\n|[\r\n]")
 
 
-def _cell(value: Any) -> str:
+def markdown_cell(value: Any, limit: int | None = PREVIEW_CELL_CHARS) -> str:
+    """A value as one markdown table cell: text, never structure or markup; shortened to `limit` characters."""
     if isinstance(value, list):
         value = ", ".join(str(v) for v in value)
     text = _LINE_ENDS.sub(" ", "" if value is None else str(value))
-    text = text if len(text) <= PREVIEW_CELL_CHARS else text[: PREVIEW_CELL_CHARS - 3] + "..."
+    text = text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
     return _MARKDOWN.sub(r"\\\1", text)

@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pyarrow as pa
 
-from omnithought_dagster.assets.metadata import column_schema, plot, preview
+from omnithought_dagster.assets.metadata import column_schema, markdown_cell, plot, preview
 from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, baseline_partitions
 from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
@@ -197,7 +197,7 @@ def score_table(rows: list[dict]) -> str:
     for r in rows:
         base = "" if r["baseline_score"] is None else f"{r['baseline_score']:.3f}"
         delta = "" if r["delta"] is None else f"{r['delta']:+.3f}"
-        lines.append(f"| {r['benchmark']} | {r['slice']} | {r['score']:.3f} | {r['n']} | {base} | {delta} |")
+        lines.append(f"| {markdown_cell(r['benchmark'])} | {markdown_cell(r['slice'])} | {r['score']:.3f} | {r['n']} | {base} | {delta} |")
     return "\n".join(lines)
 
 

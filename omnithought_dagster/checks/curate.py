@@ -157,9 +157,10 @@ def build_curate_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
 
     @dg.asset_check(asset=SAMPLED_SUBSETS_KEY, name=EXPORTABLE, partitions_def=recipes, blocking=True)
     def exportable(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
-        """The export's pre-flight over the members (missing images, placeholder counts, markup a client would read as tokens):
-        the traces it would set aside. Up to curation.max_set_aside_share of the subset warns (the export writes the rest);
-        more fails."""
+        """The export's pre-flight over the members (missing images, placeholder counts, markup in markup.py's list): the
+        traces it would set aside. Up to curation.max_set_aside_share of the subset warns (the export writes the rest);
+        more fails. The training step's export also sets aside text holding the student tokenizer's own added tokens and,
+        with a cutoff, over-long examples: those are counted in its metadata (export_set_aside), not here."""
         from omnithought_dagster.curation.export import ExportError, preflight
 
         cfg = project.config

@@ -16,6 +16,8 @@ from typing import Any
 
 import dagster as dg
 
+from omnithought_dagster.assets.metadata import markdown_cell
+
 EXAMPLES = 5
 
 _lock = threading.Lock()
@@ -112,7 +114,8 @@ def gx_check_result(
     lines = ["| expectation | ok | unexpected | examples |", "| --- | --- | --- | --- |"]
     for o in validation.outcomes:
         unexpected = "" if o.unexpected_count is None else str(o.unexpected_count)
-        examples = ", ".join(_short(v) for v in o.examples) if o.examples else ("" if o.observed is None else f"observed {_short(o.observed)}")
+        examples = (", ".join(markdown_cell(v, 60) for v in o.examples) if o.examples
+                    else "" if o.observed is None else f"observed {markdown_cell(o.observed, 60)}")
         lines.append(f"| {o.expectation.label} | {'yes' if o.success else '**no**'} | {unexpected} | {examples} |")
     metadata: dict[str, Any] = {
         "rows_validated": validation.rows,
@@ -124,7 +127,7 @@ def gx_check_result(
     if validation.failed and description is None:
         description = "; ".join(
             f"{o.expectation.label}: {o.unexpected_count if o.unexpected_count is not None else 'failed'}"
-            + (f" unexpected, e.g. {_short(o.examples[0])}" if o.examples else "")
+            + (f" unexpected, e.g. {_plain(o.examples[0])}" if o.examples else "")
             for o in validation.failed
         )
     return dg.AssetCheckResult(
@@ -161,6 +164,7 @@ def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
-def _short(value: Any) -> str:
-    text = str(value).replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= 60 else text[:57] + "..."
+def _plain(value: Any, limit: int = 60) -> str:
+    """A value in a check's description (plain text): one line, shortened."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

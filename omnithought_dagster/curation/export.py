@@ -31,12 +31,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omnithought_dagster.markup import FORGED_DELIMITER, KINDS, TOKEN_KINDS, clean, find_markup
+from omnithought_dagster.markup import FORGED_DELIMITER, KINDS, THINK_CLOSE, THINK_OPEN, TOKEN_KINDS, clean, find_markup
+from omnithought_dagster.markup import IMAGE_PLACEHOLDER as PLACEHOLDER
 from omnithought_dagster.store import CorpusStore
 
 FORMATS = ("sharegpt", "llamafactory", "hf")
-PLACEHOLDER = "<image>"
-SET_ASIDE_REASONS = ("missing_image", "image_placeholder_mismatch", "markup_in_text", "over_cutoff")
+SET_ASIDE_REASONS = ("missing_image", "unreadable_image", "image_placeholder_mismatch", "markup_in_text", "over_cutoff")
 
 
 class ExportError(RuntimeError):
@@ -77,7 +77,6 @@ class ExportReport:
     set_aside: list[SetAside] = field(default_factory=list)
 
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _ASSISTANT = re.compile(r"<think>(\n.*\n)</think>(\n\nAnswer: .*)", re.DOTALL)
 
 
@@ -101,6 +100,20 @@ def assistant_parts(text: str) -> list[dict]:
             {"type": "markup", "text": THINK_CLOSE}, {"type": "text", "text": match.group(2)}]
 
 
+def conversation(record: dict) -> tuple[list[dict], list[str]]:
+    """An exported record's chat messages for our tokenization (images where its placeholders are, the reply format's
+    delimiters as markup, every other character as text; models/vl_chat.py) and its image paths. What the trainer
+    reads, and what the pre-flight counts tokens of."""
+    from omnithought_dagster.models.vl_chat import user_content
+
+    images = list(record.get("images") or [])
+    turns = record["messages"]
+    if len(turns) < 2 or turns[-1]["role"] != "assistant":
+        raise ValueError("a training record must end with the assistant's turn")
+    return ([{"role": "user", "content": user_content(turns[0]["content"], len(images))},
+             {"role": "assistant", "content": assistant_parts(turns[-1]["content"])}], images)
+
+
 def user_text(question: str, choices: list[str], n_images: int) -> str:
     options = "\nOptions:\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices)) if choices else ""
     return PLACEHOLDER * n_images + "\n" + question + options
@@ -119,9 +132,9 @@ def preflight(store: CorpusStore, subset: str, *, cutoff_len: int | None = None,
     if cutoff_len is not None and tokenizer is None:
         raise ExportError("a token cutoff needs the student's model folder (--tokenizer) to count what the client counts: its chat "
                           "template and the image tokens; a character estimate undercounts")
-    examples, version = _examples(store, subset, clean_markup)
     vl = _vl_tokenizer(tokenizer) if tokenizer else None
     added = tuple(vl.added_tokens) if vl is not None else ()
+    examples, version = _examples(store, subset, clean_markup, added)
     kept, set_aside, longest = [], [], 0
     for example in examples:
         problem, tokens = _problem(store, example, vl, added, cutoff_len)
@@ -143,16 +156,25 @@ def _problem(store: CorpusStore, example: dict, vl, added: tuple[str, ...], cuto
     placeholders = example["user"].count(PLACEHOLDER) + example["assistant"].count(PLACEHOLDER)
     if placeholders != n_images:
         return ("image_placeholder_mismatch", f"{placeholders} {PLACEHOLDER} placeholders in its turns but {n_images} images"), 0
-    question = example["user"][len(PLACEHOLDER) * n_images:]
-    for name, text, kinds in (("question", question, TOKEN_KINDS), ("reasoning", example["reasoning"], KINDS),
+    # The question may hold control characters (text to any tokenizer: kept by the seed stage); the reply no markup at all.
+    for name, text, kinds in (("question", example["question"], TOKEN_KINDS), ("reasoning", example["reasoning"], KINDS),
                               ("final answer", example["final_answer"], KINDS)):
         found = find_markup(text, kinds, added)
         if found:
             return ("markup_in_text", f"its {name} holds {found[0].describe()}"), 0
     if vl is None or cutoff_len is None:
         return None, 0
-    tokens = _client_tokens(store, example, vl)
-    if cutoff_len is not None and tokens > cutoff_len:
+    from omnithought_dagster.models.vl_chat import ImageTokensError, MarkupError
+
+    try:
+        tokens = _client_tokens(store, example, vl)
+    except MarkupError as exc:
+        return ("markup_in_text", str(exc)), 0
+    except ImageTokensError as exc:
+        return ("image_placeholder_mismatch", str(exc)), 0
+    except (OSError, ValueError) as exc:  # a stored image that does not decode, a template that cannot render the turns
+        return ("unreadable_image" if isinstance(exc, OSError) else "markup_in_text", f"{type(exc).__name__}: {exc}"), 0
+    if tokens > cutoff_len:
         return ("over_cutoff", f"{tokens} tokens with the chat template and image tokens, over the cutoff of {cutoff_len}"), tokens
     return None, tokens
 
@@ -163,8 +185,6 @@ def _client_tokens(store: CorpusStore, example: dict, vl) -> int:
     import io
 
     from PIL import Image
-
-    from omnithought_dagster.train.data import conversation
 
     sizes = []
     for image_id in example["image_ids"]:
@@ -209,7 +229,7 @@ def export_subset(store: CorpusStore, subset: str, fmt: str, out: str | Path, *,
             "markup": "cleaned from the replies" if clean_markup else "replies holding markup set aside",
             "assistant_format": assistant_text("<reasoning>", "<answer>"),
             "set_aside": [{"id": a.id, "reason": a.reason, "detail": a.detail} for a in checked.set_aside],
-        }, indent=2, ensure_ascii=False))
+        }, indent=2, ensure_ascii=False), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +239,7 @@ def export_subset(store: CorpusStore, subset: str, fmt: str, out: str | Path, *,
     return report
 
 
-def _examples(store: CorpusStore, subset: str, clean_markup: bool = False) -> tuple[list[dict], str]:
+def _examples(store: CorpusStore, subset: str, clean_markup: bool = False, added: tuple[str, ...] = ()) -> tuple[list[dict], str]:
     con = store.catalog(["subset_members", "cot_traces", "seed_pool"])
     rows = con.sql("""
         SELECT m.trace_id, m.subset_version, m.pick, s.question, s.choices, s.image_ids, s.answer, s.answer_type, t.reasoning,
@@ -232,9 +252,11 @@ def _examples(store: CorpusStore, subset: str, clean_markup: bool = False) -> tu
         raise ExportError(f"subset {subset!r} has no members (materialise sampled_subsets[{subset}] first)")
     examples = []
     for row in rows:
-        reasoning, answer = (clean(row["reasoning"]), clean(row["final_answer"])) if clean_markup else (row["reasoning"], row["final_answer"])
+        reasoning, answer = ((clean(row["reasoning"], added), clean(row["final_answer"], added)) if clean_markup
+                             else (row["reasoning"], row["final_answer"]))
         examples.append({
             "id": row["trace_id"], "image_ids": list(row["image_ids"]), "reasoning": reasoning or "", "final_answer": answer or "",
+            "question": user_text(row["question"], list(row["choices"]), 0),  # the user turn as written, but our placeholders
             "user": user_text(row["question"], list(row["choices"]), len(row["image_ids"])),
             "assistant": assistant_text(reasoning, answer),
             "reference": {"answer": row["answer"], "answer_type": row["answer_type"], "choices": list(row["choices"])},
@@ -259,13 +281,13 @@ def _copy_images(store: CorpusStore, examples: list[dict], folder: Path) -> dict
 def _write_sharegpt(examples: list[dict], out: Path, images: dict[str, str], name: str) -> None:
     data = [{"id": e["id"], "conversations": [{"from": "human", "value": e["user"]}, {"from": "gpt", "value": e["assistant"]}],
              "images": [images[i] for i in e["image_ids"]]} for e in examples]
-    (out / "data.json").write_text(json.dumps(data, ensure_ascii=False, indent=1))
+    (out / "data.json").write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
 def _write_llamafactory(examples: list[dict], out: Path, images: dict[str, str], name: str) -> None:
     data = [{"id": e["id"], "messages": [{"role": "user", "content": e["user"]}, {"role": "assistant", "content": e["assistant"]}],
              "images": [images[i] for i in e["image_ids"]], "reference": e["reference"]} for e in examples]
-    (out / "data.json").write_text(json.dumps(data, ensure_ascii=False, indent=1))
+    (out / "data.json").write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
     info = {name: {"file_name": "data.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
                    "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}
     (out / "dataset_info.json").write_text(json.dumps(info, indent=2))

@@ -44,11 +44,11 @@ def _quoted(pattern: str) -> str:
     return "'" + pattern.replace("'", "''") + "'"
 
 
-_ANY_MARKUP = _quoted("|".join(f"(?:{sql_pattern(kind)})" for kind in MARKUP_KINDS))
-for _kind in MARKUP_KINDS:
-    TEXT_METRICS_SQL[f"{_kind}_n"] = (f"CASE WHEN regexp_matches({_REPLY_TEXT}, {_ANY_MARKUP}) "
-                                      f"THEN len(regexp_extract_all({_REPLY_TEXT}, {_quoted(sql_pattern(_kind))})) ELSE 0 END")
-    TEXT_METRICS_SQL[f"{_kind}_first"] = (f"CASE WHEN {_kind}_n > 0 THEN "  # the column just above (DuckDB's lateral alias)
+TEXT_METRICS_SQL["has_markup"] = f"regexp_matches({_REPLY_TEXT}, {_quoted('|'.join(f'(?:{sql_pattern(k)})' for k in MARKUP_KINDS))})"
+for _kind in MARKUP_KINDS:  # each reads has_markup, the column just above (DuckDB's lateral alias)
+    TEXT_METRICS_SQL[f"{_kind}_n"] = (f"CASE WHEN has_markup THEN len(regexp_extract_all({_REPLY_TEXT}, {_quoted(sql_pattern(_kind))})) "
+                                      "ELSE 0 END")
+    TEXT_METRICS_SQL[f"{_kind}_first"] = (f"CASE WHEN {_kind}_n > 0 THEN "
                                           f"{sql_shown(_kind, f'regexp_extract({_REPLY_TEXT}, {_quoted(sql_pattern(_kind))})')} END")
 
 
@@ -322,7 +322,8 @@ def decide(con, source: str, rules_cfg: RulesConfig, selection: SelectionConfig,
     table = table.append_column("kept", kept)
     con.register("decided", table.select(["trace_id", "kept"]))
     counts = con.execute(f"SELECT {', '.join(f'count(*) FILTER (WHERE m.{kind}_n > 0)' for kind in MARKUP_KINDS)} "
-                         "FROM m JOIN decided USING (trace_id) WHERE decided.kept").fetchone()
+                         "FROM m JOIN decided USING (trace_id) WHERE decided.kept").fetchall()[0]  # fetchone leaves the result open
+    con.unregister("decided")
     timings["decide"] = time.perf_counter() - started
     return Decisions(table, timings, {kind: n for kind, n in zip(MARKUP_KINDS, counts, strict=True) if n})
 

@@ -43,12 +43,11 @@ import pyarrow.parquet as pq
 from omnithought_dagster.config import SeedSettings
 from omnithought_dagster.curation.near_dup import earliest_near_duplicates
 from omnithought_dagster.ids import bytes_id, sample_id
-from omnithought_dagster.markup import TOKEN_KINDS, first_markup
+from omnithought_dagster.markup import IMAGE_PLACEHOLDER as PLACEHOLDER
+from omnithought_dagster.markup import TOKEN_KINDS, first_markup, storable
 from omnithought_dagster.processes import available_cores, die_with_parent, main_module_hidden
 from omnithought_dagster.sources.base import Candidate, ImageRef, NonStandardLiteral, QuarantineReason, Rejected, SeedRecord, error_text
 from omnithought_dagster.store.tables import IMAGES, QUARANTINE, SEED_POOL, TableSpec
-
-PLACEHOLDER = "<image>"  # where a record's text says an image goes (LLaVA, LLaMA-Factory; flat records too)
 
 ANSWER_TYPES = ("multiple_choice", "numeric", "math", "free_form")
 ANSWER_TYPE_ALIASES = {
@@ -658,10 +657,8 @@ def _require_valid_unicode(value: str, name: str) -> None:
 
 
 def _safe_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value)
-    return text.encode("utf-8", errors="replace").decode("utf-8") if any("\ud800" <= c <= "\udfff" for c in text) else text
+    """Text for a quarantine row: lone surrogates (invalid UTF-8 read with surrogateescape) as U+FFFD (markup.storable)."""
+    return None if value is None else storable(str(value))
 
 
 def _answer_text(value: Any) -> str:

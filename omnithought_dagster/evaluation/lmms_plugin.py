@@ -60,7 +60,9 @@ class OmniThoughtVL(lmms):
                     output = self.model.generate(**inputs, max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
                                                  do_sample=False)
                 replies.append(self.vl.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-            except Exception as exc:  # noqa: BLE001 - one item's failure is that item's (scored wrong, with the reason), not the run's
+            except (ValueError, OSError, KeyError, IndexError) as exc:
+                # One item's failure (text our encoding refuses, an image that does not decode) is that item's: scored wrong,
+                # with the reason. Anything else (out of memory, a lost device) fails the run - not every item quietly.
                 replies.append("")
                 record_problem(task, doc_id, f"generation failed: {type(exc).__name__}: {exc}")
             if len(replies) % every == 0 or len(replies) == len(requests):  # run_lmms_eval forwards these lines to the step's log

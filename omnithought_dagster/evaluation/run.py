@@ -135,7 +135,7 @@ def parse_results(output_dir: Path, tasks: list[str], local: dict[str, LocalTask
     failed: dict[str, dict[int, str]] = {}
     for _, record, problem in jsonstream.jsonl_file(problems) if problems is not None and Path(problems).exists() else ():
         if problem is None and isinstance(record, dict) and isinstance(record.get("doc_id"), int):
-            failed.setdefault(str(record.get("task")), {})[record["doc_id"]] = str(record.get("problem"))
+            failed.setdefault(str(record.get("task")), {})[record["doc_id"]] = storable(str(record.get("problem")))
     scores = {}
     for task in tasks:
         metric, value = _main_metric(task, results[task], local.get(task))
@@ -187,10 +187,7 @@ def _samples(folder: Path, task: str, local: LocalTask, n_items: int, failed: di
             problems.append(f"line {number}: a second record for item {sample['doc_index']} (the first is kept)")
         else:
             found[sample["doc_index"]] = sample
-    if problems:
-        found_note = f"; {len(problems)} unreadable per-sample records ({problems[0]})"
-    else:
-        found_note = ""
+    found_note = f"; {len(problems)} unreadable per-sample records ({problems[0]})" if problems else ""
     samples = []
     for index in range(n_items):
         item = items[index]

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omnithought_dagster.markup import IMAGE_PLACEHOLDER
+
 IMAGE_PAD = "<|image_pad|>"
-PLACEHOLDER = "<image>"  # what exported training data puts where an image goes
 IGNORE_INDEX = -100
 # Where a text goes in a rendered template: private-use characters no template writes, around the text's number.
 _SENTINEL_OPEN, _SENTINEL_CLOSE = "\U000f0000", "\U000f0001"
@@ -60,23 +61,25 @@ class VLTokenizer:
         return cls(AutoTokenizer.from_pretrained(model_dir), Qwen2VLImageProcessorPil.from_pretrained(model_dir), config.image_token_id)
 
     def __post_init__(self) -> None:
-        import re
-
         added = {int(i): str(token) for i, token in self.tokenizer.added_tokens_decoder.items()}
         self.added_ids = frozenset(added)
-        self.added_tokens = sorted(set(added.values()), key=len, reverse=True)  # what a tokenizer matches in text as a whole
+        self.added_tokens = sorted({token for token in added.values() if token}, key=len, reverse=True)  # matched in text as a whole
         self._added = re.compile("|".join(map(re.escape, self.added_tokens))) if self.added_tokens else None
 
     def plain_ids(self, text: str) -> list[int]:
         """`text` as the tokens of its characters: no special or added token, whatever the text holds. The text is cut
         right after the first character of every added token's string in it (the cut pieces cannot form one) and each
-        piece tokenized with special tokens split; the ids decode to `text` again. MarkupError if one still comes out."""
+        piece tokenized with special tokens split; for byte-level BPE tokenizers (the Qwen family) the ids decode to
+        `text` again. MarkupError if an added token still comes out, or the text holds a one-character added token
+        (no cut can break it)."""
         pieces = [text]
         while self._added is not None and any(self._added.search(piece) for piece in pieces):
             cut = []
             for piece in pieces:
                 last = 0
                 for match in self._added.finditer(piece):
+                    if len(match.group()) < 2:
+                        raise MarkupError(f"text holds {match.group()!r}, a one-character added token of the tokenizer")
                     cut.append(piece[last:match.start() + 1])
                     last = match.start() + 1
                 cut.append(piece[last:])
@@ -216,9 +219,9 @@ def load_vl_model(folder: str | Path, device: str = "cpu") -> tuple[VLTokenizer,
 
 def user_content(text: str, n_images: int | None = None) -> list[dict]:
     """An exported user turn ("<image>...question") as chat content parts, images where the placeholders were."""
-    pieces = text.split(PLACEHOLDER)
+    pieces = text.split(IMAGE_PLACEHOLDER)
     if n_images is not None and len(pieces) - 1 != n_images:
-        raise ImageTokensError(f"{len(pieces) - 1} {PLACEHOLDER} placeholders but {n_images} images")
+        raise ImageTokensError(f"{len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {n_images} images")
     parts: list[dict] = []
     for index, piece in enumerate(pieces):
         if index:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from omnithought_dagster import markup
 from omnithought_dagster.config import FieldMap, JsonSourceConfig, ShareGPTSourceConfig
 from omnithought_dagster.ids import content_id
 from omnithought_dagster.sources.base import (
@@ -43,7 +44,7 @@ from omnithought_dagster.sources.base import (
     iter_json_records,
 )
 
-IMAGE_PLACEHOLDER = re.compile(r"<image>")
+IMAGE_PLACEHOLDER = re.compile(re.escape(markup.IMAGE_PLACEHOLDER))
 JSON_SUFFIXES = (".json", ".jsonl")
 
 

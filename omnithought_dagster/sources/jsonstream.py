@@ -139,9 +139,10 @@ def jsonl_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes]]:
 
 def jsonl_file(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, record, None) or (line number, raw text, why it does not parse) for every non-blank line of a JSONL
-    file - the one reader of the project's JSONL (lmms-eval's per-sample logs, examples, exports): lines end at b"\\n"
-    only, never at U+2028, U+2029 or U+0085, which JSON strings may hold unescaped (`str.splitlines()` splits on them
-    and cuts a record in two). Bytes that are not UTF-8 become lone surrogates; a leading byte-order mark is dropped."""
+    file we read whole (lmms-eval's per-sample log, our model class's problem log; the seed readers stream through
+    `records`, the example index seeks to its own offsets): lines end at b"\\n" only, never at U+2028, U+2029 or
+    U+0085, which JSON strings may hold unescaped (`str.splitlines()` splits on them and cuts a record in two). Bytes
+    that are not UTF-8 become lone surrogates; a leading byte-order mark is dropped."""
     with open(path, "rb") as handle:
         for number, line in jsonl_lines(handle):
             yield number, *_parse_line(line, f"line {number}")

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnithought_dagster.curation.export import assistant_parts
-from omnithought_dagster.models.vl_chat import ImageTokensError, MarkupError, user_content
+from omnithought_dagster.curation.export import conversation
+from omnithought_dagster.models.vl_chat import ImageTokensError, MarkupError
 from omnithought_dagster.sources import jsonstream
 
 EXAMPLES_FILE = "examples.jsonl"
@@ -53,17 +53,6 @@ class ExampleIndex:
     def load(cls, folder: Path) -> ExampleIndex:
         raw = json.loads((folder / INDEX_FILE).read_text())
         return cls(folder, array("q", raw["offsets"]), array("l", raw["lengths"]), Counter(raw["skipped"]))
-
-
-def conversation(record: dict) -> tuple[list[dict], list[str]]:
-    """An exported record's chat messages (images where its placeholders are, the reply format's delimiters as markup,
-    every other character as text) and its image paths."""
-    images = list(record.get("images") or [])
-    turns = record["messages"]
-    if len(turns) < 2 or turns[-1]["role"] != "assistant":
-        raise ValueError("a training record must end with the assistant's turn")
-    return ([{"role": "user", "content": user_content(turns[0]["content"], len(images))},
-             {"role": "assistant", "content": assistant_parts(turns[-1]["content"])}], images)
 
 
 def build_index(data_dir: Path, out_dir: Path, vl, max_length: int, overlong: str) -> ExampleIndex:
