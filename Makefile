@@ -39,7 +39,7 @@ PYTEST_ARGS ?=
 IMAGE ?= omnithought-dagster:latest
 GPU_IMAGE ?= omnithought-dagster-gpu:latest
 
-.PHONY: env envs vllm-env lmms-env browser demo test ui bench lock doctor image image-gpu clean
+.PHONY: env envs vllm-env lmms-env browser demo test ui bench lock doctor image image-gpu clean gpu-check gpu-wheels
 
 env: envs $(DAGSTER_HOME)/dagster.yaml browser
 
@@ -139,6 +139,16 @@ demo: env
 
 test: env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every distillation method's short training and the student's generation on this interpreter's accelerator (CPU here),
+# measured; one JSON, also written to $(GPU_CHECK_OUT)/gpu_check.json. On a GPU machine without our environments: README.
+GPU_CHECK_OUT ?= .cache/gpu-check
+gpu-check: $(STAMP)
+	$(BIN)/python -m omnithought_dagster.gpu_check --out $(GPU_CHECK_OUT)
+
+# The wheels that GPU machine lacks for the check (deploy/gpu-check/wheels.txt), for its Python 3.12, into .whl/.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m omnithought_dagster.gpu_check prepare-wheels .whl
 
 # `dg dev` reads [tool.dg] in pyproject.toml; `dagster dev -w workspace.yaml` is equivalent.
 ui: env

@@ -542,6 +542,9 @@ class TrainingConfig(_Model):
     """
 
     launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
+    engine: Literal["deepspeed", "torch"] = Field(default="deepspeed", description=(
+        "deepspeed: the Trainer drives DeepSpeed ZeRO (zero_stage, offload_optimizer); torch: plain torch (DDP across "
+        "processes), for a machine without DeepSpeed - launched by torchrun"))
     python: str | None = Field(default=None, description="interpreter of the training environment; default: this one")
     nproc_per_node: int = Field(default=1, ge=1, description="processes (GPUs) per node; 1 on CPU")
     nnodes: int = Field(default=1, ge=1)
@@ -605,12 +608,14 @@ class TrainingConfig(_Model):
             raise ValueError("training: lora puts adapters on the language model, which freeze_language_model freezes")
         if self.eval_steps and not self.eval_share:
             raise ValueError("training: eval_steps needs eval_share (the held-out part it evaluates on)")
+        if self.engine == "torch" and (self.launcher != "torchrun" or self.offload_optimizer):
+            raise ValueError("training: engine torch runs under launcher torchrun, without offload_optimizer (DeepSpeed's)")
         return self
 
     def process_settings(self) -> dict[str, Any]:
         """What the training process needs besides run_settings: how it saves, evaluates and reads (not the weights)."""
         return self.model_dump(mode="json", include={"gradient_checkpointing", "eval_steps", "save_steps", "save_total_limit",
-                                                     "dataloader_workers"})
+                                                     "dataloader_workers", "engine"})
 
 
 class EvaluationConfig(_Model):

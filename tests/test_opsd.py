@@ -79,6 +79,33 @@ def test_the_logits_are_those_that_predict_each_sampled_token(tiny_teacher):
     assert ours.shape == (3, whole.shape[-1]) and torch.allclose(ours, whole[0, start - 1: start + 2])
 
 
+def test_a_sample_never_holds_a_media_token(tiny_teacher):
+    """A model that would rather say <|image_pad|> than anything (measured on an H200: a sampled image token made the
+    next forward fail, "Image features and image tokens do not match") samples none of the media tokens, and the
+    sample reads back; without the suppression it samples them."""
+    from omnithought_dagster.models.vl_chat import load_vl_model
+    from omnithought_dagster.train.opsd import sample
+
+    vl, model = load_vl_model(str(tiny_teacher))
+    media = sorted(vl.media_ids)
+    assert vl.image_token_id in media and len(media) == 4
+    prompt = dict(vl.encode_prompt(MESSAGES[:1], [Image.new("RGB", (56, 56), (0, 0, 255))]))
+
+    def prefer_media(module, inputs, output):
+        output[..., media] += 100.0
+        return output
+
+    model.lm_head.register_forward_hook(prefer_media)
+    settings = {"max_new_tokens": 12, "temperature": 1.0}
+    torch.manual_seed(0)
+    unsuppressed = sample(model, prompt, settings, vl.tokenizer.pad_token_id, frozenset())
+    assert set(unsuppressed[0].tolist()) & set(media)
+    suppressed = sample(model, prompt, settings, vl.tokenizer.pad_token_id, vl.media_ids)
+    assert suppressed.shape[1] > 0 and not set(suppressed[0].tolist()) & set(media)
+    assert completion_logits(model, prompt, suppressed).shape[0] == suppressed.shape[1]
+    assert model.training is False  # load_vl_model's eval mode is given back
+
+
 def test_a_sample_is_cut_after_its_end_of_turn_token():
     assert trim_after_end(torch.tensor([4, 5, 2, 7, 0]), {2}).tolist() == [[4, 5, 2]]  # the end token kept: stopping is learnt
     assert trim_after_end(torch.tensor([4, 5, 6]), {2}).tolist() == [[4, 5, 6]]

@@ -73,6 +73,11 @@ def test_incoherent_settings_are_refused():
         TrainingConfig(lora={"r": 4}, zero_stage=3)
     with pytest.raises(ValidationError, match="eval_steps needs eval_share"):
         TrainingConfig(eval_steps=5)
+    with pytest.raises(ValidationError, match="engine torch runs under launcher torchrun"):
+        TrainingConfig(engine="torch")  # the deepspeed launcher
+    with pytest.raises(ValidationError, match="without offload_optimizer"):
+        TrainingConfig(engine="torch", launcher="torchrun", offload_optimizer=True)
+    assert TrainingConfig(engine="torch", launcher="torchrun").process_settings()["engine"] == "torch"
 
 
 @pytest.mark.slow

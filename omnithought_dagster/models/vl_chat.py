@@ -40,6 +40,11 @@ class MarkupError(ValueError):
     where a format has text."""
 
 
+# A Qwen-VL config's media token ids: its forward takes these positions for image or video features, or looks for
+# images after a vision start.
+MEDIA_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
 class ImageTokensError(ValueError):
     """An example whose image tokens do not come out as many as its images give."""
 
@@ -51,6 +56,7 @@ class VLTokenizer:
     tokenizer: Any
     image_processor: Any
     image_token_id: int
+    media_ids: frozenset[int] = frozenset()  # the tokens the model's forward reads as media: never to be sampled
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "VLTokenizer":
@@ -58,7 +64,9 @@ class VLTokenizer:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         config = AutoConfig.from_pretrained(model_dir)
-        return cls(AutoTokenizer.from_pretrained(model_dir), Qwen2VLImageProcessorPil.from_pretrained(model_dir), config.image_token_id)
+        media = {getattr(config, name, None) for name in MEDIA_TOKEN_FIELDS} - {None}
+        return cls(AutoTokenizer.from_pretrained(model_dir), Qwen2VLImageProcessorPil.from_pretrained(model_dir), config.image_token_id,
+                   frozenset(int(i) for i in media | {config.image_token_id}))
 
     def __post_init__(self) -> None:
         added = {int(i): str(token) for i, token in self.tokenizer.added_tokens_decoder.items()}

@@ -100,6 +100,24 @@ def trim_after_end(tokens, end_ids: set[int]):
     return tokens.unsqueeze(0)
 
 
+def sample(policy, prompt: dict[str, Any], settings: dict[str, Any], pad_id: int | None, media_ids) -> Any:
+    """The policy's sampled answer to a prompt ([1, n] token ids, the prompt not included), in eval mode and without
+    gradients. Media tokens (`media_ids`: image and video placeholders, vision start and end) are never sampled: the
+    next forward over prompt + answer would read a sampled image token as an image that is not there."""
+    import torch
+
+    with torch.no_grad():
+        training = policy.training
+        policy.eval()
+        try:
+            sampled = policy.generate(**prompt, max_new_tokens=settings["max_new_tokens"], do_sample=True,
+                                      temperature=settings["temperature"], top_p=1.0, top_k=0, use_cache=True, pad_token_id=pad_id,
+                                      suppress_tokens=sorted(media_ids) or None)
+        finally:
+            policy.train(training)
+    return sampled[:, prompt["input_ids"].shape[1]:]
+
+
 def end_token_ids(tokenizer, model) -> set[int]:
     """The tokens that end a sampled answer: the tokenizer's end of sequence and the model's generation config's."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -146,7 +164,7 @@ def build_trainer(counting_base, model, method: dict[str, Any], vl, **trainer_kw
     trainer = opsd_trainer_class(counting_base)(model=model, data_collator=collate, **trainer_kwargs)
     if teacher is not None:
         teacher.to(trainer.args.device)
-    trainer.opsd = (teacher, method, end_token_ids(vl.tokenizer, model), vl.tokenizer.pad_token_id)
+    trainer.opsd = (teacher, method, end_token_ids(vl.tokenizer, model), vl.tokenizer.pad_token_id, vl.media_ids)
     if method["teacher"] == "ema":
         trainer.add_callback(trainer.EMATeacher(trainer))
     return trainer
@@ -157,7 +175,7 @@ def opsd_trainer_class(counting_base):
     from transformers import TrainerCallback
 
     class OPSDTrainer(counting_base()):
-        opsd: tuple | None = None  # (teacher model or None for live, method settings, end-of-turn token ids, pad id)
+        opsd: tuple | None = None  # (teacher model or None for live, method settings, end-of-turn token ids, pad id, media ids)
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -169,19 +187,12 @@ def opsd_trainer_class(counting_base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             import torch
 
-            teacher, settings, end_ids, pad_id = self.opsd
+            teacher, settings, end_ids, pad_id, media_ids = self.opsd
             policy = self.accelerator.unwrap_model(model)
             values, lengths = [], []
             for example in inputs["examples"]:
                 student_prompt, teacher_prompt = example["student"], example["teacher"]
-                with torch.no_grad():
-                    training = policy.training
-                    policy.eval()
-                    sampled = policy.generate(**student_prompt, max_new_tokens=settings["max_new_tokens"], do_sample=True,
-                                              temperature=settings["temperature"], top_p=1.0, top_k=0, use_cache=True,
-                                              pad_token_id=pad_id)
-                    policy.train(training)
-                completion = trim_after_end(sampled[0, student_prompt["input_ids"].shape[1]:], end_ids)
+                completion = trim_after_end(sample(policy, student_prompt, settings, pad_id, media_ids)[0], end_ids)
                 if completion.shape[1] == 0:
                     continue
                 student_logits = completion_logits(model, student_prompt, completion)

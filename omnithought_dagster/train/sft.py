@@ -79,10 +79,12 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     settings = spec["training"]
     model_dir, data_dir, out_dir = Path(spec["model_dir"]), Path(spec["data_dir"]), Path(spec["output_dir"])
     run_dir = Path(spec.get("run_dir") or out_dir.parent / "run")
-    # DeepSpeed's process group first (gloo on CPU): the Trainer's DeepSpeed config reads the world size from it.
-    import deepspeed
+    if engine(settings) == "deepspeed":  # DeepSpeed's process group first (gloo on CPU): its config reads the world size from it
+        import deepspeed
 
-    deepspeed.init_distributed(dist_backend=spec.get("dist_backend") or ("nccl" if torch.cuda.is_available() else "gloo"))
+        deepspeed.init_distributed(dist_backend=spec.get("dist_backend") or ("nccl" if torch.cuda.is_available() else "gloo"))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     method = spec.get("method")
     kind = method["name"] if method else "sft"
     if kind == "grpo":
@@ -98,6 +100,8 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     rank, world = args.process_index, args.world_size
 
     vl = VLTokenizer.load(model_dir)
+    if kind == "grpo":  # TRL suppresses the image token in its samples; the other media tokens too (train/opsd.py: sample)
+        args.generation_kwargs = {**(args.generation_kwargs or {}), "suppress_tokens": sorted(vl.media_ids)}
     with args.main_process_first(local=True, desc="example index"):  # one rank per machine reads the export
         index_dir = run_dir / "index"
         if args.local_process_index == 0:
@@ -187,7 +191,7 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         "tokens_per_s": round(run_tokens / seconds, 1) if seconds else None, "steady_tokens_per_s": steady, "world_size": world,
         "resumed_from_step": step_of(resume) if resume else None, "frozen": frozen, "lora": settings.get("lora"),
         "deepspeed": args.deepspeed if isinstance(args.deepspeed, dict) else None,
-        "method": kind,
+        "method": kind, **run_environment(args, model),
     }
     if kind in ("kd", "prefix_mask_kd"):  # the two parts of the loss, per step
         log.update({"ce_losses": parts["ce_loss"], "kd_losses": parts["kd_loss"], "teacher": method["teacher"],
@@ -232,6 +236,27 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     return {"log": log, "metadata": metadata}
 
 
+def engine(settings: dict[str, Any]) -> str:
+    """deepspeed or torch (a spec written before the setting existed: deepspeed)."""
+    return settings.get("engine") or "deepspeed"
+
+
+def run_environment(args, model) -> dict[str, Any]:
+    """Where and how the run ran: the engine, device, precision, optimizer and attention kernel the Trainer used, and
+    on CUDA this process's peak memory (what the GPU check reports per method)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    base = getattr(model, "get_base_model", lambda: model)()
+    return {
+        "engine": "deepspeed" if args.deepspeed else "torch", "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", "optimizer": str(getattr(args.optim, "value", args.optim)),
+        "attention": getattr(base.config, "_attn_implementation", None),
+        "peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
+        "torch": torch.__version__,
+    }
+
+
 def training_arguments(settings: dict[str, Any], output_dir: Path):
     """transformers' TrainingArguments for the settings (DeepSpeed through deepspeed_config, CPU when there is no GPU)."""
     from transformers import TrainingArguments
@@ -262,7 +287,8 @@ def training_kwargs(settings: dict[str, Any], output_dir: Path) -> dict[str, Any
         dataloader_persistent_workers=settings["dataloader_workers"] > 0,  # not restarted every epoch
         # The fused AdamW kernel is CUDA's; on CPU torch's own loop is faster (measured: ~3 ms of a 47 ms tiny-model step).
         optim="adamw_torch_fused" if cuda else "adamw_torch",
-        use_cpu=not cuda, ddp_backend=None if cuda else "gloo", deepspeed=deepspeed_config(settings),
+        use_cpu=not cuda, ddp_backend=None if cuda else "gloo",
+        deepspeed=deepspeed_config(settings) if engine(settings) == "deepspeed" else None,
     )
 
 
