@@ -678,6 +678,10 @@ class OperationsConfig(_Model):
     gpu_wait_s: float = Field(default=3600, gt=0, description="how long a GPU step waits for free devices")
     source_manifests: str | None = Field(
         default=None, description="folder or s3:// prefix watched for source manifests (<name>.yaml); set -> sources are dynamic partitions")
+    manifest_roots: list[str] | None = Field(default=None, description=(
+        "what a manifest may read: its paths (path, image_root, allowed_image_roots) must resolve, symlinks followed, "
+        "inside one of these folders or s3:// prefixes; default: the manifest folder itself. A manifest in S3 may name "
+        "only objects under granted s3:// prefixes, never a worker's local file"))
     manifest_sensor_interval_s: int = Field(default=60, ge=5, description="how often the source_manifests sensor looks")
     manifest_sensor_running: bool = Field(default=False, description="start the source_manifests sensor running (else turn it on in the UI)")
     partition_lock_wait_s: float = Field(default=3600, ge=0, description=(
@@ -685,6 +689,11 @@ class OperationsConfig(_Model):
         "results) before it fails; 0 fails at once"))
 
     _resolve = field_validator("gpu_lock_dir", "source_manifests")(_resolve_path)
+
+    @field_validator("manifest_roots")
+    @classmethod
+    def _resolve_roots(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        return None if value is None else [_resolve_path(root, info) for root in value]
 
     @field_validator("recuration_cron")
     @classmethod

@@ -193,3 +193,36 @@ def test_manifest_sensor_watches_an_s3_prefix(tmp_path, instance, s3_store_confi
     assert result.success and all(c.passed for c in check_evaluations(result).values())
     store_prefix = s3_store_config["root"].split(f"{BUCKET}/", 1)[1]
     assert f"{store_prefix}/tables/seed_pool/source=lake/data.parquet" in _objects(s3_endpoint, store_prefix)
+
+
+def test_a_manifest_in_s3_names_no_local_path_and_no_other_prefix(tmp_path, instance, s3_store_config, s3_endpoint):
+    """A manifest uploaded to the watched prefix may not make a worker read its own disk (a relative path would be the
+    worker's working folder, an absolute one anything), nor objects of another bucket or prefix; refused with the
+    reason, and the sensor requests nothing for it."""
+    import boto3
+    import yaml
+
+    from omnithought_dagster.sensors import SENSOR_NAME
+    from omnithought_dagster.sources.manifests import manifest_filesystem, scan_manifests
+
+    prefix = s3_store_config["root"].split(f"{BUCKET}/", 1)[1] + "-manifests"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id=KEYS["OMNI_S3_KEY"],
+                          aws_secret_access_key=KEYS["OMNI_S3_SECRET"])
+    bodies = {"relative": {"kind": "json", "path": "creds.jsonl"}, "absolute": {"kind": "json", "path": str(tmp_path / "creds.jsonl")},
+              "roots": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/d.jsonl", "allowed_image_roots": ["/"]},
+              "otherbucket": {"kind": "json", "path": "s3://another-bucket/d.jsonl"},
+              "climbs": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/../elsewhere/d.jsonl"},
+              "inside": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/data/d.jsonl"}}
+    for name, body in bodies.items():
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}.yaml", Body=yaml.safe_dump(body).encode())
+    config = load_config(write_config(tmp_path, [], store=s3_store_config, operations={"source_manifests": f"s3://{BUCKET}/{prefix}"}))
+    found = {m.name: m for m in scan_manifests(config, *manifest_filesystem(config))}
+    assert found["inside"].source is not None  # objects under the manifest prefix: granted by default
+    for name in ("relative", "absolute", "roots"):
+        assert found[name].source is None and "never a local path" in found[name].error, name
+    for name in ("otherbucket", "climbs"):
+        assert found[name].source is None and "under no granted prefix" in found[name].error, name
+    defs = build_definitions(config)
+    with dg.build_sensor_context(instance=instance, definitions=defs) as context:
+        tick = defs.resolve_sensor_def(SENSOR_NAME)(context)
+    assert [r.partition_key for r in tick.run_requests] == ["inside"]

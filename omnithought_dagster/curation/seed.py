@@ -46,7 +46,9 @@ from omnithought_dagster.ids import bytes_id, sample_id
 from omnithought_dagster.markup import IMAGE_PLACEHOLDER as PLACEHOLDER
 from omnithought_dagster.markup import TOKEN_KINDS, first_markup, storable
 from omnithought_dagster.processes import available_cores, die_with_parent, main_module_hidden
-from omnithought_dagster.sources.base import Candidate, ImageRef, NonStandardLiteral, QuarantineReason, Rejected, SeedRecord, error_text
+from omnithought_dagster.redact import redact
+from omnithought_dagster.sources.base import (Candidate, ImageRef, NonStandardLiteral, QuarantineReason, Rejected, SeedRecord, bounded_excerpt,
+                                              error_text)
 from omnithought_dagster.store.tables import IMAGES, QUARANTINE, SEED_POOL, TableSpec
 
 ANSWER_TYPES = ("multiple_choice", "numeric", "math", "free_form")
@@ -838,10 +840,10 @@ def _quarantine_row(source: str, record: SeedRecord, reason: QuarantineReason, d
         "record_index": record.record_index,
         "turn": record.turn,
         "reason": str(reason),
-        "detail": _safe_text(detail) or "",
+        "detail": _safe_text(redact(detail)) or "",
         "sample_id": sample,
         "duplicate_of": duplicate_of,
-        "raw_excerpt": _safe_text(record.raw_excerpt),
+        "raw_excerpt": _safe_text(bounded_excerpt(record.raw_excerpt)),  # whoever made the excerpt
     }
 
 

@@ -19,6 +19,8 @@ from omnithought_dagster.fieldpath import get_path, path_head  # noqa: F401 - th
 from omnithought_dagster.sources import jsonstream
 from omnithought_dagster.sources.jsonstream import JSON_ERRORS, NonStandardLiteral, loads  # noqa: F401 - part of this module's API
 
+# A quarantine row's excerpt of its record: enough to see the record's shape and what was wrong with it, bounded so a
+# huge record (or a file that is not a dataset) is never copied whole; redacted of what looks like a credential (redact.py).
 RAW_EXCERPT_CHARS = 500
 
 
@@ -138,7 +140,16 @@ def excerpt(value: Any) -> str:
             text = json.dumps(value, ensure_ascii=False, default=repr)
         except (TypeError, ValueError):
             text = repr(value)
-    return text[:RAW_EXCERPT_CHARS]
+    return bounded_excerpt(text)
+
+
+def bounded_excerpt(text: str | None) -> str | None:
+    """At most RAW_EXCERPT_CHARS of `text`, credentials redacted (a secret cut in half by the bound is judged whole)."""
+    from omnithought_dagster.redact import redact
+
+    if text is None:
+        return None
+    return redact(text[:RAW_EXCERPT_CHARS + 200])[:RAW_EXCERPT_CHARS]
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[Any, tuple[QuarantineReason, str] | None]]:

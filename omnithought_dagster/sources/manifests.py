@@ -6,12 +6,20 @@ declares one source, written like an entry of `sources:` in the project file; th
 the source name (a `name:` inside must agree). Relative paths in a local manifest are relative
 to its folder. The `source_manifests` sensor turns new or changed manifests into seed_pool
 partitions and runs; the seed_pool step reads the manifest again when it runs. No Dagster here.
+
+The trust boundary: the project file is the operator's and trusted; a manifest is not (people outside the team drop
+them). A manifest reads only inside the roots the project file grants (`operations.manifest_roots`, default the
+manifest folder): every path it names (`path`, `image_root`, `allowed_image_roots`) must resolve there with symlinks
+followed, and a folder it names must hold no symlink that leads out. A manifest in S3 names no local path at all,
+only objects under granted s3:// prefixes. A manifest that reaches further is refused with the reason, before
+anything it names is opened; the seed step checks again when it runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -90,13 +98,80 @@ def read_manifest(config: ProjectConfig, fs: pafs.FileSystem, path: str) -> Mani
         return invalid(f"a manifest is one mapping (a `sources:` entry), got {type(raw).__name__}")
     if raw.setdefault("name", stem) != stem:
         return invalid(f"names source {raw['name']!r} but the file name says {stem!r}")
-    base_dir = str(Path(path).parent) if isinstance(fs, pafs.LocalFileSystem) else None
+    local = isinstance(fs, pafs.LocalFileSystem)
+    base_dir = str(Path(path).parent) if local else None
+    if not local:  # before validation resolves anything: a relative path would be the worker's working folder
+        local_paths = [value for _, value in _named_paths(raw) if isinstance(value, str) and "://" not in value]
+        if local_paths:
+            return invalid(f"a manifest in S3 names only s3:// objects, never a local path ({local_paths[0]!r})")
     try:
         source = _ADAPTER.validate_python(raw, context={"base_dir": base_dir} if base_dir else None)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors())
         return invalid(f"invalid source ({problems})")
+    refused = outside_roots(source, granted_roots(config, path, local))
+    if refused:
+        return invalid(f"refused: {refused}")
     return Manifest(stem, path, digest, source)
+
+
+PATH_FIELDS = ("path", "image_root")  # and each of allowed_image_roots
+
+
+def _named_paths(source) -> list[tuple[str, object]]:
+    """(field, value) of every path a source (a mapping or a SourceConfig) names."""
+    get = source.get if isinstance(source, dict) else (lambda key, default=None: getattr(source, key, default))
+    named = [(field, get(field)) for field in PATH_FIELDS if get(field) is not None]
+    roots = get("allowed_image_roots") or []
+    return named + [(f"allowed_image_roots[{i}]", root) for i, root in enumerate(roots if isinstance(roots, list) else [roots])]
+
+
+def granted_roots(config: ProjectConfig, manifest_path: str, local: bool) -> list[str]:
+    """The folders and s3:// prefixes a manifest may read: operations.manifest_roots, else its own folder."""
+    if config.operations.manifest_roots is not None:
+        return list(config.operations.manifest_roots)
+    folder = posixpath.dirname(manifest_path)
+    return [folder] if local else [f"s3://{folder}"]
+
+
+def outside_roots(source: SourceConfig, roots: list[str]) -> str | None:
+    """Why a manifest's source reaches outside `roots` (None when it does not): a path that resolves (symlinks followed)
+    outside every local root, a URI under no granted prefix, a folder holding a symlink that leads out. Nothing is
+    opened: only names are resolved and folders listed."""
+    local_roots = [os.path.realpath(root) for root in roots if "://" not in root]
+    uri_roots = [root.rstrip("/") for root in roots if "://" in root]
+    shown = f"operations.manifest_roots: {roots}"
+    for field, value in _named_paths(source):
+        value = str(value)
+        if "://" in value:
+            scheme, _, rest = value.partition("://")
+            normal = posixpath.normpath(rest)
+            if scheme != "s3" or ".." in rest.split("/") or not any(f"s3://{normal}".startswith(root + "/") or f"s3://{normal}" == root
+                                                                    for root in uri_roots):
+                return f"{field} {value!r} is under no granted prefix ({shown})"
+            continue
+        real = os.path.realpath(value)
+        if not any(_inside(real, root) for root in local_roots):
+            return f"{field} {value!r} resolves to {real}, outside the folders manifests may read ({shown})"
+        if os.path.isdir(real):
+            escape = _symlink_out(real, local_roots)
+            if escape:
+                return f"{field} {value!r} holds {escape}, a symlink that leads outside the folders manifests may read ({shown})"
+    return None
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _symlink_out(folder: str, roots: list[str]) -> str | None:
+    """The first entry under `folder` (not following links) that is a symlink resolving outside `roots`."""
+    for current, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            entry = os.path.join(current, name)
+            if os.path.islink(entry) and not any(_inside(os.path.realpath(entry), root) for root in roots):
+                return entry
+    return None
 
 
 def resolve_source(config: ProjectConfig, name: str, *, access_key: str | None = None, secret_key: str | None = None) -> SourceConfig:

@@ -79,7 +79,7 @@ QUARANTINE = TableSpec(
         Column("detail", pa.string(), "what exactly was wrong, with the offending value", False),
         Column("sample_id", pa.string(), "the sample's id when it got that far (duplicates always have one)"),
         Column("duplicate_of", pa.string(), "for duplicates: 'source/native_id' of the kept copy"),
-        Column("raw_excerpt", pa.string(), "the first 500 characters of the raw record, for forensics"),
+        Column("raw_excerpt", pa.string(), "the first 500 characters of the raw record, for forensics, credentials redacted (redact.py)"),
     ),
 )
 

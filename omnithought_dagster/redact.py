@@ -1,0 +1,72 @@
+"""What a stored excerpt of untrusted input must not carry by accident: credentials.
+
+A quarantine row keeps a bounded excerpt of the record it set aside (`raw_excerpt`) so a person can see what was wrong
+with it. A seed file is not trusted: it may be, or hold lines of, a credentials file. Before an excerpt or a detail is
+stored, `redact` replaces
+
+- the value of a key = value / key: value / "key": "value" pair whose key names a secret (secret, token, password,
+  passwd, pwd, api key, access key, private key, credential(s), authorization, signature);
+- a PEM private key block, a `Bearer` token, the user:password of a URL;
+- well-known credential shapes (AWS access key ids, GitHub / Hugging Face / OpenAI / Slack tokens);
+- any run of 32 or more base64 / URL-safe characters between slashes that looks random (Shannon entropy of at least
+  4.2 bits per character and both letters and digits: a 40-character AWS secret key scores ~4.6-5.0; a SHA-256 hex
+  digest, at most 4.0, and words and identifiers stay below it). Slashes split the runs because file paths are made
+  of such characters: a path's parts are judged one by one, so a path stays readable, and an unnamed secret holding
+  a '/' may pass in pieces
+
+with `[redacted]`. It is a net, not a guarantee: a short password in free text passes. What it errs on: a field named
+like `max_tokens` loses its value, and base64 data (an inlined image) is redacted too. No Dagster here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+REDACTED = "[redacted]"
+SECRET_KEY_WORDS = r"(?:secret|token|passw(?:or)?d|pwd|api[_-]?key|access[_-]?key|private[_-]?key|credentials?|authorization|signature)"
+_PAIR = re.compile(
+    r"(?i)(?P<key>[\"']?[\w.-]*" + SECRET_KEY_WORDS + r"[\w.-]*[\"']?)(?P<sep>\s*[:=]\s*)"
+    r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s,;}&\"']+)")
+_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@")
+_KNOWN = re.compile(
+    r"\b(?:(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}"  # AWS access key ids
+    r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,})\b")
+_RUN = re.compile(r"[A-Za-z0-9+/=_-]{32,}")  # judged a '/'-separated part at a time: file paths are runs like these
+MIN_ENTROPY = 4.2
+
+
+def redact(text: str | None) -> str | None:
+    """`text` with what looks like a credential replaced by [redacted] (None stays None)."""
+    if not text:
+        return text
+    text = _PEM.sub(REDACTED, text)
+    text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    text = _PAIR.sub(lambda m: m.group("key") + m.group("sep") + _quoted(m.group("value")), text)
+    text = _KNOWN.sub(REDACTED, text)
+    return _RUN.sub(lambda m: "/".join(REDACTED if looks_random(part) else part for part in m.group().split("/")), text)
+
+
+def looks_random(run: str) -> bool:
+    """A long run of token characters that is probably a key: high entropy, letters and digits both."""
+    if not (any(c.isdigit() for c in run) and any(c.isalpha() for c in run)):
+        return False
+    return entropy(run) >= MIN_ENTROPY
+
+
+def entropy(text: str) -> float:
+    """Shannon entropy of the characters of `text`, bits per character."""
+    counts = Counter(text)
+    return -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
+
+
+def _quoted(value: str) -> str:
+    if value == REDACTED or value in ('""', "''"):
+        return value
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return f"{value[0]}{REDACTED}{value[0]}"
+    return REDACTED

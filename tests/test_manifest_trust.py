@@ -1,0 +1,200 @@
+"""The trust boundary of source manifests: a manifest reads only inside the roots the project file grants.
+
+A canary file is planted outside the manifest folder; manifests try every way out (an absolute path, `..`, `~`, a
+symlink inside the folder, a folder holding a symlink that leads out, an image root or allowed_image_roots outside, an
+s3:// URI); each is refused with its reason, through the sensor and through the seed step as a user would run them,
+and no row, log line, event or metadata value anywhere under the test's folders holds the canary. A manifest that stays
+inside runs as before; a granted root lets one read further; the project file's own sources keep their freedom.
+Excerpts of quarantined records are bounded and redacted (redact.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import write_config
+from omnithought_dagster.config import load_config
+from omnithought_dagster.defs import SEED_JOB, build_definitions
+from omnithought_dagster.redact import REDACTED, redact
+from omnithought_dagster.sensors import SENSOR_NAME
+from omnithought_dagster.sources.base import RAW_EXCERPT_CHARS, bounded_excerpt
+from omnithought_dagster.sources.manifests import manifest_filesystem, scan_manifests
+from omnithought_dagster.store import CorpusStore
+
+CANARY = "CANARY-7f3a9c51-never-to-be-read"
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "Q9z3x8LkP2"
+
+
+def _plant(tmp_path: Path) -> Path:
+    """A credentials-like file outside the manifest folder, and a folder of images beside it."""
+    outside = tmp_path / "outside"
+    (outside / "pics").mkdir(parents=True)
+    lines = [f"[default] {CANARY}", f"aws_secret_access_key = {SECRET}",
+             json.dumps({"id": CANARY, "question": f"what is {CANARY}?", "answer": CANARY, "image": "a.png"})]
+    (outside / "creds.jsonl").write_text("\n".join(lines) + "\n")
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(outside / "pics" / "a.png")
+    return outside
+
+
+def _good_data(folder: Path) -> None:
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "data" / "a.png")
+    records = [{"id": f"g{i}", "question": f"How many squares? ({i})", "answer": "1", "image": "a.png"} for i in range(3)]
+    (folder / "data" / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+ESCAPES = {  # manifest name -> (body, the field its refusal names)
+    "absolute": ({"kind": "json", "path": "{outside}/creds.jsonl"}, "path"),
+    "climb": ({"kind": "json", "path": "../outside/creds.jsonl"}, "path"),
+    "home": ({"kind": "json", "path": "~/creds.jsonl"}, "path"),
+    "linked": ({"kind": "json", "path": "link.jsonl"}, "path"),
+    "linkdir": ({"kind": "hf", "path": "parquet_dir"}, "path"),
+    "imageroot": ({"kind": "json", "path": "data/good.jsonl", "image_root": "../outside/pics"}, "image_root"),
+    "widened": ({"kind": "json", "path": "data/good.jsonl", "allowed_image_roots": ["{outside}"]}, "allowed_image_roots[0]"),
+    "bucket": ({"kind": "json", "path": "s3://someone-elses-bucket/creds.jsonl"}, "path"),
+}
+
+
+def _manifests(tmp_path: Path, outside: Path) -> Path:
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    _good_data(folder)
+    os.symlink(outside / "creds.jsonl", folder / "link.jsonl")
+    (folder / "parquet_dir").mkdir()
+    os.symlink(outside / "creds.jsonl", folder / "parquet_dir" / "part-0.parquet")
+    for name, (body, _) in ESCAPES.items():
+        text = json.dumps(body).replace("{outside}", str(outside))
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(json.loads(text)))
+    (folder / "good.yaml").write_text(yaml.safe_dump({"kind": "json", "path": "data/good.jsonl"}))
+    return folder
+
+
+def _holding_canary(tmp_path: Path, outside: Path) -> list[str]:
+    found = []
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and not path.is_symlink() and outside not in path.parents:
+            if CANARY.encode() in path.read_bytes() or SECRET.encode() in path.read_bytes():
+                found.append(str(path))
+    return found
+
+
+def test_a_manifest_reaching_outside_is_refused_and_nothing_it_names_is_read(tmp_path, instance, monkeypatch):
+    outside = _plant(tmp_path)
+    monkeypatch.setenv("HOME", str(outside))  # `~` leads to the canary too
+    _manifests(tmp_path, outside)
+    config = load_config(write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 4}],
+                                      operations={"source_manifests": "manifests"}))
+    found = {m.name: m for m in scan_manifests(config, *manifest_filesystem(config))}
+    assert found["good"].source is not None and found["good"].error is None
+    for name, (_, field) in ESCAPES.items():
+        manifest = found[name]
+        assert manifest.source is None and "refused" in manifest.error and f"{field} " in manifest.error, (name, manifest.error)
+    assert "symlink that leads outside" in found["linkdir"].error and "under no granted prefix" in found["bucket"].error
+
+    defs = build_definitions(config)
+    with dg.build_sensor_context(instance=instance, definitions=defs) as context:
+        tick = defs.resolve_sensor_def(SENSOR_NAME)(context)
+    assert sorted(r.partition_key for r in tick.run_requests) == ["good", "synthetic"]  # the refused ones run nothing
+    for request in tick.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    job = defs.resolve_job_def(SEED_JOB)
+    good = job.execute_in_process(partition_key="good", instance=instance, raise_on_error=False)
+    assert good.success
+    store = CorpusStore(config.store.root)
+    assert store.catalog().execute("SELECT count(*) FROM seed_pool WHERE source = 'good'").fetchall() == [(3,)]
+
+    # Someone adds a refused manifest's partition by hand and runs it: the step refuses it too, reading nothing.
+    instance.add_dynamic_partitions("sources", list(ESCAPES))
+    for name in ESCAPES:
+        run = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False)
+        assert not run.success
+        failure = next(e for e in run.all_events if e.event_type_value == "STEP_FAILURE")
+        assert "refused" in failure.step_failure_data.error.message, name
+        assert not store.has_partition("seed_pool", name) and not store.has_partition("quarantine", name)
+    assert _holding_canary(tmp_path, outside) == []
+
+
+def test_granted_roots_let_a_manifest_read_further_and_project_sources_keep_their_freedom(tmp_path, instance):
+    outside = _plant(tmp_path)
+    _good_data(outside)
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    (folder / "far.yaml").write_text(yaml.safe_dump({"kind": "json", "path": str(outside / "data" / "good.jsonl")}))
+    (folder / "farther.yaml").write_text(yaml.safe_dump({"kind": "json", "path": str(tmp_path / "elsewhere.jsonl")}))
+    mine = [{"id": f"m{i}", "question": f"Which colour is the square? ({i})", "answer": "red", "image": "a.png"} for i in range(2)]
+    (outside / "data" / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mine))
+    config = load_config(write_config(tmp_path, [{"name": "mine", "kind": "json", "path": str(outside / "data" / "mine.jsonl")}],
+                                      operations={"source_manifests": "manifests", "manifest_roots": ["manifests", "outside/data"]}))
+    found = {m.name: m for m in scan_manifests(config, *manifest_filesystem(config))}
+    assert found["far"].source is not None and found["farther"].source is None and "outside the folders" in found["farther"].error
+    defs = build_definitions(config)
+    instance.add_dynamic_partitions("sources", ["mine", "far"])
+    job = defs.resolve_job_def(SEED_JOB)
+    assert job.execute_in_process(partition_key="far", instance=instance).success
+    assert job.execute_in_process(partition_key="mine", instance=instance).success  # the project file: not confined
+
+
+def test_quarantined_lines_of_a_credentials_file_keep_no_secret(tmp_path, instance):
+    """The project file may point at anything (trusted); a file that is not a dataset becomes quarantine rows whose
+    excerpts and details are redacted and bounded."""
+    outside = _plant(tmp_path)
+    long_line = "x" * 5000
+    with (outside / "creds.jsonl").open("a") as handle:
+        handle.write(f'{{"token": "{SECRET}", "password": "hunter2"}}\n{long_line}\nAKIAIOSFODNN7EXAMPLE\n')
+    config = load_config(write_config(tmp_path, [{"name": "creds", "kind": "json", "path": str(outside / "creds.jsonl"),
+                                                   "image_root": str(outside / "pics")}]))
+    defs = build_definitions(config)
+    assert defs.resolve_job_def(SEED_JOB).execute_in_process(partition_key="creds", instance=instance, raise_on_error=False)
+    rows = CorpusStore(config.store.root).catalog().execute("SELECT raw_excerpt, detail FROM quarantine").fetchall()
+    text = json.dumps(rows)
+    assert rows and SECRET not in text and "hunter2" not in text and "AKIAIOSFODNN7EXAMPLE" not in text
+    assert all(len(excerpt or "") <= RAW_EXCERPT_CHARS for excerpt, _ in rows) and REDACTED in text
+
+
+@pytest.mark.parametrize("text, kept, gone", [
+    ("aws_secret_access_key = abc123SECRETvalue", "aws_secret_access_key = ", "abc123SECRETvalue"),
+    ('{"api_key": "k-1", "question": "How many?"}', '"question": "How many?"', "k-1"),
+    ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.abc", "Authorization", "eyJhbGciOiJIUzI1NiJ9"),
+    ("postgres://bob:s3cret@db:5432/x", "@db:5432/x", "s3cret"),
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----", "", "MIIEowIBAAKCAQEA"),
+    ("id AKIAIOSFODNN7EXAMPLE here", "id ", "AKIAIOSFODNN7EXAMPLE"),
+    ("hf_" + "aB3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3", "", "aB3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3"),
+])
+def test_credentials_are_redacted(text, kept, gone):
+    out = redact(text)
+    assert gone not in out and kept in out and REDACTED in out
+
+
+@pytest.mark.parametrize("text", [
+    "How many red squares are in the image? Answer: 3",
+    "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",  # a SHA-256 digest: not a key
+    "/tmp/pytest-of-root/pytest-123/test_manifests_become_partitio0/manifests/data/0001.png",
+    "images/coco/train2017/000000391895.jpg resolves outside the source root",
+    "pneumonoultramicroscopicsilicovolcanoconiosis",
+])
+def test_ordinary_text_paths_and_digests_stay(text):
+    assert redact(text) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(secret=st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+=_-", min_size=40, max_size=60)
+       .filter(lambda s: any(c.isdigit() for c in s) and any(c.isalpha() for c in s) and len(set(s)) >= 28),
+       before=st.text(max_size=40), after=st.text(max_size=40))
+def test_a_random_key_anywhere_is_redacted_and_redaction_is_stable(secret, before, after):
+    text = f"{before} {secret} {after}"
+    out = redact(text)
+    assert secret not in out and redact(out) == out
+
+
+def test_excerpts_are_bounded_after_redaction():
+    text = "a" * (RAW_EXCERPT_CHARS - 10) + f" token={SECRET}"
+    out = bounded_excerpt(text)
+    assert len(out) <= RAW_EXCERPT_CHARS and SECRET[:10] not in out
