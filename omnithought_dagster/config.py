@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 CONFIG_ENV_VAR = "OMNITHOUGHT_CONFIG"
 DEFAULT_CONFIG_NAME = "omnithought.yaml"
@@ -144,6 +144,9 @@ class _FileSourceBase(_SourceBase):
         if getattr(self, "multi_turn", "first") == "each" and getattr(self, "format", "llava") == "flat":
             raise ValueError("multi_turn: each splits conversations; a flat source has none (use format: llava)")
         return self
+
+    # The folders a manifest's source may read (set by sources/manifests.py, never from a file; None: anywhere).
+    _read_roots: tuple[str, ...] | None = PrivateAttr(default=None)
 
     allowed_image_roots: list[str] = Field(default_factory=list, description=(
         "folders besides image_root that image paths may point into (absolute paths, e.g. those "
@@ -679,9 +682,9 @@ class OperationsConfig(_Model):
     source_manifests: str | None = Field(
         default=None, description="folder or s3:// prefix watched for source manifests (<name>.yaml); set -> sources are dynamic partitions")
     manifest_roots: list[str] | None = Field(default=None, description=(
-        "what a manifest may read: its paths (path, image_root, allowed_image_roots) must resolve, symlinks followed, "
-        "inside one of these folders or s3:// prefixes; default: the manifest folder itself. A manifest in S3 may name "
-        "only objects under granted s3:// prefixes, never a worker's local file"))
+        "the folders a manifest may read: its paths (path, image_root, allowed_image_roots) and every file its reader "
+        "lists or opens must resolve there, symlinks followed; default: the manifest folder itself. A manifest in S3 "
+        "reads no worker's local file"))
     manifest_sensor_interval_s: int = Field(default=60, ge=5, description="how often the source_manifests sensor looks")
     manifest_sensor_running: bool = Field(default=False, description="start the source_manifests sensor running (else turn it on in the UI)")
     partition_lock_wait_s: float = Field(default=3600, ge=0, description=(

@@ -25,18 +25,26 @@ import re
 from collections import Counter
 
 REDACTED = "[redacted]"
-SECRET_KEY_WORDS = r"(?:secret|token|passw(?:or)?d|pwd|api[_-]?key|access[_-]?key|private[_-]?key|credentials?|authorization|signature)"
+# A secret word is a whole component of a key: `db_password`, `AWS_SECRET_ACCESS_KEY`, `apiKey`, `clientSecret`, `pass`
+# - not `tokenizer`, `max_tokens`, `Secretary` or `passport`.
+SECRET_WORDS = (r"secret|token|passw(?:or)?d|pass|pwd|auth|api[_-]?key|access[_-]?key|account[_-]?key|secret[_-]?key"
+                r"|private[_-]?key|credentials?|authorization|connection[_-]?string")
+_START = r"(?:(?<![A-Za-z0-9])|(?<=(?-i:[a-z]))(?=(?-i:[A-Z])))"  # after a separator, or at a camelCase hump
+_END = r"(?:(?![A-Za-z0-9])|(?=(?-i:[A-Z])))"
 _PAIR = re.compile(
-    r"(?i)(?P<key>[\"']?[\w.-]*" + SECRET_KEY_WORDS + r"[\w.-]*[\"']?)(?P<sep>\s*[:=]\s*)"
-    r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s,;}&\"']+)")
-_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
+    r"(?i)(?P<key>[\"']?(?:[\w.-]*?)" + _START + r"(?:" + SECRET_WORDS + r")" + _END + r"[\w.-]*[\"']?)(?P<sep>\s*[:=]\s*)"
+    r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\n\r,;}&\"']+)")
+_NETRC = re.compile(r"(?i)\b(password|passwd)[ \t]+(?!is\b|was\b|of\b|for\b|to\b|and\b)[^\s:=]+")
+_PGPASS = re.compile(r"(?m)^([^:\s]+:(?:\d+|\*):[^:\s]+:[^:\s]+:)\S+$")  # host:port:database:user:password
+_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)", re.S)
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@")
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s:@]*:[^/\s@]+@")
 _KNOWN = re.compile(
     r"\b(?:(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}"  # AWS access key ids
     r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,})\b")
-_RUN = re.compile(r"[A-Za-z0-9+/=_-]{32,}")  # judged a '/'-separated part at a time: file paths are runs like these
+_RUN = re.compile(r"[A-Za-z0-9+/=_-]{32,}")  # judged whole, then a '/'-separated part at a time (file paths are such runs)
 MIN_ENTROPY = 4.2
+MIN_ENTROPY_WHOLE = 4.5  # a run holding '/' is a key as a whole only if it mixes cases and digits and scores this
 
 
 def redact(text: str | None) -> str | None:
@@ -47,8 +55,21 @@ def redact(text: str | None) -> str | None:
     text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
     text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _PAIR.sub(lambda m: m.group("key") + m.group("sep") + _quoted(m.group("value")), text)
+    text = _NETRC.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    text = _PGPASS.sub(lambda m: m.group(1) + REDACTED, text)
     text = _KNOWN.sub(REDACTED, text)
-    return _RUN.sub(lambda m: "/".join(REDACTED if looks_random(part) else part for part in m.group().split("/")), text)
+    return _RUN.sub(_judge_run, text)
+
+
+def _judge_run(match: re.Match) -> str:
+    run = match.group()
+    if "/" in run and _mixed(run) and entropy(run) >= MIN_ENTROPY_WHOLE:
+        return REDACTED
+    return "/".join(REDACTED if looks_random(part) else part for part in run.split("/"))
+
+
+def _mixed(run: str) -> bool:
+    return any(c.isupper() for c in run) and any(c.islower() for c in run) and any(c.isdigit() for c in run)
 
 
 def looks_random(run: str) -> bool:
@@ -65,7 +86,7 @@ def entropy(text: str) -> float:
 
 
 def _quoted(value: str) -> str:
-    if value == REDACTED or value in ('""', "''"):
+    if value.strip() == REDACTED or value in ('""', "''") or not value.strip():
         return value
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
         return f"{value[0]}{REDACTED}{value[0]}"

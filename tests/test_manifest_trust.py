@@ -59,7 +59,12 @@ ESCAPES = {  # manifest name -> (body, the field its refusal names)
     "linkdir": ({"kind": "hf", "path": "parquet_dir"}, "path"),
     "imageroot": ({"kind": "json", "path": "data/good.jsonl", "image_root": "../outside/pics"}, "image_root"),
     "widened": ({"kind": "json", "path": "data/good.jsonl", "allowed_image_roots": ["{outside}"]}, "allowed_image_roots[0]"),
-    "bucket": ({"kind": "json", "path": "s3://someone-elses-bucket/creds.jsonl"}, "path"),
+    "bucket": ({"kind": "json", "path": "s3://someone-elses-bucket/creds.jsonl"}, "a URI"),
+    "globbed": ({"kind": "json", "path": "innocent.json*"}, "outside the folders this source may read"),
+    "hfstate": ({"kind": "hf", "path": "state_ds"}, "outside the folders this source may read"),
+    "hfsplit": ({"kind": "hf", "path": "dict_ds"}, "outside the folders this source may read"),
+    "hfsplitfield": ({"kind": "hf", "path": "dict_ds", "split": "../../outside"}, "outside the folders this source may read"),
+    "nul": ({"kind": "json", "path": "data/good.jsonl\u0000x"}, "embedded null"),
 }
 
 
@@ -68,6 +73,12 @@ def _manifests(tmp_path: Path, outside: Path) -> Path:
     folder.mkdir()
     _good_data(folder)
     os.symlink(outside / "creds.jsonl", folder / "link.jsonl")
+    os.symlink(outside / "creds.jsonl", folder / "innocent.jsonl")  # only a glob reaches it
+    (folder / "state_ds").mkdir()
+    (folder / "state_ds" / "state.json").write_text(json.dumps({"_data_files": [{"filename": str(outside / "creds.jsonl")}]}))
+    (folder / "dict_ds").mkdir()
+    (folder / "dict_ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["../../outside"]}))
+    os.symlink(outside / "creds.jsonl", folder / "evil.yaml")  # a manifest that is itself a symlink
     (folder / "parquet_dir").mkdir()
     os.symlink(outside / "creds.jsonl", folder / "parquet_dir" / "part-0.parquet")
     for name, (body, _) in ESCAPES.items():
@@ -97,7 +108,7 @@ def test_a_manifest_reaching_outside_is_refused_and_nothing_it_names_is_read(tmp
     for name, (_, field) in ESCAPES.items():
         manifest = found[name]
         assert manifest.source is None and "refused" in manifest.error and f"{field} " in manifest.error, (name, manifest.error)
-    assert "symlink that leads outside" in found["linkdir"].error and "under no granted prefix" in found["bucket"].error
+    assert "symlink that leads outside" in found["linkdir"].error and "may not be a symlink" in found["evil"].error
 
     defs = build_definitions(config)
     with dg.build_sensor_context(instance=instance, definitions=defs) as context:
@@ -112,8 +123,8 @@ def test_a_manifest_reaching_outside_is_refused_and_nothing_it_names_is_read(tmp
     assert store.catalog().execute("SELECT count(*) FROM seed_pool WHERE source = 'good'").fetchall() == [(3,)]
 
     # Someone adds a refused manifest's partition by hand and runs it: the step refuses it too, reading nothing.
-    instance.add_dynamic_partitions("sources", list(ESCAPES))
-    for name in ESCAPES:
+    instance.add_dynamic_partitions("sources", [*ESCAPES, "evil"])
+    for name in [*ESCAPES, "evil"]:
         run = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False)
         assert not run.success
         failure = next(e for e in run.all_events if e.event_type_value == "STEP_FAILURE")
@@ -167,6 +178,16 @@ def test_quarantined_lines_of_a_credentials_file_keep_no_secret(tmp_path, instan
     ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----", "", "MIIEowIBAAKCAQEA"),
     ("id AKIAIOSFODNN7EXAMPLE here", "id ", "AKIAIOSFODNN7EXAMPLE"),
     ("hf_" + "aB3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3", "", "aB3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3"),
+    ("AKIAIOSFODNN7EXAMPLE,wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", ",", "bPxRfiCYEXAMPLEKEY"),  # accessKeys.csv: no names
+    ("machine api.example.com login bob password hunter2", "login bob password ", "hunter2"),  # netrc
+    ("db.example.com:5432:prod:bob:s3cretpw", "db.example.com:5432:prod:bob:", "s3cretpw"),  # pgpass
+    ("redis://:p4ssw0rd@cache:6379", "@cache:6379", "p4ssw0rd"),
+    ('{"auths": {"registry.io": {"auth": "Ym9iOnNlY3JldA=="}}}', '"registry.io"', "Ym9iOnNlY3JldA=="),  # docker config
+    ("DB_PASS=hunter2", "DB_PASS=", "hunter2"),
+    ("password: correct horse battery staple", "password: ", "battery staple"),
+    ("AccountName=x;AccountKey=abc/def+ghi==;EndpointSuffix=core", "EndpointSuffix=core", "def+ghi"),
+    ('{"apiKey": "abc1", "clientSecret": "def2"}', '"apiKey": ', "def2"),
+    ("-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOYBF\n-----END PGP PRIVATE KEY BLOCK-----", "", "lQOYBF"),
 ])
 def test_credentials_are_redacted(text, kept, gone):
     out = redact(text)
@@ -179,6 +200,10 @@ def test_credentials_are_redacted(text, kept, gone):
     "/tmp/pytest-of-root/pytest-123/test_manifests_become_partitio0/manifests/data/0001.png",
     "images/coco/train2017/000000391895.jpg resolves outside the source root",
     "pneumonoultramicroscopicsilicovolcanoconiosis",
+    "Key signature: D major. Time signature: 3/4",  # a music question, not a credential
+    "Secretary: Jane Doe; author: Smith; passport number: 12",
+    "tokenizer: fast, tokens: 512, max_tokens=5",
+    "/work/main/.omnithought/images/ab/cd/abcdef0123456789abcdef0123456789.png",
 ])
 def test_ordinary_text_paths_and_digests_stay(text):
     assert redact(text) == text
@@ -198,3 +223,53 @@ def test_excerpts_are_bounded_after_redaction():
     text = "a" * (RAW_EXCERPT_CHARS - 10) + f" token={SECRET}"
     out = bounded_excerpt(text)
     assert len(out) <= RAW_EXCERPT_CHARS and SECRET[:10] not in out
+
+
+def test_a_file_swapped_after_its_check_is_not_read(tmp_path, monkeypatch):
+    """open_data checks the file it opened, not only the name: a symlink re-pointed between the check of a name and the
+    open (here: right after the open) is caught by the inode, even when the new target also lies inside."""
+    from omnithought_dagster.sources import confine
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.jsonl").write_text("{}\n")
+    (root / "b.jsonl").write_text("{}\n")
+    os.symlink(root / "a.jsonl", root / "data.jsonl")
+    roots = (os.path.realpath(root),)
+    with confine.open_data(root / "data.jsonl", roots) as handle:
+        assert handle.read() == b"{}\n"
+    real_check = confine.check
+
+    def swap_then_check(path, roots):
+        os.unlink(root / "data.jsonl")
+        os.symlink(root / "b.jsonl", root / "data.jsonl")
+        return real_check(path, roots)
+
+    monkeypatch.setattr(confine, "check", swap_then_check)
+    with pytest.raises(confine.OutsideRoots, match="changed while it was opened"):
+        confine.open_data(root / "data.jsonl", roots)
+    monkeypatch.setattr(confine, "check", real_check)
+    (tmp_path / "elsewhere").write_text("x")
+    with pytest.raises(confine.OutsideRoots, match="outside the folders"):
+        confine.open_data(tmp_path / "elsewhere", roots)
+
+
+def test_a_reader_of_a_confined_source_sets_aside_a_file_swapped_out_after_listing(tmp_path):
+    """The listing was checked; the file is then replaced by a symlink to the canary: the reader's open refuses it (one
+    unreadable_file record naming the refusal), and the independent recount refuses it too."""
+    from omnithought_dagster.config import JsonSourceConfig
+    from omnithought_dagster.sources import make_reader
+    from omnithought_dagster.sources.recount import raw_record_count
+
+    outside = _plant(tmp_path)
+    folder = tmp_path / "manifests"
+    _good_data(folder)
+    source = JsonSourceConfig(name="s", kind="json", path=str(folder / "data" / "good.jsonl"))
+    source._read_roots = (os.path.realpath(folder),)
+    reader = make_reader(source)
+    (folder / "data" / "good.jsonl").unlink()
+    os.symlink(outside / "creds.jsonl", folder / "data" / "good.jsonl")
+    records = list(reader.records())
+    assert len(records) == 1 and "outside the folders" in records[0].detail and CANARY not in json.dumps([r.detail for r in records])
+    assert CANARY not in (records[0].raw_excerpt or "")
+    assert raw_record_count(source, reader) == 1

@@ -197,8 +197,8 @@ def test_manifest_sensor_watches_an_s3_prefix(tmp_path, instance, s3_store_confi
 
 def test_a_manifest_in_s3_names_no_local_path_and_no_other_prefix(tmp_path, instance, s3_store_config, s3_endpoint):
     """A manifest uploaded to the watched prefix may not make a worker read its own disk (a relative path would be the
-    worker's working folder, an absolute one anything), nor objects of another bucket or prefix; refused with the
-    reason, and the sensor requests nothing for it."""
+    worker's working folder, an absolute one anything), nor name a URI (the readers read local files: an s3:// path
+    would be read as a local one); refused with the reason, and the sensor requests nothing for it."""
     import boto3
     import yaml
 
@@ -212,17 +212,18 @@ def test_a_manifest_in_s3_names_no_local_path_and_no_other_prefix(tmp_path, inst
               "roots": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/d.jsonl", "allowed_image_roots": ["/"]},
               "otherbucket": {"kind": "json", "path": "s3://another-bucket/d.jsonl"},
               "climbs": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/../elsewhere/d.jsonl"},
-              "inside": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/data/d.jsonl"}}
+              "inside": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/data/d.jsonl"},
+              "lake": {"kind": "synthetic", "n_samples": 3}}
     for name, body in bodies.items():
         client.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}.yaml", Body=yaml.safe_dump(body).encode())
     config = load_config(write_config(tmp_path, [], store=s3_store_config, operations={"source_manifests": f"s3://{BUCKET}/{prefix}"}))
     found = {m.name: m for m in scan_manifests(config, *manifest_filesystem(config))}
-    assert found["inside"].source is not None  # objects under the manifest prefix: granted by default
-    for name in ("relative", "absolute", "roots"):
-        assert found[name].source is None and "never a local path" in found[name].error, name
-    for name in ("otherbucket", "climbs"):
-        assert found[name].source is None and "under no granted prefix" in found[name].error, name
+    assert found["lake"].source is not None  # a synthetic source names no path
+    for name in ("relative", "absolute"):
+        assert found[name].source is None and "a manifest in S3 names no local path" in found[name].error, name
+    for name in ("roots", "otherbucket", "climbs", "inside"):  # the readers read local files: no URI is readable
+        assert found[name].source is None and "may not name a URI" in found[name].error, name
     defs = build_definitions(config)
     with dg.build_sensor_context(instance=instance, definitions=defs) as context:
         tick = defs.resolve_sensor_def(SENSOR_NAME)(context)
-    assert [r.partition_key for r in tick.run_requests] == ["inside"]
+    assert [r.partition_key for r in tick.run_requests] == ["lake"]

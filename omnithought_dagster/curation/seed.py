@@ -820,6 +820,9 @@ def _read_image_file(path: str, label: str, image_root: Path | None, settings: S
         if info.st_size > settings.max_image_bytes:
             raise _Reject(QuarantineReason.OVERSIZED_IMAGE, f"{label} is {info.st_size} bytes, limit {settings.max_image_bytes}")
         with open(target, "rb") as handle:
+            opened = os.fstat(handle.fileno())
+            if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):  # swapped since it was checked
+                raise _Reject(QuarantineReason.PATH_ESCAPE, f"{label} changed between its check and its read; not read")
             return handle.read(settings.max_image_bytes + 1)
     except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, names too long, NUL bytes, permissions
         raise _Reject(QuarantineReason.UNREADABLE_IMAGE, f"{label} cannot be read: {error_text(exc)}") from None

@@ -152,16 +152,16 @@ def bounded_excerpt(text: str | None) -> str | None:
     return redact(text[:RAW_EXCERPT_CHARS + 200])[:RAW_EXCERPT_CHARS]
 
 
-def iter_json_records(path: Path) -> Iterator[tuple[Any, tuple[QuarantineReason, str] | None]]:
+def iter_json_records(path: Path, roots: tuple[str, ...] | None = None) -> Iterator[tuple[Any, tuple[QuarantineReason, str] | None]]:
     """(record, problem) for each record of a .json array or a .jsonl file, in order, read a record at a time
     (sources/jsonstream.py): an unparsable JSONL line or array element is one malformed record; a file that cannot
     be read, or whose array does not close, is one unreadable_file record."""
-    for record, problem in jsonstream.records(path):
+    for record, problem in jsonstream.records(path, roots):
         yield record, None if problem is None else (QuarantineReason(problem[0]), problem[1])
 
 
-def count_json_records(path: Path) -> int:
-    return jsonstream.count(path)
+def count_json_records(path: Path, roots: tuple[str, ...] | None = None) -> int:
+    return jsonstream.count(path, roots)
 
 
 def files_fingerprint(paths: list[Path]) -> list[tuple[str, int, int]]:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from omnithought_dagster.config import HFSourceConfig
 from omnithought_dagster.ids import content_id
+from omnithought_dagster.sources.confine import check, check_all, open_data, source_roots
 from omnithought_dagster.sources.base import (
     ImageRef,
     QuarantineReason,
@@ -42,14 +43,15 @@ class HFReader:
     def __init__(self, config: HFSourceConfig):
         self.config = config
         self.fields = config.fields
-        self.files = _data_files(Path(config.path), config.split)
+        self.roots = source_roots(config)  # a manifest's source reads only inside these (sources/confine.py)
+        self.files = _data_files(Path(config.path), config.split, self.roots)
         root = Path(config.path)
         self.image_root = Path(config.image_root) if config.image_root else (root if root.is_dir() else root.parent)
 
     def records(self) -> Iterator[SeedRecord]:
         index = 0
         for path in self.files:
-            for batch in _batches(path):
+            for batch in _batches(path, self.roots):
                 if isinstance(batch, _Unreadable):  # a file or a row group that does not decode: its rows, set aside
                     for offset in range(batch.rows):
                         yield Rejected(index, None, QuarantineReason.UNREADABLE_FILE, batch.detail(offset))
@@ -64,7 +66,7 @@ class HFReader:
                     index += 1
 
     def count(self) -> int:
-        return sum(_num_rows(path) for path in self.files)
+        return sum(_num_rows(path, self.roots) for path in self.files)
 
     def fingerprint(self) -> str:
         return content_id("hf-source", {"files": files_fingerprint(self.files), "fields": self.fields.model_dump(), "split": self.config.split,
@@ -89,17 +91,21 @@ class HFReader:
         return parsed
 
 
-def _data_files(path: Path, split: str | None) -> list[Path]:
-    """The data files of a parquet file/folder/glob or of a save_to_disk Dataset / DatasetDict."""
+def _data_files(path: Path, split: str | None, roots: tuple[str, ...] | None = None) -> list[Path]:
+    """The data files of a parquet file/folder/glob or of a save_to_disk Dataset / DatasetDict; with `roots`, every
+    folder, metadata file and data file inside them (a split or a state.json file name is checked before it is read)."""
+    check(path, roots)
     if path.is_dir() and (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        with open_data(path / "dataset_dict.json", roots) as handle:
+            splits = json.loads(handle.read())["splits"]
         if split is not None and split not in splits:
             raise FileNotFoundError(f"{path}: no split {split!r}; it has {splits}")
-        return [f for s in ([split] if split else splits) for f in _data_files(path / s, None)]
+        return [f for s in ([split] if split else splits) for f in _data_files(path / s, None, roots)]
     if path.is_dir() and (path / "state.json").is_file():
-        state = json.loads((path / "state.json").read_text())
-        return [path / item["filename"] for item in state["_data_files"]]
-    return expand_paths(str(path), (".parquet", ".arrow"))
+        with open_data(path / "state.json", roots) as handle:
+            state = json.loads(handle.read())
+        return check_all([path / item["filename"] for item in state["_data_files"]], roots)
+    return check_all(expand_paths(str(path), (".parquet", ".arrow")), roots)
 
 
 class _Unreadable:
@@ -117,13 +123,13 @@ class _Unreadable:
 _ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 
 
-def _batches(path: Path) -> Iterator[pa.RecordBatch | _Unreadable]:
+def _batches(path: Path, roots: tuple[str, ...] | None = None) -> Iterator[pa.RecordBatch | _Unreadable]:
     """Record batches of one file. A file that cannot be opened is one _Unreadable row; a Parquet row group that does
     not decode is an _Unreadable of its rows (the footer says how many); an Arrow stream that breaks part-way is one
     _Unreadable for what is left. Readers of the source go on with the next row group or file."""
     if path.suffix == ".arrow":
         try:
-            with pa.memory_map(str(path)) as source:
+            with (pa.memory_map(str(path)) if roots is None else open_data(path, roots)) as source:
                 stream = pa.ipc.open_stream(source)
                 while True:
                     try:
@@ -135,7 +141,7 @@ def _batches(path: Path) -> Iterator[pa.RecordBatch | _Unreadable]:
             yield _Unreadable(path, 1, exc)
         return
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path if roots is None else open_data(path, roots))
     except _ARROW_ERRORS as exc:
         yield _Unreadable(path, 1, exc)
         return
@@ -149,13 +155,16 @@ def _batches(path: Path) -> Iterator[pa.RecordBatch | _Unreadable]:
             yield _Unreadable(path, parquet.metadata.row_group(group).num_rows - done, exc, f"row group {group} (after {done} rows)")
 
 
-def _num_rows(path: Path) -> int:
+def _num_rows(path: Path, roots: tuple[str, ...] | None = None) -> int:
     if path.suffix != ".arrow":
         try:
-            return pq.ParquetFile(path).metadata.num_rows
+            if roots is None:
+                return pq.ParquetFile(path).metadata.num_rows
+            with open_data(path, roots) as handle:
+                return pq.ParquetFile(handle).metadata.num_rows
         except _ARROW_ERRORS:
             return 1
-    return sum(item.rows if isinstance(item, _Unreadable) else item.num_rows for item in _batches(path))
+    return sum(item.rows if isinstance(item, _Unreadable) else item.num_rows for item in _batches(path, roots))
 
 
 def _row_or_error(batch: pa.RecordBatch, i: int) -> dict | Rejected:

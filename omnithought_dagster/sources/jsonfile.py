@@ -28,6 +28,7 @@ from typing import Any
 from omnithought_dagster import markup
 from omnithought_dagster.config import FieldMap, JsonSourceConfig, ShareGPTSourceConfig
 from omnithought_dagster.ids import content_id
+from omnithought_dagster.sources.confine import check_all, source_roots
 from omnithought_dagster.sources.base import (
     Candidate,
     ImageRef,
@@ -51,14 +52,15 @@ JSON_SUFFIXES = (".json", ".jsonl")
 class _JsonReaderBase:
     """Files, record iteration and accounting shared by the JSON-based formats."""
 
-    def __init__(self, path: str, image_root: str | None):
-        self.files = expand_paths(path, JSON_SUFFIXES)
+    def __init__(self, path: str, image_root: str | None, roots: tuple[str, ...] | None = None):
+        self.roots = roots  # a manifest's source reads only inside these (sources/confine.py); None: anywhere
+        self.files = check_all(expand_paths(path, JSON_SUFFIXES), roots)
         self.image_root = Path(image_root) if image_root else self.files[0].parent if self.files else None
 
     def records(self) -> Iterator[SeedRecord]:
         index = 0
         for path in self.files:
-            for record, problem in iter_json_records(path):
+            for record, problem in iter_json_records(path, self.roots):
                 if problem is not None:
                     yield Rejected(index, None, problem[0], problem[1], excerpt(record))
                 elif not isinstance(record, dict):
@@ -68,7 +70,7 @@ class _JsonReaderBase:
                 index += 1
 
     def count(self) -> int:
-        return sum(count_json_records(path) for path in self.files)
+        return sum(count_json_records(path, self.roots) for path in self.files)
 
     def fingerprint(self) -> str:
         return content_id("json-source", {"files": files_fingerprint(self.files), "reader": self.settings()})
@@ -84,7 +86,7 @@ class FlatJsonReader(_JsonReaderBase):
     """`kind: json, format: flat`."""
 
     def __init__(self, config: JsonSourceConfig):
-        super().__init__(config.path, config.image_root)
+        super().__init__(config.path, config.image_root, source_roots(config))
         self.format = config.format
         self.fields = config.fields
         self.allowed_image_roots = config.allowed_image_roots
@@ -109,7 +111,7 @@ class ShareGPTReader(_JsonReaderBase):
     """`kind: sharegpt` (LLaMA-Factory's multimodal layout)."""
 
     def __init__(self, config: ShareGPTSourceConfig):
-        super().__init__(config.path, config.image_root)
+        super().__init__(config.path, config.image_root, source_roots(config))
         self.config = config
 
     def settings(self) -> dict:

@@ -55,11 +55,14 @@ def decode(data: bytes) -> str:
     return data.decode("utf-8", errors="surrogateescape")
 
 
-def records(path: Path) -> Iterator[tuple[Any, tuple[str, str] | None]]:
+def records(path: Path, roots: tuple[str, ...] | None = None) -> Iterator[tuple[Any, tuple[str, str] | None]]:
     """(record, problem) per record of a .json / .jsonl file, in order. problem = (reason, detail), reason being
-    'malformed_record' (one bad line or element) or 'unreadable_file' (the file as a whole); record is then the raw text."""
+    'malformed_record' (one bad line or element) or 'unreadable_file' (the file as a whole); record is then the raw text.
+    `roots`: the folders the file must lie in (sources/confine.py; None: anywhere)."""
+    from omnithought_dagster.sources.confine import open_data
+
     try:
-        handle = open(path, "rb")
+        handle = open_data(path, roots)
     except OSError as exc:
         yield str(path), ("unreadable_file", f"{path.name}: cannot read: {exc}")
         return
@@ -76,10 +79,12 @@ def records(path: Path) -> Iterator[tuple[Any, tuple[str, str] | None]]:
             yield str(path), ("unreadable_file", f"{path.name}: read failed: {exc}")
 
 
-def count(path: Path) -> int:
+def count(path: Path, roots: tuple[str, ...] | None = None) -> int:
     """How many items `records` yields for the file (the reader's own count: progress totals, not accounting)."""
+    from omnithought_dagster.sources.confine import open_data
+
     try:
-        with open(path, "rb") as handle:
+        with open_data(path, roots) as handle:
             kind = _kind(handle, path)
             if kind == "jsonl":
                 return sum(1 for _ in jsonl_lines(handle))

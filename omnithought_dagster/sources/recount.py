@@ -28,17 +28,21 @@ def raw_record_count(config, reader) -> int:
     """Records in the source of `config`, whose files `reader` lists."""
     if config.kind == "synthetic":
         return config.n_samples
+    roots = getattr(reader, "roots", None)  # a manifest's source: its granted folders (sources/confine.py)
     if config.kind in ("json", "sharegpt"):
-        return sum(json_file_records(path) for path in reader.files)
+        return sum(json_file_records(path, roots) for path in reader.files)
     if config.kind == "hf":
-        return sum(table_file_rows(path) for path in reader.files)
+        return sum(table_file_rows(path, roots) for path in reader.files)
     raise ValueError(f"no independent count for source kind {config.kind!r}")
 
 
-def json_file_records(path: Path) -> int:
+def json_file_records(path: Path, roots: tuple[str, ...] | None = None) -> int:
     """Records of one .json / .jsonl file, from its bytes."""
+    from omnithought_dagster.sources.confine import open_data
+
     try:
-        data = path.read_bytes()
+        with open_data(path, roots) as handle:
+            data = handle.read()
     except OSError:
         return 1  # the reader's unreadable_file record
     if data.startswith(BOM):
@@ -89,24 +93,29 @@ def _top_level_elements(data: bytes) -> int:
 _CLOSES = {b"]": b"[", b"}": b"{"}
 
 
-def table_file_rows(path: Path) -> int:
+def table_file_rows(path: Path, roots: tuple[str, ...] | None = None) -> int:
     """Rows of a Parquet file (its footer) or an Arrow IPC stream/file (its batches' lengths, until it breaks, and one
     for the broken rest). A file whose footer or stream header cannot be read at all is one record: the reader's
     unreadable_file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from omnithought_dagster.sources.confine import open_data
+
     errors = (pa.ArrowException, OSError, ValueError, EOFError)
     if path.suffix == ".arrow":
         rows = 0
         try:
-            with pa.memory_map(str(path)) as source:
+            with (pa.memory_map(str(path)) if roots is None else open_data(path, roots)) as source:
                 for batch in pa.ipc.open_stream(source):
                     rows += batch.num_rows
         except errors:
             rows += 1
         return rows
     try:
-        return pq.ParquetFile(path).metadata.num_rows
+        if roots is None:
+            return pq.ParquetFile(path).metadata.num_rows
+        with open_data(path, roots) as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
     except errors:
         return 1
