@@ -4,8 +4,10 @@ A quarantine row keeps a bounded excerpt of the record it set aside (`raw_excerp
 with it. A seed file is not trusted: it may be, or hold lines of, a credentials file. Before an excerpt or a detail is
 stored, `redact` replaces
 
-- the value of a key = value / key: value / "key": "value" pair whose key names a secret (secret, token, password,
-  passwd, pwd, api key, access key, private key, credential(s), authorization, signature);
+- the value of a key = value / key: value / "key": "value" pair whose key holds a secret word as a whole component
+  (strong words - secret, password, pwd, api / access / account / secret / private key, credential(s), connection
+  string, client secret, session / auth / access token - redact to the end of the line; weak words - token, pass,
+  auth, authorization - to the next space); netrc and pgpass passwords;
 - a PEM private key block, a `Bearer` token, the user:password of a URL;
 - well-known credential shapes (AWS access key ids, GitHub / Hugging Face / OpenAI / Slack tokens);
 - any run of 32 or more base64 / URL-safe characters between slashes that looks random (Shannon entropy of at least
@@ -27,14 +29,19 @@ from collections import Counter
 REDACTED = "[redacted]"
 # A secret word is a whole component of a key: `db_password`, `AWS_SECRET_ACCESS_KEY`, `apiKey`, `clientSecret`, `pass`
 # - not `tokenizer`, `max_tokens`, `Secretary` or `passport`.
-SECRET_WORDS = (r"secret|token|passw(?:or)?d|pass|pwd|auth|api[_-]?key|access[_-]?key|account[_-]?key|secret[_-]?key"
-                r"|private[_-]?key|credentials?|authorization|connection[_-]?string")
+# Strong words name nothing but secrets: their unquoted value runs to the end of the line (a password may hold spaces).
+# Weak words also name ordinary things (a music question's "Pass:", an NLP question's "token:"): their unquoted value
+# ends at the first space.
+STRONG_WORDS = (r"secret|passw(?:or)?d|pwd|api[_-]?key|access[_-]?key|account[_-]?key|secret[_-]?key|private[_-]?key"
+                r"|credentials?|connection[_-]?string|client[_-]?secret|session[_-]?token|auth[_-]?token|access[_-]?token")
+WEAK_WORDS = r"token|pass|auth|authorization"
 _START = r"(?:(?<![A-Za-z0-9])|(?<=(?-i:[a-z]))(?=(?-i:[A-Z])))"  # after a separator, or at a camelCase hump
 _END = r"(?:(?![A-Za-z0-9])|(?=(?-i:[A-Z])))"
-_PAIR = re.compile(
-    r"(?i)(?P<key>[\"']?(?:[\w.-]*?)" + _START + r"(?:" + SECRET_WORDS + r")" + _END + r"[\w.-]*[\"']?)(?P<sep>\s*[:=]\s*)"
-    r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\n\r,;}&\"']+)")
-_NETRC = re.compile(r"(?i)\b(password|passwd)[ \t]+(?!is\b|was\b|of\b|for\b|to\b|and\b)[^\s:=]+")
+_KEY = r"(?P<key>[\"']?(?:[\w.-]*?)" + _START + r"(?:{words})" + _END + r"[\w.-]*[\"']?)(?P<sep>\s*[:=]\s*)"
+_QUOTED = r"\"(?:[^\"\\]|\\.)*\"|'[^']*'"
+_STRONG = re.compile(r"(?i)" + _KEY.format(words=STRONG_WORDS) + r"(?P<value>" + _QUOTED + r"|[^\n\r,;}&\"']+)")
+_WEAK = re.compile(r"(?i)" + _KEY.format(words=WEAK_WORDS) + r"(?P<value>" + _QUOTED + r"|[^\s,;}&\"']+)")
+_NETRC = re.compile(r"(?im)(^[ \t]*|\blogin[ \t]+\S+[ \t]+)(password|passwd)[ \t]+[^\s:=]+")  # .netrc: at a line start or after login
 _PGPASS = re.compile(r"(?m)^([^:\s]+:(?:\d+|\*):[^:\s]+:[^:\s]+:)\S+$")  # host:port:database:user:password
 _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)", re.S)
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
@@ -54,8 +61,9 @@ def redact(text: str | None) -> str | None:
     text = _PEM.sub(REDACTED, text)
     text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
     text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    text = _PAIR.sub(lambda m: m.group("key") + m.group("sep") + _quoted(m.group("value")), text)
-    text = _NETRC.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    for pairs in (_STRONG, _WEAK):
+        text = pairs.sub(lambda m: m.group("key") + m.group("sep") + _quoted(m.group("value")), text)
+    text = _NETRC.sub(lambda m: f"{m.group(1)}{m.group(2)} {REDACTED}", text)
     text = _PGPASS.sub(lambda m: m.group(1) + REDACTED, text)
     text = _KNOWN.sub(REDACTED, text)
     return _RUN.sub(_judge_run, text)

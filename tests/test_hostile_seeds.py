@@ -206,14 +206,14 @@ def test_an_unreadable_data_file_is_one_record_and_the_other_files_are_read(imag
     (images / "data" / "a.jsonl").write_bytes(_jsonl([_good(0)]))
     bad = images / "data" / "b.jsonl"
     bad.write_bytes(_jsonl([_good(1)]))
-    from omnithought_dagster.sources import jsonstream
+    from omnithought_dagster.sources import confine  # every data file is opened there (open_data)
 
     def refuse(path, *args, **kwargs):  # root reads any file: the OS's refusal is simulated
         if Path(path) == bad:
             raise PermissionError(13, "Permission denied", str(path))
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(jsonstream, "open", refuse, raising=False)
+    monkeypatch.setattr(confine, "open", refuse, raising=False)
     config = JsonSourceConfig(name="src", kind="json", path=str(images / "data"), image_root=str(images))
     reader = make_reader(config)
     result = ingest_source("src", reader.records(), SeedSettings(near_duplicate_max_distance=-1), image_root=reader.image_root,

@@ -60,10 +60,10 @@ ESCAPES = {  # manifest name -> (body, the field its refusal names)
     "imageroot": ({"kind": "json", "path": "data/good.jsonl", "image_root": "../outside/pics"}, "image_root"),
     "widened": ({"kind": "json", "path": "data/good.jsonl", "allowed_image_roots": ["{outside}"]}, "allowed_image_roots[0]"),
     "bucket": ({"kind": "json", "path": "s3://someone-elses-bucket/creds.jsonl"}, "a URI"),
-    "globbed": ({"kind": "json", "path": "innocent.json*"}, "outside the folders this source may read"),
-    "hfstate": ({"kind": "hf", "path": "state_ds"}, "outside the folders this source may read"),
-    "hfsplit": ({"kind": "hf", "path": "dict_ds"}, "outside the folders this source may read"),
-    "hfsplitfield": ({"kind": "hf", "path": "dict_ds", "split": "../../outside"}, "outside the folders this source may read"),
+    "globbed": ({"kind": "json", "path": "innocent.json*"}, "outside the folders this source"),
+    "hfstate": ({"kind": "hf", "path": "state_ds"}, "outside the folders this source"),
+    "hfsplit": ({"kind": "hf", "path": "dict_ds"}, "outside the folders this source"),
+    "hfsplitfield": ({"kind": "hf", "path": "dict_ds", "split": "../../outside"}, "outside the folders this source"),
     "nul": ({"kind": "json", "path": "data/good.jsonl\u0000x"}, "embedded null"),
 }
 
@@ -225,33 +225,30 @@ def test_excerpts_are_bounded_after_redaction():
     assert len(out) <= RAW_EXCERPT_CHARS and SECRET[:10] not in out
 
 
-def test_a_file_swapped_after_its_check_is_not_read(tmp_path, monkeypatch):
-    """open_data checks the file it opened, not only the name: a symlink re-pointed between the check of a name and the
-    open (here: right after the open) is caught by the inode, even when the new target also lies inside."""
+def test_what_is_opened_is_checked_on_its_descriptor(tmp_path):
+    """open_data checks the file it opened (where the kernel says the descriptor points), not a name resolved before or
+    after: a link into the root reads, a link out does not, and a FIFO swapped in is refused at once, never waited on."""
+    import time
+
     from omnithought_dagster.sources import confine
 
+    outside = _plant(tmp_path)
     root = tmp_path / "root"
     root.mkdir()
     (root / "a.jsonl").write_text("{}\n")
-    (root / "b.jsonl").write_text("{}\n")
-    os.symlink(root / "a.jsonl", root / "data.jsonl")
+    os.symlink(root / "a.jsonl", root / "inside.jsonl")
+    os.symlink(outside / "creds.jsonl", root / "out.jsonl")
+    os.mkfifo(root / "pipe.jsonl")
     roots = (os.path.realpath(root),)
-    with confine.open_data(root / "data.jsonl", roots) as handle:
+    with confine.open_data(root / "inside.jsonl", roots) as handle:
         assert handle.read() == b"{}\n"
-    real_check = confine.check
-
-    def swap_then_check(path, roots):
-        os.unlink(root / "data.jsonl")
-        os.symlink(root / "b.jsonl", root / "data.jsonl")
-        return real_check(path, roots)
-
-    monkeypatch.setattr(confine, "check", swap_then_check)
-    with pytest.raises(confine.OutsideRoots, match="changed while it was opened"):
-        confine.open_data(root / "data.jsonl", roots)
-    monkeypatch.setattr(confine, "check", real_check)
-    (tmp_path / "elsewhere").write_text("x")
     with pytest.raises(confine.OutsideRoots, match="outside the folders"):
-        confine.open_data(tmp_path / "elsewhere", roots)
+        confine.open_data(root / "out.jsonl", roots)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="not a regular file"):
+        confine.open_data(root / "pipe.jsonl", roots)
+    assert time.monotonic() - started < 2
+    assert confine.open_data(outside / "creds.jsonl", None).close() is None  # a project-file source: anywhere
 
 
 def test_a_reader_of_a_confined_source_sets_aside_a_file_swapped_out_after_listing(tmp_path):
@@ -273,3 +270,28 @@ def test_a_reader_of_a_confined_source_sets_aside_a_file_swapped_out_after_listi
     assert len(records) == 1 and "outside the folders" in records[0].detail and CANARY not in json.dumps([r.detail for r in records])
     assert CANARY not in (records[0].raw_excerpt or "")
     assert raw_record_count(source, reader) == 1
+
+
+def test_an_image_folder_swapped_out_after_the_check_gives_no_image(tmp_path):
+    """A manifest's image_root passed its check, then the folder is replaced by a symlink to an outside folder of
+    images: every image is set aside (path_escape), none of its bytes stored."""
+    from omnithought_dagster.config import JsonSourceConfig, SeedSettings
+    from omnithought_dagster.curation.seed import ingest_source
+    from omnithought_dagster.sources import make_reader
+
+    outside = _plant(tmp_path)
+    folder = tmp_path / "manifests"
+    (folder / "imgs").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(folder / "imgs" / "a.png")
+    records = [{"id": f"i{i}", "question": f"How many? ({i})", "answer": "1", "image": "a.png"} for i in range(2)]
+    (folder / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    source = JsonSourceConfig(name="s", kind="json", path=str(folder / "d.jsonl"), image_root=str(folder / "imgs"))
+    source._read_roots = (os.path.realpath(folder),)
+    reader = make_reader(source)
+    os.rename(folder / "imgs", tmp_path / "moved")
+    os.symlink(outside / "pics", folder / "imgs")
+    stored = []
+    result = ingest_source("s", reader.records(), SeedSettings(), image_root=reader.image_root,
+                           put_image=lambda key, data: stored.append(data) or True, read_roots=source._read_roots)
+    reasons = result.quarantine.column("reason").to_pylist()
+    assert result.kept.num_rows == 0 and reasons == ["path_escape", "path_escape"] and stored == []

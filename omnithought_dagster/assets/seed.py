@@ -21,6 +21,7 @@ from omnithought_dagster.ids import version_of
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.sources import make_reader
+from omnithought_dagster.sources.confine import source_roots
 from omnithought_dagster.sources.recount import raw_record_count
 from omnithought_dagster.store import table_spec
 from omnithought_dagster.store.tables import QUARANTINE, SEED_POOL
@@ -104,6 +105,7 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 config.seed,
                 image_root=reader.image_root,
                 allowed_roots=getattr(source, "allowed_image_roots", []),
+                read_roots=source_roots(source),  # a manifest's source: its images lie inside its granted folders too
                 put_image=corpus.images.put,
                 sinks=SeedSinks(seed_out, quarantine_out, images_out),
                 prior=prior_samples(corpus, earlier),

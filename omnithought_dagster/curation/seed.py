@@ -47,6 +47,7 @@ from omnithought_dagster.markup import IMAGE_PLACEHOLDER as PLACEHOLDER
 from omnithought_dagster.markup import TOKEN_KINDS, first_markup, storable
 from omnithought_dagster.processes import available_cores, die_with_parent, main_module_hidden
 from omnithought_dagster.redact import redact
+from omnithought_dagster.sources.confine import OutsideRoots, inside, open_regular, opened_path
 from omnithought_dagster.sources.base import (Candidate, ImageRef, NonStandardLiteral, QuarantineReason, Rejected, SeedRecord, bounded_excerpt,
                                               error_text)
 from omnithought_dagster.store.tables import IMAGES, QUARANTINE, SEED_POOL, TableSpec
@@ -185,6 +186,7 @@ class _Context:
     settings: SeedSettings
     image_root: Path | None
     allowed_roots: list[Path]
+    read_roots: tuple[str, ...] | None = None  # a manifest's source: every image read lies inside these too
 
 
 @dataclass
@@ -217,11 +219,12 @@ def ingest_source(
     progress: Callable[[int], None] | None = None,
     allowed_roots: Iterable[str | Path] = (),
     workers: int = 1,
+    read_roots: tuple[str, ...] | None = None,
 ) -> IngestResult:
     """`ingest_source_into` with the three tables collected in memory (on the result's kept / quarantine / images)."""
     sinks = SeedSinks(TableSink(SEED_POOL), TableSink(QUARANTINE), TableSink(IMAGES))
     result = ingest_source_into(source, records, settings, image_root=image_root, put_image=put_image, sinks=sinks, prior=prior,
-                                progress=progress, allowed_roots=allowed_roots, workers=workers)
+                                progress=progress, allowed_roots=allowed_roots, workers=workers, read_roots=read_roots)
     result.kept, result.quarantine, result.images = sinks.kept.table(), sinks.quarantine.table(), sinks.images.table()
     return result
 
@@ -238,13 +241,15 @@ def ingest_source_into(
     progress: Callable[[int], None] | None = None,
     allowed_roots: Iterable[str | Path] = (),
     workers: int = 1,
+    read_roots: tuple[str, ...] | None = None,
 ) -> IngestResult:
     """Turn one source's records into kept rows, quarantine rows and image rows, written to `sinks` in record order.
 
-    Image paths resolve under `image_root`, or under one of `allowed_roots` (absolute paths a dataset holds).
+    Image paths resolve under `image_root`, or under one of `allowed_roots` (absolute paths a dataset holds); with
+    `read_roots` (a manifest's source: sources/confine.py) the file read must lie inside those as well.
     `workers` > 1 checks records in that many processes (`ingest_workers` picks the number).
     """
-    context = _Context(source, settings, image_root, [Path(root) for root in allowed_roots])
+    context = _Context(source, settings, image_root, [Path(root) for root in allowed_roots], read_roots)
     prior = prior or PriorSamples()
     marking = settings.near_duplicate_max_distance >= 0
     seen: dict[bytes, str] = {}  # sample id (16 bytes) -> native_id of the kept copy
@@ -356,7 +361,7 @@ def _check(record: SeedRecord, context: _Context) -> _Accepted | _SetAside:
     if isinstance(record, Rejected):
         return _SetAside(record.reason, record.detail)
     try:
-        row, images = _validate(context.source, record, context.settings, context.image_root, context.allowed_roots)
+        row, images = _validate(context.source, record, context.settings, context.image_root, context.allowed_roots, context.read_roots)
         _check_column_types(row)
     except _Reject as problem:
         return _SetAside(problem.reason, problem.detail)
@@ -513,7 +518,7 @@ def _picklable(value: Any) -> bool:
 
 
 def _validate(source: str, record: Candidate, settings: SeedSettings, image_root: Path | None,
-              allowed_roots: list[Path]) -> tuple[dict, list[_Image]]:
+              allowed_roots: list[Path], read_roots: tuple[str, ...] | None = None) -> tuple[dict, list[_Image]]:
     native_id = _text(record.native_id, "native_id")
     question = _text(record.question, "question", empty=QuarantineReason.EMPTY_QUESTION)
     question = unicodedata.normalize("NFC", question).strip()
@@ -547,7 +552,7 @@ def _validate(source: str, record: Candidate, settings: SeedSettings, image_root
         raise _Reject(QuarantineReason.TOO_MANY_IMAGES, f"{len(record.images)} images, limit {settings.max_images_per_sample}")
     if record.placeholder_count and record.placeholder_count != len(record.images):
         raise _Reject(QuarantineReason.IMAGE_PLACEHOLDER_MISMATCH, f"{record.placeholder_count} <image> placeholders but {len(record.images)} images")
-    images = [_load_image(ref, position, image_root, settings, allowed_roots) for position, ref in enumerate(record.images)]
+    images = [_load_image(ref, position, image_root, settings, allowed_roots, read_roots) for position, ref in enumerate(record.images)]
 
     image_ids = [image.image_id for image in images]
     row = {
@@ -756,10 +761,11 @@ def _metadata_json(metadata: dict) -> str:
     return text
 
 
-def _load_image(ref: ImageRef, position: int, image_root: Path | None, settings: SeedSettings, allowed_roots: list[Path] = ()) -> _Image:
+def _load_image(ref: ImageRef, position: int, image_root: Path | None, settings: SeedSettings, allowed_roots: list[Path] = (),
+                read_roots: tuple[str, ...] | None = None) -> _Image:
     """Read, bound-check, decode and hash one image, or reject the record with the reason."""
     label = f"image {position} ({ref.describe()})"
-    data = ref.data if ref.data is not None else _read_image_file(ref.path or "", label, image_root, settings, allowed_roots)
+    data = ref.data if ref.data is not None else _read_image_file(ref.path or "", label, image_root, settings, allowed_roots, read_roots)
     if not data:
         raise _Reject(QuarantineReason.EMPTY_IMAGE, f"{label} is zero bytes")
     if len(data) > settings.max_image_bytes:
@@ -797,7 +803,8 @@ def _load_image(ref: ImageRef, position: int, image_root: Path | None, settings:
     return _Image(bytes_id(data), data, width, height, fmt, mode, phash, len(data))
 
 
-def _read_image_file(path: str, label: str, image_root: Path | None, settings: SeedSettings, allowed_roots: list[Path] = ()) -> bytes:
+def _read_image_file(path: str, label: str, image_root: Path | None, settings: SeedSettings, allowed_roots: list[Path] = (),
+                     read_roots: tuple[str, ...] | None = None) -> bytes:
     if image_root is None:
         raise _Reject(QuarantineReason.MALFORMED_RECORD, f"{label}: a path, but this source has no image root")
     if not path.strip():
@@ -819,10 +826,15 @@ def _read_image_file(path: str, label: str, image_root: Path | None, settings: S
             raise _Reject(QuarantineReason.EMPTY_IMAGE, f"{label} is zero bytes")
         if info.st_size > settings.max_image_bytes:
             raise _Reject(QuarantineReason.OVERSIZED_IMAGE, f"{label} is {info.st_size} bytes, limit {settings.max_image_bytes}")
-        with open(target, "rb") as handle:
-            opened = os.fstat(handle.fileno())
-            if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):  # swapped since it was checked
-                raise _Reject(QuarantineReason.PATH_ESCAPE, f"{label} changed between its check and its read; not read")
+        try:  # checked again on what was opened: a name swapped since its check (or a FIFO) is not read
+            handle = open_regular(target, [str(folder) for folder in allowed])
+            if read_roots is not None and not any(inside(opened_path(handle.fileno(), target), root) for root in read_roots):
+                handle.close()
+                raise OutsideRoots(f"{label} lies outside the folders this source may read")
+        except OutsideRoots:
+            raise _Reject(QuarantineReason.PATH_ESCAPE, f"{label} changed between its check and its read, or lies outside the "
+                                                       "folders this source may read; not read") from None
+        with handle:
             return handle.read(settings.max_image_bytes + 1)
     except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, names too long, NUL bytes, permissions
         raise _Reject(QuarantineReason.UNREADABLE_IMAGE, f"{label} cannot be read: {error_text(exc)}") from None

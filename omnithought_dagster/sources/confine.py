@@ -3,14 +3,15 @@
 A source from the project file is trusted and reads anywhere (`roots` None). A source from a manifest carries its
 granted roots, resolved; its reader checks every file it lists (a glob's matches, a folder's files, the data files a
 `datasets` folder's state.json or dataset_dict.json names) and opens each through `open_data`, which checks the file it
-actually opened: the name is resolved (symlinks followed) and must lie inside a root, and the opened file must be the
-one that name resolves to (same device and inode), so a symlink swapped in between a check and the read is caught.
+actually opened, on its descriptor (/proc/self/fd: where the kernel says it is), so a symlink swapped in between a
+check and the read is caught; a FIFO or device swapped in is refused without blocking.
 No Dagster here.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import IO
 
@@ -29,10 +30,11 @@ def inside(path: str, root: str) -> bool:
 
 
 def check(path: str | Path, roots: tuple[str, ...] | None) -> str:
-    """The resolved path; OutsideRoots when it lies under none of `roots`."""
+    """The resolved path; OutsideRoots when it lies under none of `roots` (the message names the path as given, not
+    where it leads)."""
     real = os.path.realpath(path)
     if roots is not None and not any(inside(real, root) for root in roots):
-        raise OutsideRoots(f"{path} resolves to {real}, outside the folders this source may read ({', '.join(roots) or 'none'})")
+        raise OutsideRoots(f"{path} resolves outside the folders this source may read")
     return real
 
 
@@ -42,17 +44,34 @@ def check_all(paths: list[Path], roots: tuple[str, ...] | None) -> list[Path]:
     return paths
 
 
-def open_data(path: str | Path, roots: tuple[str, ...] | None) -> IO[bytes]:
-    """`path` opened for reading in binary; with roots, only if what was opened lies inside them."""
-    handle = open(path, "rb")
-    if roots is None:
-        return handle
+def opened_path(fd: int, path: str | Path) -> str:
+    """Where an open descriptor's file is (Linux: the kernel's own record of it, so no swap of a name can fool it);
+    elsewhere the name resolved now."""
     try:
-        real = check(path, roots)
-        opened, named = os.fstat(handle.fileno()), os.stat(real)
-        if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
-            raise OutsideRoots(f"{path} changed while it was opened (a symlink swapped?); not read")
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def open_regular(path: str | Path, roots: tuple[str, ...] | list | None) -> IO[bytes]:
+    """`path` opened for reading, binary, only if the file actually opened is a regular file lying inside `roots`
+    (checked on the descriptor: a symlink or folder swapped in at any moment is caught). Opened without blocking, so a
+    FIFO swapped in cannot stall the step. OutsideRoots, or OSError for a file that is not regular."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file (a folder, pipe or device); not read")
+        if roots is not None:
+            real = opened_path(fd, path)
+            if not any(inside(real, str(root)) for root in roots):
+                raise OutsideRoots(f"{path} resolves outside the folders this source may read; not read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
     except BaseException:
-        handle.close()
+        os.close(fd)
         raise
-    return handle
+
+
+def open_data(path: str | Path, roots: tuple[str, ...] | None) -> IO[bytes]:
+    """A source's data file opened for reading in binary; with roots (a manifest's source), through open_regular."""
+    return open(path, "rb") if roots is None else open_regular(path, roots)

@@ -194,7 +194,7 @@ def outside_roots(source: SourceConfig, roots: list[str]) -> str | None:
     for field, value in _named_paths(source):
         real = os.path.realpath(str(value))
         if not any(inside(real, root) for root in real_roots):
-            return f"{field} {str(value)[:200]!r} resolves to {real[:200]}, outside the folders manifests may read ({shown})"
+            return f"{field} {str(value)[:200]!r} resolves outside the folders manifests may read ({shown})"
         if os.path.isdir(real):
             escape = _symlink_out(real, real_roots)
             if escape:
