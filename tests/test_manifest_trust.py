@@ -60,10 +60,11 @@ ESCAPES = {  # manifest name -> (body, the field its refusal names)
     "imageroot": ({"kind": "json", "path": "data/good.jsonl", "image_root": "../outside/pics"}, "image_root"),
     "widened": ({"kind": "json", "path": "data/good.jsonl", "allowed_image_roots": ["{outside}"]}, "allowed_image_roots[0]"),
     "bucket": ({"kind": "json", "path": "s3://someone-elses-bucket/creds.jsonl"}, "a URI"),
-    "globbed": ({"kind": "json", "path": "innocent.json*"}, "outside the folders this source"),
-    "hfstate": ({"kind": "hf", "path": "state_ds"}, "outside the folders this source"),
-    "hfsplit": ({"kind": "hf", "path": "dict_ds"}, "outside the folders this source"),
-    "hfsplitfield": ({"kind": "hf", "path": "dict_ds", "split": "../../outside"}, "outside the folders this source"),
+    "globbed": ({"kind": "json", "path": "innocent.json*"}, "lead outside the folders"),
+    "globwalk": ({"kind": "json", "path": "s*b/**/*.jsonl"}, "one folder only"),
+    "hfstate": ({"kind": "hf", "path": "state_ds"}, "lead outside the folders"),
+    "hfsplit": ({"kind": "hf", "path": "dict_ds"}, "lead outside the folders"),
+    "hfsplitfield": ({"kind": "hf", "path": "dict_ds", "split": "../../outside"}, "lead outside the folders"),
     "nul": ({"kind": "json", "path": "data/good.jsonl\u0000x"}, "embedded null"),
 }
 

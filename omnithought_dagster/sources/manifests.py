@@ -131,6 +131,9 @@ def _parse_manifest(config: ProjectConfig, path: str, stem: str, data: bytes, di
     uris = [value for _, value in named if "://" in value]
     if uris:  # the readers read local files: a URI would be read as a local path
         return invalid(f"refused: sources read local files; a manifest may not name a URI ({uris[0][:200]!r})")
+    walked = [value for _, value in named if any(ch in part for part in value.split("/")[:-1] for ch in "*?[")]
+    if walked:  # a pattern in a folder name would walk whatever folders it matches, symlinked ones too
+        return invalid(f"refused: a manifest's glob may match file names in one folder only ({walked[0][:200]!r})")
     if not local and named:  # a relative path would be the worker's working folder, an absolute one anything
         return invalid(f"refused: a manifest in S3 names no local path ({named[0][0]} {named[0][1][:200]!r})")
     base_dir = str(Path(path).parent) if local else None
@@ -160,8 +163,8 @@ def _listing_outside(source: SourceConfig) -> str | None:
 
     try:
         make_reader(source)
-    except OutsideRoots as exc:
-        return str(exc)
+    except OutsideRoots:  # named without the file: its name is outside's business
+        return "files it lists (a glob's matches, a datasets folder's data files or splits) lead outside the folders manifests may read"
     except Exception:  # missing files, unreadable metadata: the seed run reports them
         return None
     return None
