@@ -39,7 +39,7 @@ PYTEST_ARGS ?=
 IMAGE ?= omnithought-dagster:latest
 GPU_IMAGE ?= omnithought-dagster-gpu:latest
 
-.PHONY: env envs vllm-env lmms-env browser demo test ui bench lock doctor image image-gpu clean gpu-check gpu-wheels
+.PHONY: env envs vllm-env lmms-env browser demo test test-fast ui bench lock doctor image image-gpu clean gpu-check gpu-wheels
 
 env: envs $(DAGSTER_HOME)/dagster.yaml browser
 
@@ -139,6 +139,11 @@ demo: env
 
 test: env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop: tests that need no vLLM server, no Dagster instance, no subprocess and no browser (tiers applied by
+# tests/conftest.py from what each test uses); `make test` stays the whole suite and what CI runs.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m fast -q $(PYTEST_ARGS)
 
 # Every distillation method's short training and the student's generation on this interpreter's accelerator (CPU here),
 # measured; one JSON, also written to $(GPU_CHECK_OUT)/gpu_check.json. On a GPU machine without our environments: README.

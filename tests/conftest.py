@@ -309,3 +309,26 @@ def plot_image(value: str):
     image.load()
     assert image.format == "PNG" and image.size == (700, 320) and match.group(1) == match.group(3)
     return image
+
+
+# Test tiers, from what each test uses (no test is tiered by hand): `server` - it needs the session's vLLM server;
+# `dagster` - it runs jobs on a Dagster instance; `slow` - it starts subprocesses (trainers, servers, lmms-eval, Dagster
+# runs in their own processes; marked where written); `browser` - it drives chromium; `fast` - none of these
+# (`make test-fast`).
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = getattr(item, "module", None)
+        tiers = set()
+        fixtures = getattr(item, "fixturenames", ())
+        if "vllm_server" in fixtures:
+            tiers.add("server")
+        if "instance" in fixtures:
+            tiers.add("dagster")
+        if module is not None and any("playwright" in name for name in vars(module)):
+            tiers.add("browser")
+        for tier in tiers:
+            item.add_marker(tier)
+        if not tiers and item.get_closest_marker("slow") is None:
+            item.add_marker("fast")
