@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from omnithought_dagster.store.store import sweep_temporaries
+from omnithought_dagster.store.files import sweep_temporaries
 
 CACHE_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),

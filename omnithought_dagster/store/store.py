@@ -27,13 +27,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from omnithought_dagster.store.files import STALE_TEMPORARY_S, sweep_temporaries
 from omnithought_dagster.store.tables import DERIVED_VIEWS, TABLES, TableSpec, table_spec
 
 PARTITION_FILE = "data.parquet"
 PARQUET_COMPRESSION = "zstd"
-# A hidden temporary file (".<name>.tmp") not written to for this long belongs to no live writer (writers flush every
-# few seconds): one killed mid-write left it, and the next writer in that folder removes it.
-STALE_TEMPORARY_S = 3600.0
 
 
 class StoreError(RuntimeError):
@@ -488,22 +486,6 @@ def _conform(spec: TableSpec, data: pa.Table) -> pa.Table:
         return data.select(spec.column_names).cast(spec.schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
         raise StoreError(f"{spec.name}: rows do not fit the schema: {exc}") from exc
-
-
-def sweep_temporaries(directory: str, max_age_s: float = STALE_TEMPORARY_S) -> int:
-    """Remove the stale hidden temporary files (".*.tmp") directly in a local folder; returns how many went."""
-    removed, cutoff = 0, time.time() - max_age_s
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return 0
-    for entry in entries:
-        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
-    return removed
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:

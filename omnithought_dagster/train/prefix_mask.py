@@ -216,7 +216,7 @@ def prefix_mask_trainer_class(counting_trainer):
     from transformers.trainer_callback import ExportableState
 
     from omnithought_dagster.train.distill import reply_divergence
-    from omnithought_dagster.train.sft import _sum_across_ranks
+    from omnithought_dagster.train.ranks import sum_across_ranks as _sum_across_ranks
 
     class PrefixMaskTrainer(counting_trainer()):
         prefix: tuple | None = None

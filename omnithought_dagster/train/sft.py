@@ -40,6 +40,7 @@ from typing import Any
 
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.train.checkpoints import COMPLETE, latest_complete, step_of
+from omnithought_dagster.train.ranks import sum_across_ranks as _sum_across_ranks
 
 LOSS_WINDOW = 3  # steps averaged for the initial and final loss
 # What a base folder may hold besides weights that is not the tokenizer's or processor's: a tiny model's manifest, and when
@@ -530,18 +531,6 @@ class _Reporter:
             self.channel.log.info(message)
         elif int(os.environ.get("RANK", "0")) == 0:
             print(message, flush=True)
-
-
-def _sum_across_ranks(value: float) -> float:
-    """The sum of a number over all ranks (the value itself in a world of one)."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return float(tensor)
 
 
 def _mean(values: list[float]) -> float | None:
