@@ -20,8 +20,10 @@ exact pins for its Python 3.12; DeepSpeed built here from its source distributio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import platform
 import subprocess
 import sys
@@ -258,11 +260,19 @@ def train_method(method: str, size: Scale, models: dict[str, Path], data: Path, 
     if not cuda:
         env["OMP_NUM_THREADS"] = "1"
     begun = time.monotonic()
+    from omnithought_dagster.processes import guarded
+
+    # Under the project's guard: the launcher and its ranks die with this check, however it dies (processes.guarded).
+    process = subprocess.Popen(guarded(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder, env=env,
+                               start_new_session=True)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=folder, env=env, start_new_session=True)
-        status, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as exc:
-        status, output = None, f"timed out after {timeout:.0f} s\n" + _text(exc.stdout) + _text(exc.stderr)
+        out, err = process.communicate(timeout=timeout)
+        status, output = process.returncode, out + err
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        status, output = None, f"timed out after {timeout:.0f} s\n" + _text(out) + _text(err)
     seconds = round(time.monotonic() - begun, 1)
     log_path = folder / "out" / "train_log.json"
     if status != 0 or not log_path.is_file():
