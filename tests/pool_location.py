@@ -17,7 +17,9 @@ from omnithought_dagster.sensors import dead_run_reaper
 @dg.asset(pool="gpu")
 def held(context: dg.AssetExecutionContext, project: ProjectResource) -> None:
     folder = Path(os.environ["POOL_TEST_DIR"])
-    (folder / f"started-{context.run_id}").write_text(str(os.getpid()))
+    temporary = folder / f".started-{context.run_id}"  # written whole, then renamed: the test polls for the name
+    temporary.write_text(str(os.getpid()))
+    temporary.replace(folder / f"started-{context.run_id}")
     while not (folder / "release").exists():
         time.sleep(0.1)
 
