@@ -32,9 +32,10 @@ REAPER_INTERVAL_S = 30
 MANIFEST_TAG = "omnithought/manifest"
 
 
-def build_sensors(config: ProjectConfig, seed_job: str) -> list[dg.SensorDefinition]:
+def build_manifest_sensors(config: ProjectConfig, seed_job: str) -> list[dg.SensorDefinition]:
+    """The seed stage's `source_manifests` sensor, with `operations.source_manifests` set (`dead_run_reaper` is the project's)."""
     if not config.dynamic_sources:
-        return [dead_run_reaper]
+        return []
     ops = config.operations
     partitions = seed_partitions(config)
 
@@ -81,7 +82,7 @@ def build_sensors(config: ProjectConfig, seed_job: str) -> list[dg.SensorDefinit
             cursor=cursor,
         )
 
-    return [source_manifests, dead_run_reaper]
+    return [source_manifests]
 
 
 @dg.sensor(name=REAPER_NAME, minimum_interval_seconds=REAPER_INTERVAL_S, default_status=dg.DefaultSensorStatus.RUNNING,

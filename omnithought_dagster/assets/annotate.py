@@ -1,5 +1,7 @@
 """annotations: the joint annotation of every trace, partitioned like cot_traces."""
 
+from typing import Any
+
 import dagster as dg
 
 from omnithought_dagster.annotate.agreement import PASS_RATE_BUCKETS, agreement, distributions, pass_rate_histogram
@@ -7,12 +9,14 @@ from omnithought_dagster.annotate.annotations import ANNOTATION_CACHE, annotate_
 from omnithought_dagster.annotate.judge import judge_prompt
 from omnithought_dagster.annotate.taxonomy import Taxonomy
 from omnithought_dagster.assets.metadata import bar_plot, counts, preview
-from omnithought_dagster.assets.teacher import COT_TRACES_KEY, one_run, shard_asset
+from omnithought_dagster.assets.teacher import COT_TRACES_KEY, one_run, shard_asset, traces_partitions
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.ids import content_id, version_of
+from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
+from omnithought_dagster.store import CorpusStore
 
 ANNOTATE_GROUP = "annotate"
 ANNOTATIONS_KEY = dg.AssetKey("annotations")
@@ -88,3 +92,28 @@ def annotations_fingerprint(cfg: ProjectConfig, corpus, source: str, shard: str,
         "traces": version_of(traces.column("trace_id").to_pylist()) if traces is not None else None,
         "judge": identity, "settings": cfg.annotation.model_dump(mode="json"), "code": ANNOTATE_CODE_VERSION,
     })
+
+
+# -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
+
+
+def annotations_input_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
+    keys = traces_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
+    identity, _ = describe_backend(config.annotator, models_dir=config.models_dir)
+    return annotations_fingerprint(config, store, keys["source"], keys["shard"], identity)
+
+
+def annotations_summary(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:
+    shard, source = partition.split("|")
+    con = store.catalog(["annotations"])
+    traces, correct, errors, samples, pass_rate = con.execute(
+        "SELECT count(*), count(*) FILTER (correct), count(judge_error), count(DISTINCT sample_id), avg(pass_rate) "
+        "FROM annotations WHERE source = $1 AND shard = $2", [source, shard],
+    ).fetchall()[0]
+    labels = dict(con.execute("SELECT difficulty_label, count(DISTINCT sample_id) FROM annotations WHERE source = $1 AND shard = $2 "
+                              "GROUP BY 1 ORDER BY 1", [source, shard]).fetchall())
+    auc = metadata.get("quality_auc_vs_correct")
+    detail = (f"{correct}/{traces} correct, mean pass rate {pass_rate or 0:.2f}; samples by difficulty {labels}; "
+              f"{metadata.get('requests_sent', '?')} judge requests, {metadata.get('cache_hits', '?')} from cache, "
+              f"parse failures {metadata.get('judge_parse_failure_rate', '?')}, quality AUC vs correct {auc if auc is not None else 'n/a'}")
+    return {"input": traces, "output": traces - errors, "flagged": errors, "reasons": {"judge_error": errors} if errors else {}, "detail": detail}

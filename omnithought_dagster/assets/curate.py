@@ -1,6 +1,7 @@
 """filtered_set (per source: filter_decisions) and sampled_subsets (per recipe: subset_members)."""
 
 from collections import Counter
+from typing import Any
 
 import dagster as dg
 
@@ -48,7 +49,7 @@ def recipe_partitions(config: ProjectConfig) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition([recipe.name for recipe in config.recipes])
 
 
-def build_curate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
+def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     by_source = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="source")
 
     @dg.asset(
@@ -107,9 +108,12 @@ def build_curate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                                                                                table.column("kept").to_pylist(), strict=True))),
         )
 
-    assets = [filtered_set]
+    return [filtered_set]
+
+
+def build_subset_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     if not config.recipes:
-        return assets
+        return []
 
     @dg.asset(
         key=SAMPLED_SUBSETS_KEY,
@@ -160,4 +164,29 @@ def build_curate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             data_version=dg.DataVersion(result.version),
         )
 
-    return [*assets, sampled_subsets]
+    return [sampled_subsets]
+
+
+# -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
+
+
+def filter_summary(store: CorpusStore, source: str, metadata: dict) -> dict[str, Any]:
+    con = store.catalog(["filter_decisions"])
+    total, kept = con.execute("SELECT count(*), count(*) FILTER (kept) FROM filter_decisions WHERE source = $1", [source]).fetchall()[0]
+    reasons = dict(con.execute("SELECT r.code, count(*) FROM filter_decisions, unnest(reasons) AS u(r) WHERE source = $1 "
+                               "GROUP BY 1 ORDER BY 2 DESC, 1", [source]).fetchall())
+    markup = {key.split("/", 1)[1]: value for key, value in metadata.items() if key.startswith("markup_kept/")}
+    detail = f"{kept}/{total} traces kept; {metadata.get('contaminated_samples', '?')} samples matched a benchmark" + (
+        f"; kept traces holding markup, deleted where exported: {', '.join(f'{k} {v}' for k, v in sorted(markup.items()))}" if markup else "")
+    return {"input": total, "output": kept, "flagged": total - kept, "reasons": reasons, "detail": detail}
+
+
+def subset_summary(store: CorpusStore, recipe: str, metadata: dict) -> dict[str, Any]:
+    con = store.catalog(["subset_members"])
+    members, samples = con.execute("SELECT count(*), count(DISTINCT sample_id) FROM subset_members WHERE subset = $1", [recipe]).fetchall()[0]
+    strata = dict(con.execute("SELECT split_part(stratum, '/', 1), count(*) FROM subset_members WHERE subset = $1 GROUP BY 1 ORDER BY 1",
+                              [recipe]).fetchall())
+    target, shortfall = metadata.get("target_size", "?"), metadata.get("shortfall", 0)
+    detail = (f"{members} of {target} traces ({samples} samples), by difficulty {strata}; version {str(metadata.get('subset_version', ''))[:12]}"
+              + (f"; shortfall {shortfall} (too few candidates)" if shortfall else ""))
+    return {"input": metadata.get("candidates", "?"), "output": members, "flagged": shortfall or 0, "reasons": {}, "detail": detail}

@@ -12,6 +12,7 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pyarrow as pa
@@ -215,3 +216,21 @@ def _baseline_scores(corpus: CorpusStore, student: str, config_hash: str) -> dic
         return None
     rows = [r for r in table.to_pylist() if r["eval_config_hash"] == config_hash]
     return {(r["benchmark"], r["metric"], r["slice"]): r["score"] for r in rows} or None
+
+
+# -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
+
+
+def scores_input_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
+    keys = score_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
+    return expected_scores_fingerprint(config, store, keys["student"], keys["recipe"]) or "not scored yet"
+
+
+def scores_summary(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:
+    recipe, student = partition.split("|")
+    rows = store.read_partition("benchmark_scores", {"student": student, "recipe": recipe}).to_pylist()
+    overall = [r for r in rows if r["slice"] == "all"]
+    parts = [f"{r['benchmark']} {r['metric']} {r['score']:.3f}" + ("" if r["delta"] is None else f" ({r['delta']:+.3f} vs base)")
+             for r in overall]
+    return {"input": sum(r["n"] for r in overall), "output": len(rows), "flagged": 0, "reasons": {},
+            "detail": f"{student}/{recipe}: " + "; ".join(parts) + f"; {len(rows) - len(overall)} tag slices"}

@@ -2,6 +2,7 @@
 
 import contextlib
 import time
+from typing import Any
 
 import dagster as dg
 import pyarrow as pa
@@ -23,7 +24,7 @@ from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.sources import make_reader
 from omnithought_dagster.sources.confine import source_roots
 from omnithought_dagster.sources.recount import raw_record_count
-from omnithought_dagster.store import table_spec
+from omnithought_dagster.store import CorpusStore, table_spec
 from omnithought_dagster.store.tables import QUARANTINE, SEED_POOL
 
 SEED_GROUP = "seed"
@@ -199,3 +200,23 @@ def _later_conflicts(corpus, source_names: list[str], source: str, kept_ids: set
             if n:
                 conflicts[other] = n
     return conflicts
+
+
+# -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
+
+
+def seed_input_fingerprint(config: ProjectConfig, store: CorpusStore, source: str) -> str:
+    return input_fingerprint(
+        make_reader(config.source(source)).fingerprint(),
+        config.seed,
+        {name: partition_version(store, name) for name in earlier_sources(config.source_names, source)},
+        SEED_CODE_VERSION,
+    )
+
+
+def seed_summary(store: CorpusStore, source: str, metadata: dict) -> dict[str, Any]:
+    con = store.catalog(["seed_pool", "quarantine"])
+    kept, near = con.execute("SELECT count(*), count(near_duplicate_of) FROM seed_pool WHERE source = $1", [source]).fetchall()[0]
+    reasons = dict(con.execute("SELECT reason, count(*) FROM quarantine WHERE source = $1 GROUP BY 1 ORDER BY 2 DESC, 1", [source]).fetchall())
+    dropped = sum(reasons.values())
+    return {"input": kept + dropped, "output": kept, "flagged": dropped, "reasons": reasons, "detail": f"{near} near-duplicate images marked"}

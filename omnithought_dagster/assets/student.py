@@ -15,6 +15,7 @@ import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pyarrow as pa
@@ -91,7 +92,7 @@ def training_op_tags(config: ProjectConfig) -> dict:
     return gpu_step_tags(config, training.nproc_per_node if on_gpus else 0)
 
 
-def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
+def build_baseline_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     if not config.students:
         return []
 
@@ -114,8 +115,12 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                    model_dir)
         return _result(store.open(), row, reused=False, extra={})
 
-    if not config.recipes:
-        return [student_baselines]
+    return [student_baselines]
+
+
+def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
+    if not config.students or not config.recipes:
+        return []
 
     @dg.asset(
         key=STUDENT_CHECKPOINTS_KEY,
@@ -254,7 +259,7 @@ def build_student_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             # After a failure or a kill the run folder stays for the rerun to resume from; after success nothing stays.
             _clear(work, keep=set() if succeeded else {"run"})
 
-    return [student_baselines, student_checkpoints]
+    return [student_checkpoints]
 
 
 def _describe_method(student: StudentConfig, method: dict | None) -> str:
@@ -316,3 +321,33 @@ def _result(corpus: CorpusStore, row: dict, *, reused: bool, extra: dict) -> dg.
                   "path": dg.MetadataValue.path(written.uri), **extra},
         data_version=dg.DataVersion(row["checkpoint_id"]),
     )
+
+
+# -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
+
+
+def baseline_input_fingerprint(config: ProjectConfig, store: CorpusStore, student: str) -> str:
+    return expected_checkpoint_id(config, store, student, BASELINE_RECIPE)
+
+
+def baseline_summary(store: CorpusStore, student: str, metadata: dict) -> dict[str, Any]:
+    (row,) = store.read_partition("student_checkpoints", {"student": student, "recipe": BASELINE_RECIPE}).to_pylist()
+    return {"input": 0, "output": 1, "flagged": 0, "reasons": {}, "detail": f"{student}: untrained {row['base_model']} (the baseline)"}
+
+
+def checkpoint_input_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
+    keys = student_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
+    return expected_checkpoint_id(config, store, keys["student"], keys["recipe"]) or "no subset yet"
+
+
+def checkpoint_summary(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:
+    recipe, student = partition.split("|")
+    (row,) = store.read_partition("student_checkpoints", {"student": student, "recipe": recipe}).to_pylist()
+    if metadata.get("initial_reward") is not None and metadata.get("final_reward") is not None:  # grpo: the reward is the objective
+        moved = f"reward {metadata['initial_reward']:.3f} -> {metadata['final_reward']:.3f}"
+    else:
+        moved = f"loss {row['initial_loss']:.3f} -> {row['final_loss']:.3f}"
+    detail = (f"{student} on {recipe}: {moved} over {row['steps']} steps, "
+              f"{row['tokens_per_s']} tokens/s ({row['launcher']}); checkpoint {row['checkpoint_id'][:12]}"
+              + (" reused" if metadata.get("reused") else ""))
+    return {"input": row["examples"], "output": 1, "flagged": 0, "reasons": {}, "detail": detail}

@@ -9,6 +9,7 @@ in the `gpu` concurrency pool and asks Kubernetes for the GPUs its vLLM server u
 
 import contextlib
 from collections import Counter
+from typing import Any
 
 import dagster as dg
 
@@ -18,9 +19,10 @@ from omnithought_dagster.config import LLMConfig, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.ids import content_id, shard_keys, shard_of, version_of
+from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
-from omnithought_dagster.store import table_spec
+from omnithought_dagster.store import CorpusStore, table_spec
 from omnithought_dagster.store.store import PartitionBusy
 from omnithought_dagster.teacher.prompt import teacher_prompt
 from omnithought_dagster.teacher.traces import GENERATION_CACHE, generate_shard, sampling_params
@@ -139,3 +141,32 @@ def traces_fingerprint(cfg: ProjectConfig, corpus, source: str, shard: str, iden
         "sampling": sampling_params(cfg.generation, mode), "rollouts": cfg.generation.rollouts, "shards": cfg.generation.shards,
         "answer_pattern": cfg.generation.answer_pattern, "code": TEACHER_CODE_VERSION,
     })
+
+
+# -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
+
+
+def traces_partition_keys(config: ProjectConfig) -> list[str]:
+    """The project file's sources x shards (also when sources are dynamic partitions)."""
+    return [str(dg.MultiPartitionKey({"source": source, "shard": shard})) for source in config.source_names
+            for shard in shard_keys(config.generation.shards)]
+
+
+def traces_input_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
+    keys = traces_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
+    identity, structured = describe_backend(config.teacher, models_dir=config.models_dir)
+    return traces_fingerprint(config, store, keys["source"], keys["shard"], identity, structured)
+
+
+def traces_summary(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:
+    shard, source = partition.split("|")
+    con = store.catalog(["cot_traces"])
+    samples, traces, errors, truncated, answered = con.execute(
+        "SELECT count(DISTINCT sample_id), count(*), count(*) FILTER (finish_reason = 'error'), "
+        "count(*) FILTER (finish_reason = 'length'), count(final_answer) FROM cot_traces WHERE source = $1 AND shard = $2",
+        [source, shard],
+    ).fetchall()[0]
+    reasons = {k: v for k, v in {"error": errors, "length": truncated}.items() if v}
+    detail = (f"{metadata.get('requests_sent', '?')} requests sent, {metadata.get('cache_hits', '?')} from cache, "
+              f"{metadata.get('tokens_per_s', '?')} tokens/s; {answered}/{traces} answers parsed")
+    return {"input": samples, "output": traces, "flagged": errors + truncated, "reasons": reasons, "detail": detail}

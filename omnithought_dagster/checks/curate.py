@@ -21,7 +21,7 @@ NO_CONTAMINATION = "no_contamination"
 EXPORTABLE = "exportable"
 
 
-def build_curate_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
+def build_filter_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
     sources = seed_partitions(config)
 
     @dg.asset_check(asset=FILTERED_SET_KEY, name=ONE_DECISION_PER_TRACE, partitions_def=sources, blocking=True)
@@ -57,9 +57,12 @@ def build_curate_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
             description=None if not violations else f"{len(violations)} kept traces should have been dropped, e.g. {violations[0]}",
         )
 
-    checks = [one_decision_per_trace, kept_traces_pass_the_rules]
+    return [one_decision_per_trace, kept_traces_pass_the_rules]
+
+
+def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
     if not config.recipes:
-        return checks
+        return []
     recipes = recipe_partitions(config)
 
     def recipe_of(context, project):
@@ -185,7 +188,7 @@ def build_curate_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         return dg.AssetCheckResult(passed=False, metadata=metadata,
                                    description=f"{description}: over curation.max_set_aside_share ({cfg.curation.max_set_aside_share:.1%})")
 
-    return [*checks, size_matches_recipe, strata_within_tolerance, no_sample_twice, members_are_kept, no_contamination, exportable]
+    return [size_matches_recipe, strata_within_tolerance, no_sample_twice, members_are_kept, no_contamination, exportable]
 
 
 def _eligible(store: CorpusStoreResource, recipe) -> int:

@@ -12,7 +12,7 @@ LOADS_AND_GENERATES = "loads_and_generates"
 GENERATE_TOKENS = 8
 
 
-def build_student_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
+def build_baseline_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
     baselines = baseline_partitions(config)
 
     @dg.asset_check(asset=STUDENT_BASELINES_KEY, name=LOADS_AND_GENERATES, partitions_def=baselines, blocking=True)
@@ -22,8 +22,12 @@ def build_student_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
         row = table.to_pylist()[0] if table is not None and table.num_rows else None
         return _probe(store, row, context.partition_key, None)
 
-    if not config.recipes:
-        return [baseline_loads_and_generates]
+    return [baseline_loads_and_generates]
+
+
+def build_checkpoint_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
+    if not config.students or not config.recipes:
+        return []
     partitions = student_partitions(config)
 
     @dg.asset_check(asset=STUDENT_CHECKPOINTS_KEY, name=LOSS_DECREASED, partitions_def=partitions, blocking=True)
@@ -42,7 +46,7 @@ def build_student_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
         """The checkpoint loads with from_pretrained and generates from an image + question."""
         return _probe(store, _row(store, context, partitions), context.partition_key, project.config.training.work_dir)
 
-    return [baseline_loads_and_generates, loss_decreased, loads_and_generates]
+    return [loss_decreased, loads_and_generates]
 
 
 def objective_verdict(row: dict, manifest: dict | None) -> dict:
