@@ -2,12 +2,15 @@
 
 - CPU curation stages (filtered_set, sampled_subsets) and the baselines carry an eager
   automation condition narrowed to upstreams whose blocking checks passed: a new or changed
-  upstream partition that failed a blocking check stops there.
+  upstream partition that failed a blocking check stops there. They also run when their code
+  version changes: it hashes the project file's settings that change their output, so an edited
+  threshold or recipe re-runs its stage on the next tick.
 - GPU stages (cot_traces, annotations, student_checkpoints, benchmark_scores) carry none: they
   are expensive, so they run by hand, from a job, or from a schedule someone turned on.
 - The `recuration` schedule (cron from `operations.recuration_cron`) re-runs filtered_set for
-  every source, so a changed threshold takes effect; sampled_subsets follow through their
-  automation condition, so a changed recipe does too.
+  every source: a safety net for what a code version cannot see (a benchmark file edited in
+  place, automation turned off when the settings changed); sampled_subsets follow through their
+  automation condition.
 - The `source_manifests` sensor (with `operations.source_manifests` set) adds the sources that
   manifests dropped into a folder or S3 prefix declare as dynamic partitions and requests their
   seed_pool runs; a changed manifest requests a new run (see `sensors.py`).
@@ -24,8 +27,11 @@ TRIGGER_TAG = "omnithought/trigger"
 
 
 def cpu_stage_condition() -> dg.AutomationCondition:
-    return (dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()).with_label(
-        "eager, once upstream blocking checks passed")
+    """Eager, or its settings edited (a new code version: `ids.code_version`), once upstream blocking checks passed."""
+    edited = (dg.AutomationCondition.code_version_changed() & ~dg.AutomationCondition.any_deps_missing()
+              & ~dg.AutomationCondition.in_progress())
+    return ((dg.AutomationCondition.eager() | edited) & dg.AutomationCondition.all_deps_blocking_checks_passed()).with_label(
+        "eager or settings edited, once upstream blocking checks passed")
 
 
 def build_schedules(config: ProjectConfig, filter_job: str) -> list[dg.ScheduleDefinition]:

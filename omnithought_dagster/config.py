@@ -73,6 +73,10 @@ class SeedSettings(_Model):
         "processes that read, decode and hash a source's images: 0 = one per CPU core the step may use; 1 = the step's "
         "own process. A source under 256 records per worker uses fewer (starting a process costs ~1-2 s)"))
 
+    def output_settings(self) -> dict[str, Any]:
+        """What changes seed_pool's rows (hashed into its code version): how many processes read them does not."""
+        return self.model_dump(mode="json", exclude={"workers"})
+
 
 class FieldMap(_Model):
     """Where a record keeps each field: a dotted path into nested objects (`meta.id`), or a JMESPath
@@ -250,6 +254,12 @@ class LLMConfig(_Model):
             raise ValueError("base_url: required when backend is openai")
         return self
 
+    def output_settings(self) -> dict[str, Any]:
+        """What changes the model's replies (hashed into the code version of the stage it serves); where it runs, how it is
+        reached and how long it is waited for do not."""
+        return self.model_dump(mode="json", include={"backend", "model", "name", "max_model_len", "dtype", "extra_args", "structured_output",
+                                                     "send_seed"})
+
 
 class ThresholdConfig(_Model):
     warn: float = Field(ge=0, le=1)
@@ -301,6 +311,10 @@ class GenerationConfig(_Model):
             raise ValueError(f"not a valid regex: {exc}") from None
         return value
 
+    def output_settings(self) -> dict[str, Any]:
+        """What changes cot_traces' rows (hashed into its code version); flush size and the checks' thresholds do not."""
+        return self.model_dump(mode="json", exclude={"flush_every", "error_rate", "truncation_rate", "missing_answer_rate"})
+
 
 class AnnotationConfig(_Model):
     """How cot_traces are annotated: verifier tolerances, the judge's prompt and taxonomy, difficulty bins."""
@@ -330,6 +344,10 @@ class AnnotationConfig(_Model):
         if len(self.difficulty_labels) != len(self.difficulty_bins) + 1:
             raise ValueError(f"difficulty_labels: {len(self.difficulty_bins) + 1} labels are needed for {len(self.difficulty_bins)} edges")
         return self
+
+    def output_settings(self) -> dict[str, Any]:
+        """What changes annotations' rows (hashed into its code version); flush size and the check's threshold do not."""
+        return self.model_dump(mode="json", exclude={"flush_every", "parse_failure_rate"})
 
 
 class RulesConfig(_Model):
@@ -388,6 +406,10 @@ class CurationConfig(_Model):
     duckdb_memory_limit: str = "3GB"
     duckdb_threads: int | None = None
 
+    def output_settings(self) -> dict[str, Any]:
+        """What changes filtered_set's decisions (hashed into its code version); the checks' settings and DuckDB's resources do not."""
+        return self.model_dump(mode="json", exclude={"check_sample_limit", "max_set_aside_share", "duckdb_memory_limit", "duckdb_threads"})
+
 
 class RecipeConfig(_Model):
     """One controllable subset: how many traces, which difficulty mix, how tag-diverse."""
@@ -410,6 +432,10 @@ class RecipeConfig(_Model):
             raise ValueError("needs at least one difficulty label with a positive share")
         total = sum(value.values())
         return {k: v / total for k, v in value.items()}
+
+    def output_settings(self) -> dict[str, Any]:
+        """What changes the recipe's members (hashed into sampled_subsets' code version); the check's tolerance does not."""
+        return self.model_dump(mode="json", exclude={"tolerance"})
 
 
 BASELINE_RECIPE = "base"  # the recipe-dimension key of a student's untrained baseline

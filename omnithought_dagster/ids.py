@@ -69,3 +69,9 @@ def shard_of(sample: str, n_shards: int) -> int:
 def shard_keys(n_shards: int) -> list[str]:
     width = max(3, len(str(n_shards - 1)))
     return [f"{i:0{width}d}" for i in range(n_shards)]
+
+
+def code_version(tag: str, settings: Any) -> str:
+    """An asset's code version: its code's tag and a short hash of the project file's settings that change its output, so
+    Dagster shows its partitions unsynced ("new code version") when one of them is edited."""
+    return f"{tag}+{content_id('output-settings', settings)[:12]}"

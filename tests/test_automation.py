@@ -85,3 +85,40 @@ def test_subsets_follow_a_new_filtered_set_only_when_its_blocking_checks_passed(
     assert not run_partition_checks(config, instance, "filtered_set", "synthetic")["one_decision_per_trace"].passed
     fourth = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=quiet.cursor)
     assert not set(fourth.get_requested_partitions(subsets))
+
+
+def test_an_edited_threshold_requests_its_stage_on_the_next_tick_and_nothing_else(tmp_path, instance):
+    """code_version_changed(): the settings that change filtered_set are hashed into its code version."""
+    import yaml
+
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
+
+    from omnithought_dagster.ids import shard_keys
+
+    config = _project(tmp_path)
+    # the store was written directly (curation_data): tell Dagster its upstream partitions exist, as their runs would have
+    # and that their blocking checks passed
+    checks = build_definitions(config).resolve_asset_graph().asset_check_keys
+    upstream = {"seed_pool": ["synthetic"], **{asset: [f"{shard}|synthetic" for shard in shard_keys(config.generation.shards)]
+                                               for asset in ("cot_traces", "annotations")}}
+    for asset, partitions in upstream.items():
+        for partition in partitions:
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=partition))
+            (record,) = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]),
+                                                        limit=1).records
+            target = AssetCheckEvaluationTargetMaterializationData(storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp)
+            for check in (c for c in checks if c.asset_key.to_user_string() == asset):
+                instance.report_runless_asset_event(dg.AssetCheckEvaluation(check.asset_key, check.name, passed=True, partition=partition,
+                                                                            target_materialization_data=target))
+    assert run_job(config, instance, FILTER_JOB, "synthetic").success
+    first = dg.evaluate_automation_conditions(defs=build_definitions(config), instance=instance)
+    quiet = dg.evaluate_automation_conditions(defs=build_definitions(config), instance=instance, cursor=first.cursor)
+    assert not [r.key for r in quiet.results if r.true_subset.size]
+
+    path = config.config_path
+    document = yaml.safe_load(open(path).read())
+    document.setdefault("curation", {}).setdefault("rules", {})["min_quality"] = 5
+    open(path, "w").write(yaml.safe_dump(document))
+    edited = dg.evaluate_automation_conditions(defs=build_definitions(load_config(path)), instance=instance, cursor=quiet.cursor)
+    requested = {r.key.to_user_string(): set(edited.get_requested_partitions(r.key)) for r in edited.results if r.true_subset.size}
+    assert requested == {"filtered_set": {"synthetic"}}

@@ -12,7 +12,7 @@ from omnithought_dagster.assets.metadata import bar_plot, counts, preview
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY, one_run, shard_asset, traces_partitions
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
-from omnithought_dagster.ids import content_id, version_of
+from omnithought_dagster.ids import code_version, content_id, version_of
 from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
@@ -24,9 +24,14 @@ ANNOTATE_CODE_VERSION = "annotations-v1"
 PREVIEW_COLUMNS = ["trace_id", "correct", "verify_method", "pass_rate", "difficulty", "verbosity", "quality", "tags", "difficulty_label"]
 
 
+def annotations_settings(config: ProjectConfig) -> dict:
+    """The project file's settings that change annotations (its code version hashes them)."""
+    return {"judge": config.annotator.output_settings(), "annotation": config.annotation.output_settings()}
+
+
 def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(**shard_asset(config, ANNOTATIONS_KEY, ANNOTATE_GROUP, config.annotator, deps=(COT_TRACES_KEY,)),
-              code_version=ANNOTATE_CODE_VERSION)
+              code_version=code_version(ANNOTATE_CODE_VERSION, annotations_settings(config)))
     def annotations(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource,
                     judge: LLMResource) -> dg.MaterializeResult:
         """Verified correctness and pass rate per trace, plus the judge's difficulty, verbosity, quality and task tags."""

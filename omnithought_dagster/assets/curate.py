@@ -15,7 +15,7 @@ from omnithought_dagster.curation.curate import curate_source
 from omnithought_dagster.curation.seed import partition_version
 from omnithought_dagster.curation.decontam import load_benchmark_items
 from omnithought_dagster.curation.sampling import kept_where, load_candidates, sample_subset
-from omnithought_dagster.ids import content_id, version_of
+from omnithought_dagster.ids import code_version, content_id, version_of
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 
@@ -49,6 +49,18 @@ def recipe_partitions(config: ProjectConfig) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition([recipe.name for recipe in config.recipes])
 
 
+def filter_settings(config: ProjectConfig) -> dict:
+    """The project file's settings that change filtered_set (its code version hashes them): curation's, and the benchmarks it
+    decontaminates against."""
+    return {"curation": config.curation.output_settings(),
+            "benchmarks": [config.benchmark(name).model_dump(mode="json") for name in config.curation.decontamination.benchmarks]}
+
+
+def subset_settings(config: ProjectConfig) -> dict:
+    """The project file's settings that change sampled_subsets (its code version hashes them): the recipes."""
+    return {"recipes": [recipe.output_settings() for recipe in config.recipes]}
+
+
 def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     by_source = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="source")
 
@@ -59,7 +71,7 @@ def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
               SEED_POOL_KEY],
         group_name=CURATE_GROUP,
         kinds={"duckdb", "parquet"},
-        code_version=CURATE_CODE_VERSION,
+        code_version=code_version(CURATE_CODE_VERSION, filter_settings(config)),
         automation_condition=cpu_stage_condition(),
         tags={"stage": "curate", "compute": "cpu"},
         metadata={"dagster/column_schema": column_schema(table_spec("filter_decisions")), "table": "filter_decisions"},
@@ -121,7 +133,7 @@ def build_subset_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         deps=[dg.AssetDep(FILTERED_SET_KEY, partition_mapping=dg.AllPartitionMapping())],
         group_name=CURATE_GROUP,
         kinds={"duckdb", "parquet"},
-        code_version=CURATE_CODE_VERSION,
+        code_version=code_version(CURATE_CODE_VERSION, subset_settings(config)),
         automation_condition=cpu_stage_condition(),
         tags={"stage": "curate", "compute": "cpu"},
         metadata={"dagster/column_schema": column_schema(table_spec("subset_members")), "table": "subset_members"},

@@ -26,7 +26,7 @@ from omnithought_dagster.evaluation.tasks import items_version, read_items, writ
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.plots import barh
-from omnithought_dagster.ids import content_id
+from omnithought_dagster.ids import code_version, content_id
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 
@@ -43,6 +43,12 @@ def score_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
 def score_partition_keys(config: ProjectConfig) -> list[str]:
     """Each student's baseline first, then its recipes."""
     return [str(dg.MultiPartitionKey({"student": s.name, "recipe": r})) for s in config.students for r in config.student_recipes(s.name)]
+
+
+def scores_settings(config: ProjectConfig) -> dict:
+    """The project file's settings that change benchmark_scores (its code version hashes them): evaluation's, and its benchmarks."""
+    return {"evaluation": config.evaluation.run_settings(),
+            "benchmarks": [config.benchmark(name).model_dump(mode="json") for name in config.evaluation.benchmarks]}
 
 
 def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
@@ -62,7 +68,7 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         deps=deps,
         group_name=SCORES_GROUP,
         kinds={"pytorch", "parquet"},
-        code_version=SCORES_CODE_VERSION,
+        code_version=code_version(SCORES_CODE_VERSION, scores_settings(config)),
         pool=GPU_POOL,
         op_tags=gpu_step_tags(config, 1 if config.evaluation.device.startswith("cuda") else 0),
         tags={"stage": "scores", "compute": "gpu"},

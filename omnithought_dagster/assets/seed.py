@@ -18,7 +18,7 @@ from omnithought_dagster.curation.seed import (
     partition_version,
     prior_samples,
 )
-from omnithought_dagster.ids import version_of
+from omnithought_dagster.ids import code_version, version_of
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.sources import make_reader
@@ -51,17 +51,24 @@ def source_order(config: ProjectConfig, instance: dg.DagsterInstance | None) -> 
     return config.source_names + [n for n in instance.get_dynamic_partitions(SOURCES_PARTITIONS) if n not in config.source_names]
 
 
+def seed_settings(config: ProjectConfig) -> dict:
+    """The project file's settings that change seed_pool (its code version hashes them)."""
+    return {"seed": config.seed.output_settings()}
+
+
 def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     partitions = seed_partitions(config)
+    version = code_version(SEED_CODE_VERSION, seed_settings(config))
 
     @dg.multi_asset(
         name="ingest_seed_source",
         partitions_def=partitions,
         group_name=SEED_GROUP,
         specs=[
-            _table_asset(SEED_POOL_KEY, "Normalised multimodal questions (images + question + reference answer), one partition per source."),
-            _table_asset(QUARANTINE_KEY, "Seed records set aside with a reason code and detail: rows read = kept + quarantined."),
-            _table_asset(IMAGES_KEY, "The content-addressed image store (bytes under their hash) and one metadata row per image."),
+            _table_asset(SEED_POOL_KEY, "Normalised multimodal questions (images + question + reference answer), one partition per source.",
+                         version),
+            _table_asset(QUARANTINE_KEY, "Seed records set aside with a reason code and detail: rows read = kept + quarantined.", version),
+            _table_asset(IMAGES_KEY, "The content-addressed image store (bytes under their hash) and one metadata row per image.", version),
         ],
     )
     def ingest_seed_source(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource):
@@ -177,14 +184,14 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     return [ingest_seed_source]
 
 
-def _table_asset(key: dg.AssetKey, description: str) -> dg.AssetSpec:
+def _table_asset(key: dg.AssetKey, description: str, version: str) -> dg.AssetSpec:
     """An asset backed by a store table of the same name, its schema shown in the UI."""
     table = key.to_user_string()
     return dg.AssetSpec(
         key,
         description=description,
         kinds={"parquet", "duckdb"},
-        code_version=SEED_CODE_VERSION,
+        code_version=version,
         metadata={"dagster/column_schema": column_schema(table_spec(table)), "table": table},
         tags={"stage": "seed", "compute": "cpu"},
     )

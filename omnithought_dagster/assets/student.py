@@ -31,6 +31,7 @@ from omnithought_dagster.logtail import log_tail
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.processes import guarded
 from omnithought_dagster.plots import curves
+from omnithought_dagster.ids import code_version
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 from omnithought_dagster.train.checkpoints import RunCheckpoints
@@ -92,6 +93,17 @@ def training_op_tags(config: ProjectConfig) -> dict:
     return gpu_step_tags(config, training.nproc_per_node if on_gpus else 0)
 
 
+def baseline_settings(config: ProjectConfig) -> dict:
+    """The project file's settings that change student_baselines (its code version hashes them): each student's base model."""
+    return {"students": {student.name: student.model for student in config.students}}
+
+
+def checkpoint_settings(config: ProjectConfig) -> dict:
+    """The project file's settings that change student_checkpoints (its code version hashes them): the training settings that
+    change the weights, and the students (model, method and its settings, recipes)."""
+    return {"training": config.training.run_settings(), "students": [student.model_dump(mode="json") for student in config.students]}
+
+
 def build_baseline_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     if not config.students:
         return []
@@ -101,7 +113,7 @@ def build_baseline_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         partitions_def=baseline_partitions(config),
         group_name=STUDENT_GROUP,
         kinds={"pytorch"},
-        code_version=STUDENT_CODE_VERSION,
+        code_version=code_version(STUDENT_CODE_VERSION, baseline_settings(config)),
         automation_condition=cpu_stage_condition(),  # registering a base model is cheap
         tags={"stage": "student", "compute": "cpu"},
         metadata={"dagster/column_schema": column_schema(table_spec("student_checkpoints")), "table": "student_checkpoints"},
@@ -128,7 +140,7 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         deps=[dg.AssetDep(SAMPLED_SUBSETS_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="recipe"))],
         group_name=STUDENT_GROUP,
         kinds={"deepspeed", "pytorch"},
-        code_version=STUDENT_CODE_VERSION,
+        code_version=code_version(STUDENT_CODE_VERSION, checkpoint_settings(config)),
         pool=GPU_POOL,
         op_tags=training_op_tags(config),
         tags={"stage": "student", "compute": "gpu"},

@@ -18,7 +18,7 @@ from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
 from omnithought_dagster.config import LLMConfig, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.placement import gpu_step_tags
-from omnithought_dagster.ids import content_id, shard_keys, shard_of, version_of
+from omnithought_dagster.ids import code_version, content_id, shard_keys, shard_of, version_of
 from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
@@ -73,8 +73,13 @@ def one_run(corpus, table: str, partition: dict, config: ProjectConfig, context:
         raise dg.Failure(description=str(exc)) from exc
 
 
+def traces_settings(config: ProjectConfig) -> dict:
+    """The project file's settings that change cot_traces (its code version hashes them)."""
+    return {"teacher": config.teacher.output_settings(), "generation": config.generation.output_settings()}
+
+
 def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
-    @dg.asset(**shard_asset(config, COT_TRACES_KEY, TEACHER_GROUP, config.teacher), code_version=TEACHER_CODE_VERSION)
+    @dg.asset(**shard_asset(config, COT_TRACES_KEY, TEACHER_GROUP, config.teacher), code_version=code_version(TEACHER_CODE_VERSION, traces_settings(config)))
     def cot_traces(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource,
                    teacher: LLMResource) -> dg.MaterializeResult:
         """Structured chain-of-thought traces from the teacher: N rollouts per sample, cached by trace id."""
