@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -28,6 +29,15 @@ def _ingest(reader, **settings):
 
 
 # -- synthetic -------------------------------------------------------------------------------------
+
+
+def test_the_config_names_the_families_the_synthetic_reader_draws():
+    from omnithought_dagster.config import SYNTHETIC_FAMILIES
+    from omnithought_dagster.sources.synthetic import FAMILIES
+
+    assert tuple(FAMILIES) == SYNTHETIC_FAMILIES
+    with pytest.raises(ValueError, match=r"unknown task families \['maze'\]"):
+        parse_config({"sources": [{"name": "s", "kind": "synthetic", "families": ["counting", "maze"]}]}, base_dir=Path("."))
 
 
 def test_synthetic_is_deterministic_balanced_and_verifiable():
