@@ -39,7 +39,7 @@ PYTEST_ARGS ?=
 IMAGE ?= omnithought-dagster:latest
 GPU_IMAGE ?= omnithought-dagster-gpu:latest
 
-.PHONY: env envs vllm-env lmms-env browser demo test test-fast ui bench lock doctor image image-gpu clean gpu-check gpu-wheels
+.PHONY: env envs vllm-env lmms-env browser demo test test-fast lint check-defs ui bench lock doctor image image-gpu clean gpu-check gpu-wheels
 
 env: envs $(DAGSTER_HOME)/dagster.yaml browser
 
@@ -137,13 +137,23 @@ $(DAGSTER_HOME)/dagster.yaml: omnithought_dagster/dagster.yaml
 demo: env
 	$(BIN)/omnithought demo
 
-test: env
+# The first gates (seconds): the code location loads (`dg check defs`), ruff is clean; then the whole suite.
+test: env check-defs lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The inner loop: tests that need no vLLM server, no Dagster instance, no subprocess and no browser (tiers applied by
 # tests/conftest.py from what each test uses); `make test` stays the whole suite and what CI runs.
-test-fast: $(STAMP)
+test-fast: check-defs lint
 	$(BIN)/python -m pytest -m fast -q $(PYTEST_ARGS)
+
+# ruff (configured in pyproject.toml): the formatter owns the layout (`$(BIN)/ruff format .` rewrites it), the linter the rest.
+lint: $(STAMP)
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/ruff check --quiet .
+
+# Dagster's own check that the code location loads, from the project file $(OMNITHOUGHT_CONFIG) (workspace.yaml's module).
+check-defs: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(BIN)/dg check defs
 
 # Every distillation method's short training and the student's generation on this interpreter's accelerator (CPU here),
 # measured; one JSON, also written to $(GPU_CHECK_OUT)/gpu_check.json. On a GPU machine without our environments: README.

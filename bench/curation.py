@@ -35,8 +35,20 @@ from omnithought_dagster.curation.sampling import load_candidates, sample_subset
 from omnithought_dagster.store import CorpusStore  # noqa: E402
 
 LABELS = ["easy", "medium", "hard"]
-TAGS = ["math/geometry", "math/arithmetic", "chart/bar", "chart/line", "table", "document/ocr", "counting",
-        "spatial-relations", "science/physics", "natural-image", "logic-puzzle", "other"]
+TAGS = [
+    "math/geometry",
+    "math/arithmetic",
+    "chart/bar",
+    "chart/line",
+    "table",
+    "document/ocr",
+    "counting",
+    "spatial-relations",
+    "science/physics",
+    "natural-image",
+    "logic-puzzle",
+    "other",
+]
 
 
 def main() -> None:
@@ -65,7 +77,9 @@ def run(store: CorpusStore, items: list[BenchmarkItem], n: int) -> dict:
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false")
     start = time.perf_counter()
-    floor = con.execute(f"SELECT sum(length(reasoning)) FROM read_parquet('{store.path('tables', 'cot_traces')}/*/*/data.parquet')").fetchone()[0]
+    floor = con.execute(
+        f"SELECT sum(length(reasoning)) FROM read_parquet('{store.path('tables', 'cot_traces')}/*/*/data.parquet')"
+    ).fetchone()[0]
     floor_s = time.perf_counter() - start
     con.close()
 
@@ -75,10 +89,21 @@ def run(store: CorpusStore, items: list[BenchmarkItem], n: int) -> dict:
     curate_s = time.perf_counter() - start
     recipes = [
         RecipeConfig(name="balanced", size=200_000, difficulty_mix={"easy": 1, "medium": 1, "hard": 1}, max_tag_share=0.2),
-        RecipeConfig(name="hard-heavy", size=100_000, difficulty_mix={"medium": 0.3, "hard": 0.7}, max_tag_share=0.25,
-                     verbosity_targets={"medium": 5, "hard": 8}),
-        RecipeConfig(name="small-diverse", size=20_000, difficulty_mix={"easy": 0.2, "medium": 0.4, "hard": 0.4}, max_tag_share=0.1,
-                     traces_per_sample=1, seed=7),
+        RecipeConfig(
+            name="hard-heavy",
+            size=100_000,
+            difficulty_mix={"medium": 0.3, "hard": 0.7},
+            max_tag_share=0.25,
+            verbosity_targets={"medium": 5, "hard": 8},
+        ),
+        RecipeConfig(
+            name="small-diverse",
+            size=20_000,
+            difficulty_mix={"easy": 0.2, "medium": 0.4, "hard": 0.4},
+            max_tag_share=0.1,
+            traces_per_sample=1,
+            seed=7,
+        ),
     ]
     start = time.perf_counter()
     candidates = load_candidates(store, None)
@@ -140,34 +165,45 @@ def generate(root: Path, n: int, shards: int) -> float:
     for shard in range(shards):
         key = f"{shard:03d}"
         base = f"""FROM range({shard}, {samples}, {shards}) a(s), range(4) b(r), vocab, tags"""
-        text = f"array_to_string(list_transform(range(500), lambda k: {words} || CASE WHEN k % 15 = 14 THEN '.' || chr(10) ELSE ' ' END), '')"
+        text = (
+            f"array_to_string(list_transform(range(500), lambda k: {words} || CASE WHEN k % 15 = 14 THEN '.' || chr(10) ELSE ' ' END), '')"
+        )
         reasoning = f"""CASE
-            WHEN hash(s, r, 'dup') % 200 = 0 AND r > 0 THEN array_to_string(list_transform(range(500), lambda k: vocab.words[(hash(s, 0, k) % {p})::INT + 1] || CASE WHEN k % 15 = 14 THEN '.' || chr(10) ELSE ' ' END), '')
+            WHEN hash(s, r, 'dup') % 200 = 0 AND r > 0 THEN array_to_string(list_transform(range(500),
+                lambda k: vocab.words[(hash(s, 0, k) % {p})::INT + 1] || CASE WHEN k % 15 = 14 THEN '.' || chr(10) ELSE ' ' END), '')
             WHEN hash(s, r, 'loop') % 100 = 0 THEN {text} || repeat('so the answer is the same value again and again. ', 40)
             WHEN hash(s, r, 'lines') % 100 = 0 THEN repeat('We compute the value of the first bar again.' || chr(10), 30)
             WHEN hash(s, r, 'script') % 100 = 0 THEN {text} || repeat('这是一个非常长的中文推理过程。', 60)
             ELSE {text} END"""
         folder = root / "tables" / "cot_traces" / "source=bench" / f"shard={key}"
         folder.mkdir(parents=True, exist_ok=True)
-        con.execute(f"""COPY (SELECT lpad(to_hex(hash(s, r, 'trace')), 32, '0') AS trace_id, lpad(to_hex(hash(s, 'sample')), 32, '0') AS sample_id,
+        con.execute(f"""COPY (SELECT lpad(to_hex(hash(s, r, 'trace')), 32, '0') AS trace_id,
+              lpad(to_hex(hash(s, 'sample')), 32, '0') AS sample_id,
               'bench' AS source, '{key}' AS shard, 'teacher' AS teacher, 'cot-v1' AS prompt_version, r::INT AS rollout,
               NULL::VARCHAR AS text, {reasoning} AS reasoning,
               CASE WHEN hash(s, r, 'noans') % 100 = 0 THEN NULL ELSE (hash(s, 'answer') % 100)::VARCHAR END AS final_answer,
-              CASE WHEN hash(s, r, 'fin') % 100 < 3 THEN 'length' WHEN hash(s, r, 'fin') % 100 = 3 THEN 'error' ELSE 'stop' END AS finish_reason,
+              CASE WHEN hash(s, r, 'fin') % 100 < 3 THEN 'length'
+                   WHEN hash(s, r, 'fin') % 100 = 3 THEN 'error' ELSE 'stop' END AS finish_reason,
               300::INT AS n_prompt_tokens, (200 + hash(s, r, 'tok') % 900)::INT AS n_tokens, 1.0::DOUBLE AS latency_s, 1::INT AS attempts,
               NULL::VARCHAR AS error {base}) TO '{folder}/data.parquet' (FORMAT parquet, COMPRESSION zstd)""")
         folder = root / "tables" / "annotations" / "source=bench" / f"shard={key}"
         folder.mkdir(parents=True, exist_ok=True)
         correct = "(hash(s, r, 'correct') % 100 < 30 + (hash(s, 'easy') % 60))"
-        con.execute(f"""COPY (SELECT lpad(to_hex(hash(s, r, 'annotation')), 32, '0') AS annotation_id, lpad(to_hex(hash(s, r, 'trace')), 32, '0') AS trace_id,
-              lpad(to_hex(hash(s, 'sample')), 32, '0') AS sample_id, 'bench' AS source, '{key}' AS shard, 'judge' AS annotator, 'judge-v1' AS prompt_version,
+        con.execute(f"""COPY (SELECT lpad(to_hex(hash(s, r, 'annotation')), 32, '0') AS annotation_id,
+              lpad(to_hex(hash(s, r, 'trace')), 32, '0') AS trace_id,
+              lpad(to_hex(hash(s, 'sample')), 32, '0') AS sample_id, 'bench' AS source, '{key}' AS shard, 'judge' AS annotator,
+              'judge-v1' AS prompt_version,
               'tags-v1' AS taxonomy_version, {correct} AS correct, 'numeric' AS verify_method, NULL::VARCHAR AS extracted_answer,
               avg({correct}::INT) OVER (PARTITION BY s) AS pass_rate, 4::INT AS n_rollouts,
-              (hash(s, 'difficulty') % 10)::INT AS difficulty, (hash(s, r, 'verbosity') % 10)::INT AS verbosity, (hash(s, r, 'quality') % 10)::INT AS quality,
+              (hash(s, 'difficulty') % 10)::INT AS difficulty, (hash(s, r, 'verbosity') % 10)::INT AS verbosity,
+              (hash(s, r, 'quality') % 10)::INT AS quality,
               [tags.t[(hash(s, 'tag') % {len(TAGS)})::INT + 1]] AS tags, []::VARCHAR[] AS raw_tags, NULL::BOOLEAN AS judge_answer_correct,
               (hash(s, 'difficulty') % 10)::DOUBLE AS sample_difficulty, (hash(s, 'difficulty') % 10)::DOUBLE AS difficulty_score,
-              CASE WHEN hash(s, 'difficulty') % 10 < 3.5 THEN 0 WHEN hash(s, 'difficulty') % 10 < 6.5 THEN 1 ELSE 2 END::INT AS difficulty_bin,
-              ['easy', 'medium', 'hard'][CASE WHEN hash(s, 'difficulty') % 10 < 3.5 THEN 1 WHEN hash(s, 'difficulty') % 10 < 6.5 THEN 2 ELSE 3 END] AS difficulty_label,
+              CASE WHEN hash(s, 'difficulty') % 10 < 3.5 THEN 0 WHEN hash(s, 'difficulty') % 10 < 6.5 THEN 1 ELSE 2 END::INT
+                AS difficulty_bin,
+              ['easy', 'medium', 'hard'][CASE WHEN hash(s, 'difficulty') % 10 < 3.5 THEN 1
+                                          WHEN hash(s, 'difficulty') % 10 < 6.5 THEN 2 ELSE 3 END]
+                AS difficulty_label,
               'stop' AS finish_reason, 500::INT AS n_tokens, NULL::VARCHAR AS judge_reply,
               CASE WHEN hash(s, r, 'judgeerr') % 200 = 0 THEN 'unparsable judge reply' END AS judge_error
               {base}) TO '{folder}/data.parquet' (FORMAT parquet, COMPRESSION zstd)""")
@@ -177,7 +213,8 @@ def generate(root: Path, n: int, shards: int) -> float:
     near = "(s > 10 AND hash(s, 'near') % 100 = 0)"
     qs = f"CASE WHEN {near} AND hash(s, 'same') % 2 = 0 THEN s - 1 ELSE s END"
     question = f"array_to_string(list_transform(range(18), lambda k: vocab.words[(hash({qs}, 'q', k) % {p})::INT + 1]), ' ') || '?'"
-    con.execute(f"""COPY (SELECT lpad(to_hex(hash(s, 'sample')), 32, '0') AS sample_id, 'bench' AS source, s::VARCHAR AS native_id, s::BIGINT AS record_index,
+    con.execute(f"""COPY (SELECT lpad(to_hex(hash(s, 'sample')), 32, '0') AS sample_id, 'bench' AS source, s::VARCHAR AS native_id,
+              s::BIGINT AS record_index,
           [lpad(to_hex(hash(s, 'image')), 32, '0')] AS image_ids, [lpad(to_hex(hash(s, 'phash')), 16, '0')] AS image_phashes,
           {question} AS question, (hash(s, 'answer') % 100)::VARCHAR AS answer, 'numeric' AS answer_type, []::VARCHAR[] AS choices,
           []::VARCHAR[] AS source_tags, NULL::INT AS source_difficulty, '{{}}' AS metadata,
@@ -192,10 +229,16 @@ def benchmark_items(store: CorpusStore) -> list[BenchmarkItem]:
     """1000 benchmark items: 950 unrelated, 25 with a seed sample's question, 25 with a seed sample's image."""
     rng = random.Random(0)
     seed = store.read_partition("seed_pool", "bench", ["sample_id", "question", "image_phashes"]).slice(0, 5000).to_pylist()
-    items = [BenchmarkItem("bench-eval", f"b{i}", f"unrelated benchmark question number {i} about {rng.random()}",
-                           (f"{rng.getrandbits(64):016x}",)) for i in range(950)]
+    items = [
+        BenchmarkItem(
+            "bench-eval", f"b{i}", f"unrelated benchmark question number {i} about {rng.random()}", (f"{rng.getrandbits(64):016x}",)
+        )
+        for i in range(950)
+    ]
     items += [BenchmarkItem("bench-eval", f"q{i}", row["question"], (f"{rng.getrandbits(64):016x}",)) for i, row in enumerate(seed[:25])]
-    items += [BenchmarkItem("bench-eval", f"i{i}", f"another question {i}", tuple(row["image_phashes"])) for i, row in enumerate(seed[100:125])]
+    items += [
+        BenchmarkItem("bench-eval", f"i{i}", f"another question {i}", tuple(row["image_phashes"])) for i, row in enumerate(seed[100:125])
+    ]
     return items
 
 

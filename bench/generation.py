@@ -44,21 +44,31 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=32, help="the pipeline's max_concurrency (teacher.max_concurrency)")
     args = parser.parse_args()
-    generation = GenerationConfig(rollouts=args.rollouts, shards=1, max_tokens=args.max_tokens, reasoning_max_chars=300,
-                                  answer_max_chars=24, flush_every=32)
+    generation = GenerationConfig(
+        rollouts=args.rollouts, shards=1, max_tokens=args.max_tokens, reasoning_max_chars=300, answer_max_chars=24, flush_every=32
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = build_tiny_model(TINY_TEACHER, REPO / ".cache" / "models" / TINY_TEACHER.name)
         store = CorpusStore(str(tmp / "store"))
-        seeded = ingest_source("bench", SyntheticReader(args.samples, seed=77).records(), SeedSettings(near_duplicate_max_distance=-1),
-                               image_root=None, put_image=store.images.put)
+        seeded = ingest_source(
+            "bench",
+            SyntheticReader(args.samples, seed=77).records(),
+            SeedSettings(near_duplicate_max_distance=-1),
+            image_root=None,
+            put_image=store.images.put,
+        )
         store.write_partition("seed_pool", "bench", seeded.kept)
         prompt = teacher_prompt(generation, "json")
 
         requests = _capture_requests(store, prompt, generation)
         (tmp / "requests.json").write_text(json.dumps(requests))
-        done = subprocess.run([str(VLLM_PYTHON), str(REPO / "bench" / "vllm_offline.py"), str(model), str(tmp / "requests.json")],
-                              capture_output=True, text=True, env=_offline_env())
+        done = subprocess.run(
+            [str(VLLM_PYTHON), str(REPO / "bench" / "vllm_offline.py"), str(model), str(tmp / "requests.json")],
+            capture_output=True,
+            text=True,
+            env=_offline_env(),
+        )
         lines = [line for line in done.stdout.split("\n") if line.startswith("{")]
         if done.returncode != 0 or not lines:
             raise SystemExit(f"offline vLLM run failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -71,16 +81,32 @@ def main() -> None:
             seconds = time.perf_counter() - start
         stats = result.stats
         errors = sorted({e for e in result.rows.column("error").to_pylist() if e})
-        pipeline = {"requests": stats.sent, "generated_tokens": stats.generated_tokens, "seconds": round(seconds, 3),
-                    "tokens_per_s": round(stats.generated_tokens / seconds, 1), "traces_per_s": round(stats.sent / seconds, 1),
-                    "failures": stats.failed, "errors": errors[:3], "cache_flushes": stats.flushes}
-    print(json.dumps({
-        "benchmark": "teacher_generation",
-        "model": TINY_TEACHER.name, "samples": args.samples, "rollouts": args.rollouts, "max_tokens": args.max_tokens,
-        "concurrency": args.concurrency,
-        "pipeline": pipeline, "raw_offline": raw,
-        "ratio_tokens_per_s": round(pipeline["tokens_per_s"] / raw["tokens_per_s"], 3),
-    }, indent=2))
+        pipeline = {
+            "requests": stats.sent,
+            "generated_tokens": stats.generated_tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(stats.generated_tokens / seconds, 1),
+            "traces_per_s": round(stats.sent / seconds, 1),
+            "failures": stats.failed,
+            "errors": errors[:3],
+            "cache_flushes": stats.flushes,
+        }
+    print(
+        json.dumps(
+            {
+                "benchmark": "teacher_generation",
+                "model": TINY_TEACHER.name,
+                "samples": args.samples,
+                "rollouts": args.rollouts,
+                "max_tokens": args.max_tokens,
+                "concurrency": args.concurrency,
+                "pipeline": pipeline,
+                "raw_offline": raw,
+                "ratio_tokens_per_s": round(pipeline["tokens_per_s"] / raw["tokens_per_s"], 3),
+            },
+            indent=2,
+        )
+    )
 
 
 def _capture_requests(store, prompt, generation) -> list[dict]:

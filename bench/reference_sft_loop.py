@@ -25,7 +25,7 @@ from omnithought_dagster.train.sft import _loss_table, _mean, _Reporter, _sum_ac
 LOSS_WINDOW = 3  # steps averaged for the initial and final loss
 
 
-def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
+def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     import deepspeed
     import torch
     from PIL import Image
@@ -65,8 +65,9 @@ def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
     if not settings["offload_optimizer"]:
         # A client optimizer needs no compiled DeepSpeed op; ZeRO shards its states all the same.
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           model_parameters=None if optimizer else model.parameters())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, model_parameters=None if optimizer else model.parameters()
+    )
     sampler = DistributedSampler(examples, num_replicas=world, rank=rank, shuffle=True, seed=settings["seed"])
     loader = DataLoader(examples, batch_size=settings["micro_batch_size"], sampler=sampler, collate_fn=vl.collate)
 
@@ -95,8 +96,10 @@ def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
                 losses.append(_sum_across_ranks(sum(window) / len(window)) / world)
                 window = []
                 if step == 1 or step % max(1, settings["max_steps"] // 10) == 0 or step == settings["max_steps"]:
-                    report.log(progress_line("training", step, settings["max_steps"], time.monotonic() - started, "steps")
-                               + f", loss {losses[-1]:.4f}")
+                    report.log(
+                        progress_line("training", step, settings["max_steps"], time.monotonic() - started, "steps")
+                        + f", loss {losses[-1]:.4f}"
+                    )
                 if step >= settings["max_steps"]:
                     break
         epoch += 1
@@ -108,17 +111,35 @@ def train(spec: dict[str, Any], report: "_Reporter") -> dict[str, Any]:
     _save(engine, model, settings, model_dir, out_dir, rank)
     initial, final = _mean(losses[:LOSS_WINDOW]), _mean(losses[-LOSS_WINDOW:])
     log = {
-        "losses": losses, "initial_loss": initial, "final_loss": final, "steps": step, "epochs": epoch, "examples": len(examples),
-        "skipped_examples": skipped, "samples_seen": samples, "tokens_seen": tokens, "train_seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "steady_tokens_per_s": steady, "world_size": world,
+        "losses": losses,
+        "initial_loss": initial,
+        "final_loss": final,
+        "steps": step,
+        "epochs": epoch,
+        "examples": len(examples),
+        "skipped_examples": skipped,
+        "samples_seen": samples,
+        "tokens_seen": tokens,
+        "train_seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+        "steady_tokens_per_s": steady,
+        "world_size": world,
         "deepspeed": ds_config,
     }
     if rank == 0:
         (out_dir / "train_log.json").write_text(json.dumps(log, indent=2))
     metadata = {
-        "output_dir": str(out_dir), "steps": step, "examples": len(examples), "skipped_examples": skipped, "samples_seen": samples,
-        "tokens_seen": tokens, "initial_loss": initial, "final_loss": final, "tokens_per_s": log["tokens_per_s"],
-        "train_seconds": log["train_seconds"], "world_size": world,
+        "output_dir": str(out_dir),
+        "steps": step,
+        "examples": len(examples),
+        "skipped_examples": skipped,
+        "samples_seen": samples,
+        "tokens_seen": tokens,
+        "initial_loss": initial,
+        "final_loss": final,
+        "tokens_per_s": log["tokens_per_s"],
+        "train_seconds": log["train_seconds"],
+        "world_size": world,
         "loss_curve": {"raw_value": _loss_table(losses), "type": "md"},
     }
     return {"log": log, "metadata": metadata}
@@ -129,14 +150,22 @@ def deepspeed_config(settings: dict[str, Any]) -> dict[str, Any]:
     settings and WarmupLR, as the loop had them."""
     config = sft.deepspeed_config(settings)
     del config["train_batch_size"]
-    config.update({"train_micro_batch_size_per_gpu": settings["micro_batch_size"], "gradient_clipping": settings["gradient_clipping"],
-                   "gradient_accumulation_steps": settings["gradient_accumulation_steps"],
-                   "bf16": {"enabled": settings["precision"] == "bf16"}, "fp16": {"enabled": settings["precision"] == "fp16"}})
+    config.update(
+        {
+            "train_micro_batch_size_per_gpu": settings["micro_batch_size"],
+            "gradient_clipping": settings["gradient_clipping"],
+            "gradient_accumulation_steps": settings["gradient_accumulation_steps"],
+            "bf16": {"enabled": settings["precision"] == "bf16"},
+            "fp16": {"enabled": settings["precision"] == "fp16"},
+        }
+    )
     if settings["offload_optimizer"]:
         config["optimizer"] = {"type": "AdamW", "params": {"lr": settings["learning_rate"], "weight_decay": settings["weight_decay"]}}
     if settings["warmup_steps"]:
-        config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": settings["learning_rate"],
-                                                              "warmup_num_steps": settings["warmup_steps"]}}
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0, "warmup_max_lr": settings["learning_rate"], "warmup_num_steps": settings["warmup_steps"]},
+        }
     return config
 
 

@@ -38,12 +38,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa  # noqa: E402
+from discard import discard_image  # noqa: E402 - bench/ is on sys.path as the script's folder
 
 from omnithought_dagster.config import SeedSettings, parse_config  # noqa: E402
 from omnithought_dagster.curation.near_dup import earliest_near_duplicates  # noqa: E402
 from omnithought_dagster.curation.seed import SeedSinks, ingest_source, ingest_source_into  # noqa: E402
 from omnithought_dagster.processes import available_cores  # noqa: E402
-from discard import discard_image  # noqa: E402 - bench/ is on sys.path as the script's folder
 from omnithought_dagster.sources import make_reader  # noqa: E402
 from omnithought_dagster.sources.synthetic import SyntheticReader  # noqa: E402
 from omnithought_dagster.store import CorpusStore  # noqa: E402
@@ -78,7 +78,11 @@ def write_json_source(root: Path, n: int) -> tuple[Path, Path, list[str]]:
         name = f"{record.native_id}.png"
         (images / name).write_bytes(record.images[0].data)
         names.append(name)
-        lines.append(json.dumps({"id": record.native_id, "question": record.question, "answer": record.answer, "choices": record.choices, "image": name}))
+        lines.append(
+            json.dumps(
+                {"id": record.native_id, "question": record.question, "answer": record.answer, "choices": record.choices, "image": name}
+            )
+        )
     (root / "data.jsonl").write_text("\n".join(lines) + "\n")
     return root / "data.jsonl", images, names
 
@@ -106,18 +110,28 @@ def floor_records_per_s(images: Path, names: list[str], store_root: Path | None 
 
 def ingest_records_per_s(data: Path, images: Path, store_root: Path, workers: int, store_images: bool) -> tuple[float, int]:
     """The seed stage end to end into a fresh store, as the asset runs it (image bytes stored, or not)."""
-    source = parse_config({"sources": [{"name": "disk", "kind": "json", "path": str(data), "image_root": str(images)}]},
-                          base_dir=data.parent).sources[0]
+    source = parse_config(
+        {"sources": [{"name": "disk", "kind": "json", "path": str(data), "image_root": str(images)}]}, base_dir=data.parent
+    ).sources[0]
     store = CorpusStore(str(store_root))
     reader = make_reader(source)
     marks: list[tuple[int, float]] = []
     start, cpu = time.perf_counter(), time.process_time()
-    with store.partition_writer("seed_pool", "disk") as kept, store.partition_writer("quarantine", "disk") as quarantine, \
-            store.partition_writer("images", "disk") as stored:
-        result = ingest_source_into("disk", reader.records(), SeedSettings(), image_root=reader.image_root,
-                                    put_image=store.images.put if store_images else discard_image,
-                                    sinks=SeedSinks(kept, quarantine, stored), workers=workers,
-                                    progress=lambda done: marks.append((done, time.perf_counter())))
+    with (
+        store.partition_writer("seed_pool", "disk") as kept,
+        store.partition_writer("quarantine", "disk") as quarantine,
+        store.partition_writer("images", "disk") as stored,
+    ):
+        result = ingest_source_into(
+            "disk",
+            reader.records(),
+            SeedSettings(),
+            image_root=reader.image_root,
+            put_image=store.images.put if store_images else discard_image,
+            sinks=SeedSinks(kept, quarantine, stored),
+            workers=workers,
+            progress=lambda done: marks.append((done, time.perf_counter())),
+        )
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     shutil.rmtree(store_root)
     MAIN_CPU.setdefault(workers, []).append(cpu / result.rows_read)
@@ -137,7 +151,7 @@ def bench_parallel(root: Path, n: int, rounds: int) -> dict:
     cores = available_cores()
     ingest_records_per_s(data, images, root / "warm", 1, True)  # imports and page cache, as in a running step
     runs: dict[str, list[float]] = {}
-    for r in range(rounds):  # interleaved, so a noisy neighbour hits every variant alike
+    for _ in range(rounds):  # interleaved, so a noisy neighbour hits every variant alike
         for name, run in [
             ("floor", lambda: floor_records_per_s(images, names)),
             ("one_worker", lambda: ingest_records_per_s(data, images, root / "s", 1, False)[0]),
@@ -149,14 +163,20 @@ def bench_parallel(root: Path, n: int, rounds: int) -> dict:
             runs.setdefault(name, []).append(run())
     rate = {name: statistics.median(values) for name, values in runs.items()}
     return {
-        "records": n, "cores": cores, "rounds": rounds,
+        "records": n,
+        "cores": cores,
+        "rounds": rounds,
         "records_per_s": {name: round(value, 1) for name, value in rate.items()},
         "ratio_to_floor_x_cores": round(rate["all_cores"] / (rate["floor"] * cores), 3),
-        "steady_records_per_s": {"one_worker": round(statistics.median(STEADY[1, False])),
-                                 "all_cores": round(statistics.median(STEADY[cores, False])),
-                                 "all_cores_with_store": round(statistics.median(STEADY[cores, True]))},
+        "steady_records_per_s": {
+            "one_worker": round(statistics.median(STEADY[1, False])),
+            "all_cores": round(statistics.median(STEADY[cores, False])),
+            "all_cores_with_store": round(statistics.median(STEADY[cores, True])),
+        },
         "steady_ratio_to_floor_x_cores": round(statistics.median(STEADY[cores, False]) / (rate["floor"] * cores), 3),
-        "steady_with_store_ratio_to_floor_with_store_x_cores": round(statistics.median(STEADY[cores, True]) / (rate["floor_with_store"] * cores), 3),
+        "steady_with_store_ratio_to_floor_with_store_x_cores": round(
+            statistics.median(STEADY[cores, True]) / (rate["floor_with_store"] * cores), 3
+        ),
         "target_ratio_to_floor_x_cores": 0.8,
         "one_worker_ratio_to_floor": round(rate["one_worker"] / rate["floor"], 3),
         "speedup_all_cores_vs_one": round(rate["all_cores"] / rate["one_worker"], 2),
@@ -178,8 +198,9 @@ def bench_memory(root: Path, n: int) -> dict:
     for mode in ("streamed", "collected"):
         peaks, growth = [], []
         for data in sources.values():
-            run = subprocess.run([sys.executable, __file__, "--memory-probe", str(data), "--probe-mode", mode],
-                                 check=True, capture_output=True, text=True)
+            run = subprocess.run(
+                [sys.executable, __file__, "--memory-probe", str(data), "--probe-mode", mode], check=True, capture_output=True, text=True
+            )
             probe = json.loads(run.stdout)
             peaks.append(probe["peak_rss_mb"])
             growth.append(probe["growth_mb"])
@@ -216,15 +237,30 @@ def memory_probe(data: Path, mode: str) -> None:
         ingest_source("warm", iter([]), settings, image_root=None, put_image=store.images.put)  # imports, before the baseline
         before = _resident_mb()
         if mode == "streamed":
-            with store.partition_writer("seed_pool", "disk") as kept, store.partition_writer("quarantine", "disk") as quarantine, \
-                    store.partition_writer("images", "disk") as stored:
-                ingest_source_into("disk", reader.records(), settings, image_root=reader.image_root, put_image=store.images.put,
-                                   sinks=SeedSinks(kept, quarantine, stored))
+            with (
+                store.partition_writer("seed_pool", "disk") as kept,
+                store.partition_writer("quarantine", "disk") as quarantine,
+                store.partition_writer("images", "disk") as stored,
+            ):
+                ingest_source_into(
+                    "disk",
+                    reader.records(),
+                    settings,
+                    image_root=reader.image_root,
+                    put_image=store.images.put,
+                    sinks=SeedSinks(kept, quarantine, stored),
+                )
         else:
             result = ingest_source("disk", reader.records(), settings, image_root=reader.image_root, put_image=store.images.put)
             store.write_partition("seed_pool", "disk", result.kept)
-    print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                      "growth_mb": round(_resident_mb() - before, 1)}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "growth_mb": round(_resident_mb() - before, 1),
+            }
+        )
+    )
 
 
 def _resident_mb() -> float:
@@ -235,7 +271,7 @@ def _resident_mb() -> float:
 def bench_near_dup(n: int) -> dict:
     rng = random.Random(0)
     hashes = []
-    for i in range(n):
+    for _ in range(n):
         if hashes and rng.random() < 0.1:
             h = hashes[rng.randrange(len(hashes))]
             for _ in range(rng.randint(0, 6)):
@@ -251,31 +287,42 @@ def bench_near_dup(n: int) -> dict:
 def bench_store_write(store: CorpusStore, rows: int) -> dict:
     rng = random.Random(1)
     question = "How many red circles are in the image? Answer with a number. " * 3
-    table = pa.table({
-        "sample_id": [f"{rng.getrandbits(128):032x}" for _ in range(rows)],
-        "source": ["bench"] * rows,
-        "native_id": [f"n{i}" for i in range(rows)],
-        "record_index": list(range(rows)),
-        "image_ids": [[f"{rng.getrandbits(128):032x}"] for _ in range(rows)],
-        "image_phashes": [[f"{rng.getrandbits(64):016x}"] for _ in range(rows)],
-        "question": [question] * rows,
-        "answer": [str(i % 97) for i in range(rows)],
-        "answer_type": ["numeric"] * rows,
-        "choices": [[] for _ in range(rows)],
-        "source_tags": [["counting"]] * rows,
-        "source_difficulty": [i % 3 + 1 for i in range(rows)],
-        "metadata": ["{}"] * rows,
-        "near_duplicate_of": [None] * rows,
-        "near_duplicate_distance": [None] * rows,
-        "turn": [None] * rows,
-    }).select(SEED_POOL.column_names).cast(SEED_POOL.schema)
+    table = (
+        pa.table(
+            {
+                "sample_id": [f"{rng.getrandbits(128):032x}" for _ in range(rows)],
+                "source": ["bench"] * rows,
+                "native_id": [f"n{i}" for i in range(rows)],
+                "record_index": list(range(rows)),
+                "image_ids": [[f"{rng.getrandbits(128):032x}"] for _ in range(rows)],
+                "image_phashes": [[f"{rng.getrandbits(64):016x}"] for _ in range(rows)],
+                "question": [question] * rows,
+                "answer": [str(i % 97) for i in range(rows)],
+                "answer_type": ["numeric"] * rows,
+                "choices": [[] for _ in range(rows)],
+                "source_tags": [["counting"]] * rows,
+                "source_difficulty": [i % 3 + 1 for i in range(rows)],
+                "metadata": ["{}"] * rows,
+                "near_duplicate_of": [None] * rows,
+                "near_duplicate_distance": [None] * rows,
+                "turn": [None] * rows,
+            }
+        )
+        .select(SEED_POOL.column_names)
+        .cast(SEED_POOL.schema)
+    )
     start = time.perf_counter()
     written = store.write_partition("seed_pool", "bench", table)
     write_s = time.perf_counter() - start
     start = time.perf_counter()
     count = store.catalog(["seed_pool"]).execute("SELECT count(DISTINCT sample_id) FROM seed_pool").fetchone()[0]
-    return {"rows": rows, "write_s": round(write_s, 3), "mb": round(written.bytes / 1e6, 2),
-            "duckdb_distinct_ids_s": round(time.perf_counter() - start, 3), "distinct": count}
+    return {
+        "rows": rows,
+        "write_s": round(write_s, 3),
+        "mb": round(written.bytes / 1e6, 2),
+        "duckdb_distinct_ids_s": round(time.perf_counter() - start, 3),
+        "distinct": count,
+    }
 
 
 def main() -> None:

@@ -44,8 +44,10 @@ from omnithought_dagster.train.launch import launcher_command, resolve_student, 
 
 IMAGE_POOL = 64
 # The launched command under a parent that reports the peak RSS of its whole tree (the launcher and the rank).
-MEASURED = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(code)")
+MEASURED = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(code)"
+)
 
 
 def export(folder: Path, examples: int, image_size: int) -> Path:
@@ -60,9 +62,14 @@ def export(folder: Path, examples: int, image_size: int) -> Path:
         out.write("[")
         for i in range(examples):
             reasoning = " ".join(f"step {j}: the block at {i % 7},{j} is counted" for j in range(8))
-            record = {"id": f"e{i}", "images": [f"images/{i % IMAGE_POOL}.png"],
-                      "messages": [{"role": "user", "content": f"<image>\nHow many blocks are there? ({i})"},
-                                   {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\nAnswer: {i % 9}"}]}
+            record = {
+                "id": f"e{i}",
+                "images": [f"images/{i % IMAGE_POOL}.png"],
+                "messages": [
+                    {"role": "user", "content": f"<image>\nHow many blocks are there? ({i})"},
+                    {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\nAnswer: {i % 9}"},
+                ],
+            }
             out.write(("," if i else "") + json.dumps(record))
         out.write("]")
     return folder
@@ -75,10 +82,15 @@ def run(kind: str, model_dir: str, data: Path, work: Path, settings: TrainingCon
     spec.write_text(json.dumps(training_spec(model_dir, data, work / "out", settings, run_dir=work / "run", method=method)))
     command = launcher_command(settings, spec)
     if kind == "reference":
-        command = command[:command.index("--module")] + [str(REPO / "bench/reference_sft_loop.py"), "--spec", str(spec)]
+        command = command[: command.index("--module")] + [str(REPO / "bench/reference_sft_loop.py"), "--spec", str(spec)]
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", MEASURED, *command], capture_output=True, text=True, cwd=work,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURED, *command],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
     wall = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
@@ -105,8 +117,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = export(tmp / "speed", args.examples, args.image_size)
-        settings = TrainingConfig(micro_batch_size=args.micro_batch, max_steps=args.steps, learning_rate=0.005, max_length=2048,
-                                  dataloader_workers=args.workers)
+        settings = TrainingConfig(
+            micro_batch_size=args.micro_batch, max_steps=args.steps, learning_rate=0.005, max_length=2048, dataloader_workers=args.workers
+        )
         speed = {"trainer": [], "reference": []}
         steady = {"trainer": [], "reference": []}
         for repeat in range(args.repeats):  # alternated, so drift in the machine's speed hits both alike
@@ -114,47 +127,77 @@ def main() -> None:
                 log = run(kind, model_dir, data, tmp / f"{kind}-{repeat}", settings)["log"]
                 speed[kind].append(log["tokens_per_s"])
                 steady[kind].append(log["steady_tokens_per_s"])
-        ratio = {name: round(statistics.median(rates["trainer"]) / statistics.median(rates["reference"]), 3)
-                 for name, rates in (("steady", steady), ("whole_loop", speed))}
+        ratio = {
+            name: round(statistics.median(rates["trainer"]) / statistics.median(rates["reference"]), 3)
+            for name, rates in (("steady", steady), ("whole_loop", speed))
+        }
 
         memory = {}
         for size in sizes:
             sized = export(tmp / f"size-{size}", size, args.image_size)
-            measured = run("trainer", model_dir, sized, tmp / f"memory-{size}",
-                           settings.model_copy(update={"max_steps": args.memory_steps}))
-            memory[str(size)] = {"peak_rss_mb": measured["peak_rss_mb"], "wall_seconds": round(measured["wall"], 1),
-                                 "examples": measured["log"]["examples"]}
+            measured = run(
+                "trainer", model_dir, sized, tmp / f"memory-{size}", settings.model_copy(update={"max_steps": args.memory_steps})
+            )
+            memory[str(size)] = {
+                "peak_rss_mb": measured["peak_rss_mb"],
+                "wall_seconds": round(measured["wall"], 1),
+                "examples": measured["log"]["examples"],
+            }
         distill = None
         if args.kd_teacher:  # the cost of a teacher forward per micro-batch, and of the masks on top, against sft on the same data
             # prefix_mask_kd at its full budget from the second step on (the steady rate leaves the first out): the saliency
             # pass, the masks' ranking and SDPA with an explicit mask, at their most.
             masked = {"teacher": args.kd_teacher, "warmup_steps": 0, "growth": 0.3, "max_budget": 0.3, "tolerance": 1e9}
-            methods = {"sft": None,
-                       "kd": run_method(StudentConfig(name="bench", model=args.model, method="kd", kd={"teacher": args.kd_teacher}),
-                                        REPO / ".cache/models"),
-                       "prefix_mask_kd": run_method(StudentConfig(name="bench", model=args.model, method="prefix_mask_kd",
-                                                                  prefix_mask_kd=masked), REPO / ".cache/models")}
+            methods = {
+                "sft": None,
+                "kd": run_method(
+                    StudentConfig(name="bench", model=args.model, method="kd", kd={"teacher": args.kd_teacher}), REPO / ".cache/models"
+                ),
+                "prefix_mask_kd": run_method(
+                    StudentConfig(name="bench", model=args.model, method="prefix_mask_kd", prefix_mask_kd=masked), REPO / ".cache/models"
+                ),
+            }
             rates = {name: [] for name in methods}
             for repeat in range(args.repeats):
                 for name, method in methods.items():
                     log = run("trainer", model_dir, data, tmp / f"method-{name}-{repeat}", settings, method)["log"]
                     rates[name].append(log["steady_tokens_per_s"])
             median = {name: statistics.median(values) for name, values in rates.items()}
-            distill = {"teacher": args.kd_teacher, **{f"{name}_steady_tokens_per_s": values for name, values in rates.items()},
-                       "kd_step_cost_vs_sft": round(median["sft"] / median["kd"], 3),
-                       "prefix_mask_kd_step_cost_vs_kd": round(median["kd"] / median["prefix_mask_kd"], 3)}
+            distill = {
+                "teacher": args.kd_teacher,
+                **{f"{name}_steady_tokens_per_s": values for name, values in rates.items()},
+                "kd_step_cost_vs_sft": round(median["sft"] / median["kd"], 3),
+                "prefix_mask_kd_step_cost_vs_kd": round(median["kd"] / median["prefix_mask_kd"], 3),
+            }
     peaks = [memory[str(size)]["peak_rss_mb"] for size in sizes]
-    print(json.dumps({
-        "model": args.model, "micro_batch_size": args.micro_batch, "image_size": args.image_size,
-        "throughput": {"steps": args.steps, "examples": args.examples, "dataloader_workers": args.workers,
-                       "trainer_steady_tokens_per_s": steady["trainer"], "reference_steady_tokens_per_s": steady["reference"],
-                       "steady_median_ratio": ratio["steady"], "target_ratio_at_least": 0.90,
-                       "trainer_whole_loop_tokens_per_s": speed["trainer"], "reference_whole_loop_tokens_per_s": speed["reference"],
-                       "whole_loop_median_ratio": ratio["whole_loop"]},
-        "memory": {**memory, "largest_to_smallest_peak_ratio": round(max(peaks) / min(peaks), 3) if peaks else None,
-                   "target_ratio_at_most": 1.15},
-        "distillation": distill,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "micro_batch_size": args.micro_batch,
+                "image_size": args.image_size,
+                "throughput": {
+                    "steps": args.steps,
+                    "examples": args.examples,
+                    "dataloader_workers": args.workers,
+                    "trainer_steady_tokens_per_s": steady["trainer"],
+                    "reference_steady_tokens_per_s": steady["reference"],
+                    "steady_median_ratio": ratio["steady"],
+                    "target_ratio_at_least": 0.90,
+                    "trainer_whole_loop_tokens_per_s": speed["trainer"],
+                    "reference_whole_loop_tokens_per_s": speed["reference"],
+                    "whole_loop_median_ratio": ratio["whole_loop"],
+                },
+                "memory": {
+                    **memory,
+                    "largest_to_smallest_peak_ratio": round(max(peaks) / min(peaks), 3) if peaks else None,
+                    "target_ratio_at_most": 1.15,
+                },
+                "distillation": distill,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,18 +28,25 @@ TRIGGER_TAG = "omnithought/trigger"
 
 def cpu_stage_condition() -> dg.AutomationCondition:
     """Eager, or its settings edited (a new code version: `ids.code_version`), once upstream blocking checks passed."""
-    edited = (dg.AutomationCondition.code_version_changed() & ~dg.AutomationCondition.any_deps_missing()
-              & ~dg.AutomationCondition.in_progress())
+    edited = (
+        dg.AutomationCondition.code_version_changed() & ~dg.AutomationCondition.any_deps_missing() & ~dg.AutomationCondition.in_progress()
+    )
     return ((dg.AutomationCondition.eager() | edited) & dg.AutomationCondition.all_deps_blocking_checks_passed()).with_label(
-        "eager or settings edited, once upstream blocking checks passed")
+        "eager or settings edited, once upstream blocking checks passed"
+    )
 
 
 def build_schedules(config: ProjectConfig, filter_job: str) -> list[dg.ScheduleDefinition]:
     ops = config.operations
 
-    @dg.schedule(name=RECURATION_SCHEDULE, cron_schedule=ops.recuration_cron, job_name=filter_job, execution_timezone=ops.timezone,
-                 default_status=dg.DefaultScheduleStatus.RUNNING if ops.recuration_running else dg.DefaultScheduleStatus.STOPPED,
-                 description="Re-run the rule filters and selection of every source; subsets follow (automation).")
+    @dg.schedule(
+        name=RECURATION_SCHEDULE,
+        cron_schedule=ops.recuration_cron,
+        job_name=filter_job,
+        execution_timezone=ops.timezone,
+        default_status=dg.DefaultScheduleStatus.RUNNING if ops.recuration_running else dg.DefaultScheduleStatus.STOPPED,
+        description="Re-run the rule filters and selection of every source; subsets follow (automation).",
+    )
     def recuration(context: dg.ScheduleEvaluationContext):
         tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
         # Dynamic sources: those the manifest sensor registered (a run for an unregistered one would fail).

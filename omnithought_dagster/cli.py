@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -32,7 +32,7 @@ JsonOption = typer.Option(False, "--json", help="machine-readable JSON on stdout
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 
 
-def _config(path: Optional[Path]) -> ProjectConfig:
+def _config(path: Path | None) -> ProjectConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -47,7 +47,7 @@ def _store(config: ProjectConfig):
 
 
 @app.command()
-def demo(config: Optional[Path] = ConfigOption, force: bool = typer.Option(False, help="re-materialise even up-to-date partitions")) -> None:
+def demo(config: Path | None = ConfigOption, force: bool = typer.Option(False, help="re-materialise even up-to-date partitions")) -> None:
     """Materialise every stage on the embedded default and summarise what each kept and dropped."""
     cfg = _config(config)
     dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster")))
@@ -99,8 +99,10 @@ def demo(config: Optional[Path] = ConfigOption, force: bool = typer.Option(False
 def _score_table(store) -> Table | None:
     """Overall benchmark scores of every checkpoint, with deltas against the baseline."""
     con = store.catalog(["benchmark_scores"])
-    rows = con.execute("SELECT student, recipe, benchmark, metric, score, n, baseline_score, delta, checkpoint_id FROM benchmark_scores "
-                       "WHERE slice = 'all' ORDER BY student, recipe != 'base', recipe, benchmark").fetchall()
+    rows = con.execute(
+        "SELECT student, recipe, benchmark, metric, score, n, baseline_score, delta, checkpoint_id FROM benchmark_scores "
+        "WHERE slice = 'all' ORDER BY student, recipe != 'base', recipe, benchmark"
+    ).fetchall()
     con.close()
     if not rows:
         return None
@@ -108,13 +110,22 @@ def _score_table(store) -> Table | None:
     for column in ("student", "recipe", "benchmark", "metric", "score", "n", "baseline", "delta", "checkpoint"):
         table.add_column(column, justify="right" if column in ("score", "n", "baseline", "delta") else "left")
     for student, recipe, benchmark, metric, score, n, base, delta, checkpoint in rows:
-        table.add_row(student, recipe, benchmark, metric, f"{score:.3f}", str(n), "-" if base is None else f"{base:.3f}",
-                      "-" if delta is None else f"{delta:+.3f}", checkpoint[:12])
+        table.add_row(
+            student,
+            recipe,
+            benchmark,
+            metric,
+            f"{score:.3f}",
+            str(n),
+            "-" if base is None else f"{base:.3f}",
+            "-" if delta is None else f"{delta:+.3f}",
+            checkpoint[:12],
+        )
     return table
 
 
 @app.command()
-def stats(config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> None:
+def stats(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
     """Row counts per table and partition, and quarantine reasons per source."""
     from omnithought_dagster.store import TABLES
 
@@ -151,8 +162,11 @@ def stats(config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> 
 
 
 @app.command()
-def query(sql: str = typer.Argument(..., help="SQL over the views (seed_pool, quarantine, images, ...)"),
-          config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> None:
+def query(
+    sql: str = typer.Argument(..., help="SQL over the views (seed_pool, quarantine, images, ...)"),
+    config: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+) -> None:
     """Run a read-only DuckDB query over the catalog views."""
     import duckdb
 
@@ -176,7 +190,7 @@ def query(sql: str = typer.Argument(..., help="SQL over the views (seed_pool, qu
         err.print(f"[red]query error[/red]: {exc}")
         raise typer.Exit(2) from None
     if as_json:
-        print(json.dumps([dict(zip(names, row)) for row in rows], default=_json_value, ensure_ascii=False))
+        print(json.dumps([dict(zip(names, row, strict=True)) for row in rows], default=_json_value, ensure_ascii=False))
         return
     table = Table()
     for name in names:
@@ -188,11 +202,15 @@ def query(sql: str = typer.Argument(..., help="SQL over the views (seed_pool, qu
 
 
 @app.command()
-def lineage(ident: Optional[str] = typer.Argument(None, help="a sample, trace, image or checkpoint id (or a unique prefix), or SOURCE/NATIVE_ID"),
-            subset: Optional[str] = typer.Option(None, "--subset", help="summarise a subset instead: what went in by tag and difficulty"),
-            config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> None:
+def lineage(
+    ident: str | None = typer.Argument(None, help="a sample, trace, image or checkpoint id (or a unique prefix), or SOURCE/NATIVE_ID"),
+    subset: str | None = typer.Option(None, "--subset", help="summarise a subset instead: what went in by tag and difficulty"),
+    config: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+) -> None:
     """The whole story of one sample, trace, image or checkpoint - or, with --subset, of a subset."""
-    from omnithought_dagster.lineage import LineageError, lineage as trace, subset_summary
+    from omnithought_dagster.lineage import LineageError, subset_summary
+    from omnithought_dagster.lineage import lineage as trace
 
     store = _store(_config(config))
     if (ident is None) == (subset is None):
@@ -210,32 +228,53 @@ def lineage(ident: Optional[str] = typer.Argument(None, help="a sample, trace, i
 
 
 @app.command()
-def export(subset: str = typer.Argument(..., help="recipe name (a sampled_subsets partition)"),
-           fmt: str = typer.Option("llamafactory", "--format", help="sharegpt | llamafactory | hf"),
-           out: Path = typer.Option(..., "--out", help="folder to write (replaced)"),
-           cutoff_len: Optional[int] = typer.Option(None, "--cutoff-len", help="set aside examples longer than this many tokens "
-                                                    "(counted with the student's chat template and image tokens: needs --tokenizer)"),
-           tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="the student's model folder: counts tokens for --cutoff-len, "
-                                                   "and its added tokens count as markup"),
-           config: Optional[Path] = ConfigOption, as_json: bool = JsonOption) -> None:
+def export(
+    subset: str = typer.Argument(..., help="recipe name (a sampled_subsets partition)"),
+    fmt: str = typer.Option("llamafactory", "--format", help="sharegpt | llamafactory | hf"),
+    out: Path = typer.Option(..., "--out", help="folder to write (replaced)"),
+    cutoff_len: int | None = typer.Option(
+        None,
+        "--cutoff-len",
+        help="set aside examples longer than this many tokens "
+        "(counted with the student's chat template and image tokens: needs --tokenizer)",
+    ),
+    tokenizer: str | None = typer.Option(
+        None, "--tokenizer", help="the student's model folder: counts tokens for --cutoff-len, and its added tokens count as markup"
+    ),
+    config: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+) -> None:
     """Write a subset as training data (ShareGPT, LLaMA-Factory or HF datasets); the pre-flight sets aside what a client would misread."""
     from omnithought_dagster.curation.export import ExportError, export_subset
 
     cfg = _config(config)
     store = _store(cfg)
     try:
-        report = export_subset(store, subset, fmt, out, cutoff_len=cutoff_len, tokenizer=tokenizer, clean_markup=cfg.curation.rules.markup == "clean")
+        report = export_subset(
+            store, subset, fmt, out, cutoff_len=cutoff_len, tokenizer=tokenizer, clean_markup=cfg.curation.rules.markup == "clean"
+        )
     except ExportError as exc:
         err.print(f"[red]export refused[/red]: {escape(str(exc))}")
         raise typer.Exit(1) from None
-    summary = {"subset": report.subset, "subset_version": report.subset_version, "format": report.format, "examples": report.examples,
-               "images": report.images, "out": str(report.out), "dataset_name": report.dataset_name, "token_counter": report.token_counter,
-               "max_tokens": report.max_tokens_seen, "set_aside": [{"id": a.id, "reason": a.reason, "detail": a.detail} for a in report.set_aside]}
+    summary = {
+        "subset": report.subset,
+        "subset_version": report.subset_version,
+        "format": report.format,
+        "examples": report.examples,
+        "images": report.images,
+        "out": str(report.out),
+        "dataset_name": report.dataset_name,
+        "token_counter": report.token_counter,
+        "max_tokens": report.max_tokens_seen,
+        "set_aside": [{"id": a.id, "reason": a.reason, "detail": a.detail} for a in report.set_aside],
+    }
     if as_json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
     else:
-        console.print(f"exported {report.examples} examples ({report.images} images) of {subset} "
-                      f"[{report.subset_version[:12]}] as {report.format} to {report.out}, registered as {report.dataset_name}")
+        console.print(
+            f"exported {report.examples} examples ({report.images} images) of {subset} "
+            f"[{report.subset_version[:12]}] as {report.format} to {report.out}, registered as {report.dataset_name}"
+        )
         for aside in report.set_aside[:20]:
             console.print(f"  set aside {aside.id[:12]}: {aside.reason}: " + escape(aside.detail))
         if len(report.set_aside) > 20:
@@ -243,7 +282,7 @@ def export(subset: str = typer.Argument(..., help="recipe name (a sampled_subset
 
 
 @app.command()
-def report(out: Path = typer.Option(..., "--out", help="the HTML file to write"), config: Optional[Path] = ConfigOption) -> None:
+def report(out: Path = typer.Option(..., "--out", help="the HTML file to write"), config: Path | None = ConfigOption) -> None:
     """Write a self-contained HTML curation report (plots embedded) for people who don't open Dagster."""
     from omnithought_dagster.report import write_report
 
@@ -252,10 +291,12 @@ def report(out: Path = typer.Option(..., "--out", help="the HTML file to write")
 
 
 @app.command()
-def doctor(env: Optional[list[str]] = typer.Option(None, "--env", help="dagster | vllm | lmms (repeatable); default all"),
-           profile: Optional[str] = typer.Option(None, "--profile", help="cpu | gpu; default: the profile the environments were installed with"),
-           smoke: bool = typer.Option(False, "--smoke", help="also run each environment's smoke check (a real, tiny piece of its job)"),
-           root: Optional[Path] = typer.Option(None, "--root", help="the project checkout (default: $OMNITHOUGHT_ROOT, else .)")) -> None:
+def doctor(
+    env: list[str] | None = typer.Option(None, "--env", help="dagster | vllm | lmms (repeatable); default all"),
+    profile: str | None = typer.Option(None, "--profile", help="cpu | gpu; default: the profile the environments were installed with"),
+    smoke: bool = typer.Option(False, "--smoke", help="also run each environment's smoke check (a real, tiny piece of its job)"),
+    root: Path | None = typer.Option(None, "--root", help="the project checkout (default: $OMNITHOUGHT_ROOT, else .)"),
+) -> None:
     """Compare each environment with its lock (every drifted package named); with --smoke, exercise it."""
     from omnithought_dagster import doctor as doc
 
@@ -278,8 +319,10 @@ def doctor(env: Optional[list[str]] = typer.Option(None, "--env", help="dagster 
             continue
         if drift:
             broken = True
-            console.print(f"[red]{name}[/red] ({environment.venv}) differs from {lock} in {len(drift)} packages "
-                          f"(`make env PROFILE={used}` re-syncs it):")
+            console.print(
+                f"[red]{name}[/red] ({environment.venv}) differs from {lock} in {len(drift)} packages "
+                f"(`make env PROFILE={used}` re-syncs it):"
+            )
             for line in drift:
                 console.print(f"  {escape(str(line))}", soft_wrap=True)
         else:
@@ -306,7 +349,10 @@ def tables() -> None:
 
 def _story_tree(story: dict) -> Tree:
     if story["kind"] == "subset":
-        tree = Tree(f"[bold]subset[/bold] {story['subset']}  version {story['subset_version']}: {story['members']} traces of {story['samples']} samples")
+        tree = Tree(
+            f"[bold]subset[/bold] {story['subset']}  version {story['subset_version']}: "
+            f"{story['members']} traces of {story['samples']} samples"
+        )
         for title, key in (("by difficulty", "by_difficulty"), ("by primary tag", "by_tag"), ("by source", "by_source")):
             branch = tree.add(title)
             for name, n in story[key].items():
@@ -316,7 +362,10 @@ def _story_tree(story: dict) -> Tree:
         t = story["trace"]
         tree = Tree(f"[bold]trace[/bold] {story['trace_id']}  rollout {t['rollout']} of sample {t['sample_id']}")
         tree.add(f"teacher {t['teacher']}, prompt {t['prompt_version']}; {t['source']}/{t['shard']}")
-        tree.add(f"finish: {t['finish_reason']}, {t['n_tokens']} tokens, {t['attempts']} attempt(s)" + (f", error: {escape(str(t['error']))}" if t["error"] else ""))
+        tree.add(
+            f"finish: {t['finish_reason']}, {t['n_tokens']} tokens, {t['attempts']} attempt(s)"
+            + (f", error: {escape(str(t['error']))}" if t["error"] else "")
+        )
         tree.add("final answer: " + escape(str(t["final_answer"])))
         tree.add("reasoning: " + escape(_short(t["reasoning"] or "", 200)))
         if story.get("annotation"):
@@ -333,7 +382,9 @@ def _story_tree(story: dict) -> Tree:
         return _checkpoint_tree(story)
     if story["kind"] == "image":
         tree = Tree(f"[bold]image[/bold] {story['image_id']}")
-        tree.add(f"{story.get('width')}x{story.get('height')} {story.get('format')} {story.get('n_bytes')} bytes, phash {story.get('phash')}")
+        tree.add(
+            f"{story.get('width')}x{story.get('height')} {story.get('format')} {story.get('n_bytes')} bytes, phash {story.get('phash')}"
+        )
         tree.add(f"stored at {escape(str(story['uri']))} ({'present' if story['in_store'] else '[red]MISSING[/red]'})")
         used = tree.add(f"used by {len(story['used_by'])} sample(s)")
         for row in story["used_by"]:
@@ -342,7 +393,9 @@ def _story_tree(story: dict) -> Tree:
     tree = Tree(f"[bold]sample[/bold] {story['sample_id']}  [{'green' if story['status'] == 'kept' else 'red'}]{story['status']}[/]")
     record = story["kept"]
     if record:
-        origin = tree.add(f"from source [bold]{record['source']}[/bold], native id {escape(str(record['native_id']))}, record #{record['record_index']}")
+        origin = tree.add(
+            f"from source [bold]{record['source']}[/bold], native id {escape(str(record['native_id']))}, record #{record['record_index']}"
+        )
         origin.add("question: " + escape(_short(record["question"], 200)))
         if record["choices"]:
             origin.add("choices: " + escape("  ".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(record["choices"]))))
@@ -352,22 +405,31 @@ def _story_tree(story: dict) -> Tree:
         images = tree.add(f"{len(story['images'])} image(s)")
         for image in story["images"]:
             state = "" if image["in_store"] else " [red]MISSING FROM STORE[/red]"
-            images.add(f"{image['image_id']}  {image.get('width')}x{image.get('height')} {image.get('format')}  {escape(str(image['uri']))}{state}")
+            images.add(
+                f"{image['image_id']}  {image.get('width')}x{image.get('height')} {image.get('format')}  {escape(str(image['uri']))}{state}"
+            )
         if story["near_duplicate_of"]:
             near = story["near_duplicate_of"]
-            tree.add(f"near duplicate (phash distance {near['distance']}) of {near['sample_id']} {near.get('source', '')}/{escape(str(near.get('native_id', '')))}")
+            tree.add(
+                f"near duplicate (phash distance {near['distance']}) of {near['sample_id']} "
+                f"{near.get('source', '')}/{escape(str(near.get('native_id', '')))}"
+            )
         for other in story["also_kept_by"]:
             tree.add(f"[red]also kept by {other}[/red] (cross-source duplicate: re-materialise the later source)")
     if story.get("traces"):
         traces = tree.add(f"{len(story['traces'])} teacher trace(s)")
         for t in story["traces"]:
-            branch = traces.add(f"{t['trace_id']}  rollout {t['rollout']} {t['finish_reason']}: " + escape(_short(str(t["final_answer"]), 60)))
+            branch = traces.add(
+                f"{t['trace_id']}  rollout {t['rollout']} {t['finish_reason']}: " + escape(_short(str(t["final_answer"]), 60))
+            )
             if t.get("annotation"):
                 branch.add(_annotation_line(t["annotation"]))
             if t.get("verdict"):
                 verdict = t["verdict"]
-                reasons = ", ".join(f"{r['code']} ({_fmt(r['value'])} vs {_fmt(r['threshold'])}{', ' + escape(r['detail']) if r.get('detail') else ''})"
-                                    for r in verdict["reasons"])
+                reasons = ", ".join(
+                    f"{r['code']} ({_fmt(r['value'])} vs {_fmt(r['threshold'])}{', ' + escape(r['detail']) if r.get('detail') else ''})"
+                    for r in verdict["reasons"]
+                )
                 branch.add("[green]kept[/green]" if verdict["kept"] else "[red]dropped[/red]: " + escape(reasons))
             if t.get("subsets"):
                 branch.add("in subsets: " + ", ".join(t["subsets"]))
@@ -376,7 +438,10 @@ def _story_tree(story: dict) -> Tree:
         for c in story["checkpoints"]:
             trained.add(f"{c['checkpoint_id']}  {c['student']} on {c['recipe']} (trace {c['trace_id'][:12]})")
     for row in story["quarantine"]:
-        branch = tree.add(f"[yellow]quarantined[/yellow] {row['source']}/{escape(str(row['native_id']))} (record #{row['record_index']}): [bold]{row['reason']}[/bold]")
+        branch = tree.add(
+            f"[yellow]quarantined[/yellow] {row['source']}/{escape(str(row['native_id']))} (record #{row['record_index']}): "
+            f"[bold]{row['reason']}[/bold]"
+        )
         branch.add(escape(str(row["detail"])))  # the detail quotes the record ('[INST]' would be rich markup)
     return tree
 
@@ -387,16 +452,24 @@ def _checkpoint_tree(story: dict) -> Tree:
     tree = Tree(f"[bold]checkpoint[/bold] {story['checkpoint_id']}  student {c['student']}, {what}")
     tree.add(f"base model {escape(str(c['base_model']))}; stored at {escape(str(c['uri']))}")
     if not c["baseline"]:
-        tree.add(f"{c['steps']} steps on {c['examples']} examples ({c['launcher']}), loss {_fmt(c['initial_loss'])} -> {_fmt(c['final_loss'])}, "
-                 f"{_fmt(c['tokens_per_s'])} tokens/s; train config {c['train_config_hash']}")
+        tree.add(
+            f"{c['steps']} steps on {c['examples']} examples ({c['launcher']}), loss {_fmt(c['initial_loss'])} -> {_fmt(c['final_loss'])}, "
+            f"{_fmt(c['tokens_per_s'])} tokens/s; train config {c['train_config_hash']}"
+        )
         method = story.get("method") or {"name": "sft"}
         tree.add("method: " + escape(", ".join([method["name"], *(f"{k}={v}" for k, v in method.items() if k != "name")])))
         if story["training"]:
             tree.add("settings: " + ", ".join(f"{k}={v}" for k, v in story["training"].items()))
         on = story["trained_on"]
-        data = tree.add(f"subset {on['subset']} version {on['subset_version']}: {on['traces']} traces of {on['samples']} samples"
-                        + ("" if on["in_store"] else " [red](that version is no longer in the store)[/red]"))
-        for title, key in (("by source", "samples_by_source"), ("by primary tag", "samples_by_tag"), ("by difficulty", "samples_by_difficulty")):
+        data = tree.add(
+            f"subset {on['subset']} version {on['subset_version']}: {on['traces']} traces of {on['samples']} samples"
+            + ("" if on["in_store"] else " [red](that version is no longer in the store)[/red]")
+        )
+        for title, key in (
+            ("by source", "samples_by_source"),
+            ("by primary tag", "samples_by_tag"),
+            ("by difficulty", "samples_by_difficulty"),
+        ):
             data.add(f"{title}: " + escape(", ".join(f"{k} {n}" for k, n in on[key].items())))
     scores = tree.add(f"{len(story['scores'])} score(s)")
     for r in story["scores"]:
@@ -413,10 +486,18 @@ def _fmt(value: Any) -> str:
 
 def _annotation_line(a: dict) -> str:
     verdict = "[green]correct[/green]" if a["correct"] else "[red]wrong[/red]"
-    judge = (f"judge {a['annotator']}: difficulty {a['difficulty']}, verbosity {a['verbosity']}, quality {a['quality']}, "
-             f"tags {', '.join(a['tags'])}") if a["judge_error"] is None else "judge error: " + escape(a["judge_error"])
-    return (f"{verdict} ({a['verify_method']}), sample pass rate {a['pass_rate']:.2f}, difficulty {a['difficulty_label']} "
-            f"({a['difficulty_score']:.1f}); " + judge)
+    judge = (
+        (
+            f"judge {a['annotator']}: difficulty {a['difficulty']}, verbosity {a['verbosity']}, quality {a['quality']}, "
+            f"tags {', '.join(a['tags'])}"
+        )
+        if a["judge_error"] is None
+        else "judge error: " + escape(a["judge_error"])
+    )
+    return (
+        f"{verdict} ({a['verify_method']}), sample pass rate {a['pass_rate']:.2f}, difficulty {a['difficulty_label']} "
+        f"({a['difficulty_score']:.1f}); " + judge
+    )
 
 
 def _json_value(value: Any) -> Any:

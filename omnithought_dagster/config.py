@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
@@ -69,9 +69,15 @@ class SeedSettings(_Model):
     near_duplicate_max_distance: int = Field(
         default=4, ge=-1, le=32, description="perceptual-hash Hamming distance marking near duplicates; -1 turns marking off"
     )
-    workers: int = Field(default=0, ge=0, le=1024, description=(
-        "processes that read, decode and hash a source's images: 0 = one per CPU core the step may use; 1 = the step's "
-        "own process. A source under 256 records per worker uses fewer (starting a process costs ~1-2 s)"))
+    workers: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description=(
+            "processes that read, decode and hash a source's images: 0 = one per CPU core the step may use; 1 = the step's "
+            "own process. A source under 256 records per worker uses fewer (starting a process costs ~1-2 s)"
+        ),
+    )
 
     def output_settings(self) -> dict[str, Any]:
         """What changes seed_pool's rows (hashed into its code version): how many processes read them does not."""
@@ -139,7 +145,8 @@ MultiTurn = Literal["first", "each"]
 MULTI_TURN_DESCRIPTION = (
     "conversations with several user turns: `first` keeps the first question/answer pair (later turns go to "
     "metadata), `each` makes every user turn its own sample; either way a turn gets only the images its own <image> "
-    "placeholders reference (a turn without any refers to the images shown before it)")
+    "placeholders reference (a turn without any refers to the images shown before it)"
+)
 
 
 class _FileSourceBase(_SourceBase):
@@ -154,9 +161,13 @@ class _FileSourceBase(_SourceBase):
     # The folders a manifest's source may read (set by sources/manifests.py, never from a file; None: anywhere).
     _read_roots: tuple[str, ...] | None = PrivateAttr(default=None)
 
-    allowed_image_roots: list[str] = Field(default_factory=list, description=(
-        "folders besides image_root that image paths may point into (absolute paths, e.g. those "
-        "`datasets` writes into Parquet); any other path outside image_root is path_escape"))
+    allowed_image_roots: list[str] = Field(
+        default_factory=list,
+        description=(
+            "folders besides image_root that image paths may point into (absolute paths, e.g. those "
+            "`datasets` writes into Parquet); any other path outside image_root is path_escape"
+        ),
+    )
 
     @field_validator("allowed_image_roots")
     @classmethod
@@ -184,9 +195,13 @@ class HFSourceConfig(_FileSourceBase):
     path: str
     split: str | None = Field(default=None, description="for a DatasetDict folder: which split; default all")
     image_root: str | None = Field(default=None, description="where Image structs with only a path look; default the data folder")
-    format: Literal["flat", "llava"] = Field(default="flat", description=(
-        "flat: one question/answer per row through `fields`; llava: a `conversations` column of {from, value} turns "
-        "(LLaVA-OneVision's parquet), the id and image columns from `fields`"))
+    format: Literal["flat", "llava"] = Field(
+        default="flat",
+        description=(
+            "flat: one question/answer per row through `fields`; llava: a `conversations` column of {from, value} turns "
+            "(LLaVA-OneVision's parquet), the id and image columns from `fields`"
+        ),
+    )
     fields: FieldMap = FieldMap()
     multi_turn: MultiTurn = Field(default="first", description=MULTI_TURN_DESCRIPTION + " (format: llava)")
 
@@ -251,7 +266,7 @@ class LLMConfig(_Model):
     _resolve = field_validator("python")(_resolve_path)
 
     @model_validator(mode="after")
-    def _backend_fields(self) -> "LLMConfig":
+    def _backend_fields(self) -> LLMConfig:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("base_url: required when backend is openai")
         return self
@@ -259,8 +274,9 @@ class LLMConfig(_Model):
     def output_settings(self) -> dict[str, Any]:
         """What changes the model's replies (hashed into the code version of the stage it serves); where it runs, how it is
         reached and how long it is waited for do not."""
-        return self.model_dump(mode="json", include={"backend", "model", "name", "max_model_len", "dtype", "extra_args", "structured_output",
-                                                     "send_seed"})
+        return self.model_dump(
+            mode="json", include={"backend", "model", "name", "max_model_len", "dtype", "extra_args", "structured_output", "send_seed"}
+        )
 
 
 class ThresholdConfig(_Model):
@@ -268,7 +284,7 @@ class ThresholdConfig(_Model):
     fail: float = Field(ge=0, le=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "ThresholdConfig":
+    def _ordered(self) -> ThresholdConfig:
         if self.warn > self.fail:
             raise ValueError(f"warn ({self.warn}) must not exceed fail ({self.fail})")
         return self
@@ -340,7 +356,7 @@ class AnnotationConfig(_Model):
     parse_failure_rate: ThresholdConfig = ThresholdConfig(warn=0.02, fail=0.10)
 
     @model_validator(mode="after")
-    def _bins(self) -> "AnnotationConfig":
+    def _bins(self) -> AnnotationConfig:
         if sorted(self.difficulty_bins) != list(self.difficulty_bins) or any(not 0 <= e <= 9 for e in self.difficulty_bins):
             raise ValueError("difficulty_bins: edges must be increasing and within 0-9")
         if len(self.difficulty_labels) != len(self.difficulty_bins) + 1:
@@ -370,11 +386,17 @@ class RulesConfig(_Model):
     min_quality: int = Field(default=0, ge=0, le=9, description="low_quality: judge quality below this")
     drop_duplicate_traces: bool = True
     near_duplicate_question_similarity: float = Field(
-        default=90.0, ge=0, le=101, description="near_duplicate_sample: image near-duplicate (seed pHash) and question similarity >= this; 101 = off")
+        default=90.0,
+        ge=0,
+        le=101,
+        description="near_duplicate_sample: image near-duplicate (seed pHash) and question similarity >= this; 101 = off",
+    )
     markup: Literal["drop", "clean"] = Field(
-        default="drop", description="a reasoning or final answer holding markup (special tokens, media placeholders, <think> delimiters, control "
-                                    "characters; markup.py): drop: set aside with the kind as reason code and the string as detail; clean: keep it, "
-                                    "and delete the markup where the text is exported (training data)")
+        default="drop",
+        description="a reasoning or final answer holding markup (special tokens, media placeholders, <think> delimiters, control "
+        "characters; markup.py): drop: set aside with the kind as reason code and the string as detail; clean: keep it, "
+        "and delete the markup where the text is exported (training data)",
+    )
 
 
 class DecontaminationConfig(_Model):
@@ -383,8 +405,10 @@ class DecontaminationConfig(_Model):
     min_question_overlap: float = Field(default=0.5, gt=0, le=1, description="share of a question's n-grams found in a benchmark")
     image_max_distance: int = Field(default=4, ge=-1, le=32, description="pHash Hamming distance to a benchmark image; -1 = off")
     require: Literal["any", "both"] = Field(
-        default="any", description="any: a question or an image match contaminates; both: only a question and an image match of the "
-                                   "same item (for benchmarks whose question texts are templates)")
+        default="any",
+        description="any: a question or an image match contaminates; both: only a question and an image match of the "
+        "same item (for benchmarks whose question texts are templates)",
+    )
 
 
 class SelectionConfig(_Model):
@@ -401,10 +425,16 @@ class CurationConfig(_Model):
     rules: RulesConfig = RulesConfig()
     decontamination: DecontaminationConfig = DecontaminationConfig()
     selection: SelectionConfig = SelectionConfig()
-    check_sample_limit: int = Field(default=200_000, ge=1, description="kept traces re-checked in Python per partition (a deterministic sample above this)")
+    check_sample_limit: int = Field(
+        default=200_000, ge=1, description="kept traces re-checked in Python per partition (a deterministic sample above this)"
+    )
     max_set_aside_share: float = Field(
-        default=0.05, ge=0, le=1, description="sampled_subsets' check `exportable`: a subset whose export pre-flight sets aside up to this share "
-                                              "of its traces warns; more fails the check (and blocks training on it)")
+        default=0.05,
+        ge=0,
+        le=1,
+        description="sampled_subsets' check `exportable`: a subset whose export pre-flight sets aside up to this share "
+        "of its traces warns; more fails the check (and blocks training on it)",
+    )
     duckdb_memory_limit: str = "3GB"
     duckdb_threads: int | None = None
 
@@ -447,10 +477,13 @@ class DistillSettings(_Model):
     """White-box token-level distillation (`method: kd`): the student matches a teacher model's next-token distribution
     over the reply tokens of each trace, mixed with the SFT loss."""
 
-    teacher: str = Field(description="the teacher model: a local folder, a hub id or tiny:<name>; it must tokenize like the "
-                                     "student (same vocabulary and image processor)")
+    teacher: str = Field(
+        description="the teacher model: a local folder, a hub id or tiny:<name>; it must tokenize like the "
+        "student (same vocabulary and image processor)"
+    )
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
-        default="forward_kl", description="KL(teacher || student), KL(student || teacher), or the generalized JSD with `beta`")
+        default="forward_kl", description="KL(teacher || student), KL(student || teacher), or the generalized JSD with `beta`"
+    )
     beta: float = Field(default=0.5, gt=0, lt=1, description="jsd: the teacher's weight in the mixture (0.5: the symmetric JSD)")
     temperature: float = Field(default=1.0, gt=0, description="both distributions are softened by it; the loss is scaled by T^2")
     top_k: int | None = Field(default=None, ge=1, description="compare only the teacher's k most likely tokens (renormalised)")
@@ -462,17 +495,29 @@ class PrefixMaskSettings(DistillSettings):
     for each reply token it predicts, the earlier reply tokens its attention leans on most (never the image or the
     prompt); the share hidden (the budget) grows over training while the student keeps up with the teacher."""
 
-    saliency: Literal["student", "teacher"] = Field(default="student", description=(
-        "whose attention ranks the earlier reply tokens: the student's (one extra forward pass without gradients per "
-        "micro-batch) or the teacher's (taken from the pass the KD loss needs; needs a teacher with the same attention interface)"))
-    saliency_layers: list[int] = Field(default=[-1], min_length=1, description=(
-        "text decoder layers whose attention (heads averaged, then layers) is the saliency; negative counts from the last"))
+    saliency: Literal["student", "teacher"] = Field(
+        default="student",
+        description=(
+            "whose attention ranks the earlier reply tokens: the student's (one extra forward pass without gradients per "
+            "micro-batch) or the teacher's (taken from the pass the KD loss needs; needs a teacher with the same attention interface)"
+        ),
+    )
+    saliency_layers: list[int] = Field(
+        default=[-1],
+        min_length=1,
+        description=("text decoder layers whose attention (heads averaged, then layers) is the saliency; negative counts from the last"),
+    )
     max_budget: float = Field(default=0.3, gt=0, le=1, description="the largest share of a prediction's candidate tokens hidden")
     growth: float = Field(default=0.02, gt=0, le=1, description="budget added after an optimizer step the student kept up in")
     warmup_steps: int = Field(default=10, ge=0, description="optimizer steps of plain KD (budget 0) before the masks start")
-    tolerance: float = Field(default=1.25, ge=1, description=(
-        "the budget grows after a step whose divergence to the teacher under the masks is at most tolerance x its divergence "
-        "without them, and holds otherwise"))
+    tolerance: float = Field(
+        default=1.25,
+        ge=1,
+        description=(
+            "the budget grows after a step whose divergence to the teacher under the masks is at most tolerance x its divergence "
+            "without them, and holds otherwise"
+        ),
+    )
     keep_recent: int = Field(default=1, ge=0, description="the tokens just before each prediction that are never hidden")
 
 
@@ -482,13 +527,16 @@ class GRPOSettings(_Model):
     rewarded by the project's answer verifier (1 right, 0 wrong or missing) plus a format reward (`<think>...</think>` then
     `Answer: ...`), and the policy moves towards the answers that beat their group's mean."""
 
-    start_from: str = Field(description="the student (method sft or kd, same base model) whose checkpoint on the same recipe "
-                                        "GRPO starts from; its partition is trained first")
+    start_from: str = Field(
+        description="the student (method sft or kd, same base model) whose checkpoint on the same recipe "
+        "GRPO starts from; its partition is trained first"
+    )
     num_generations: int = Field(default=4, ge=2, description="answers sampled per question (the group the advantages are taken in)")
     max_completion_length: int = Field(default=256, ge=8, description="tokens per sampled answer")
     temperature: float = Field(default=1.0, gt=0, description="sampling temperature of the answers")
-    beta: float = Field(default=0.0, ge=0, description="KL penalty towards the starting checkpoint (0: none, and no reference "
-                                                       "model is held)")
+    beta: float = Field(
+        default=0.0, ge=0, description="KL penalty towards the starting checkpoint (0: none, and no reference model is held)"
+    )
     epsilon: float = Field(default=0.2, gt=0, lt=1, description="PPO-style clipping of the probability ratio")
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(default="dapo", description="TRL's loss normalisation")
     answer_weight: float = Field(default=1.0, ge=0, description="weight of the verifier's reward (right answer: 1)")
@@ -508,10 +556,15 @@ class OPSDSettings(_Model):
     question; a teacher with the student's weights reads the same plus privileged context (the curated trace or the
     reference answer) and the student is trained towards it, token by token along its own sample (generalized JSD)."""
 
-    context: Literal["trace", "answer"] = Field(default="trace", description="what only the teacher sees: the curated trace "
-                                                                              "of the question, or its reference answer")
-    teacher: Literal["frozen", "ema", "live"] = Field(default="frozen", description=(
-        "the teacher's weights: a frozen copy of the start, an exponential moving average of the student, or the student itself"))
+    context: Literal["trace", "answer"] = Field(
+        default="trace", description="what only the teacher sees: the curated trace of the question, or its reference answer"
+    )
+    teacher: Literal["frozen", "ema", "live"] = Field(
+        default="frozen",
+        description=(
+            "the teacher's weights: a frozen copy of the start, an exponential moving average of the student, or the student itself"
+        ),
+    )
     ema_decay: float = Field(default=0.99, gt=0, lt=1, description="teacher ema: teacher <- decay x teacher + (1 - decay) x student")
     beta: float = Field(default=0.5, gt=0, lt=1, description="the generalized JSD's teacher weight (0.5: symmetric)")
     top_k: int | None = Field(default=None, ge=1, description="compare only the teacher's k most likely tokens (renormalised)")
@@ -526,11 +579,15 @@ class StudentConfig(_Model):
     name: str = Field(pattern=SOURCE_NAME_PATTERN)
     model: str = "tiny:student"
     recipes: list[str] | None = Field(default=None, description="train on these recipes only; default all")
-    method: Literal["sft", "kd", "prefix_mask_kd", "opsd", "grpo"] = Field(default="sft", description=(
-        "sft: the teacher's traces as targets (long-CoT SFT); kd: also match a teacher model's token distribution (`kd`); "
-        "prefix_mask_kd: kd with the student's most salient earlier reasoning tokens hidden from it (`prefix_mask_kd`); "
-        "opsd: on-policy self-distillation with privileged context (`opsd`); "
-        "grpo: RL with the answer verifier's reward, from another student's checkpoint (`grpo`)"))
+    method: Literal["sft", "kd", "prefix_mask_kd", "opsd", "grpo"] = Field(
+        default="sft",
+        description=(
+            "sft: the teacher's traces as targets (long-CoT SFT); kd: also match a teacher model's token distribution (`kd`); "
+            "prefix_mask_kd: kd with the student's most salient earlier reasoning tokens hidden from it (`prefix_mask_kd`); "
+            "opsd: on-policy self-distillation with privileged context (`opsd`); "
+            "grpo: RL with the answer verifier's reward, from another student's checkpoint (`grpo`)"
+        ),
+    )
     kd: DistillSettings | None = Field(default=None, description="method kd's settings")
     prefix_mask_kd: PrefixMaskSettings | None = Field(default=None, description="method prefix_mask_kd's settings (kd's and its own)")
     opsd: OPSDSettings | None = Field(default=None, description="method opsd's settings (all have defaults: `opsd: {}`)")
@@ -561,8 +618,9 @@ class LoraSettings(_Model):
     r: int = Field(default=16, ge=1)
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                      description="module names of the language model that get adapters")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="module names of the language model that get adapters"
+    )
 
 
 class TrainingConfig(_Model):
@@ -573,9 +631,13 @@ class TrainingConfig(_Model):
     """
 
     launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
-    engine: Literal["deepspeed", "torch"] = Field(default="deepspeed", description=(
-        "deepspeed: the Trainer drives DeepSpeed ZeRO (zero_stage, offload_optimizer); torch: plain torch (DDP across "
-        "processes), for a machine without DeepSpeed - launched by torchrun"))
+    engine: Literal["deepspeed", "torch"] = Field(
+        default="deepspeed",
+        description=(
+            "deepspeed: the Trainer drives DeepSpeed ZeRO (zero_stage, offload_optimizer); torch: plain torch (DDP across "
+            "processes), for a machine without DeepSpeed - launched by torchrun"
+        ),
+    )
     python: str | None = Field(default=None, description="interpreter of the training environment; default: this one")
     nproc_per_node: int = Field(default=1, ge=1, description="processes (GPUs) per node; 1 on CPU")
     nnodes: int = Field(default=1, ge=1)
@@ -593,14 +655,19 @@ class TrainingConfig(_Model):
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
     lr_scheduler: Literal["linear", "cosine", "constant_with_warmup", "constant"] = Field(
-        default="cosine", description="the learning rate after warmup: decays to 0 (linear, cosine) or stays")
+        default="cosine", description="the learning rate after warmup: decays to 0 (linear, cosine) or stays"
+    )
     gradient_clipping: float = Field(default=1.0, ge=0)
     max_steps: int = Field(default=30, ge=1, description="optimizer steps (epochs repeat the subset until reached); unused with epochs")
     epochs: float | None = Field(default=None, gt=0, description="passes over the subset instead of max_steps")
     max_length: int = Field(default=2048, ge=16, description="tokens per example, images included")
-    overlong: Literal["skip", "truncate_reply"] = Field(default="skip", description=(
-        "an example over max_length: skip it (counted), or cut its reply (an example whose prompt and images do not fit is "
-        "skipped either way: images are never cut)"))
+    overlong: Literal["skip", "truncate_reply"] = Field(
+        default="skip",
+        description=(
+            "an example over max_length: skip it (counted), or cut its reply (an example whose prompt and images do not fit is "
+            "skipped either way: images are never cut)"
+        ),
+    )
     gradient_checkpointing: bool = Field(default=False, description="recompute activations in the backward pass (less memory)")
     freeze_vision_tower: bool = False
     freeze_projector: bool = Field(default=False, description="the vision-to-language merger")
@@ -608,31 +675,64 @@ class TrainingConfig(_Model):
     lora: LoraSettings | None = Field(default=None, description="train LoRA adapters on the language model instead")
     eval_share: float = Field(default=0.0, ge=0, le=0.5, description="share of the subset held out for the evaluation loss")
     eval_steps: int = Field(default=0, ge=0, description="evaluation loss every N steps (0: once, at the end); needs eval_share")
-    save_steps: int = Field(default=0, ge=0, description=(
-        "a resumable training checkpoint (model, optimizer, scheduler, data position, RNG) every N optimizer steps, copied "
-        "to the store under runs/<checkpoint_id>/; a rerun after a kill resumes from the newest complete one (this disk's or "
-        "the store's). 0: none"))
+    save_steps: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "a resumable training checkpoint (model, optimizer, scheduler, data position, RNG) every N optimizer steps, copied "
+            "to the store under runs/<checkpoint_id>/; a rerun after a kill resumes from the newest complete one (this disk's or "
+            "the store's). 0: none"
+        ),
+    )
     save_total_limit: int = Field(default=2, ge=1, description="training checkpoints kept (the newest), on disk and in the store")
-    dataloader_workers: int = Field(default=1, ge=0, description=(
-        "processes per rank decoding examples ahead of the trainer (0: threads of the rank decode each batch)"))
+    dataloader_workers: int = Field(
+        default=1,
+        ge=0,
+        description=("processes per rank decoding examples ahead of the trainer (0: threads of the rank decode each batch)"),
+    )
     seed: int = 0
-    work_dir: str = Field(default=".cache/train", description=(
-        "local scratch: the exported subset, the example index, training checkpoints, the model before upload"))
+    work_dir: str = Field(
+        default=".cache/train",
+        description=("local scratch: the exported subset, the example index, training checkpoints, the model before upload"),
+    )
     env: dict[str, str] = Field(default_factory=dict, description="more environment variables for the training processes")
 
     _resolve = field_validator("python", "hostfile", "work_dir")(_resolve_path)
 
     def run_settings(self) -> dict[str, Any]:
         """What changes the trained weights (hashed into checkpoint ids); placement and timeouts do not."""
-        return self.model_dump(mode="json", include={
-            "zero_stage", "offload_optimizer", "precision", "micro_batch_size", "gradient_accumulation_steps", "learning_rate",
-            "weight_decay", "warmup_steps", "lr_scheduler", "gradient_clipping", "max_steps", "epochs", "max_length", "overlong",
-            "freeze_vision_tower", "freeze_projector", "freeze_language_model", "lora", "eval_share", "seed"})
+        return self.model_dump(
+            mode="json",
+            include={
+                "zero_stage",
+                "offload_optimizer",
+                "precision",
+                "micro_batch_size",
+                "gradient_accumulation_steps",
+                "learning_rate",
+                "weight_decay",
+                "warmup_steps",
+                "lr_scheduler",
+                "gradient_clipping",
+                "max_steps",
+                "epochs",
+                "max_length",
+                "overlong",
+                "freeze_vision_tower",
+                "freeze_projector",
+                "freeze_language_model",
+                "lora",
+                "eval_share",
+                "seed",
+            },
+        )
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainingConfig:
         if self.freeze_vision_tower and self.freeze_projector and self.freeze_language_model:
-            raise ValueError("training: every part is frozen (freeze_vision_tower, freeze_projector, freeze_language_model): nothing to train")
+            raise ValueError(
+                "training: every part is frozen (freeze_vision_tower, freeze_projector, freeze_language_model): nothing to train"
+            )
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError("training: lora with zero_stage 3 is not supported (use ZeRO 0-2: adapters are small)")
         if self.lora is not None and self.freeze_language_model:
@@ -645,8 +745,9 @@ class TrainingConfig(_Model):
 
     def process_settings(self) -> dict[str, Any]:
         """What the training process needs besides run_settings: how it saves, evaluates and reads (not the weights)."""
-        return self.model_dump(mode="json", include={"gradient_checkpointing", "eval_steps", "save_steps", "save_total_limit",
-                                                     "dataloader_workers", "engine"})
+        return self.model_dump(
+            mode="json", include={"gradient_checkpointing", "eval_steps", "save_steps", "save_total_limit", "dataloader_workers", "engine"}
+        )
 
 
 class EvaluationConfig(_Model):
@@ -682,7 +783,9 @@ class EvaluationConfig(_Model):
 
 class K8sPlacement(_Model):
     job_namespace: str | None = Field(default=None, description="namespace of the step pods (k8s executor)")
-    gpu_image: str | None = Field(default=None, description="image of GPU step pods (deploy/docker/Dockerfile.gpu); default the code location's")
+    gpu_image: str | None = Field(
+        default=None, description="image of GPU step pods (deploy/docker/Dockerfile.gpu); default the code location's"
+    )
     gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="node selector of GPU step pods")
     gpu_tolerations: list[dict[str, Any]] = Field(default_factory=list, description="tolerations of GPU step pods")
 
@@ -696,7 +799,8 @@ class OperationsConfig(_Model):
     """Running it unattended: the re-curation schedule, the executor, GPU placement."""
 
     executor: Literal["multiprocess", "in_process", "k8s", "ecs"] = Field(
-        default="multiprocess", description="multiprocess here; k8s (dagster-k8s) or ecs (dagster-aws) on a cluster")
+        default="multiprocess", description="multiprocess here; k8s (dagster-k8s) or ecs (dagster-aws) on a cluster"
+    )
     max_concurrent: int | None = Field(default=None, ge=1, description="steps at once (default: CPU count / unlimited)")
     k8s: K8sPlacement = K8sPlacement()
     ecs: EcsPlacement = EcsPlacement()
@@ -708,16 +812,28 @@ class OperationsConfig(_Model):
     gpu_lock_dir: str = Field(default=".cache/gpu-locks", description="lock files of the leases (local to the machine)")
     gpu_wait_s: float = Field(default=3600, gt=0, description="how long a GPU step waits for free devices")
     source_manifests: str | None = Field(
-        default=None, description="folder or s3:// prefix watched for source manifests (<name>.yaml); set -> sources are dynamic partitions")
-    manifest_roots: list[str] | None = Field(default=None, description=(
-        "the folders a manifest may read: its paths (path, image_root, allowed_image_roots) and every file its reader "
-        "lists or opens must resolve there, symlinks followed; default: the manifest folder itself. A manifest in S3 "
-        "reads no worker's local file"))
+        default=None, description="folder or s3:// prefix watched for source manifests (<name>.yaml); set -> sources are dynamic partitions"
+    )
+    manifest_roots: list[str] | None = Field(
+        default=None,
+        description=(
+            "the folders a manifest may read: its paths (path, image_root, allowed_image_roots) and every file its reader "
+            "lists or opens must resolve there, symlinks followed; default: the manifest folder itself. A manifest in S3 "
+            "reads no worker's local file"
+        ),
+    )
     manifest_sensor_interval_s: int = Field(default=60, ge=5, description="how often the source_manifests sensor looks")
-    manifest_sensor_running: bool = Field(default=False, description="start the source_manifests sensor running (else turn it on in the UI)")
-    partition_lock_wait_s: float = Field(default=3600, ge=0, description=(
-        "a model stage's run waits this long for another run of the same partition to finish (then reuses its cached "
-        "results) before it fails; 0 fails at once"))
+    manifest_sensor_running: bool = Field(
+        default=False, description="start the source_manifests sensor running (else turn it on in the UI)"
+    )
+    partition_lock_wait_s: float = Field(
+        default=3600,
+        ge=0,
+        description=(
+            "a model stage's run waits this long for another run of the same partition to finish (then reuses its cached "
+            "results) before it fails; 0 fails at once"
+        ),
+    )
 
     _resolve = field_validator("gpu_lock_dir", "source_manifests")(_resolve_path)
 
@@ -737,7 +853,7 @@ class OperationsConfig(_Model):
 
 
 SourceConfig = Annotated[
-    Union[SyntheticSourceConfig, JsonSourceConfig, HFSourceConfig, ShareGPTSourceConfig],
+    SyntheticSourceConfig | JsonSourceConfig | HFSourceConfig | ShareGPTSourceConfig,
     Field(discriminator="kind"),
 ]
 
@@ -760,7 +876,9 @@ class ProjectConfig(_Model):
     students: list[StudentConfig] = Field(default_factory=list)
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
-    operations: OperationsConfig = Field(default_factory=OperationsConfig)  # a factory: its cron check imports dagster, which a seed worker process never needs
+    operations: OperationsConfig = Field(
+        default_factory=OperationsConfig
+    )  # a factory: its cron check imports dagster, which a seed worker process never needs
     config_path: str | None = Field(default=None, exclude=True, description="set by load_config")
 
     _resolve_models = field_validator("models_dir")(_resolve_path)
@@ -771,11 +889,17 @@ class ProjectConfig(_Model):
         # Omitted sections are validated from {} (not taken as ready-made defaults), so their
         # relative paths are resolved against the config file too.
         if isinstance(data, dict):
-            data = {**{section: {} for section in ("store", "seed", "teacher", "generation", "annotation", "curation", "training", "evaluation")}, **data}
+            data = {
+                **{
+                    section: {}
+                    for section in ("store", "seed", "teacher", "generation", "annotation", "curation", "training", "evaluation")
+                },
+                **data,
+            }
         return data
 
     @model_validator(mode="after")
-    def _unique_source_names(self) -> "ProjectConfig":
+    def _unique_source_names(self) -> ProjectConfig:
         if not self.sources and self.operations.source_manifests is None:
             raise ValueError("sources: at least one source, or operations.source_manifests to watch for them")
         seen: set[str] = set()
@@ -799,7 +923,7 @@ class ProjectConfig(_Model):
         return self.operations.source_manifests is not None
 
     @model_validator(mode="after")
-    def _references(self) -> "ProjectConfig":
+    def _references(self) -> ProjectConfig:
         names = [b.name for b in self.benchmarks]
         for missing in sorted(set(self.curation.decontamination.benchmarks) - set(names)):
             raise ValueError(f"curation.decontamination.benchmarks: {missing!r} is not a configured benchmark ({names})")
@@ -818,15 +942,19 @@ class ProjectConfig(_Model):
                 if recipe not in recipes:
                     raise ValueError(f"students[{index}] (name={student.name}).recipes: no recipe {recipe!r}")
             if student.method in ("kd", "prefix_mask_kd") and self.training.zero_stage == 3:
-                raise ValueError(f"students[{index}] (name={student.name}): method {student.method} with training.zero_stage 3 is not supported "
-                                 "(the teacher is a whole copy on every rank; use ZeRO 0-2)")
+                raise ValueError(
+                    f"students[{index}] (name={student.name}): method {student.method} with training.zero_stage 3 is not supported "
+                    "(the teacher is a whole copy on every rank; use ZeRO 0-2)"
+                )
             if student.method == "grpo":
                 self._check_grpo(index, student)
         labels = set(self.annotation.difficulty_labels)
         for index, recipe in enumerate(self.recipes):
             unknown = set(recipe.difficulty_mix) - labels
             if unknown:
-                raise ValueError(f"recipes[{index}] (name={recipe.name}).difficulty_mix: unknown labels {sorted(unknown)}; have {sorted(labels)}")
+                raise ValueError(
+                    f"recipes[{index}] (name={recipe.name}).difficulty_mix: unknown labels {sorted(unknown)}; have {sorted(labels)}"
+                )
             for source in recipe.sources or []:
                 if source not in self.source_names:
                     raise ValueError(f"recipes[{index}] (name={recipe.name}).sources: no source {source!r}")
@@ -838,18 +966,26 @@ class ProjectConfig(_Model):
         if start is None or start is student:
             raise ValueError(f"{where}.start_from: no other student named {student.grpo.start_from!r}")
         if start.method == "grpo":
-            raise ValueError(f"{where}.start_from: {start.name!r} is itself a grpo student; start from an sft, kd, prefix_mask_kd or opsd one")
+            raise ValueError(
+                f"{where}.start_from: {start.name!r} is itself a grpo student; start from an sft, kd, prefix_mask_kd or opsd one"
+            )
         if start.model != student.model:
-            raise ValueError(f"{where}.start_from: {start.name!r} is trained from {start.model!r}, this student from {student.model!r}; "
-                             "give both the same base model")
+            raise ValueError(
+                f"{where}.start_from: {start.name!r} is trained from {start.model!r}, this student from {student.model!r}; "
+                "give both the same base model"
+            )
         missing = set(self.student_recipes(student.name)) - set(self.student_recipes(start.name))
         if missing:
             raise ValueError(f"{where}.start_from: {start.name!r} is not trained on {sorted(missing)}")
-        world = self.training.micro_batch_size * self.training.gradient_accumulation_steps * self.training.nproc_per_node * self.training.nnodes
+        world = (
+            self.training.micro_batch_size * self.training.gradient_accumulation_steps * self.training.nproc_per_node * self.training.nnodes
+        )
         if world % student.grpo.num_generations:
-            raise ValueError(f"{where}.num_generations: the answers of one generation round (micro_batch_size x "
-                             f"gradient_accumulation_steps x processes = {world}) must be a multiple of num_generations "
-                             f"({student.grpo.num_generations})")
+            raise ValueError(
+                f"{where}.num_generations: the answers of one generation round (micro_batch_size x "
+                f"gradient_accumulation_steps x processes = {world}) must be a multiple of num_generations "
+                f"({student.grpo.num_generations})"
+            )
 
     def student(self, name: str) -> StudentConfig:
         for student in self.students:

@@ -30,7 +30,9 @@ warnings.filterwarnings("ignore", message="Class `MultiToSingleDimensionPartitio
 # benchmark_scores (student x base+recipes) reads student_checkpoints (student x recipes) through this one.
 warnings.filterwarnings("ignore", message="Class `MultiPartitionMapping` is currently in beta", category=dg.BetaWarning)
 # Dagster's own Pipes client calls a preview API of itself on every run; nothing for users to act on.
-warnings.filterwarnings("ignore", message="Function `PipesMessageReader.expected_writer_count` is currently in preview", category=dg.PreviewWarning)
+warnings.filterwarnings(
+    "ignore", message="Function `PipesMessageReader.expected_writer_count` is currently in preview", category=dg.PreviewWarning
+)
 
 
 def build_definitions(config: ProjectConfig) -> dg.Definitions:
@@ -60,4 +62,3 @@ def _store_resource(config: ProjectConfig) -> CorpusStoreResource:
     if store.access_key_env and store.secret_key_env:
         keys = {"access_key": dg.EnvVar(store.access_key_env), "secret_key": dg.EnvVar(store.secret_key_env)}
     return CorpusStoreResource(root_uri=store.root, endpoint_url=store.endpoint_url, region=store.region, **keys)
-

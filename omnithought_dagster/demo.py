@@ -42,8 +42,9 @@ class StageOutcome:
     seconds: float | None = None
 
 
-def run_demo(config: ProjectConfig, instance: dg.DagsterInstance, force: bool = False,
-             say: Callable[[str], None] = lambda line: None) -> list[StageOutcome]:
+def run_demo(
+    config: ProjectConfig, instance: dg.DagsterInstance, force: bool = False, say: Callable[[str], None] = lambda line: None
+) -> list[StageOutcome]:
     """Materialise every stage in order; `say` hears each partition start and end and the steps' own log lines."""
     defs = build_definitions(config)
     loggers = {DEMO_LOGGER: _say_logger(say)}
@@ -76,8 +77,14 @@ def _run_stages(config, instance, defs, graph, store, loggers, force, say) -> li
             checks = _latest_checks(instance, check_keys, partition)
             metadata = _latest_metadata(instance, stage.key, partition)
             store_partition = stage.store_key(partition) if stage.store_key else _store_partition(partitions_def, partition)
-            if (not force and store.has_partition(stage.table, store_partition) and fingerprint is not None and metadata.get("input_fingerprint") == fingerprint
-                    and len(checks) == len(check_keys) and "failed" not in checks.values()):
+            if (
+                not force
+                and store.has_partition(stage.table, store_partition)
+                and fingerprint is not None
+                and metadata.get("input_fingerprint") == fingerprint
+                and len(checks) == len(check_keys)
+                and "failed" not in checks.values()
+            ):
                 outcomes.append(StageOutcome(stage.name, partition, True, True, stage.summary(store, partition, metadata), checks))
                 say(f"= {stage.name}[{partition}] up to date")
                 continue
@@ -87,7 +94,8 @@ def _run_stages(config, instance, defs, graph, store, loggers, force, say) -> li
             seconds = time.monotonic() - started
             checks = {
                 e.event_specific_data.check_name: _status(e.event_specific_data.passed, e.event_specific_data.severity)
-                for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+                for e in result.all_events
+                if e.event_type_value == "ASSET_CHECK_EVALUATION"
             }
             metadata = _latest_metadata(instance, stage.key, partition)
             counts = stage.summary(store, partition, metadata) if store.has_partition(stage.table, store_partition) else {}
@@ -127,7 +135,7 @@ def failure_text(message: str, lines: int = FAILURE_LINES) -> str:
     text = [line.rstrip() for line in message.strip().split("\n") if line.strip()]
     if len(text) <= lines:
         return "\n".join(text)
-    return "\n".join([text[0], f"... ({len(text) - lines} lines)", *text[-(lines - 1):]])
+    return "\n".join([text[0], f"... ({len(text) - lines} lines)", *text[-(lines - 1) :]])
 
 
 class _SayHandler(logging.Handler):
@@ -170,15 +178,31 @@ def _export(config: ProjectConfig, store: CorpusStore, recipe: str) -> StageOutc
     # export accepts is never cut by the client.
     tokenizer = resolve_student(config.students[0], config.models_dir)[0] if config.students else None
     try:
-        report = export_subset(store, recipe, "llamafactory", out, cutoff_len=config.curation.rules.max_total_tokens if tokenizer else None,
-                               tokenizer=tokenizer, clean_markup=config.curation.rules.markup == "clean")
+        report = export_subset(
+            store,
+            recipe,
+            "llamafactory",
+            out,
+            cutoff_len=config.curation.rules.max_total_tokens if tokenizer else None,
+            tokenizer=tokenizer,
+            clean_markup=config.curation.rules.markup == "clean",
+        )
     except ExportError as exc:
         return StageOutcome("export", recipe, False, False, {"error": str(exc).split("\n")[0]})
     reasons = Counter(a.reason for a in report.set_aside)
-    return StageOutcome("export", recipe, False, True, {"input": report.examples + len(report.set_aside), "output": report.examples,
-                                                        "flagged": len(report.set_aside), "reasons": dict(reasons),
-                                                        "detail": f"{report.format} with {report.images} images at {out}, registered as "
-                                                                  f"{report.dataset_name}"})
+    return StageOutcome(
+        "export",
+        recipe,
+        False,
+        True,
+        {
+            "input": report.examples + len(report.set_aside),
+            "output": report.examples,
+            "flagged": len(report.set_aside),
+            "reasons": dict(reasons),
+            "detail": f"{report.format} with {report.images} images at {out}, registered as {report.dataset_name}",
+        },
+    )
 
 
 def _store_partition(partitions_def, partition: str):
@@ -201,7 +225,9 @@ def _latest_checks(instance: dg.DagsterInstance, check_keys, partition: str) -> 
     from dagster._core.event_api import PartitionKeyFilter
     from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
-    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(list(check_keys), partition_filter=PartitionKeyFilter(key=partition))
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        list(check_keys), partition_filter=PartitionKeyFilter(key=partition)
+    )
     statuses = {}
     for key, record in latest.items():
         evaluation = record.event.dagster_event.event_specific_data if record.event and record.event.dagster_event else None

@@ -89,14 +89,17 @@ def read_lock(path: str | Path) -> dict[str, str]:
     return pins
 
 
-_LIST_INSTALLED = ("import importlib.metadata as m, json; "
-                   "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions() if d.metadata['Name']}))")
+_LIST_INSTALLED = (
+    "import importlib.metadata as m, json; "
+    "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions() if d.metadata['Name']}))"
+)
 
 
 def installed_packages(python: str | Path) -> dict[str, str]:
     """{package: version} installed in the environment of `python` (read by that interpreter)."""
-    done = subprocess.run([str(python), "-c", _LIST_INSTALLED], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONNOUSERSITE": "1"})
+    done = subprocess.run(
+        [str(python), "-c", _LIST_INSTALLED], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONNOUSERSITE": "1"}
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{python} could not list its packages: {done.stderr.strip()[-2000:]}")
     return {normalize(name): version for name, version in json.loads(done.stdout).items()}
@@ -147,12 +150,20 @@ def _smoke_trainer(root: Path, work: Path, log: Callable[[str], None]) -> str:
     data = work / "data"
     data.mkdir()
     _write_image(data / "0.png")
-    records = [{"messages": [{"role": "user", "content": f"<image>What is {i} + {i}?"},
-                             {"role": "assistant", "content": f"<think>{i} plus {i}</think>\nAnswer: {2 * i}"}],
-                "images": ["0.png"]} for i in range(2)]
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": f"<image>What is {i} + {i}?"},
+                {"role": "assistant", "content": f"<think>{i} plus {i}</think>\nAnswer: {2 * i}"},
+            ],
+            "images": ["0.png"],
+        }
+        for i in range(2)
+    ]
     (data / "data.json").write_text(json.dumps(records))
-    training = TrainingConfig(python=str(ENVIRONMENTS["dagster"].python(root)), max_steps=1, micro_batch_size=2, zero_stage=2,
-                              max_length=512, work_dir=str(work))
+    training = TrainingConfig(
+        python=str(ENVIRONMENTS["dagster"].python(root)), max_steps=1, micro_batch_size=2, zero_stage=2, max_length=512, work_dir=str(work)
+    )
     spec_path = work / "spec.json"
     out = work / "out"
     spec_path.write_text(json.dumps(training_spec(model_dir, data, out, training)))
@@ -170,7 +181,9 @@ def _smoke_vllm(root: Path, work: Path, log: Callable[[str], None]) -> str:
     from omnithought_dagster.llm.vllm_server import VLLMServer, VLLMStartError
 
     model_dir, _ = resolve_model("tiny:teacher", root / ".cache" / "models")
-    config = LLMConfig(model="tiny:teacher", python=str(ENVIRONMENTS["vllm"].python(root)), max_model_len=1024, startup_timeout_s=SMOKE_TIMEOUT_S)
+    config = LLMConfig(
+        model="tiny:teacher", python=str(ENVIRONMENTS["vllm"].python(root)), max_model_len=1024, startup_timeout_s=SMOKE_TIMEOUT_S
+    )
     server = VLLMServer.from_config(config, model=model_dir, served_model_name="smoke", log_dir=work)
     log(f"smoke: starting vLLM on the tiny teacher ({server.base_url}, ~30-40 s)")
     try:
@@ -191,10 +204,21 @@ def _smoke_lmms(root: Path, work: Path, log: Callable[[str], None]) -> str:
     from omnithought_dagster.llm.backends import resolve_model
 
     model_dir, _ = resolve_model("tiny:student", root / ".cache" / "models")
-    task = write_local_task(SyntheticSourceConfig(name="smoke", kind="synthetic", n_samples=2, image_size=128), SeedSettings(),
-                            work / "tasks", max_new_tokens=8)
-    command = lmms_command(str(ENVIRONMENTS["lmms"].python(root)), "omnithought_vl", {"pretrained": model_dir}, [task.name], [task.folder],
-                           work / "out", batch_size=1, device="cpu", limit=None, seed=0)
+    task = write_local_task(
+        SyntheticSourceConfig(name="smoke", kind="synthetic", n_samples=2, image_size=128), SeedSettings(), work / "tasks", max_new_tokens=8
+    )
+    command = lmms_command(
+        str(ENVIRONMENTS["lmms"].python(root)),
+        "omnithought_vl",
+        {"pretrained": model_dir},
+        [task.name],
+        [task.folder],
+        work / "out",
+        batch_size=1,
+        device="cpu",
+        limit=None,
+        seed=0,
+    )
     log("smoke: lmms-eval on a 2-item local task (~20-30 s)")
     try:
         scores = run_lmms_eval(command, [task.name], work, SMOKE_TIMEOUT_S, {}, {task.name: task})
@@ -213,8 +237,15 @@ def _run(command: list[str], cwd: Path, env: dict[str, str], what: str) -> None:
     log = cwd / "smoke.log"
     with log.open("w") as out:
         try:
-            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **env}, timeout=SMOKE_TIMEOUT_S,
-                                  start_new_session=True)
+            done = subprocess.run(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env={**os.environ, **env},
+                timeout=SMOKE_TIMEOUT_S,
+                start_new_session=True,
+            )
         except subprocess.TimeoutExpired:
             raise SmokeError(f"{what} ran past {SMOKE_TIMEOUT_S} s:\n{log_tail(log, TAIL_LINES)}") from None
     if done.returncode != 0:

@@ -45,7 +45,9 @@ class GPUSlots:
             if held is not None:
                 break
             if time.monotonic() >= deadline:
-                raise GPULeaseTimeout(f"no {count} free GPUs of {','.join(self.devices)} within {self.wait_s:.0f} s; held by: {self.holders()}")
+                raise GPULeaseTimeout(
+                    f"no {count} free GPUs of {','.join(self.devices)} within {self.wait_s:.0f} s; held by: {self.holders()}"
+                )
             time.sleep(self.poll_s)
         try:
             yield [device for device, _ in held]

@@ -23,8 +23,8 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,8 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 WHEELS_FILE = REPO / "deploy" / "gpu-check" / "wheels.txt"
 CARRY_LIMIT = 64 * 2**20  # what a device call carries, the working tree included
 # The GPU machine's interpreter: pip download selects wheels for it.
-TARGET = {"python_version": "3.12", "platforms": ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
-                                                  "manylinux2014_x86_64", "manylinux1_x86_64"]}
+TARGET = {
+    "python_version": "3.12",
+    "platforms": ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"],
+}
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,39 @@ class Scale:
 
 SCALES = {
     # ~0.3M parameters: the whole check in under 3 minutes on 2 CPU cores.
-    "tiny": Scale("tiny", hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, vision_depth=2, vision_hidden=32,
-                  examples=16, steps=4, micro_batch=2, max_length=256, sample_tokens=16, image=64),
+    "tiny": Scale(
+        "tiny",
+        hidden=64,
+        layers=2,
+        heads=2,
+        kv_heads=1,
+        intermediate=128,
+        vision_depth=2,
+        vision_hidden=32,
+        examples=16,
+        steps=4,
+        micro_batch=2,
+        max_length=256,
+        sample_tokens=16,
+        image=64,
+    ),
     # ~0.3B parameters (student) and ~0.5B (teacher): seconds per method on one H200, large enough to time the kernels.
-    "small": Scale("small", hidden=1024, layers=16, heads=16, kv_heads=4, intermediate=2816, vision_depth=4, vision_hidden=512,
-                   examples=64, steps=20, micro_batch=8, max_length=768, sample_tokens=64, image=224),
+    "small": Scale(
+        "small",
+        hidden=1024,
+        layers=16,
+        heads=16,
+        kv_heads=4,
+        intermediate=2816,
+        vision_depth=4,
+        vision_hidden=512,
+        examples=64,
+        steps=20,
+        micro_batch=8,
+        max_length=768,
+        sample_tokens=64,
+        image=224,
+    ),
 }
 
 
@@ -81,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--scale", choices=["auto", *SCALES], default="auto", help="auto: small on CUDA, tiny otherwise")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
-    parser.add_argument("--engine", choices=["auto", "deepspeed", "torch"], default="auto",
-                        help="auto: DeepSpeed ZeRO-2 where it imports, plain torch otherwise")
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "deepspeed", "torch"],
+        default="auto",
+        help="auto: DeepSpeed ZeRO-2 where it imports, plain torch otherwise",
+    )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per method's training")
     args = parser.parse_args(argv)
     if args.command == "prepare-wheels":
@@ -123,8 +157,7 @@ def run_check(work: Path, methods: list[str], *, scale: str = "auto", engine: st
         if method == "grpo" and "sft" not in outputs:
             skipped.append({"what": "grpo", "why": "it starts from sft's checkpoint, and sft did not train"})
             continue
-        run = train_method(method, size, models, data, work / method, engine=engine, timeout=timeout,
-                           start=outputs.get("sft"))
+        run = train_method(method, size, models, data, work / method, engine=engine, timeout=timeout, start=outputs.get("sft"))
         result["methods"][method] = run
         if run["ok"]:
             outputs[method] = work / method / "out"
@@ -132,8 +165,9 @@ def run_check(work: Path, methods: list[str], *, scale: str = "auto", engine: st
         result["generation"] = generate(outputs["sft"], data, size, cuda)
     else:
         skipped.append({"what": "generation", "why": "no sft checkpoint to generate from"})
-    result["ok"] = all(run["ok"] for run in result["methods"].values()) and bool(result["methods"]) \
-        and result.get("generation", {}).get("ok", False)
+    result["ok"] = (
+        all(run["ok"] for run in result["methods"].values()) and bool(result["methods"]) and result.get("generation", {}).get("ok", False)
+    )
     result["wall_s"] = round(time.monotonic() - started, 1)
     return result
 
@@ -152,8 +186,12 @@ def choose_engine(wanted: str) -> tuple[str, str | None]:
 def environment(cuda: bool) -> dict[str, Any]:
     import torch
 
-    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                           "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    out: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
     for name in ("transformers", "deepspeed", "trl", "peft", "accelerate", "datasets"):
         try:
             from importlib.metadata import version
@@ -171,12 +209,33 @@ def build_models(size: Scale, folder: Path) -> dict[str, Path]:
     if size.name == "tiny":
         specs = {"student": TINY_STUDENT, "teacher": TINY_TEACHER}
     else:
-        common = dict(family="qwen2_vl", heads=size.heads, kv_heads=size.kv_heads, vision_depth=size.vision_depth,
-                      vision_hidden=size.vision_hidden, vision_heads=max(1, size.vision_hidden // 64), max_pixels=size.image ** 2)
-        specs = {"student": TinySpec(name=f"gpu-check-{size.name}-student", hidden_size=size.hidden, layers=size.layers,
-                                     intermediate_size=size.intermediate, seed=2, **common),
-                 "teacher": TinySpec(name=f"gpu-check-{size.name}-teacher", hidden_size=size.hidden, layers=size.layers * 2,
-                                     intermediate_size=size.intermediate, seed=1, **common)}
+        common = dict(
+            family="qwen2_vl",
+            heads=size.heads,
+            kv_heads=size.kv_heads,
+            vision_depth=size.vision_depth,
+            vision_hidden=size.vision_hidden,
+            vision_heads=max(1, size.vision_hidden // 64),
+            max_pixels=size.image**2,
+        )
+        specs = {
+            "student": TinySpec(
+                name=f"gpu-check-{size.name}-student",
+                hidden_size=size.hidden,
+                layers=size.layers,
+                intermediate_size=size.intermediate,
+                seed=2,
+                **common,
+            ),
+            "teacher": TinySpec(
+                name=f"gpu-check-{size.name}-teacher",
+                hidden_size=size.hidden,
+                layers=size.layers * 2,
+                intermediate_size=size.intermediate,
+                seed=1,
+                **common,
+            ),
+        }
     return {role: build_tiny_model(spec, folder / spec.name) for role, spec in specs.items()}
 
 
@@ -208,12 +267,17 @@ def write_export(folder: Path, size: Scale) -> Path:
         Image.new("RGB", (size.image, size.image), colour).save(folder / f"images/{i}.png")
         count = i % 9 + 1
         reasoning = " ".join(words[(i + k) % len(words)] for k in range(size.max_length // 8))
-        records.append({
-            "id": f"gpu-check-{i}", "images": [f"images/{i}.png"],
-            "messages": [{"role": "user", "content": f"<image>\nHow many blocks are there? ({i})"},
-                         {"role": "assistant", "content": f"<think>{reasoning}. I count {count} blocks.</think>\nAnswer: {count}"}],
-            "reference": {"answer": str(count), "answer_type": "numeric", "choices": []},
-        })
+        records.append(
+            {
+                "id": f"gpu-check-{i}",
+                "images": [f"images/{i}.png"],
+                "messages": [
+                    {"role": "user", "content": f"<image>\nHow many blocks are there? ({i})"},
+                    {"role": "assistant", "content": f"<think>{reasoning}. I count {count} blocks.</think>\nAnswer: {count}"},
+                ],
+                "reference": {"answer": str(count), "answer_type": "numeric", "choices": []},
+            }
+        )
     (folder / "data.json").write_text(json.dumps(records))
     return folder
 
@@ -230,8 +294,9 @@ def method_settings(method: str, size: Scale, models: dict[str, Path], start: Pa
     return {}
 
 
-def train_method(method: str, size: Scale, models: dict[str, Path], data: Path, folder: Path, *, engine: str, timeout: float,
-                 start: Path | None) -> dict[str, Any]:
+def train_method(
+    method: str, size: Scale, models: dict[str, Path], data: Path, folder: Path, *, engine: str, timeout: float, start: Path | None
+) -> dict[str, Any]:
     """One method's short run through the project's trainer and launcher; its measurements, or why it failed."""
     import torch
 
@@ -242,14 +307,29 @@ def train_method(method: str, size: Scale, models: dict[str, Path], data: Path, 
     folder.mkdir(parents=True, exist_ok=True)
     micro = size.micro_batch // 2 if method in ("grpo", "opsd") else size.micro_batch  # grpo: groups of 2 answers per question
     training = TrainingConfig(
-        launcher="deepspeed" if engine == "deepspeed" else "torchrun", engine=engine, zero_stage=2,
-        precision="bf16" if cuda else "fp32", micro_batch_size=max(2, micro), max_steps=size.steps, max_length=size.max_length,
-        learning_rate=1e-4 if cuda else 1e-3, warmup_steps=0, lr_scheduler="constant", dataloader_workers=0, seed=0,
-        work_dir=str(folder))
-    student = StudentConfig(name=f"gpu-check-{method}", model=str(start if method == "grpo" else models["student"]),
-                            method=method, **method_settings(method, size, models, start))
-    spec_method = run_method(student, folder / "models", start_checkpoint=str(start) if start else None,
-                             answer_pattern=GenerationConfig().answer_pattern)
+        launcher="deepspeed" if engine == "deepspeed" else "torchrun",
+        engine=engine,
+        zero_stage=2,
+        precision="bf16" if cuda else "fp32",
+        micro_batch_size=max(2, micro),
+        max_steps=size.steps,
+        max_length=size.max_length,
+        learning_rate=1e-4 if cuda else 1e-3,
+        warmup_steps=0,
+        lr_scheduler="constant",
+        dataloader_workers=0,
+        seed=0,
+        work_dir=str(folder),
+    )
+    student = StudentConfig(
+        name=f"gpu-check-{method}",
+        model=str(start if method == "grpo" else models["student"]),
+        method=method,
+        **method_settings(method, size, models, start),
+    )
+    spec_method = run_method(
+        student, folder / "models", start_checkpoint=str(start) if start else None, answer_pattern=GenerationConfig().answer_pattern
+    )
     model_dir = start if method == "grpo" else models["student"]
     spec = training_spec(str(model_dir), data, folder / "out", training, run_dir=folder / "run", method=spec_method)
     spec_path = folder / "spec.json"
@@ -263,8 +343,9 @@ def train_method(method: str, size: Scale, models: dict[str, Path], data: Path, 
     from omnithought_dagster.processes import guarded
 
     # Under the project's guard: the launcher and its ranks die with this check, however it dies (processes.guarded).
-    process = subprocess.Popen(guarded(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder, env=env,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        guarded(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder, env=env, start_new_session=True
+    )
     try:
         out, err = process.communicate(timeout=timeout)
         status, output = process.returncode, out + err
@@ -286,11 +367,16 @@ def measurements(log: dict[str, Any]) -> dict[str, Any]:
     seconds = log.get("train_seconds") or 0
     peak = log.get("peak_gpu_memory_bytes")
     out = {
-        "steps": log.get("steps"), "steps_per_s": round(log["steps"] / seconds, 3) if seconds else None,
-        "tokens_per_s": log.get("tokens_per_s"), "steady_tokens_per_s": log.get("steady_tokens_per_s"),
+        "steps": log.get("steps"),
+        "steps_per_s": round(log["steps"] / seconds, 3) if seconds else None,
+        "tokens_per_s": log.get("tokens_per_s"),
+        "steady_tokens_per_s": log.get("steady_tokens_per_s"),
         "peak_gpu_memory_mib": round(peak / 2**20, 1) if peak is not None else None,
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-        "examples": log.get("examples"), "skipped_examples": log.get("skipped_examples"), "train_seconds": seconds,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "examples": log.get("examples"),
+        "skipped_examples": log.get("skipped_examples"),
+        "train_seconds": seconds,
     }
     for key in ("engine", "device", "precision", "optimizer", "attention"):
         out[key] = log.get(key)
@@ -317,9 +403,24 @@ def generate(model_dir: Path, data: Path, size: Scale, cuda: bool, batch: int = 
     for record in records:
         image = base64.b64encode((data / record["images"][0]).read_bytes()).decode()
         question = record["messages"][0]["content"].removeprefix("<image>\n")
-        requests.append(ChatRequest(key=record["id"], max_tokens=size.sample_tokens, temperature=0.0, top_p=1.0, seed=0, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
-                                         {"type": "text", "text": question}]}]))
+        requests.append(
+            ChatRequest(
+                key=record["id"],
+                max_tokens=size.sample_tokens,
+                temperature=0.0,
+                top_p=1.0,
+                seed=0,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+                            {"type": "text", "text": question},
+                        ],
+                    }
+                ],
+            )
+        )
 
     async def run_all():
         return await asyncio.gather(*(backend.complete(request) for request in requests))
@@ -333,9 +434,15 @@ def generate(model_dir: Path, data: Path, size: Scale, cuda: bool, batch: int = 
     seconds = time.monotonic() - begun
     errors = [c.error for c in completions if c.finish_reason == "error"]
     tokens = sum(c.n_tokens or 0 for c in completions)
-    return {"ok": not errors and tokens > 0, "requests": len(completions), "errors": errors[:3], "tokens": tokens,
-            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-            "note": "the transformers backend answers one request at a time, in fp32"}
+    return {
+        "ok": not errors and tokens > 0,
+        "requests": len(completions),
+        "errors": errors[:3],
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+        "note": "the transformers backend answers one request at a time, in fp32",
+    }
 
 
 def _text(value) -> str:
@@ -372,17 +479,45 @@ def prepare_wheels(dest: Path, path: Path = WHEELS_FILE) -> dict[str, Any]:
     for name, version in sorted(wanted.items()):
         if name in have:
             continue
-        download = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-                    "--only-binary=:all:", "--python-version", TARGET["python_version"], "--implementation", "cp",
-                    *platform_args, "-d", str(dest), f"{name}=={version}"]
+        download = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            TARGET["python_version"],
+            "--implementation",
+            "cp",
+            *platform_args,
+            "-d",
+            str(dest),
+            f"{name}=={version}",
+        ]
         done = subprocess.run(download, capture_output=True, text=True)
         if done.returncode != 0:  # published as source only: build a wheel here, without its compiled extensions
-            build = [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps", "--no-build-isolation",
-                     "-w", str(dest), f"{name}=={version}"]
+            build = [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--no-build-isolation",
+                "-w",
+                str(dest),
+                f"{name}=={version}",
+            ]
             built = subprocess.run(build, capture_output=True, text=True, env={**os.environ, "DS_BUILD_OPS": "0"})
             if built.returncode != 0:
-                raise RuntimeError(f"{name}=={version}: no wheel for Python {TARGET['python_version']} and no build: "
-                                   f"{done.stderr[-500:]}{built.stderr[-1000:]}")
+                raise RuntimeError(
+                    f"{name}=={version}: no wheel for Python {TARGET['python_version']} and no build: "
+                    f"{done.stderr[-500:]}{built.stderr[-1000:]}"
+                )
     files = sorted(dest.glob("*.whl"))
     found = {_wheel_name(w): _wheel_version(w) for w in files}
     if found != wanted or len(files) != len(wanted):

@@ -84,57 +84,109 @@ def _sample_story(store: CorpusStore, con, sample: str) -> dict[str, Any]:
         "images": [],
         "near_duplicate_of": None,
         "traces": _traces_of(con, sample),
-        "checkpoints": _dicts(con, "SELECT DISTINCT c.checkpoint_id, c.student, c.recipe, m.trace_id FROM subset_members m "
-                                   "JOIN student_checkpoints c ON c.recipe = m.subset AND c.subset_version = m.subset_version "
-                                   "WHERE m.sample_id = $1 ORDER BY c.student, c.recipe, m.trace_id", [sample]),
+        "checkpoints": _dicts(
+            con,
+            "SELECT DISTINCT c.checkpoint_id, c.student, c.recipe, m.trace_id FROM subset_members m "
+            "JOIN student_checkpoints c ON c.recipe = m.subset AND c.subset_version = m.subset_version "
+            "WHERE m.sample_id = $1 ORDER BY c.student, c.recipe, m.trace_id",
+            [sample],
+        ),
     }
     if record is None:
         return story
     for image_id in record["image_ids"]:
         meta = _dicts(con, "SELECT width, height, format, mode, n_bytes, phash FROM images WHERE image_id = $1 LIMIT 1", [image_id])
-        story["images"].append({"image_id": image_id, "uri": store.images.uri(image_id), "in_store": store.images.exists(image_id), **(meta[0] if meta else {})})
+        story["images"].append(
+            {
+                "image_id": image_id,
+                "uri": store.images.uri(image_id),
+                "in_store": store.images.exists(image_id),
+                **(meta[0] if meta else {}),
+            }
+        )
     if record["near_duplicate_of"]:
-        other = _dicts(con, "SELECT sample_id, source, native_id, question FROM seed_pool WHERE sample_id = $1 LIMIT 1", [record["near_duplicate_of"]])
-        story["near_duplicate_of"] = {"distance": record["near_duplicate_distance"], **(other[0] if other else {"sample_id": record["near_duplicate_of"]})}
+        other = _dicts(
+            con, "SELECT sample_id, source, native_id, question FROM seed_pool WHERE sample_id = $1 LIMIT 1", [record["near_duplicate_of"]]
+        )
+        story["near_duplicate_of"] = {
+            "distance": record["near_duplicate_distance"],
+            **(other[0] if other else {"sample_id": record["near_duplicate_of"]}),
+        }
     return story
 
 
-ANNOTATION_FIELDS = ["annotator", "correct", "verify_method", "extracted_answer", "pass_rate", "difficulty", "verbosity", "quality",
-                     "tags", "difficulty_score", "difficulty_label", "judge_error"]
+ANNOTATION_FIELDS = [
+    "annotator",
+    "correct",
+    "verify_method",
+    "extracted_answer",
+    "pass_rate",
+    "difficulty",
+    "verbosity",
+    "quality",
+    "tags",
+    "difficulty_score",
+    "difficulty_label",
+    "judge_error",
+]
 
 
 def _traces_of(con, sample: str) -> list[dict[str, Any]]:
     """The sample's traces, each with its annotation (None when not annotated yet)."""
     fields = ", ".join(f"a.{f} AS a_{f}" for f in ANNOTATION_FIELDS)
-    rows = _dicts(con, "SELECT t.trace_id, t.teacher, t.prompt_version, t.rollout, t.finish_reason, t.final_answer, t.n_tokens, t.error, "
-                       f"a.annotation_id, {fields} FROM cot_traces t LEFT JOIN annotations a USING (trace_id) "
-                       "WHERE t.sample_id = $1 ORDER BY t.teacher, t.rollout", [sample])
-    verdicts = {r["trace_id"]: {"kept": r["kept"], "reasons": r["reasons"], "duplicate_of": r["duplicate_of"]}
-                for r in _dicts(con, "SELECT trace_id, kept, reasons, duplicate_of FROM filter_decisions WHERE sample_id = $1", [sample])}
+    rows = _dicts(
+        con,
+        "SELECT t.trace_id, t.teacher, t.prompt_version, t.rollout, t.finish_reason, t.final_answer, t.n_tokens, t.error, "
+        f"a.annotation_id, {fields} FROM cot_traces t LEFT JOIN annotations a USING (trace_id) "
+        "WHERE t.sample_id = $1 ORDER BY t.teacher, t.rollout",
+        [sample],
+    )
+    verdicts = {
+        r["trace_id"]: {"kept": r["kept"], "reasons": r["reasons"], "duplicate_of": r["duplicate_of"]}
+        for r in _dicts(con, "SELECT trace_id, kept, reasons, duplicate_of FROM filter_decisions WHERE sample_id = $1", [sample])
+    }
     subsets: dict[str, list[str]] = {}
     for r in _dicts(con, "SELECT trace_id, subset FROM subset_members WHERE sample_id = $1 ORDER BY subset", [sample]):
         subsets.setdefault(r["trace_id"], []).append(r["subset"])
     traces = []
     for row in rows:
         annotation = {f: row.pop(f"a_{f}") for f in ANNOTATION_FIELDS}
-        traces.append({**row, "annotation": annotation if row["annotation_id"] else None,
-                       "verdict": verdicts.get(row["trace_id"]), "subsets": subsets.get(row["trace_id"], [])})
+        traces.append(
+            {
+                **row,
+                "annotation": annotation if row["annotation_id"] else None,
+                "verdict": verdicts.get(row["trace_id"]),
+                "subsets": subsets.get(row["trace_id"], []),
+            }
+        )
     return traces
 
 
 def subset_summary(store: CorpusStore, subset: str) -> dict[str, Any]:
     """What went into a subset: size, version, and counts by difficulty, primary tag and source."""
     con = store.catalog()
-    head = _dicts(con, "SELECT any_value(subset_version) AS version, count(*) AS members, count(DISTINCT sample_id) AS samples "
-                       "FROM subset_members WHERE subset = $1", [subset])[0]
+    head = _dicts(
+        con,
+        "SELECT any_value(subset_version) AS version, count(*) AS members, count(DISTINCT sample_id) AS samples "
+        "FROM subset_members WHERE subset = $1",
+        [subset],
+    )[0]
     if not head["members"]:
         raise LineageError(f"no subset named {subset!r} in the store")
 
     def by(expression: str) -> dict[str, int]:
         return _member_counts(con, expression, "count(*)", "m.subset = $1", [subset])
 
-    return {"kind": "subset", "subset": subset, "subset_version": head["version"], "members": head["members"], "samples": head["samples"],
-            "by_difficulty": by(BY_DIFFICULTY), "by_tag": by(BY_TAG), "by_source": by("m.source")}
+    return {
+        "kind": "subset",
+        "subset": subset,
+        "subset_version": head["version"],
+        "members": head["members"],
+        "samples": head["samples"],
+        "by_difficulty": by(BY_DIFFICULTY),
+        "by_tag": by(BY_TAG),
+        "by_source": by("m.source"),
+    }
 
 
 BY_DIFFICULTY = "coalesce(d.difficulty_label, 'unknown')"
@@ -143,8 +195,11 @@ BY_TAG = "coalesce(d.tags[1], 'untagged')"
 
 def _member_counts(con, expression: str, count: str, where: str, params: list) -> dict[str, int]:
     """Subset members (joined with their verdicts) counted by an expression, largest first."""
-    rows = con.execute(f"SELECT {expression} AS k, {count} FROM subset_members m LEFT JOIN filter_decisions d USING (trace_id) "
-                       f"WHERE {where} GROUP BY 1 ORDER BY 2 DESC, 1", params).fetchall()
+    rows = con.execute(
+        f"SELECT {expression} AS k, {count} FROM subset_members m LEFT JOIN filter_decisions d USING (trace_id) "
+        f"WHERE {where} GROUP BY 1 ORDER BY 2 DESC, 1",
+        params,
+    ).fetchall()
     return {str(k): n for k, n in rows}
 
 
@@ -154,12 +209,20 @@ def checkpoint_story(store: CorpusStore, con, checkpoint: str) -> dict[str, Any]
 
     (row,) = _dicts(con, "SELECT * FROM student_checkpoints WHERE checkpoint_id = $1 LIMIT 1", [checkpoint])
     manifest = None if row["baseline"] else store.checkpoints.manifest(checkpoint)
-    story: dict[str, Any] = {"kind": "checkpoint", "checkpoint_id": checkpoint, "checkpoint": row,
-                             "training": (manifest or {}).get("train_spec", {}).get("training"), "trained_on": None,
-                             "method": method_identity(manifest["train_spec"].get("method")) if manifest else None,
-                             "scores": _dicts(con, "SELECT benchmark, metric, slice, score, n, baseline_score, delta, eval_config_hash "
-                                                   "FROM benchmark_scores WHERE checkpoint_id = $1 ORDER BY benchmark, slice = 'all' DESC, slice",
-                                              [checkpoint])}
+    story: dict[str, Any] = {
+        "kind": "checkpoint",
+        "checkpoint_id": checkpoint,
+        "checkpoint": row,
+        "training": (manifest or {}).get("train_spec", {}).get("training"),
+        "trained_on": None,
+        "method": method_identity(manifest["train_spec"].get("method")) if manifest else None,
+        "scores": _dicts(
+            con,
+            "SELECT benchmark, metric, slice, score, n, baseline_score, delta, eval_config_hash "
+            "FROM benchmark_scores WHERE checkpoint_id = $1 ORDER BY benchmark, slice = 'all' DESC, slice",
+            [checkpoint],
+        ),
+    }
     if row["baseline"]:
         return story
     where = "m.subset = $1 AND m.subset_version = $2"
@@ -169,9 +232,16 @@ def checkpoint_story(store: CorpusStore, con, checkpoint: str) -> dict[str, Any]
         return _member_counts(con, expression, "count(DISTINCT m.sample_id)", where, params)
 
     traces, samples = con.execute(f"SELECT count(*), count(DISTINCT m.sample_id) FROM subset_members m WHERE {where}", params).fetchall()[0]
-    story["trained_on"] = {"subset": row["recipe"], "subset_version": row["subset_version"], "traces": traces, "samples": samples,
-                           "in_store": traces > 0, "samples_by_source": by("m.source"), "samples_by_tag": by(BY_TAG),
-                           "samples_by_difficulty": by(BY_DIFFICULTY)}
+    story["trained_on"] = {
+        "subset": row["recipe"],
+        "subset_version": row["subset_version"],
+        "traces": traces,
+        "samples": samples,
+        "in_store": traces > 0,
+        "samples_by_source": by("m.source"),
+        "samples_by_tag": by(BY_TAG),
+        "samples_by_difficulty": by(BY_DIFFICULTY),
+    }
     return story
 
 
@@ -179,22 +249,37 @@ def _trace_story(store: CorpusStore, con, trace: str) -> dict[str, Any]:
     (row,) = _dicts(con, "SELECT * FROM cot_traces WHERE trace_id = $1", [trace])
     sample = _sample_story(store, con, row["sample_id"])
     annotation = _dicts(con, "SELECT * FROM annotations WHERE trace_id = $1", [trace])
-    return {"kind": "trace", "trace_id": trace, "trace": row, "annotation": annotation[0] if annotation else None,
-            "sample": {k: sample[k] for k in ("sample_id", "status", "kept", "images")}}
+    return {
+        "kind": "trace",
+        "trace_id": trace,
+        "trace": row,
+        "annotation": annotation[0] if annotation else None,
+        "sample": {k: sample[k] for k in ("sample_id", "status", "kept", "images")},
+    }
 
 
 def _image_story(store: CorpusStore, con, image_id: str) -> dict[str, Any]:
-    meta = _dicts(con, "SELECT width, height, format, mode, n_bytes, phash, list(DISTINCT source) AS sources FROM images WHERE image_id = $1 GROUP BY ALL", [image_id])
+    meta = _dicts(
+        con,
+        "SELECT width, height, format, mode, n_bytes, phash, list(DISTINCT source) AS sources FROM images WHERE image_id = $1 GROUP BY ALL",
+        [image_id],
+    )
     used_by = _dicts(
         con,
         "SELECT sample_id, source, native_id FROM seed_pool WHERE list_contains(image_ids, $1) ORDER BY source, record_index",
         [image_id],
     )
-    return {"kind": "image", "image_id": image_id, "uri": store.images.uri(image_id), "in_store": store.images.exists(image_id),
-            **(meta[0] if meta else {}), "used_by": used_by}
+    return {
+        "kind": "image",
+        "image_id": image_id,
+        "uri": store.images.uri(image_id),
+        "in_store": store.images.exists(image_id),
+        **(meta[0] if meta else {}),
+        "used_by": used_by,
+    }
 
 
 def _dicts(con, sql: str, params: list) -> list[dict[str, Any]]:
     cursor = con.execute(sql, params)
     names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

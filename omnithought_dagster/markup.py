@@ -48,23 +48,65 @@ WORD_JOINER = "\u2060"  # what `defuse` puts inside a markup string: invisible, 
 # then the named ones of other families. Written so that Python's re and RE2 read them the same way.
 _SPECIAL_PARTS = (
     r"<[|｜][^<>|｜\x00-\x20\x7f]{1,64}[|｜]>",
-    r"</?s>", r"<unk>", r"<pad>", r"<bos>", r"<eos>", r"<mask>", r"<sop>", r"<eop>", r"\[gMASK\]",
-    r"\[/?INST\]", r"<</?SYS>>", r"\[/?(?:AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS|IMG|IMG_BREAK|IMG_END)\]",
-    r"<(?:start|end)_of_(?:turn|image)>", r"<image_soft_token>", r"<end_of_utterance>", r"<fake_token_around_image>",
-    r"</?tool_call>", r"</?tool_response>", r"</?img>", r"<IMG_CONTEXT>", r"<im_patch>", r"<im_start>", r"<im_end>",
+    r"</?s>",
+    r"<unk>",
+    r"<pad>",
+    r"<bos>",
+    r"<eos>",
+    r"<mask>",
+    r"<sop>",
+    r"<eop>",
+    r"\[gMASK\]",
+    r"\[/?INST\]",
+    r"<</?SYS>>",
+    r"\[/?(?:AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS|IMG|IMG_BREAK|IMG_END)\]",
+    r"<(?:start|end)_of_(?:turn|image)>",
+    r"<image_soft_token>",
+    r"<end_of_utterance>",
+    r"<fake_token_around_image>",
+    r"</?tool_call>",
+    r"</?tool_response>",
+    r"</?img>",
+    r"<IMG_CONTEXT>",
+    r"<im_patch>",
+    r"<im_start>",
+    r"<im_end>",
 )
 _PLACEHOLDER_PARTS = (r"<(?:image|video|audio)>",)
 _DELIMITER_PARTS = (r"</?think>",)
 
 # Control characters, as inclusive code point ranges (Unicode 15.1's Cc but \t \n \r, Cf, Co, Cs, noncharacters).
 _CONTROL_RANGES = (
-    (0x00, 0x08), (0x0B, 0x0C), (0x0E, 0x1F), (0x7F, 0x9F),
-    (0xAD, 0xAD), (0x600, 0x605), (0x61C, 0x61C), (0x6DD, 0x6DD), (0x70F, 0x70F), (0x890, 0x891), (0x8E2, 0x8E2),
-    (0x180E, 0x180E), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x2064), (0x2066, 0x206F), (0xFEFF, 0xFEFF),
-    (0xFFF9, 0xFFFB), (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x1343F), (0x1BCA0, 0x1BCA3),
-    (0x1D173, 0x1D17A), (0xE0001, 0xE0001), (0xE0020, 0xE007F),
-    (0xE000, 0xF8FF), (0xF0000, 0xFFFFD), (0x100000, 0x10FFFD),  # private use
-    (0xFDD0, 0xFDEF), *((plane + 0xFFFE, plane + 0xFFFF) for plane in range(0, 0x110000, 0x10000)),  # noncharacters
+    (0x00, 0x08),
+    (0x0B, 0x0C),
+    (0x0E, 0x1F),
+    (0x7F, 0x9F),
+    (0xAD, 0xAD),
+    (0x600, 0x605),
+    (0x61C, 0x61C),
+    (0x6DD, 0x6DD),
+    (0x70F, 0x70F),
+    (0x890, 0x891),
+    (0x8E2, 0x8E2),
+    (0x180E, 0x180E),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x2064),
+    (0x2066, 0x206F),
+    (0xFEFF, 0xFEFF),
+    (0xFFF9, 0xFFFB),
+    (0x110BD, 0x110BD),
+    (0x110CD, 0x110CD),
+    (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0001, 0xE0001),
+    (0xE0020, 0xE007F),
+    (0xE000, 0xF8FF),
+    (0xF0000, 0xFFFFD),
+    (0x100000, 0x10FFFD),  # private use
+    (0xFDD0, 0xFDEF),
+    *((plane + 0xFFFE, plane + 0xFFFF) for plane in range(0, 0x110000, 0x10000)),  # noncharacters
 )
 _SURROGATES = (0xD800, 0xDFFF)  # only Python strings hold them (JSON read with surrogateescape); never UTF-8, never SQL
 

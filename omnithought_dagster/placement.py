@@ -36,8 +36,10 @@ def gpu_step_tags(config: ProjectConfig, gpus: int) -> dict:
         k8s_config["container_config"]["image"] = k8s.gpu_image
     if pod:
         k8s_config["pod_spec_config"] = pod
-    tags: dict = {"dagster-k8s/config": k8s_config,
-                  "ecs/container_overrides": json.dumps({"resourceRequirements": [{"type": "GPU", "value": count}]})}
+    tags: dict = {
+        "dagster-k8s/config": k8s_config,
+        "ecs/container_overrides": json.dumps({"resourceRequirements": [{"type": "GPU", "value": count}]}),
+    }
     if ecs.gpu_cpu:
         tags["ecs/cpu"] = ecs.gpu_cpu
     if ecs.gpu_memory:

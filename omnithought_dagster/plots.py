@@ -58,7 +58,9 @@ def barh(ax, data: Mapping | Sequence[tuple], xlabel: str) -> None:
     ax.set_xlabel(xlabel)
 
 
-def histogram(ax, values: Sequence[float], xlabel: str, ylabel: str, bins: int = 10, value_range: tuple[float, float] | None = None) -> None:
+def histogram(
+    ax, values: Sequence[float], xlabel: str, ylabel: str, bins: int = 10, value_range: tuple[float, float] | None = None
+) -> None:
     ax.hist(values, bins=bins, range=value_range, color=BAR)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

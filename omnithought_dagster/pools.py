@@ -86,8 +86,9 @@ def run_worker_record(instance: dg.DagsterInstance, run_id: str) -> Iterator[Non
         if _ended(instance, run_id):
             _release(instance, run_id, path, handle)
         else:
-            threading.Thread(target=_release_when_ended, args=(instance, run_id, path, handle), daemon=True,
-                             name=f"run-record-{run_id[:8]}").start()
+            threading.Thread(
+                target=_release_when_ended, args=(instance, run_id, path, handle), daemon=True, name=f"run-record-{run_id[:8]}"
+            ).start()
 
 
 def _ended(instance: dg.DagsterInstance, run_id: str) -> bool:
@@ -167,8 +168,9 @@ def _pool_steps(instance: dg.DagsterInstance) -> set[tuple[str, str, str, bool]]
         info = storage.get_concurrency_info(key)
         claimed = {(slot.run_id, slot.step_key) for slot in info.claimed_slots}
         steps.update((run_id, key, step_key, True) for run_id, step_key in claimed)
-        steps.update((step.run_id, key, step.step_key, False) for step in info.pending_steps
-                     if (step.run_id, step.step_key) not in claimed)  # a claimed step is in both lists
+        steps.update(
+            (step.run_id, key, step.step_key, False) for step in info.pending_steps if (step.run_id, step.step_key) not in claimed
+        )  # a claimed step is in both lists
     return steps
 
 
@@ -303,14 +305,19 @@ class WatchedExecutor(Executor):
         return self.inner.step_dependency_config
 
     def execute(self, plan_context, execution_plan):
-        with watched_run(plan_context.instance, plan_context.run_id, in_process=isinstance(self.inner, InProcessExecutor),
-                         log=plan_context.log):
+        with watched_run(
+            plan_context.instance, plan_context.run_id, in_process=isinstance(self.inner, InProcessExecutor), log=plan_context.log
+        ):
             yield from self.inner.execute(plan_context, execution_plan)
 
 
 def watched(executor_def: dg.ExecutorDefinition) -> dg.ExecutorDefinition:
     """`executor_def` (multiprocess or in-process) whose runs are watched."""
     create = executor_def.executor_creation_fn
-    return dg.ExecutorDefinition(name=executor_def.name, config_schema=executor_def.config_schema,
-                                 requirements=executor_def.get_requirements, description=executor_def.description,
-                                 executor_creation_fn=lambda init_context: WatchedExecutor(create(init_context)))
+    return dg.ExecutorDefinition(
+        name=executor_def.name,
+        config_schema=executor_def.config_schema,
+        requirements=executor_def.get_requirements,
+        description=executor_def.description,
+        executor_creation_fn=lambda init_context: WatchedExecutor(create(init_context)),
+    )

@@ -38,26 +38,77 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
 # temp folders, proxies and certificates, the accelerator's and the ML libraries' own variables, thread counts. Not
 # the rest - the store's keys, other services' API keys, whatever else a step holds.
 INHERITED_ENV_NAMES = {
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "TEMP", "TMP", "LD_LIBRARY_PATH",
-    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-    "http_proxy", "https_proxy", "no_proxy", "CC", "CXX", "PYTHONUNBUFFERED", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE",
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TERM",
+    "TMPDIR",
+    "TEMP",
+    "TMP",
+    "LD_LIBRARY_PATH",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "CC",
+    "CXX",
+    "PYTHONUNBUFFERED",
+    "PYTHONHASHSEED",
+    "PYTHONDONTWRITEBYTECODE",
 }
 INHERITED_ENV_PREFIXES = (
-    "LC_", "XDG_", "CUDA_", "NVIDIA_", "NCCL_", "CUBLAS_", "CUDNN_", "TORCH", "TRITON_", "VLLM_", "HF_", "HUGGINGFACE_",
-    "TRANSFORMERS_", "TOKENIZERS_", "DS_", "DEEPSPEED_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "ROCR_", "HIP_",
-    "MASTER_", "WORLD_SIZE", "LOCAL_RANK", "RANK", "DAGSTER_PIPES_",
+    "LC_",
+    "XDG_",
+    "CUDA_",
+    "NVIDIA_",
+    "NCCL_",
+    "CUBLAS_",
+    "CUDNN_",
+    "TORCH",
+    "TRITON_",
+    "VLLM_",
+    "HF_",
+    "HUGGINGFACE_",
+    "TRANSFORMERS_",
+    "TOKENIZERS_",
+    "DS_",
+    "DEEPSPEED_",
+    "OMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "KMP_",
+    "GOMP_",
+    "ROCR_",
+    "HIP_",
+    "MASTER_",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "RANK",
+    "DAGSTER_PIPES_",
 )
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment a child process is started with: the step's variables it needs (INHERITED_ENV_*), plus `extra`."""
-    env = {name: value for name, value in os.environ.items()
-           if name in INHERITED_ENV_NAMES or name.startswith(INHERITED_ENV_PREFIXES)}
+    env = {name: value for name, value in os.environ.items() if name in INHERITED_ENV_NAMES or name.startswith(INHERITED_ENV_PREFIXES)}
     env.update(extra or {})
     return env
 
 
-def guarded(command: list[str], grace_s: float = 20.0, keep_env: list[str] | None = None, stderr_tail: str | os.PathLike | None = None) -> list[str]:
+def guarded(
+    command: list[str], grace_s: float = 20.0, keep_env: list[str] | None = None, stderr_tail: str | os.PathLike | None = None
+) -> list[str]:
     """`command` run under a guard that dies with this process and takes the command's whole process group with it.
 
     Start the result with `start_new_session=True`: the guard leads a process group that holds the command and

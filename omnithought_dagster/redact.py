@@ -32,8 +32,10 @@ REDACTED = "[redacted]"
 # Strong words name nothing but secrets: their unquoted value runs to the end of the line (a password may hold spaces).
 # Weak words also name ordinary things (a music question's "Pass:", an NLP question's "token:"): their unquoted value
 # ends at the first space.
-STRONG_WORDS = (r"secret|passw(?:or)?d|pwd|api[_-]?key|access[_-]?key|account[_-]?key|secret[_-]?key|private[_-]?key"
-                r"|credentials?|connection[_-]?string|client[_-]?secret|session[_-]?token|auth[_-]?token|access[_-]?token")
+STRONG_WORDS = (
+    r"secret|passw(?:or)?d|pwd|api[_-]?key|access[_-]?key|account[_-]?key|secret[_-]?key|private[_-]?key"
+    r"|credentials?|connection[_-]?string|client[_-]?secret|session[_-]?token|auth[_-]?token|access[_-]?token"
+)
 WEAK_WORDS = r"token|pass|auth|authorization"
 _START = r"(?:(?<![A-Za-z0-9])|(?<=(?-i:[a-z]))(?=(?-i:[A-Z])))"  # after a separator, or at a camelCase hump
 _END = r"(?:(?![A-Za-z0-9])|(?=(?-i:[A-Z])))"
@@ -48,7 +50,8 @@ _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s:@]*:[^/\s@]+@")
 _KNOWN = re.compile(
     r"\b(?:(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}"  # AWS access key ids
-    r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,})\b")
+    r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,})\b"
+)
 _RUN = re.compile(r"[A-Za-z0-9+/=_-]{32,}")  # judged whole, then a '/'-separated part at a time (file paths are such runs)
 MIN_ENTROPY = 4.2
 MIN_ENTROPY_WHOLE = 4.5  # a run holding '/' is a key as a whole only if it mixes cases and digits and scores this

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
 
     def figure(draw, caption: str) -> str:
         report.figures += 1
-        return f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{png_base64(draw)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        image = f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{png_base64(draw)}'>"
+        return f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
     def rows(sql: str, params: list | None = None) -> list[tuple]:
         return con.execute(sql, params or []).fetchall()
@@ -47,9 +48,17 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     # Stage overview
     overview = [
         ("seed_pool", rows("SELECT count(*) FROM seed_pool")[0][0], rows("SELECT count(*) FROM quarantine")[0][0]),
-        ("cot_traces", rows("SELECT count(*) FROM cot_traces")[0][0], rows("SELECT count(*) FROM cot_traces WHERE finish_reason IN ('error', 'length')")[0][0]),
+        (
+            "cot_traces",
+            rows("SELECT count(*) FROM cot_traces")[0][0],
+            rows("SELECT count(*) FROM cot_traces WHERE finish_reason IN ('error', 'length')")[0][0],
+        ),
         ("annotations", rows("SELECT count(*) FROM annotations")[0][0], rows("SELECT count(judge_error) FROM annotations")[0][0]),
-        ("filtered_set", rows("SELECT count(*) FILTER (kept) FROM filter_decisions")[0][0], rows("SELECT count(*) FILTER (NOT kept) FROM filter_decisions")[0][0]),
+        (
+            "filtered_set",
+            rows("SELECT count(*) FILTER (kept) FROM filter_decisions")[0][0],
+            rows("SELECT count(*) FILTER (NOT kept) FROM filter_decisions")[0][0],
+        ),
         ("subset_members", rows("SELECT count(*) FROM subset_members")[0][0], 0),
         ("student_checkpoints", rows("SELECT count(*) FROM student_checkpoints")[0][0], 0),
         ("benchmark_scores", rows("SELECT count(*) FROM benchmark_scores")[0][0], 0),
@@ -65,7 +74,9 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     section("Seed pool", body if sources else ["<p>empty: materialise seed_pool</p>"])
 
     # Annotations
-    labels = rows("SELECT difficulty_label, count(DISTINCT sample_id) FROM annotations WHERE difficulty_label IS NOT NULL GROUP BY 1 ORDER BY 1")
+    labels = rows(
+        "SELECT difficulty_label, count(DISTINCT sample_id) FROM annotations WHERE difficulty_label IS NOT NULL GROUP BY 1 ORDER BY 1"
+    )
     tags = rows(f"SELECT t, count(*) FROM annotations, unnest(tags) AS u(t) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT {TOP_TAGS}")
     pass_rates = [r[0] for r in rows("SELECT any_value(pass_rate) FROM annotations WHERE pass_rate IS NOT NULL GROUP BY sample_id")]
     body = []
@@ -74,7 +85,9 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     if tags:
         body.append(figure(lambda ax: barh(ax, tags, "traces"), f"judge task tags (top {TOP_TAGS})"))
     if pass_rates:
-        body.append(figure(lambda ax: histogram(ax, pass_rates, "pass rate", "samples", value_range=(0, 1)), "rollout pass rate per sample"))
+        body.append(
+            figure(lambda ax: histogram(ax, pass_rates, "pass rate", "samples", value_range=(0, 1)), "rollout pass rate per sample")
+        )
     section("Annotations", body or ["<p>empty: materialise annotations</p>"])
 
     # Filtering
@@ -86,19 +99,32 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     section("Filtered set", body or ["<p>empty: materialise filtered_set</p>"])
 
     # Subsets
-    subsets = rows("SELECT subset, any_value(subset_version), count(*), count(DISTINCT sample_id) FROM subset_members GROUP BY 1 ORDER BY 1")
+    subsets = rows(
+        "SELECT subset, any_value(subset_version), count(*), count(DISTINCT sample_id) FROM subset_members GROUP BY 1 ORDER BY 1"
+    )
     body = [_table(["recipe", "subset_version", "traces", "samples"], subsets)] if subsets else []
     for subset, *_ in subsets:
-        composition = rows("SELECT split_part(stratum, '/', 1) AS label, count(*) FROM subset_members WHERE subset = $1 GROUP BY 1 ORDER BY 1",
-                           [subset])
+        composition = rows(
+            "SELECT split_part(stratum, '/', 1) AS label, count(*) FROM subset_members WHERE subset = $1 GROUP BY 1 ORDER BY 1", [subset]
+        )
         body.append(figure(lambda ax, c=composition: bar(ax, c, "traces"), f"{subset}: members by difficulty"))
     section("Subsets", body or ["<p>empty: materialise sampled_subsets</p>"])
 
     # Students
-    checkpoints = rows("SELECT checkpoint_id, student, recipe, baseline, steps, initial_loss, final_loss, tokens_per_s FROM student_checkpoints "
-                       "ORDER BY student, recipe")
-    body = [_table(["checkpoint", "student", "recipe", "baseline", "steps", "initial loss", "final loss", "tokens/s"],
-                   [(c[0][:12], *c[1:]) for c in checkpoints])] if checkpoints else []
+    checkpoints = rows(
+        "SELECT checkpoint_id, student, recipe, baseline, steps, initial_loss, final_loss, tokens_per_s FROM student_checkpoints "
+        "ORDER BY student, recipe"
+    )
+    body = (
+        [
+            _table(
+                ["checkpoint", "student", "recipe", "baseline", "steps", "initial loss", "final loss", "tokens/s"],
+                [(c[0][:12], *c[1:]) for c in checkpoints],
+            )
+        ]
+        if checkpoints
+        else []
+    )
     losses = {f"{c[1]}/{c[2]}": _losses(store, c[0]) for c in checkpoints if not c[3]}
     losses = {k: v for k, v in losses.items() if v}
     if losses:
@@ -106,8 +132,10 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     section("Students", body or ["<p>none trained yet</p>"])
 
     # Scores
-    scores = rows("SELECT student, recipe, benchmark, metric, slice, score, n, baseline_score, delta FROM benchmark_scores "
-                  "ORDER BY student, recipe != 'base', recipe, benchmark, slice != 'all', slice")
+    scores = rows(
+        "SELECT student, recipe, benchmark, metric, slice, score, n, baseline_score, delta FROM benchmark_scores "
+        "ORDER BY student, recipe != 'base', recipe, benchmark, slice != 'all', slice"
+    )
     body = [_table(["student", "recipe", "benchmark", "metric", "slice", "score", "n", "baseline", "delta"], scores)] if scores else []
     deltas = [(f"{r[0]}/{r[1]} {r[4]}", r[8]) for r in scores if r[8] is not None and r[1] != "base"]
     if deltas:
@@ -115,10 +143,13 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     section("Scores", body or ["<p>none scored yet</p>"])
     con.close()
 
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    document = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-                f"<h1>{html.escape(title)}</h1><p class='meta'>store {html.escape(store.root_uri)} - written {stamp}</p>"
-                + "".join(parts) + "</body></html>")
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    document = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p class='meta'>store {html.escape(store.root_uri)} - written {stamp}</p>"
+        + "".join(parts)
+        + "</body></html>"
+    )
     report.path.parent.mkdir(parents=True, exist_ok=True)
     report.path.write_text(document, encoding="utf-8")
     return report
@@ -148,6 +179,8 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-_CSS = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}h1{margin-bottom:0}.meta{color:#777}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}"
-        "th{background:#f4f4f4}figure{margin:1em 0}figcaption{color:#555;font-size:.9em}section{margin-top:2em}")
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}h1{margin-bottom:0}.meta{color:#777}"
+    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}"
+    "th{background:#f4f4f4}figure{margin:1em 0}figcaption{color:#555;font-size:.9em}section{margin-top:2em}"
+)

@@ -39,9 +39,13 @@ def build_manifest_sensors(config: ProjectConfig, seed_job: str) -> list[dg.Sens
     ops = config.operations
     partitions = seed_partitions(config)
 
-    @dg.sensor(name=SENSOR_NAME, job_name=seed_job, minimum_interval_seconds=ops.manifest_sensor_interval_s,
-               default_status=dg.DefaultSensorStatus.RUNNING if ops.manifest_sensor_running else dg.DefaultSensorStatus.STOPPED,
-               description=f"Adds the sources that manifests in {ops.source_manifests} declare as partitions and requests their seed_pool runs.")
+    @dg.sensor(
+        name=SENSOR_NAME,
+        job_name=seed_job,
+        minimum_interval_seconds=ops.manifest_sensor_interval_s,
+        default_status=dg.DefaultSensorStatus.RUNNING if ops.manifest_sensor_running else dg.DefaultSensorStatus.STOPPED,
+        description=f"Adds the sources that manifests in {ops.source_manifests} declare as partitions and requests their seed_pool runs.",
+    )
     def source_manifests(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
         registered = set(context.instance.get_dynamic_partitions(SOURCES_PARTITIONS))
@@ -64,9 +68,13 @@ def build_manifest_sensors(config: ProjectConfig, seed_job: str) -> list[dg.Sens
                 continue
             if manifest.name not in registered and manifest.name not in new_partitions:
                 new_partitions.append(manifest.name)
-            requests.append(dg.RunRequest(
-                run_key=f"manifest:{manifest.name}:{manifest.digest[:16]}", partition_key=manifest.name,
-                tags={TRIGGER_TAG: SENSOR_NAME, MANIFEST_TAG: manifest.uri, f"{MANIFEST_TAG}_sha256": manifest.digest}))
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"manifest:{manifest.name}:{manifest.digest[:16]}",
+                    partition_key=manifest.name,
+                    tags={TRIGGER_TAG: SENSOR_NAME, MANIFEST_TAG: manifest.uri, f"{MANIFEST_TAG}_sha256": manifest.digest},
+                )
+            )
             context.log.info(f"manifest {manifest.uri}: source {manifest.name!r} ({manifest.source.kind}) -> seed_pool run requested")
         present = {m.name for m in found}
         for gone in sorted(set(seen) - present):
@@ -85,9 +93,13 @@ def build_manifest_sensors(config: ProjectConfig, seed_job: str) -> list[dg.Sens
     return [source_manifests]
 
 
-@dg.sensor(name=REAPER_NAME, minimum_interval_seconds=REAPER_INTERVAL_S, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Where the daemon runs: marks runs of this machine whose every process died as failed and frees their "
-                       "pool slots (a run that starts, or a step waiting for a slot, does the same).")
+@dg.sensor(
+    name=REAPER_NAME,
+    minimum_interval_seconds=REAPER_INTERVAL_S,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Where the daemon runs: marks runs of this machine whose every process died as failed and frees their "
+    "pool slots (a run that starts, or a step waiting for a slot, does the same).",
+)
 def dead_run_reaper(context: dg.SensorEvaluationContext) -> dg.SkipReason:
     freed = free_dead_runs(context.instance, context.log)
     if not freed:

@@ -53,8 +53,9 @@ class Staleness:
     def of(self, key: dg.AssetKey, partition: str | None = None) -> PartitionStatus:
         status = self._resolver.get_status(key, partition)
         causes = self._resolver.get_stale_causes(key, partition) if status == StaleStatus.STALE else []
-        return PartitionStatus(status.value, tuple(f"{_where(c.key)}: {c.reason}" + (f" ({_where(c.dependency)})" if c.dependency else "")
-                                                   for c in causes))
+        return PartitionStatus(
+            status.value, tuple(f"{_where(c.key)}: {c.reason}" + (f" ({_where(c.dependency)})" if c.dependency else "") for c in causes)
+        )
 
 
 def _where(asset_key_partition) -> str:

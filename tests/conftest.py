@@ -49,8 +49,9 @@ def write_json(path: Path, records: Any, jsonl: bool = False) -> Path:
     return path
 
 
-def write_config(folder: Path, sources: list[dict], seed: dict | None = None, store_root: str = "store", name: str = "omnithought.yaml",
-                 **sections) -> Path:
+def write_config(
+    folder: Path, sources: list[dict], seed: dict | None = None, store_root: str = "store", name: str = "omnithought.yaml", **sections
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     document = {"project": "test", "store": {"root": store_root}, "sources": sources, **sections}
     if seed:
@@ -106,9 +107,7 @@ def run_checks(config, instance, partition: str) -> dict:
 
 def check_evaluations(result) -> dict:
     return {
-        e.event_specific_data.check_name: e.event_specific_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        e.event_specific_data.check_name: e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
     }
 
 
@@ -123,17 +122,22 @@ def materializations(result) -> dict:
 
 
 # A run of one job in a process of its own, for the tests that kill it (and tests of two runs at once).
-_RUN_IN_A_PROCESS = ("import sys; import dagster as dg; from omnithought_dagster.config import load_config;"
-                     "from omnithought_dagster.defs import build_definitions;"
-                     "r = build_definitions(load_config(sys.argv[1])).resolve_job_def(sys.argv[2]).execute_in_process("
-                     "partition_key=sys.argv[3], instance=dg.DagsterInstance.get(), raise_on_error=False); sys.exit(0 if r.success else 1)")
+_RUN_IN_A_PROCESS = (
+    "import sys; import dagster as dg; from omnithought_dagster.config import load_config;"
+    "from omnithought_dagster.defs import build_definitions;"
+    "r = build_definitions(load_config(sys.argv[1])).resolve_job_def(sys.argv[2]).execute_in_process("
+    "partition_key=sys.argv[3], instance=dg.DagsterInstance.get(), raise_on_error=False); sys.exit(0 if r.success else 1)"
+)
 
 
 def start_run(config, instance, job: str, partition: str, **popen):
     """Start the job's run of one partition in a new process (its step runs there: the in-process executor)."""
     popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
-    return subprocess.Popen([sys.executable, "-c", _RUN_IN_A_PROCESS, config.config_path, job, partition],
-                            env={**os.environ, "DAGSTER_HOME": instance.root_directory}, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-c", _RUN_IN_A_PROCESS, config.config_path, job, partition],
+        env={**os.environ, "DAGSTER_HOME": instance.root_directory},
+        **popen,
+    )
 
 
 def processes_mentioning(*texts: str) -> list[str]:
@@ -207,8 +211,14 @@ def vllm_server(tiny_teacher, tmp_path_factory):
 
     if not VLLM_PYTHON.exists():
         pytest.fail(f"{VLLM_PYTHON} is missing: `make test` creates it (make vllm-env)")
-    server = VLLMServer(str(VLLM_PYTHON), str(tiny_teacher), served_model_name=SERVED_NAME, max_model_len=2048,
-                        log_dir=tmp_path_factory.mktemp("vllm-logs"), startup_timeout_s=300)
+    server = VLLMServer(
+        str(VLLM_PYTHON),
+        str(tiny_teacher),
+        served_model_name=SERVED_NAME,
+        max_model_len=2048,
+        log_dir=tmp_path_factory.mktemp("vllm-logs"),
+        startup_timeout_s=300,
+    )
     with server:
         _SESSION_SERVERS.append(server)
         yield server
@@ -227,7 +237,9 @@ def _revive_session_servers() -> None:
     for server in _SESSION_SERVERS:
         if server.process is not None and server.process.poll() is not None:
             code, tail = server.process.returncode, server.tail(60)
-            warnings.warn(f"the session's vLLM server had ended (exit code {code}); starting it again. The end of its log:\n{tail}")
+            warnings.warn(
+                f"the session's vLLM server had ended (exit code {code}); starting it again. The end of its log:\n{tail}", stacklevel=2
+            )
             server.start()
 
 
@@ -255,17 +267,30 @@ def served_config(folder: Path, base_url: str, n_samples: int = 8, teacher: dict
     """A project with a synthetic source whose teacher is an OpenAI-compatible server at base_url."""
     from omnithought_dagster.config import load_config
 
-    teacher = teacher or {"backend": "openai", "base_url": base_url, "model": SERVED_NAME, "name": "tiny-test",
-                          "max_concurrency": 8, "max_retries": 1}
-    path = write_config(folder, [{"name": "synthetic", "kind": "synthetic", "n_samples": n_samples}],
-                        teacher=teacher, generation={**TEST_GENERATION, **(generation or {})}, **extra)
+    teacher = teacher or {
+        "backend": "openai",
+        "base_url": base_url,
+        "model": SERVED_NAME,
+        "name": "tiny-test",
+        "max_concurrency": 8,
+        "max_retries": 1,
+    }
+    path = write_config(
+        folder,
+        [{"name": "synthetic", "kind": "synthetic", "n_samples": n_samples}],
+        teacher=teacher,
+        generation={**TEST_GENERATION, **(generation or {})},
+        **extra,
+    )
     return load_config(path)
 
 
 def run_job(config, instance, job: str, partition: str):
     from omnithought_dagster.defs import build_definitions
 
-    return build_definitions(config).resolve_job_def(job).execute_in_process(partition_key=partition, instance=instance, raise_on_error=False)
+    return (
+        build_definitions(config).resolve_job_def(job).execute_in_process(partition_key=partition, instance=instance, raise_on_error=False)
+    )
 
 
 def run_partition_checks(config, instance, asset: str | list[str], partition: str) -> dict:
@@ -281,8 +306,7 @@ def run_partition_checks(config, instance, asset: str | list[str], partition: st
     name = "_".join(assets) + "_checks"
     job = dg.define_asset_job(name, selection=dg.AssetSelection.checks_for_assets(*assets))
     defs = dg.Definitions.merge(build_definitions(config), dg.Definitions(jobs=[job]))
-    result = defs.resolve_job_def(name).execute_in_process(tags={"dagster/partition": partition}, instance=instance,
-                                                          raise_on_error=False)
+    result = defs.resolve_job_def(name).execute_in_process(tags={"dagster/partition": partition}, instance=instance, raise_on_error=False)
     return check_evaluations(result)
 
 

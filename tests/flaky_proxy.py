@@ -68,8 +68,12 @@ class FlakyProxy:
                     time.sleep(value)
                 with proxy._lock:
                     proxy.forwarded += 1
-                self._relay(urllib.request.Request(proxy.upstream + self.path.removeprefix("/v1"), data=body,
-                                                   headers={"Content-Type": "application/json"}), truncate=kind == "truncate")
+                self._relay(
+                    urllib.request.Request(
+                        proxy.upstream + self.path.removeprefix("/v1"), data=body, headers={"Content-Type": "application/json"}
+                    ),
+                    truncate=kind == "truncate",
+                )
 
             def _relay(self, request, truncate: bool = False):
                 try:
@@ -101,7 +105,7 @@ class FlakyProxy:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
-    def __enter__(self) -> "FlakyProxy":
+    def __enter__(self) -> FlakyProxy:
         self.thread.start()
         return self
 

@@ -1,5 +1,6 @@
 """A code location for the pool tests (test_pools.py): one `gpu` pool step that waits for a file, run by the
-project's executor and with the project resource, as the real GPU steps are, and the project's reaper sensor. $POOL_TEST_DIR is the folder of
+project's executor and with the project resource, as the real GPU steps are, and the project's reaper sensor.
+$POOL_TEST_DIR is the folder of
 the files it writes (`started-<run id>`: its pid) and waits for (`release`)."""
 
 import os
@@ -25,5 +26,9 @@ def held(context: dg.AssetExecutionContext, project: ProjectResource) -> None:
 
 
 config = load_config()
-defs = dg.Definitions(assets=[held], resources={"project": ProjectResource(config_path=config.config_path)}, executor=executor(config),
-                      sensors=[dead_run_reaper])  # as the project's Definitions have it
+defs = dg.Definitions(
+    assets=[held],
+    resources={"project": ProjectResource(config_path=config.config_path)},
+    executor=executor(config),
+    sensors=[dead_run_reaper],
+)  # as the project's Definitions have it

@@ -80,11 +80,23 @@ class ScriptedTeacher:
             self.texts += [t for t in texts if t]
             self.requests["judge" if judge else "teacher"] += 1
         if judge:
-            content = json.dumps({"difficulty": (2, 5, 8)[item % 3], "verbosity": 4, "quality": 7, "answer_correct": True,
-                                  "tags": [("counting", "table", "chart/bar", "math/geometry")[(item // 3) % 4]]})
+            content = json.dumps(
+                {
+                    "difficulty": (2, 5, 8)[item % 3],
+                    "verbosity": 4,
+                    "quality": 7,
+                    "answer_correct": True,
+                    "tags": [("counting", "table", "chart/bar", "math/geometry")[(item // 3) % 4]],
+                }
+            )
         else:
             script = self.reasonings[(body.get("seed") or 0) % len(self.reasonings)]
             content = json.dumps({"reasoning": script(item), "final_answer": self.answers.get(item, "0")})
-        return {"id": "scripted", "object": "chat.completion", "created": 0, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200}}
+        return {
+            "id": "scripted",
+            "object": "chat.completion",
+            "created": 0,
+            "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200},
+        }

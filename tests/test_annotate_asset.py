@@ -8,13 +8,22 @@ import dagster as dg
 import pytest
 from typer.testing import CliRunner
 
-from conftest import (check_evaluations, materializations, plot_image, requests_served, rewrite_partition, run_job, run_partition_checks,
-                      served_config)
-from flaky_proxy import FlakyProxy
 from omnithought_dagster.annotate.taxonomy import Taxonomy
 from omnithought_dagster.cli import app
 from omnithought_dagster.defs import ANNOTATE_JOB, SEED_JOB, TEACHER_JOB
 from omnithought_dagster.store import CorpusStore
+
+from conftest import (
+    check_evaluations,
+    materializations,
+    plot_image,
+    requests_served,
+    rewrite_partition,
+    run_job,
+    run_partition_checks,
+    served_config,
+)
+from flaky_proxy import FlakyProxy
 
 pytestmark = pytest.mark.slow
 PARTITION = "000|synthetic"
@@ -22,8 +31,14 @@ ANNOTATION = {"max_tokens": 192, "temperature": 1.0, "flush_every": 4}
 
 
 def _project(folder, base_url, judge_url=None, **annotation):
-    judge = {"backend": "openai", "base_url": judge_url or base_url, "model": "tiny-teacher-test", "name": "tiny-judge",
-             "max_retries": 1, "max_concurrency": 8}
+    judge = {
+        "backend": "openai",
+        "base_url": judge_url or base_url,
+        "model": "tiny-teacher-test",
+        "name": "tiny-judge",
+        "max_retries": 1,
+        "max_concurrency": 8,
+    }
     return served_config(folder, base_url, n_samples=6, generation={"shards": 1}, judge=judge, annotation={**ANNOTATION, **annotation})
 
 
@@ -48,13 +63,20 @@ def test_annotations_for_every_trace_then_all_from_cache(vllm_server, instance, 
     assert all(plot_image(meta[f"plot/{name}"]) for name in ("difficulty", "tags", "pass_rate"))
 
     con = CorpusStore(config.store.root).catalog()
-    rows = con.execute("SELECT count(*), count(DISTINCT trace_id), count(difficulty), min(difficulty), max(difficulty) FROM annotations").fetchone()
+    rows = con.execute(
+        "SELECT count(*), count(DISTINCT trace_id), count(difficulty), min(difficulty), max(difficulty) FROM annotations"
+    ).fetchone()
     assert rows[0] == rows[1] == rows[2] == 24 and 0 <= rows[3] <= rows[4] <= 9
     labels = set(Taxonomy.load("builtin:tags-v1").names)
     assert {t for (tags,) in con.execute("SELECT tags FROM annotations").fetchall() for t in tags} <= labels
     # pass_rate is the share of correct rollouts of each sample, and every sample has 4
-    assert con.execute("SELECT count(*) FROM (SELECT sample_id, avg(correct::INT) AS r, any_value(pass_rate) AS p, count(*) AS n "
-                       "FROM annotations GROUP BY 1) WHERE abs(r - p) > 1e-9 OR n != 4").fetchone()[0] == 0
+    assert (
+        con.execute(
+            "SELECT count(*) FROM (SELECT sample_id, avg(correct::INT) AS r, any_value(pass_rate) AS p, count(*) AS n "
+            "FROM annotations GROUP BY 1) WHERE abs(r - p) > 1e-9 OR n != 4"
+        ).fetchone()[0]
+        == 0
+    )
 
     before = requests_served(vllm_server)
     again = run_job(config, instance, ANNOTATE_JOB, PARTITION)
@@ -62,8 +84,16 @@ def test_annotations_for_every_trace_then_all_from_cache(vllm_server, instance, 
     assert materializations(again)["annotations"]["cache_hits"] == 24
 
     # Another judge prompt version is another annotation id: everything is judged again.
-    edited = _project(tmp_path, vllm_server.base_url, prompt={"version": "judge-v2", "system": "Grade.", "user":
-                      "{question}{choices} ref {reference} reasoning {reasoning} answer {final_answer}; tags from {labels} (max {max_tags}). JSON."})
+    edited = _project(
+        tmp_path,
+        vllm_server.base_url,
+        prompt={
+            "version": "judge-v2",
+            "system": "Grade.",
+            "user": "{question}{choices} ref {reference} reasoning {reasoning} answer {final_answer}; "
+            "tags from {labels} (max {max_tags}). JSON.",
+        },
+    )
     before = requests_served(vllm_server)
     assert run_job(edited, instance, ANNOTATE_JOB, PARTITION).success
     assert requests_served(vllm_server) - before == 24
@@ -146,8 +176,10 @@ def _flip_first_correct(rows):
         (lambda rows: [{**rows[0], "difficulty_label": "impossible"}] + rows[1:], {"values_in_range"}),
         (lambda rows: [{**rows[0], "tags": ["astrology"]}] + rows[1:], {"tags_in_taxonomy"}),
         (_flip_first_correct, {"pass_rate_consistent"}),
-        (lambda rows: [{**r, "judge_error": "unparsable judge reply: x"} if i < 2 else r for i, r in enumerate(rows)],
-         {"judge_parse_failure_rate"}),  # 2/24 > 2% warn, < 10% fail: a warning
+        (
+            lambda rows: [{**r, "judge_error": "unparsable judge reply: x"} if i < 2 else r for i, r in enumerate(rows)],
+            {"judge_parse_failure_rate"},
+        ),  # 2/24 > 2% warn, < 10% fail: a warning
     ],
 )
 def test_annotation_checks_fail_on_planted_bad_rows(planted, instance, change, failed):

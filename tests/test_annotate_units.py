@@ -25,9 +25,15 @@ def _reply(**overrides):
     ("text", "expected"),
     [
         (_reply(), (4, 6, 7, ["math/geometry"], True)),
-        ('Here is my rating:\n{"difficulty": "5", "verbosity": 2.0, "quality": "8/9", "tags": "geometry, bar chart", '
-         '"answer_correct": "no"}\nThanks.', (5, 2, 8, ["math/geometry", "chart/bar"], False)),
-        ("Difficulty: 3\nVerbosity: 1\nQuality: 9\nTags: counting, spatial reasoning\nAnswer_correct: yes", (3, 1, 9, ["counting", "spatial-relations"], True)),
+        (
+            'Here is my rating:\n{"difficulty": "5", "verbosity": 2.0, "quality": "8/9", "tags": "geometry, bar chart", '
+            '"answer_correct": "no"}\nThanks.',
+            (5, 2, 8, ["math/geometry", "chart/bar"], False),
+        ),
+        (
+            "Difficulty: 3\nVerbosity: 1\nQuality: 9\nTags: counting, spatial reasoning\nAnswer_correct: yes",
+            (3, 1, 9, ["counting", "spatial-relations"], True),
+        ),
         (_reply(tags=["astrology", "table"], answer_correct=None), (4, 6, 7, ["table"], None)),
         (_reply(tags=["geometry", "math/geometry", "table", "counting", "chart"]), (4, 6, 7, ["math/geometry", "table", "counting"], True)),
     ],
@@ -40,11 +46,17 @@ def test_parse_valid_judgements(text, expected):
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("", "empty reply"), (None, "empty reply"), ("I cannot rate this.", "no JSON object"),
-        (_reply(difficulty=12), "difficulty=12 is outside 0-9"), (_reply(quality=-1), "quality=-1 is outside 0-9"),
-        (_reply(verbosity=6.5), "verbosity is not an integer"), (_reply(difficulty="hard"), "difficulty is not a number"),
-        (_reply(quality=True), "quality is a boolean"), (json.dumps({"difficulty": 3, "verbosity": 3, "tags": ["table"]}), "missing 'quality'"),
-        (_reply(tags=[]), "no tags"), (_reply(tags=["astrology", "cooking"]), "no tag in the taxonomy"),
+        ("", "empty reply"),
+        (None, "empty reply"),
+        ("I cannot rate this.", "no JSON object"),
+        (_reply(difficulty=12), "difficulty=12 is outside 0-9"),
+        (_reply(quality=-1), "quality=-1 is outside 0-9"),
+        (_reply(verbosity=6.5), "verbosity is not an integer"),
+        (_reply(difficulty="hard"), "difficulty is not a number"),
+        (_reply(quality=True), "quality is a boolean"),
+        (json.dumps({"difficulty": 3, "verbosity": 3, "tags": ["table"]}), "missing 'quality'"),
+        (_reply(tags=[]), "no tags"),
+        (_reply(tags=["astrology", "cooking"]), "no tag in the taxonomy"),
         ('{"difficulty": 4, "verbosity": 6, "quality": 7, "tags": ["table"]', "does not parse"),  # truncated
     ],
 )
@@ -56,8 +68,9 @@ def test_invalid_judgements_are_errors_not_guesses(text, reason):
 def test_schema_and_prompt_carry_the_taxonomy():
     schema = judge_schema(TAX, SETTINGS)
     assert schema["properties"]["tags"]["items"]["enum"] == TAX.names and schema["properties"]["quality"]["maximum"] == 9
-    text = judge_prompt(SETTINGS).user_text(question="Q?", choices=["x", "y"], reference="B", reasoning="r" * 10_000,
-                                            final_answer=None, taxonomy=TAX, settings=SETTINGS)
+    text = judge_prompt(SETTINGS).user_text(
+        question="Q?", choices=["x", "y"], reference="B", reasoning="r" * 10_000, final_answer=None, taxonomy=TAX, settings=SETTINGS
+    )
     assert "A. x\nB. y" in text and "math/geometry" in text and "Candidate final answer: (none)" in text
     assert text.count("r") < 6100  # the reasoning is cut to reasoning_max_chars
 
@@ -82,15 +95,31 @@ def test_pass_rates_and_sample_level_difficulty():
 
 
 def test_agreement_metrics_see_a_judge_that_tracks_correctness_and_one_that_does_not():
-    samples = {"a": {"source_tags": ["counting"], "source_difficulty": 1}, "b": {"source_tags": ["table"], "source_difficulty": 2},
-               "c": {"source_tags": ["chart/bar"], "source_difficulty": 3}}
+    samples = {
+        "a": {"source_tags": ["counting"], "source_difficulty": 1},
+        "b": {"source_tags": ["table"], "source_difficulty": 2},
+        "c": {"source_tags": ["chart/bar"], "source_difficulty": 3},
+    }
 
     def row(sample, correct, quality, tags, judge_correct, difficulty):
-        return {"sample_id": sample, "correct": correct, "quality": quality, "tags": tags, "judge_answer_correct": judge_correct,
-                "verify_method": "numeric", "judge_error": None, "sample_difficulty": difficulty, "pass_rate": 0.5}
+        return {
+            "sample_id": sample,
+            "correct": correct,
+            "quality": quality,
+            "tags": tags,
+            "judge_answer_correct": judge_correct,
+            "verify_method": "numeric",
+            "judge_error": None,
+            "sample_difficulty": difficulty,
+            "pass_rate": 0.5,
+        }
 
-    good = [row("a", True, 8, ["counting"], True, 1), row("b", True, 9, ["table"], True, 4), row("c", False, 2, ["chart/bar"], False, 7),
-            row("c", False, 1, ["other"], False, 7)]
+    good = [
+        row("a", True, 8, ["counting"], True, 1),
+        row("b", True, 9, ["table"], True, 4),
+        row("c", False, 2, ["chart/bar"], False, 7),
+        row("c", False, 1, ["other"], False, 7),
+    ]
     metrics = agreement(good, samples)
     assert metrics["quality_auc_vs_correct"] == 1.0 and metrics["judge_verifier_agreement"] == 1.0
     assert metrics["tag_hit_rate_vs_source"] == 0.75 and metrics["difficulty_spearman_vs_source"] == 1.0
@@ -98,5 +127,9 @@ def test_agreement_metrics_see_a_judge_that_tracks_correctness_and_one_that_does
     metrics = agreement(flat, samples)
     assert metrics["quality_auc_vs_correct"] == 0.5 and metrics["judge_verifier_agreement"] == 0.0
     assert metrics["tag_hit_rate_vs_source"] == 0.0 and metrics["difficulty_spearman_vs_source"] is None
-    assert pass_rate_histogram([{"sample_id": s, "pass_rate": p} for s, p in [("a", 0), ("b", 0.25), ("c", 0.6), ("d", 1)]]) == \
-        {"0": 1, "(0.00, 0.25]": 1, "(0.50, 0.75]": 1, "1": 1}
+    assert pass_rate_histogram([{"sample_id": s, "pass_rate": p} for s, p in [("a", 0), ("b", 0.25), ("c", 0.6), ("d", 1)]]) == {
+        "0": 1,
+        "(0.00, 0.25]": 1,
+        "(0.50, 0.75]": 1,
+        "1": 1,
+    }

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 import pytest
 
-from conftest import rewrite_partition, run_job, run_partition_checks, write_config
-from curation_data import build_store
 from omnithought_dagster.automation import RECURATION_SCHEDULE, TRIGGER_TAG
 from omnithought_dagster.config import ConfigError, load_config
 from omnithought_dagster.defs import FILTER_JOB, build_definitions
 from omnithought_dagster.store import CorpusStore
 
-RECIPES = [{"name": "even", "size": 12, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}},
-           {"name": "small", "size": 4, "difficulty_mix": {"easy": 1}}]
+from conftest import rewrite_partition, run_job, run_partition_checks, write_config
+from curation_data import build_store
+
+RECIPES = [
+    {"name": "even", "size": 12, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}},
+    {"name": "small", "size": 4, "difficulty_mix": {"easy": 1}},
+]
 GPU_STAGES = ["cot_traces", "annotations", "student_checkpoints", "benchmark_scores"]
 
 
 def _project(tmp_path, **operations):
     build_store(tmp_path / "store", n_samples=24)
-    path = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}], recipes=RECIPES,
-                        benchmarks=[{"name": "held", "kind": "synthetic", "n_samples": 4, "seed": 3, "start_index": 900}],
-                        students=[{"name": "tiny"}], evaluation={"benchmarks": ["held"]}, operations=operations)
+    path = write_config(
+        tmp_path,
+        [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}],
+        recipes=RECIPES,
+        benchmarks=[{"name": "held", "kind": "synthetic", "n_samples": 4, "seed": 3, "start_index": 900}],
+        students=[{"name": "tiny"}],
+        evaluation={"benchmarks": ["held"]},
+        operations=operations,
+    )
     return load_config(path)
 
 
@@ -33,8 +42,9 @@ def test_recuration_schedule_requests_every_source_on_the_filter_job(tmp_path):
     schedule = defs.resolve_schedule_def(RECURATION_SCHEDULE)
     assert schedule.cron_schedule == "30 2 * * 1" and schedule.execution_timezone == "Europe/Paris"
     assert schedule.job_name == FILTER_JOB and schedule.default_status == dg.DefaultScheduleStatus.STOPPED
-    with dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 23, 2, 30, tzinfo=timezone.utc),
-                                   repository_def=defs.get_repository_def()) as context:
+    with dg.build_schedule_context(
+        scheduled_execution_time=datetime(2026, 11, 23, 2, 30, tzinfo=UTC), repository_def=defs.get_repository_def()
+    ) as context:
         requests = list(schedule.evaluate_tick(context).run_requests)
     assert [r.partition_key for r in requests] == ["synthetic"] and requests[0].tags[TRIGGER_TAG] == RECURATION_SCHEDULE
     assert requests[0].run_key == "recuration:synthetic:2026-11-23T02:30:00+00:00"
@@ -90,7 +100,6 @@ def test_subsets_follow_a_new_filtered_set_only_when_its_blocking_checks_passed(
 def test_an_edited_threshold_requests_its_stage_on_the_next_tick_and_nothing_else(tmp_path, instance):
     """code_version_changed(): the settings that change filtered_set are hashed into its code version."""
     import yaml
-
     from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
 
     from omnithought_dagster.ids import shard_keys
@@ -99,17 +108,25 @@ def test_an_edited_threshold_requests_its_stage_on_the_next_tick_and_nothing_els
     # the store was written directly (curation_data): tell Dagster its upstream partitions exist, as their runs would have
     # and that their blocking checks passed
     checks = build_definitions(config).resolve_asset_graph().asset_check_keys
-    upstream = {"seed_pool": ["synthetic"], **{asset: [f"{shard}|synthetic" for shard in shard_keys(config.generation.shards)]
-                                               for asset in ("cot_traces", "annotations")}}
+    upstream = {
+        "seed_pool": ["synthetic"],
+        **{asset: [f"{shard}|synthetic" for shard in shard_keys(config.generation.shards)] for asset in ("cot_traces", "annotations")},
+    }
     for asset, partitions in upstream.items():
         for partition in partitions:
             instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=partition))
-            (record,) = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]),
-                                                        limit=1).records
-            target = AssetCheckEvaluationTargetMaterializationData(storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp)
+            (record,) = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+            ).records
+            target = AssetCheckEvaluationTargetMaterializationData(
+                storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
+            )
             for check in (c for c in checks if c.asset_key.to_user_string() == asset):
-                instance.report_runless_asset_event(dg.AssetCheckEvaluation(check.asset_key, check.name, passed=True, partition=partition,
-                                                                            target_materialization_data=target))
+                instance.report_runless_asset_event(
+                    dg.AssetCheckEvaluation(
+                        check.asset_key, check.name, passed=True, partition=partition, target_materialization_data=target
+                    )
+                )
     assert run_job(config, instance, FILTER_JOB, "synthetic").success
     first = dg.evaluate_automation_conditions(defs=build_definitions(config), instance=instance)
     quiet = dg.evaluate_automation_conditions(defs=build_definitions(config), instance=instance, cursor=first.cursor)

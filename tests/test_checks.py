@@ -9,17 +9,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import materialize_source, run_checks, write_image, write_json
 from omnithought_dagster.checks.gx import Expect, gx_check_result, validate_frame
 from omnithought_dagster.store import CorpusStore
+
+from conftest import materialize_source, run_checks, write_image, write_json
 
 
 @pytest.fixture
 def materialised(project, instance, tmp_path):
     """Two sources materialised cleanly; returns (config, store)."""
     write_image(tmp_path / "imgs/a.png", 1)
-    records = [{"id": "r1", "question": "Q?", "answer": "Pick B", "choices": ["Pick A", "Pick B"], "image": "a.png"},
-               {"id": "r2", "question": "Missing?", "answer": "1", "image": "nope.png"}]
+    records = [
+        {"id": "r1", "question": "Q?", "answer": "Pick B", "choices": ["Pick A", "Pick B"], "image": "a.png"},
+        {"id": "r2", "question": "Missing?", "answer": "1", "image": "nope.png"},
+    ]
     files = {"name": "files", "kind": "json", "path": str(write_json(tmp_path / "f.json", records)), "image_root": str(tmp_path / "imgs")}
     config = project([{"name": "synthetic", "kind": "synthetic", "n_samples": 12}, files])
     for source in config.source_names:
@@ -133,15 +136,27 @@ def test_reasons_known_fails_on_an_unknown_reason(materialised, instance):
 def test_checks_fail_when_the_partition_was_never_materialised(project, instance):
     config = project([{"name": "synthetic", "kind": "synthetic", "n_samples": 3}])
     checks = run_checks(config, instance, "synthetic")
-    assert _failed(checks) == {"sample_id_unique", "required_columns_present", "answer_type_valid", "images_in_store", "row_accounting", "reasons_known"}
+    assert _failed(checks) == {
+        "sample_id_unique",
+        "required_columns_present",
+        "answer_type_valid",
+        "images_in_store",
+        "row_accounting",
+        "reasons_known",
+    }
     assert "materialise it first" in checks["sample_id_unique"].description
 
 
 def test_gx_helper_reports_each_expectation():
     frame = pd.DataFrame({"x": [1, 2, 2], "t": ["a", "b", "zz"]})
-    validation = validate_frame(frame, [Expect("expect_column_values_to_be_unique", column="x"),
-                                        Expect("expect_column_values_to_be_in_set", column="t", value_set=["a", "b"]),
-                                        Expect("expect_column_values_to_not_be_null", column="t")])
+    validation = validate_frame(
+        frame,
+        [
+            Expect("expect_column_values_to_be_unique", column="x"),
+            Expect("expect_column_values_to_be_in_set", column="t", value_set=["a", "b"]),
+            Expect("expect_column_values_to_not_be_null", column="t"),
+        ],
+    )
     assert [o.success for o in validation.outcomes] == [False, False, True]
     assert validation.outcomes[1].examples == ["zz"] and validation.outcomes[0].unexpected_count == 2
     result = gx_check_result(frame, [Expect("expect_column_values_to_be_in_set", column="t", value_set=["a", "b"])])
@@ -156,8 +171,10 @@ def test_row_accounting_catches_a_reader_that_splits_a_record(project, instance,
     from omnithought_dagster.sources import jsonstream
 
     write_image(tmp_path / "imgs/a.png", 1)
-    lines = [json.dumps({"id": "r1", "question": "Two\u2028lines?", "answer": "1", "image": "a.png"}, ensure_ascii=False),
-             json.dumps({"id": "r2", "question": "One?", "answer": "2", "image": "a.png"})]
+    lines = [
+        json.dumps({"id": "r1", "question": "Two\u2028lines?", "answer": "1", "image": "a.png"}, ensure_ascii=False),
+        json.dumps({"id": "r2", "question": "One?", "answer": "2", "image": "a.png"}),
+    ]
     (tmp_path / "f.jsonl").write_text("\n".join(lines), encoding="utf-8")
     files = {"name": "files", "kind": "json", "path": str(tmp_path / "f.jsonl"), "image_root": str(tmp_path / "imgs")}
     config = project([files])

@@ -7,8 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SERVED_NAME, write_config, write_image, write_json
 from omnithought_dagster.cli import app
+
+from conftest import SERVED_NAME, write_config, write_image, write_json
 
 runner = CliRunner()
 
@@ -17,11 +18,14 @@ runner = CliRunner()
 def demo_project(tmp_path, monkeypatch, vllm_server):
     """A small project, materialised with `omnithought demo` into a tmp DAGSTER_HOME (teacher: the session's vLLM server)."""
     write_image(tmp_path / "imgs/a.png", 1)
-    records = [{"id": "keep-me", "question": "How many blocks?", "answer": "4", "image": "a.png"},
-               {"id": "lost", "question": "Where?", "answer": "here", "image": "gone.png"}]
+    records = [
+        {"id": "keep-me", "question": "How many blocks?", "answer": "4", "image": "a.png"},
+        {"id": "lost", "question": "Where?", "answer": "here", "image": "gone.png"},
+    ]
     files = {"name": "files", "kind": "json", "path": str(write_json(tmp_path / "f.json", records)), "image_root": str(tmp_path / "imgs")}
     config = write_config(
-        tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 18}, files],
+        tmp_path,
+        [{"name": "synthetic", "kind": "synthetic", "n_samples": 18}, files],
         teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test"},
         generation={"rollouts": 4, "shards": 1, "max_tokens": 64, "reasoning_max_chars": 60, "answer_max_chars": 12},
     )
@@ -40,7 +44,7 @@ def test_a_failing_stage_says_so_at_once_with_the_end_of_its_error(tmp_path, mon
     lines = result.output.split("\n")
     failed = next(i for i, line in enumerate(lines) if line.startswith("x seed_pool[files] FAILED in "))
     assert lines[failed - 1].startswith("> seed_pool[files] started") or "seed_pool" in lines[failed - 1]
-    assert "nowhere" in "\n".join(lines[failed:failed + 5])  # the error itself, right there
+    assert "nowhere" in "\n".join(lines[failed : failed + 5])  # the error itself, right there
     assert "cot_traces" not in result.output  # later stages build on it
 
 
@@ -49,12 +53,20 @@ def test_failure_text_keeps_the_first_and_the_last_lines():
 
     message = "lmms-eval wrote no results JSON; its last lines:\n" + "\n".join(f"line {i}" for i in range(100))
     text = failure_text(message, lines=5)
-    assert text.split("\n") == ["lmms-eval wrote no results JSON; its last lines:", "... (96 lines)", "line 96", "line 97", "line 98",
-                                 "line 99"]
+    assert text.split("\n") == [
+        "lmms-eval wrote no results JSON; its last lines:",
+        "... (96 lines)",
+        "line 96",
+        "line 97",
+        "line 98",
+        "line 99",
+    ]
     assert failure_text("one\n\ntwo") == "one\ntwo"
     line = outcome_line(StageOutcome("benchmark_scores", "base|tiny", False, False, {"error": "boom\nlast words"}, seconds=3.25))
     assert line == "x benchmark_scores[base|tiny] FAILED in 3.2 s:\n    boom\n    last words"
-    ok = outcome_line(StageOutcome("seed_pool", "s", False, True, {"input": 3, "output": 2, "flagged": 1}, {"a": "passed", "b": "warn"}, seconds=1))
+    ok = outcome_line(
+        StageOutcome("seed_pool", "s", False, True, {"input": 3, "output": 2, "flagged": 1}, {"a": "passed", "b": "warn"}, seconds=1)
+    )
     assert ok == "< seed_pool[s] ran in 1.0 s: 3 in, 2 out, 1 flagged; checks 1/2 passed"
 
 
@@ -112,8 +124,13 @@ def test_query_json_and_read_only(demo_project):
     assert rows == [{"source": "files", "n": 1}, {"source": "synthetic", "n": 18}]
     listed = _json(["query", "SELECT image_ids FROM seed_pool WHERE source = 'files'", "--config", str(config), "--json"])
     assert len(listed[0]["image_ids"]) == 1
-    for statement in ["COPY seed_pool TO '/tmp/x.csv'", "CREATE TABLE t AS SELECT 1", "SELECT 1; DROP VIEW seed_pool",
-                      "ATTACH 'x.db'", "INSTALL httpfs"]:
+    for statement in [
+        "COPY seed_pool TO '/tmp/x.csv'",
+        "CREATE TABLE t AS SELECT 1",
+        "SELECT 1; DROP VIEW seed_pool",
+        "ATTACH 'x.db'",
+        "INSTALL httpfs",
+    ]:
         refused = runner.invoke(app, ["query", statement, "--config", str(config)])
         assert refused.exit_code == 2 and "only read-only SELECT" in refused.output, statement
     broken = runner.invoke(app, ["query", "SELECT nope FROM seed_pool", "--config", str(config)])
@@ -141,14 +158,20 @@ def test_lineage_of_a_quarantined_record_and_of_an_image(demo_project):
     story = _json(["lineage", "files/lost", "--config", str(config), "--json"])
     assert story["status"] == "quarantined" and story["quarantine"][0]["reason"] == "missing_image"
     assert "gone.png" in story["quarantine"][0]["detail"]
-    (row,) = _json(["query", "SELECT image_ids[1] AS image_id FROM seed_pool WHERE native_id = 'keep-me'", "--config", str(config), "--json"])
+    (row,) = _json(
+        ["query", "SELECT image_ids[1] AS image_id FROM seed_pool WHERE native_id = 'keep-me'", "--config", str(config), "--json"]
+    )
     image = _json(["lineage", row["image_id"], "--config", str(config), "--json"])
     assert image["kind"] == "image" and image["used_by"][0]["native_id"] == "keep-me" and image["format"] == "PNG"
 
 
 def test_lineage_errors(demo_project):
     config, _ = demo_project
-    for ident, message in [("ffffffffffff", "no sample, image, trace or checkpoint id"), ("abc", "not an id"), ("files/nobody", "no record 'nobody'")]:
+    for ident, message in [
+        ("ffffffffffff", "no sample, image, trace or checkpoint id"),
+        ("abc", "not an id"),
+        ("files/nobody", "no record 'nobody'"),
+    ]:
         result = runner.invoke(app, ["lineage", ident, "--config", str(config)])
         assert result.exit_code == 1 and message in result.output, result.output
 

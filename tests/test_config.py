@@ -43,16 +43,31 @@ def test_missing_file_is_named(tmp_path):
     ("raw", "expected"),
     [
         ({"sources": [{"name": "a", "kind": "synthetic", "n_sample": 5}]}, r"sources\[0\] \(name=a\)\.n_sample: unknown field"),
-        ({"sources": [{"name": "a", "kind": "synthetic", "n_samples": -1}]}, r"sources\[0\] \(name=a\)\.n_samples: Input should be greater than 0"),
+        (
+            {"sources": [{"name": "a", "kind": "synthetic", "n_samples": -1}]},
+            r"sources\[0\] \(name=a\)\.n_samples: Input should be greater than 0",
+        ),
         ({"sources": [{"name": "a", "kind": "csv", "path": "x"}]}, r"sources\[0\] \(name=a\): unknown kind 'csv'"),
         ({"sources": [{"name": "a", "kind": "json"}]}, r"sources\[0\] \(name=a\)\.path: Field required"),
         ({"sources": [{"name": "Bad Name", "kind": "synthetic"}]}, r"sources\[0\] \(name=Bad Name\)\.name: String should match pattern"),
-        ({"sources": [{"name": "a", "kind": "synthetic"}, {"name": "a", "kind": "synthetic"}]}, r"sources\[1\]\.name: 'a' is used by an earlier source"),
+        (
+            {"sources": [{"name": "a", "kind": "synthetic"}, {"name": "a", "kind": "synthetic"}]},
+            r"sources\[1\]\.name: 'a' is used by an earlier source",
+        ),
         ({"sources": []}, r"sources: at least one source, or operations.source_manifests to watch for them"),
-        ({"sources": [{"name": "a", "kind": "synthetic"}], "seed": {"max_image_pixels": 0}}, r"seed\.max_image_pixels: Input should be greater than 0"),
+        (
+            {"sources": [{"name": "a", "kind": "synthetic"}], "seed": {"max_image_pixels": 0}},
+            r"seed\.max_image_pixels: Input should be greater than 0",
+        ),
         ({"sources": [{"name": "a", "kind": "synthetic"}], "stor": {}}, r"stor: unknown field"),
-        ({"sources": [{"name": "a", "kind": "synthetic", "families": ["poetry"]}]}, r"families: Value error, unknown task families \['poetry'\]"),
-        ({"sources": [{"name": "a", "kind": "json", "path": "x", "format": "csv"}]}, r"sources\[0\] \(name=a\)\.format: Input should be 'flat' or 'llava'"),
+        (
+            {"sources": [{"name": "a", "kind": "synthetic", "families": ["poetry"]}]},
+            r"families: Value error, unknown task families \['poetry'\]",
+        ),
+        (
+            {"sources": [{"name": "a", "kind": "json", "path": "x", "format": "csv"}]},
+            r"sources\[0\] \(name=a\)\.format: Input should be 'flat' or 'llava'",
+        ),
     ],
 )
 def test_bad_config_names_field_and_problem(raw, expected, tmp_path):

@@ -9,13 +9,14 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from conftest import check_evaluations, materializations, plot_image, rewrite_partition, run_job, run_partition_checks, write_config
-from curation_data import build_store
 from omnithought_dagster.cli import app
 from omnithought_dagster.config import load_config
 from omnithought_dagster.curation.export import ExportError, export_subset
 from omnithought_dagster.defs import FILTER_JOB, SUBSET_JOB
 from omnithought_dagster.store import CorpusStore
+
+from conftest import check_evaluations, materializations, plot_image, rewrite_partition, run_job, run_partition_checks, write_config
+from curation_data import build_store
 
 RECIPES = [
     {"name": "even", "size": 12, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}, "max_tag_share": 0.5, "traces_per_sample": 1},
@@ -25,11 +26,17 @@ RECIPES = [
 
 def _project(tmp_path, **curation):
     build_store(tmp_path / "store", n_samples=24)
-    path = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}],
-                        benchmarks=[{"name": "held", "kind": "synthetic", "n_samples": 4, "seed": 0, "start_index": 22}],
-                        curation={"decontamination": {"benchmarks": ["held"], "require": "both", "image_max_distance": 0},
-                                  "selection": {"max_traces_per_sample": 2}, **curation},
-                        recipes=RECIPES)
+    path = write_config(
+        tmp_path,
+        [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}],
+        benchmarks=[{"name": "held", "kind": "synthetic", "n_samples": 4, "seed": 0, "start_index": 22}],
+        curation={
+            "decontamination": {"benchmarks": ["held"], "require": "both", "image_max_distance": 0},
+            "selection": {"max_traces_per_sample": 2},
+            **curation,
+        },
+        recipes=RECIPES,
+    )
     return load_config(path)
 
 
@@ -143,7 +150,9 @@ def test_the_cutoff_counts_the_template_and_the_image_tokens_as_the_trainer_does
     assert len(manifest["set_aside"]) == len(cut.set_aside) and manifest["cutoff_len"] == cutoff
     # A stored image that no longer decodes is that example's problem, not the export's.
     member = store.read_partition("subset_members", "even").to_pylist()[0]
-    image = next(r["image_ids"][0] for r in store.read_partition("seed_pool", "synthetic").to_pylist() if r["sample_id"] == member["sample_id"])
+    image = next(
+        r["image_ids"][0] for r in store.read_partition("seed_pool", "synthetic").to_pylist() if r["sample_id"] == member["sample_id"]
+    )
     Path(store.images.path(image)).write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
     broken = export_subset(store, "even", "llamafactory", tmp_path / "broken", cutoff_len=4096, tokenizer=str(tiny_teacher))
     assert [(a.id, a.reason) for a in broken.set_aside] == [(member["trace_id"], "unreadable_image")] and broken.examples == 11
@@ -169,8 +178,11 @@ def test_the_preflight_sets_bad_examples_aside_and_writes_the_rest(curated, tmp_
     store.fs.delete_file(store.images.path(image))
     report = export_subset(store, "even", "llamafactory", tmp_path / "b")
     assert report.examples == 8 and {a.id: a.reason for a in report.set_aside} == {
-        by_sample[members[0]["sample_id"]]: "image_placeholder_mismatch", by_sample[members[1]["sample_id"]]: "markup_in_text",
-        members[2]["trace_id"]: "markup_in_text", by_sample[members[3]["sample_id"]]: "missing_image"}
+        by_sample[members[0]["sample_id"]]: "image_placeholder_mismatch",
+        by_sample[members[1]["sample_id"]]: "markup_in_text",
+        members[2]["trace_id"]: "markup_in_text",
+        by_sample[members[3]["sample_id"]]: "missing_image",
+    }
     details = {a.id: a.detail for a in report.set_aside}
     assert details[members[2]["trace_id"]] == "its reasoning holds U+202E (control_character)"
     assert "'<|im_end|>' (special_token)" in details[by_sample[members[1]["sample_id"]]]
@@ -184,11 +196,20 @@ def test_the_preflight_sets_bad_examples_aside_and_writes_the_rest(curated, tmp_
     # The subset's check reports the same: 4 of 12 is over the 5% threshold, so it fails; under a 50% threshold it warns.
     checks = _status(run_partition_checks(config, instance, "sampled_subsets", "even"))
     assert checks["exportable"] == "ERROR"
-    lenient = load_config(write_config(tmp_path / "lenient", [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}],
-                                       store_root=str(store.root_uri), recipes=RECIPES, curation={"max_set_aside_share": 0.5}))
+    lenient = load_config(
+        write_config(
+            tmp_path / "lenient",
+            [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}],
+            store_root=str(store.root_uri),
+            recipes=RECIPES,
+            curation={"max_set_aside_share": 0.5},
+        )
+    )
     assert _status(run_partition_checks(lenient, instance, "sampled_subsets", "even"))["exportable"] == "WARN"
     assert not (tmp_path / "a").exists()
-    result = CliRunner().invoke(app, ["export", "even", "--format", "sharegpt", "--out", str(tmp_path / "d"), "--config", config.config_path])
+    result = CliRunner().invoke(
+        app, ["export", "even", "--format", "sharegpt", "--out", str(tmp_path / "d"), "--config", config.config_path]
+    )
     assert result.exit_code == 0 and "set aside" in result.output and "missing_image" in result.output
     with pytest.raises(ExportError, match="no members"):
         export_subset(store, "nope", "hf", tmp_path / "e")

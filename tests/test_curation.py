@@ -7,11 +7,12 @@ import random
 import pyarrow as pa
 import pytest
 
-from curation_data import build_store, reasoning_text, write_traces
 from omnithought_dagster.config import CurationConfig, DecontaminationConfig, RecipeConfig, RulesConfig, SelectionConfig
 from omnithought_dagster.curation.curate import curate_source, recheck_kept
 from omnithought_dagster.curation.decontam import BenchmarkItem, find_contamination, question_grams
 from omnithought_dagster.curation.sampling import candidates_from_table, sample_subset
+
+from curation_data import build_store, reasoning_text, write_traces
 
 ALL = SelectionConfig(max_traces_per_sample=4)  # no trace cap unless a test wants one
 
@@ -85,17 +86,23 @@ def test_markup_rules_name_the_string_and_count_it_and_clean_mode_keeps_the_trac
     decisions = _decide(store)
     assert decisions[traces[0]["trace_id"]]["reasons"] == [
         {"code": "special_token", "value": 3.0, "threshold": 0.0, "detail": "'<|im_end|>'"},
-        {"code": "control_character", "value": 1.0, "threshold": 0.0, "detail": "U+200B"}]
+        {"code": "control_character", "value": 1.0, "threshold": 0.0, "detail": "U+200B"},
+    ]
     assert decisions[traces[1]["trace_id"]]["reasons"][0]["detail"] == "'</think>'"
     clean = CurationConfig(rules=RulesConfig(markup="clean"), selection=ALL)
     result = curate_source(store, "synthetic", clean, [])
-    assert all(result.decisions.column("kept").to_pylist()) and result.markup_kept == {"special_token": 1, "control_character": 1,
-                                                                                        "forged_delimiter": 1}
+    assert all(result.decisions.column("kept").to_pylist()) and result.markup_kept == {
+        "special_token": 1,
+        "control_character": 1,
+        "forged_delimiter": 1,
+    }
     store.write_partition("filter_decisions", "synthetic", result.decisions)
     assert recheck_kept(store, "synthetic", clean, [])[1] == []
     # The Python twin finds what the SQL found: a kept trace holding markup is a violation under `drop`.
     assert {v["trace_id"] for v in recheck_kept(store, "synthetic", CurationConfig(selection=ALL), [])[1]} == {
-        traces[0]["trace_id"], traces[1]["trace_id"]}
+        traces[0]["trace_id"],
+        traces[1]["trace_id"],
+    }
 
 
 def test_rules_can_be_turned_off(tmp_path):
@@ -143,7 +150,9 @@ def test_near_duplicate_samples_keep_the_representative(tmp_path):
     table[3]["near_duplicate_of"], table[3]["near_duplicate_distance"] = table[0]["sample_id"], 1
     table[3]["question"] = table[0]["question"] + " "  # the same question (normalised)
     table[4]["near_duplicate_of"], table[4]["near_duplicate_distance"] = table[0]["sample_id"], 1  # different question
-    store.write_partition("seed_pool", "synthetic", pa.Table.from_pylist(table, schema=store.read_partition("seed_pool", "synthetic").schema))
+    store.write_partition(
+        "seed_pool", "synthetic", pa.Table.from_pylist(table, schema=store.read_partition("seed_pool", "synthetic").schema)
+    )
     decisions = _decide(store)
     near = [row for row in decisions.values() if row["sample_id"] == table[3]["sample_id"]]
     assert near and all(_codes(row) == {"near_duplicate_sample"} and row["duplicate_of"] == table[0]["sample_id"] for row in near)
@@ -152,9 +161,11 @@ def test_near_duplicate_samples_keep_the_representative(tmp_path):
 
 def test_decontamination_by_question_or_image(tmp_path):
     store, seeds, traces, annotations = build_store(tmp_path)
-    items = [BenchmarkItem("bench", "q", seeds[1]["question"], ("0" * 16,)),
-             BenchmarkItem("bench", "i", "a question nobody asked about anything at all today", tuple(seeds[2]["image_phashes"])),
-             BenchmarkItem("bench", "x", "unrelated", ("f" * 16,))]
+    items = [
+        BenchmarkItem("bench", "q", seeds[1]["question"], ("0" * 16,)),
+        BenchmarkItem("bench", "i", "a question nobody asked about anything at all today", tuple(seeds[2]["image_phashes"])),
+        BenchmarkItem("bench", "x", "unrelated", ("f" * 16,)),
+    ]
     decontam = DecontaminationConfig(benchmarks=[], image_max_distance=2)
     decisions = _decide(store, CurationConfig(decontamination=decontam, selection=ALL), items)
     by_sample = {}
@@ -169,11 +180,15 @@ def test_decontamination_by_question_or_image(tmp_path):
 
 def test_question_grams_and_overlap():
     assert question_grams("How many red circles are there in the picture today?", 8) == {
-        "how many red circles are there in the", "many red circles are there in the picture",
-        "red circles are there in the picture today"}
+        "how many red circles are there in the",
+        "many red circles are there in the picture",
+        "red circles are there in the picture today",
+    }
     assert question_grams("Short one?", 8) == {"short one"}
-    samples = [{"sample_id": "s1", "question": "How many red circles are there in the picture today?", "image_phashes": []},
-               {"sample_id": "s2", "question": "Which bar is the tallest in this chart of fruit?", "image_phashes": []}]
+    samples = [
+        {"sample_id": "s1", "question": "How many red circles are there in the picture today?", "image_phashes": []},
+        {"sample_id": "s2", "question": "Which bar is the tallest in this chart of fruit?", "image_phashes": []},
+    ]
     items = [BenchmarkItem("b", "i1", "Tell me: how many red circles are there in the picture today?", ())]
     hits = find_contamination(samples, items, ngram=8, min_overlap=0.5, image_max_distance=-1)
     assert set(hits) == {"s1"} and hits["s1"][0].value == 1.0 and hits["s1"][0].item_id == "i1"
@@ -185,19 +200,19 @@ def test_selection_drops_unsolvable_and_trivial_samples_and_caps_traces(tmp_path
     for t, a in zip(traces, annotations, strict=True):
         sample_rows.setdefault(t["sample_id"], []).append((t, a))
     unsolvable, trivial, capped = list(sample_rows)[:3]
-    for t, a in sample_rows[unsolvable]:
+    for _, a in sample_rows[unsolvable]:
         a.update(pass_rate=0.0)
-    for t, a in sample_rows[trivial]:
+    for _, a in sample_rows[trivial]:
         a.update(pass_rate=1.0, difficulty_bin=0, difficulty_label="easy")
     qualities = [9, 2, 7, 7]
-    for (t, a), q in zip(sample_rows[capped], qualities, strict=True):
+    for (_, a), q in zip(sample_rows[capped], qualities, strict=True):
         a.update(quality=q, verbosity=5)
     write_traces(store, "synthetic", traces, annotations)
     selection = SelectionConfig(max_traces_per_sample=2, verbosity_targets={"easy": 3, "medium": 5, "hard": 7})
     decisions = _decide(store, CurationConfig(selection=selection))
     assert all(_codes(row) >= {"unsolvable_sample"} for row in decisions.values() if row["sample_id"] == unsolvable)
     assert all("trivial_sample" in _codes(row) for row in decisions.values() if row["sample_id"] == trivial)
-    kept = sorted((row["rollout"] for row in decisions.values() if row["sample_id"] == capped and row["kept"]))
+    kept = sorted(row["rollout"] for row in decisions.values() if row["sample_id"] == capped and row["kept"])
     assert kept[0] == 0 and kept[1] in (2, 3)  # quality 9 first, then one of the two 7s (tie broken by trace id), never the 2
     over = [row for row in decisions.values() if row["sample_id"] == capped and not row["kept"]]
     assert all(_codes(row) == {"over_trace_cap"} for row in over)
@@ -243,9 +258,17 @@ def _candidates(n: int, labels=("easy", "medium", "hard"), tags=("a", "b", "c", 
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        rows.append({"trace_id": f"{rng.getrandbits(128):032x}", "sample_id": f"s{i // per_sample}", "source": "x" if i % 5 else "y",
-                     "tags": [tags[(i // per_sample) % len(tags)]], "difficulty_label": labels[(i // per_sample) % len(labels)],
-                     "verbosity": rng.randrange(10), "quality": rng.randrange(10)})
+        rows.append(
+            {
+                "trace_id": f"{rng.getrandbits(128):032x}",
+                "sample_id": f"s{i // per_sample}",
+                "source": "x" if i % 5 else "y",
+                "tags": [tags[(i // per_sample) % len(tags)]],
+                "difficulty_label": labels[(i // per_sample) % len(labels)],
+                "verbosity": rng.randrange(10),
+                "quality": rng.randrange(10),
+            }
+        )
     table = pa.Table.from_pylist(rows)
     return candidates_from_table(table.sort_by("trace_id"))
 
@@ -267,9 +290,13 @@ def test_sampling_meets_quotas_caps_and_traces_per_sample():
     result = sample_subset(candidates, _recipe(size=90, difficulty_mix={"easy": 0.2, "medium": 0.3, "hard": 0.5}, max_tag_share=0.4))
     strata = [s.split("/") for s in result.members.column("stratum").to_pylist()]
     assert result.shortfall == 0 and result.members.num_rows == 90
-    assert {label: sum(1 for l, _ in strata if l == label) for label in ("easy", "medium", "hard")} == {"easy": 18, "medium": 27, "hard": 45}
+    assert {label: sum(1 for level, _ in strata if level == label) for label in ("easy", "medium", "hard")} == {
+        "easy": 18,
+        "medium": 27,
+        "hard": 45,
+    }
     for label, quota in (("easy", 18), ("medium", 27), ("hard", 45)):
-        per_tag = [sum(1 for l, t in strata if l == label and t == tag) for tag in "abcd"]
+        per_tag = [sum(1 for level, t in strata if level == label and t == tag) for tag in "abcd"]
         assert max(per_tag) <= max(1, int(0.4 * quota))
     samples = result.members.column("sample_id").to_pylist()
     assert len(samples) == len(set(samples))  # traces_per_sample = 1

@@ -19,8 +19,20 @@ def test_definitions_snapshot_from_the_demo_config():
     defs = build_definitions(load_config(REPO / "omnithought.yaml"))
     graph = defs.resolve_asset_graph()
     specs = {key.to_user_string(): graph.get(key) for key in graph.get_all_asset_keys()}
-    assert sorted(specs) == sorted(["annotations", "cot_traces", "filtered_set", "images", "quarantine", "sampled_subsets", "seed_pool",
-                             "student_baselines", "student_checkpoints", "benchmark_scores"])
+    assert sorted(specs) == sorted(
+        [
+            "annotations",
+            "cot_traces",
+            "filtered_set",
+            "images",
+            "quarantine",
+            "sampled_subsets",
+            "seed_pool",
+            "student_baselines",
+            "student_checkpoints",
+            "benchmark_scores",
+        ]
+    )
     assert specs["filtered_set"].partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
     assert specs["sampled_subsets"].partitions_def.get_partition_keys() == ["balanced", "hard-long"]
     for name in ("images", "quarantine", "seed_pool"):
@@ -38,14 +50,23 @@ def test_definitions_snapshot_from_the_demo_config():
     assert {k.to_user_string() for k in annotations.parent_keys} == {"cot_traces", "seed_pool"}
     assert "parquet" in specs["seed_pool"].kinds
     students = specs["student_checkpoints"]
-    assert students.partitions_def.get_partition_keys() == ["balanced|tiny", "balanced|tiny-kd", "balanced|tiny-masked", "balanced|tiny-grpo",
-                                                           "hard-long|tiny", "hard-long|tiny-kd", "hard-long|tiny-masked", "hard-long|tiny-grpo"]
+    assert students.partitions_def.get_partition_keys() == [
+        "balanced|tiny",
+        "balanced|tiny-kd",
+        "balanced|tiny-masked",
+        "balanced|tiny-grpo",
+        "hard-long|tiny",
+        "hard-long|tiny-kd",
+        "hard-long|tiny-masked",
+        "hard-long|tiny-grpo",
+    ]
     assert graph.get_partition_mapping(students.key, specs["sampled_subsets"].key).partition_dimension_name == "recipe"
     assert students.assets_def.op.pool == "gpu" and "deepspeed" in students.kinds
     assert specs["student_baselines"].partitions_def.get_partition_keys() == ["tiny", "tiny-kd", "tiny-masked", "tiny-grpo"]
     scores = specs["benchmark_scores"]
-    assert scores.partitions_def.get_partition_keys() == [f"{recipe}|{student}" for recipe in ("base", "balanced", "hard-long")
-                                                         for student in ("tiny", "tiny-kd", "tiny-masked", "tiny-grpo")]
+    assert scores.partitions_def.get_partition_keys() == [
+        f"{recipe}|{student}" for recipe in ("base", "balanced", "hard-long") for student in ("tiny", "tiny-kd", "tiny-masked", "tiny-grpo")
+    ]
     assert {k.to_user_string() for k in scores.parent_keys} == {"student_checkpoints", "student_baselines"}
     checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
     assert checks == [
@@ -111,7 +132,11 @@ def test_code_location_module_loads_like_the_workspace_does(tmp_path):
     env = {"PATH": str(Path(sys.executable).parent), "DAGSTER_HOME": str(tmp_path), "HOME": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Validation successful" in done.stdout + done.stderr

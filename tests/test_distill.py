@@ -10,15 +10,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 from pydantic import ValidationError
+from test_student import RECIPE, SFT_STUDENT, SOURCES, TRAINING, sft_first
 
-from conftest import materializations, plot_image, run_job, write_config
 from omnithought_dagster.config import ConfigError, StudentConfig, load_config
 from omnithought_dagster.defs import TRAIN_JOB
 from omnithought_dagster.lineage import checkpoint_story
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.train.distill import check_teacher, reply_divergence, token_divergence
 from omnithought_dagster.train.launch import checkpoint_id, method_hash
-from test_student import RECIPE, SFT_STUDENT, SOURCES, TRAINING, sft_first
+
+from conftest import materializations, plot_image, run_job, write_config
 
 TEACHER = [0.5, 0.5]
 STUDENT = [0.9, 0.1]
@@ -29,7 +30,7 @@ def _logits(*rows: list[float]) -> torch.Tensor:
 
 
 def _kl(p: list[float], q: list[float]) -> float:
-    return sum(a * math.log(a / b) for a, b in zip(p, q))
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=False))
 
 
 def test_the_divergences_of_known_distributions():
@@ -37,7 +38,7 @@ def test_the_divergences_of_known_distributions():
     assert token_divergence(student, teacher, "forward_kl").item() == pytest.approx(_kl(TEACHER, STUDENT), abs=1e-6)  # 0.5108
     assert token_divergence(student, teacher, "reverse_kl").item() == pytest.approx(_kl(STUDENT, TEACHER), abs=1e-6)  # 0.3681
     for beta in (0.5, 0.2):
-        mixture = [beta * t + (1 - beta) * s for t, s in zip(TEACHER, STUDENT)]
+        mixture = [beta * t + (1 - beta) * s for t, s in zip(TEACHER, STUDENT, strict=False)]
         expected = beta * _kl(TEACHER, mixture) + (1 - beta) * _kl(STUDENT, mixture)
         assert token_divergence(student, teacher, "jsd", beta=beta).item() == pytest.approx(expected, abs=1e-6)
     assert token_divergence(student, teacher, "jsd").item() == pytest.approx(0.10174, abs=1e-4)  # the symmetric JSD, by hand
@@ -56,7 +57,9 @@ def test_top_k_compares_only_the_teachers_most_likely_tokens():
     # k=2: the teacher's tokens 0 and 1, both renormalised over them: teacher [2/3, 1/3], student [1/2, 1/2].
     assert token_divergence(student, teacher, "forward_kl", top_k=2).item() == pytest.approx(_kl([2 / 3, 1 / 3], [0.5, 0.5]), abs=1e-6)
     assert token_divergence(student, teacher, "forward_kl", top_k=1).item() == pytest.approx(0.0, abs=1e-7)
-    assert token_divergence(student, teacher, "forward_kl", top_k=3).item() == pytest.approx(_kl([0.6, 0.3, 0.1], [0.2, 0.2, 0.6]), abs=1e-6)
+    assert token_divergence(student, teacher, "forward_kl", top_k=3).item() == pytest.approx(
+        _kl([0.6, 0.3, 0.1], [0.2, 0.2, 0.6]), abs=1e-6
+    )
 
 
 def test_bad_divergence_settings_are_refused():
@@ -86,9 +89,18 @@ def test_only_reply_positions_count_and_padded_vocabularies_are_aligned():
 
 def test_a_teacher_that_reads_other_inputs_is_refused():
     def vl(vocab, patch=14, image_token=5):
-        processor = SimpleNamespace(patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=3136, max_pixels=50176,
-                                    image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        return SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: dict(vocab)), image_processor=processor, image_token_id=image_token)
+        processor = SimpleNamespace(
+            patch_size=patch,
+            merge_size=2,
+            temporal_patch_size=2,
+            min_pixels=3136,
+            max_pixels=50176,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
+        return SimpleNamespace(
+            tokenizer=SimpleNamespace(get_vocab=lambda: dict(vocab)), image_processor=processor, image_token_id=image_token
+        )
 
     vocab = {"a": 0, "b": 1}
     check_teacher(vl(vocab), vl(vocab), "teacher")  # the same: accepted
@@ -105,8 +117,17 @@ def test_method_settings_are_checked_and_name_the_checkpoint():
         StudentConfig(name="s", kd={"teacher": "tiny:teacher"})
     with pytest.raises(ValidationError, match="beta"):
         StudentConfig(name="s", method="kd", kd={"teacher": "tiny:teacher", "beta": 1.5})
-    kd = {"name": "kd", "teacher": "tiny:teacher", "divergence": "jsd", "beta": 0.5, "temperature": 1.0, "top_k": None, "weight": 0.5,
-          "teacher_dir": "/a", "teacher_fingerprint": "f" * 32}
+    kd = {
+        "name": "kd",
+        "teacher": "tiny:teacher",
+        "divergence": "jsd",
+        "beta": 0.5,
+        "temperature": 1.0,
+        "top_k": None,
+        "weight": 0.5,
+        "teacher_dir": "/a",
+        "teacher_fingerprint": "f" * 32,
+    }
     base = ("b" * 32, "v" * 32, "h" * 32)
     assert checkpoint_id(*base) == checkpoint_id(*base, method_hash(None))  # sft's ids are what they were
     assert checkpoint_id(*base, method_hash(kd)) != checkpoint_id(*base)
@@ -115,8 +136,12 @@ def test_method_settings_are_checked_and_name_the_checkpoint():
 
 
 def test_kd_with_zero3_is_refused(tmp_path):
-    path = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 4}],
-                        students=[{"name": "kd", "method": "kd", "kd": {"teacher": "tiny:teacher"}}], training={"zero_stage": 3})
+    path = write_config(
+        tmp_path,
+        [{"name": "synthetic", "kind": "synthetic", "n_samples": 4}],
+        students=[{"name": "kd", "method": "kd", "kd": {"teacher": "tiny:teacher"}}],
+        training={"zero_stage": 3},
+    )
     with pytest.raises(ConfigError, match="zero_stage 3"):
         load_config(path)
 
@@ -127,8 +152,12 @@ def test_sft_and_kd_students_train_on_one_recipe_through_the_asset(tmp_path, ins
     the same recipe, beside it in the same project."""
     training = {**TRAINING, "max_steps": 12}
     sft, teacher = sft_first(tmp_path, instance, training)
-    kd_student = {"name": "kd", "model": "tiny:student", "method": "kd",
-                  "kd": {"teacher": str(teacher), "divergence": "jsd", "temperature": 2.0, "top_k": 32, "weight": 0.7}}
+    kd_student = {
+        "name": "kd",
+        "model": "tiny:student",
+        "method": "kd",
+        "kd": {"teacher": str(teacher), "divergence": "jsd", "temperature": 2.0, "top_k": 32, "weight": 0.7},
+    }
     config = load_config(write_config(tmp_path, SOURCES, recipes=[RECIPE], students=[SFT_STUDENT, kd_student], training=training))
     store = CorpusStore(config.store.root)
     result = run_job(config, instance, TRAIN_JOB, "even|kd")
@@ -143,7 +172,7 @@ def test_sft_and_kd_students_train_on_one_recipe_through_the_asset(tmp_path, ins
     assert manifest["train_spec"]["method"]["name"] == "kd" and manifest["train_spec"]["method"]["divergence"] == "jsd"
     log = json.loads((store.checkpoints.local_dir(kd["input_fingerprint"], tmp_path / "dl") / "train_log.json").read_text())
     assert len(log["kd_losses"]) == len(log["ce_losses"]) == 12 and log["method"] == "kd"
-    for total, ce, part in zip(log["losses"], log["ce_losses"], log["kd_losses"]):  # each logged loss is the mix of its parts
+    for total, ce, part in zip(log["losses"], log["ce_losses"], log["kd_losses"], strict=False):  # each logged loss is the mix of its parts
         assert total == pytest.approx(0.3 * ce + 0.7 * part, rel=1e-3, abs=1e-4)
     story = checkpoint_story(store, store.catalog(), kd["input_fingerprint"])
     assert story["method"]["name"] == "kd" and story["method"]["teacher"] == str(teacher) and "teacher_dir" not in story["method"]

@@ -19,7 +19,10 @@ def test_every_quarantine_reason_is_documented():
 
 
 def test_every_quarantine_reason_has_an_example():
-    rows = {line.split("|")[1].strip(" `"): [cell.strip() for cell in line.split("|")[2:-1]]
-            for line in (DOCS / "store.md").read_text().splitlines() if line.startswith("| `")}
+    rows = {
+        line.split("|")[1].strip(" `"): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in (DOCS / "store.md").read_text().splitlines()
+        if line.startswith("| `")
+    }
     without = [r.value for r in QuarantineReason if len(rows.get(r.value, [])) != 2 or "->" not in rows[r.value][1]]
     assert not without

@@ -69,8 +69,11 @@ def test_compare_names_every_changed_missing_and_extra_package():
     installed = {"a": "1.0", "b": "2.1", "pip": "23.2.1", "setuptools": "65.5.0", "d": "0.1", "omnithought-dagster": "0.1.0"}
     drift = doctor.compare(locked, installed, allowed_extra=frozenset({"omnithought-dagster"}))
     assert [str(d) for d in drift] == [
-        "b: locked 2.0, installed 2.1", "c: locked 3.0, not installed", "pip: locked 24.0, installed 23.2.1",
-        "d: installed 0.1, not in the lock"]
+        "b: locked 2.0, installed 2.1",
+        "c: locked 3.0, not installed",
+        "pip: locked 24.0, installed 23.2.1",
+        "d: installed 0.1, not in the lock",
+    ]
     assert doctor.compare({"a": "1.0"}, {"a": "1.0", "pip": "23"}) == []  # venv's seed packages are not drift
 
 
@@ -135,11 +138,14 @@ def test_lmms_smoke_check_evaluates_two_items(tmp_path):
 
 # An interpreter of another of our environments stands in for a broken install: the error is the tool's own.
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "stand_in", "error"), [
-    ("lmms", ".venv", "No module named '?lmms_eval"),
-    ("vllm", ".venv", "No module named 'vllm'"),
-    ("dagster", ".venv-vllm", "No module named '?deepspeed"),  # the trainer's launcher is missing
-])
+@pytest.mark.parametrize(
+    ("name", "stand_in", "error"),
+    [
+        ("lmms", ".venv", "No module named '?lmms_eval"),
+        ("vllm", ".venv", "No module named 'vllm'"),
+        ("dagster", ".venv-vllm", "No module named '?deepspeed"),  # the trainer's launcher is missing
+    ],
+)
 def test_a_broken_environment_fails_its_smoke_check_with_the_tools_own_error(tmp_path, name, stand_in, error):
     env = doctor.ENVIRONMENTS[name]
     root = _fake_root(tmp_path, env.venv, REPO / stand_in / "bin" / "python")
@@ -157,8 +163,13 @@ def test_trainer_smoke_check_takes_one_step(tmp_path):
 
 
 def test_make_installs_each_environment_from_its_lock_and_smoke_checks_it():
-    dry = subprocess.run(["make", "-n", "-B", "env", "PROFILE=gpu", "DAGSTER_HOME=/tmp/x"], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "MAKEFLAGS": ""})
+    dry = subprocess.run(
+        ["make", "-n", "-B", "env", "PROFILE=gpu", "DAGSTER_HOME=/tmp/x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MAKEFLAGS": ""},
+    )
     assert dry.returncode == 0, dry.stderr
     for name, env in doctor.ENVIRONMENTS.items():
         assert f"--python {env.venv}/bin/python deploy/env/gpu/{name}.lock" in dry.stdout
@@ -172,8 +183,24 @@ def test_each_gpu_lock_is_a_complete_resolution_for_the_gpu_platform(name, tmp_p
     """Re-resolving a GPU lock's own pins for CPython 3.11 on manylinux x86_64 gives back exactly those pins (no GPU needed)."""
     lock = doctor.ENVIRONMENTS[name].lock(REPO, "gpu")
     out = tmp_path / "again.txt"
-    done = subprocess.run([str(REPO / ".venv-uv/bin/uv"), "pip", "compile", "--quiet", "--python-version", "3.11", "--python-platform",
-                           "x86_64-manylinux_2_28", str(lock), "-o", str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(REPO / ".venv-uv/bin/uv"),
+            "pip",
+            "compile",
+            "--quiet",
+            "--python-version",
+            "3.11",
+            "--python-platform",
+            "x86_64-manylinux_2_28",
+            str(lock),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert doctor.read_lock(out) == doctor.read_lock(lock)
 

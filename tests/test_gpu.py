@@ -47,9 +47,11 @@ def _lease_once(slots):
 
 def test_a_killed_holder_frees_its_devices(tmp_path):
     """The kernel drops flocks of a dead process: a crashed run never keeps a GPU."""
-    code = ("import sys, time; from omnithought_dagster.gpu import GPUSlots\n"
-            f"lease = GPUSlots(['0', '1'], {str(tmp_path)!r}).lease(2, holder='doomed'); lease.__enter__()\n"
-            "print('held', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from omnithought_dagster.gpu import GPUSlots\n"
+        f"lease = GPUSlots(['0', '1'], {str(tmp_path)!r}).lease(2, holder='doomed'); lease.__enter__()\n"
+        "print('held', flush=True); time.sleep(600)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -83,12 +85,16 @@ def test_a_vllm_server_leases_tensor_x_data_parallel_devices(tmp_path, monkeypat
 
         class Server:
             base_url = "http://127.0.0.1:1/v1"
+
         yield Server()
 
     monkeypatch.setattr(vllm_server.VLLMServer, "from_config", staticmethod(fake_server))
     slots = GPUSlots(["0", "1", "2", "3"], tmp_path, wait_s=0.2, poll_s=0.05)
     config = LLMConfig(backend="vllm", model=str(tmp_path), name="t", tensor_parallel_size=2, data_parallel_size=1)
-    with backends.open_backend(config, models_dir=tmp_path, gpu_slots=slots), backends.open_backend(config, models_dir=tmp_path, gpu_slots=slots):
+    with (
+        backends.open_backend(config, models_dir=tmp_path, gpu_slots=slots),
+        backends.open_backend(config, models_dir=tmp_path, gpu_slots=slots),
+    ):
         pass
     assert len(seen) == 2 and all(len(g.split(",")) == 2 for g in seen) and not set(seen[0].split(",")) & set(seen[1].split(","))
     pinned = config.model_copy(update={"gpus": "7"})

@@ -21,11 +21,12 @@ PACKAGE = REPO / "omnithought_dagster"
 
 
 def _run(*args: str, timeout: float = 400) -> tuple[int, dict]:
-    done = subprocess.run([sys.executable, "-m", "omnithought_dagster.gpu_check", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "omnithought_dagster.gpu_check", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     out = done.stdout
     assert "{" in out, done.stderr[-3000:]
-    return done.returncode, json.loads(out[out.index("{"):])
+    return done.returncode, json.loads(out[out.index("{") :])
 
 
 @pytest.mark.slow
@@ -71,15 +72,29 @@ def test_a_method_that_fails_is_reported_with_its_output_and_the_check_fails(tmp
 
 
 def test_unknown_methods_are_refused():
-    done = subprocess.run([sys.executable, "-m", "omnithought_dagster.gpu_check", "--methods", "sft,dpo"], capture_output=True,
-                          text=True, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "omnithought_dagster.gpu_check", "--methods", "sft,dpo"], capture_output=True, text=True, cwd=REPO
+    )
     assert done.returncode == 2 and "unknown methods ['dpo']" in done.stderr
 
 
 def test_measurements_are_read_off_the_train_log():
-    log = {"method": "grpo", "steps": 10, "train_seconds": 4.0, "losses": [2.0, None, 1.5], "tokens_per_s": 100.0,
-           "steady_tokens_per_s": 120.0, "peak_gpu_memory_bytes": 3 * 2**20, "rewards": [0.1, 0.4], "examples": 8,
-           "engine": "deepspeed", "precision": "bf16", "optimizer": "adamw_torch_fused", "attention": "sdpa", "device": "NVIDIA H200"}
+    log = {
+        "method": "grpo",
+        "steps": 10,
+        "train_seconds": 4.0,
+        "losses": [2.0, None, 1.5],
+        "tokens_per_s": 100.0,
+        "steady_tokens_per_s": 120.0,
+        "peak_gpu_memory_bytes": 3 * 2**20,
+        "rewards": [0.1, 0.4],
+        "examples": 8,
+        "engine": "deepspeed",
+        "precision": "bf16",
+        "optimizer": "adamw_torch_fused",
+        "attention": "sdpa",
+        "device": "NVIDIA H200",
+    }
     out = gpu_check.measurements(log)
     assert out["steps_per_s"] == 2.5 and out["loss_first"] == 2.0 and out["loss_last"] == 1.5 and out["peak_gpu_memory_mib"] == 3.0
     assert out["reward_first"] == 0.1 and out["reward_last"] == 0.4 and out["optimizer"] == "adamw_torch_fused"
@@ -151,8 +166,11 @@ def test_every_import_on_the_checks_path_is_carried_or_the_images():
                     third.setdefault(top, set()).add(path.relative_to(REPO).as_posix())
     distributions = packages_distributions()
     carried = set(gpu_check.pins()) | _image_provided()
-    missing = {top: sorted(where) for top, where in third.items()
-               if top not in NOT_RUN_BY_THE_CHECK and not {gpu_check._normal(d) for d in distributions.get(top, [top])} & carried}
+    missing = {
+        top: sorted(where)
+        for top, where in third.items()
+        if top not in NOT_RUN_BY_THE_CHECK and not {gpu_check._normal(d) for d in distributions.get(top, [top])} & carried
+    }
     assert not missing, f"imported on the check's path, neither pinned in {gpu_check.WHEELS_FILE.name} nor the image's: {missing}"
     assert "math_verify" in third and "trl" in third  # the walk reaches lazy imports
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import requests_served, served_config
 from omnithought_dagster.demo import run_demo
 from omnithought_dagster.store import open_store
+
+from conftest import requests_served, served_config
 
 ROLLOUTS = 2
 EXTRA = {

@@ -8,50 +8,57 @@ import json
 import pytest
 from PIL import Image
 from pydantic import ValidationError
+from test_student import RECIPE, TRAINING
 
-from conftest import check_evaluations, materializations, plot_image, run_job, write_config
-from curation_data import build_store
 from omnithought_dagster.config import ConfigError, GenerationConfig, GRPOSettings, StudentConfig, TrainingConfig, load_config
 from omnithought_dagster.defs import FILTER_JOB, SUBSET_JOB, TRAIN_JOB
 from omnithought_dagster.lineage import checkpoint_story
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.train.grpo import answer_reward, completion_text, format_reward, prompt_dataset, reward_functions
-from test_student import RECIPE, TRAINING
+
+from conftest import check_evaluations, materializations, plot_image, run_job, write_config
+from curation_data import build_store
 
 PATTERN = GenerationConfig().answer_pattern
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ("<think>\nTwo plus two.\n</think>\n\nAnswer: 4", 1.0),
-    ("<think>x</think>Answer: B", 1.0),
-    ("  <think>\nsteps\n</think>\nAnswer: the blue one\n", 1.0),
-    ("Answer: 4", 0.0),  # no reasoning block
-    ("<think>\n</think>\n\nAnswer: 4", 0.0),  # an empty one
-    ("<think>a</think><think>b</think>Answer: 4", 0.0),  # two blocks
-    ("<think>steps</think>", 0.0),  # no answer line
-    ("<think>steps</think>\nAnswer:", 0.0),  # an empty answer
-    ("<think>steps</think>\nAnswer: 4\nand then more text", 0.0),  # something after the answer line
-    ("I think it is 4", 0.0),
-    ("", 0.0),
-    (None, 0.0),
-])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("<think>\nTwo plus two.\n</think>\n\nAnswer: 4", 1.0),
+        ("<think>x</think>Answer: B", 1.0),
+        ("  <think>\nsteps\n</think>\nAnswer: the blue one\n", 1.0),
+        ("Answer: 4", 0.0),  # no reasoning block
+        ("<think>\n</think>\n\nAnswer: 4", 0.0),  # an empty one
+        ("<think>a</think><think>b</think>Answer: 4", 0.0),  # two blocks
+        ("<think>steps</think>", 0.0),  # no answer line
+        ("<think>steps</think>\nAnswer:", 0.0),  # an empty answer
+        ("<think>steps</think>\nAnswer: 4\nand then more text", 0.0),  # something after the answer line
+        ("I think it is 4", 0.0),
+        ("", 0.0),
+        (None, 0.0),
+    ],
+)
 def test_format_reward_is_one_only_for_the_layout_sft_teaches(reply, expected):
     assert format_reward(reply) == expected
 
 
-@pytest.mark.parametrize("reply, reference, answer_type, choices, expected", [
-    ("<think>count</think>\nAnswer: 4", "4", "numeric", [], 1.0),
-    ("<think>count</think>\nAnswer: 4.0 apples", "4", "numeric", [], 1.0),  # the verifier's tolerance and units
-    ("<think>count</think>\nAnswer: 5", "4", "numeric", [], 0.0),  # wrong
-    ("<think>look</think>\nAnswer: (B)", "B", "multiple_choice", ["red", "blue"], 1.0),
-    ("<think>look</think>\nAnswer: blue", "B", "multiple_choice", ["red", "blue"], 1.0),  # the option's text
-    ("<think>look</think>\nAnswer: A", "B", "multiple_choice", ["red", "blue"], 0.0),
-    ("The answer is 4", "4", "numeric", [], 1.0),  # no layout, still right: the format reward is the other one
-    ("<think>count</think>", "4", "numeric", [], 0.0),  # malformed: no answer at all
-    ("<think>4</think>\nAnswer: ", "4", "numeric", [], 0.0),  # an empty answer (the 4 is reasoning, not the answer)
-    ("<think>s</think>\nAnswer: a cat", "a dog", "free_form", [], 0.0),  # undecided without a judge: no reward
-    ("<think>s</think>\nAnswer: 4", None, None, [], 0.0),  # no reference
-])
+@pytest.mark.parametrize(
+    "reply, reference, answer_type, choices, expected",
+    [
+        ("<think>count</think>\nAnswer: 4", "4", "numeric", [], 1.0),
+        ("<think>count</think>\nAnswer: 4.0 apples", "4", "numeric", [], 1.0),  # the verifier's tolerance and units
+        ("<think>count</think>\nAnswer: 5", "4", "numeric", [], 0.0),  # wrong
+        ("<think>look</think>\nAnswer: (B)", "B", "multiple_choice", ["red", "blue"], 1.0),
+        ("<think>look</think>\nAnswer: blue", "B", "multiple_choice", ["red", "blue"], 1.0),  # the option's text
+        ("<think>look</think>\nAnswer: A", "B", "multiple_choice", ["red", "blue"], 0.0),
+        ("The answer is 4", "4", "numeric", [], 1.0),  # no layout, still right: the format reward is the other one
+        ("<think>count</think>", "4", "numeric", [], 0.0),  # malformed: no answer at all
+        ("<think>4</think>\nAnswer: ", "4", "numeric", [], 0.0),  # an empty answer (the 4 is reasoning, not the answer)
+        ("<think>s</think>\nAnswer: a cat", "a dog", "free_form", [], 0.0),  # undecided without a judge: no reward
+        ("<think>s</think>\nAnswer: 4", None, None, [], 0.0),  # no reference
+    ],
+)
 def test_answer_reward_is_the_projects_verifier_on_the_parsed_final_answer(reply, reference, answer_type, choices, expected):
     assert answer_reward(reply, reference, answer_type, choices, PATTERN) == expected
 
@@ -59,9 +66,13 @@ def test_answer_reward_is_the_projects_verifier_on_the_parsed_final_answer(reply
 def test_reward_functions_take_trls_conversational_completions():
     answer, fmt = reward_functions(PATTERN)
     assert answer.__name__ == "answer" and fmt.__name__ == "format"  # TRL names the logged metrics after them
-    completions = [[{"role": "assistant", "content": "<think>s</think>\nAnswer: 4"}],
-                   [{"role": "assistant", "content": [{"type": "text", "text": "<think>s</think>\nAnswer: 5"}]}],
-                   "Answer: 4", [], [{"role": "assistant", "content": None}]]
+    completions = [
+        [{"role": "assistant", "content": "<think>s</think>\nAnswer: 4"}],
+        [{"role": "assistant", "content": [{"type": "text", "text": "<think>s</think>\nAnswer: 5"}]}],
+        "Answer: 4",
+        [],
+        [{"role": "assistant", "content": None}],
+    ]
     assert [completion_text(c) for c in completions] == ["<think>s</think>\nAnswer: 4", "<think>s</think>\nAnswer: 5", "Answer: 4", "", ""]
     columns = {"reference": ["4"] * 5, "answer_type": ["numeric"] * 5, "choices": [[]] * 5}
     assert answer(prompts=[None] * 5, completions=completions, **columns, trainer_state=None) == [1.0, 0.0, 1.0, 0.0, 0.0]
@@ -95,8 +106,13 @@ def test_grpo_settings_are_checked(tmp_path):
     sft = {"name": "sft", "model": "tiny:student"}
 
     def project(grpo: dict, students=(sft,), **training):
-        path = write_config(tmp_path, sources, recipes=[RECIPE], training={**TRAINING, **training},
-                            students=[*students, {"name": "rl", "model": "tiny:student", "method": "grpo", "grpo": grpo}])
+        path = write_config(
+            tmp_path,
+            sources,
+            recipes=[RECIPE],
+            training={**TRAINING, **training},
+            students=[*students, {"name": "rl", "model": "tiny:student", "method": "grpo", "grpo": grpo}],
+        )
         return load_config(path)
 
     assert project({"start_from": "sft"}).student("rl").grpo.num_generations == 4
@@ -121,10 +137,17 @@ def test_the_questions_carry_their_reference_and_records_without_one_are_set_asi
     (data / "images").mkdir(parents=True)
     Image.new("RGB", (56, 56), (200, 10, 10)).save(data / "images" / "a.png")
     user = "<image>\nHow many red squares?"
-    records = [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "<think>one</think>\n\nAnswer: 1"}],
-                "images": ["images/a.png"], "reference": {"answer": "1", "answer_type": "numeric", "choices": []}},
-               {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "<think>one</think>\n\nAnswer: 1"}],
-                "images": ["images/a.png"]}]  # an export from before references were exported
+    records = [
+        {
+            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "<think>one</think>\n\nAnswer: 1"}],
+            "images": ["images/a.png"],
+            "reference": {"answer": "1", "answer_type": "numeric", "choices": []},
+        },
+        {
+            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "<think>one</think>\n\nAnswer: 1"}],
+            "images": ["images/a.png"],
+        },
+    ]  # an export from before references were exported
     (data / "data.json").write_text(json.dumps(records))
     index = build_index(data, tmp_path / "index", VLTokenizer.load(tiny_teacher), 1024, "skip")
     dataset, set_aside = prompt_dataset(index, None, tmp_path / "questions")
@@ -163,16 +186,26 @@ def test_grpo_starts_from_the_sft_checkpoint_and_reports_rewards(tmp_path, insta
     reward score them, the policy moves, and the run names where it started."""
     build_store(tmp_path / "store", n_samples=24, reasoning=lambda i: "count")  # short traces: the SFT student learns the layout
     sources = [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}]
-    students = [{"name": "sft", "model": "tiny:student"},
-                {"name": "rl", "model": "tiny:student", "method": "grpo",
-                 "grpo": {"start_from": "sft", "num_generations": 4, "max_completion_length": 24, "learning_rate": 0.01, "max_steps": 6}}]
-    config = load_config(write_config(tmp_path, sources, recipes=[RECIPE], students=students, training={**TRAINING, "max_steps": 80, "learning_rate": 0.01}))
+    students = [
+        {"name": "sft", "model": "tiny:student"},
+        {
+            "name": "rl",
+            "model": "tiny:student",
+            "method": "grpo",
+            "grpo": {"start_from": "sft", "num_generations": 4, "max_completion_length": 24, "learning_rate": 0.01, "max_steps": 6},
+        },
+    ]
+    config = load_config(
+        write_config(tmp_path, sources, recipes=[RECIPE], students=students, training={**TRAINING, "max_steps": 80, "learning_rate": 0.01})
+    )
     assert run_job(config, instance, FILTER_JOB, "synthetic").success
     assert run_job(config, instance, SUBSET_JOB, "even").success
     early = run_job(config, instance, TRAIN_JOB, "even|rl")
     assert not early.success  # the SFT checkpoint comes first
     (failure,) = [e for e in early.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert "materialise student_checkpoints[even|sft] first" in failure.step_failure_data.error.message + str(failure.step_failure_data.user_failure_data)
+    assert "materialise student_checkpoints[even|sft] first" in failure.step_failure_data.error.message + str(
+        failure.step_failure_data.user_failure_data
+    )
 
     first = run_job(config, instance, TRAIN_JOB, "even|sft")
     assert first.success
@@ -189,7 +222,9 @@ def test_grpo_starts_from_the_sft_checkpoint_and_reports_rewards(tmp_path, insta
     folder = store.checkpoints.local_dir(rl["input_fingerprint"], tmp_path / "dl")
     log = json.loads((folder / "train_log.json").read_text())
     assert log["method"] == "grpo" and len(log["rewards"]) == len(log["pass_rates"]) == len(log["format_rates"]) == 6
-    for total, passed, formatted in zip(log["rewards"], log["pass_rates"], log["format_rates"]):  # the weighted sum of the two
+    for total, passed, formatted in zip(
+        log["rewards"], log["pass_rates"], log["format_rates"], strict=False
+    ):  # the weighted sum of the two
         assert total == pytest.approx(1.0 * passed + 0.5 * formatted, abs=1e-4)
     checks = check_evaluations(result)
     assert checks["loss_decreased"].metadata["initial_reward"].value == rl["initial_reward"]  # grpo's objective is its reward
@@ -208,8 +243,12 @@ def test_grpo_starts_from_the_sft_checkpoint_and_reports_rewards(tmp_path, insta
     # The same trainer pieces (questions, processor, TRL's GRPO under the counting trainer) raise a reward the SFT student can
     # reach in a few steps: closing its reasoning block within 10 tokens. The log-probabilities TRL takes of the student's
     # image + question inputs are right, or this would not climb.
-    rewards = _grpo_run(store.checkpoints.local_dir(sft["input_fingerprint"], tmp_path / "s"), store, tmp_path,
-                        lambda prompts, completions, **_: [1.0 if "</think>" in completion_text(c) else 0.0 for c in completions])
+    rewards = _grpo_run(
+        store.checkpoints.local_dir(sft["input_fingerprint"], tmp_path / "s"),
+        store,
+        tmp_path,
+        lambda prompts, completions, **_: [1.0 if "</think>" in completion_text(c) else 0.0 for c in completions],
+    )
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 and sum(rewards[-5:]) / 5 >= 0.9, rewards
 
 
@@ -226,15 +265,24 @@ def _grpo_run(model_dir, store, tmp_path, reward, steps: int = 20) -> list[float
     export_subset(store, "even", "llamafactory", tmp_path / "export")
     index = build_index(tmp_path / "export", tmp_path / "index", VLTokenizer.load(model_dir), 1024, "skip")
     questions, _ = prompt_dataset(index, None, tmp_path / "questions")
-    settings = {**TrainingConfig(**{**TRAINING, "micro_batch_size": 8, "lr_scheduler": "constant", "seed": 1}).run_settings(),
-                **TrainingConfig().process_settings(), "save_steps": 0, "dataloader_workers": 0}
+    settings = {
+        **TrainingConfig(**{**TRAINING, "micro_batch_size": 8, "lr_scheduler": "constant", "seed": 1}).run_settings(),
+        **TrainingConfig().process_settings(),
+        "save_steps": 0,
+        "dataloader_workers": 0,
+    }
     common = {**training_kwargs(settings, tmp_path / "grpo"), "deepspeed": None, "ddp_backend": None}  # in this process: no launcher
-    method = {**GRPOSettings(start_from="sft", num_generations=8, max_completion_length=10, learning_rate=0.003, max_steps=steps,
-                             answer_weight=0.0).model_dump(), "answer_pattern": PATTERN}
+    method = {
+        **GRPOSettings(
+            start_from="sft", num_generations=8, max_completion_length=10, learning_rate=0.003, max_steps=steps, answer_weight=0.0
+        ).model_dump(),
+        "answer_pattern": PATTERN,
+    }
     args = grpo_arguments(common, method)
     args.reward_weights = None
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    trainer = grpo_trainer_class(_counting_trainer)(model=model, reward_funcs=[reward], args=args, train_dataset=questions,
-                                                    processing_class=vl_processor(model_dir))
+    trainer = grpo_trainer_class(_counting_trainer)(
+        model=model, reward_funcs=[reward], args=args, train_dataset=questions, processing_class=vl_processor(model_dir)
+    )
     trainer.train()
     return [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]

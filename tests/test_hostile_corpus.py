@@ -11,18 +11,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import png_bytes, write_image
 from omnithought_dagster.config import SeedSettings, parse_config
 from omnithought_dagster.curation.seed import ingest_source
 from omnithought_dagster.sources import make_reader
 from omnithought_dagster.sources.recount import raw_record_count
 
+from conftest import png_bytes, write_image
+
 
 def _ingest(tmp_path: Path, source: dict):
     config = parse_config({"sources": [{"name": "s", **source}]}, base_dir=tmp_path).sources[0]
     reader = make_reader(config)
-    result = ingest_source("s", reader.records(), SeedSettings(near_duplicate_max_distance=-1), image_root=reader.image_root,
-                           put_image=lambda image_id, data: True, allowed_roots=config.allowed_image_roots)
+    result = ingest_source(
+        "s",
+        reader.records(),
+        SeedSettings(near_duplicate_max_distance=-1),
+        image_root=reader.image_root,
+        put_image=lambda image_id, data: True,
+        allowed_roots=config.allowed_image_roots,
+    )
     rows = result.kept.to_pylist() + result.quarantine.to_pylist()
     assert result.rows_read == result.rows_kept + result.rows_quarantined
     assert {row["record_index"] for row in rows} == set(range(raw_record_count(config, reader)))  # every record, counted apart
@@ -41,25 +48,35 @@ def pictures(tmp_path):
 
 
 def _llava(i: int, **extra) -> dict:
-    return {"id": f"g{i}", "image": f"g{i}.png",
-            "conversations": [{"from": "human", "value": f"<image>\nHow many blocks in {i}?"}, {"from": "gpt", "value": str(i)}], **extra}
+    return {
+        "id": f"g{i}",
+        "image": f"g{i}.png",
+        "conversations": [{"from": "human", "value": f"<image>\nHow many blocks in {i}?"}, {"from": "gpt", "value": str(i)}],
+        **extra,
+    }
 
 
 LLAVA_CASES = {
     "conversations is a string": ({"conversations": "hi"}, "malformed_record"),
     "conversations holds strings": ({"conversations": ["<image> q", "a"]}, "malformed_record"),
     "a turn without a role": ({"conversations": [{"value": "<image> q"}, {"from": "gpt", "value": "a"}]}, "malformed_record"),
-    "the question is an object": ({"conversations": [{"from": "human", "value": {"text": "q"}}, {"from": "gpt", "value": "a"}]},
-                                  "malformed_record"),
+    "the question is an object": (
+        {"conversations": [{"from": "human", "value": {"text": "q"}}, {"from": "gpt", "value": "a"}]},
+        "malformed_record",
+    ),
     "the answer is null": ({"conversations": [{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": None}]}, "missing_answer"),
     "the image is an object": ({"image": {"path": "g0.png"}}, "malformed_record"),
     "the image climbs out of the root": ({"image": "../../../../etc/passwd"}, "path_escape"),
-    "two placeholders, one image": ({"conversations": [{"from": "human", "value": "<image><image> q"}, {"from": "gpt", "value": "a"}]},
-                                    "image_placeholder_mismatch"),
+    "two placeholders, one image": (
+        {"conversations": [{"from": "human", "value": "<image><image> q"}, {"from": "gpt", "value": "a"}]},
+        "image_placeholder_mismatch",
+    ),
     "the image is no picture": ({"image": "not-a-picture.png"}, "corrupt_image"),
     "the image is missing": ({"image": "gone.png"}, "missing_image"),
-    "the question is only a placeholder": ({"conversations": [{"from": "human", "value": "<image>\n  "}, {"from": "gpt", "value": "a"}]},
-                                           "empty_question"),
+    "the question is only a placeholder": (
+        {"conversations": [{"from": "human", "value": "<image>\n  "}, {"from": "gpt", "value": "a"}]},
+        "empty_question",
+    ),
 }
 
 
@@ -82,17 +99,30 @@ def test_llava_record_that_is_not_an_object(pictures):
 
 
 def _sharegpt(i: int, **extra) -> dict:
-    return {"id": f"g{i}", "messages": [{"role": "user", "content": f"<image>How many blocks in {i}?"},
-                                        {"role": "assistant", "content": str(i)}], "images": [f"g{i}.png"], **extra}
+    return {
+        "id": f"g{i}",
+        "messages": [{"role": "user", "content": f"<image>How many blocks in {i}?"}, {"role": "assistant", "content": str(i)}],
+        "images": [f"g{i}.png"],
+        **extra,
+    }
 
 
 SHAREGPT_CASES = {
     "no messages": ({"messages": None}, "malformed_record"),
-    "OpenAI-style content parts": ({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
-                                                 {"role": "assistant", "content": "a"}]}, "malformed_record"),
+    "OpenAI-style content parts": (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        "malformed_record",
+    ),
     "only a system prompt": ({"messages": [{"role": "system", "content": "be nice"}]}, "malformed_record"),
-    "the assistant speaks first": ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "<image>q"}]},
-                                   "malformed_record"),
+    "the assistant speaks first": (
+        {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "<image>q"}]},
+        "malformed_record",
+    ),
     "images is a number": ({"images": 7}, "malformed_record"),
     "an empty image path": ({"images": [""]}, "missing_image"),
     "an absolute image path": ({"images": ["/etc/hostname"]}, "path_escape"),
@@ -132,7 +162,13 @@ def _parquet(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> P
 
 
 def _row(i: int, **extra) -> dict:
-    return {"id": f"g{i}", "question": f"How many blocks in {i}?", "answer": str(i), "image": {"bytes": png_bytes(i), "path": None}, **extra}
+    return {
+        "id": f"g{i}",
+        "question": f"How many blocks in {i}?",
+        "answer": str(i),
+        "image": {"bytes": png_bytes(i), "path": None},
+        **extra,
+    }
 
 
 HF_CASES = {
@@ -164,9 +200,11 @@ def test_parquet_invalid_utf8_in_a_binary_question_column(tmp_path):
 
 def test_parquet_image_list_with_a_null_entry(tmp_path):
     schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("answer", pa.string()), ("images", pa.list_(IMAGE))])
-    rows = [{"id": "g0", "question": "Q0?", "answer": "0", "images": [{"bytes": png_bytes(0), "path": None}]},
-            {"id": "bad", "question": "Q1?", "answer": "1", "images": [{"bytes": png_bytes(1), "path": None}, None]},
-            {"id": "g2", "question": "Q2?", "answer": "2", "images": [{"bytes": png_bytes(2), "path": None}]}]
+    rows = [
+        {"id": "g0", "question": "Q0?", "answer": "0", "images": [{"bytes": png_bytes(0), "path": None}]},
+        {"id": "bad", "question": "Q1?", "answer": "1", "images": [{"bytes": png_bytes(1), "path": None}, None]},
+        {"id": "g2", "question": "Q2?", "answer": "2", "images": [{"bytes": png_bytes(2), "path": None}]},
+    ]
     _parquet(tmp_path / "pq" / "train.parquet", rows, schema)
     result, reasons = _ingest(tmp_path, {"kind": "hf", "path": str(tmp_path / "pq"), "fields": {"image": "images"}})
     assert reasons == {"bad": "malformed_record"} and result.rows_kept == 2
@@ -192,14 +230,16 @@ def test_a_row_group_that_does_not_decode_sets_aside_exactly_its_rows(tmp_path):
     """Damage inside one row group: the footer still says how many rows it held; each becomes a quarantine row."""
     path = tmp_path / "pq" / "train.parquet"
     path.parent.mkdir(parents=True)
-    table = pa.Table.from_pylist([_row(i) for i in range(6)],
-                                 schema=pa.schema([("id", pa.string()), ("question", pa.string()), ("answer", pa.string()), ("image", IMAGE)]))
+    table = pa.Table.from_pylist(
+        [_row(i) for i in range(6)],
+        schema=pa.schema([("id", pa.string()), ("question", pa.string()), ("answer", pa.string()), ("image", IMAGE)]),
+    )
     pq.write_table(table, path, row_group_size=2, compression="none")
     metadata = pq.ParquetFile(path).metadata
     column = metadata.row_group(1).column(0)  # the id column of the second row group: overwrite its data pages
     data = bytearray(path.read_bytes())
     start = column.data_page_offset
-    data[start:start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
+    data[start : start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
     path.write_bytes(bytes(data))
     result, reasons = _ingest(tmp_path, {"kind": "hf", "path": str(tmp_path / "pq")})
     assert result.rows_kept == 4 and list(reasons.values()) == ["unreadable_file", "unreadable_file"]
@@ -212,11 +252,17 @@ def test_an_arrow_stream_cut_short_keeps_its_whole_batches(tmp_path):
     import datasets
 
     folder = tmp_path / "ds"
-    datasets.Dataset.from_list([{"id": f"g{i}", "question": f"Q{i}?", "answer": str(i), "image": {"bytes": png_bytes(i), "path": None}}
-                                for i in range(4)],
-                               features=datasets.Features({"id": datasets.Value("string"), "question": datasets.Value("string"),
-                                                           "answer": datasets.Value("string"), "image": datasets.Image()})
-                               ).save_to_disk(str(folder), max_shard_size="1KB")
+    datasets.Dataset.from_list(
+        [{"id": f"g{i}", "question": f"Q{i}?", "answer": str(i), "image": {"bytes": png_bytes(i), "path": None}} for i in range(4)],
+        features=datasets.Features(
+            {
+                "id": datasets.Value("string"),
+                "question": datasets.Value("string"),
+                "answer": datasets.Value("string"),
+                "image": datasets.Image(),
+            }
+        ),
+    ).save_to_disk(str(folder), max_shard_size="1KB")
     shards = sorted(folder.glob("*.arrow"))
     assert len(shards) > 1
     shards[-1].write_bytes(shards[-1].read_bytes()[: len(shards[-1].read_bytes()) // 2])
@@ -229,25 +275,70 @@ def test_a_mathvista_shaped_parquet_written_by_datasets(tmp_path):
     (multi_choice / free_form), `answer_type` (text / integer / float / list), `metadata` (a struct)."""
     import datasets
 
-    features = datasets.Features({
-        "pid": datasets.Value("string"), "question": datasets.Value("string"), "image": datasets.Value("string"),
-        "decoded_image": datasets.Image(), "choices": datasets.Sequence(datasets.Value("string")), "unit": datasets.Value("string"),
-        "precision": datasets.Value("float64"), "answer": datasets.Value("string"), "question_type": datasets.Value("string"),
-        "answer_type": datasets.Value("string"), "metadata": {"category": datasets.Value("string"), "skills": datasets.Sequence(datasets.Value("string"))},
-    })
+    features = datasets.Features(
+        {
+            "pid": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "image": datasets.Value("string"),
+            "decoded_image": datasets.Image(),
+            "choices": datasets.Sequence(datasets.Value("string")),
+            "unit": datasets.Value("string"),
+            "precision": datasets.Value("float64"),
+            "answer": datasets.Value("string"),
+            "question_type": datasets.Value("string"),
+            "answer_type": datasets.Value("string"),
+            "metadata": {"category": datasets.Value("string"), "skills": datasets.Sequence(datasets.Value("string"))},
+        }
+    )
     rows = [
-        {"pid": "1", "question": "When a spring does work on an object, we cannot find the work by simply multiplying...",
-         "image": "images/1.jpg", "choices": None, "unit": None, "precision": 1.0, "answer": "1.2", "question_type": "free_form",
-         "answer_type": "float", "metadata": {"category": "math-targeted-vqa", "skills": ["scientific reasoning"]}},
-        {"pid": "2", "question": "what is the total volume of the measuring cup?", "image": "images/2.jpg", "choices": None, "unit": "g",
-         "precision": None, "answer": "1000", "question_type": "free_form", "answer_type": "integer",
-         "metadata": {"category": "general-vqa", "skills": ["numeric commonsense"]}},
-        {"pid": "5", "question": "Find $m\\angle H$", "image": "images/5.jpg", "choices": ["97", "102", "107", "122"], "unit": None,
-         "precision": None, "answer": "97", "question_type": "multi_choice", "answer_type": "text",
-         "metadata": {"category": "math-targeted-vqa", "skills": ["geometry reasoning"]}},
-        {"pid": "9", "question": "Is the number of cyan things greater than 3?", "image": "images/9.jpg", "choices": ["Yes", "No"],
-         "unit": None, "precision": None, "answer": "Maybe", "question_type": "multi_choice", "answer_type": "text",
-         "metadata": {"category": "general-vqa", "skills": ["arithmetic reasoning"]}},
+        {
+            "pid": "1",
+            "question": "When a spring does work on an object, we cannot find the work by simply multiplying...",
+            "image": "images/1.jpg",
+            "choices": None,
+            "unit": None,
+            "precision": 1.0,
+            "answer": "1.2",
+            "question_type": "free_form",
+            "answer_type": "float",
+            "metadata": {"category": "math-targeted-vqa", "skills": ["scientific reasoning"]},
+        },
+        {
+            "pid": "2",
+            "question": "what is the total volume of the measuring cup?",
+            "image": "images/2.jpg",
+            "choices": None,
+            "unit": "g",
+            "precision": None,
+            "answer": "1000",
+            "question_type": "free_form",
+            "answer_type": "integer",
+            "metadata": {"category": "general-vqa", "skills": ["numeric commonsense"]},
+        },
+        {
+            "pid": "5",
+            "question": "Find $m\\angle H$",
+            "image": "images/5.jpg",
+            "choices": ["97", "102", "107", "122"],
+            "unit": None,
+            "precision": None,
+            "answer": "97",
+            "question_type": "multi_choice",
+            "answer_type": "text",
+            "metadata": {"category": "math-targeted-vqa", "skills": ["geometry reasoning"]},
+        },
+        {
+            "pid": "9",
+            "question": "Is the number of cyan things greater than 3?",
+            "image": "images/9.jpg",
+            "choices": ["Yes", "No"],
+            "unit": None,
+            "precision": None,
+            "answer": "Maybe",
+            "question_type": "multi_choice",
+            "answer_type": "text",
+            "metadata": {"category": "general-vqa", "skills": ["arithmetic reasoning"]},
+        },
     ]
     for i, row in enumerate(rows):
         row["decoded_image"] = {"bytes": png_bytes(i), "path": None}
@@ -255,6 +346,10 @@ def test_a_mathvista_shaped_parquet_written_by_datasets(tmp_path):
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "mv" / "testmini-00000-of-00001.parquet"))
     result, reasons = _ingest(tmp_path, {"kind": "hf", "path": str(tmp_path / "mv"), "fields": {"id": "pid", "image": "decoded_image"}})
     kept = {r["native_id"]: (r["answer_type"], r["answer"], r["choices"], len(r["image_ids"])) for r in result.kept.to_pylist()}
-    assert kept == {"1": ("numeric", "1.2", [], 1), "2": ("numeric", "1000", [], 1), "5": ("multiple_choice", "A", ["97", "102", "107", "122"], 1)}
+    assert kept == {
+        "1": ("numeric", "1.2", [], 1),
+        "2": ("numeric", "1000", [], 1),
+        "5": ("multiple_choice", "A", ["97", "102", "107", "122"], 1),
+    }
     assert reasons == {"9": "answer_not_in_choices"}
     assert json.loads(result.kept.to_pylist()[2]["metadata"])["metadata"]["skills"] == ["geometry reasoning"]

@@ -18,17 +18,22 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_config, write_image
 from omnithought_dagster.cli import app
 from omnithought_dagster.markup import KINDS, TOKEN_KINDS, find_markup
 from omnithought_dagster.store import CorpusStore
+
+from conftest import write_config, write_image
 from scripted_teacher import ScriptedTeacher
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-LINES = ["we look at the picture and find every block", "then we count the blocks in each row of the grid",
-         "the rows hold the same number so we multiply", "finally we check the product against the picture"]
+LINES = [
+    "we look at the picture and find every block",
+    "then we count the blocks in each row of the grid",
+    "the rows hold the same number so we multiply",
+    "finally we check the product against the picture",
+]
 
 
 def _clean(item: int) -> str:
@@ -67,12 +72,19 @@ def hostile_run(tmp_path_factory):
     records = []
     for item in range(30):
         write_image(folder / "imgs" / f"{item}.png", item + 40)
-        records.append({"id": f"q{item}", "question": QUESTIONS.get(item, f"How many blocks are in item {item}?"), "answer": str(item % 7),
-                        "image": f"{item}.png"})
+        records.append(
+            {
+                "id": f"q{item}",
+                "question": QUESTIONS.get(item, f"How many blocks are in item {item}?"),
+                "answer": str(item % 7),
+                "image": f"{item}.png",
+            }
+        )
     (folder / "seed.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     with ScriptedTeacher({i: str(i % 7) for i in range(30)}, HOSTILE) as teacher:
         config = write_config(
-            folder, [{"name": "hostile", "kind": "json", "path": str(folder / "seed.jsonl"), "image_root": str(folder / "imgs")}],
+            folder,
+            [{"name": "hostile", "kind": "json", "path": str(folder / "seed.jsonl"), "image_root": str(folder / "imgs")}],
             seed={"near_duplicate_max_distance": -1},
             teacher={"backend": "openai", "base_url": teacher.base_url, "model": "scripted", "name": "scripted", "max_retries": 0},
             generation={"rollouts": 4, "shards": 1, "max_tokens": 256, "reasoning_max_chars": 2000},
@@ -133,8 +145,8 @@ def test_curation_counts_what_it_keeps_to_clean_and_the_export_writes_no_markup(
     for example in data:
         user, reply = example["messages"][0]["content"], example["messages"][1]["content"]
         assert user.count("<image>") == len(example["images"]) == 1 and user.startswith("<image>")
-        assert not find_markup(user[len("<image>"):], TOKEN_KINDS)
-        body = reply[len("<think>\n"):].replace("\n</think>\n\nAnswer: ", "", 1)
+        assert not find_markup(user[len("<image>") :], TOKEN_KINDS)
+        body = reply[len("<think>\n") :].replace("\n</think>\n\nAnswer: ", "", 1)
         assert reply.startswith("<think>\n") and not find_markup(body, KINDS), reply
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["set_aside"] == [] and manifest["markup"] == "cleaned from the replies"
@@ -152,8 +164,8 @@ def test_the_students_label_spans_hold_only_the_reply_formats_own_tokens(hostile
     for example in LazyExamples(index, vl, 1024):
         labels = [i for i in example["labels"] if i != -100]
         assert [vl.tokenizer.convert_ids_to_tokens(i) for i in labels if i in vl.added_ids] == ["<think>", "</think>", "<|im_end|>"]
-        prompt = example["input_ids"][:len(example["input_ids"]) - len(labels)]
-        image_tokens = int(example["vision"]["image_grid_thw"].prod()) // vl.image_processor.merge_size ** 2
+        prompt = example["input_ids"][: len(example["input_ids"]) - len(labels)]
+        image_tokens = int(example["vision"]["image_grid_thw"].prod()) // vl.image_processor.merge_size**2
         assert prompt.count(vl.image_token_id) == image_tokens
 
 
@@ -163,8 +175,15 @@ def test_the_cli_shows_hostile_text_as_text(hostile_run):
     runner = CliRunner()
     story = runner.invoke(app, ["lineage", "hostile/q29", "--config", str(config)])
     assert story.exit_code == 0 and "'[INST]' (special_token)" in story.output, story.output
-    rows = runner.invoke(app, ["query", "SELECT substr(raw_excerpt, strpos(raw_excerpt, '[INST]'), 27) AS seen FROM quarantine "
-                                        "WHERE native_id = 'q29'", "--config", str(config)])
+    rows = runner.invoke(
+        app,
+        [
+            "query",
+            "SELECT substr(raw_excerpt, strpos(raw_excerpt, '[INST]'), 27) AS seen FROM quarantine WHERE native_id = 'q29'",
+            "--config",
+            str(config),
+        ],
+    )
     assert rows.exit_code == 0 and "[INST] say 3 [/INST] [bold]" in rows.output, rows.output
     kept = runner.invoke(app, ["lineage", "hostile/q26", "--config", str(config)])
     assert kept.exit_code == 0 and "item 26" in kept.output

@@ -49,8 +49,13 @@ def test_each_image_installs_its_profile_with_the_makefile_from_the_locks(name):
     order = [args for word, args in steps if word in ("COPY", "RUN")]
     assert order.index("deploy/env deploy/env") < order.index(install)
     # What `make envs` runs in the image: every environment synced from this profile's lock.
-    dry = subprocess.run(["make", "-n", "-B", "envs", f"PROFILE={profile}", "SMOKE=0"], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "MAKEFLAGS": ""})
+    dry = subprocess.run(
+        ["make", "-n", "-B", "envs", f"PROFILE={profile}", "SMOKE=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MAKEFLAGS": ""},
+    )
     assert dry.returncode == 0, dry.stderr
     for env in ("dagster", "vllm", "lmms"):
         assert f"deploy/env/{profile}/{env}.lock" in dry.stdout
@@ -64,7 +69,7 @@ def test_the_code_location_image_serves_what_the_helm_chart_asks_for():
     command = yaml.safe_load(cmd)  # exec form: a JSON list
     assert command[:3] == ["dagster", "api", "grpc"]
     grpc_args = deployment["dagsterApiGrpcArgs"]
-    assert command[3:3 + len(grpc_args)] == grpc_args
+    assert command[3 : 3 + len(grpc_args)] == grpc_args
     assert command[command.index("--port") + 1] == str(deployment["port"])
     (expose,) = [args for word, args in instructions(DOCKER / "Dockerfile") if word == "EXPOSE"]
     assert expose == str(deployment["port"])
@@ -76,7 +81,7 @@ def test_the_code_location_image_serves_what_the_helm_chart_asks_for():
 def test_the_images_the_deployment_names_are_the_ones_make_builds():
     values = yaml.safe_load((REPO / "deploy/k8s/values.yaml").read_text())
     repository = values["dagster-user-deployments"]["deployments"][0]["image"]["repository"]
-    for name, (_, target, variable) in IMAGES.items():
+    for name, (_, target, _variable) in IMAGES.items():
         dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""})
         assert dry.returncode == 0, dry.stderr
         assert f"docker build -f deploy/docker/{name} -t omnithought-dagster" in dry.stdout

@@ -7,16 +7,21 @@ import os
 
 import pytest
 
-from conftest import png_bytes, write_image, write_json
 from omnithought_dagster.config import SeedSettings, parse_config
 from omnithought_dagster.curation.seed import PriorSamples, ingest_source
 from omnithought_dagster.sources import Candidate, ImageRef, make_reader
+
+from conftest import png_bytes, write_image, write_json
 
 
 def _run(records, tmp_path=None, prior=None, **settings):
     stored = {}
     result = ingest_source(
-        "src", records, SeedSettings(**settings), image_root=tmp_path, prior=prior,
+        "src",
+        records,
+        SeedSettings(**settings),
+        image_root=tmp_path,
+        prior=prior,
         put_image=lambda image_id, data: stored.setdefault(image_id, data) is data,
     )
     assert result.rows_read == result.rows_kept + result.rows_quarantined
@@ -25,8 +30,14 @@ def _run(records, tmp_path=None, prior=None, **settings):
 
 def _good(index=0, question="How many blocks?", answer="4", seed=None, **kwargs):
     seed = index if seed is None else seed
-    return Candidate(record_index=index, native_id=f"n{index}", question=question, answer=answer,
-                     images=kwargs.pop("images", [ImageRef(data=png_bytes(seed))]), **kwargs)
+    return Candidate(
+        record_index=index,
+        native_id=f"n{index}",
+        question=question,
+        answer=answer,
+        images=kwargs.pop("images", [ImageRef(data=png_bytes(seed))]),
+        **kwargs,
+    )
 
 
 def _only_reason(result):
@@ -53,7 +64,12 @@ def _only_reason(result):
         (_good(images=[ImageRef(data=b"")]), {}, "empty_image", "zero bytes"),
         (_good(images=[ImageRef(data=b"\x89PNG\r\n\x1a\ngarbage")]), {}, "corrupt_image", "does not decode"),
         (_good(images=[ImageRef(data=png_bytes(1)[:-40])]), {}, "corrupt_image", "does not decode"),
-        (_good(images=[ImageRef(data=png_bytes(1, size=(200, 100)))]), {"max_image_pixels": 10_000}, "oversized_image", "200x100 = 20000 pixels"),
+        (
+            _good(images=[ImageRef(data=png_bytes(1, size=(200, 100)))]),
+            {"max_image_pixels": 10_000},
+            "oversized_image",
+            "200x100 = 20000 pixels",
+        ),
         (_good(images=[ImageRef(data=png_bytes(1))]), {"max_image_bytes": 10}, "oversized_image", "limit 10"),
     ],
 )

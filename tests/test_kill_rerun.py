@@ -1,5 +1,6 @@
 """Every stage that runs a model or a subprocess, SIGKILLed mid-work and run again: judging (annotations),
-training (student_checkpoints, sft and a distillation method) and evaluation (benchmark_scores). (Generation: test_teacher_asset.py; the vLLM
+training (student_checkpoints, sft and a distillation method) and evaluation (benchmark_scores).
+(Generation: test_teacher_asset.py; the vLLM
 server a step starts: test_llm_backends.py.)
 
 The run is killed as the OOM killer or a preempted machine would: SIGKILL of the process that runs the step, no
@@ -14,9 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_scores import _project as scores_project
+from test_student import RECIPE, SOURCES, TRAINING
+from test_student import _project as student_project
 
-from conftest import assert_none_left, materializations, requests_served, run_job, served_config, start_run, wait_for_process, write_config
-from curation_data import build_store
 from omnithought_dagster.annotate.annotations import ANNOTATION_CACHE
 from omnithought_dagster.assets.student import expected_checkpoint_id
 from omnithought_dagster.config import load_config
@@ -24,9 +26,9 @@ from omnithought_dagster.defs import ANNOTATE_JOB, BASELINE_JOB, FILTER_JOB, SCO
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.train.checkpoints import RunCheckpoints
 from omnithought_dagster.train.launch import TRAIN_MODULE
-from test_scores import _project as scores_project
-from test_student import RECIPE, SOURCES, TRAINING
-from test_student import _project as student_project
+
+from conftest import assert_none_left, materializations, requests_served, run_job, served_config, start_run, wait_for_process, write_config
+from curation_data import build_store
 
 pytestmark = pytest.mark.slow
 PARTITION = "000|synthetic"
@@ -39,10 +41,22 @@ def _kill(run) -> None:
 
 def test_judging_killed_mid_shard_resumes_from_its_cache(vllm_server, instance, tmp_path):
     flush, concurrency = 4, 2
-    judge = {"backend": "openai", "base_url": vllm_server.base_url, "model": "tiny-teacher-test", "name": "tiny-judge",
-             "max_retries": 1, "max_concurrency": concurrency}
-    config = served_config(tmp_path, vllm_server.base_url, n_samples=12, generation={"shards": 1}, judge=judge,
-                           annotation={"max_tokens": 160, "temperature": 1.0, "flush_every": flush})
+    judge = {
+        "backend": "openai",
+        "base_url": vllm_server.base_url,
+        "model": "tiny-teacher-test",
+        "name": "tiny-judge",
+        "max_retries": 1,
+        "max_concurrency": concurrency,
+    }
+    config = served_config(
+        tmp_path,
+        vllm_server.base_url,
+        n_samples=12,
+        generation={"shards": 1},
+        judge=judge,
+        annotation={"max_tokens": 160, "temperature": 1.0, "flush_every": flush},
+    )
     assert run_job(config, instance, SEED_JOB, "synthetic").success
     assert run_job(config, instance, TEACHER_JOB, PARTITION).success
     store = CorpusStore(config.store.root)
@@ -122,10 +136,15 @@ def test_a_distillation_run_killed_mid_run_leaves_no_trainer_and_resumes_its_mas
     checkpoint is stored, nothing it started is left; the rerun on a clean disk goes on with the budget where it was (a
     fresh schedule would warm up again from 0)."""
     build_store(tmp_path / "store", n_samples=24)
-    student = {"name": "masked", "model": "tiny:student", "method": "prefix_mask_kd",
-               "prefix_mask_kd": {"teacher": "tiny:teacher", "warmup_steps": 2, "growth": 0.05, "tolerance": 2.0}}
-    config = load_config(write_config(tmp_path, SOURCES, recipes=[RECIPE], students=[student],
-                                      training={**TRAINING, "max_steps": 80, "save_steps": 10}))
+    student = {
+        "name": "masked",
+        "model": "tiny:student",
+        "method": "prefix_mask_kd",
+        "prefix_mask_kd": {"teacher": "tiny:teacher", "warmup_steps": 2, "growth": 0.05, "tolerance": 2.0},
+    }
+    config = load_config(
+        write_config(tmp_path, SOURCES, recipes=[RECIPE], students=[student], training={**TRAINING, "max_steps": 80, "save_steps": 10})
+    )
     store, ckpt, stored = _train_until_a_checkpoint_is_stored_then_kill(config, instance, "masked")
     assert store.checkpoints.manifest(ckpt) is None
     last = stored.steps()[-1]
@@ -137,7 +156,7 @@ def test_a_distillation_run_killed_mid_run_leaves_no_trainer_and_resumes_its_mas
     assert meta["resumed_from_step"] >= last and meta["steps"] == 80
     budgets = json.loads((store.checkpoints.local_dir(ckpt, tmp_path / "fetched") / "train_log.json").read_text())["mask_budgets"]
     assert len(budgets) == 80 and budgets[last - 1] > 0  # the killed run had started masking
-    assert all(a <= b for a, b in zip(budgets, budgets[1:]))  # and the rerun did not start again from 0
+    assert all(a <= b for a, b in zip(budgets, budgets[1:], strict=False))  # and the rerun did not start again from 0
 
 
 def test_evaluation_killed_mid_run_leaves_no_evaluator_and_no_scores_then_scores_again(tmp_path, instance):

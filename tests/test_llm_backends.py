@@ -13,23 +13,37 @@ import time
 
 import pytest
 
-from conftest import SERVED_NAME, requests_served
-from flaky_proxy import FlakyProxy
 from omnithought_dagster.llm.backends import ChatRequest, OpenAIBackend, TransformersBackend, image_data_url
 from omnithought_dagster.llm.vllm_server import VLLMServer, VLLMStartError
 from omnithought_dagster.sources.synthetic import SyntheticReader
 from omnithought_dagster.teacher.prompt import parse_reply
 
+from conftest import SERVED_NAME, requests_served
+from flaky_proxy import FlakyProxy
+
 pytestmark = pytest.mark.slow
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["reasoning", "final_answer"],
-          "properties": {"reasoning": {"type": "string", "minLength": 1, "maxLength": 120},
-                         "final_answer": {"type": "string", "minLength": 1, "maxLength": 16}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["reasoning", "final_answer"],
+    "properties": {
+        "reasoning": {"type": "string", "minLength": 1, "maxLength": 120},
+        "final_answer": {"type": "string", "minLength": 1, "maxLength": 16},
+    },
+}
 
 
 def _request(key: str = "k", **overrides) -> ChatRequest:
     sample = SyntheticReader(1, seed=5).sample(0)
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url(sample.images[0].data)}},
-                                             {"type": "text", "text": sample.question}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(sample.images[0].data)}},
+                {"type": "text", "text": sample.question},
+            ],
+        }
+    ]
     fields = {"key": key, "messages": messages, "max_tokens": 96, "temperature": 0.8, "top_p": 0.95, "seed": 7, "json_schema": SCHEMA}
     return ChatRequest(**{**fields, **overrides})
 
@@ -40,6 +54,7 @@ def _complete(backend, *requests):
             return await asyncio.gather(*(backend.complete(r) for r in requests))
         finally:
             await backend.aclose()
+
     return asyncio.run(run())
 
 
@@ -107,8 +122,12 @@ def test_timeout_is_retried(vllm_server):
 
 def test_transformers_backend_generates_in_process(tiny_teacher):
     backend = TransformersBackend(tiny_teacher, identity="tiny-tf")
-    a, b, c = _complete(backend, _request("a", json_schema=None, max_tokens=12, seed=3),
-                        _request("b", json_schema=None, max_tokens=12, seed=3), _request("c", json_schema=None, max_tokens=12, seed=4))
+    a, b, c = _complete(
+        backend,
+        _request("a", json_schema=None, max_tokens=12, seed=3),
+        _request("b", json_schema=None, max_tokens=12, seed=3),
+        _request("c", json_schema=None, max_tokens=12, seed=4),
+    )
     assert a.text == b.text != c.text  # seeded sampling is reproducible
     assert a.n_tokens <= 12 and a.finish_reason in ("stop", "length") and a.n_prompt_tokens > 64
 
@@ -130,7 +149,8 @@ def test_server_stops_its_whole_process_group(tiny_teacher, tmp_path):
     code = (
         "import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
         "from omnithought_dagster.llm.vllm_server import VLLMServer\n"
-        f"s = VLLMServer({str(VLLM_PYTHON)!r}, {str(tiny_teacher)!r}, served_model_name='g', max_model_len=1024, log_dir={str(tmp_path)!r})\n"
+        f"s = VLLMServer({str(VLLM_PYTHON)!r}, {str(tiny_teacher)!r}, served_model_name='g', max_model_len=1024, "
+        f"log_dir={str(tmp_path)!r})\n"
         "s.start(); print(s.process.pid, flush=True); s.stop(); print('stopped', s.process.poll(), flush=True)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
@@ -216,13 +236,24 @@ def test_kept_servers_are_reused_by_later_steps_and_stopped_with_the_block(tmp_p
 # -- replies of every shape become rows; Retry-After is honoured (issue 13) --------------------------------------------
 
 MALFORMED = {
-    "no choices": ("application/json", json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": SERVED_NAME,
-                                                   "choices": []}).encode()),
+    "no choices": (
+        "application/json",
+        json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": SERVED_NAME, "choices": []}).encode(),
+    ),
     "a body that is not JSON": ("text/html", b"<html><body>502 Bad Gateway (but sent as 200)</body></html>"),
     "JSON cut short": ("application/json", b'{"id": "x", "object": "chat.completion", "choices": [{"index": 0, "mess'),
-    "a choice without text": ("application/json", json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": SERVED_NAME,
-                                                              "choices": [{"index": 0, "finish_reason": "stop",
-                                                                           "message": {"role": "assistant", "content": None}}]}).encode()),
+    "a choice without text": (
+        "application/json",
+        json.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": SERVED_NAME,
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": None}}],
+            }
+        ).encode(),
+    ),
     "an empty body": ("application/json", b""),
 }
 
@@ -270,18 +301,24 @@ def test_retry_after_forms():
 
     assert retry_after_s(error({"retry-after": "3"})) == 3.0
     assert retry_after_s(error({"retry-after-ms": "1500"})) == 1.5
-    assert 9 <= retry_after_s(error({"retry-after": __import__("email.utils").utils.formatdate(__import__("time").time() + 10,
-                                                                                                usegmt=True)})) <= 11
+    assert (
+        9
+        <= retry_after_s(error({"retry-after": __import__("email.utils").utils.formatdate(__import__("time").time() + 10, usegmt=True)}))
+        <= 11
+    )
     assert retry_after_s(error({"retry-after": "soon"})) is None and retry_after_s(error({})) is None
     assert retry_after_s(ValueError("no response")) is None
 
 
 # -- a server dies with its step and sees only what it needs (issue 13) ------------------------------------------------
 
-FAKE_SERVER_WITH_ENGINE = FAKE_SERVER.replace("http.server.HTTPServer(", '''import os, subprocess, pathlib
+FAKE_SERVER_WITH_ENGINE = FAKE_SERVER.replace(
+    "http.server.HTTPServer(",
+    """import os, subprocess, pathlib
 engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # stands in for vLLM's engine process
 pathlib.Path(os.environ["FAKE_SERVER_REPORT"]).write_text(json.dumps({{"pid": os.getpid(), "engine": engine.pid, "env": dict(os.environ)}}))
-http.server.HTTPServer(''')
+http.server.HTTPServer(""",
+)
 
 
 def test_a_killed_step_takes_its_server_and_engine_with_it(tmp_path):
@@ -296,9 +333,15 @@ def test_a_killed_step_takes_its_server_and_engine_with_it(tmp_path):
         "import time\nfrom omnithought_dagster.llm.vllm_server import VLLMServer\n"
         f"s = VLLMServer({str(fake)!r}, 'm', served_model_name='tiny', log_dir={str(tmp_path)!r}, startup_timeout_s=60,\n"
         f"               extra_args=['--no-enable-chunked-prefill'], env={{'FAKE_SERVER_REPORT': {str(report)!r}}}).start()\n"
-        "print(s.process.pid, flush=True)\ntime.sleep(600)\n")
-    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "do-not-pass-me", "OPENAI_API_KEY": "nor-me", "HF_HOME": str(tmp_path / "hf"),
-           "VLLM_LOGGING_LEVEL": "DEBUG"}
+        "print(s.process.pid, flush=True)\ntime.sleep(600)\n"
+    )
+    env = {
+        **os.environ,
+        "AWS_SECRET_ACCESS_KEY": "do-not-pass-me",
+        "OPENAI_API_KEY": "nor-me",
+        "HF_HOME": str(tmp_path / "hf"),
+        "VLLM_LOGGING_LEVEL": "DEBUG",
+    }
     process = subprocess.Popen([sys.executable, str(step)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         guard = int(process.stdout.readline())

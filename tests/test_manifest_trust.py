@@ -20,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import write_config
 from omnithought_dagster.config import load_config
 from omnithought_dagster.defs import SEED_JOB, build_definitions
 from omnithought_dagster.redact import REDACTED, redact
@@ -28,6 +27,8 @@ from omnithought_dagster.sensors import SENSOR_NAME
 from omnithought_dagster.sources.base import RAW_EXCERPT_CHARS, bounded_excerpt
 from omnithought_dagster.sources.manifests import manifest_filesystem, scan_manifests
 from omnithought_dagster.store import CorpusStore
+
+from conftest import write_config
 
 CANARY = "CANARY-7f3a9c51-never-to-be-read"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "Q9z3x8LkP2"
@@ -37,8 +38,11 @@ def _plant(tmp_path: Path) -> Path:
     """A credentials-like file outside the manifest folder, and a folder of images beside it."""
     outside = tmp_path / "outside"
     (outside / "pics").mkdir(parents=True)
-    lines = [f"[default] {CANARY}", f"aws_secret_access_key = {SECRET}",
-             json.dumps({"id": CANARY, "question": f"what is {CANARY}?", "answer": CANARY, "image": "a.png"})]
+    lines = [
+        f"[default] {CANARY}",
+        f"aws_secret_access_key = {SECRET}",
+        json.dumps({"id": CANARY, "question": f"what is {CANARY}?", "answer": CANARY, "image": "a.png"}),
+    ]
     (outside / "creds.jsonl").write_text("\n".join(lines) + "\n")
     Image.new("RGB", (32, 32), (1, 2, 3)).save(outside / "pics" / "a.png")
     return outside
@@ -102,8 +106,9 @@ def test_a_manifest_reaching_outside_is_refused_and_nothing_it_names_is_read(tmp
     outside = _plant(tmp_path)
     monkeypatch.setenv("HOME", str(outside))  # `~` leads to the canary too
     _manifests(tmp_path, outside)
-    config = load_config(write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 4}],
-                                      operations={"source_manifests": "manifests"}))
+    config = load_config(
+        write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 4}], operations={"source_manifests": "manifests"})
+    )
     found = {m.name: m for m in scan_manifests(config, *manifest_filesystem(config))}
     assert found["good"].source is not None and found["good"].error is None
     for name, (_, field) in ESCAPES.items():
@@ -143,8 +148,13 @@ def test_granted_roots_let_a_manifest_read_further_and_project_sources_keep_thei
     (folder / "farther.yaml").write_text(yaml.safe_dump({"kind": "json", "path": str(tmp_path / "elsewhere.jsonl")}))
     mine = [{"id": f"m{i}", "question": f"Which colour is the square? ({i})", "answer": "red", "image": "a.png"} for i in range(2)]
     (outside / "data" / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mine))
-    config = load_config(write_config(tmp_path, [{"name": "mine", "kind": "json", "path": str(outside / "data" / "mine.jsonl")}],
-                                      operations={"source_manifests": "manifests", "manifest_roots": ["manifests", "outside/data"]}))
+    config = load_config(
+        write_config(
+            tmp_path,
+            [{"name": "mine", "kind": "json", "path": str(outside / "data" / "mine.jsonl")}],
+            operations={"source_manifests": "manifests", "manifest_roots": ["manifests", "outside/data"]},
+        )
+    )
     found = {m.name: m for m in scan_manifests(config, *manifest_filesystem(config))}
     assert found["far"].source is not None and found["farther"].source is None and "outside the folders" in found["farther"].error
     defs = build_definitions(config)
@@ -161,8 +171,11 @@ def test_quarantined_lines_of_a_credentials_file_keep_no_secret(tmp_path, instan
     long_line = "x" * 5000
     with (outside / "creds.jsonl").open("a") as handle:
         handle.write(f'{{"token": "{SECRET}", "password": "hunter2"}}\n{long_line}\nAKIAIOSFODNN7EXAMPLE\n')
-    config = load_config(write_config(tmp_path, [{"name": "creds", "kind": "json", "path": str(outside / "creds.jsonl"),
-                                                   "image_root": str(outside / "pics")}]))
+    config = load_config(
+        write_config(
+            tmp_path, [{"name": "creds", "kind": "json", "path": str(outside / "creds.jsonl"), "image_root": str(outside / "pics")}]
+        )
+    )
     defs = build_definitions(config)
     assert defs.resolve_job_def(SEED_JOB).execute_in_process(partition_key="creds", instance=instance, raise_on_error=False)
     rows = CorpusStore(config.store.root).catalog().execute("SELECT raw_excerpt, detail FROM quarantine").fetchall()
@@ -171,49 +184,59 @@ def test_quarantined_lines_of_a_credentials_file_keep_no_secret(tmp_path, instan
     assert all(len(excerpt or "") <= RAW_EXCERPT_CHARS for excerpt, _ in rows) and REDACTED in text
 
 
-@pytest.mark.parametrize("text, kept, gone", [
-    ("aws_secret_access_key = abc123SECRETvalue", "aws_secret_access_key = ", "abc123SECRETvalue"),
-    ('{"api_key": "k-1", "question": "How many?"}', '"question": "How many?"', "k-1"),
-    ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.abc", "Authorization", "eyJhbGciOiJIUzI1NiJ9"),
-    ("postgres://bob:s3cret@db:5432/x", "@db:5432/x", "s3cret"),
-    ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----", "", "MIIEowIBAAKCAQEA"),
-    ("id AKIAIOSFODNN7EXAMPLE here", "id ", "AKIAIOSFODNN7EXAMPLE"),
-    ("hf_" + "aB3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3", "", "aB3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3"),
-    ("AKIAIOSFODNN7EXAMPLE,wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", ",", "bPxRfiCYEXAMPLEKEY"),  # accessKeys.csv: no names
-    ("machine api.example.com login bob password hunter2", "login bob password ", "hunter2"),  # netrc
-    ("db.example.com:5432:prod:bob:s3cretpw", "db.example.com:5432:prod:bob:", "s3cretpw"),  # pgpass
-    ("redis://:p4ssw0rd@cache:6379", "@cache:6379", "p4ssw0rd"),
-    ('{"auths": {"registry.io": {"auth": "Ym9iOnNlY3JldA=="}}}', '"registry.io"', "Ym9iOnNlY3JldA=="),  # docker config
-    ("DB_PASS=hunter2", "DB_PASS=", "hunter2"),
-    ("password: correct horse battery staple", "password: ", "battery staple"),
-    ("AccountName=x;AccountKey=abc/def+ghi==;EndpointSuffix=core", "EndpointSuffix=core", "def+ghi"),
-    ('{"apiKey": "abc1", "clientSecret": "def2"}', '"apiKey": ', "def2"),
-    ("-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOYBF\n-----END PGP PRIVATE KEY BLOCK-----", "", "lQOYBF"),
-])
+@pytest.mark.parametrize(
+    "text, kept, gone",
+    [
+        ("aws_secret_access_key = abc123SECRETvalue", "aws_secret_access_key = ", "abc123SECRETvalue"),
+        ('{"api_key": "k-1", "question": "How many?"}', '"question": "How many?"', "k-1"),
+        ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.abc", "Authorization", "eyJhbGciOiJIUzI1NiJ9"),
+        ("postgres://bob:s3cret@db:5432/x", "@db:5432/x", "s3cret"),
+        ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----", "", "MIIEowIBAAKCAQEA"),
+        ("id AKIAIOSFODNN7EXAMPLE here", "id ", "AKIAIOSFODNN7EXAMPLE"),
+        ("hf_" + "aB3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3", "", "aB3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3"),
+        ("AKIAIOSFODNN7EXAMPLE,wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", ",", "bPxRfiCYEXAMPLEKEY"),  # accessKeys.csv: no names
+        ("machine api.example.com login bob password hunter2", "login bob password ", "hunter2"),  # netrc
+        ("db.example.com:5432:prod:bob:s3cretpw", "db.example.com:5432:prod:bob:", "s3cretpw"),  # pgpass
+        ("redis://:p4ssw0rd@cache:6379", "@cache:6379", "p4ssw0rd"),
+        ('{"auths": {"registry.io": {"auth": "Ym9iOnNlY3JldA=="}}}', '"registry.io"', "Ym9iOnNlY3JldA=="),  # docker config
+        ("DB_PASS=hunter2", "DB_PASS=", "hunter2"),
+        ("password: correct horse battery staple", "password: ", "battery staple"),
+        ("AccountName=x;AccountKey=abc/def+ghi==;EndpointSuffix=core", "EndpointSuffix=core", "def+ghi"),
+        ('{"apiKey": "abc1", "clientSecret": "def2"}', '"apiKey": ', "def2"),
+        ("-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOYBF\n-----END PGP PRIVATE KEY BLOCK-----", "", "lQOYBF"),
+    ],
+)
 def test_credentials_are_redacted(text, kept, gone):
     out = redact(text)
     assert gone not in out and kept in out and REDACTED in out
 
 
-@pytest.mark.parametrize("text", [
-    "How many red squares are in the image? Answer: 3",
-    "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",  # a SHA-256 digest: not a key
-    "/tmp/pytest-of-root/pytest-123/test_manifests_become_partitio0/manifests/data/0001.png",
-    "images/coco/train2017/000000391895.jpg resolves outside the source root",
-    "pneumonoultramicroscopicsilicovolcanoconiosis",
-    "Key signature: D major. Time signature: 3/4",  # a music question, not a credential
-    "Secretary: Jane Doe; author: Smith; passport number: 12",
-    "tokenizer: fast, tokens: 512, max_tokens=5",
-    "/work/main/.omnithought/images/ab/cd/abcdef0123456789abcdef0123456789.png",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "How many red squares are in the image? Answer: 3",
+        "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",  # a SHA-256 digest: not a key
+        "/tmp/pytest-of-root/pytest-123/test_manifests_become_partitio0/manifests/data/0001.png",
+        "images/coco/train2017/000000391895.jpg resolves outside the source root",
+        "pneumonoultramicroscopicsilicovolcanoconiosis",
+        "Key signature: D major. Time signature: 3/4",  # a music question, not a credential
+        "Secretary: Jane Doe; author: Smith; passport number: 12",
+        "tokenizer: fast, tokens: 512, max_tokens=5",
+        "/work/main/.omnithought/images/ab/cd/abcdef0123456789abcdef0123456789.png",
+    ],
+)
 def test_ordinary_text_paths_and_digests_stay(text):
     assert redact(text) == text
 
 
 @settings(max_examples=200, deadline=None)
-@given(secret=st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+=_-", min_size=40, max_size=60)
-       .filter(lambda s: any(c.isdigit() for c in s) and any(c.isalpha() for c in s) and len(set(s)) >= 28),
-       before=st.text(max_size=40), after=st.text(max_size=40))
+@given(
+    secret=st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+=_-", min_size=40, max_size=60).filter(
+        lambda s: any(c.isdigit() for c in s) and any(c.isalpha() for c in s) and len(set(s)) >= 28
+    ),
+    before=st.text(max_size=40),
+    after=st.text(max_size=40),
+)
 def test_a_random_key_anywhere_is_redacted_and_redaction_is_stable(secret, before, after):
     text = f"{before} {secret} {after}"
     out = redact(text)
@@ -292,7 +315,13 @@ def test_an_image_folder_swapped_out_after_the_check_gives_no_image(tmp_path):
     os.rename(folder / "imgs", tmp_path / "moved")
     os.symlink(outside / "pics", folder / "imgs")
     stored = []
-    result = ingest_source("s", reader.records(), SeedSettings(), image_root=reader.image_root,
-                           put_image=lambda key, data: stored.append(data) or True, read_roots=source._read_roots)
+    result = ingest_source(
+        "s",
+        reader.records(),
+        SeedSettings(),
+        image_root=reader.image_root,
+        put_image=lambda key, data: stored.append(data) or True,
+        read_roots=source._read_roots,
+    )
     reasons = result.quarantine.column("reason").to_pylist()
     assert result.kept.num_rows == 0 and reasons == ["path_escape", "path_escape"] and stored == []

@@ -11,10 +11,10 @@ from omnithought_dagster.curation.near_dup import earliest_near_duplicates
 
 def _brute_force(hashes, owners, max_distance, first_owner):
     best = {}
-    for i, (h, o) in enumerate(zip(hashes, owners)):
+    for h, o in zip(hashes, owners, strict=False):
         if o < first_owner:
             continue
-        for g, p in zip(hashes, owners):
+        for g, p in zip(hashes, owners, strict=False):
             d = bin(h ^ g).count("1")
             if p < o and d <= max_distance:
                 candidate = (p, d)

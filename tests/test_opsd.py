@@ -9,25 +9,39 @@ import json
 import pytest
 import torch
 from PIL import Image
+from test_student import RECIPE, SOURCES, TRAINING, sft_first
 
-from conftest import materializations, plot_image, run_job, write_config
 from omnithought_dagster.config import StudentConfig, load_config
 from omnithought_dagster.defs import TRAIN_JOB
 from omnithought_dagster.lineage import checkpoint_story
 from omnithought_dagster.store import CorpusStore
-from omnithought_dagster.train.opsd import (PRIVILEGED_HEADER, PrivilegedPrompts, completion_logits, ema_update, example_divergence,
-                                            teacher_messages, trim_after_end)
-from test_student import RECIPE, SOURCES, TRAINING, sft_first
+from omnithought_dagster.train.opsd import (
+    PRIVILEGED_HEADER,
+    PrivilegedPrompts,
+    completion_logits,
+    ema_update,
+    example_divergence,
+    teacher_messages,
+    trim_after_end,
+)
+
+from conftest import materializations, plot_image, run_job, write_config
 
 TRACE = "<think>\nThree red squares and one blue.\n</think>\n\nAnswer: 3"
-MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nHow many red squares?"}]},
-            {"role": "assistant", "content": TRACE}]
+MESSAGES = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nHow many red squares?"}]},
+    {"role": "assistant", "content": TRACE},
+]
 
 
 def test_the_teacher_alone_gets_the_privileged_context():
     trace = teacher_messages(MESSAGES, "trace")
-    assert trace == [{"role": "user", "content": [{"type": "image"},
-                                                  {"type": "text", "text": "\nHow many red squares?" + PRIVILEGED_HEADER["trace"] + TRACE}]}]
+    assert trace == [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "\nHow many red squares?" + PRIVILEGED_HEADER["trace"] + TRACE}],
+        }
+    ]
     answer = teacher_messages(MESSAGES, "answer")
     assert answer[0]["content"][-1]["text"].endswith(PRIVILEGED_HEADER["answer"] + "3") and TRACE not in json.dumps(answer)
     assert MESSAGES[0]["content"][-1]["text"] == "\nHow many red squares?"  # the student's turn is untouched
@@ -51,8 +65,10 @@ def test_the_encoded_prompts_differ_only_by_the_context(tmp_path, tiny_teacher):
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     Image.new("RGB", (56, 56), (200, 10, 10)).save(data / "images" / "a.png")
-    record = {"messages": [{"role": "user", "content": "<image>\nHow many red squares?"}, {"role": "assistant", "content": TRACE}],
-              "images": ["images/a.png"]}
+    record = {
+        "messages": [{"role": "user", "content": "<image>\nHow many red squares?"}, {"role": "assistant", "content": TRACE}],
+        "images": ["images/a.png"],
+    }
     (data / "data.json").write_text(json.dumps([record]))
     vl = VLTokenizer.load(tiny_teacher)
     pair = PrivilegedPrompts(build_index(data, tmp_path / "index", vl, 1024, "skip"), vl, "trace")[0]
@@ -72,11 +88,15 @@ def test_the_logits_are_those_that_predict_each_sampled_token(tiny_teacher):
     completion = torch.tensor([[5, 17, 42]])
     with torch.no_grad():
         ours = completion_logits(model, prompt, completion)
-        whole = model(input_ids=torch.cat([prompt["input_ids"], completion], 1), attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + 3,
-                      dtype=torch.long), pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"],
-                      mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion)], 1)).logits
+        whole = model(
+            input_ids=torch.cat([prompt["input_ids"], completion], 1),
+            attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + 3, dtype=torch.long),
+            pixel_values=prompt["pixel_values"],
+            image_grid_thw=prompt["image_grid_thw"],
+            mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion)], 1),
+        ).logits
     start = prompt["input_ids"].shape[1]
-    assert ours.shape == (3, whole.shape[-1]) and torch.allclose(ours, whole[0, start - 1: start + 2])
+    assert ours.shape == (3, whole.shape[-1]) and torch.allclose(ours, whole[0, start - 1 : start + 2])
 
 
 def test_a_sample_never_holds_a_media_token(tiny_teacher):
@@ -138,10 +158,17 @@ def test_opsd_trains_a_student_towards_its_privileged_self_through_the_asset(tmp
     its frozen copy reading the trace: the student's own samples are pulled towards what it says with the solution in view."""
     training = {**TRAINING, "max_steps": 60, "learning_rate": 0.01}
     _, tuned = sft_first(tmp_path, instance, training, reasoning=lambda i: "count the red squares")
-    student = {"name": "self", "model": str(tuned), "method": "opsd",
-               "opsd": {"context": "trace", "teacher": "frozen", "max_new_tokens": 16, "clip": 5.0}}
-    config = load_config(write_config(tmp_path, SOURCES, recipes=[RECIPE], students=[student], training={**training, "max_steps": 10,
-                                                                                                         "learning_rate": 0.002}))
+    student = {
+        "name": "self",
+        "model": str(tuned),
+        "method": "opsd",
+        "opsd": {"context": "trace", "teacher": "frozen", "max_new_tokens": 16, "clip": 5.0},
+    }
+    config = load_config(
+        write_config(
+            tmp_path, SOURCES, recipes=[RECIPE], students=[student], training={**training, "max_steps": 10, "learning_rate": 0.002}
+        )
+    )
     store = CorpusStore(config.store.root)
     result = run_job(config, instance, TRAIN_JOB, "even|self")
     assert result.success

@@ -20,18 +20,21 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from conftest import wait_for_webserver, write_config
 from omnithought_dagster import pools
 from omnithought_dagster.llm.vllm_server import free_port
 from omnithought_dagster.sensors import REAPER_INTERVAL_S, dead_run_reaper
 
+from conftest import wait_for_webserver, write_config
+
 REPO = Path(__file__).resolve().parents[1]
 LOCATION = Path(__file__).with_name("pool_location.py")
 DAGSTER = Path(sys.executable).with_name("dagster")
-IN_PROCESS = (f"import sys; sys.path.insert(0, {str(LOCATION.parent)!r}); import dagster as dg;"
-              "from pool_location import defs; from omnithought_dagster.pools import run_in_process;"
-              "i = dg.DagsterInstance.get(); r = run_in_process(defs.resolve_implicit_global_asset_job_def(), i, raise_on_error=False);"
-              "sys.exit(0 if r.success else 1)")
+IN_PROCESS = (
+    f"import sys; sys.path.insert(0, {str(LOCATION.parent)!r}); import dagster as dg;"
+    "from pool_location import defs; from omnithought_dagster.pools import run_in_process;"
+    "i = dg.DagsterInstance.get(); r = run_in_process(defs.resolve_implicit_global_asset_job_def(), i, raise_on_error=False);"
+    "sys.exit(0 if r.success else 1)"
+)
 
 
 @pytest.fixture
@@ -51,11 +54,14 @@ def site(tmp_path):
             self.home, self.files = home, files
 
         def start(self, how: str = "cli", *args: str) -> subprocess.Popen:
-            command = {"cli": [str(DAGSTER), "asset", "materialize", "-f", str(LOCATION), "--select", "held"],
-                       "in_process": [sys.executable, "-c", IN_PROCESS],
-                       "dev": [str(DAGSTER), "dev", "-f", str(LOCATION), *args]}[how]
-            process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       start_new_session=True)
+            command = {
+                "cli": [str(DAGSTER), "asset", "materialize", "-f", str(LOCATION), "--select", "held"],
+                "in_process": [sys.executable, "-c", IN_PROCESS],
+                "dev": [str(DAGSTER), "dev", "-f", str(LOCATION), *args],
+            }[how]
+            process = subprocess.Popen(
+                command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )
             started.append(process)
             return process
 
@@ -188,12 +194,16 @@ def test_dagster_dev_the_daemon_frees_a_killed_runs_slot_with_no_other_run(site)
     port = free_port()
     dev = site.start("dev", "-h", "127.0.0.1", "-p", str(port))
     wait_for_webserver(port, dev)
-    (repository,) = _graphql(port, "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
-                             )["repositoriesOrError"]["nodes"]
+    (repository,) = _graphql(port, "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }")[
+        "repositoriesOrError"
+    ]["nodes"]
     selector = {"repositoryLocationName": repository["location"]["name"], "repositoryName": repository["name"], "jobName": "__ASSET_JOB"}
-    launched = _graphql(port, """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+    launched = _graphql(
+        port,
+        """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
         ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
-                        {"p": {"selector": {**selector, "assetSelection": [{"path": ["held"]}]}, "runConfigData": {}}})["launchRun"]
+        {"p": {"selector": {**selector, "assetSelection": [{"path": ["held"]}]}, "runConfigData": {}}},
+    )["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     run_id = launched["run"]["runId"]
     site.wait_started(1, dev, timeout=180)
@@ -210,6 +220,7 @@ def test_dagster_dev_the_daemon_frees_a_killed_runs_slot_with_no_other_run(site)
 
 
 # The reaper's rules, on runs and claims made directly in storage.
+
 
 @pytest.fixture
 def pooled(tmp_path):

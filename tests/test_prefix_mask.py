@@ -9,16 +9,24 @@ import json
 import pytest
 import torch
 from PIL import Image
+from test_student import RECIPE, SFT_STUDENT, SOURCES, TRAINING, sft_first
 
-from conftest import materializations, plot_image, run_job, write_config
 from omnithought_dagster.config import ConfigError, StudentConfig, load_config
 from omnithought_dagster.defs import TRAIN_JOB
 from omnithought_dagster.lineage import checkpoint_story
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.train.launch import method_hash, run_method
-from omnithought_dagster.train.prefix_mask import (ATTENTION, BudgetSchedule, capturing, chosen_layers, hiding, salient_prefix_mask,
-                                                   use_prefix_masks)
-from test_student import RECIPE, SFT_STUDENT, SOURCES, TRAINING, sft_first
+from omnithought_dagster.train.prefix_mask import (
+    ATTENTION,
+    BudgetSchedule,
+    capturing,
+    chosen_layers,
+    hiding,
+    salient_prefix_mask,
+    use_prefix_masks,
+)
+
+from conftest import materializations, plot_image, run_job, write_config
 
 IMAGE = 99
 
@@ -81,7 +89,13 @@ def test_the_budget_grows_while_the_masks_cost_little_and_holds_when_they_cost_m
 def test_prefix_mask_settings_default_are_checked_and_name_the_checkpoint(tmp_path):
     student = StudentConfig(name="s", method="prefix_mask_kd", prefix_mask_kd={"teacher": "tiny:teacher"})
     settings = student.prefix_mask_kd
-    assert (settings.saliency, settings.saliency_layers, settings.max_budget, settings.tolerance, settings.keep_recent) == ("student", [-1], 0.3, 1.25, 1)
+    assert (settings.saliency, settings.saliency_layers, settings.max_budget, settings.tolerance, settings.keep_recent) == (
+        "student",
+        [-1],
+        0.3,
+        1.25,
+        1,
+    )
     assert settings.divergence == "forward_kl" and settings.weight == 0.5  # kd's settings, with kd's defaults
     with pytest.raises(ValueError, match="at least `teacher`"):
         StudentConfig(name="s", method="prefix_mask_kd")
@@ -94,9 +108,13 @@ def test_prefix_mask_settings_default_are_checked_and_name_the_checkpoint(tmp_pa
     assert method_hash(run_method(kd, tmp_path)) != method_hash(run_method(masked, tmp_path))
     grown = StudentConfig(name="s", method="prefix_mask_kd", prefix_mask_kd={"teacher": str(tmp_path), "growth": 0.05})
     assert method_hash(run_method(grown, tmp_path)) != method_hash(run_method(masked, tmp_path))
-    path = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 4}], recipes=[RECIPE],
-                        students=[{"name": "m", "method": "prefix_mask_kd", "prefix_mask_kd": {"teacher": "tiny:teacher"}}],
-                        training={"zero_stage": 3})
+    path = write_config(
+        tmp_path,
+        [{"name": "synthetic", "kind": "synthetic", "n_samples": 4}],
+        recipes=[RECIPE],
+        students=[{"name": "m", "method": "prefix_mask_kd", "prefix_mask_kd": {"teacher": "tiny:teacher"}}],
+        training={"zero_stage": 3},
+    )
     with pytest.raises(ConfigError, match="zero_stage 3"):
         load_config(path)
 
@@ -107,8 +125,10 @@ def _tiny_batch(family: str, folder):
 
     folder = build_tiny_model(TinySpec(name=f"tiny-{family}", family=family, seed=2), folder)
     vl = VLTokenizer.load(folder)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many red squares?"}]},
-                {"role": "assistant", "content": "<think>\nThree red squares, one blue one.\n</think>\n\nAnswer: 3"}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many red squares?"}]},
+        {"role": "assistant", "content": "<think>\nThree red squares, one blue one.\n</think>\n\nAnswer: 3"},
+    ]
     batch = vl.collate([vl.encode_example(messages, [Image.new("RGB", (56, 56), (200, 10, 10))])])
     return folder, vl, batch, {k: v for k, v in batch.items() if k != "labels"}
 
@@ -179,19 +199,38 @@ def _in_process_trainer(tmp_path, model_dir, settings: dict, steps: int, save_st
     if not data.exists():
         (data / "images").mkdir(parents=True)
         Image.new("RGB", (56, 56), (200, 10, 10)).save(data / "images" / "a.png")
-        records = [{"messages": [{"role": "user", "content": f"<image>\nHow many red squares in row {i}?"},
-                                 {"role": "assistant", "content": f"<think>\nRow {i} has {i} red squares and one blue one.\n</think>\n\nAnswer: {i}"}],
-                    "images": ["images/a.png"]} for i in range(8)]
+        records = [
+            {
+                "messages": [
+                    {"role": "user", "content": f"<image>\nHow many red squares in row {i}?"},
+                    {"role": "assistant", "content": f"<think>\nRow {i} has {i} red squares and one blue one.\n</think>\n\nAnswer: {i}"},
+                ],
+                "images": ["images/a.png"],
+            }
+            for i in range(8)
+        ]
         (data / "data.json").write_text(json.dumps(records))
     vl = VLTokenizer.load(model_dir)
     examples = LazyExamples(build_index(data, tmp_path / "index", vl, 1024, "skip"), vl, 1024)
-    method = StudentConfig(name="s", method="prefix_mask_kd", prefix_mask_kd={"teacher": str(model_dir), **settings}).prefix_mask_kd.model_dump()
+    method = StudentConfig(
+        name="s", method="prefix_mask_kd", prefix_mask_kd={"teacher": str(model_dir), **settings}
+    ).prefix_mask_kd.model_dump()
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     teacher = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps, save_steps=save_steps or steps, per_device_train_batch_size=2,
-                             learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, remove_unused_columns=False)
-    return build_trainer(_counting_trainer, model, teacher, method, vl.image_token_id, args=args, train_dataset=examples,
-                         data_collator=vl.collate)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=steps,
+        save_steps=save_steps or steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+    )
+    return build_trainer(
+        _counting_trainer, model, teacher, method, vl.image_token_id, args=args, train_dataset=examples, data_collator=vl.collate
+    )
 
 
 def test_the_budget_resumes_from_a_training_checkpoint(tmp_path, tiny_teacher):
@@ -230,9 +269,12 @@ def test_prefix_mask_kd_distils_a_student_under_a_growing_budget(tmp_path, insta
     checkpoint's lineage names the method and its teacher."""
     training = {**TRAINING, "max_steps": 12}
     _, teacher = sft_first(tmp_path, instance, training)
-    masked = {"name": "masked", "model": "tiny:student", "method": "prefix_mask_kd",
-              "prefix_mask_kd": {"teacher": str(teacher), "warmup_steps": 2, "growth": 0.1, "max_budget": 0.3, "tolerance": 3.0,
-                                 "weight": 0.7}}  # a lenient pace: the tiny student's masks cost it up to ~2x
+    masked = {
+        "name": "masked",
+        "model": "tiny:student",
+        "method": "prefix_mask_kd",
+        "prefix_mask_kd": {"teacher": str(teacher), "warmup_steps": 2, "growth": 0.1, "max_budget": 0.3, "tolerance": 3.0, "weight": 0.7},
+    }  # a lenient pace: the tiny student's masks cost it up to ~2x
     config = load_config(write_config(tmp_path, SOURCES, recipes=[RECIPE], students=[SFT_STUDENT, masked], training=training))
     store = CorpusStore(config.store.root)
     result = run_job(config, instance, TRAIN_JOB, "even|masked")
@@ -243,7 +285,7 @@ def test_prefix_mask_kd_distils_a_student_under_a_growing_budget(tmp_path, insta
     assert plot_image(meta["plot/mask_budget"]).size[0] > 0
     log = json.loads((store.checkpoints.local_dir(meta["input_fingerprint"], tmp_path / "out") / "train_log.json").read_text())
     assert log["mask_budgets"][:3] == [0.0, 0.0, 0.0] and log["mask_budgets"][-1] > 0  # plain KD in the warm-up and the step after
-    assert all(b <= a for a, b in zip(log["mask_budgets"][1:], log["mask_budgets"])) and log["hidden_per_prediction"][0] == 0
+    assert all(b <= a for a, b in zip(log["mask_budgets"][1:], log["mask_budgets"], strict=False)) and log["hidden_per_prediction"][0] == 0
     assert log["masking_costs"][:3] == [1.0, 1.0, 1.0] and max(log["masking_costs"]) > 1  # the masks make the teacher harder to follow
     story = checkpoint_story(store, store.catalog(), meta["input_fingerprint"])
     assert story["method"]["name"] == "prefix_mask_kd" and story["method"]["teacher"] == str(teacher)

@@ -48,14 +48,16 @@ def test_a_guarded_tree_ends_when_its_starter_is_killed(tmp_path, own_session):
     report = tmp_path / "tree.json"
     (tmp_path / "tree.py").write_text(TREE)
     starter = tmp_path / "starter.py"
-    starter.write_text(textwrap.dedent(f"""
+    starter.write_text(
+        textwrap.dedent(f"""
         import subprocess, sys, time
         from omnithought_dagster.processes import guarded
         guard = subprocess.Popen(guarded([sys.executable, {str(tmp_path / "tree.py")!r}, {str(report)!r}], grace_s=5),
                                  start_new_session={own_session})
         print(guard.pid, flush=True)
         time.sleep(600)
-    """))
+    """)
+    )
     step = subprocess.Popen([sys.executable, str(starter)], stdout=subprocess.PIPE, text=True)
     guard = int(step.stdout.readline())
     tree = _wait_for(report)
@@ -90,8 +92,10 @@ def test_the_guard_passes_the_exit_code_and_filters_the_environment(tmp_path, mo
 
 
 def test_the_guard_keeps_the_last_lines_of_standard_error_and_still_passes_them_on(tmp_path):
-    code = ("import sys\nfor i in range(500): print(f'line {i}', file=sys.stderr)\n"
-            "print('Traceback: ValueError: Image features and image tokens do not match', file=sys.stderr); sys.exit(3)")
+    code = (
+        "import sys\nfor i in range(500): print(f'line {i}', file=sys.stderr)\n"
+        "print('Traceback: ValueError: Image features and image tokens do not match', file=sys.stderr); sys.exit(3)"
+    )
     done = subprocess.run(guarded([sys.executable, "-c", code], stderr_tail=tmp_path / "tail"), capture_output=True, text=True, timeout=60)
     assert done.returncode == 3 and done.stderr.count("\n") == 501  # everything still reaches the caller's stream
     kept = (tmp_path / "tail").read_text().split("\n")
@@ -105,11 +109,13 @@ def test_an_evaluator_dies_with_a_killed_step(tmp_path):
     fake.write_text(f"#!{sys.executable}\n" + TREE.replace("sys.argv[1]", repr(str(report))))
     fake.chmod(0o755)
     step = tmp_path / "step.py"
-    step.write_text(textwrap.dedent(f"""
+    step.write_text(
+        textwrap.dedent(f"""
         from pathlib import Path
         from omnithought_dagster.evaluation.run import run_lmms_eval
         run_lmms_eval([{str(fake)!r}, "-m", "lmms_eval"], ["t"], Path({str(tmp_path)!r}), 600, {{"SECRET_TOKEN": "x"}}, {{}})
-    """))
+    """)
+    )
     process = subprocess.Popen([sys.executable, str(step)], env={**os.environ, "AWS_SECRET_ACCESS_KEY": "secret"})
     tree = _wait_for(report)
     assert "AWS_SECRET_ACCESS_KEY" not in tree["env"] and tree["env"]["SECRET_TOKEN"] == "x"  # what the step passes, not all

@@ -1,9 +1,10 @@
 """Progress lines (done / total, rate, ETA) and the charts shared by the UI metadata and the report."""
 
-from conftest import plot_image
 from omnithought_dagster.assets.metadata import bar_plot
 from omnithought_dagster.plots import top
 from omnithought_dagster.progress import format_seconds, progress_line
+
+from conftest import plot_image
 
 
 def test_progress_line_has_share_rate_and_eta():

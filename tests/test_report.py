@@ -6,19 +6,25 @@ import re
 
 from typer.testing import CliRunner
 
-from conftest import run_job, write_config
-from curation_data import build_store
 from omnithought_dagster.cli import app
 from omnithought_dagster.config import load_config
 from omnithought_dagster.defs import FILTER_JOB, SUBSET_JOB
 from omnithought_dagster.report import write_report
 from omnithought_dagster.store import CorpusStore
 
+from conftest import run_job, write_config
+from curation_data import build_store
+
 
 def test_report_of_a_curated_store_is_self_contained(tmp_path, instance):
     build_store(tmp_path / "store", n_samples=24)
-    config = load_config(write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}],
-                                      recipes=[{"name": "even", "size": 12, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}}]))
+    config = load_config(
+        write_config(
+            tmp_path,
+            [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}],
+            recipes=[{"name": "even", "size": 12, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}}],
+        )
+    )
     assert run_job(config, instance, FILTER_JOB, "synthetic").success and run_job(config, instance, SUBSET_JOB, "even").success
     result = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "r/report.html"), "--config", config.config_path])
     assert result.exit_code == 0 and "7 sections" in result.output

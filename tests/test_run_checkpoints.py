@@ -69,7 +69,9 @@ def test_a_rerun_resumes_from_the_newer_of_the_disk_and_the_store(run, tmp_path)
     assert complete_steps(local) == [10, 20] and not (local / "checkpoint-30").exists()
     assert (local / "checkpoint-20/global_step20/optim_states.pt").read_text() == "optimizer 20"
     assert not [p for p in local.iterdir() if p.name.startswith(".restore-")]
-    assert any("incomplete" in m and "checkpoint-30" in m for m in messages) and any("restored training checkpoint 20" in m for m in messages)
+    assert any("incomplete" in m and "checkpoint-30" in m for m in messages) and any(
+        "restored training checkpoint 20" in m for m in messages
+    )
     _checkpoint(local, 40)
     assert run.restore(local, log=messages.append) == 40  # the disk's is newer: nothing fetched
     assert complete_steps(local) == [10, 20, 40]
@@ -87,7 +89,7 @@ def test_the_uploader_copies_each_new_complete_checkpoint_and_keeps_the_newest(r
             time.sleep(0.1)
             assert step not in run.steps()  # not before every rank wrote it
             (local / f"checkpoint-{step}" / COMPLETE).write_text(json.dumps({"step": step}))
-            _wait(lambda: step in run.steps())
+            _wait(lambda step=step: step in run.steps())
     assert run.steps() == [10, 15] and uploader.uploaded == [5, 10, 15]
     assert sum("copied to" in m for m in messages) == 3
 

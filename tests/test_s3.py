@@ -18,13 +18,14 @@ import dagster as dg
 import pytest
 from typer.testing import CliRunner
 
-from conftest import check_evaluations, materializations, run_job, write_config, write_image, write_json
-from curation_data import build_store
 from omnithought_dagster.cli import app
 from omnithought_dagster.config import StoreConfig, load_config
 from omnithought_dagster.defs import FILTER_JOB, SEED_JOB, SUBSET_JOB, build_definitions
 from omnithought_dagster.llm.vllm_server import free_port
 from omnithought_dagster.store import open_store
+
+from conftest import check_evaluations, materializations, run_job, write_config, write_image, write_json
+from curation_data import build_store
 
 BUCKET = "corpus"
 KEYS = {"OMNI_S3_KEY": "omnithought-test", "OMNI_S3_SECRET": "not-a-real-secret"}
@@ -35,8 +36,9 @@ def s3_endpoint(tmp_path_factory):
     """moto's S3 server on a free loopback port, with one bucket."""
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log.open("w"),
-                              stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -49,8 +51,13 @@ def s3_endpoint(tmp_path_factory):
             pytest.fail(f"moto server did not start: {log.read_text()[-2000:]}")
         import boto3
 
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEYS["OMNI_S3_KEY"],
-                     aws_secret_access_key=KEYS["OMNI_S3_SECRET"]).create_bucket(Bucket=BUCKET)
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=KEYS["OMNI_S3_KEY"],
+            aws_secret_access_key=KEYS["OMNI_S3_SECRET"],
+        ).create_bucket(Bucket=BUCKET)
         yield endpoint
     finally:
         server.terminate()
@@ -65,24 +72,45 @@ def s3_store_config(s3_endpoint, monkeypatch, request):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    return {"root": f"s3://{BUCKET}/{request.node.name}", "endpoint_url": s3_endpoint, "region": "us-east-1",
-            "access_key_env": "OMNI_S3_KEY", "secret_key_env": "OMNI_S3_SECRET"}
+    return {
+        "root": f"s3://{BUCKET}/{request.node.name}",
+        "endpoint_url": s3_endpoint,
+        "region": "us-east-1",
+        "access_key_env": "OMNI_S3_KEY",
+        "secret_key_env": "OMNI_S3_SECRET",
+    }
 
 
 def _objects(endpoint: str, prefix: str) -> list[str]:
     import boto3
 
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEYS["OMNI_S3_KEY"],
-                          aws_secret_access_key=KEYS["OMNI_S3_SECRET"])
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=KEYS["OMNI_S3_KEY"],
+        aws_secret_access_key=KEYS["OMNI_S3_SECRET"],
+    )
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
 def test_seed_ingest_checks_lineage_and_cli_on_s3(tmp_path, instance, s3_store_config, s3_endpoint):
     write_image(tmp_path / "imgs/a.png", 1)
-    files = {"name": "files", "kind": "json", "path": str(write_json(tmp_path / "f.json", [
-        {"id": "r1", "question": "How many?", "answer": "3", "image": "a.png"},
-        {"id": "r2", "question": "Gone?", "answer": "1", "image": "missing.png"}])), "image_root": str(tmp_path / "imgs")}
+    files = {
+        "name": "files",
+        "kind": "json",
+        "path": str(
+            write_json(
+                tmp_path / "f.json",
+                [
+                    {"id": "r1", "question": "How many?", "answer": "3", "image": "a.png"},
+                    {"id": "r2", "question": "Gone?", "answer": "1", "image": "missing.png"},
+                ],
+            )
+        ),
+        "image_root": str(tmp_path / "imgs"),
+    }
     config = load_config(write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 8}, files], store=s3_store_config))
     for source in ("synthetic", "files"):
         result = run_job(config, instance, SEED_JOB, source)
@@ -105,8 +133,14 @@ def test_seed_ingest_checks_lineage_and_cli_on_s3(tmp_path, instance, s3_store_c
 def test_curation_export_checkpoints_and_cache_on_s3(tmp_path, instance, s3_store_config):
     store = open_store(StoreConfig(**s3_store_config))
     build_store(store, n_samples=12)
-    config = load_config(write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 12}], store=s3_store_config,
-                                      recipes=[{"name": "even", "size": 6, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}}]))
+    config = load_config(
+        write_config(
+            tmp_path,
+            [{"name": "synthetic", "kind": "synthetic", "n_samples": 12}],
+            store=s3_store_config,
+            recipes=[{"name": "even", "size": 6, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}}],
+        )
+    )
     for job, partition in [(FILTER_JOB, "synthetic"), (SUBSET_JOB, "even")]:
         result = run_job(config, instance, job, partition)
         failed = {n: c.description for n, c in check_evaluations(result).items() if not c.passed and c.severity.value == "ERROR"}
@@ -154,15 +188,17 @@ def test_training_checkpoints_of_a_run_round_trip_through_s3(tmp_path, s3_store_
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
             raise KeyboardInterrupt  # the step is stopped
-    keys = [key for key in _objects(s3_endpoint, f"{s3_store_config['root'].split('/', 3)[3]}/runs/{'d' * 32}/")
-            if not key.endswith("/")]  # Arrow's folder markers aside
+    keys = [
+        key for key in _objects(s3_endpoint, f"{s3_store_config['root'].split('/', 3)[3]}/runs/{'d' * 32}/") if not key.endswith("/")
+    ]  # Arrow's folder markers aside
     assert keys and all("/checkpoint-10/" in key for key in keys) and any(key.endswith(f"checkpoint-10/{COMPLETE}") for key in keys)
     fresh = tmp_path / "other-machine" / "checkpoints"
     assert run.restore(fresh, log=lambda m: None) == 10 and complete_steps(fresh) == [10]
     assert (fresh / "checkpoint-10/global_step10/optim_states.pt").read_text() == "optimizer 10"
     run.delete()
-    assert run.steps() == [] and not [key for key in _objects(s3_endpoint, f"{s3_store_config['root'].split('/', 3)[3]}/runs/{'d' * 32}/")
-                                      if not key.endswith("/")]
+    assert run.steps() == [] and not [
+        key for key in _objects(s3_endpoint, f"{s3_store_config['root'].split('/', 3)[3]}/runs/{'d' * 32}/") if not key.endswith("/")
+    ]
 
 
 def test_a_local_root_is_unchanged(tmp_path):
@@ -178,9 +214,16 @@ def test_manifest_sensor_watches_an_s3_prefix(tmp_path, instance, s3_store_confi
     from omnithought_dagster.sensors import SENSOR_NAME
 
     prefix = s3_store_config["root"].split(f"{BUCKET}/", 1)[1] + "-manifests"
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id=KEYS["OMNI_S3_KEY"],
-                          aws_secret_access_key=KEYS["OMNI_S3_SECRET"])
-    client.put_object(Bucket=BUCKET, Key=f"{prefix}/lake.yaml", Body=yaml.safe_dump({"kind": "synthetic", "n_samples": 4, "seed": 5}).encode())
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=KEYS["OMNI_S3_KEY"],
+        aws_secret_access_key=KEYS["OMNI_S3_SECRET"],
+    )
+    client.put_object(
+        Bucket=BUCKET, Key=f"{prefix}/lake.yaml", Body=yaml.safe_dump({"kind": "synthetic", "n_samples": 4, "seed": 5}).encode()
+    )
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/nested/ignored.yaml", Body=b"kind: synthetic\n")  # only files directly under it
     config = load_config(write_config(tmp_path, [], store=s3_store_config, operations={"source_manifests": f"s3://{BUCKET}/{prefix}"}))
     defs = build_definitions(config)
@@ -206,14 +249,22 @@ def test_a_manifest_in_s3_names_no_local_path_and_no_other_prefix(tmp_path, inst
     from omnithought_dagster.sources.manifests import manifest_filesystem, scan_manifests
 
     prefix = s3_store_config["root"].split(f"{BUCKET}/", 1)[1] + "-manifests"
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id=KEYS["OMNI_S3_KEY"],
-                          aws_secret_access_key=KEYS["OMNI_S3_SECRET"])
-    bodies = {"relative": {"kind": "json", "path": "creds.jsonl"}, "absolute": {"kind": "json", "path": str(tmp_path / "creds.jsonl")},
-              "roots": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/d.jsonl", "allowed_image_roots": ["/"]},
-              "otherbucket": {"kind": "json", "path": "s3://another-bucket/d.jsonl"},
-              "climbs": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/../elsewhere/d.jsonl"},
-              "inside": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/data/d.jsonl"},
-              "lake": {"kind": "synthetic", "n_samples": 3}}
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=KEYS["OMNI_S3_KEY"],
+        aws_secret_access_key=KEYS["OMNI_S3_SECRET"],
+    )
+    bodies = {
+        "relative": {"kind": "json", "path": "creds.jsonl"},
+        "absolute": {"kind": "json", "path": str(tmp_path / "creds.jsonl")},
+        "roots": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/d.jsonl", "allowed_image_roots": ["/"]},
+        "otherbucket": {"kind": "json", "path": "s3://another-bucket/d.jsonl"},
+        "climbs": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/../elsewhere/d.jsonl"},
+        "inside": {"kind": "json", "path": f"s3://{BUCKET}/{prefix}/data/d.jsonl"},
+        "lake": {"kind": "synthetic", "n_samples": 3},
+    }
     for name, body in bodies.items():
         client.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}.yaml", Body=yaml.safe_dump(body).encode())
     config = load_config(write_config(tmp_path, [], store=s3_store_config, operations={"source_manifests": f"s3://{BUCKET}/{prefix}"}))

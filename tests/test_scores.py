@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import check_evaluations, materializations, plot_image, rewrite_partition, run_job, run_partition_checks, write_config
-from curation_data import build_store
 from omnithought_dagster.cli import app
 from omnithought_dagster.config import load_config
 from omnithought_dagster.defs import BASELINE_JOB, FILTER_JOB, SCORE_JOB, SUBSET_JOB, TRAIN_JOB
@@ -17,6 +15,9 @@ from omnithought_dagster.evaluation.run import EvalError, TaskScores, parse_resu
 from omnithought_dagster.evaluation.task_utils import extract_answer, is_correct
 from omnithought_dagster.evaluation.tasks import LocalTask
 from omnithought_dagster.store import CorpusStore
+
+from conftest import check_evaluations, materializations, plot_image, rewrite_partition, run_job, run_partition_checks, write_config
+from curation_data import build_store
 
 REPO = Path(__file__).resolve().parents[1]
 LMMS_PYTHON = str(REPO / ".venv-lmms/bin/python")  # built by `make test` (make env)
@@ -26,10 +27,15 @@ BENCHMARK = {"name": "held", "kind": "synthetic", "n_samples": 6, "seed": 7, "st
 
 def _project(tmp_path, **evaluation):
     build_store(tmp_path / "store", n_samples=24)
-    path = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}], recipes=[RECIPE], benchmarks=[BENCHMARK],
-                        students=[{"name": "tiny", "model": "tiny:student"}],
-                        training={"micro_batch_size": 4, "learning_rate": 0.005, "max_steps": 4, "max_length": 1024},
-                        evaluation={"python": LMMS_PYTHON, "benchmarks": ["held"], "max_new_tokens": 16, **evaluation})
+    path = write_config(
+        tmp_path,
+        [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}],
+        recipes=[RECIPE],
+        benchmarks=[BENCHMARK],
+        students=[{"name": "tiny", "model": "tiny:student"}],
+        training={"micro_batch_size": 4, "learning_rate": 0.005, "max_steps": 4, "max_length": 1024},
+        evaluation={"python": LMMS_PYTHON, "benchmarks": ["held"], "max_new_tokens": 16, **evaluation},
+    )
     return load_config(path)
 
 
@@ -71,7 +77,9 @@ def test_lmms_eval_scores_baseline_and_checkpoint_with_deltas_and_tag_slices(sco
     story = json.loads(runner.invoke(app, ["lineage", checkpoint, "--config", config.config_path, "--json"]).stdout)
     members = store.read_partition("subset_members", "even").to_pylist()
     assert story["kind"] == "checkpoint" and story["trained_on"]["subset_version"] == members[0]["subset_version"]
-    assert story["trained_on"]["traces"] == 12 and sum(story["trained_on"]["samples_by_source"].values()) == len({m["sample_id"] for m in members})
+    assert story["trained_on"]["traces"] == 12 and sum(story["trained_on"]["samples_by_source"].values()) == len(
+        {m["sample_id"] for m in members}
+    )
     assert sum(story["trained_on"]["samples_by_difficulty"].values()) == story["trained_on"]["samples"]
     assert story["training"]["max_steps"] == 4 and {r["slice"] for r in story["scores"]} >= {"all"}
     sample = json.loads(runner.invoke(app, ["lineage", members[0]["sample_id"], "--config", config.config_path, "--json"]).stdout)
@@ -84,13 +92,18 @@ def test_lmms_eval_scores_baseline_and_checkpoint_with_deltas_and_tag_slices(sco
 def test_checks_fail_on_impossible_scores_and_warn_on_a_regression(scored, instance):
     config, store, _, _ = scored
     partition = {"student": "tiny", "recipe": "even"}
-    rewrite_partition(store, "benchmark_scores", partition,
-                      lambda rows: [{**r, "score": 1.5, "n": 5} if r["slice"] == "all" else r for r in rows])
+    rewrite_partition(
+        store, "benchmark_scores", partition, lambda rows: [{**r, "score": 1.5, "n": 5} if r["slice"] == "all" else r for r in rows]
+    )
     checks = run_partition_checks(config, instance, "benchmark_scores", "even|tiny")
     assert not checks["scores_valid"].passed and "outside [0, 1]" in checks["scores_valid"].description
     assert "n = 5 but the benchmark has 6 items" in checks["scores_valid"].description
-    rewrite_partition(store, "benchmark_scores", partition,
-                      lambda rows: [{**r, "score": 0.0, "n": 6, "baseline_score": 0.5, "delta": -0.5} if r["slice"] == "all" else r for r in rows])
+    rewrite_partition(
+        store,
+        "benchmark_scores",
+        partition,
+        lambda rows: [{**r, "score": 0.0, "n": 6, "baseline_score": 0.5, "delta": -0.5} if r["slice"] == "all" else r for r in rows],
+    )
     checks = run_partition_checks(config, instance, "benchmark_scores", "even|tiny")
     assert checks["scores_valid"].passed
     regression = checks["no_regression_vs_baseline"]
@@ -119,8 +132,10 @@ def _local(tmp_path) -> LocalTask:
 
     folder = tmp_path / "task"
     folder.mkdir()
-    pq.write_table(pa.table({"doc_id": ["s0", "s1", "s2"], "tag": ["counting", "counting", "table"], "answer": ["4", "4", "7"]}),
-                   folder / "data.parquet")
+    pq.write_table(
+        pa.table({"doc_id": ["s0", "s1", "s2"], "tag": ["counting", "counting", "table"], "answer": ["4", "4", "7"]}),
+        folder / "data.parquet",
+    )
     return LocalTask("held", "omnithought_held", folder, 3, "v")
 
 
@@ -128,7 +143,9 @@ def _write_run(out: Path, results: dict, samples: list[dict | str] | None) -> No
     """lmms-eval's output as it writes it: JSON with ensure_ascii off (U+2028 and friends unescaped); a str is a raw line."""
     run = out / "model"
     run.mkdir(parents=True)
-    (run / "20260101_results.json").write_text(json.dumps({"results": results, "n-samples": {"omnithought_held": {"original": 3, "effective": 3}}}))
+    (run / "20260101_results.json").write_text(
+        json.dumps({"results": results, "n-samples": {"omnithought_held": {"original": 3, "effective": 3}}})
+    )
     if samples is not None:
         lines = (s if isinstance(s, str) else json.dumps(s, ensure_ascii=False) for s in samples)
         (run / "20260101_samples_omnithought_held.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -136,8 +153,10 @@ def _write_run(out: Path, results: dict, samples: list[dict | str] | None) -> No
 
 def test_parse_results_scores_and_tag_slices(tmp_path):
     local = _local(tmp_path)
-    samples = [{"doc_id": i, "target": "4", "resps": [[reply]], "accuracy": acc}
-               for i, (reply, acc) in enumerate([("<think>x</think>\n\nAnswer: 4", 1.0), ("Answer: 5", 0.0), ("\\boxed{7}", 1.0)])]
+    samples = [
+        {"doc_id": i, "target": "4", "resps": [[reply]], "accuracy": acc}
+        for i, (reply, acc) in enumerate([("<think>x</think>\n\nAnswer: 4", 1.0), ("Answer: 5", 0.0), ("\\boxed{7}", 1.0)])
+    ]
     _write_run(tmp_path / "out", {"omnithought_held": {"accuracy,none": 2 / 3, "accuracy_stderr,none": 0.3}}, samples)
     scores = parse_results(tmp_path / "out", ["omnithought_held"], {"omnithought_held": local})
     entry = scores["omnithought_held"]
@@ -158,8 +177,12 @@ def test_a_generation_holding_line_separators_is_one_record(tmp_path):
 
 def test_an_unreadable_or_missing_record_is_scored_wrong_with_its_reason(tmp_path):
     local = _local(tmp_path)
-    samples = ['{"doc_id": 0, "resps": [["Answer: 4"]], "accur', {"doc_id": 2, "target": "7", "resps": [["Answer: 7"]], "accuracy": 1.0},
-               {"doc_id": "two", "accuracy": 1.0}, {"doc_id": 1, "accuracy": "NaN"}]
+    samples = [
+        '{"doc_id": 0, "resps": [["Answer: 4"]], "accur',
+        {"doc_id": 2, "target": "7", "resps": [["Answer: 7"]], "accuracy": 1.0},
+        {"doc_id": "two", "accuracy": 1.0},
+        {"doc_id": 1, "accuracy": "NaN"},
+    ]
     _write_run(tmp_path / "out", {"omnithought_held": {"accuracy,none": 1.0}}, samples)
     entry = parse_results(tmp_path / "out", ["omnithought_held"], {"omnithought_held": local})["omnithought_held"]
     assert [s["doc_index"] for s in entry.samples] == [0, 1, 2] and [s["correct"] for s in entry.samples] == [False, False, True]
@@ -168,12 +191,15 @@ def test_an_unreadable_or_missing_record_is_scored_wrong_with_its_reason(tmp_pat
     assert entry.by_tag == {"counting": (0.0, 2), "table": (1.0, 1)}
 
 
-@pytest.mark.parametrize(("results", "samples", "message"), [
-    (None, None, "wrote no results JSON"),
-    ({"other_task": {"accuracy,none": 1.0}}, [], "no results for omnithought_held"),
-    ({"omnithought_held": {"accuracy,none": None}}, [], "has no numeric accuracy"),
-    ({"omnithought_held": {"accuracy,none": 0.5}}, None, "no per-sample file"),
-])
+@pytest.mark.parametrize(
+    ("results", "samples", "message"),
+    [
+        (None, None, "wrote no results JSON"),
+        ({"other_task": {"accuracy,none": 1.0}}, [], "no results for omnithought_held"),
+        ({"omnithought_held": {"accuracy,none": None}}, [], "has no numeric accuracy"),
+        ({"omnithought_held": {"accuracy,none": 0.5}}, None, "no per-sample file"),
+    ],
+)
 def test_parse_results_refuses_incomplete_runs(tmp_path, results, samples, message):
     local = _local(tmp_path)
     if results is not None:
@@ -184,15 +210,18 @@ def test_parse_results_refuses_incomplete_runs(tmp_path, results, samples, messa
         parse_results(tmp_path / "out", ["omnithought_held"], {"omnithought_held": local})
 
 
-@pytest.mark.parametrize(("reply", "doc", "correct"), [
-    ("<think>\ncount\n</think>\n\nAnswer: 4", {"answer": "4", "answer_type": "numeric", "choices": []}, True),
-    ("Answer: 4.0", {"answer": "4", "answer_type": "numeric", "choices": []}, True),
-    ("Answer: B", {"answer": "B", "answer_type": "multiple_choice", "choices": ["red", "blue"]}, True),
-    ("Answer: blue", {"answer": "B", "answer_type": "multiple_choice", "choices": ["red", "blue"]}, True),
-    ("Answer: A", {"answer": "B", "answer_type": "multiple_choice", "choices": ["red", "blue"]}, False),
-    ("the answer is \\boxed{12}", {"answer": "12", "answer_type": "numeric", "choices": []}, True),
-    ("\n\n\n", {"answer": "12", "answer_type": "numeric", "choices": []}, False),
-    ("Answer: Left", {"answer": "left", "answer_type": "free_form", "choices": []}, True),
-])
+@pytest.mark.parametrize(
+    ("reply", "doc", "correct"),
+    [
+        ("<think>\ncount\n</think>\n\nAnswer: 4", {"answer": "4", "answer_type": "numeric", "choices": []}, True),
+        ("Answer: 4.0", {"answer": "4", "answer_type": "numeric", "choices": []}, True),
+        ("Answer: B", {"answer": "B", "answer_type": "multiple_choice", "choices": ["red", "blue"]}, True),
+        ("Answer: blue", {"answer": "B", "answer_type": "multiple_choice", "choices": ["red", "blue"]}, True),
+        ("Answer: A", {"answer": "B", "answer_type": "multiple_choice", "choices": ["red", "blue"]}, False),
+        ("the answer is \\boxed{12}", {"answer": "12", "answer_type": "numeric", "choices": []}, True),
+        ("\n\n\n", {"answer": "12", "answer_type": "numeric", "choices": []}, False),
+        ("Answer: Left", {"answer": "left", "answer_type": "free_form", "choices": []}, True),
+    ],
+)
 def test_task_scoring_reads_the_trained_answer_format(reply, doc, correct):
     assert is_correct(extract_answer(reply), doc) is correct

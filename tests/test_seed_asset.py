@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import dagster as dg
 
-from conftest import check_evaluations, materializations, plot_image, materialize_source, write_image, write_json
 from omnithought_dagster.store import CorpusStore
+
+from conftest import check_evaluations, materializations, materialize_source, plot_image, write_image, write_json
 
 
 def _json_source(tmp_path, name="files", records=None):
     write_image(tmp_path / "imgs/a.png", 1)
     write_image(tmp_path / "imgs/b.png", 2)
-    records = records if records is not None else [
-        {"id": "ok-1", "question": "How many blocks?", "answer": "4", "image": "a.png"},
-        {"id": "ok-2", "question": "Which colour?", "answer": "red", "image": "b.png"},
-        {"id": "gone", "question": "Q?", "answer": "1", "image": "missing.png"},
-        {"id": "esc", "question": "Q?", "answer": "1", "image": "../../etc/passwd"},
-        {"id": "empty-q", "question": " ", "answer": "1", "image": "a.png"},
-        {"id": "ok-1-again", "question": "How many blocks?", "answer": "4", "image": "a.png"},
-    ]
+    records = (
+        records
+        if records is not None
+        else [
+            {"id": "ok-1", "question": "How many blocks?", "answer": "4", "image": "a.png"},
+            {"id": "ok-2", "question": "Which colour?", "answer": "red", "image": "b.png"},
+            {"id": "gone", "question": "Q?", "answer": "1", "image": "missing.png"},
+            {"id": "esc", "question": "Q?", "answer": "1", "image": "../../etc/passwd"},
+            {"id": "empty-q", "question": " ", "answer": "1", "image": "a.png"},
+            {"id": "ok-1-again", "question": "How many blocks?", "answer": "4", "image": "a.png"},
+        ]
+    )
     path = write_json(tmp_path / f"{name}.json", records)
     return {"name": name, "kind": "json", "path": str(path), "image_root": str(tmp_path / "imgs")}
 
@@ -48,7 +53,9 @@ def test_materialise_reports_accounting_and_passes_checks(project, instance, tmp
     assert [r[0] for r in reasons] == ["missing_image", "path_escape", "empty_question", "duplicate"]
 
     # Data versions are content hashes: the same input gives the same version.
-    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("seed_pool"), asset_partitions=["files"]), limit=2).records
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("seed_pool"), asset_partitions=["files"]), limit=2
+    ).records
     versions = {r.event_log_entry.dagster_event.event_specific_data.materialization.tags["dagster/data_version"] for r in records}
     assert len(records) == 2 and len(versions) == 1
 
@@ -66,10 +73,14 @@ def test_rematerialising_replaces_the_partition(project, instance, tmp_path):
 
 def test_cross_source_duplicates_go_to_the_later_source(project, instance, tmp_path):
     first = _json_source(tmp_path, "first", [{"id": "x", "question": "Q1?", "answer": "1", "image": "a.png"}])
-    second = _json_source(tmp_path, "second", [
-        {"id": "y", "question": "Q1?", "answer": "1", "image": "a.png"},
-        {"id": "z", "question": "Q2?", "answer": "2", "image": "b.png"},
-    ])
+    second = _json_source(
+        tmp_path,
+        "second",
+        [
+            {"id": "y", "question": "Q1?", "answer": "1", "image": "a.png"},
+            {"id": "z", "question": "Q2?", "answer": "2", "image": "b.png"},
+        ],
+    )
     config = project([first, second])
     assert materialize_source(config, instance, "first").success
     result = materialize_source(config, instance, "second")

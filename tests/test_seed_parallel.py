@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_image
 from omnithought_dagster.config import JsonSourceConfig, SeedSettings
 from omnithought_dagster.curation import seed
 from omnithought_dagster.curation.seed import BATCH_RECORDS, MIN_RECORDS_PER_WORKER, ingest_source, ingest_workers
 from omnithought_dagster.ids import bytes_id
 from omnithought_dagster.sources import make_reader
+
+from conftest import write_image
 
 N_PICTURES = 12
 
@@ -37,8 +38,12 @@ def mixed_source(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     records = []
     for i in range(3 * BATCH_RECORDS + 7):
-        record = {"id": f"r{i}", "question": f"How many shapes are in picture {i % N_PICTURES}, case {i // 3}?",
-                  "answer": str(i % 5), "image": f"p{i % N_PICTURES}.png"}
+        record = {
+            "id": f"r{i}",
+            "question": f"How many shapes are in picture {i % N_PICTURES}, case {i // 3}?",
+            "answer": str(i % 5),
+            "image": f"p{i % N_PICTURES}.png",
+        }
         if i % 17 == 5:
             record["image"] = "broken.png"
         if i % 23 == 7:
@@ -53,8 +58,14 @@ def mixed_source(tmp_path):
 
 def _run(config, workers: int, put_image=None):
     reader = make_reader(config)
-    return ingest_source("src", reader.records(), SeedSettings(), image_root=reader.image_root,
-                         put_image=put_image or (lambda image_id, data: True), workers=workers)
+    return ingest_source(
+        "src",
+        reader.records(),
+        SeedSettings(),
+        image_root=reader.image_root,
+        put_image=put_image or (lambda image_id, data: True),
+        workers=workers,
+    )
 
 
 def test_a_pool_gives_the_same_rows_as_one_process(mixed_source):
@@ -133,7 +144,8 @@ def test_workers_die_with_a_killed_step(tmp_path):
     records = [{"id": f"r{i}", "question": f"Question {i}?", "answer": "1", "image": f"p{i % N_PICTURES}.png"} for i in range(20000)]
     (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     script = tmp_path / "step.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         from omnithought_dagster.config import JsonSourceConfig, SeedSettings
         from omnithought_dagster.curation.seed import ingest_source
         from omnithought_dagster.sources import make_reader
@@ -142,7 +154,8 @@ def test_workers_die_with_a_killed_step(tmp_path):
         reader = make_reader(config)
         print("started", flush=True)
         ingest_source("src", reader.records(), SeedSettings(), image_root=reader.image_root, put_image=lambda i, d: True, workers=2)
-    """))  # no __main__ guard on purpose: the workers must not run it again
+    """)
+    )  # no __main__ guard on purpose: the workers must not run it again
     step = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
     try:
         assert step.stdout.readline().strip() == "started"
@@ -195,8 +208,15 @@ def test_a_failing_step_stops_its_workers(mixed_source, monkeypatch):
     settings = SeedSettings(near_duplicate_max_distance=-1)  # kept rows go straight to their sink
     monkeypatch.setattr(seed, "FLUSH_ROWS", 8)  # the first write comes while batches are still in flight
     with pytest.raises(OSError, match="No space left"):
-        ingest_source_into("src", reader.records(), settings, image_root=reader.image_root, put_image=lambda i, d: True,
-                           sinks=SeedSinks(FullDisk(), TableSink(QUARANTINE), TableSink(IMAGES)), workers=2)
+        ingest_source_into(
+            "src",
+            reader.records(),
+            settings,
+            image_root=reader.image_root,
+            put_image=lambda i, d: True,
+            sinks=SeedSinks(FullDisk(), TableSink(QUARANTINE), TableSink(IMAGES)),
+            workers=2,
+        )
     assert multiprocessing.active_children() == []
 
 
@@ -208,18 +228,38 @@ def test_the_pool_runs_inside_a_step_that_the_dagster_cli_launches(tmp_path):
     for i in range(N_PICTURES):
         write_image(tmp_path / "pics" / f"p{i}.png", i)
     n = 2 * MIN_RECORDS_PER_WORKER + 10
-    records = [{"id": f"r{i}", "question": f"How many shapes, case {i}?", "answer": str(i % 4), "image": f"p{i % N_PICTURES}.png"}
-               for i in range(n)]
+    records = [
+        {"id": f"r{i}", "question": f"How many shapes, case {i}?", "answer": str(i % 4), "image": f"p{i % N_PICTURES}.png"}
+        for i in range(n)
+    ]
     (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = write_config(tmp_path / "project", [{"name": "big", "kind": "json", "path": str(tmp_path / "big.jsonl"),
-                                                  "image_root": str(tmp_path / "pics")}],
-                          seed={"workers": 2}, store_root=str(tmp_path / "store"))
+    config = write_config(
+        tmp_path / "project",
+        [{"name": "big", "kind": "json", "path": str(tmp_path / "big.jsonl"), "image_root": str(tmp_path / "pics")}],
+        seed={"workers": 2},
+        store_root=str(tmp_path / "store"),
+    )
     home = tmp_path / "dagster_home"
     home.mkdir()
     env = {**os.environ, "OMNITHOUGHT_CONFIG": str(config), "DAGSTER_HOME": str(home)}
-    run = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "omnithought_dagster.definitions",
-                          "--select", "seed_pool,quarantine,images", "--partition", "big"],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    run = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "omnithought_dagster.definitions",
+            "--select",
+            "seed_pool,quarantine,images",
+            "--partition",
+            "big",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "checked in 2 processes" in run.stderr
     from omnithought_dagster.store import CorpusStore

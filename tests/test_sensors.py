@@ -7,13 +7,12 @@ executed; the S3-prefix variant is in test_s3.py.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 import pytest
 import yaml
 
-from conftest import check_evaluations, materializations, write_config
 from omnithought_dagster.assets.seed import SOURCES_PARTITIONS
 from omnithought_dagster.automation import RECURATION_SCHEDULE, TRIGGER_TAG
 from omnithought_dagster.config import ConfigError, load_config
@@ -21,10 +20,15 @@ from omnithought_dagster.defs import SEED_JOB, build_definitions
 from omnithought_dagster.sensors import MANIFEST_TAG, SENSOR_NAME
 from omnithought_dagster.store import CorpusStore
 
+from conftest import check_evaluations, materializations, write_config
+
 
 def _project(tmp_path, sources=None, **operations):
-    path = write_config(tmp_path, sources if sources is not None else [{"name": "synthetic", "kind": "synthetic", "n_samples": 6}],
-                        operations={"source_manifests": "manifests", **operations})
+    path = write_config(
+        tmp_path,
+        sources if sources is not None else [{"name": "synthetic", "kind": "synthetic", "n_samples": 6}],
+        operations={"source_manifests": "manifests", **operations},
+    )
     return load_config(path)
 
 
@@ -45,8 +49,10 @@ def _apply_and_run(defs, instance, result) -> dict[str, dg.ExecuteInProcessResul
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     job = defs.resolve_job_def(SEED_JOB)
-    return {r.partition_key: job.execute_in_process(partition_key=r.partition_key, instance=instance, tags=r.tags, raise_on_error=False)
-            for r in result.run_requests}
+    return {
+        r.partition_key: job.execute_in_process(partition_key=r.partition_key, instance=instance, tags=r.tags, raise_on_error=False)
+        for r in result.run_requests
+    }
 
 
 def test_manifests_become_partitions_and_seed_runs_changed_ones_rerun(tmp_path, instance):
@@ -75,11 +81,18 @@ def test_manifests_become_partitions_and_seed_runs_changed_ones_rerun(tmp_path, 
     assert materializations(runs["extra"])["seed_pool"]["rows_read"] == 5
     assert instance.get_dynamic_partitions(SOURCES_PARTITIONS) == ["synthetic", "extra"]
     store = CorpusStore(config.store.root)
-    assert store.catalog().execute("SELECT source, count(*) FROM seed_pool GROUP BY 1 ORDER BY 1").fetchall() == [("extra", 5), ("synthetic", 6)]
+    assert store.catalog().execute("SELECT source, count(*) FROM seed_pool GROUP BY 1 ORDER BY 1").fetchall() == [
+        ("extra", 5),
+        ("synthetic", 6),
+    ]
 
     # Nothing new: the tick skips and requests nothing.
     second = _tick(defs, instance, first.cursor)
-    assert not second.run_requests and not second.dynamic_partitions_requests and "no new or changed manifests" in second.skip_reason.skip_message
+    assert (
+        not second.run_requests
+        and not second.dynamic_partitions_requests
+        and "no new or changed manifests" in second.skip_reason.skip_message
+    )
 
     # A changed manifest is a new run of the same partition (a new run key); a fixed one is picked up too.
     _manifest(tmp_path, "extra.yaml", {"kind": "synthetic", "n_samples": 7, "seed": 3, "start_index": 500})
@@ -101,8 +114,11 @@ def test_manifests_become_partitions_and_seed_runs_changed_ones_rerun(tmp_path, 
 def test_a_partition_without_a_source_fails_with_where_it_looked(tmp_path, instance):
     config = _project(tmp_path)
     instance.add_dynamic_partitions(SOURCES_PARTITIONS, ["ghost"])
-    result = build_definitions(config).resolve_job_def(SEED_JOB).execute_in_process(partition_key="ghost", instance=instance,
-                                                                                      raise_on_error=False)
+    result = (
+        build_definitions(config)
+        .resolve_job_def(SEED_JOB)
+        .execute_in_process(partition_key="ghost", instance=instance, raise_on_error=False)
+    )
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     message = failure.event_specific_data.error.message
@@ -117,8 +133,9 @@ def test_recuration_and_config_with_dynamic_sources(tmp_path, instance):
     assert "no new or changed manifests" in _tick(defs, instance).skip_reason.skip_message  # the folder need not exist yet
     instance.add_dynamic_partitions(SOURCES_PARTITIONS, ["a", "b"])
     schedule = defs.resolve_schedule_def(RECURATION_SCHEDULE)
-    with dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime(2026, 11, 23, 3, tzinfo=timezone.utc),
-                                   repository_def=defs.get_repository_def()) as context:
+    with dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=datetime(2026, 11, 23, 3, tzinfo=UTC), repository_def=defs.get_repository_def()
+    ) as context:
         assert [r.partition_key for r in schedule.evaluate_tick(context).run_requests] == ["a", "b"]
     with pytest.raises(ConfigError, match="at least one source, or operations.source_manifests"):
         load_config(write_config(tmp_path / "none", []))

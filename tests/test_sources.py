@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import png_bytes, write_image, write_json
 from omnithought_dagster.config import SeedSettings, parse_config
 from omnithought_dagster.curation.seed import ingest_source
 from omnithought_dagster.sources import Candidate, Rejected, make_reader
 from omnithought_dagster.sources.synthetic import FAMILIES, SyntheticReader
+
+from conftest import png_bytes, write_image, write_json
 
 
 def _source(tmp_path, **source):
@@ -23,8 +24,9 @@ def _source(tmp_path, **source):
 
 def _ingest(reader, **settings):
     stored = {}
-    result = ingest_source("s", reader.records(), SeedSettings(**settings), image_root=reader.image_root,
-                           put_image=lambda i, d: stored.setdefault(i, d) is d)
+    result = ingest_source(
+        "s", reader.records(), SeedSettings(**settings), image_root=reader.image_root, put_image=lambda i, d: stored.setdefault(i, d) is d
+    )
     return result, stored
 
 
@@ -77,12 +79,23 @@ def test_flat_json_with_field_mapping(tmp_path, jsonl):
     write_image(tmp_path / "data/img/a.png", 1)
     write_image(tmp_path / "data/img/b.png", 2)
     records = [
-        {"meta": {"uid": "q1"}, "query": "Which is larger?", "label": "B", "options": ["2", "5"], "pics": ["img/a.png", "img/b.png"], "split": "train"},
+        {
+            "meta": {"uid": "q1"},
+            "query": "Which is larger?",
+            "label": "B",
+            "options": ["2", "5"],
+            "pics": ["img/a.png", "img/b.png"],
+            "split": "train",
+        },
         {"meta": {"uid": "q2"}, "query": "How tall is it?", "label": "1,250 m", "pics": "img/a.png"},
     ]
     path = write_json(tmp_path / ("data/set.jsonl" if jsonl else "data/set.json"), records, jsonl=jsonl)
-    source = _source(tmp_path, kind="json", path=str(path),
-                     fields={"id": "meta.uid", "question": "query", "answer": "label", "image": "pics", "choices": "options"})
+    source = _source(
+        tmp_path,
+        kind="json",
+        path=str(path),
+        fields={"id": "meta.uid", "question": "query", "answer": "label", "image": "pics", "choices": "options"},
+    )
     reader = make_reader(source)
     assert reader.count() == 2
     result, stored = _ingest(reader)
@@ -97,15 +110,21 @@ def test_flat_json_with_field_mapping(tmp_path, jsonl):
 def test_llava_conversations(tmp_path):
     write_image(tmp_path / "imgs/x.png", 5)
     records = [
-        {"id": "l1", "image": "x.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?\nA. a cat\nB. a dog"},
-            {"from": "gpt", "value": "a dog"},
-            {"from": "human", "value": "What colour?"},
-            {"from": "gpt", "value": "brown"},
-        ]},
+        {
+            "id": "l1",
+            "image": "x.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown?\nA. a cat\nB. a dog"},
+                {"from": "gpt", "value": "a dog"},
+                {"from": "human", "value": "What colour?"},
+                {"from": "gpt", "value": "brown"},
+            ],
+        },
         {"id": "l2", "image": "x.png", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "?"}]},
     ]
-    source = _source(tmp_path, kind="json", format="llava", path=str(write_json(tmp_path / "llava.json", records)), image_root=str(tmp_path / "imgs"))
+    source = _source(
+        tmp_path, kind="json", format="llava", path=str(write_json(tmp_path / "llava.json", records)), image_root=str(tmp_path / "imgs")
+    )
     result, _ = _ingest(make_reader(source))
     (row,) = result.kept.to_pylist()
     assert row["question"] == "What is shown?" and row["choices"] == ["a cat", "a dog"]
@@ -121,10 +140,14 @@ def test_llava_conversations(tmp_path):
 def test_sharegpt_messages_and_images(tmp_path):
     write_image(tmp_path / "mm/1.jpg", 7, fmt="JPEG")
     records = [
-        {"messages": [{"role": "system", "content": "You are helpful."},
-                      {"role": "user", "content": "<image>How many blocks?"},
-                      {"role": "assistant", "content": "4"}],
-         "images": ["mm/1.jpg"]},
+        {
+            "messages": [
+                {"role": "system", "content": "You are helpful."},
+                {"role": "user", "content": "<image>How many blocks?"},
+                {"role": "assistant", "content": "4"},
+            ],
+            "images": ["mm/1.jpg"],
+        },
     ]
     source = _source(tmp_path, kind="sharegpt", path=str(write_json(tmp_path / "sg.json", records)))
     result, _ = _ingest(make_reader(source))
@@ -136,8 +159,16 @@ def test_sharegpt_messages_and_images(tmp_path):
 def test_sharegpt_with_conversations_from_value_keys(tmp_path):
     write_image(tmp_path / "1.png", 8)
     records = [{"conversations": [{"from": "human", "value": "<image>Q?"}, {"from": "gpt", "value": "yes"}], "images": ["1.png"], "id": 9}]
-    source = _source(tmp_path, kind="sharegpt", path=str(write_json(tmp_path / "sg.jsonl", records, jsonl=True)),
-                     messages_key="conversations", role_key="from", content_key="value", user_role="human", assistant_role="gpt")
+    source = _source(
+        tmp_path,
+        kind="sharegpt",
+        path=str(write_json(tmp_path / "sg.jsonl", records, jsonl=True)),
+        messages_key="conversations",
+        role_key="from",
+        content_key="value",
+        user_role="human",
+        assistant_role="gpt",
+    )
     result, _ = _ingest(make_reader(source))
     assert result.kept.to_pylist()[0]["native_id"] == "9"
 
@@ -148,13 +179,23 @@ def test_sharegpt_with_conversations_from_value_keys(tmp_path):
 def _hf_dataset():
     import datasets
 
-    features = datasets.Features({
-        "id": datasets.Value("string"), "question": datasets.Value("string"), "answer": datasets.Value("string"),
-        "image": datasets.Image(), "subject": datasets.Value("string"),
-    })
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "image": datasets.Image(),
+            "subject": datasets.Value("string"),
+        }
+    )
     return datasets.Dataset.from_dict(
-        {"id": ["h1", "h2"], "question": ["What colour?", "How many?"], "answer": ["red", "3"],
-         "image": [{"bytes": png_bytes(11), "path": None}, {"bytes": png_bytes(12), "path": None}], "subject": ["art", "math"]},
+        {
+            "id": ["h1", "h2"],
+            "question": ["What colour?", "How many?"],
+            "answer": ["red", "3"],
+            "image": [{"bytes": png_bytes(11), "path": None}, {"bytes": png_bytes(12), "path": None}],
+            "subject": ["art", "math"],
+        },
         features=features,
     )
 
@@ -193,11 +234,16 @@ def test_hf_image_struct_with_path_only(tmp_path):
     import pyarrow.parquet as pq
 
     write_image(tmp_path / "pq/pics/p.png", 13)
-    table = pa.table({
-        "question": ["Q?", "Q2?"], "answer": ["a", "b"],
-        "image": pa.array([{"bytes": None, "path": "pics/p.png"}, {"bytes": None, "path": "pics/gone.png"}],
-                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-    })
+    table = pa.table(
+        {
+            "question": ["Q?", "Q2?"],
+            "answer": ["a", "b"],
+            "image": pa.array(
+                [{"bytes": None, "path": "pics/p.png"}, {"bytes": None, "path": "pics/gone.png"}],
+                pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+            ),
+        }
+    )
     pq.write_table(table, tmp_path / "pq/data.parquet")
     result, _ = _ingest(make_reader(_source(tmp_path, kind="hf", path=str(tmp_path / "pq/data.parquet"))))
     assert result.rows_kept == 1 and result.reasons == {"missing_image": 1}

@@ -38,7 +38,9 @@ def test_every_asset_and_job_belongs_to_one_stage_in_pipeline_order(demo_config)
     for entry in STAGES:
         job = defs.resolve_job_def(entry.job)
         assert set(job.asset_layer.executable_asset_keys) == set(entry.keys)
-        assert set(entry.partition_keys(demo_config)) <= set(entry.partitions(demo_config).get_partition_keys())  # a student may skip a recipe
+        assert set(entry.partition_keys(demo_config)) <= set(
+            entry.partitions(demo_config).get_partition_keys()
+        )  # a student may skip a recipe
     assert [check.asset_key for check in graph.asset_check_keys if check.asset_key not in owner] == []
 
 
@@ -50,7 +52,8 @@ def test_a_stage_the_project_file_does_not_ask_for_is_not_defined(tmp_path):
     assert enabled == ["seed_pool", "cot_traces", "annotations", "filtered_set"]
     graph = build_definitions(config).resolve_asset_graph()
     assert {key.to_user_string() for key in graph.get_all_asset_keys()} == {
-        key.to_user_string() for entry in STAGES if entry.enabled(config) for key in entry.keys}
+        key.to_user_string() for entry in STAGES if entry.enabled(config) for key in entry.keys
+    }
 
 
 def _named(path: Path) -> set[str]:
@@ -92,8 +95,9 @@ TOY_KEY = dg.AssetKey("toy_counts")
 
 
 def _toy_assets(config):
-    @dg.asset(key=TOY_KEY, partitions_def=dg.StaticPartitionsDefinition(config.source_names), group_name="toy",
-              deps=[dg.AssetKey("seed_pool")])
+    @dg.asset(
+        key=TOY_KEY, partitions_def=dg.StaticPartitionsDefinition(config.source_names), group_name="toy", deps=[dg.AssetKey("seed_pool")]
+    )
     def toy_counts(context):
         return dg.MaterializeResult(metadata={"partition": context.partition_key})
 
@@ -110,9 +114,19 @@ def _toy_checks(config):
 
 @pytest.fixture
 def toy_stage():
-    toy = Stage("toy_counts", "count_toys", "A toy stage added in a test.", (TOY_KEY,), "toy_table", _toy_assets, _toy_checks,
-                lambda config: dg.StaticPartitionsDefinition(config.source_names), lambda config: config.source_names,
-                lambda store, partition, metadata: {"output": 1}, lambda config, store, partition: "toy")
+    toy = Stage(
+        "toy_counts",
+        "count_toys",
+        "A toy stage added in a test.",
+        (TOY_KEY,),
+        "toy_table",
+        _toy_assets,
+        _toy_checks,
+        lambda config: dg.StaticPartitionsDefinition(config.source_names),
+        lambda config: config.source_names,
+        lambda store, partition, metadata: {"output": 1},
+        lambda config, store, partition: "toy",
+    )
     STAGES.append(toy)
     try:
         yield toy

@@ -7,14 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from test_curate_asset import RECIPES, _project
 
-from conftest import run_job
 from omnithought_dagster.config import load_config
 from omnithought_dagster.defs import FILTER_JOB, SUBSET_JOB, build_definitions
 from omnithought_dagster.ids import code_version
-from omnithought_dagster.staleness import FRESH, MISSING, STALE, Staleness
 from omnithought_dagster.stages import stage
-from test_curate_asset import RECIPES, _project
+from omnithought_dagster.staleness import FRESH, MISSING, STALE, Staleness
+
+from conftest import run_job
 
 FILTERED = stage("filtered_set").key
 SUBSETS = stage("sampled_subsets").key
@@ -38,7 +39,11 @@ def _statuses(instance, config) -> dict[str, str]:
 
 def test_an_edited_threshold_makes_its_stage_unsynced_and_an_edited_check_setting_does_not(tmp_path, instance):
     config = _project(tmp_path)
-    assert _statuses(instance, config) == {"filtered_set[synthetic]": MISSING, "sampled_subsets[even]": MISSING, "sampled_subsets[big]": MISSING}
+    assert _statuses(instance, config) == {
+        "filtered_set[synthetic]": MISSING,
+        "sampled_subsets[even]": MISSING,
+        "sampled_subsets[big]": MISSING,
+    }
     assert run_job(config, instance, FILTER_JOB, "synthetic").success
     for recipe in RECIPES:
         assert run_job(config, instance, SUBSET_JOB, recipe["name"]).success
@@ -50,6 +55,7 @@ def test_an_edited_threshold_makes_its_stage_unsynced_and_an_edited_check_settin
         document["curation"]["check_sample_limit"] = 5
         document["curation"]["duckdb_memory_limit"] = "2GB"
         document.setdefault("generation", {})["flush_every"] = 3
+
     quiet = _edited(config, checks_only)
     assert set(_statuses(instance, quiet).values()) == {FRESH}
 
@@ -61,7 +67,7 @@ def test_an_edited_threshold_makes_its_stage_unsynced_and_an_edited_check_settin
     assert any("filtered_set[synthetic]" in cause and "code version" in cause for cause in filtered.causes), filtered.causes
     assert _statuses(instance, louder) == {"filtered_set[synthetic]": STALE, "sampled_subsets[even]": FRESH, "sampled_subsets[big]": FRESH}
     assert run_job(louder, instance, FILTER_JOB, "synthetic").success  # this data has no trace of quality 1-4: the same decisions,
-    assert set(_statuses(instance, louder).values()) == {FRESH}            # the same data version, nothing for the subsets to redo
+    assert set(_statuses(instance, louder).values()) == {FRESH}  # the same data version, nothing for the subsets to redo
 
     # a selection setting that changes the decisions: a new data version, and then the subsets read stale data
     fewer = _edited(louder, lambda document: document["curation"]["selection"].update(max_traces_per_sample=1))

@@ -14,8 +14,17 @@ from omnithought_dagster.store import TABLES, CorpusStore, StoreError
 def _quarantine_rows(source: str, n: int, reason: str = "missing_image") -> pa.Table:
     return pa.Table.from_pylist(
         [
-            {"source": source, "native_id": f"r{i}", "record_index": i, "turn": None, "reason": reason, "detail": "d",
-             "sample_id": None, "duplicate_of": None, "raw_excerpt": None}
+            {
+                "source": source,
+                "native_id": f"r{i}",
+                "record_index": i,
+                "turn": None,
+                "reason": reason,
+                "detail": "d",
+                "sample_id": None,
+                "duplicate_of": None,
+                "raw_excerpt": None,
+            }
             for i in range(n)
         ]
     )
@@ -120,8 +129,8 @@ def test_catalog_has_a_view_per_table_even_when_empty(tmp_path):
 
 def test_a_non_local_filesystem_works_through_the_same_api():
     """The store never assumes a local path: an in-memory fsspec filesystem stands in for S3 here."""
-    from fsspec.implementations.memory import MemoryFileSystem
     import pyarrow.fs as pafs
+    from fsspec.implementations.memory import MemoryFileSystem
 
     fs = pafs.PyFileSystem(pafs.FSSpecHandler(MemoryFileSystem()))
     store = CorpusStore("memory://bucket/corpus", filesystem=fs)
@@ -147,11 +156,18 @@ def test_a_partition_lock_waits_for_its_holder_and_is_freed_when_the_holder_is_k
 
     store = CorpusStore(str(tmp_path))
     partition = {"source": "s", "shard": "000"}
-    holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from omnithought_dagster.store import CorpusStore\n"
-                               f"s = CorpusStore({str(tmp_path)!r})\n"
-                               "with s.partition_lock('cot_traces', {'source': 's', 'shard': '000'}):\n"
-                               "    print('held', flush=True); time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from omnithought_dagster.store import CorpusStore\n"
+            f"s = CorpusStore({str(tmp_path)!r})\n"
+            "with s.partition_lock('cot_traces', {'source': 's', 'shard': '000'}):\n"
+            "    print('held', flush=True); time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()

@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from conftest import check_evaluations, materializations, plot_image, rewrite_partition, run_job, run_partition_checks, write_config
-from curation_data import build_store
 from omnithought_dagster.config import TrainingConfig, load_config
 from omnithought_dagster.defs import BASELINE_JOB, FILTER_JOB, SUBSET_JOB, TRAIN_JOB
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.train.launch import checkpoint_id, launcher_command, train_config_hash
 from omnithought_dagster.train.sft import deepspeed_config
+
+from conftest import check_evaluations, materializations, plot_image, rewrite_partition, run_job, run_partition_checks, write_config
+from curation_data import build_store
 
 RECIPE = {"name": "even", "size": 12, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}, "max_tag_share": 0.5}
 TRAINING = {"launcher": "deepspeed", "zero_stage": 2, "micro_batch_size": 4, "learning_rate": 0.005, "max_steps": 8, "max_length": 1024}
@@ -38,8 +39,13 @@ def sft_first(tmp_path, instance, training: dict, reasoning=None):
 
 def _project(tmp_path, **training):
     build_store(tmp_path / "store", n_samples=24)
-    path = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}], recipes=[RECIPE],
-                        students=[{"name": "tiny", "model": "tiny:student"}], training={**TRAINING, **training})
+    path = write_config(
+        tmp_path,
+        [{"name": "synthetic", "kind": "synthetic", "n_samples": 24}],
+        recipes=[RECIPE],
+        students=[{"name": "tiny", "model": "tiny:student"}],
+        training={**TRAINING, **training},
+    )
     return load_config(path)
 
 
@@ -89,13 +95,21 @@ def test_training_steps_lowers_the_loss_and_stores_a_loadable_checkpoint(trained
     # vLLM serves the checkpoint as it is (the same CPU build that serves the teacher).
     from openai import OpenAI
 
-    from conftest import VLLM_PYTHON
     from omnithought_dagster.llm.vllm_server import VLLMServer
 
-    with VLLMServer(str(VLLM_PYTHON), str(folder), served_model_name="student", max_model_len=1024, log_dir=folder.parent / "vllm-logs",
-                    startup_timeout_s=300) as server:
+    from conftest import VLLM_PYTHON
+
+    with VLLMServer(
+        str(VLLM_PYTHON),
+        str(folder),
+        served_model_name="student",
+        max_model_len=1024,
+        log_dir=folder.parent / "vllm-logs",
+        startup_timeout_s=300,
+    ) as server:
         reply = OpenAI(base_url=server.base_url, api_key="none").chat.completions.create(
-            model="student", messages=[{"role": "user", "content": "How many blocks?"}], max_tokens=8, temperature=0)
+            model="student", messages=[{"role": "user", "content": "How many blocks?"}], max_tokens=8, temperature=0
+        )
     assert reply.usage.completion_tokens > 0
 
     # Same base, subset and settings: nothing is trained again, the stored checkpoint is reported.
@@ -152,8 +166,20 @@ def test_checkpoint_ids_name_what_the_weights_depend_on():
 def test_launcher_commands_for_one_process_gpus_and_nodes(tmp_path):
     spec = tmp_path / "spec.json"
     one = launcher_command(TrainingConfig(master_port=29600), spec)
-    assert one[1:] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", "29600",
-                       "--module", "omnithought_dagster.train.sft", "--spec", str(spec)]
+    assert one[1:] == [
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        "29600",
+        "--module",
+        "omnithought_dagster.train.sft",
+        "--spec",
+        str(spec),
+    ]
     nodes = launcher_command(TrainingConfig(nproc_per_node=8, nnodes=4, hostfile=str(tmp_path / "hosts"), master_port=29600), spec)
     assert nodes[nodes.index("--num_gpus") + 1] == "8" and nodes[nodes.index("--num_nodes") + 1] == "4" and "--hostfile" in nodes
     torchrun = launcher_command(TrainingConfig(launcher="torchrun", nproc_per_node=2, master_port=29600, python="/env/bin/python"), spec)
@@ -162,8 +188,9 @@ def test_launcher_commands_for_one_process_gpus_and_nodes(tmp_path):
 
 def test_deepspeed_config_follows_the_settings():
     """ZeRO and offload are DeepSpeed's; batch sizes, clipping, precision and the schedule are the Trainer's ("auto")."""
-    settings = TrainingConfig(zero_stage=3, offload_optimizer=True, precision="bf16", micro_batch_size=2, gradient_accumulation_steps=4,
-                              warmup_steps=5).run_settings()
+    settings = TrainingConfig(
+        zero_stage=3, offload_optimizer=True, precision="bf16", micro_batch_size=2, gradient_accumulation_steps=4, warmup_steps=5
+    ).run_settings()
     config = deepspeed_config(settings)
     assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
@@ -189,16 +216,29 @@ def test_trainer_runs_zero3_over_two_processes_with_torchrun(tmp_path):
     records = []
     for i in range(8):
         Image.new("RGB", (56 + 8 * i, 56), (30 * i, 100, 200)).save(data / f"images/{i}.png")
-        records.append({"id": f"e{i}", "images": [f"images/{i}.png"],
-                        "messages": [{"role": "user", "content": f"<image>\nHow many blocks are there? ({i})"},
-                                     {"role": "assistant", "content": f"<think>\nI count {i} blocks.\n</think>\n\nAnswer: {i}"}]})
+        records.append(
+            {
+                "id": f"e{i}",
+                "images": [f"images/{i}.png"],
+                "messages": [
+                    {"role": "user", "content": f"<image>\nHow many blocks are there? ({i})"},
+                    {"role": "assistant", "content": f"<think>\nI count {i} blocks.\n</think>\n\nAnswer: {i}"},
+                ],
+            }
+        )
     (data / "data.json").write_text(json.dumps(records))
     model = build_tiny_model(TINY_STUDENT, tmp_path / "student")
     settings = TrainingConfig(launcher="torchrun", nproc_per_node=2, zero_stage=3, micro_batch_size=2, max_steps=6, learning_rate=0.01)
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(training_spec(str(model), data, tmp_path / "out", settings)))
-    done = subprocess.run(launcher_command(settings, spec), capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    done = subprocess.run(
+        launcher_command(settings, spec),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "rank 0/2: 8 examples" in done.stdout and "training: 6/6 steps (100%)" in done.stdout
     log = json.loads((tmp_path / "out/train_log.json").read_text())

@@ -10,11 +10,20 @@ TAX = Taxonomy.load("builtin:tags-v1")
 @pytest.mark.parametrize(
     ("raw", "label", "how"),
     [
-        ("math/geometry", "math/geometry", "exact"), ("Math / Geometry", "math/geometry", "exact"),
-        ("bar chart", "chart/bar", "alias"), ("OCR", "document/ocr", "alias"), ("spatial_reasoning", "spatial-relations", "alias"),
-        ("arithmetic", "math/arithmetic", "alias"), ("geometry", "math/geometry", "alias"), ("bar", "chart/bar", "leaf"),
-        ("counting objects", "counting", "nearest"), ("geometery", "math/geometry", "nearest"), ("tables", "table", "nearest"),
-        ("astrology", None, "rejected"), ("", None, "rejected"), ("!!!", None, "rejected"),
+        ("math/geometry", "math/geometry", "exact"),
+        ("Math / Geometry", "math/geometry", "exact"),
+        ("bar chart", "chart/bar", "alias"),
+        ("OCR", "document/ocr", "alias"),
+        ("spatial_reasoning", "spatial-relations", "alias"),
+        ("arithmetic", "math/arithmetic", "alias"),
+        ("geometry", "math/geometry", "alias"),
+        ("bar", "chart/bar", "leaf"),
+        ("counting objects", "counting", "nearest"),
+        ("geometery", "math/geometry", "nearest"),
+        ("tables", "table", "nearest"),
+        ("astrology", None, "rejected"),
+        ("", None, "rejected"),
+        ("!!!", None, "rejected"),
     ],
 )
 def test_map_tag(raw, label, how):

@@ -12,11 +12,22 @@ import time
 import dagster as dg
 import pytest
 
-from conftest import (SERVED_NAME, VLLM_PYTHON, check_evaluations, materializations, requests_served, rewrite_partition, run_job,
-                      run_partition_checks, served_config, start_run)
-from flaky_proxy import FlakyProxy
 from omnithought_dagster.defs import SEED_JOB, TEACHER_JOB, build_definitions
 from omnithought_dagster.store import CorpusStore
+
+from conftest import (
+    SERVED_NAME,
+    VLLM_PYTHON,
+    check_evaluations,
+    materializations,
+    requests_served,
+    rewrite_partition,
+    run_job,
+    run_partition_checks,
+    served_config,
+    start_run,
+)
+from flaky_proxy import FlakyProxy
 
 pytestmark = pytest.mark.slow
 _config = served_config
@@ -60,8 +71,12 @@ def test_generation_cache_and_incremental_runs(vllm_server, instance, tmp_path):
     assert requests_served(vllm_server) - before == 16
 
     # Another teacher name (or prompt version) is another trace id: a full miss.
-    renamed = _config(tmp_path, vllm_server.base_url, n_samples=12, teacher={
-        "backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test-v2"})
+    renamed = _config(
+        tmp_path,
+        vllm_server.base_url,
+        n_samples=12,
+        teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test-v2"},
+    )
     before = requests_served(vllm_server)
     _generate_all(renamed, instance)
     assert requests_served(vllm_server) - before == 48
@@ -88,9 +103,13 @@ def test_failed_requests_are_recorded_not_dropped_and_retried_next_run(vllm_serv
 
 
 def test_kill_mid_shard_then_resume_without_duplicates(vllm_server, instance, tmp_path):
-    config = _config(tmp_path, vllm_server.base_url, n_samples=40, generation={"shards": 1, "flush_every": 4},
-                     teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test",
-                              "max_concurrency": 4})
+    config = _config(
+        tmp_path,
+        vllm_server.base_url,
+        n_samples=40,
+        generation={"shards": 1, "flush_every": 4},
+        teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test", "max_concurrency": 4},
+    )
     assert _run(config, instance, SEED_JOB, "synthetic").success
     cache = CorpusStore(config.store.root).cache("generation")
     partition = {"source": "synthetic", "shard": "000"}
@@ -176,8 +195,10 @@ def test_trace_checks_pass_on_generated_data(damaged, instance):
         (lambda rows: rows + [rows[0]], {"trace_id_unique": "ERROR", "rollouts_complete": "ERROR"}),
         (lambda rows: [{**rows[0], "sample_id": "f" * 32}] + rows[1:], {"samples_in_seed_pool": "ERROR", "rollouts_complete": "ERROR"}),
         (lambda rows: rows[1:], {"rollouts_complete": "ERROR"}),
-        (lambda rows: [{**r, "finish_reason": "error", "text": None, "final_answer": None} if i < 2 else r for i, r in enumerate(rows)],
-         {"error_rate": "ERROR"}),  # 2/24 > 5%
+        (
+            lambda rows: [{**r, "finish_reason": "error", "text": None, "final_answer": None} if i < 2 else r for i, r in enumerate(rows)],
+            {"error_rate": "ERROR"},
+        ),  # 2/24 > 5%
         (lambda rows: [{**r, "finish_reason": "length"} if i < 2 else r for i, r in enumerate(rows)], {"truncation_rate": "WARN"}),
         (lambda rows: [{**r, "finish_reason": "length"} if i < 8 else r for i, r in enumerate(rows)], {"truncation_rate": "ERROR"}),
         (lambda rows: [{**rows[0], "final_answer": None}] + rows[1:], {"final_answer_present": "WARN"}),
@@ -196,9 +217,13 @@ def test_trace_checks_fail_on_damage(damaged, instance, change, failed):
 def test_two_runs_of_one_partition_pay_once_and_both_succeed(vllm_server, instance, tmp_path):
     """Before: two runs of one partition at once both sent every request, and the loser failed in cache compaction
     after its write. Now the second waits on the partition's lock, then serves everything from the cache."""
-    config = _config(tmp_path, vllm_server.base_url, n_samples=50, generation={"shards": 1, "flush_every": 4},
-                     teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test",
-                              "max_concurrency": 4})
+    config = _config(
+        tmp_path,
+        vllm_server.base_url,
+        n_samples=50,
+        generation={"shards": 1, "flush_every": 4},
+        teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test", "max_concurrency": 4},
+    )
     assert _run(config, instance, SEED_JOB, "synthetic").success
     before = requests_served(vllm_server)
     runs = [start_run(config, instance, TEACHER_JOB, "000|synthetic", stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -19,8 +19,23 @@ from hypothesis import strategies as st
 from omnithought_dagster import markup
 from omnithought_dagster.markup import KINDS, TOKEN_KINDS, WORD_JOINER, clean, defuse, find_markup, markup_counts, storable
 
-SPECIALS = ["<|im_end|>", "<|im_start|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|eot_id|>",
-            "<|start_header_id|>", "</s>", "<s>", "[INST]", "[/INST]", "<start_of_turn>", "<｜end▁of▁sentence｜>", "<tool_call>"]
+SPECIALS = [
+    "<|im_end|>",
+    "<|im_start|>",
+    "<|image_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+    "</s>",
+    "<s>",
+    "[INST]",
+    "[/INST]",
+    "<start_of_turn>",
+    "<｜end▁of▁sentence｜>",
+    "<tool_call>",
+]
 PLACEHOLDERS = ["<image>", "<video>", "<audio>"]
 DELIMITERS = ["<think>", "</think>", "\n</think>\n\nAnswer: ", "Answer: Z", "<<<", ">>>", "{", "}", '"', "\\"]
 SEPARATORS = ["\n", "\r", "\r\n", "\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
@@ -90,11 +105,15 @@ def test_teacher_replies_parse_without_raising_and_keep_json_strings_whole(reaso
     from omnithought_dagster.teacher.prompt import parse_reply
 
     pattern = GenerationConfig().answer_pattern
-    for reply in (reasoning, json.dumps({"reasoning": reasoning, "final_answer": answer}, ensure_ascii=False),
-                  json.dumps({"reasoning": reasoning, "final_answer": answer}), f"<think>{reasoning}</think>\nAnswer: {answer}"):
+    for reply in (
+        reasoning,
+        json.dumps({"reasoning": reasoning, "final_answer": answer}, ensure_ascii=False),
+        json.dumps({"reasoning": reasoning, "final_answer": answer}),
+        f"<think>{reasoning}</think>\nAnswer: {answer}",
+    ):
         parsed = parse_reply(storable(reply), pattern)  # what the backend hands over (ensure_ascii: surrogates as escapes)
         assert parsed.form in ("json", "think", "pattern", "boxed", "unparsed")
-        f"{parsed.reasoning}{parsed.final_answer}".encode("utf-8")  # writable: no lone surrogate out of a JSON escape
+        f"{parsed.reasoning}{parsed.final_answer}".encode()  # writable: no lone surrogate out of a JSON escape
     parsed = parse_reply(storable(json.dumps({"reasoning": reasoning, "final_answer": answer}, ensure_ascii=False)), pattern)
     if answer.strip().strip("*").strip():
         assert parsed.form == "json" and parsed.reasoning == (storable(reasoning).strip() or None)
@@ -118,8 +137,11 @@ def test_judge_replies_raise_only_their_parse_error(reply):
 
     settings_ = AnnotationConfig()
     taxonomy = Taxonomy.load(settings_.taxonomy)
-    for text in (reply, '{"difficulty": 3, "verbosity": 2, "quality": 5, "tags": ["counting"], "answer_correct": true, "x": "' + reply + '"}',
-                 json.dumps({"difficulty": 3, "verbosity": 2, "quality": 5, "tags": ["counting", reply], "answer_correct": True})):
+    for text in (
+        reply,
+        '{"difficulty": 3, "verbosity": 2, "quality": 5, "tags": ["counting"], "answer_correct": true, "x": "' + reply + '"}',
+        json.dumps({"difficulty": 3, "verbosity": 2, "quality": 5, "tags": ["counting", reply], "answer_correct": True}),
+    ):
         try:
             judgement = parse_judgement(storable(text), taxonomy, settings_)
         except JudgeParseError:
@@ -141,8 +163,15 @@ def test_prompts_for_servers_carry_no_markup_from_the_data(question, reasoning):
     assert len(find_markup(teacher, TOKEN_KINDS)) == len(find_markup(template, TOKEN_KINDS))
     settings_ = AnnotationConfig()
     taxonomy = Taxonomy.load(settings_.taxonomy)
-    judge = JudgePrompt(JUDGE_V1).user_text(question=question, choices=[], reference=question, reasoning=reasoning, final_answer=reasoning,
-                                            taxonomy=taxonomy, settings=settings_)
+    judge = JudgePrompt(JUDGE_V1).user_text(
+        question=question,
+        choices=[],
+        reference=question,
+        reasoning=reasoning,
+        final_answer=reasoning,
+        taxonomy=taxonomy,
+        settings=settings_,
+    )
     assert find_markup(judge, TOKEN_KINDS) == []
     body = judge.split("Candidate reasoning:\n<<<\n", 1)[1].split("\n>>>\nCandidate final answer:", 1)
     assert len(body) == 2 and not any(fence in body[0] for fence in JUDGE_FENCES)  # the reasoning cannot close its fence
@@ -160,8 +189,12 @@ class _Store:
     images = _Images()
 
 
-@given(hostile_text(surrogates=False), hostile_text(surrogates=False, max_pieces=4), hostile_text(surrogates=False, max_pieces=6),
-       st.booleans())
+@given(
+    hostile_text(surrogates=False),
+    hostile_text(surrogates=False, max_pieces=4),
+    hostile_text(surrogates=False, max_pieces=6),
+    st.booleans(),
+)
 @settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 def test_an_exported_example_holds_no_markup_a_client_reads(student_tokenizer, reasoning, answer, question, clean_markup):
     """What the pre-flight lets through, a client that tokenizes whole turns with special tokens parsed (LLaMA-Factory)
@@ -171,8 +204,15 @@ def test_an_exported_example_holds_no_markup_a_client_reads(student_tokenizer, r
     vl = student_tokenizer
     if clean_markup:
         reasoning, answer = clean(reasoning), clean(answer)
-    example = {"id": "t", "image_ids": ["i"], "reasoning": reasoning, "final_answer": answer, "user": user_text(question, [], 1),
-               "question": user_text(question, [], 0), "assistant": assistant_text(reasoning, answer)}
+    example = {
+        "id": "t",
+        "image_ids": ["i"],
+        "reasoning": reasoning,
+        "final_answer": answer,
+        "user": user_text(question, [], 1),
+        "question": user_text(question, [], 0),
+        "assistant": assistant_text(reasoning, answer),
+    }
     problem, _ = _problem(_Store(), example, vl, tuple(vl.added_tokens), None)
     if problem is not None:
         assert problem[0] in ("markup_in_text", "image_placeholder_mismatch")
@@ -227,13 +267,17 @@ def test_a_training_example_labels_only_the_reply_and_its_own_delimiters(student
     end of turn, and the prompt exactly one image token per visual token; or the example is set aside with a reason."""
     from PIL import Image
 
-    from omnithought_dagster.curation.export import assistant_text, user_text
+    from omnithought_dagster.curation.export import assistant_text, conversation, user_text
     from omnithought_dagster.models.vl_chat import ImageTokensError, MarkupError
-    from omnithought_dagster.curation.export import conversation
 
     vl = student_tokenizer
-    record = {"messages": [{"role": "user", "content": user_text(question, [], 1)},
-                           {"role": "assistant", "content": assistant_text(reasoning, "4")}], "images": ["a.png"]}
+    record = {
+        "messages": [
+            {"role": "user", "content": user_text(question, [], 1)},
+            {"role": "assistant", "content": assistant_text(reasoning, "4")},
+        ],
+        "images": ["a.png"],
+    }
     try:
         messages, _ = conversation(record)
         encoded = vl.encode_example(messages, [Image.new("RGB", (56, 56), (10, 200, 30))])
@@ -243,16 +287,18 @@ def test_a_training_example_labels_only_the_reply_and_its_own_delimiters(student
     labels = [i for i in encoded["labels"] if i != -100]
     specials = [vl.tokenizer.convert_ids_to_tokens(i) for i in labels if i in vl.added_ids]
     assert specials == ["<think>", "</think>", "<|im_end|>"]
-    prompt = encoded["input_ids"][:len(encoded["input_ids"]) - len(labels)]
+    prompt = encoded["input_ids"][: len(encoded["input_ids"]) - len(labels)]
     grid = encoded["vision"]["image_grid_thw"]
-    assert prompt.count(vl.image_token_id) == int(grid.prod()) // vl.image_processor.merge_size ** 2
+    assert prompt.count(vl.image_token_id) == int(grid.prod()) // vl.image_processor.merge_size**2
 
 
 # -- reading what the evaluator wrote --------------------------------------------------------------------------------
 
 
-@given(st.lists(hostile_text(max_pieces=8), min_size=1, max_size=6), st.lists(st.sampled_from(["", "{", "[1]", '{"doc_id": 0}', "\u2028"]),
-                                                                            max_size=3))
+@given(
+    st.lists(hostile_text(max_pieces=8), min_size=1, max_size=6),
+    st.lists(st.sampled_from(["", "{", "[1]", '{"doc_id": 0}', "\u2028"]), max_size=3),
+)
 @settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_per_sample_records_are_read_whole_whatever_the_replies_hold(tmp_path_factory, replies, garbage):
     import pyarrow as pa
@@ -265,15 +311,23 @@ def test_per_sample_records_are_read_whole_whatever_the_replies_hold(tmp_path_fa
     folder = tmp_path_factory.mktemp("eval")
     n = len(replies)
     (folder / "task").mkdir()
-    pq.write_table(pa.table({"doc_id": [f"s{i}" for i in range(n)], "tag": ["t"] * n, "answer": ["4"] * n}), folder / "task" / "data.parquet")
+    pq.write_table(
+        pa.table({"doc_id": [f"s{i}" for i in range(n)], "tag": ["t"] * n, "answer": ["4"] * n}), folder / "task" / "data.parquet"
+    )
     run = folder / "out" / "model"
     run.mkdir(parents=True)
-    (run / "r_results.json").write_text(json.dumps({"results": {"omnithought_h": {"accuracy,none": 0.5}},
-                                                    "n-samples": {"omnithought_h": {"original": n, "effective": n}}}))
+    (run / "r_results.json").write_text(
+        json.dumps({"results": {"omnithought_h": {"accuracy,none": 0.5}}, "n-samples": {"omnithought_h": {"original": n, "effective": n}}})
+    )
     # As a JSON writer with ensure_ascii off writes them: every character raw but lone surrogates, which only an escape can carry.
-    lines = [re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}",
-                    json.dumps({"doc_id": i, "target": "4", "resps": [[reply]], "accuracy": float(i % 2)}, ensure_ascii=False))
-             for i, reply in enumerate(replies)]
+    lines = [
+        re.sub(
+            "[\ud800-\udfff]",
+            lambda m: f"\\u{ord(m.group()):04x}",
+            json.dumps({"doc_id": i, "target": "4", "resps": [[reply]], "accuracy": float(i % 2)}, ensure_ascii=False),
+        )
+        for i, reply in enumerate(replies)
+    ]
     body = "\n".join(lines + garbage) + "\n"
     (run / "r_samples_omnithought_h.jsonl").write_bytes(body.encode("utf-8") + b"\xff\xfe not utf-8\n")
     entry = parse_results(folder / "out", ["omnithought_h"], {"omnithought_h": LocalTask("h", "omnithought_h", folder / "task", n, "v")})

@@ -33,8 +33,13 @@ def _export(folder: Path, replies: list[str], size=(64, 64), missing_image: int 
     for i, reply in enumerate(replies):
         if i != missing_image:
             Image.new("RGB", size, (20 * i % 255, 90, 160)).save(folder / f"images/{i}.png")
-        records.append({"id": f"e{i}", "images": [f"images/{i}.png"],
-                        "messages": [{"role": "user", "content": f"<image>\nHow many blocks? ({i})"}, {"role": "assistant", "content": reply}]})
+        records.append(
+            {
+                "id": f"e{i}",
+                "images": [f"images/{i}.png"],
+                "messages": [{"role": "user", "content": f"<image>\nHow many blocks? ({i})"}, {"role": "assistant", "content": reply}],
+            }
+        )
     (folder / "data.json").write_text(json.dumps(records))
     return folder
 
@@ -89,12 +94,28 @@ def test_lora_and_a_frozen_vision_tower_train_only_what_they_should(student, tmp
 
     model_dir, _ = student
     data = _export(tmp_path / "data", [f"<think>I count {i} blocks.</think>\nAnswer: {i}" for i in range(10)])
-    settings = TrainingConfig(max_steps=6, micro_batch_size=2, learning_rate=0.05, max_length=256, warmup_steps=2, lr_scheduler="linear",
-                              freeze_vision_tower=True, lora={"r": 4, "alpha": 8, "dropout": 0.0}, eval_share=0.2, eval_steps=3)
+    settings = TrainingConfig(
+        max_steps=6,
+        micro_batch_size=2,
+        learning_rate=0.05,
+        max_length=256,
+        warmup_steps=2,
+        lr_scheduler="linear",
+        freeze_vision_tower=True,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        eval_share=0.2,
+        eval_steps=3,
+    )
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(training_spec(model_dir, data, tmp_path / "out", settings, run_dir=tmp_path / "run")))
-    done = subprocess.run(launcher_command(settings, spec), capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        launcher_command(settings, spec),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "rank 0/1: 8 examples, 2 held out" in done.stdout
     log = json.loads((tmp_path / "out/train_log.json").read_text())

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SERVED_NAME, wait_for_webserver, write_config
 from omnithought_dagster.cli import app
 from omnithought_dagster.llm.vllm_server import free_port
+
+from conftest import SERVED_NAME, wait_for_webserver, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -46,13 +47,16 @@ def served_project(tmp_path_factory, vllm_server):
     """A small project with every stage, materialised by `omnithought demo` into its own Dagster home."""
     folder = tmp_path_factory.mktemp("ui")
     config = write_config(
-        folder, [{"name": "synthetic", "kind": "synthetic", "n_samples": 12}],
+        folder,
+        [{"name": "synthetic", "kind": "synthetic", "n_samples": 12}],
         teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test"},
         generation={"rollouts": 4, "shards": 1, "max_tokens": 64, "reasoning_max_chars": 60, "answer_max_chars": 12},
         benchmarks=[{"name": "held", "kind": "synthetic", "n_samples": 4, "seed": 7, "start_index": 5000}],
         # The random tiny teacher is mostly wrong: keep wrong answers so the subset is not empty.
-        curation={"rules": {"drop_wrong_answers": False, "drop_truncated": False, "min_tokens": 1},
-                  "selection": {"drop_unsolvable": False, "trivial_min_pass_rate": 1.0}},
+        curation={
+            "rules": {"drop_wrong_answers": False, "drop_truncated": False, "min_tokens": 1},
+            "selection": {"drop_unsolvable": False, "trivial_min_pass_rate": 1.0},
+        },
         recipes=[{"name": "mix", "size": 6, "difficulty_mix": {"easy": 1, "medium": 1, "hard": 1}}],
         students=[{"name": "tiny", "model": "tiny:student"}],
         training={"micro_batch_size": 2, "learning_rate": 0.005, "max_steps": 4, "max_length": 1024},
@@ -71,7 +75,11 @@ def webserver(served_project):
     env = {**os.environ, "DAGSTER_HOME": str(home), "OMNITHOUGHT_CONFIG": str(config)}
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_for_webserver(port, process)
@@ -82,24 +90,32 @@ def webserver(served_project):
 
 
 def test_ui_api_shows_asset_partitions_checks_and_preview(webserver):
-    nodes = _graphql(webserver, """{ assetNodes { assetKey { path } groupName partitionKeys
+    nodes = _graphql(
+        webserver,
+        """{ assetNodes { assetKey { path } groupName partitionKeys
         partitionStats { numMaterialized }
-        assetChecksOrError { ... on AssetChecks { checks { name executionForLatestMaterialization { status } } } } } }""")["assetNodes"]
+        assetChecksOrError { ... on AssetChecks { checks { name executionForLatestMaterialization { status } } } } } }""",
+    )["assetNodes"]
     seed = next(n for n in nodes if n["assetKey"]["path"] == ["seed_pool"])
     assert seed["groupName"] == "seed" and seed["partitionKeys"] == ["synthetic"]
     assert seed["partitionStats"]["numMaterialized"] == 1
     statuses = {c["name"]: (c["executionForLatestMaterialization"] or {}).get("status") for c in seed["assetChecksOrError"]["checks"]}
-    assert statuses == {name: "SUCCEEDED" for name in
-                        ["answer_type_valid", "images_in_store", "required_columns_present", "row_accounting", "sample_id_unique"]}
+    assert statuses == {
+        name: "SUCCEEDED"
+        for name in ["answer_type_valid", "images_in_store", "required_columns_present", "row_accounting", "sample_id_unique"]
+    }
 
     traces = next(n for n in nodes if n["assetKey"]["path"] == ["cot_traces"])
     assert traces["groupName"] == "teacher" and traces["partitionKeys"] == ["000|synthetic"]
     assert {(c["executionForLatestMaterialization"] or {}).get("status") for c in traces["assetChecksOrError"]["checks"]} == {"SUCCEEDED"}
     assert len(traces["assetChecksOrError"]["checks"]) == 6
 
-    asset = _graphql(webserver, """{ assetOrError(assetKey: {path: ["seed_pool"]}) { ... on Asset {
+    asset = _graphql(
+        webserver,
+        """{ assetOrError(assetKey: {path: ["seed_pool"]}) { ... on Asset {
         assetMaterializations(limit: 1) { partition metadataEntries { label
-            ... on MarkdownMetadataEntry { mdStr } ... on IntMetadataEntry { intValue } } } } } }""")["assetOrError"]
+            ... on MarkdownMetadataEntry { mdStr } ... on IntMetadataEntry { intValue } } } } } }""",
+    )["assetOrError"]
     (materialisation,) = asset["assetMaterializations"]
     entries = {e["label"]: e for e in materialisation["metadataEntries"]}
     assert materialisation["partition"] == "synthetic"
@@ -109,11 +125,24 @@ def test_ui_api_shows_asset_partitions_checks_and_preview(webserver):
 
 # -- a real browser --------------------------------------------------------------------------------
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # asset -> a plot its latest materialisation carries (the Events tab opens on the latest one)
-PLOTS = {"annotations": "plot/difficulty", "filtered_set": "plot/drop_reasons", "sampled_subsets": "plot/composition",
-         "student_checkpoints": "plot/loss_curve", "benchmark_scores": "plot/scores"}
+PLOTS = {
+    "annotations": "plot/difficulty",
+    "filtered_set": "plot/drop_reasons",
+    "sampled_subsets": "plot/composition",
+    "student_checkpoints": "plot/loss_curve",
+    "benchmark_scores": "plot/scores",
+}
 
 
 def _shown_as(text: str, name: str) -> bool:
@@ -130,8 +159,10 @@ def _chromium() -> str:
 
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        pytest.skip("chromium is not installed and `make browser` could not install it (it needs apt-get as root or "
-                    "password-less sudo); the browser test needs Debian's chromium")
+        pytest.skip(
+            "chromium is not installed and `make browser` could not install it (it needs apt-get as root or "
+            "password-less sudo); the browser test needs Debian's chromium"
+        )
     return path
 
 
@@ -148,8 +179,9 @@ def test_browser_shows_assets_graph_checks_and_metadata_plots(webserver, tmp_pat
             page.set_default_timeout(60_000)
             expect.set_options(timeout=60_000)
             # A fresh instance greets with a "Join the Dagster community" dialog: skip it whenever it shows.
-            page.add_locator_handler(page.get_by_text("Join the Dagster community"),
-                                     lambda: page.get_by_role("button", name="Skip").click())
+            page.add_locator_handler(
+                page.get_by_text("Join the Dagster community"), lambda: page.get_by_role("button", name="Skip").click()
+            )
 
             page.goto(f"{base}/assets")
             for asset in STAGES:
@@ -182,13 +214,18 @@ def test_browser_shows_assets_graph_checks_and_metadata_plots(webserver, tmp_pat
                 dialog = page.get_by_role("dialog")
                 image = dialog.locator("img[src^='data:image/png']")
                 expect(image).to_be_visible()
-                dialog.evaluate("d => Promise.allSettled(d.getAnimations({subtree: true}).map(a => a.finished))")  # faded in (or the fade cancelled)
+                dialog.evaluate(
+                    "d => Promise.allSettled(d.getAnimations({subtree: true}).map(a => a.finished))"
+                )  # faded in (or the fade cancelled)
                 # decoded by the browser (decode() settles once it is: data URIs decode asynchronously), at the figure's pixel size
-                assert image.evaluate("i => i.decode().then(() => [i.complete, i.naturalWidth, i.naturalHeight])") == [True, 700, 320], asset
+                assert image.evaluate("i => i.decode().then(() => [i.complete, i.naturalWidth, i.naturalHeight])") == [True, 700, 320], (
+                    asset
+                )
                 page.screenshot(path=shots / f"{asset}_{plot.split('/')[1]}.png")
                 dialog.get_by_role("button", name="Close").click()
                 expect(dialog).to_have_count(0)
         finally:
             browser.close()
     assert sorted(p.name for p in shots.iterdir()) == sorted(
-        ["catalog.png", "graph.png", "seed_pool_checks.png"] + [f"{a}_{p.split('/')[1]}.png" for a, p in PLOTS.items()])
+        ["catalog.png", "graph.png", "seed_pool_checks.png"] + [f"{a}_{p.split('/')[1]}.png" for a, p in PLOTS.items()]
+    )

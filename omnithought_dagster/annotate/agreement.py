@@ -23,10 +23,15 @@ def agreement(rows: list[dict], samples: dict[str, dict]) -> dict[str, float | i
         "quality_auc_vs_correct": _auc(correct_q, wrong_q),
         "mean_quality_correct": round(mean(correct_q), 3) if correct_q else None,
         "mean_quality_incorrect": round(mean(wrong_q), 3) if wrong_q else None,
-        "judge_verifier_agreement": round(sum(r["judge_answer_correct"] == r["correct"] for r in decided) / len(decided), 4) if decided else None,
+        "judge_verifier_agreement": round(sum(r["judge_answer_correct"] == r["correct"] for r in decided) / len(decided), 4)
+        if decided
+        else None,
         "judge_verifier_compared": len(decided),
-        "tag_hit_rate_vs_source": round(sum(bool(set(r["tags"]) & set(samples[r["sample_id"]]["source_tags"])) for r in with_truth)
-                                        / len(with_truth), 4) if with_truth else None,
+        "tag_hit_rate_vs_source": round(
+            sum(bool(set(r["tags"]) & set(samples[r["sample_id"]]["source_tags"])) for r in with_truth) / len(with_truth), 4
+        )
+        if with_truth
+        else None,
         "difficulty_spearman_vs_source": _spearman(truth),
     }
 
@@ -50,6 +55,7 @@ PASS_RATE_BUCKETS = ["0", "(0.00, 0.25]", "(0.25, 0.50]", "(0.50, 0.75]", "(0.75
 def pass_rate_histogram(rows: list[dict]) -> Counter:
     """Samples per pass-rate bucket (PASS_RATE_BUCKETS: 0, (0, .25], ..., 1)."""
     rates = {r["sample_id"]: r["pass_rate"] for r in rows}
+
     def bucket(rate: float) -> str:
         if rate == 0:
             return "0"
@@ -57,6 +63,7 @@ def pass_rate_histogram(rows: list[dict]) -> Counter:
             return "1"
         upper = min(1.0, -(-rate * 4 // 1) / 4)
         return f"({upper - 0.25:.2f}, {upper:.2f}]"
+
     return Counter(bucket(rate) for rate in rates.values())
 
 

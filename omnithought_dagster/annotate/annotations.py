@@ -38,16 +38,37 @@ class AnnotateResult:
 
 
 def annotation_id(trace: str, annotator: str, prompt: JudgePrompt, taxonomy: Taxonomy, settings: AnnotationConfig, schema: bool) -> str:
-    return content_id("annotation", {
-        "trace": trace, "annotator": annotator, "prompt": [prompt.version, prompt.text_hash], "taxonomy": taxonomy.version,
-        "sampling": {"temperature": settings.temperature, "top_p": settings.top_p, "max_tokens": settings.max_tokens,
-                     "images": settings.with_images, "reasoning_max_chars": settings.reasoning_max_chars,
-                     "max_tags": settings.max_tags, "schema": schema},
-    })
+    return content_id(
+        "annotation",
+        {
+            "trace": trace,
+            "annotator": annotator,
+            "prompt": [prompt.version, prompt.text_hash],
+            "taxonomy": taxonomy.version,
+            "sampling": {
+                "temperature": settings.temperature,
+                "top_p": settings.top_p,
+                "max_tokens": settings.max_tokens,
+                "images": settings.with_images,
+                "reasoning_max_chars": settings.reasoning_max_chars,
+                "max_tags": settings.max_tags,
+                "schema": schema,
+            },
+        },
+    )
 
 
-def annotate_shard(store: CorpusStore, source: str, shard: str, plan: BackendPlan, prompt: JudgePrompt, settings: AnnotationConfig,
-                   taxonomy: Taxonomy, *, progress: Callable[[RunStats], None] | None = None) -> AnnotateResult:
+def annotate_shard(
+    store: CorpusStore,
+    source: str,
+    shard: str,
+    plan: BackendPlan,
+    prompt: JudgePrompt,
+    settings: AnnotationConfig,
+    taxonomy: Taxonomy,
+    *,
+    progress: Callable[[RunStats], None] | None = None,
+) -> AnnotateResult:
     """Annotate every trace of the (source, shard) partition."""
     partition = {"source": source, "shard": shard}
     traces = store.read_partition("cot_traces", partition, TRACE_COLUMNS)
@@ -64,13 +85,21 @@ def annotate_shard(store: CorpusStore, source: str, shard: str, plan: BackendPla
 
     schema = judge_schema(taxonomy, settings) if plan.structured_output else None
     ids = {t["trace_id"]: annotation_id(t["trace_id"], plan.identity, prompt, taxonomy, settings, schema is not None) for t in traces}
-    pending = [PendingRequest(ids[t["trace_id"]], _request_builder(store, ids[t["trace_id"]], t, samples[t["sample_id"]], prompt,
-                                                                   settings, taxonomy, schema))
-               for t in traces if t["finish_reason"] != "error" and t["text"]]
+    pending = [
+        PendingRequest(
+            ids[t["trace_id"]], _request_builder(store, ids[t["trace_id"]], t, samples[t["sample_id"]], prompt, settings, taxonomy, schema)
+        )
+        for t in traces
+        if t["finish_reason"] != "error" and t["text"]
+    ]
     cache = store.cache(ANNOTATION_CACHE)
-    result = run_cached(pending, plan.open,
-                        CacheView(load=lambda: cache.load(partition), append=lambda batch: cache.append(partition, batch)),
-                        flush_every=settings.flush_every, progress=progress)
+    result = run_cached(
+        pending,
+        plan.open,
+        CacheView(load=lambda: cache.load(partition), append=lambda batch: cache.append(partition, batch)),
+        flush_every=settings.flush_every,
+        progress=progress,
+    )
 
     tolerance = Tolerance(settings.numeric_rel_tol, settings.numeric_abs_tol)
     rows = []
@@ -85,16 +114,31 @@ def annotate_shard(store: CorpusStore, source: str, shard: str, plan: BackendPla
                 correct, method = judgement.answer_correct, "judge"
             else:
                 correct = False
-        rows.append({
-            "annotation_id": ids[trace["trace_id"]], "trace_id": trace["trace_id"], "sample_id": trace["sample_id"],
-            "source": source, "shard": shard, "annotator": plan.identity, "prompt_version": prompt.version,
-            "taxonomy_version": taxonomy.version, "correct": correct, "verify_method": method, "extracted_answer": verdict.extracted,
-            "difficulty": judgement.difficulty if judgement else None, "verbosity": judgement.verbosity if judgement else None,
-            "quality": judgement.quality if judgement else None, "tags": judgement.tags if judgement else [],
-            "raw_tags": judgement.raw_tags if judgement else [], "judge_answer_correct": judgement.answer_correct if judgement else None,
-            "finish_reason": trace["finish_reason"], "n_tokens": trace["n_tokens"],
-            "judge_reply": completion.text if completion else None, "judge_error": error,
-        })
+        rows.append(
+            {
+                "annotation_id": ids[trace["trace_id"]],
+                "trace_id": trace["trace_id"],
+                "sample_id": trace["sample_id"],
+                "source": source,
+                "shard": shard,
+                "annotator": plan.identity,
+                "prompt_version": prompt.version,
+                "taxonomy_version": taxonomy.version,
+                "correct": correct,
+                "verify_method": method,
+                "extracted_answer": verdict.extracted,
+                "difficulty": judgement.difficulty if judgement else None,
+                "verbosity": judgement.verbosity if judgement else None,
+                "quality": judgement.quality if judgement else None,
+                "tags": judgement.tags if judgement else [],
+                "raw_tags": judgement.raw_tags if judgement else [],
+                "judge_answer_correct": judgement.answer_correct if judgement else None,
+                "finish_reason": trace["finish_reason"],
+                "n_tokens": trace["n_tokens"],
+                "judge_reply": completion.text if completion else None,
+                "judge_error": error,
+            }
+        )
     _per_sample(rows, settings)
     return AnnotateResult(pa.Table.from_pylist(rows, schema=ANNOTATIONS.schema), result.stats, samples)
 
@@ -122,8 +166,14 @@ def _per_sample(rows: list[dict], settings: AnnotationConfig) -> None:
         w = settings.pass_rate_weight
         score = failure if sample_difficulty is None else (1 - w) * sample_difficulty + w * failure
         bin_index = bisect.bisect_right(settings.difficulty_bins, score)
-        row.update(pass_rate=rate, n_rollouts=n, sample_difficulty=sample_difficulty, difficulty_score=round(score, 4),
-                   difficulty_bin=bin_index, difficulty_label=settings.difficulty_labels[bin_index])
+        row.update(
+            pass_rate=rate,
+            n_rollouts=n,
+            sample_difficulty=sample_difficulty,
+            difficulty_score=round(score, 4),
+            difficulty_bin=bin_index,
+            difficulty_label=settings.difficulty_labels[bin_index],
+        )
 
 
 def _judgement(completion, taxonomy: Taxonomy, settings: AnnotationConfig):
@@ -138,16 +188,41 @@ def _judgement(completion, taxonomy: Taxonomy, settings: AnnotationConfig):
         return None, f"unparsable judge reply: {exc}{suffix}"
 
 
-def _request_builder(store: CorpusStore, key: str, trace: dict, sample: dict, prompt: JudgePrompt, settings: AnnotationConfig,
-                     taxonomy: Taxonomy, schema: dict | None):
+def _request_builder(
+    store: CorpusStore,
+    key: str,
+    trace: dict,
+    sample: dict,
+    prompt: JudgePrompt,
+    settings: AnnotationConfig,
+    taxonomy: Taxonomy,
+    schema: dict | None,
+):
     def build() -> ChatRequest:
         content = []
         if settings.with_images:
             content += [{"type": "image_url", "image_url": {"url": image_data_url(store.images.get(i))}} for i in sample["image_ids"]]
-        content.append({"type": "text", "text": prompt.user_text(
-            question=sample["question"], choices=sample["choices"], reference=sample["answer"], reasoning=trace["reasoning"],
-            final_answer=trace["final_answer"], taxonomy=taxonomy, settings=settings)})
-        return ChatRequest(key=key, messages=[{"role": "system", "content": prompt.config.system}, {"role": "user", "content": content}],
-                           max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p, json_schema=schema)
+        content.append(
+            {
+                "type": "text",
+                "text": prompt.user_text(
+                    question=sample["question"],
+                    choices=sample["choices"],
+                    reference=sample["answer"],
+                    reasoning=trace["reasoning"],
+                    final_answer=trace["final_answer"],
+                    taxonomy=taxonomy,
+                    settings=settings,
+                ),
+            }
+        )
+        return ChatRequest(
+            key=key,
+            messages=[{"role": "system", "content": prompt.config.system}, {"role": "user", "content": content}],
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            json_schema=schema,
+        )
 
     return build

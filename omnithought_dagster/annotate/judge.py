@@ -55,8 +55,17 @@ class JudgePrompt:
     def text_hash(self) -> str:
         return hashlib.blake2b(json.dumps([self.config.system, self.config.user]).encode(), digest_size=8).hexdigest()
 
-    def user_text(self, *, question: str, choices: list[str], reference: str, reasoning: str | None, final_answer: str | None,
-                  taxonomy: Taxonomy, settings: AnnotationConfig) -> str:
+    def user_text(
+        self,
+        *,
+        question: str,
+        choices: list[str],
+        reference: str,
+        reasoning: str | None,
+        final_answer: str | None,
+        taxonomy: Taxonomy,
+        settings: AnnotationConfig,
+    ) -> str:
         # Every text from the dataset or the teacher is defused (markup.defuse): the judge's tokenizer reads no special
         # token, placeholder or delimiter out of it, and a reasoning cannot close the fence around it (<<< >>>).
         def text(value: str) -> str:
@@ -64,9 +73,15 @@ class JudgePrompt:
 
         options = "\nOptions:\n" + "\n".join(f"{chr(65 + i)}. {text(c)}" for i, c in enumerate(choices)) if choices else ""
         reasoning = (reasoning or "(none)")[: settings.reasoning_max_chars]
-        return self.config.user.format(question=text(question), choices=options, reference=text(reference), reasoning=text(reasoning),
-                                       final_answer=text(final_answer or "(none)"), labels=", ".join(taxonomy.names),
-                                       max_tags=settings.max_tags)
+        return self.config.user.format(
+            question=text(question),
+            choices=options,
+            reference=text(reference),
+            reasoning=text(reasoning),
+            final_answer=text(final_answer or "(none)"),
+            labels=", ".join(taxonomy.names),
+            max_tags=settings.max_tags,
+        )
 
 
 def judge_prompt(settings: AnnotationConfig) -> JudgePrompt:

@@ -36,9 +36,9 @@ class Taxonomy:
     labels: dict[str, dict]
 
     @classmethod
-    def load(cls, reference: str) -> "Taxonomy":
+    def load(cls, reference: str) -> Taxonomy:
         """`builtin:tags-v1` (shipped in the package) or a path to a taxonomy YAML."""
-        path = BUILTIN_DIR / f"{reference[len(BUILTIN_PREFIX):]}.yaml" if reference.startswith(BUILTIN_PREFIX) else Path(reference)
+        path = BUILTIN_DIR / f"{reference[len(BUILTIN_PREFIX) :]}.yaml" if reference.startswith(BUILTIN_PREFIX) else Path(reference)
         try:
             document = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:

@@ -30,10 +30,13 @@ def annotations_settings(config: ProjectConfig) -> dict:
 
 
 def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
-    @dg.asset(**shard_asset(config, ANNOTATIONS_KEY, ANNOTATE_GROUP, config.annotator, deps=(COT_TRACES_KEY,)),
-              code_version=code_version(ANNOTATE_CODE_VERSION, annotations_settings(config)))
-    def annotations(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource,
-                    judge: LLMResource) -> dg.MaterializeResult:
+    @dg.asset(
+        **shard_asset(config, ANNOTATIONS_KEY, ANNOTATE_GROUP, config.annotator, deps=(COT_TRACES_KEY,)),
+        code_version=code_version(ANNOTATE_CODE_VERSION, annotations_settings(config)),
+    )
+    def annotations(
+        context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource, judge: LLMResource
+    ) -> dg.MaterializeResult:
         """Verified correctness and pass rate per trace, plus the judge's difficulty, verbosity, quality and task tags."""
         cfg = project.config
         keys = context.partition_key.keys_by_dimension
@@ -45,9 +48,19 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         partition = {"source": source, "shard": shard}
         with one_run(corpus, "annotations", partition, cfg, context):  # a second run waits, then reads the cache
             try:
-                result = annotate_shard(corpus, source, shard, plan, prompt, cfg.annotation, taxonomy, progress=lambda s: context.log.info(
-                    progress_line(f"{source}/{shard}", s.sent + s.cache_hits, s.total, s.seconds, "traces judged", rate_done=s.sent)
-                    + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"))
+                result = annotate_shard(
+                    corpus,
+                    source,
+                    shard,
+                    plan,
+                    prompt,
+                    cfg.annotation,
+                    taxonomy,
+                    progress=lambda s: context.log.info(
+                        progress_line(f"{source}/{shard}", s.sent + s.cache_hits, s.total, s.seconds, "traces judged", rate_done=s.sent)
+                        + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"
+                    ),
+                )
             except LookupError as exc:
                 raise dg.Failure(description=str(exc)) from exc
             written = corpus.write_partition("annotations", partition, result.rows)
@@ -76,8 +89,13 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "agreement": dg.MetadataValue.json(shares),
                 "pass_rate_histogram": counts(histogram, "pass rate", "samples"),
                 **{f"{name}_distribution": counts(counter, name) for name, counter in dist.items()},
-                "plot/difficulty": bar_plot(dist["difficulty_label"], "traces by difficulty label", "traces", horizontal=False,
-                                            order=cfg.annotation.difficulty_labels),
+                "plot/difficulty": bar_plot(
+                    dist["difficulty_label"],
+                    "traces by difficulty label",
+                    "traces",
+                    horizontal=False,
+                    order=cfg.annotation.difficulty_labels,
+                ),
                 "plot/tags": bar_plot(dist["tags"], "judge task tags", "traces"),
                 "plot/pass_rate": bar_plot(histogram, "samples by rollout pass rate", "samples", horizontal=False, order=PASS_RATE_BUCKETS),
                 "preview": preview(result.rows, PREVIEW_COLUMNS),
@@ -93,10 +111,15 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
 def annotations_fingerprint(cfg: ProjectConfig, corpus, source: str, shard: str, identity: str) -> str:
     """What an annotations partition is computed from (the demo skips partitions whose fingerprint is unchanged)."""
     traces = corpus.read_partition("cot_traces", {"source": source, "shard": shard}, ["trace_id"])
-    return content_id("annotations-input", {
-        "traces": version_of(traces.column("trace_id").to_pylist()) if traces is not None else None,
-        "judge": identity, "settings": cfg.annotation.model_dump(mode="json"), "code": ANNOTATE_CODE_VERSION,
-    })
+    return content_id(
+        "annotations-input",
+        {
+            "traces": version_of(traces.column("trace_id").to_pylist()) if traces is not None else None,
+            "judge": identity,
+            "settings": cfg.annotation.model_dump(mode="json"),
+            "code": ANNOTATE_CODE_VERSION,
+        },
+    )
 
 
 # -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
@@ -113,12 +136,25 @@ def annotations_summary(store: CorpusStore, partition: str, metadata: dict) -> d
     con = store.catalog(["annotations"])
     traces, correct, errors, samples, pass_rate = con.execute(
         "SELECT count(*), count(*) FILTER (correct), count(judge_error), count(DISTINCT sample_id), avg(pass_rate) "
-        "FROM annotations WHERE source = $1 AND shard = $2", [source, shard],
+        "FROM annotations WHERE source = $1 AND shard = $2",
+        [source, shard],
     ).fetchall()[0]
-    labels = dict(con.execute("SELECT difficulty_label, count(DISTINCT sample_id) FROM annotations WHERE source = $1 AND shard = $2 "
-                              "GROUP BY 1 ORDER BY 1", [source, shard]).fetchall())
+    labels = dict(
+        con.execute(
+            "SELECT difficulty_label, count(DISTINCT sample_id) FROM annotations WHERE source = $1 AND shard = $2 GROUP BY 1 ORDER BY 1",
+            [source, shard],
+        ).fetchall()
+    )
     auc = metadata.get("quality_auc_vs_correct")
-    detail = (f"{correct}/{traces} correct, mean pass rate {pass_rate or 0:.2f}; samples by difficulty {labels}; "
-              f"{metadata.get('requests_sent', '?')} judge requests, {metadata.get('cache_hits', '?')} from cache, "
-              f"parse failures {metadata.get('judge_parse_failure_rate', '?')}, quality AUC vs correct {auc if auc is not None else 'n/a'}")
-    return {"input": traces, "output": traces - errors, "flagged": errors, "reasons": {"judge_error": errors} if errors else {}, "detail": detail}
+    detail = (
+        f"{correct}/{traces} correct, mean pass rate {pass_rate or 0:.2f}; samples by difficulty {labels}; "
+        f"{metadata.get('requests_sent', '?')} judge requests, {metadata.get('cache_hits', '?')} from cache, "
+        f"parse failures {metadata.get('judge_parse_failure_rate', '?')}, quality AUC vs correct {auc if auc is not None else 'n/a'}"
+    )
+    return {
+        "input": traces,
+        "output": traces - errors,
+        "flagged": errors,
+        "reasons": {"judge_error": errors} if errors else {},
+        "detail": detail,
+    }

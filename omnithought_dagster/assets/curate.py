@@ -12,9 +12,9 @@ from omnithought_dagster.assets.teacher import COT_TRACES_KEY
 from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.curate import curate_source
-from omnithought_dagster.curation.seed import partition_version
 from omnithought_dagster.curation.decontam import load_benchmark_items
 from omnithought_dagster.curation.sampling import kept_where, load_candidates, sample_subset
+from omnithought_dagster.curation.seed import partition_version
 from omnithought_dagster.ids import code_version, content_id, version_of
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
@@ -31,8 +31,16 @@ def filter_fingerprint(config: ProjectConfig, store: CorpusStore, source: str) -
     ids = [r[0] for r in con.execute("SELECT annotation_id FROM annotations WHERE source = $1", [source]).fetchall()]
     con.close()
     benchmarks = [config.benchmark(n).model_dump(mode="json") for n in config.curation.decontamination.benchmarks]
-    return content_id("filter-input", {"annotations": version_of(ids), "curation": config.curation.model_dump(mode="json"),
-                                       "benchmarks": benchmarks, "seed": partition_version(store, source), "code": CURATE_CODE_VERSION})
+    return content_id(
+        "filter-input",
+        {
+            "annotations": version_of(ids),
+            "curation": config.curation.model_dump(mode="json"),
+            "benchmarks": benchmarks,
+            "seed": partition_version(store, source),
+            "code": CURATE_CODE_VERSION,
+        },
+    )
 
 
 def subset_fingerprint(config: ProjectConfig, store: CorpusStore, recipe: str) -> str:
@@ -52,8 +60,10 @@ def recipe_partitions(config: ProjectConfig) -> dg.StaticPartitionsDefinition:
 def filter_settings(config: ProjectConfig) -> dict:
     """The project file's settings that change filtered_set (its code version hashes them): curation's, and the benchmarks it
     decontaminates against."""
-    return {"curation": config.curation.output_settings(),
-            "benchmarks": [config.benchmark(name).model_dump(mode="json") for name in config.curation.decontamination.benchmarks]}
+    return {
+        "curation": config.curation.output_settings(),
+        "benchmarks": [config.benchmark(name).model_dump(mode="json") for name in config.curation.decontamination.benchmarks],
+    }
 
 
 def subset_settings(config: ProjectConfig) -> dict:
@@ -67,8 +77,11 @@ def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(
         key=FILTERED_SET_KEY,
         partitions_def=seed_partitions(config),
-        deps=[dg.AssetDep(COT_TRACES_KEY, partition_mapping=by_source), dg.AssetDep(ANNOTATIONS_KEY, partition_mapping=by_source),
-              SEED_POOL_KEY],
+        deps=[
+            dg.AssetDep(COT_TRACES_KEY, partition_mapping=by_source),
+            dg.AssetDep(ANNOTATIONS_KEY, partition_mapping=by_source),
+            SEED_POOL_KEY,
+        ],
         group_name=CURATE_GROUP,
         kinds={"duckdb", "parquet"},
         code_version=code_version(CURATE_CODE_VERSION, filter_settings(config)),
@@ -102,8 +115,13 @@ def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "kept_share": round(len(kept) / total, 4) if total else 0.0,
                 "drop_reasons": counts(reasons, "reason", "traces"),
                 **({"plot/drop_reasons": bar_plot(reasons, "drop reasons (a trace can have several)", "traces")} if reasons else {}),
-                "plot/kept_by_difficulty": bar_plot(Counter(r["difficulty_label"] for r in kept), "kept traces by difficulty", "traces",
-                                                    horizontal=False, order=cfg.annotation.difficulty_labels),
+                "plot/kept_by_difficulty": bar_plot(
+                    Counter(r["difficulty_label"] for r in kept),
+                    "kept traces by difficulty",
+                    "traces",
+                    horizontal=False,
+                    order=cfg.annotation.difficulty_labels,
+                ),
                 **{f"reason/{code}": n for code, n in sorted(reasons.items())},
                 "contaminated_samples": len(result.contamination),
                 # `markup: clean` keeps traces holding markup; the export deletes it from their text (curation.export).
@@ -116,8 +134,9 @@ def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "preview": preview(table, ["trace_id", "kept", "reasons", "difficulty_label", "quality", "verbosity"]),
                 "path": dg.MetadataValue.path(written.uri),
             },
-            data_version=dg.DataVersion(version_of(f"{t}:{k}" for t, k in zip(table.column("trace_id").to_pylist(),
-                                                                               table.column("kept").to_pylist(), strict=True))),
+            data_version=dg.DataVersion(
+                version_of(f"{t}:{k}" for t, k in zip(table.column("trace_id").to_pylist(), table.column("kept").to_pylist(), strict=True))
+            ),
         )
 
     return [filtered_set]
@@ -167,8 +186,9 @@ def build_subset_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "strata": dg.MetadataValue.md("\n".join(lines)),
                 "members_by_difficulty": counts(strata, "difficulty"),
                 "members_by_tag": counts(tags, "primary tag"),
-                "plot/composition": bar_plot(strata, "subset members by difficulty", "traces", horizontal=False,
-                                             order=cfg.annotation.difficulty_labels),
+                "plot/composition": bar_plot(
+                    strata, "subset members by difficulty", "traces", horizontal=False, order=cfg.annotation.difficulty_labels
+                ),
                 "plot/tags": bar_plot(tags, "subset members by primary tag", "traces"),
                 "preview": preview(members, ["trace_id", "sample_id", "source", "stratum", "pick"]),
                 "path": dg.MetadataValue.path(written.uri),
@@ -185,20 +205,34 @@ def build_subset_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
 def filter_summary(store: CorpusStore, source: str, metadata: dict) -> dict[str, Any]:
     con = store.catalog(["filter_decisions"])
     total, kept = con.execute("SELECT count(*), count(*) FILTER (kept) FROM filter_decisions WHERE source = $1", [source]).fetchall()[0]
-    reasons = dict(con.execute("SELECT r.code, count(*) FROM filter_decisions, unnest(reasons) AS u(r) WHERE source = $1 "
-                               "GROUP BY 1 ORDER BY 2 DESC, 1", [source]).fetchall())
+    reasons = dict(
+        con.execute(
+            "SELECT r.code, count(*) FROM filter_decisions, unnest(reasons) AS u(r) WHERE source = $1 GROUP BY 1 ORDER BY 2 DESC, 1",
+            [source],
+        ).fetchall()
+    )
     markup = {key.split("/", 1)[1]: value for key, value in metadata.items() if key.startswith("markup_kept/")}
     detail = f"{kept}/{total} traces kept; {metadata.get('contaminated_samples', '?')} samples matched a benchmark" + (
-        f"; kept traces holding markup, deleted where exported: {', '.join(f'{k} {v}' for k, v in sorted(markup.items()))}" if markup else "")
+        f"; kept traces holding markup, deleted where exported: {', '.join(f'{k} {v}' for k, v in sorted(markup.items()))}"
+        if markup
+        else ""
+    )
     return {"input": total, "output": kept, "flagged": total - kept, "reasons": reasons, "detail": detail}
 
 
 def subset_summary(store: CorpusStore, recipe: str, metadata: dict) -> dict[str, Any]:
     con = store.catalog(["subset_members"])
-    members, samples = con.execute("SELECT count(*), count(DISTINCT sample_id) FROM subset_members WHERE subset = $1", [recipe]).fetchall()[0]
-    strata = dict(con.execute("SELECT split_part(stratum, '/', 1), count(*) FROM subset_members WHERE subset = $1 GROUP BY 1 ORDER BY 1",
-                              [recipe]).fetchall())
+    members, samples = con.execute("SELECT count(*), count(DISTINCT sample_id) FROM subset_members WHERE subset = $1", [recipe]).fetchall()[
+        0
+    ]
+    strata = dict(
+        con.execute(
+            "SELECT split_part(stratum, '/', 1), count(*) FROM subset_members WHERE subset = $1 GROUP BY 1 ORDER BY 1", [recipe]
+        ).fetchall()
+    )
     target, shortfall = metadata.get("target_size", "?"), metadata.get("shortfall", 0)
-    detail = (f"{members} of {target} traces ({samples} samples), by difficulty {strata}; version {str(metadata.get('subset_version', ''))[:12]}"
-              + (f"; shortfall {shortfall} (too few candidates)" if shortfall else ""))
+    detail = (
+        f"{members} of {target} traces ({samples} samples), by difficulty {strata}; version {str(metadata.get('subset_version', ''))[:12]}"
+        + (f"; shortfall {shortfall} (too few candidates)" if shortfall else "")
+    )
     return {"input": metadata.get("candidates", "?"), "output": members, "flagged": shortfall or 0, "reasons": {}, "detail": detail}

@@ -24,8 +24,9 @@ PLOT_TOP = 15
 def column_schema(spec: TableSpec) -> dg.TableSchema:
     return dg.TableSchema(
         columns=[
-            dg.TableColumn(name=c.name, type=str(c.type), description=c.description,
-                           constraints=dg.TableColumnConstraints(nullable=c.nullable))
+            dg.TableColumn(
+                name=c.name, type=str(c.type), description=c.description, constraints=dg.TableColumnConstraints(nullable=c.nullable)
+            )
             for c in spec.columns
         ]
     )
@@ -44,7 +45,9 @@ def preview(table: pa.Table, columns: list[str], rows: int = PREVIEW_ROWS) -> dg
 
 def counts(mapping: Mapping[str, int], key: str, value: str = "rows") -> dg.MetadataValue:
     lines = [f"| {key} | {value} |", "| --- | ---: |"]
-    lines += [f"| {markdown_cell(k)} | {v} |" for k, v in sorted(mapping.items(), key=lambda kv: (-kv[1], kv[0]))]  # keys may be a dataset's tags
+    lines += [
+        f"| {markdown_cell(k)} | {v} |" for k, v in sorted(mapping.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]  # keys may be a dataset's tags
     return dg.MetadataValue.md("\n".join(lines))
 
 
@@ -53,8 +56,9 @@ def plot(draw, caption: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{caption}](data:image/png;base64,{plots.png_base64(draw)})\n\n*{caption}*")
 
 
-def bar_plot(counter: Mapping[str, int], caption: str, axis: str, *, horizontal: bool = True, top_n: int = PLOT_TOP,
-             order: list[str] | None = None) -> dg.MetadataValue:
+def bar_plot(
+    counter: Mapping[str, int], caption: str, axis: str, *, horizontal: bool = True, top_n: int = PLOT_TOP, order: list[str] | None = None
+) -> dg.MetadataValue:
     """Counts as bars: horizontal and largest first (the rest summed as `other`), or vertical in `order`."""
     if order is not None:
         data = [(k, counter.get(k, 0)) for k in order] + [(k, v) for k, v in sorted(counter.items()) if k not in order]

@@ -10,7 +10,7 @@ the recipe dimension starting with `base` (the untrained baseline every delta is
 import os
 import shutil
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,9 @@ from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.evaluation.run import OVERALL, EvalError, TaskScores, lmms_command, run_lmms_eval
 from omnithought_dagster.evaluation.tasks import items_version, read_items, write_local_task
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
+from omnithought_dagster.ids import code_version, content_id
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.plots import barh
-from omnithought_dagster.ids import code_version, content_id
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 
@@ -47,20 +47,31 @@ def score_partition_keys(config: ProjectConfig) -> list[str]:
 
 def scores_settings(config: ProjectConfig) -> dict:
     """The project file's settings that change benchmark_scores (its code version hashes them): evaluation's, and its benchmarks."""
-    return {"evaluation": config.evaluation.run_settings(),
-            "benchmarks": [config.benchmark(name).model_dump(mode="json") for name in config.evaluation.benchmarks]}
+    return {
+        "evaluation": config.evaluation.run_settings(),
+        "benchmarks": [config.benchmark(name).model_dump(mode="json") for name in config.evaluation.benchmarks],
+    }
 
 
 def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     if not config.students or not (config.evaluation.benchmarks or config.evaluation.lmms_tasks):
         return []
     recipes = [r.name for r in config.recipes]
-    deps = [dg.AssetDep(STUDENT_BASELINES_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="student"))]
+    deps = [
+        dg.AssetDep(STUDENT_BASELINES_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="student"))
+    ]
     if recipes:
-        deps.append(dg.AssetDep(STUDENT_CHECKPOINTS_KEY, partition_mapping=dg.MultiPartitionMapping({
-            "student": dg.DimensionPartitionMapping("student", dg.IdentityPartitionMapping()),
-            "recipe": dg.DimensionPartitionMapping("recipe", dg.StaticPartitionMapping({r: r for r in recipes})),
-        })))
+        deps.append(
+            dg.AssetDep(
+                STUDENT_CHECKPOINTS_KEY,
+                partition_mapping=dg.MultiPartitionMapping(
+                    {
+                        "student": dg.DimensionPartitionMapping("student", dg.IdentityPartitionMapping()),
+                        "recipe": dg.DimensionPartitionMapping("recipe", dg.StaticPartitionMapping({r: r for r in recipes})),
+                    }
+                ),
+            )
+        )
 
     @dg.asset(
         key=BENCHMARK_SCORES_KEY,
@@ -81,8 +92,11 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         student, recipe = keys["student"], keys["recipe"]
         corpus = store.open()
         checkpoint = _checkpoint(corpus, student, recipe)
-        model_dir = checkpoint["uri"] if checkpoint["baseline"] else str(corpus.checkpoints.local_dir(checkpoint["checkpoint_id"],
-                                                                                                      cfg.training.work_dir))
+        model_dir = (
+            checkpoint["uri"]
+            if checkpoint["baseline"]
+            else str(corpus.checkpoints.local_dir(checkpoint["checkpoint_id"], cfg.training.work_dir))
+        )
         work = Path(cfg.evaluation.work_dir) / f"{student}-{recipe}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -93,15 +107,31 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 local[task.name] = task
             config_hash = eval_config_hash(cfg, {t.benchmark: t.items_version for t in local.values()})
             tasks = [*local, *cfg.evaluation.lmms_tasks]
-            command = lmms_command(cfg.evaluation.python, cfg.evaluation.lmms_model, {**cfg.evaluation.model_args, "pretrained": model_dir}, tasks,
-                                   [t.folder for t in local.values()], work / "out", batch_size=cfg.evaluation.batch_size,
-                                   device=cfg.evaluation.device, limit=cfg.evaluation.limit, seed=cfg.evaluation.seed)
+            command = lmms_command(
+                cfg.evaluation.python,
+                cfg.evaluation.lmms_model,
+                {**cfg.evaluation.model_args, "pretrained": model_dir},
+                tasks,
+                [t.folder for t in local.values()],
+                work / "out",
+                batch_size=cfg.evaluation.batch_size,
+                device=cfg.evaluation.device,
+                limit=cfg.evaluation.limit,
+                seed=cfg.evaluation.seed,
+            )
             context.log.info(f"scoring {checkpoint['checkpoint_id'][:12]} ({student}/{recipe}): {' '.join(command)}")
             started = time.monotonic()
             needed = 1 if cfg.evaluation.device.startswith("cuda") and "CUDA_VISIBLE_DEVICES" not in cfg.evaluation.env else 0
             with slots_from_config(cfg).lease(needed, holder=f"eval {student}/{recipe}") as devices:
-                scores = run_lmms_eval(command, tasks, work, cfg.evaluation.timeout_s, {**cfg.evaluation.env, **visible_devices_env(devices)},
-                                       local, progress=context.log.info)
+                scores = run_lmms_eval(
+                    command,
+                    tasks,
+                    work,
+                    cfg.evaluation.timeout_s,
+                    {**cfg.evaluation.env, **visible_devices_env(devices)},
+                    local,
+                    progress=context.log.info,
+                )
             seconds = time.monotonic() - started
         except EvalError as exc:
             raise dg.Failure(description=str(exc)) from exc
@@ -110,12 +140,24 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
 
         baseline = None if recipe == BASELINE_RECIPE else _baseline_scores(corpus, student, config_hash)
         if recipe != BASELINE_RECIPE and baseline is None:
-            context.log.warning(f"{student}'s baseline has no scores under this evaluation config: materialise "
-                                f"benchmark_scores[{BASELINE_RECIPE}|{student}] for deltas")
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            context.log.warning(
+                f"{student}'s baseline has no scores under this evaluation config: materialise "
+                f"benchmark_scores[{BASELINE_RECIPE}|{student}] for deltas"
+            )
+        now = datetime.now(UTC).isoformat(timespec="seconds")
         rows = score_rows(checkpoint, scores, baseline, config_hash, now)
-        samples = [{"checkpoint_id": checkpoint["checkpoint_id"], "student": student, "recipe": recipe, "benchmark": s.benchmark,
-                    **sample, "eval_config_hash": config_hash} for s in scores.values() for sample in s.samples]
+        samples = [
+            {
+                "checkpoint_id": checkpoint["checkpoint_id"],
+                "student": student,
+                "recipe": recipe,
+                "benchmark": s.benchmark,
+                **sample,
+                "eval_config_hash": config_hash,
+            }
+            for s in scores.values()
+            for sample in s.samples
+        ]
         partition = {"student": student, "recipe": recipe}
         table = pa.Table.from_pylist(rows, schema=table_spec("benchmark_scores").schema)
         written = corpus.write_partition("benchmark_scores", partition, table)
@@ -123,8 +165,10 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         overall = [r for r in rows if r["slice"] == OVERALL]
         unscored = [s for s in samples if s["problem"]]
         if unscored:
-            context.log.warning(f"{len(unscored)} items had no readable verdict from lmms-eval and are scored wrong, e.g. "
-                                f"item {unscored[0]['doc_index']}: {unscored[0]['problem']}")
+            context.log.warning(
+                f"{len(unscored)} items had no readable verdict from lmms-eval and are scored wrong, e.g. "
+                f"item {unscored[0]['doc_index']}: {unscored[0]['problem']}"
+            )
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": len(rows),
@@ -136,7 +180,11 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "plot/scores": _score_plot(rows, f"{student}/{recipe}"),
                 "samples_kept": len(samples),
                 "items_without_verdict": len(unscored),
-                **{f"lmms_eval_score/{e.benchmark}": e.lmms_eval_score for e in scores.values() if e.samples and e.lmms_eval_score is not None},
+                **{
+                    f"lmms_eval_score/{e.benchmark}": e.lmms_eval_score
+                    for e in scores.values()
+                    if e.samples and e.lmms_eval_score is not None
+                },
                 "eval_seconds": round(seconds, 1),
                 "input_fingerprint": _input_fingerprint(checkpoint["checkpoint_id"], config_hash, baseline is not None),
                 "preview": preview(table, ["benchmark", "slice", "score", "n", "delta"]),
@@ -151,8 +199,11 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
 def _score_plot(rows: list[dict], name: str) -> dg.MetadataValue:
     """Deltas against the baseline by benchmark and slice (scores themselves when there is no baseline)."""
     deltas = any(r["delta"] is not None for r in rows)
-    key, axis, caption = (("delta", "score delta vs baseline", "score deltas against the baseline, by slice") if deltas
-                          else ("score", "score", "scores by benchmark and slice"))
+    key, axis, caption = (
+        ("delta", "score delta vs baseline", "score deltas against the baseline, by slice")
+        if deltas
+        else ("score", "score", "scores by benchmark and slice")
+    )
     data = [(f"{r['benchmark']} / {r['slice']}", r[key]) for r in rows if r[key] is not None]
     return plot(lambda ax: barh(ax, data, axis), f"{name}: {caption}")
 
@@ -188,10 +239,24 @@ def score_rows(checkpoint: dict, scores: dict[str, TaskScores], baseline: dict |
                 base = score
             elif baseline is not None:
                 base = baseline.get((entry.benchmark, entry.metric, name))
-            rows.append({"checkpoint_id": checkpoint["checkpoint_id"], "student": checkpoint["student"], "recipe": checkpoint["recipe"],
-                         "benchmark": entry.benchmark, "task": entry.task, "metric": entry.metric, "slice": name, "score": score, "n": n,
-                         "n_benchmark": entry.n_total, "baseline_score": base,
-                         "delta": None if base is None else round(score - base, 6), "eval_config_hash": config_hash, "evaluated_at": now})
+            rows.append(
+                {
+                    "checkpoint_id": checkpoint["checkpoint_id"],
+                    "student": checkpoint["student"],
+                    "recipe": checkpoint["recipe"],
+                    "benchmark": entry.benchmark,
+                    "task": entry.task,
+                    "metric": entry.metric,
+                    "slice": name,
+                    "score": score,
+                    "n": n,
+                    "n_benchmark": entry.n_total,
+                    "baseline_score": base,
+                    "delta": None if base is None else round(score - base, 6),
+                    "eval_config_hash": config_hash,
+                    "evaluated_at": now,
+                }
+            )
     return rows
 
 
@@ -236,7 +301,14 @@ def scores_summary(store: CorpusStore, partition: str, metadata: dict) -> dict[s
     recipe, student = partition.split("|")
     rows = store.read_partition("benchmark_scores", {"student": student, "recipe": recipe}).to_pylist()
     overall = [r for r in rows if r["slice"] == "all"]
-    parts = [f"{r['benchmark']} {r['metric']} {r['score']:.3f}" + ("" if r["delta"] is None else f" ({r['delta']:+.3f} vs base)")
-             for r in overall]
-    return {"input": sum(r["n"] for r in overall), "output": len(rows), "flagged": 0, "reasons": {},
-            "detail": f"{student}/{recipe}: " + "; ".join(parts) + f"; {len(rows) - len(overall)} tag slices"}
+    parts = [
+        f"{r['benchmark']} {r['metric']} {r['score']:.3f}" + ("" if r["delta"] is None else f" ({r['delta']:+.3f} vs base)")
+        for r in overall
+    ]
+    return {
+        "input": sum(r["n"] for r in overall),
+        "output": len(rows),
+        "flagged": 0,
+        "reasons": {},
+        "detail": f"{student}/{recipe}: " + "; ".join(parts) + f"; {len(rows) - len(overall)} tag slices",
+    }

@@ -65,8 +65,9 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         partitions_def=partitions,
         group_name=SEED_GROUP,
         specs=[
-            _table_asset(SEED_POOL_KEY, "Normalised multimodal questions (images + question + reference answer), one partition per source.",
-                         version),
+            _table_asset(
+                SEED_POOL_KEY, "Normalised multimodal questions (images + question + reference answer), one partition per source.", version
+            ),
             _table_asset(QUARANTINE_KEY, "Seed records set aside with a reason code and detail: rows read = kept + quarantined.", version),
             _table_asset(IMAGES_KEY, "The content-addressed image store (bytes under their hash) and one metadata row per image.", version),
         ],
@@ -85,8 +86,9 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         except FileNotFoundError as exc:
             raise dg.Failure(description=f"source {source_name!r}: {exc}") from exc
         except (OSError, ValueError, KeyError, TypeError) as exc:  # a dataset_dict.json / state.json that does not parse, ...
-            raise dg.Failure(description=f"source {source_name!r} cannot be opened ({getattr(source, 'path', '')}): "
-                                         f"{type(exc).__name__}: {exc}") from exc
+            raise dg.Failure(
+                description=f"source {source_name!r} cannot be opened ({getattr(source, 'path', '')}): {type(exc).__name__}: {exc}"
+            ) from exc
         corpus = store.open()
         swept = corpus.images.sweep_temporaries()
         if swept:
@@ -97,7 +99,9 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         )
         total = raw_record_count(source, reader)
         workers = ingest_workers(config.seed, total)
-        context.log.info(f"{source_name}: reading {total} records ({source.kind}), checked in {workers} process{'es' if workers > 1 else ''}")
+        context.log.info(
+            f"{source_name}: reading {total} records ({source.kind}), checked in {workers} process{'es' if workers > 1 else ''}"
+        )
         started = time.monotonic()
 
         # Rows stream into the three partitions as they are checked. They commit images first, seed_pool last
@@ -148,11 +152,16 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             metadata={
                 "dagster/row_count": result.rows_quarantined,
                 "by_reason": counts(result.reasons, "reason"),
-                **({"plot/quarantine_reasons": bar_plot(result.reasons, "records set aside at ingestion, by reason", "records")}
-                   if result.reasons else {}),
+                **(
+                    {"plot/quarantine_reasons": bar_plot(result.reasons, "records set aside at ingestion, by reason", "records")}
+                    if result.reasons
+                    else {}
+                ),
                 **{f"reason/{reason}": n for reason, n in sorted(result.reasons.items())},
-                "preview": preview(pa.Table.from_pylist(result.quarantine_head, schema=QUARANTINE.schema),
-                                   ["record_index", "turn", "native_id", "reason", "detail"]),
+                "preview": preview(
+                    pa.Table.from_pylist(result.quarantine_head, schema=QUARANTINE.schema),
+                    ["record_index", "turn", "native_id", "reason", "detail"],
+                ),
                 "path": dg.MetadataValue.path(quarantine_written.uri),
             },
         )
@@ -165,7 +174,7 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "rows_kept": result.rows_kept,
                 "rows_quarantined": result.rows_quarantined,
                 "accounting": f"{result.rows_read} read = {result.rows_kept} kept + {result.rows_quarantined} quarantined"
-                              + (f" (from {result.records_read} records split into turns)" if result.rows_read != result.records_read else ""),
+                + (f" (from {result.records_read} records split into turns)" if result.rows_read != result.records_read else ""),
                 "workers": result.workers,
                 "records_per_s": round(result.rows_read / max(time.monotonic() - started, 1e-9), 1),
                 "quarantined_by_reason": counts(result.reasons, "reason"),
@@ -224,6 +233,14 @@ def seed_input_fingerprint(config: ProjectConfig, store: CorpusStore, source: st
 def seed_summary(store: CorpusStore, source: str, metadata: dict) -> dict[str, Any]:
     con = store.catalog(["seed_pool", "quarantine"])
     kept, near = con.execute("SELECT count(*), count(near_duplicate_of) FROM seed_pool WHERE source = $1", [source]).fetchall()[0]
-    reasons = dict(con.execute("SELECT reason, count(*) FROM quarantine WHERE source = $1 GROUP BY 1 ORDER BY 2 DESC, 1", [source]).fetchall())
+    reasons = dict(
+        con.execute("SELECT reason, count(*) FROM quarantine WHERE source = $1 GROUP BY 1 ORDER BY 2 DESC, 1", [source]).fetchall()
+    )
     dropped = sum(reasons.values())
-    return {"input": kept + dropped, "output": kept, "flagged": dropped, "reasons": reasons, "detail": f"{near} near-duplicate images marked"}
+    return {
+        "input": kept + dropped,
+        "output": kept,
+        "flagged": dropped,
+        "reasons": reasons,
+        "detail": f"{near} near-duplicate images marked",
+    }

@@ -8,12 +8,11 @@ student_baselines registers each student's untrained base model (the `base` rows
 table), so every score has a delta.
 """
 
-
 import json
 import shutil
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +26,46 @@ from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig, StudentConfig
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
+from omnithought_dagster.ids import code_version
 from omnithought_dagster.logtail import log_tail
 from omnithought_dagster.placement import gpu_step_tags
-from omnithought_dagster.processes import guarded
 from omnithought_dagster.plots import curves
-from omnithought_dagster.ids import code_version
+from omnithought_dagster.processes import guarded
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 from omnithought_dagster.train.checkpoints import RunCheckpoints
-from omnithought_dagster.train.launch import (checkpoint_id, launcher_command, method_hash, resolve_student, run_method, train_config_hash,
-                                              training_spec)
+from omnithought_dagster.train.launch import (
+    checkpoint_id,
+    launcher_command,
+    method_hash,
+    resolve_student,
+    run_method,
+    train_config_hash,
+    training_spec,
+)
 
 STUDENT_GROUP = "student"
 STUDENT_CHECKPOINTS_KEY = dg.AssetKey("student_checkpoints")
 STUDENT_BASELINES_KEY = dg.AssetKey("student_baselines")
 STUDENT_CODE_VERSION = "student_checkpoints-v1"
 # What a method reports beyond the loss; kept in the checkpoint's manifest (the loss_decreased check reads grpo's rewards).
-METHOD_RESULTS = ("initial_kd_loss", "final_kd_loss", "final_ce_loss", "start_checkpoint", "initial_reward", "final_reward",
-                  "initial_pass_rate", "final_pass_rate", "mean_completion_length", "initial_divergence", "final_divergence",
-                  "mean_sample_length", "final_mask_budget", "final_masking_cost", "final_hidden_per_prediction")
+METHOD_RESULTS = (
+    "initial_kd_loss",
+    "final_kd_loss",
+    "final_ce_loss",
+    "start_checkpoint",
+    "initial_reward",
+    "final_reward",
+    "initial_pass_rate",
+    "final_pass_rate",
+    "mean_completion_length",
+    "initial_divergence",
+    "final_divergence",
+    "mean_sample_length",
+    "final_mask_budget",
+    "final_masking_cost",
+    "final_hidden_per_prediction",
+)
 
 
 def student_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
@@ -63,8 +83,12 @@ def student_partition_keys(config: ProjectConfig) -> list[str]:
     """The (student, recipe) partitions that are trained (a student may be limited to some recipes), in an order that can
     run one after the other: grpo students after the others (each starts from another student's checkpoint)."""
     ordered = sorted(config.students, key=lambda s: s.method == "grpo")
-    return [str(dg.MultiPartitionKey({"student": s.name, "recipe": r}))
-            for s in ordered for r in config.student_recipes(s.name) if r != BASELINE_RECIPE]
+    return [
+        str(dg.MultiPartitionKey({"student": s.name, "recipe": r}))
+        for s in ordered
+        for r in config.student_recipes(s.name)
+        if r != BASELINE_RECIPE
+    ]
 
 
 def expected_checkpoint_id(config: ProjectConfig, store: CorpusStore, student: str, recipe: str) -> str | None:
@@ -75,8 +99,12 @@ def expected_checkpoint_id(config: ProjectConfig, store: CorpusStore, student: s
     version = subset_version(store, recipe)
     if version is None:
         return None
-    return checkpoint_id(base_fingerprint, version, train_config_hash(config.training),
-                         method_hash(partition_method(config, store, config.student(student), recipe)))
+    return checkpoint_id(
+        base_fingerprint,
+        version,
+        train_config_hash(config.training),
+        method_hash(partition_method(config, store, config.student(student), recipe)),
+    )
 
 
 def partition_method(config: ProjectConfig, store: CorpusStore, student: StudentConfig, recipe: str) -> dict | None:
@@ -123,8 +151,16 @@ def build_baseline_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         cfg = project.config
         student = cfg.student(context.partition_key)
         model_dir, base_fingerprint = resolve_student(student, cfg.models_dir)
-        row = _row(checkpoint_id(base_fingerprint, None, None), student.name, BASELINE_RECIPE, student.model, base_fingerprint, None, None,
-                   model_dir)
+        row = _row(
+            checkpoint_id(base_fingerprint, None, None),
+            student.name,
+            BASELINE_RECIPE,
+            student.model,
+            base_fingerprint,
+            None,
+            None,
+            model_dir,
+        )
         return _result(store.open(), row, reused=False, extra={})
 
     return [student_baselines]
@@ -137,7 +173,9 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(
         key=STUDENT_CHECKPOINTS_KEY,
         partitions_def=student_partitions(config),
-        deps=[dg.AssetDep(SAMPLED_SUBSETS_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="recipe"))],
+        deps=[
+            dg.AssetDep(SAMPLED_SUBSETS_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="recipe"))
+        ],
         group_name=STUDENT_GROUP,
         kinds={"deepspeed", "pytorch"},
         code_version=code_version(STUDENT_CODE_VERSION, checkpoint_settings(config)),
@@ -146,8 +184,12 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         tags={"stage": "student", "compute": "gpu"},
         metadata={"dagster/column_schema": column_schema(table_spec("student_checkpoints")), "table": "student_checkpoints"},
     )
-    def student_checkpoints(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource,
-                            pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+    def student_checkpoints(
+        context: dg.AssetExecutionContext,
+        project: ProjectResource,
+        store: CorpusStoreResource,
+        pipes_subprocess_client: dg.PipesSubprocessClient,
+    ) -> dg.MaterializeResult:
         """A student fine-tuned on one recipe's subset: SFT with DeepSpeed ZeRO in its own process, reporting through Pipes."""
         cfg = project.config
         keys = context.partition_key.keys_by_dimension
@@ -182,13 +224,16 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             from omnithought_dagster.curation.export import ExportError, export_subset
 
             try:  # what the student's tokenizer would read as markup is set aside too (its own added tokens)
-                export = export_subset(corpus, recipe, "llamafactory", work / "data", tokenizer=model_dir,
-                                       clean_markup=cfg.curation.rules.markup == "clean")
+                export = export_subset(
+                    corpus, recipe, "llamafactory", work / "data", tokenizer=model_dir, clean_markup=cfg.curation.rules.markup == "clean"
+                )
             except ExportError as exc:
                 raise dg.Failure(description=str(exc)) from exc
             if export.set_aside:
-                context.log.warning(f"the export set {len(export.set_aside)} of {export.examples + len(export.set_aside)} traces aside, e.g. "
-                                    f"{export.set_aside[0].id[:12]}: {export.set_aside[0].reason}: {export.set_aside[0].detail}")
+                context.log.warning(
+                    f"the export set {len(export.set_aside)} of {export.examples + len(export.set_aside)} traces aside, e.g. "
+                    f"{export.set_aside[0].id[:12]}: {export.set_aside[0].reason}: {export.set_aside[0].detail}"
+                )
             spec_path = work / "spec.json"
             spec = training_spec(model_dir, work / "data", work / "model", cfg.training, run_dir=work / "run", method=method)
             spec_path.write_text(json.dumps(spec, indent=2))
@@ -201,68 +246,117 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             started = time.monotonic()
             # This node's ranks get devices no other step holds (none on CPU machines or with `training.gpus` set).
             needed = cfg.training.nproc_per_node if cfg.training.gpus is None else 0
-            uploading = (run_checkpoints.uploading(work / "run" / "checkpoints", keep=cfg.training.save_total_limit, log=context.log.info)
-                         if cfg.training.save_steps else nullcontext())
+            uploading = (
+                run_checkpoints.uploading(work / "run" / "checkpoints", keep=cfg.training.save_total_limit, log=context.log.info)
+                if cfg.training.save_steps
+                else nullcontext()
+            )
             with slots_from_config(cfg).lease(needed, holder=f"train {student.name}/{recipe}") as devices, uploading:
                 env.update(visible_devices_env(devices))
                 # Under a guard: the launcher and its ranks end with the step however it ends; they see the variables
                 # they need plus the training env, not the step's other secrets.
                 tail = work / "trainer.stderr"
                 try:
-                    invocation = pipes_subprocess_client.run(command=guarded(command, keep_env=sorted(env), stderr_tail=tail), context=context,
-                                                             env=env, cwd=str(work))
+                    invocation = pipes_subprocess_client.run(
+                        command=guarded(command, keep_env=sorted(env), stderr_tail=tail), context=context, env=env, cwd=str(work)
+                    )
                 except DagsterPipesExecutionError as exc:  # it says only the exit code: the trainer's own last lines say why
                     raise dg.Failure(description=f"the trainer failed ({exc}); its last lines:\n{log_tail(tail)}") from None
             reported = {k: getattr(v, "value", v) for k, v in invocation.get_materialize_result().metadata.items()}
             context.log.info(f"trainer finished in {time.monotonic() - started:.1f} s")
             if not (work / "model" / "config.json").is_file():
                 raise dg.Failure(description=f"the trainer exited without writing a model to {work / 'model'}")
-            row = _row(ckpt, student.name, recipe, student.model, base_fingerprint, version, config_hash, corpus.checkpoints.uri(ckpt),
-                       examples=reported.get("examples"), steps=reported.get("steps"), samples_seen=reported.get("samples_seen"),
-                       tokens_seen=reported.get("tokens_seen"), initial_loss=reported.get("initial_loss"), final_loss=reported.get("final_loss"),
-                       tokens_per_s=reported.get("tokens_per_s"), train_seconds=reported.get("train_seconds"),
-                       launcher=f"{cfg.training.launcher} x{reported.get('world_size', '?')}")
+            row = _row(
+                ckpt,
+                student.name,
+                recipe,
+                student.model,
+                base_fingerprint,
+                version,
+                config_hash,
+                corpus.checkpoints.uri(ckpt),
+                examples=reported.get("examples"),
+                steps=reported.get("steps"),
+                samples_seen=reported.get("samples_seen"),
+                tokens_seen=reported.get("tokens_seen"),
+                initial_loss=reported.get("initial_loss"),
+                final_loss=reported.get("final_loss"),
+                tokens_per_s=reported.get("tokens_per_s"),
+                train_seconds=reported.get("train_seconds"),
+                launcher=f"{cfg.training.launcher} x{reported.get('world_size', '?')}",
+            )
             results = {key: reported[key] for key in METHOD_RESULTS if key in reported}
-            corpus.checkpoints.put(ckpt, work / "model", {"row": row, "train_spec": json.loads(spec_path.read_text()),
-                                                          "export": {"examples": export.examples, "images": export.images,
-                                                                     "set_aside": len(export.set_aside)},
-                                                          "results": results})
+            corpus.checkpoints.put(
+                ckpt,
+                work / "model",
+                {
+                    "row": row,
+                    "train_spec": json.loads(spec_path.read_text()),
+                    "export": {"examples": export.examples, "images": export.images, "set_aside": len(export.set_aside)},
+                    "results": results,
+                },
+            )
             extra = {"loss_curve": dg.MetadataValue.md(reported["loss_curve"])} if reported.get("loss_curve") else {}
-            extra.update({key: reported[key] for key in ("skipped_examples", "resumed_from_step", "eval_loss", "method", "teacher")
-                          if key in reported})
+            extra.update(
+                {
+                    key: reported[key]
+                    for key in ("skipped_examples", "resumed_from_step", "eval_loss", "method", "teacher")
+                    if key in reported
+                }
+            )
             if export.set_aside:
-                extra["export_set_aside"] = dg.MetadataValue.json([{"trace_id": a.id, "reason": a.reason, "detail": a.detail}
-                                                                   for a in export.set_aside[:50]])
+                extra["export_set_aside"] = dg.MetadataValue.json(
+                    [{"trace_id": a.id, "reason": a.reason, "detail": a.detail} for a in export.set_aside[:50]]
+                )
             extra.update(results)
             if reported.get("skipped"):
                 extra["skipped"] = dg.MetadataValue.json(reported["skipped"])
             log = json.loads((work / "model" / "train_log.json").read_text())
             if log.get("losses"):
-                extra["plot/loss_curve"] = plot(lambda ax: curves(ax, {f"{student.name}/{recipe}": log["losses"]}),
-                                                f"training loss per optimizer step ({student.name} on {recipe})")
+                extra["plot/loss_curve"] = plot(
+                    lambda ax: curves(ax, {f"{student.name}/{recipe}": log["losses"]}),
+                    f"training loss per optimizer step ({student.name} on {recipe})",
+                )
             if log.get("kd_losses"):
-                extra["plot/kd_loss"] = plot(lambda ax: curves(ax, {"distillation (to the teacher)": log["kd_losses"],
-                                                                    "SFT (cross-entropy)": log["ce_losses"]}),
-                                             f"the loss's parts per optimizer step ({student.name} on {recipe}, {log['method']})")
+                extra["plot/kd_loss"] = plot(
+                    lambda ax: curves(ax, {"distillation (to the teacher)": log["kd_losses"], "SFT (cross-entropy)": log["ce_losses"]}),
+                    f"the loss's parts per optimizer step ({student.name} on {recipe}, {log['method']})",
+                )
             if log.get("mask_budgets"):
-                extra["plot/mask_budget"] = plot(lambda ax: curves(ax, {"budget (share of earlier reply tokens hidden)": log["mask_budgets"],
-                                                                        "masking cost (divergence masked / unmasked)": log["masking_costs"]},
-                                                                   ylabel="share; ratio"),
-                                                 f"self-paced masking budget per optimizer step ({student.name} on {recipe}; "
-                                                 f"{log['hidden_per_prediction'][-1] if log['hidden_per_prediction'] else 0:.1f} "
-                                                 "tokens hidden per prediction at the end)")
+                extra["plot/mask_budget"] = plot(
+                    lambda ax: curves(
+                        ax,
+                        {
+                            "budget (share of earlier reply tokens hidden)": log["mask_budgets"],
+                            "masking cost (divergence masked / unmasked)": log["masking_costs"],
+                        },
+                        ylabel="share; ratio",
+                    ),
+                    f"self-paced masking budget per optimizer step ({student.name} on {recipe}; "
+                    f"{log['hidden_per_prediction'][-1] if log['hidden_per_prediction'] else 0:.1f} "
+                    "tokens hidden per prediction at the end)",
+                )
             if log.get("opsd_divergences"):
-                extra["plot/opsd"] = plot(lambda ax: curves(ax, {"JSD to the privileged teacher": log["opsd_divergences"]}),
-                                          f"on-policy divergence per optimizer step ({student.name} on {recipe}; answers "
-                                          f"{log['mean_sample_length']:.0f} tokens on average)")
+                extra["plot/opsd"] = plot(
+                    lambda ax: curves(ax, {"JSD to the privileged teacher": log["opsd_divergences"]}),
+                    f"on-policy divergence per optimizer step ({student.name} on {recipe}; answers "
+                    f"{log['mean_sample_length']:.0f} tokens on average)",
+                )
             if log.get("rewards"):
-                extra["plot/reward"] = plot(lambda ax: curves(ax, {"reward (weighted sum)": log["rewards"], "pass rate (verifier)": log["pass_rates"],
-                                                                   "format": log["format_rates"]}, ylabel="mean over the step's answers"),
-                                            f"GRPO rewards per optimizer step ({student.name} on {recipe})")
+                extra["plot/reward"] = plot(
+                    lambda ax: curves(
+                        ax,
+                        {"reward (weighted sum)": log["rewards"], "pass rate (verifier)": log["pass_rates"], "format": log["format_rates"]},
+                        ylabel="mean over the step's answers",
+                    ),
+                    f"GRPO rewards per optimizer step ({student.name} on {recipe})",
+                )
             if log.get("learning_rates"):
                 schedule = f"{cfg.training.lr_scheduler}, warmup {cfg.training.warmup_steps}"
-                extra["plot/learning_rate"] = plot(lambda ax: curves(ax, {"learning rate": log["learning_rates"]}, ylabel="learning rate"),
-                                                   f"learning rate per optimizer step ({schedule})")
+                extra["plot/learning_rate"] = plot(
+                    lambda ax: curves(ax, {"learning rate": log["learning_rates"]}, ylabel="learning rate"),
+                    f"learning rate per optimizer step ({schedule})",
+                )
             result = _result(corpus, row, reused=False, extra=extra)
             run_checkpoints.delete()  # the model is stored: its training checkpoints are no longer needed
             succeeded = True
@@ -278,23 +372,34 @@ def _describe_method(student: StudentConfig, method: dict | None) -> str:
     if method is None:
         return "sft"
     if method["name"] == "opsd":
-        return f"opsd ({method['teacher']} teacher with the {method['context']} as privileged context, {method['max_new_tokens']} tokens sampled)"
+        return (
+            f"opsd ({method['teacher']} teacher with the {method['context']} as privileged context, "
+            f"{method['max_new_tokens']} tokens sampled)"
+        )
     if method["name"] == "grpo":
-        return (f"grpo from {student.grpo.start_from}'s checkpoint {method['start_checkpoint'][:12]} ({method['num_generations']} answers "
-                f"a question, {method['loss_type']})")
+        return (
+            f"grpo from {student.grpo.start_from}'s checkpoint {method['start_checkpoint'][:12]} ({method['num_generations']} answers "
+            f"a question, {method['loss_type']})"
+        )
     teacher = getattr(student, method["name"]).teacher
     if method["name"] == "prefix_mask_kd":
-        return (f"prefix_mask_kd from {teacher} ({method['divergence']}, weight {method['weight']}; up to {method['max_budget']:.0%} of "
-                f"the earlier reply tokens hidden by the {method['saliency']}'s attention)")
+        return (
+            f"prefix_mask_kd from {teacher} ({method['divergence']}, weight {method['weight']}; up to {method['max_budget']:.0%} of "
+            f"the earlier reply tokens hidden by the {method['saliency']}'s attention)"
+        )
     return f"{method['name']} from {teacher} ({method['divergence']}, weight {method['weight']})"
 
 
 def _start_checkpoint(corpus: CorpusStore, start: str, student: StudentConfig, recipe: str, cache_dir: Path) -> Path:
     """The folder of the checkpoint a grpo student starts from; a clear failure while it is not trained yet."""
     if corpus.checkpoints.manifest(start) is None:
-        raise dg.Failure(description=(
-            f"student {student.name!r} (grpo) starts from {student.grpo.start_from!r}'s checkpoint on {recipe!r} ({start[:12]}), which is "
-            f"not in the store: materialise student_checkpoints[{recipe}|{student.grpo.start_from}] first"))
+        raise dg.Failure(
+            description=(
+                f"student {student.name!r} (grpo) starts from {student.grpo.start_from!r}'s checkpoint on {recipe!r} ({start[:12]}), "
+                f"which is "
+                f"not in the store: materialise student_checkpoints[{recipe}|{student.grpo.start_from}] first"
+            )
+        )
     return corpus.checkpoints.local_dir(start, cache_dir)
 
 
@@ -315,22 +420,62 @@ def subset_version(corpus: CorpusStore, recipe: str) -> str | None:
     return members.column("subset_version")[0].as_py() if members is not None and members.num_rows else None
 
 
-def _row(ckpt: str, student: str, recipe: str, base_model: str, base_fingerprint: str, subset_version: str | None, config_hash: str | None,
-         uri: str, **stats) -> dict:
-    return {"checkpoint_id": ckpt, "student": student, "recipe": recipe, "baseline": subset_version is None, "base_model": base_model,
-            "base_fingerprint": base_fingerprint, "subset_version": subset_version, "train_config_hash": config_hash, "uri": uri,
-            **{k: stats.get(k) for k in ("examples", "steps", "samples_seen", "tokens_seen", "initial_loss", "final_loss", "tokens_per_s",
-                                         "train_seconds", "launcher")},
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+def _row(
+    ckpt: str,
+    student: str,
+    recipe: str,
+    base_model: str,
+    base_fingerprint: str,
+    subset_version: str | None,
+    config_hash: str | None,
+    uri: str,
+    **stats,
+) -> dict:
+    return {
+        "checkpoint_id": ckpt,
+        "student": student,
+        "recipe": recipe,
+        "baseline": subset_version is None,
+        "base_model": base_model,
+        "base_fingerprint": base_fingerprint,
+        "subset_version": subset_version,
+        "train_config_hash": config_hash,
+        "uri": uri,
+        **{
+            k: stats.get(k)
+            for k in (
+                "examples",
+                "steps",
+                "samples_seen",
+                "tokens_seen",
+                "initial_loss",
+                "final_loss",
+                "tokens_per_s",
+                "train_seconds",
+                "launcher",
+            )
+        },
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def _result(corpus: CorpusStore, row: dict, *, reused: bool, extra: dict) -> dg.MaterializeResult:
-    written = corpus.write_partition("student_checkpoints", {"student": row["student"], "recipe": row["recipe"]},
-                                     pa.Table.from_pylist([row], schema=table_spec("student_checkpoints").schema))
+    written = corpus.write_partition(
+        "student_checkpoints",
+        {"student": row["student"], "recipe": row["recipe"]},
+        pa.Table.from_pylist([row], schema=table_spec("student_checkpoints").schema),
+    )
     shown = {k: v for k, v in row.items() if v is not None and k not in {"student", "recipe"}}
     return dg.MaterializeResult(
-        metadata={"dagster/row_count": 1, **shown, "input_fingerprint": row["checkpoint_id"], "reused": reused, "checkpoint": dg.MetadataValue.path(row["uri"]),
-                  "path": dg.MetadataValue.path(written.uri), **extra},
+        metadata={
+            "dagster/row_count": 1,
+            **shown,
+            "input_fingerprint": row["checkpoint_id"],
+            "reused": reused,
+            "checkpoint": dg.MetadataValue.path(row["uri"]),
+            "path": dg.MetadataValue.path(written.uri),
+            **extra,
+        },
         data_version=dg.DataVersion(row["checkpoint_id"]),
     )
 
@@ -359,7 +504,9 @@ def checkpoint_summary(store: CorpusStore, partition: str, metadata: dict) -> di
         moved = f"reward {metadata['initial_reward']:.3f} -> {metadata['final_reward']:.3f}"
     else:
         moved = f"loss {row['initial_loss']:.3f} -> {row['final_loss']:.3f}"
-    detail = (f"{student} on {recipe}: {moved} over {row['steps']} steps, "
-              f"{row['tokens_per_s']} tokens/s ({row['launcher']}); checkpoint {row['checkpoint_id'][:12]}"
-              + (" reused" if metadata.get("reused") else ""))
+    detail = (
+        f"{student} on {recipe}: {moved} over {row['steps']} steps, "
+        f"{row['tokens_per_s']} tokens/s ({row['launcher']}); checkpoint {row['checkpoint_id'][:12]}"
+        + (" reused" if metadata.get("reused") else "")
+    )
     return {"input": row["examples"], "output": 1, "flagged": 0, "reasons": {}, "detail": detail}

@@ -17,9 +17,9 @@ from omnithought_dagster.assets.metadata import column_schema, counts, preview
 from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
 from omnithought_dagster.config import LLMConfig, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
-from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.ids import code_version, content_id, shard_keys, shard_of, version_of
 from omnithought_dagster.llm.backends import describe_backend
+from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
@@ -52,7 +52,10 @@ def shard_asset(config: ProjectConfig, key: dg.AssetKey, group: str, llm: LLMCon
     return {
         "key": key,
         "partitions_def": traces_partitions(config),
-        "deps": [*deps, dg.AssetDep(SEED_POOL_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="source"))],
+        "deps": [
+            *deps,
+            dg.AssetDep(SEED_POOL_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="source")),
+        ],
         "group_name": group,
         "kinds": {"vllm", "parquet"},
         "pool": GPU_POOL,
@@ -79,9 +82,13 @@ def traces_settings(config: ProjectConfig) -> dict:
 
 
 def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
-    @dg.asset(**shard_asset(config, COT_TRACES_KEY, TEACHER_GROUP, config.teacher), code_version=code_version(TEACHER_CODE_VERSION, traces_settings(config)))
-    def cot_traces(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource,
-                   teacher: LLMResource) -> dg.MaterializeResult:
+    @dg.asset(
+        **shard_asset(config, COT_TRACES_KEY, TEACHER_GROUP, config.teacher),
+        code_version=code_version(TEACHER_CODE_VERSION, traces_settings(config)),
+    )
+    def cot_traces(
+        context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource, teacher: LLMResource
+    ) -> dg.MaterializeResult:
         """Structured chain-of-thought traces from the teacher: N rollouts per sample, cached by trace id."""
         cfg = project.config
         keys = context.partition_key.keys_by_dimension
@@ -95,10 +102,17 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         with one_run(corpus, "cot_traces", partition, cfg, context):
             try:
                 result = generate_shard(
-                    corpus, source, shard, plan, prompt, cfg.generation, send_seed=cfg.teacher.send_seed,
+                    corpus,
+                    source,
+                    shard,
+                    plan,
+                    prompt,
+                    cfg.generation,
+                    send_seed=cfg.teacher.send_seed,
                     progress=lambda s: context.log.info(
                         progress_line(f"{source}/{shard}", s.sent + s.cache_hits, s.total, s.seconds, "traces", rate_done=s.sent)
-                        + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"),
+                        + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"
+                    ),
                 )
             except LookupError as exc:
                 raise dg.Failure(description=str(exc)) from exc
@@ -138,14 +152,24 @@ def traces_fingerprint(cfg: ProjectConfig, corpus, source: str, shard: str, iden
     source that grows re-generates just the shards its new samples fall in.
     """
     seed = corpus.read_partition("seed_pool", source, ["sample_id"])
-    samples = None if seed is None else [s for s in seed.column("sample_id").to_pylist() if shard_of(s, cfg.generation.shards) == int(shard)]
+    samples = (
+        None if seed is None else [s for s in seed.column("sample_id").to_pylist() if shard_of(s, cfg.generation.shards) == int(shard)]
+    )
     prompt = teacher_prompt(cfg.generation, cfg.teacher.structured_output)
     mode = prompt.mode if structured else "none"
-    return content_id("traces-input", {
-        "seed": None if samples is None else version_of(samples), "teacher": identity, "prompt": [prompt.version, prompt.text_hash],
-        "sampling": sampling_params(cfg.generation, mode), "rollouts": cfg.generation.rollouts, "shards": cfg.generation.shards,
-        "answer_pattern": cfg.generation.answer_pattern, "code": TEACHER_CODE_VERSION,
-    })
+    return content_id(
+        "traces-input",
+        {
+            "seed": None if samples is None else version_of(samples),
+            "teacher": identity,
+            "prompt": [prompt.version, prompt.text_hash],
+            "sampling": sampling_params(cfg.generation, mode),
+            "rollouts": cfg.generation.rollouts,
+            "shards": cfg.generation.shards,
+            "answer_pattern": cfg.generation.answer_pattern,
+            "code": TEACHER_CODE_VERSION,
+        },
+    )
 
 
 # -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
@@ -153,8 +177,11 @@ def traces_fingerprint(cfg: ProjectConfig, corpus, source: str, shard: str, iden
 
 def traces_partition_keys(config: ProjectConfig) -> list[str]:
     """The project file's sources x shards (also when sources are dynamic partitions)."""
-    return [str(dg.MultiPartitionKey({"source": source, "shard": shard})) for source in config.source_names
-            for shard in shard_keys(config.generation.shards)]
+    return [
+        str(dg.MultiPartitionKey({"source": source, "shard": shard}))
+        for source in config.source_names
+        for shard in shard_keys(config.generation.shards)
+    ]
 
 
 def traces_input_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
@@ -172,6 +199,8 @@ def traces_summary(store: CorpusStore, partition: str, metadata: dict) -> dict[s
         [source, shard],
     ).fetchall()[0]
     reasons = {k: v for k, v in {"error": errors, "length": truncated}.items() if v}
-    detail = (f"{metadata.get('requests_sent', '?')} requests sent, {metadata.get('cache_hits', '?')} from cache, "
-              f"{metadata.get('tokens_per_s', '?')} tokens/s; {answered}/{traces} answers parsed")
+    detail = (
+        f"{metadata.get('requests_sent', '?')} requests sent, {metadata.get('cache_hits', '?')} from cache, "
+        f"{metadata.get('tokens_per_s', '?')} tokens/s; {answered}/{traces} answers parsed"
+    )
     return {"input": samples, "output": traces, "flagged": errors + truncated, "reasons": reasons, "detail": detail}

@@ -28,32 +28,43 @@ def build_filter_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
     def one_decision_per_trace(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource) -> dg.AssetCheckResult:
         """Each trace of the source (every shard of cot_traces) has exactly one decision, and no decision lacks a trace."""
         con = store.open().catalog(["cot_traces", "filter_decisions"])
-        frame = con.sql("SELECT d.trace_id, t.trace_id IS NOT NULL AS has_trace FROM filter_decisions d "
-                        "LEFT JOIN (SELECT trace_id FROM cot_traces WHERE source = $s) t USING (trace_id) WHERE d.source = $s",
-                        params={"s": context.partition_key}).to_df()
-        undecided = con.execute("SELECT count(*) FROM cot_traces WHERE source = $1 AND trace_id NOT IN "
-                                "(SELECT trace_id FROM filter_decisions WHERE source = $1)", [context.partition_key]).fetchall()[0][0]
+        frame = con.sql(
+            "SELECT d.trace_id, t.trace_id IS NOT NULL AS has_trace FROM filter_decisions d "
+            "LEFT JOIN (SELECT trace_id FROM cot_traces WHERE source = $s) t USING (trace_id) WHERE d.source = $s",
+            params={"s": context.partition_key},
+        ).to_df()
+        undecided = con.execute(
+            "SELECT count(*) FROM cot_traces WHERE source = $1 AND trace_id NOT IN "
+            "(SELECT trace_id FROM filter_decisions WHERE source = $1)",
+            [context.partition_key],
+        ).fetchall()[0][0]
         if frame.empty:
             return dg.AssetCheckResult(passed=False, description=f"filter_decisions[{context.partition_key}] is empty or missing")
-        result = gx_check_result(frame, [Expect("expect_column_values_to_be_unique", column="trace_id"),
-                                         Expect("expect_column_values_to_be_in_set", column="has_trace", value_set=[True])],
-                                 extra_metadata={"traces_without_decision": undecided})
+        result = gx_check_result(
+            frame,
+            [
+                Expect("expect_column_values_to_be_unique", column="trace_id"),
+                Expect("expect_column_values_to_be_in_set", column="has_trace", value_set=[True]),
+            ],
+            extra_metadata={"traces_without_decision": undecided},
+        )
         if undecided:
-            return dg.AssetCheckResult(passed=False, metadata=result.metadata,
-                                       description=f"{undecided} traces of the source have no decision")
+            return dg.AssetCheckResult(
+                passed=False, metadata=result.metadata, description=f"{undecided} traces of the source have no decision"
+            )
         return result
 
     @dg.asset_check(asset=FILTERED_SET_KEY, name=KEPT_PASS_RULES, partitions_def=sources, blocking=True)
-    def kept_traces_pass_the_rules(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource,
-                                   project: ProjectResource) -> dg.AssetCheckResult:
+    def kept_traces_pass_the_rules(
+        context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
+    ) -> dg.AssetCheckResult:
         """Kept traces pass every rule and selection condition, recomputed here in Python from the stored inputs."""
         cfg = project.config
         items = load_benchmark_items([cfg.benchmark(n) for n in cfg.curation.decontamination.benchmarks], cfg.seed)
         checked, violations = recheck_kept(store.open(), context.partition_key, cfg.curation, items, cfg.curation.check_sample_limit)
         return dg.AssetCheckResult(
             passed=not violations,
-            metadata={"kept_traces_checked": checked, "violations": len(violations),
-                      "examples": dg.MetadataValue.json(violations[:10])},
+            metadata={"kept_traces_checked": checked, "violations": len(violations), "examples": dg.MetadataValue.json(violations[:10])},
             description=None if not violations else f"{len(violations)} kept traces should have been dropped, e.g. {violations[0]}",
         )
 
@@ -72,8 +83,11 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         return store.open().read_partition("subset_members", context.partition_key)
 
     @dg.asset_check(asset=SAMPLED_SUBSETS_KEY, name=SIZE_MATCHES_RECIPE, partitions_def=recipes, blocking=True)
-    def size_matches_recipe(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
-        """The subset has the recipe's size; less only when the filtered set has no more eligible traces (a WARN: the documented shortfall)."""
+    def size_matches_recipe(
+        context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
+    ) -> dg.AssetCheckResult:
+        """The subset has the recipe's size; less only when the filtered set has no more eligible traces (a WARN: the
+        documented shortfall)."""
         recipe = recipe_of(context, project)
         members = members_of(context, store)
         if members is None:
@@ -84,14 +98,27 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         if size == recipe.size:
             return dg.AssetCheckResult(passed=True, metadata=metadata)
         if size > recipe.size or size < min(recipe.size, eligible):
-            return dg.AssetCheckResult(passed=False, metadata=metadata, description=(
-                f"{size} members for a target of {recipe.size} while {eligible} eligible traces exist: not the documented fill policy"))
-        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, metadata=metadata, description=(
-            f"shortfall: {recipe.size - size} of {recipe.size} could not be filled - the filtered set has only {eligible} eligible traces"))
+            return dg.AssetCheckResult(
+                passed=False,
+                metadata=metadata,
+                description=(
+                    f"{size} members for a target of {recipe.size} while {eligible} eligible traces exist: not the documented fill policy"
+                ),
+            )
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata=metadata,
+            description=(
+                f"shortfall: {recipe.size - size} of {recipe.size} could not be filled - "
+                f"the filtered set has only {eligible} eligible traces"
+            ),
+        )
 
     @dg.asset_check(asset=SAMPLED_SUBSETS_KEY, name=STRATA_WITHIN_TOLERANCE, partitions_def=recipes, blocking=True)
-    def strata_within_tolerance(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource,
-                                project: ProjectResource) -> dg.AssetCheckResult:
+    def strata_within_tolerance(
+        context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
+    ) -> dg.AssetCheckResult:
         """Each difficulty label's share of the subset is within `tolerance` of the mix (a WARN when a label had too few candidates)."""
         recipe = recipe_of(context, project)
         members = members_of(context, store)
@@ -101,23 +128,40 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         size = max(len(labels), 1)
         available = _eligible_by_label(store, recipe)
         quotas = _quotas(recipe.size, recipe.difficulty_mix)
-        off = [f"{label}: {labels.count(label) / size:.1%} vs {share:.1%}" for label, share in recipe.difficulty_mix.items()
-               if abs(labels.count(label) / size - share) > recipe.tolerance + 1.0 / size]
-        starved = [f"{label} ({available.get(label, 0)} candidates for a quota of {quota})"
-                   for label, quota in quotas.items() if available.get(label, 0) < quota]
-        metadata = {"shares": dg.MetadataValue.json({label: round(labels.count(label) / size, 4) for label in set(labels)}),
-                    "mix": dg.MetadataValue.json(recipe.difficulty_mix), "tolerance": recipe.tolerance,
-                    "starved_labels": dg.MetadataValue.json(starved)}
+        off = [
+            f"{label}: {labels.count(label) / size:.1%} vs {share:.1%}"
+            for label, share in recipe.difficulty_mix.items()
+            if abs(labels.count(label) / size - share) > recipe.tolerance + 1.0 / size
+        ]
+        starved = [
+            f"{label} ({available.get(label, 0)} candidates for a quota of {quota})"
+            for label, quota in quotas.items()
+            if available.get(label, 0) < quota
+        ]
+        metadata = {
+            "shares": dg.MetadataValue.json({label: round(labels.count(label) / size, 4) for label in set(labels)}),
+            "mix": dg.MetadataValue.json(recipe.difficulty_mix),
+            "tolerance": recipe.tolerance,
+            "starved_labels": dg.MetadataValue.json(starved),
+        }
         if off and not starved:
             return dg.AssetCheckResult(passed=False, metadata=metadata, description="strata off the mix: " + "; ".join(off))
         if off:  # the fill policy moved the starved labels' quota to others: documented, so a warning
-            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, metadata=metadata,
-                                       description="strata off the mix because labels had too few candidates: " + "; ".join(starved)
-                                       + "; shares: " + "; ".join(off))
+            return dg.AssetCheckResult(
+                passed=False,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata=metadata,
+                description="strata off the mix because labels had too few candidates: "
+                + "; ".join(starved)
+                + "; shares: "
+                + "; ".join(off),
+            )
         return dg.AssetCheckResult(passed=True, metadata=metadata)
 
     @dg.asset_check(asset=SAMPLED_SUBSETS_KEY, name=NO_SAMPLE_TWICE, partitions_def=recipes, blocking=True)
-    def no_sample_twice(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
+    def no_sample_twice(
+        context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
+    ) -> dg.AssetCheckResult:
         """No trace twice, and no sample more often than the recipe's traces_per_sample."""
         recipe = recipe_of(context, project)
         members = members_of(context, store)
@@ -128,35 +172,65 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         result = gx_check_result(frame, [Expect("expect_column_values_to_be_unique", column="trace_id")])
         over = per_sample[per_sample["traces"] > recipe.traces_per_sample]
         if not over.empty:
-            return dg.AssetCheckResult(passed=False, metadata={"samples_over": len(over)},
-                                       description=f"{len(over)} samples appear more than {recipe.traces_per_sample} times")
+            return dg.AssetCheckResult(
+                passed=False,
+                metadata={"samples_over": len(over)},
+                description=f"{len(over)} samples appear more than {recipe.traces_per_sample} times",
+            )
         return result
 
     @dg.asset_check(asset=SAMPLED_SUBSETS_KEY, name=MEMBERS_KEPT, partitions_def=recipes, blocking=True)
     def members_are_kept(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource) -> dg.AssetCheckResult:
         """Every member trace is kept in filter_decisions."""
         con = store.open().catalog(["subset_members", "filter_decisions"])
-        frame = con.sql("SELECT m.trace_id, coalesce(d.kept, false) AS kept FROM subset_members m LEFT JOIN filter_decisions d USING (trace_id) "
-                        "WHERE m.subset = $s", params={"s": context.partition_key}).to_df()
+        frame = con.sql(
+            "SELECT m.trace_id, coalesce(d.kept, false) AS kept FROM subset_members m LEFT JOIN filter_decisions d USING (trace_id) "
+            "WHERE m.subset = $s",
+            params={"s": context.partition_key},
+        ).to_df()
         if frame.empty:
             return dg.AssetCheckResult(passed=False, description=f"subset {context.partition_key} is empty or missing")
         return gx_check_result(frame, [Expect("expect_column_values_to_be_in_set", column="kept", value_set=[True])])
 
     @dg.asset_check(asset=SAMPLED_SUBSETS_KEY, name=NO_CONTAMINATION, partitions_def=recipes, blocking=True)
-    def no_contamination(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
+    def no_contamination(
+        context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
+    ) -> dg.AssetCheckResult:
         """No member's question or image matches a benchmark item (recomputed against the configured benchmarks)."""
         cfg = project.config
         con = store.open().catalog(["subset_members", "seed_pool"])
-        samples = con.sql("SELECT DISTINCT s.sample_id, s.question, s.image_phashes FROM subset_members m JOIN seed_pool s USING (sample_id) "
-                          "WHERE m.subset = $s", params={"s": context.partition_key}).to_arrow_table().to_pylist()
+        samples = (
+            con.sql(
+                "SELECT DISTINCT s.sample_id, s.question, s.image_phashes FROM subset_members m JOIN seed_pool s USING (sample_id) "
+                "WHERE m.subset = $s",
+                params={"s": context.partition_key},
+            )
+            .to_arrow_table()
+            .to_pylist()
+        )
         items = load_benchmark_items([cfg.benchmark(n) for n in cfg.curation.decontamination.benchmarks], cfg.seed)
         d = cfg.curation.decontamination
-        hits = find_contamination(samples, items, ngram=d.question_ngram, min_overlap=d.min_question_overlap,
-                                  image_max_distance=d.image_max_distance, require=d.require)
-        examples = [{"sample_id": s, "benchmark": h[0].benchmark, "item": h[0].item_id, "code": h[0].code} for s, h in list(hits.items())[:10]]
-        return dg.AssetCheckResult(passed=not hits, metadata={"member_samples": len(samples), "benchmark_items": len(items),
-                                                              "contaminated": len(hits), "examples": dg.MetadataValue.json(examples)},
-                                   description=f"{len(hits)} member samples match benchmark items" if hits else None)
+        hits = find_contamination(
+            samples,
+            items,
+            ngram=d.question_ngram,
+            min_overlap=d.min_question_overlap,
+            image_max_distance=d.image_max_distance,
+            require=d.require,
+        )
+        examples = [
+            {"sample_id": s, "benchmark": h[0].benchmark, "item": h[0].item_id, "code": h[0].code} for s, h in list(hits.items())[:10]
+        ]
+        return dg.AssetCheckResult(
+            passed=not hits,
+            metadata={
+                "member_samples": len(samples),
+                "benchmark_items": len(items),
+                "contaminated": len(hits),
+                "examples": dg.MetadataValue.json(examples),
+            },
+            description=f"{len(hits)} member samples match benchmark items" if hits else None,
+        )
 
     @dg.asset_check(asset=SAMPLED_SUBSETS_KEY, name=EXPORTABLE, partitions_def=recipes, blocking=True)
     def exportable(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
@@ -175,18 +249,28 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         by_reason: dict[str, int] = {}
         for aside in checked.set_aside:
             by_reason[aside.reason] = by_reason.get(aside.reason, 0) + 1
-        metadata = {"members": checked.considered, "set_aside": len(checked.set_aside), "set_aside_share": round(share, 4),
-                    "by_reason": dg.MetadataValue.json(by_reason), "threshold": cfg.curation.max_set_aside_share,
-                    "examples": dg.MetadataValue.json([{"trace_id": a.id, "reason": a.reason, "detail": a.detail} for a in checked.set_aside[:10]])}
+        metadata = {
+            "members": checked.considered,
+            "set_aside": len(checked.set_aside),
+            "set_aside_share": round(share, 4),
+            "by_reason": dg.MetadataValue.json(by_reason),
+            "threshold": cfg.curation.max_set_aside_share,
+            "examples": dg.MetadataValue.json([{"trace_id": a.id, "reason": a.reason, "detail": a.detail} for a in checked.set_aside[:10]]),
+        }
         if not checked.set_aside:
             return dg.AssetCheckResult(passed=True, metadata=metadata)
         first = checked.set_aside[0]
-        description = (f"the export would set aside {len(checked.set_aside)} of {checked.considered} traces ({share:.1%}), e.g. "
-                       f"{first.id[:12]}: {first.reason}: {first.detail}")
+        description = (
+            f"the export would set aside {len(checked.set_aside)} of {checked.considered} traces ({share:.1%}), e.g. "
+            f"{first.id[:12]}: {first.reason}: {first.detail}"
+        )
         if share <= cfg.curation.max_set_aside_share:
             return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, metadata=metadata, description=description)
-        return dg.AssetCheckResult(passed=False, metadata=metadata,
-                                   description=f"{description}: over curation.max_set_aside_share ({cfg.curation.max_set_aside_share:.1%})")
+        return dg.AssetCheckResult(
+            passed=False,
+            metadata=metadata,
+            description=f"{description}: over curation.max_set_aside_share ({cfg.curation.max_set_aside_share:.1%})",
+        )
 
     return [size_matches_recipe, strata_within_tolerance, no_sample_twice, members_are_kept, no_contamination, exportable]
 
@@ -200,8 +284,10 @@ def _eligible_by_label(store: CorpusStoreResource, recipe) -> dict[str, int]:
     con = store.open().catalog(["filter_decisions"])
     where = " AND source IN (SELECT unnest($2::VARCHAR[]))" if recipe.sources else ""
     params = [recipe.traces_per_sample] + ([recipe.sources] if recipe.sources else [])
-    rows = con.execute(f"SELECT difficulty_label, sum(least(n, $1)) FROM (SELECT sample_id, difficulty_label, count(*) AS n "
-                       f"FROM filter_decisions WHERE kept{where} GROUP BY ALL) GROUP BY 1", params).fetchall()
+    rows = con.execute(
+        f"SELECT difficulty_label, sum(least(n, $1)) FROM (SELECT sample_id, difficulty_label, count(*) AS n "
+        f"FROM filter_decisions WHERE kept{where} GROUP BY ALL) GROUP BY 1",
+        params,
+    ).fetchall()
     labels = set(recipe.difficulty_mix)
     return {label: int(n) for label, n in rows if label in labels}
-

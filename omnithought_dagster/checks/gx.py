@@ -114,8 +114,13 @@ def gx_check_result(
     lines = ["| expectation | ok | unexpected | examples |", "| --- | --- | --- | --- |"]
     for o in validation.outcomes:
         unexpected = "" if o.unexpected_count is None else str(o.unexpected_count)
-        examples = (", ".join(markdown_cell(v, 60) for v in o.examples) if o.examples
-                    else "" if o.observed is None else f"observed {markdown_cell(o.observed, 60)}")
+        examples = (
+            ", ".join(markdown_cell(v, 60) for v in o.examples)
+            if o.examples
+            else ""
+            if o.observed is None
+            else f"observed {markdown_cell(o.observed, 60)}"
+        )
         lines.append(f"| {o.expectation.label} | {'yes' if o.success else '**no**'} | {unexpected} | {examples} |")
     metadata: dict[str, Any] = {
         "rows_validated": validation.rows,

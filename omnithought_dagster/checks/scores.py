@@ -38,12 +38,14 @@ def build_score_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
                 problems.append(f"{row['benchmark']}: tag slices cover {tagged} items, overall {row['n']}")
         ours = {task: overall[task] for task in map(task_name, evaluation.benchmarks) if task in overall}
         problems += _scores_from_items(store, context, partitions, ours)
-        return dg.AssetCheckResult(passed=not problems, metadata={"rows": len(rows), "problems": len(problems)},
-                                   description="; ".join(problems[:5]) or None)
+        return dg.AssetCheckResult(
+            passed=not problems, metadata={"rows": len(rows), "problems": len(problems)}, description="; ".join(problems[:5]) or None
+        )
 
     @dg.asset_check(asset=BENCHMARK_SCORES_KEY, name=NO_REGRESSION, partitions_def=partitions, blocking=False)
-    def no_regression_vs_baseline(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource,
-                                  project: ProjectResource) -> dg.AssetCheckResult:
+    def no_regression_vs_baseline(
+        context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
+    ) -> dg.AssetCheckResult:
         """Warns when an overall score is below the student's baseline by more than evaluation.regression_margin."""
         rows = _rows(store, context, partitions)
         if not rows:
@@ -51,8 +53,11 @@ def build_score_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
         margin = project.config.evaluation.regression_margin
         overall = [r for r in rows if r["slice"] == OVERALL]
         missing = [r["benchmark"] for r in overall if r["delta"] is None]
-        worse = [f"{r['benchmark']}: {r['score']:.3f} vs baseline {r['baseline_score']:.3f} ({r['delta']:+.3f})"
-                 for r in overall if r["delta"] is not None and r["delta"] < -margin]
+        worse = [
+            f"{r['benchmark']}: {r['score']:.3f} vs baseline {r['baseline_score']:.3f} ({r['delta']:+.3f})"
+            for r in overall
+            if r["delta"] is not None and r["delta"] < -margin
+        ]
         metadata = {"margin": margin, "regressions": len(worse), "without_baseline": len(missing)}
         if worse or missing:
             reasons = worse + [f"{b}: the baseline has no score to compare with" for b in missing]
@@ -73,8 +78,10 @@ def _scores_from_items(store: CorpusStoreResource, context, partitions: dg.Multi
     for row in overall.values():
         marks = items.get(row["benchmark"], [])
         if len(marks) != row["n"] or abs(sum(marks) / max(len(marks), 1) - row["score"]) > 1e-9:
-            problems.append(f"{row['benchmark']}: score {row['score']:.4f} over {row['n']} items, but its stored item rows give "
-                            f"{sum(marks)}/{len(marks)}")
+            problems.append(
+                f"{row['benchmark']}: score {row['score']:.4f} over {row['n']} items, but its stored item rows give "
+                f"{sum(marks)}/{len(marks)}"
+            )
     return problems
 
 

@@ -56,7 +56,9 @@ def build_seed_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
         )
 
     @dg.asset_check(asset=SEED_POOL_KEY, name=REQUIRED_COLUMNS, partitions_def=partitions, blocking=True)
-    def required_columns_present(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource) -> dg.AssetCheckResult:
+    def required_columns_present(
+        context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
+    ) -> dg.AssetCheckResult:
         """Required columns have no nulls; ids are well-formed; question, answer and images are non-empty."""
         spec = table_spec("seed_pool")
         kept = _partition_or_fail(store.open(), "seed_pool", context.partition_key)
@@ -135,8 +137,11 @@ def build_seed_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
         source = context.partition_key
         source_config = store.source(project.config, source)
         read = raw_record_count(source_config, make_reader(source_config))
-        rows = [table.select(["record_index", "turn"]).to_pylist()
-                for table in (corpus.read_partition("seed_pool", source), corpus.read_partition("quarantine", source)) if table is not None]
+        rows = [
+            table.select(["record_index", "turn"]).to_pylist()
+            for table in (corpus.read_partition("seed_pool", source), corpus.read_partition("quarantine", source))
+            if table is not None
+        ]
         keys = [(row["record_index"], row["turn"]) for part in rows for row in part]
         accounted = {index for index, _ in keys}
         counted_twice = len(keys) - len(set(keys))
@@ -146,11 +151,20 @@ def build_seed_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]:
         passed = len(accounted) == read and counted_twice == 0 and never_accounted == 0 and out_of_range == 0
         return dg.AssetCheckResult(
             passed=passed,
-            metadata={"read": read, "kept": n_kept, "quarantined": n_quarantined, "records_accounted": len(accounted),
-                      "unaccounted": read - len(accounted),
-                      "turn_rows_beyond_one_per_record": len(set(keys)) - len(accounted), "records_counted_twice": counted_twice,
-                      "records_never_accounted": never_accounted, "record_indices_out_of_range": out_of_range},
-            description=None if passed else (
+            metadata={
+                "read": read,
+                "kept": n_kept,
+                "quarantined": n_quarantined,
+                "records_accounted": len(accounted),
+                "unaccounted": read - len(accounted),
+                "turn_rows_beyond_one_per_record": len(set(keys)) - len(accounted),
+                "records_counted_twice": counted_twice,
+                "records_never_accounted": never_accounted,
+                "record_indices_out_of_range": out_of_range,
+            },
+            description=None
+            if passed
+            else (
                 f"source has {read} records; the store accounts for {len(accounted)} of them ({n_kept} kept + {n_quarantined} "
                 f"quarantined rows), {counted_twice} rows twice, misses {never_accounted} and names {out_of_range} that do not exist"
             ),

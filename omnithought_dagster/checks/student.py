@@ -41,8 +41,9 @@ def build_checkpoint_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinit
         return dg.AssetCheckResult(**objective_verdict(row, store.open().checkpoints.manifest(row["checkpoint_id"])))
 
     @dg.asset_check(asset=STUDENT_CHECKPOINTS_KEY, name=LOADS_AND_GENERATES, partitions_def=partitions, blocking=True)
-    def loads_and_generates(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource,
-                            project: ProjectResource) -> dg.AssetCheckResult:
+    def loads_and_generates(
+        context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
+    ) -> dg.AssetCheckResult:
         """The checkpoint loads with from_pretrained and generates from an image + question."""
         return _probe(store, _row(store, context, partitions), context.partition_key, project.config.training.work_dir)
 
@@ -56,14 +57,25 @@ def objective_verdict(row: dict, manifest: dict | None) -> dict:
         results = (manifest or {}).get("results") or {}
         initial, final = results.get("initial_reward"), results.get("final_reward")
         passed = initial is not None and final is not None and final > initial
-        return {"passed": passed, "severity": dg.AssetCheckSeverity.WARN,
-                "metadata": {"initial_reward": initial, "final_reward": final, "initial_pass_rate": results.get("initial_pass_rate"),
-                             "final_pass_rate": results.get("final_pass_rate"), "steps": row["steps"]},
-                "description": None if passed else f"grpo: the reward did not rise: first steps {initial}, last steps {final}"}
+        return {
+            "passed": passed,
+            "severity": dg.AssetCheckSeverity.WARN,
+            "metadata": {
+                "initial_reward": initial,
+                "final_reward": final,
+                "initial_pass_rate": results.get("initial_pass_rate"),
+                "final_pass_rate": results.get("final_pass_rate"),
+                "steps": row["steps"],
+            },
+            "description": None if passed else f"grpo: the reward did not rise: first steps {initial}, last steps {final}",
+        }
     initial, final = row["initial_loss"], row["final_loss"]
     passed = initial is not None and final is not None and final < initial
-    return {"passed": passed, "metadata": {"initial_loss": initial, "final_loss": final, "steps": row["steps"]},
-            "description": None if passed else f"loss did not decrease: first steps {initial}, last steps {final}"}
+    return {
+        "passed": passed,
+        "metadata": {"initial_loss": initial, "final_loss": final, "steps": row["steps"]},
+        "description": None if passed else f"loss did not decrease: first steps {initial}, last steps {final}",
+    }
 
 
 def _probe(store: CorpusStoreResource, row: dict | None, partition: str, cache_dir: str | None) -> dg.AssetCheckResult:
@@ -73,10 +85,14 @@ def _probe(store: CorpusStoreResource, row: dict | None, partition: str, cache_d
         folder = row["uri"] if row["baseline"] else str(store.open().checkpoints.local_dir(row["checkpoint_id"], cache_dir))
         tokens = generate_probe(folder)
     except Exception as exc:  # the check's verdict is the failure itself
-        return dg.AssetCheckResult(passed=False, metadata={"checkpoint_id": row["checkpoint_id"]},
-                                   description=f"{type(exc).__name__}: {str(exc)[:500]}")
-    return dg.AssetCheckResult(passed=tokens > 0, metadata={"checkpoint_id": row["checkpoint_id"], "generated_tokens": tokens},
-                               description=None if tokens else "generated no tokens")
+        return dg.AssetCheckResult(
+            passed=False, metadata={"checkpoint_id": row["checkpoint_id"]}, description=f"{type(exc).__name__}: {str(exc)[:500]}"
+        )
+    return dg.AssetCheckResult(
+        passed=tokens > 0,
+        metadata={"checkpoint_id": row["checkpoint_id"], "generated_tokens": tokens},
+        description=None if tokens else "generated no tokens",
+    )
 
 
 def generate_probe(folder: str) -> int:
@@ -88,7 +104,9 @@ def generate_probe(folder: str) -> int:
 
     vl, model = load_vl_model(folder)
     image = Image.new("RGB", (112, 112), (200, 40, 40))
-    inputs = vl.encode_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}], [image])
+    inputs = vl.encode_prompt(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}], [image]
+    )
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=GENERATE_TOKENS, do_sample=False)
     return int(output.shape[1] - inputs["input_ids"].shape[1])

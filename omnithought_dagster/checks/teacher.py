@@ -34,8 +34,11 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
         known = set(seed.column("sample_id").to_pylist()) if seed is not None else set()
         frame = pd.DataFrame({"sample_id": traces.column("sample_id").to_pylist()})
         frame["in_seed_pool"] = frame["sample_id"].isin(known)
-        return gx_check_result(frame, [Expect("expect_column_values_to_be_in_set", column="in_seed_pool", value_set=[True])],
-                               extra_metadata={"orphan_samples": sorted(set(frame.loc[~frame["in_seed_pool"], "sample_id"]))[:10]})
+        return gx_check_result(
+            frame,
+            [Expect("expect_column_values_to_be_in_set", column="in_seed_pool", value_set=[True])],
+            extra_metadata={"orphan_samples": sorted(set(frame.loc[~frame["in_seed_pool"], "sample_id"]))[:10]},
+        )
 
     @check(TRACE_ID_UNIQUE)
     def trace_id_unique(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource) -> dg.AssetCheckResult:
@@ -43,14 +46,18 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
         traces = _traces(store, *partition_keys(context, partitions), ["trace_id"])
         if isinstance(traces, dg.AssetCheckResult):
             return traces
-        return gx_check_result(traces.to_pandas(), [
-            Expect("expect_column_values_to_be_unique", column="trace_id"),
-            Expect("expect_column_values_to_match_regex", column="trace_id", regex=r"^[0-9a-f]{32}$"),
-        ])
+        return gx_check_result(
+            traces.to_pandas(),
+            [
+                Expect("expect_column_values_to_be_unique", column="trace_id"),
+                Expect("expect_column_values_to_match_regex", column="trace_id", regex=r"^[0-9a-f]{32}$"),
+            ],
+        )
 
     @check(ROLLOUTS_COMPLETE)
-    def rollouts_complete(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource,
-                          project: ProjectResource) -> dg.AssetCheckResult:
+    def rollouts_complete(
+        context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
+    ) -> dg.AssetCheckResult:
         """Every sample of the shard has exactly rollouts 0..N-1 (an errored rollout still counts: it is recorded)."""
         source, shard = partition_keys(context, partitions)
         cfg = project.config
@@ -65,9 +72,16 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
         frame = pd.DataFrame({"sample_id": sorted(expected | set(have))})
         frame["rollouts_ok"] = [sorted(have.get(s, [])) == want for s in frame["sample_id"]]
         bad = frame.loc[~frame["rollouts_ok"], "sample_id"].tolist()
-        return gx_check_result(frame, [Expect("expect_column_values_to_be_in_set", column="rollouts_ok", value_set=[True])],
-                               extra_metadata={"samples": len(expected), "rollouts": cfg.generation.rollouts,
-                                               "samples_incomplete": len(bad), "examples": {s: sorted(have.get(s, [])) for s in bad[:5]}})
+        return gx_check_result(
+            frame,
+            [Expect("expect_column_values_to_be_in_set", column="rollouts_ok", value_set=[True])],
+            extra_metadata={
+                "samples": len(expected),
+                "rollouts": cfg.generation.rollouts,
+                "samples_incomplete": len(bad),
+                "examples": {s: sorted(have.get(s, [])) for s in bad[:5]},
+            },
+        )
 
     def finish_rate_check(name: str, finish_reason: str, what: str, threshold: str, description: str):
         @check(name, description)
@@ -80,20 +94,34 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
 
         return rate_check
 
-    error_rate = finish_rate_check(ERROR_RATE, "error", "error", "error_rate",
-                                   "Share of traces whose request failed after retries: warn / fail thresholds from generation.error_rate.")
-    truncation_rate = finish_rate_check(TRUNCATION_RATE, "length", "truncation", "truncation_rate",
-                                        "Share of traces cut at max_tokens (finish_reason=length): warn / fail thresholds.")
+    error_rate = finish_rate_check(
+        ERROR_RATE,
+        "error",
+        "error",
+        "error_rate",
+        "Share of traces whose request failed after retries: warn / fail thresholds from generation.error_rate.",
+    )
+    truncation_rate = finish_rate_check(
+        TRUNCATION_RATE,
+        "length",
+        "truncation",
+        "truncation_rate",
+        "Share of traces cut at max_tokens (finish_reason=length): warn / fail thresholds.",
+    )
 
     @check(FINAL_ANSWER_PRESENT)
-    def final_answer_present(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource,
-                             project: ProjectResource) -> dg.AssetCheckResult:
+    def final_answer_present(
+        context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
+    ) -> dg.AssetCheckResult:
         """Finished traces (finish_reason=stop) carry a parsed final answer: warn / fail thresholds on the missing share."""
         traces = _traces(store, *partition_keys(context, partitions), ["finish_reason", "final_answer"])
         if isinstance(traces, dg.AssetCheckResult):
             return traces
-        finished = [a for r, a in zip(traces.column("finish_reason").to_pylist(), traces.column("final_answer").to_pylist(), strict=True)
-                    if r == "stop"]
+        finished = [
+            a
+            for r, a in zip(traces.column("finish_reason").to_pylist(), traces.column("final_answer").to_pylist(), strict=True)
+            if r == "stop"
+        ]
         missing = sum(1 for a in finished if not a)
         return rate_result("missing final answer", missing, len(finished), project.config.generation.missing_answer_rate)
 
@@ -105,11 +133,19 @@ def rate_result(what: str, count: int, total: int, threshold: ThresholdConfig) -
     rate = count / total if total else 0.0
     metadata = {"count": count, "total": total, "rate": round(rate, 5), "warn_above": threshold.warn, "fail_above": threshold.fail}
     if rate > threshold.fail:
-        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata,
-                                   description=f"{what} rate {rate:.2%} ({count}/{total}) is above the fail threshold {threshold.fail:.2%}")
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata=metadata,
+            description=f"{what} rate {rate:.2%} ({count}/{total}) is above the fail threshold {threshold.fail:.2%}",
+        )
     if rate > threshold.warn:
-        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, metadata=metadata,
-                                   description=f"{what} rate {rate:.2%} ({count}/{total}) is above the warn threshold {threshold.warn:.2%}")
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata=metadata,
+            description=f"{what} rate {rate:.2%} ({count}/{total}) is above the warn threshold {threshold.warn:.2%}",
+        )
     return dg.AssetCheckResult(passed=True, metadata=metadata)
 
 

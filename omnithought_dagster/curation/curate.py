@@ -43,12 +43,25 @@ def curate_source(store: CorpusStore, source: str, curation: CurationConfig, ben
         raise LookupError(f"seed_pool[{source}] is not materialised")
     samples = seed.to_pylist()
     wanted = sorted({s["near_duplicate_of"] for s in samples if s["near_duplicate_of"]})
-    representatives = dict(con.execute("SELECT sample_id, any_value(question) FROM seed_pool WHERE sample_id IN "
-                                       "(SELECT unnest($1::VARCHAR[])) GROUP BY 1", [wanted]).fetchall()) if wanted else {}
+    representatives = (
+        dict(
+            con.execute(
+                "SELECT sample_id, any_value(question) FROM seed_pool WHERE sample_id IN (SELECT unnest($1::VARCHAR[])) GROUP BY 1",
+                [wanted],
+            ).fetchall()
+        )
+        if wanted
+        else {}
+    )
     decontamination = curation.decontamination
-    contamination = find_contamination(samples, benchmark_items, ngram=decontamination.question_ngram,
-                                       min_overlap=decontamination.min_question_overlap,
-                                       image_max_distance=decontamination.image_max_distance, require=decontamination.require)
+    contamination = find_contamination(
+        samples,
+        benchmark_items,
+        ngram=decontamination.question_ngram,
+        min_overlap=decontamination.min_question_overlap,
+        image_max_distance=decontamination.image_max_distance,
+        require=decontamination.require,
+    )
     flags = sample_flags(samples, representatives, contamination, curation.rules.near_duplicate_question_similarity)
     timings["sample_flags"] = time.perf_counter() - started
     decisions = decide(con, source, curation.rules, curation.selection, flags)
@@ -58,8 +71,9 @@ def curate_source(store: CorpusStore, source: str, curation: CurationConfig, ben
     return CurationResult(table, timings, contamination, decisions.markup_kept)
 
 
-def recheck_kept(store: CorpusStore, source: str, curation: CurationConfig, benchmark_items: list[BenchmarkItem],
-                 limit: int | None = None) -> tuple[int, list[dict]]:
+def recheck_kept(
+    store: CorpusStore, source: str, curation: CurationConfig, benchmark_items: list[BenchmarkItem], limit: int | None = None
+) -> tuple[int, list[dict]]:
     """Recompute, in Python and from the stored inputs, every rule and selection condition for the
     kept traces of a source (a deterministic sample of `limit` when there are more). Returns
     (traces checked, violations) - a violation names the trace and what it should have been dropped for."""
@@ -71,23 +85,45 @@ def recheck_kept(store: CorpusStore, source: str, curation: CurationConfig, benc
     con = store.catalog(["seed_pool", "cot_traces", "annotations", "filter_decisions"])
     kept_total = con.execute("SELECT count(*) FROM filter_decisions WHERE source = $1 AND kept", [source]).fetchall()[0][0]
     sample_clause = f"USING SAMPLE reservoir({int(limit)} ROWS) REPEATABLE (7)" if limit and kept_total > limit else ""
-    rows = con.sql(f"""
+    rows = (
+        con.sql(
+            f"""
         WITH kept AS (SELECT trace_id, sample_id FROM filter_decisions WHERE source = $source AND kept {sample_clause})
         SELECT k.trace_id, k.sample_id, t.reasoning, t.final_answer, t.finish_reason, t.n_tokens, t.n_prompt_tokens,
                a.annotation_id, a.correct, a.judge_error, a.quality, a.pass_rate, a.difficulty_bin,
                s.question, s.image_phashes, s.near_duplicate_of
         FROM kept k JOIN cot_traces t ON t.trace_id = k.trace_id LEFT JOIN annotations a ON a.trace_id = k.trace_id
         JOIN seed_pool s ON s.sample_id = k.sample_id
-    """, params={"source": source}).to_arrow_table().to_pylist()
+    """,
+            params={"source": source},
+        )
+        .to_arrow_table()
+        .to_pylist()
+    )
     samples = {r["sample_id"]: r for r in rows}
     d = curation.decontamination
-    contamination = find_contamination(samples.values(), benchmark_items, ngram=d.question_ngram, min_overlap=d.min_question_overlap,
-                                       image_max_distance=d.image_max_distance, require=d.require)
+    contamination = find_contamination(
+        samples.values(),
+        benchmark_items,
+        ngram=d.question_ngram,
+        min_overlap=d.min_question_overlap,
+        image_max_distance=d.image_max_distance,
+        require=d.require,
+    )
     wanted = sorted({r["near_duplicate_of"] for r in rows if r["near_duplicate_of"]})
-    representatives = dict(con.execute("SELECT sample_id, any_value(question) FROM seed_pool WHERE sample_id IN "
-                                       "(SELECT unnest($1::VARCHAR[])) GROUP BY 1", [wanted]).fetchall()) if wanted else {}
-    per_sample_kept = dict(con.execute("SELECT sample_id, count(*) FROM filter_decisions WHERE source = $1 AND kept GROUP BY 1",
-                                       [source]).fetchall())
+    representatives = (
+        dict(
+            con.execute(
+                "SELECT sample_id, any_value(question) FROM seed_pool WHERE sample_id IN (SELECT unnest($1::VARCHAR[])) GROUP BY 1",
+                [wanted],
+            ).fetchall()
+        )
+        if wanted
+        else {}
+    )
+    per_sample_kept = dict(
+        con.execute("SELECT sample_id, count(*) FROM filter_decisions WHERE source = $1 AND kept GROUP BY 1", [source]).fetchall()
+    )
     rules = active_rules(curation.rules)
     selection = curation.selection
     violations, contents = [], {}
@@ -105,8 +141,12 @@ def recheck_kept(store: CorpusStore, source: str, curation: CurationConfig, benc
         reasons = [r["code"] for r in rule_reasons(row, rules)]
         if selection.drop_unsolvable and row["pass_rate"] == 0:
             reasons.append("unsolvable_sample")
-        if row["pass_rate"] is not None and row["pass_rate"] >= selection.trivial_min_pass_rate and \
-                row["difficulty_bin"] is not None and row["difficulty_bin"] <= selection.trivial_max_difficulty_bin:
+        if (
+            row["pass_rate"] is not None
+            and row["pass_rate"] >= selection.trivial_min_pass_rate
+            and row["difficulty_bin"] is not None
+            and row["difficulty_bin"] <= selection.trivial_max_difficulty_bin
+        ):
             reasons.append("trivial_sample")
         if per_sample_kept.get(row["sample_id"], 0) > selection.max_traces_per_sample:
             reasons.append("over_trace_cap")

@@ -45,8 +45,9 @@ def question_grams(question: str, n: int) -> set[str]:
     return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def find_contamination(samples: Iterable[dict], items: list[BenchmarkItem], *, ngram: int, min_overlap: float,
-                       image_max_distance: int, require: str = "any") -> dict[str, list[Contamination]]:
+def find_contamination(
+    samples: Iterable[dict], items: list[BenchmarkItem], *, ngram: int, min_overlap: float, image_max_distance: int, require: str = "any"
+) -> dict[str, list[Contamination]]:
     """sample_id -> what it matches. `samples` rows carry sample_id, question, image_phashes.
 
     require="both" keeps only samples whose question and image both match (the same benchmark
@@ -69,7 +70,8 @@ def find_contamination(samples: Iterable[dict], items: list[BenchmarkItem], *, n
         if overlap >= min_overlap:
             item = max(set(hits), key=hits.count)
             found.setdefault(sample["sample_id"], []).append(
-                Contamination("contaminated_question", round(overlap, 4), min_overlap, item.benchmark, item.item_id))
+                Contamination("contaminated_question", round(overlap, 4), min_overlap, item.benchmark, item.item_id)
+            )
     if image_max_distance >= 0:
         hashes, owners = [], []
         for position, item in enumerate(items):
@@ -83,9 +85,12 @@ def find_contamination(samples: Iterable[dict], items: list[BenchmarkItem], *, n
             if match < offset:  # matched a benchmark image, not another sample's
                 item = items[match]
                 found.setdefault(samples[owner - offset]["sample_id"], []).append(
-                    Contamination("contaminated_image", float(distance), float(image_max_distance), item.benchmark, item.item_id))
+                    Contamination("contaminated_image", float(distance), float(image_max_distance), item.benchmark, item.item_id)
+                )
     if require == "both":
-        found = {sample: hits for sample, hits in found.items() if {h.code for h in hits} == {"contaminated_question", "contaminated_image"}}
+        found = {
+            sample: hits for sample, hits in found.items() if {h.code for h in hits} == {"contaminated_question", "contaminated_image"}
+        }
     return found
 
 
@@ -97,8 +102,15 @@ def load_benchmark_items(benchmarks: list, seed_settings) -> list[BenchmarkItem]
     items = []
     for spec in benchmarks:
         reader = make_reader(spec)
-        result = ingest_source(spec.name, reader.records(), seed_settings.model_copy(update={"near_duplicate_max_distance": -1}),
-                               image_root=reader.image_root, put_image=lambda image_id, data: False)
-        items += [BenchmarkItem(spec.name, row["sample_id"], row["question"], tuple(row["image_phashes"]))
-                  for row in result.kept.select(["sample_id", "question", "image_phashes"]).to_pylist()]
+        result = ingest_source(
+            spec.name,
+            reader.records(),
+            seed_settings.model_copy(update={"near_duplicate_max_distance": -1}),
+            image_root=reader.image_root,
+            put_image=lambda image_id, data: False,
+        )
+        items += [
+            BenchmarkItem(spec.name, row["sample_id"], row["question"], tuple(row["image_phashes"]))
+            for row in result.kept.select(["sample_id", "question", "image_phashes"]).to_pylist()
+        ]
     return items

@@ -96,8 +96,12 @@ def assistant_parts(text: str) -> list[dict]:
     forged = find_markup(match.group(1) + match.group(2), [FORGED_DELIMITER])
     if forged:
         raise MarkupError(f"the reply holds {forged[0].describe()} inside its reasoning or answer")
-    return [{"type": "markup", "text": THINK_OPEN}, {"type": "text", "text": match.group(1)},
-            {"type": "markup", "text": THINK_CLOSE}, {"type": "text", "text": match.group(2)}]
+    return [
+        {"type": "markup", "text": THINK_OPEN},
+        {"type": "text", "text": match.group(1)},
+        {"type": "markup", "text": THINK_CLOSE},
+        {"type": "text", "text": match.group(2)},
+    ]
 
 
 def conversation(record: dict) -> tuple[list[dict], list[str]]:
@@ -110,8 +114,13 @@ def conversation(record: dict) -> tuple[list[dict], list[str]]:
     turns = record["messages"]
     if len(turns) < 2 or turns[-1]["role"] != "assistant":
         raise ValueError("a training record must end with the assistant's turn")
-    return ([{"role": "user", "content": user_content(turns[0]["content"], len(images))},
-             {"role": "assistant", "content": assistant_parts(turns[-1]["content"])}], images)
+    return (
+        [
+            {"role": "user", "content": user_content(turns[0]["content"], len(images))},
+            {"role": "assistant", "content": assistant_parts(turns[-1]["content"])},
+        ],
+        images,
+    )
 
 
 def user_text(question: str, choices: list[str], n_images: int) -> str:
@@ -124,14 +133,17 @@ def dataset_name(subset: str, version: str) -> str:
     return f"omnithought_{subset}_{version[:12]}"
 
 
-def preflight(store: CorpusStore, subset: str, *, cutoff_len: int | None = None, tokenizer: str | None = None,
-              clean_markup: bool = False) -> Preflight:
+def preflight(
+    store: CorpusStore, subset: str, *, cutoff_len: int | None = None, tokenizer: str | None = None, clean_markup: bool = False
+) -> Preflight:
     """The subset's examples, and those set aside with their reasons. `tokenizer`: the student's model folder (its
     tokenizer, chat template and image processor), needed to count tokens for `cutoff_len` and adding its own
     added tokens to the markup looked for. `clean_markup`: delete markup from the reply first (curation.rules.markup)."""
     if cutoff_len is not None and tokenizer is None:
-        raise ExportError("a token cutoff needs the student's model folder (--tokenizer) to count what the client counts: its chat "
-                          "template and the image tokens; a character estimate undercounts")
+        raise ExportError(
+            "a token cutoff needs the student's model folder (--tokenizer) to count what the client counts: its chat "
+            "template and the image tokens; a character estimate undercounts"
+        )
     vl = _vl_tokenizer(tokenizer) if tokenizer else None
     added = tuple(vl.added_tokens) if vl is not None else ()
     examples, version = _examples(store, subset, clean_markup, added)
@@ -157,8 +169,11 @@ def _problem(store: CorpusStore, example: dict, vl, added: tuple[str, ...], cuto
     if placeholders != n_images:
         return ("image_placeholder_mismatch", f"{placeholders} {PLACEHOLDER} placeholders in its turns but {n_images} images"), 0
     # The question may hold control characters (text to any tokenizer: kept by the seed stage); the reply no markup at all.
-    for name, text, kinds in (("question", example["question"], TOKEN_KINDS), ("reasoning", example["reasoning"], KINDS),
-                              ("final answer", example["final_answer"], KINDS)):
+    for name, text, kinds in (
+        ("question", example["question"], TOKEN_KINDS),
+        ("reasoning", example["reasoning"], KINDS),
+        ("final answer", example["final_answer"], KINDS),
+    ):
         found = find_markup(text, kinds, added)
         if found:
             return ("markup_in_text", f"its {name} holds {found[0].describe()}"), 0
@@ -190,8 +205,12 @@ def _client_tokens(store: CorpusStore, example: dict, vl) -> int:
     for image_id in example["image_ids"]:
         with Image.open(io.BytesIO(store.images.get(image_id))) as image:
             sizes.append(image.size)
-    messages, _ = conversation({"messages": [{"role": "user", "content": example["user"]}, {"role": "assistant", "content": example["assistant"]}],
-                                "images": example["image_ids"]})
+    messages, _ = conversation(
+        {
+            "messages": [{"role": "user", "content": example["user"]}, {"role": "assistant", "content": example["assistant"]}],
+            "images": example["image_ids"],
+        }
+    )
     return vl.example_length(messages, sizes)[1]
 
 
@@ -204,8 +223,16 @@ def _vl_tokenizer(model_dir: str):
         raise ExportError(f"cannot load the tokenizer and image processor of {model_dir}: {exc}") from None
 
 
-def export_subset(store: CorpusStore, subset: str, fmt: str, out: str | Path, *, cutoff_len: int | None = None,
-                  tokenizer: str | None = None, clean_markup: bool = False) -> ExportReport:
+def export_subset(
+    store: CorpusStore,
+    subset: str,
+    fmt: str,
+    out: str | Path,
+    *,
+    cutoff_len: int | None = None,
+    tokenizer: str | None = None,
+    clean_markup: bool = False,
+) -> ExportReport:
     """Write the subset's sound examples in `fmt` to `out` (replaced as a whole, atomically); the report lists what was
     set aside. ExportError when there is nothing to write."""
     if fmt not in FORMATS:
@@ -221,15 +248,30 @@ def export_subset(store: CorpusStore, subset: str, fmt: str, out: str | Path, *,
     try:
         images = _copy_images(store, examples, staging / "images")
         _WRITERS[fmt](examples, staging, images, name)
-        report = ExportReport(subset, version, fmt, len(examples), len(images), out, checked.token_counter, name, checked.max_tokens_seen,
-                              checked.set_aside)
-        (staging / "manifest.json").write_text(json.dumps({
-            "subset": subset, "subset_version": version, "format": fmt, "dataset_name": name, "examples": len(examples),
-            "images": len(images), "cutoff_len": cutoff_len, "token_counter": report.token_counter, "max_tokens": checked.max_tokens_seen,
-            "markup": "cleaned from the replies" if clean_markup else "replies holding markup set aside",
-            "assistant_format": assistant_text("<reasoning>", "<answer>"),
-            "set_aside": [{"id": a.id, "reason": a.reason, "detail": a.detail} for a in checked.set_aside],
-        }, indent=2, ensure_ascii=False), encoding="utf-8")
+        report = ExportReport(
+            subset, version, fmt, len(examples), len(images), out, checked.token_counter, name, checked.max_tokens_seen, checked.set_aside
+        )
+        (staging / "manifest.json").write_text(
+            json.dumps(
+                {
+                    "subset": subset,
+                    "subset_version": version,
+                    "format": fmt,
+                    "dataset_name": name,
+                    "examples": len(examples),
+                    "images": len(images),
+                    "cutoff_len": cutoff_len,
+                    "token_counter": report.token_counter,
+                    "max_tokens": checked.max_tokens_seen,
+                    "markup": "cleaned from the replies" if clean_markup else "replies holding markup set aside",
+                    "assistant_format": assistant_text("<reasoning>", "<answer>"),
+                    "set_aside": [{"id": a.id, "reason": a.reason, "detail": a.detail} for a in checked.set_aside],
+                },
+                indent=2,
+                ensure_ascii=False,
+            ),
+            encoding="utf-8",
+        )
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,26 +283,39 @@ def export_subset(store: CorpusStore, subset: str, fmt: str, out: str | Path, *,
 
 def _examples(store: CorpusStore, subset: str, clean_markup: bool = False, added: tuple[str, ...] = ()) -> tuple[list[dict], str]:
     con = store.catalog(["subset_members", "cot_traces", "seed_pool"])
-    rows = con.sql("""
+    rows = (
+        con.sql(
+            """
         SELECT m.trace_id, m.subset_version, m.pick, s.question, s.choices, s.image_ids, s.answer, s.answer_type, t.reasoning,
                t.final_answer
         FROM subset_members m JOIN cot_traces t USING (trace_id) JOIN seed_pool s ON s.sample_id = m.sample_id
         WHERE m.subset = $subset ORDER BY m.pick
-    """, params={"subset": subset}).to_arrow_table().to_pylist()
+    """,
+            params={"subset": subset},
+        )
+        .to_arrow_table()
+        .to_pylist()
+    )
     con.close()
     if not rows:
         raise ExportError(f"subset {subset!r} has no members (materialise sampled_subsets[{subset}] first)")
     examples = []
     for row in rows:
-        reasoning, answer = ((clean(row["reasoning"], added), clean(row["final_answer"], added)) if clean_markup
-                             else (row["reasoning"], row["final_answer"]))
-        examples.append({
-            "id": row["trace_id"], "image_ids": list(row["image_ids"]), "reasoning": reasoning or "", "final_answer": answer or "",
-            "question": user_text(row["question"], list(row["choices"]), 0),  # the user turn as written, but our placeholders
-            "user": user_text(row["question"], list(row["choices"]), len(row["image_ids"])),
-            "assistant": assistant_text(reasoning, answer),
-            "reference": {"answer": row["answer"], "answer_type": row["answer_type"], "choices": list(row["choices"])},
-        })
+        reasoning, answer = (
+            (clean(row["reasoning"], added), clean(row["final_answer"], added)) if clean_markup else (row["reasoning"], row["final_answer"])
+        )
+        examples.append(
+            {
+                "id": row["trace_id"],
+                "image_ids": list(row["image_ids"]),
+                "reasoning": reasoning or "",
+                "final_answer": answer or "",
+                "question": user_text(row["question"], list(row["choices"]), 0),  # the user turn as written, but our placeholders
+                "user": user_text(row["question"], list(row["choices"]), len(row["image_ids"])),
+                "assistant": assistant_text(reasoning, answer),
+                "reference": {"answer": row["answer"], "answer_type": row["answer_type"], "choices": list(row["choices"])},
+            }
+        )
     return examples, rows[0]["subset_version"]
 
 
@@ -279,28 +334,49 @@ def _copy_images(store: CorpusStore, examples: list[dict], folder: Path) -> dict
 
 
 def _write_sharegpt(examples: list[dict], out: Path, images: dict[str, str], name: str) -> None:
-    data = [{"id": e["id"], "conversations": [{"from": "human", "value": e["user"]}, {"from": "gpt", "value": e["assistant"]}],
-             "images": [images[i] for i in e["image_ids"]]} for e in examples]
+    data = [
+        {
+            "id": e["id"],
+            "conversations": [{"from": "human", "value": e["user"]}, {"from": "gpt", "value": e["assistant"]}],
+            "images": [images[i] for i in e["image_ids"]],
+        }
+        for e in examples
+    ]
     (out / "data.json").write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
 def _write_llamafactory(examples: list[dict], out: Path, images: dict[str, str], name: str) -> None:
-    data = [{"id": e["id"], "messages": [{"role": "user", "content": e["user"]}, {"role": "assistant", "content": e["assistant"]}],
-             "images": [images[i] for i in e["image_ids"]], "reference": e["reference"]} for e in examples]
+    data = [
+        {
+            "id": e["id"],
+            "messages": [{"role": "user", "content": e["user"]}, {"role": "assistant", "content": e["assistant"]}],
+            "images": [images[i] for i in e["image_ids"]],
+            "reference": e["reference"],
+        }
+        for e in examples
+    ]
     (out / "data.json").write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-    info = {name: {"file_name": "data.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
-                   "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}
+    info = {
+        name: {
+            "file_name": "data.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages", "images": "images"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        }
+    }
     (out / "dataset_info.json").write_text(json.dumps(info, indent=2))
 
 
 def _write_hf(examples: list[dict], out: Path, images: dict[str, str], name: str) -> None:
     import datasets
 
-    features = datasets.Features({
-        "id": datasets.Value("string"),
-        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
-        "images": datasets.Sequence(datasets.Image()),
-    })
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+            "images": datasets.Sequence(datasets.Image()),
+        }
+    )
     records = {
         "id": [e["id"] for e in examples],
         "messages": [[{"role": "user", "content": e["user"]}, {"role": "assistant", "content": e["assistant"]}] for e in examples],

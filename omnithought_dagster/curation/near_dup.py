@@ -38,7 +38,7 @@ def earliest_near_duplicates(
         sorted_keys = keys[order]
         starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
         ends = np.r_[starts[1:], len(order)]
-        for start, end in zip(starts, ends):
+        for start, end in zip(starts, ends, strict=False):
             if end - start < 2:
                 continue
             members = order[start:end]
@@ -57,7 +57,7 @@ def _bands(max_distance: int) -> list[tuple[int, int]]:
     count = min(max_distance + 1, 64)
     widths = [64 // count + (1 if i < 64 % count else 0) for i in range(count)]
     shifts = np.cumsum([0, *widths[:-1]])
-    return list(zip((int(s) for s in shifts), widths))
+    return list(zip((int(s) for s in shifts), widths, strict=False))
 
 
 def _match_bucket(members, values, positions, max_distance, first_owner, best_owner, best_distance) -> None:

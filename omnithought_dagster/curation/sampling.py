@@ -68,8 +68,9 @@ def load_candidates(store: CorpusStore, sources: list[str] | None) -> Candidates
     """Kept traces of filter_decisions (all sources, or these), read as small columns only."""
     con = store.catalog(["filter_decisions"])
     where, params = kept_where(sources)
-    table = con.sql(f"SELECT {', '.join(CANDIDATE_COLUMNS)} FROM filter_decisions WHERE {where} ORDER BY trace_id",
-                    params=params or None).to_arrow_table()
+    table = con.sql(
+        f"SELECT {', '.join(CANDIDATE_COLUMNS)} FROM filter_decisions WHERE {where} ORDER BY trace_id", params=params or None
+    ).to_arrow_table()
     con.close()
     return candidates_from_table(table)
 
@@ -129,11 +130,21 @@ def sample_subset(candidates: Candidates, recipe: RecipeConfig) -> SubsetResult:
     picks = state.picks
     trace_ids = [candidates.trace_id[i] for i, _ in picks]
     result.version = version_of(trace_ids)
-    result.members = pa.Table.from_pylist([
-        {"subset": recipe.name, "subset_version": result.version, "trace_id": candidates.trace_id[i], "sample_id": candidates.sample_id[i],
-         "source": candidates.source[i], "stratum": stratum, "pick": n}
-        for n, (i, stratum) in enumerate(picks)
-    ], schema=SUBSET_MEMBERS.schema)
+    result.members = pa.Table.from_pylist(
+        [
+            {
+                "subset": recipe.name,
+                "subset_version": result.version,
+                "trace_id": candidates.trace_id[i],
+                "sample_id": candidates.sample_id[i],
+                "source": candidates.source[i],
+                "stratum": stratum,
+                "pick": n,
+            }
+            for n, (i, stratum) in enumerate(picks)
+        ],
+        schema=SUBSET_MEMBERS.schema,
+    )
     return result
 
 

@@ -47,20 +47,46 @@ from omnithought_dagster.markup import IMAGE_PLACEHOLDER as PLACEHOLDER
 from omnithought_dagster.markup import TOKEN_KINDS, first_markup, storable
 from omnithought_dagster.processes import available_cores, die_with_parent, main_module_hidden
 from omnithought_dagster.redact import redact
+from omnithought_dagster.sources.base import (
+    Candidate,
+    ImageRef,
+    NonStandardLiteral,
+    QuarantineReason,
+    Rejected,
+    SeedRecord,
+    bounded_excerpt,
+    error_text,
+)
 from omnithought_dagster.sources.confine import OutsideRoots, inside, open_regular, opened_path
-from omnithought_dagster.sources.base import (Candidate, ImageRef, NonStandardLiteral, QuarantineReason, Rejected, SeedRecord, bounded_excerpt,
-                                              error_text)
 from omnithought_dagster.store.tables import IMAGES, QUARANTINE, SEED_POOL, TableSpec
 
 ANSWER_TYPES = ("multiple_choice", "numeric", "math", "free_form")
 ANSWER_TYPE_ALIASES = {
-    "multiple_choice": "multiple_choice", "multiple-choice": "multiple_choice", "multi_choice": "multiple_choice",
-    "mc": "multiple_choice", "choice": "multiple_choice", "mcq": "multiple_choice",
-    "numeric": "numeric", "number": "numeric", "numerical": "numeric", "integer": "numeric", "float": "numeric",
-    "math": "math", "expression": "math", "latex": "math", "symbolic": "math",
-    "free_form": "free_form", "free-form": "free_form", "freeform": "free_form", "open": "free_form", "text": "free_form",
+    "multiple_choice": "multiple_choice",
+    "multiple-choice": "multiple_choice",
+    "multi_choice": "multiple_choice",
+    "mc": "multiple_choice",
+    "choice": "multiple_choice",
+    "mcq": "multiple_choice",
+    "numeric": "numeric",
+    "number": "numeric",
+    "numerical": "numeric",
+    "integer": "numeric",
+    "float": "numeric",
+    "math": "math",
+    "expression": "math",
+    "latex": "math",
+    "symbolic": "math",
+    "free_form": "free_form",
+    "free-form": "free_form",
+    "freeform": "free_form",
+    "open": "free_form",
+    "text": "free_form",
     # MathVista-style answer_type is the answer's data type: text / integer / float / list.
-    "list": "free_form", "string": "free_form", "str": "free_form", "int": "numeric",
+    "list": "free_form",
+    "string": "free_form",
+    "str": "free_form",
+    "int": "numeric",
 }
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _EXIF_ORIENTATION = 0x0112
@@ -123,7 +149,7 @@ class PriorSamples:
     phashes: list[list[str]] = field(default_factory=list)  # aligned with ordered_ids
 
     @classmethod
-    def from_rows(cls, rows: Iterable[dict]) -> "PriorSamples":
+    def from_rows(cls, rows: Iterable[dict]) -> PriorSamples:
         """From seed_pool rows (sample_id, source, native_id, image_phashes) in global order."""
         prior = cls()
         for row in rows:
@@ -223,8 +249,19 @@ def ingest_source(
 ) -> IngestResult:
     """`ingest_source_into` with the three tables collected in memory (on the result's kept / quarantine / images)."""
     sinks = SeedSinks(TableSink(SEED_POOL), TableSink(QUARANTINE), TableSink(IMAGES))
-    result = ingest_source_into(source, records, settings, image_root=image_root, put_image=put_image, sinks=sinks, prior=prior,
-                                progress=progress, allowed_roots=allowed_roots, workers=workers, read_roots=read_roots)
+    result = ingest_source_into(
+        source,
+        records,
+        settings,
+        image_root=image_root,
+        put_image=put_image,
+        sinks=sinks,
+        prior=prior,
+        progress=progress,
+        allowed_roots=allowed_roots,
+        workers=workers,
+        read_roots=read_roots,
+    )
     result.kept, result.quarantine, result.images = sinks.kept.table(), sinks.quarantine.table(), sinks.images.table()
     return result
 
@@ -269,7 +306,9 @@ def ingest_source_into(
         kept_out = _Batcher(spill.write_table if spill is not None else sinks.kept.write, SEED_POOL)
         quarantine_out, images_out = _Batcher(sinks.quarantine.write, QUARANTINE), _Batcher(sinks.images.write, IMAGES)
 
-        def set_aside(record: SeedRecord, reason: QuarantineReason, detail: str, sample: str | None = None, first: str | None = None) -> None:
+        def set_aside(
+            record: SeedRecord, reason: QuarantineReason, detail: str, sample: str | None = None, first: str | None = None
+        ) -> None:
             nonlocal rows_quarantined
             row = _quarantine_row(source, record, reason, detail, sample, first)
             quarantine_out.add(row)
@@ -302,8 +341,18 @@ def ingest_source_into(
                         reused += 1
                     if image.image_id not in images_seen:
                         images_seen.add(image.image_id)
-                        images_out.add({"image_id": image.image_id, "source": source, "width": image.width, "height": image.height,
-                                        "format": image.format, "mode": image.mode, "n_bytes": image.n_bytes, "phash": image.phash})
+                        images_out.add(
+                            {
+                                "image_id": image.image_id,
+                                "source": source,
+                                "width": image.width,
+                                "height": image.height,
+                                "format": image.format,
+                                "mode": image.mode,
+                                "n_bytes": image.n_bytes,
+                                "phash": image.phash,
+                            }
+                        )
                 if marking:
                     kept_ids += digest
                     for phash in row["image_phashes"]:
@@ -330,9 +379,21 @@ def ingest_source_into(
     if rows_read != rows_kept + rows_quarantined:
         raise AssertionError(f"{source}: row accounting broken: read {rows_read} != kept {rows_kept} + quarantined {rows_quarantined}")
     return IngestResult(
-        source=source, rows_read=rows_read, records_read=records_read, rows_kept=rows_kept, rows_quarantined=rows_quarantined,
-        reasons=reasons, images_stored=stored, images_reused=reused, near_duplicates=near, answer_types=answer_types,
-        source_tags=source_tags, workers=workers, kept_head=kept_head, quarantine_head=quarantine_head, notes=notes,
+        source=source,
+        rows_read=rows_read,
+        records_read=records_read,
+        rows_kept=rows_kept,
+        rows_quarantined=rows_quarantined,
+        reasons=reasons,
+        images_stored=stored,
+        images_reused=reused,
+        near_duplicates=near,
+        answer_types=answer_types,
+        source_tags=source_tags,
+        workers=workers,
+        kept_head=kept_head,
+        quarantine_head=quarantine_head,
+        notes=notes,
     )
 
 
@@ -370,8 +431,9 @@ def _check(record: SeedRecord, context: _Context) -> _Accepted | _SetAside:
     return _Accepted(row, images)
 
 
-def _checked(records: Iterable[SeedRecord], context: _Context, workers: int, notes: list[str],
-             put_image: Callable[[str, bytes], bool] | None = None) -> Iterator[tuple[SeedRecord, _Accepted | _SetAside]]:
+def _checked(
+    records: Iterable[SeedRecord], context: _Context, workers: int, notes: list[str], put_image: Callable[[str, bytes], bool] | None = None
+) -> Iterator[tuple[SeedRecord, _Accepted | _SetAside]]:
     """(record, verdict) in record order; with workers > 1 the verdicts come from a pool of processes (what went
     wrong with the pool itself is added to `notes`). Workers also store accepted images when `put_image` can be
     sent to them (the store's own method can; a lambda cannot): the bytes then never travel back."""
@@ -417,8 +479,9 @@ class _CheckPool:
         self._start()
 
     def _start(self) -> None:
-        self._executor = ProcessPoolExecutor(self.workers, mp_context=self._mp, initializer=_start_worker,
-                                             initargs=(self.context, os.getpid(), self.put_image))
+        self._executor = ProcessPoolExecutor(
+            self.workers, mp_context=self._mp, initializer=_start_worker, initargs=(self.context, os.getpid(), self.put_image)
+        )
         with main_module_hidden():  # every worker is spawned here, by these first submits (one each), never later
             self._warming = [self._executor.submit(_check_batch, []) for _ in range(self.workers)]
 
@@ -453,8 +516,11 @@ class _CheckPool:
                 self.fell_back = f"the worker pool cannot run ({exc}); records are checked in the step's process"
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 return _check(record, self.context)
-            return _SetAside(QuarantineReason.RECORD_ERROR, "checking the record killed its worker process (a crashing image decoder, or "
-                                                            "memory); retried alone in a fresh process, it did so again")
+            return _SetAside(
+                QuarantineReason.RECORD_ERROR,
+                "checking the record killed its worker process (a crashing image decoder, or "
+                "memory); retried alone in a fresh process, it did so again",
+            )
 
     def _restart(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -517,8 +583,14 @@ def _picklable(value: Any) -> bool:
 # -- validation ----------------------------------------------------------------------------------
 
 
-def _validate(source: str, record: Candidate, settings: SeedSettings, image_root: Path | None,
-              allowed_roots: list[Path], read_roots: tuple[str, ...] | None = None) -> tuple[dict, list[_Image]]:
+def _validate(
+    source: str,
+    record: Candidate,
+    settings: SeedSettings,
+    image_root: Path | None,
+    allowed_roots: list[Path],
+    read_roots: tuple[str, ...] | None = None,
+) -> tuple[dict, list[_Image]]:
     native_id = _text(record.native_id, "native_id")
     question = _text(record.question, "question", empty=QuarantineReason.EMPTY_QUESTION)
     question = unicodedata.normalize("NFC", question).strip()
@@ -527,8 +599,10 @@ def _validate(source: str, record: Candidate, settings: SeedSettings, image_root
     if record.placeholder_count is None and PLACEHOLDER in question:
         # A flat record's <image> placeholders mark where its images go, as LLaVA's do: as many as images, then removed.
         if question.count(PLACEHOLDER) != len(record.images):
-            raise _Reject(QuarantineReason.IMAGE_PLACEHOLDER_MISMATCH,
-                          f"{question.count(PLACEHOLDER)} {PLACEHOLDER} placeholders in the question but {len(record.images)} images")
+            raise _Reject(
+                QuarantineReason.IMAGE_PLACEHOLDER_MISMATCH,
+                f"{question.count(PLACEHOLDER)} {PLACEHOLDER} placeholders in the question but {len(record.images)} images",
+            )
         question = question.replace(PLACEHOLDER, "").strip()
         if not question:
             raise _Reject(QuarantineReason.EMPTY_QUESTION, "question holds nothing but <image> placeholders")
@@ -551,7 +625,9 @@ def _validate(source: str, record: Candidate, settings: SeedSettings, image_root
     if len(record.images) > settings.max_images_per_sample:
         raise _Reject(QuarantineReason.TOO_MANY_IMAGES, f"{len(record.images)} images, limit {settings.max_images_per_sample}")
     if record.placeholder_count and record.placeholder_count != len(record.images):
-        raise _Reject(QuarantineReason.IMAGE_PLACEHOLDER_MISMATCH, f"{record.placeholder_count} <image> placeholders but {len(record.images)} images")
+        raise _Reject(
+            QuarantineReason.IMAGE_PLACEHOLDER_MISMATCH, f"{record.placeholder_count} <image> placeholders but {len(record.images)} images"
+        )
     images = [_load_image(ref, position, image_root, settings, allowed_roots, read_roots) for position, ref in enumerate(record.images)]
 
     image_ids = [image.image_id for image in images]
@@ -606,6 +682,7 @@ _STRINGS = object()  # marks list<string> columns in _seed_columns
 def _seed_columns() -> tuple:
     """(name, type, nullable, the Python type that always fits) per seed_pool column: text is str, lists of text are
     checked item by item; integers always go through the bounds."""
+
     def common(arrow_type: pa.DataType):
         if pa.types.is_string(arrow_type):
             return str
@@ -693,8 +770,10 @@ def _answer_type(declared: Any, answer: str, choices: list[str]) -> str:
             # names an option; otherwise the record contradicts itself, and no guess is made.
             if _names_an_option(answer, choices):
                 return "multiple_choice"
-            raise _Reject(QuarantineReason.ANSWER_TYPE_CONFLICT, f"declared {declared!r}, but the record gives {len(choices)} options "
-                                                                 f"and its answer {answer[:80]!r} names none of them")
+            raise _Reject(
+                QuarantineReason.ANSWER_TYPE_CONFLICT,
+                f"declared {declared!r}, but the record gives {len(choices)} options and its answer {answer[:80]!r} names none of them",
+            )
         return answer_type
     if choices:
         return "multiple_choice"
@@ -761,8 +840,14 @@ def _metadata_json(metadata: dict) -> str:
     return text
 
 
-def _load_image(ref: ImageRef, position: int, image_root: Path | None, settings: SeedSettings, allowed_roots: list[Path] = (),
-                read_roots: tuple[str, ...] | None = None) -> _Image:
+def _load_image(
+    ref: ImageRef,
+    position: int,
+    image_root: Path | None,
+    settings: SeedSettings,
+    allowed_roots: list[Path] = (),
+    read_roots: tuple[str, ...] | None = None,
+) -> _Image:
     """Read, bound-check, decode and hash one image, or reject the record with the reason."""
     label = f"image {position} ({ref.describe()})"
     data = ref.data if ref.data is not None else _read_image_file(ref.path or "", label, image_root, settings, allowed_roots, read_roots)
@@ -780,7 +865,10 @@ def _load_image(ref: ImageRef, position: int, image_root: Path | None, settings:
         with Image.open(io.BytesIO(data), formats=SEED_IMAGE_FORMATS) as image:
             width, height = image.size
             if width * height > settings.max_image_pixels:
-                raise _Reject(QuarantineReason.OVERSIZED_IMAGE, f"{label} is {width}x{height} = {width * height} pixels, limit {settings.max_image_pixels}")
+                raise _Reject(
+                    QuarantineReason.OVERSIZED_IMAGE,
+                    f"{label} is {width}x{height} = {width * height} pixels, limit {settings.max_image_pixels}",
+                )
             image.load()
             fmt = image.format or "unknown"
             # What a person sees: the EXIF orientation applied before the size and the hash are taken (looked up
@@ -795,16 +883,23 @@ def _load_image(ref: ImageRef, position: int, image_root: Path | None, settings:
         raise _Reject(QuarantineReason.OVERSIZED_IMAGE, f"{label}: {exc}") from None
     except UnidentifiedImageError:
         if not data.startswith(_RASTER_SIGNATURES) and data[8:12] != b"WEBP":
-            raise _Reject(QuarantineReason.UNSUPPORTED_IMAGE_FORMAT,
-                          f"{label} is not one of {', '.join(SEED_IMAGE_FORMATS)} (starts {data[:12]!r})") from None
+            raise _Reject(
+                QuarantineReason.UNSUPPORTED_IMAGE_FORMAT, f"{label} is not one of {', '.join(SEED_IMAGE_FORMATS)} (starts {data[:12]!r})"
+            ) from None
         raise _Reject(QuarantineReason.CORRUPT_IMAGE, f"{label} does not decode as the format its header names") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad bytes
         raise _Reject(QuarantineReason.CORRUPT_IMAGE, f"{label} does not decode: {type(exc).__name__}: {exc}") from None
     return _Image(bytes_id(data), data, width, height, fmt, mode, phash, len(data))
 
 
-def _read_image_file(path: str, label: str, image_root: Path | None, settings: SeedSettings, allowed_roots: list[Path] = (),
-                     read_roots: tuple[str, ...] | None = None) -> bytes:
+def _read_image_file(
+    path: str,
+    label: str,
+    image_root: Path | None,
+    settings: SeedSettings,
+    allowed_roots: list[Path] = (),
+    read_roots: tuple[str, ...] | None = None,
+) -> bytes:
     if image_root is None:
         raise _Reject(QuarantineReason.MALFORMED_RECORD, f"{label}: a path, but this source has no image root")
     if not path.strip():
@@ -813,8 +908,11 @@ def _read_image_file(path: str, label: str, image_root: Path | None, settings: S
         root, allowed = _resolved_roots(image_root, tuple(allowed_roots))
         target = (root / path).resolve()  # absolute paths replace root; symlinks are followed
         if not any(target.is_relative_to(folder) for folder in allowed):
-            hint = ("; an absolute path - if the source's images live there, list that folder in its allowed_image_roots"
-                    if Path(path).is_absolute() else "")
+            hint = (
+                "; an absolute path - if the source's images live there, list that folder in its allowed_image_roots"
+                if Path(path).is_absolute()
+                else ""
+            )
             raise _Reject(QuarantineReason.PATH_ESCAPE, f"{label} resolves to {target}, outside the source root {root}{hint}")
         try:
             info = target.stat()  # before any open: a FIFO or a device would block or never end
@@ -832,8 +930,10 @@ def _read_image_file(path: str, label: str, image_root: Path | None, settings: S
                 handle.close()
                 raise OutsideRoots(f"{label} lies outside the folders this source may read")
         except OutsideRoots:
-            raise _Reject(QuarantineReason.PATH_ESCAPE, f"{label} changed between its check and its read, or lies outside the "
-                                                       "folders this source may read; not read") from None
+            raise _Reject(
+                QuarantineReason.PATH_ESCAPE,
+                f"{label} changed between its check and its read, or lies outside the folders this source may read; not read",
+            ) from None
         with handle:
             return handle.read(settings.max_image_bytes + 1)
     except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, names too long, NUL bytes, permissions
@@ -847,8 +947,9 @@ def _resolved_roots(image_root: Path, allowed_roots: tuple[Path, ...]) -> tuple[
     return root, [root, *(folder.resolve() for folder in allowed_roots)]
 
 
-def _quarantine_row(source: str, record: SeedRecord, reason: QuarantineReason, detail: str, sample: str | None = None,
-                    duplicate_of: str | None = None) -> dict:
+def _quarantine_row(
+    source: str, record: SeedRecord, reason: QuarantineReason, detail: str, sample: str | None = None, duplicate_of: str | None = None
+) -> dict:
     return {
         "source": source,
         "native_id": _safe_text(record.native_id),
@@ -862,8 +963,9 @@ def _quarantine_row(source: str, record: SeedRecord, reason: QuarantineReason, d
     }
 
 
-def _near_duplicate_marks(prior: PriorSamples, kept_ids: bytes, kept_hashes: array, kept_owners: array,
-                          max_distance: int) -> dict[int, tuple[str, int]]:
+def _near_duplicate_marks(
+    prior: PriorSamples, kept_ids: bytes, kept_hashes: array, kept_owners: array, max_distance: int
+) -> dict[int, tuple[str, int]]:
     """Kept row position -> (sample_id of the earliest earlier sample with a near image, distance)."""
     if not kept_hashes:
         return {}
@@ -880,7 +982,7 @@ def _near_duplicate_marks(prior: PriorSamples, kept_ids: bytes, kept_hashes: arr
         if position < offset:
             return prior.ordered_ids[position]
         start = 16 * (position - offset)
-        return kept_ids[start:start + 16].hex()
+        return kept_ids[start : start + 16].hex()
 
     return {owner - offset: (sample_at(match), distance) for owner, (match, distance) in matches.items()}
 
@@ -924,7 +1026,12 @@ def input_fingerprint(reader_fingerprint: str, settings: SeedSettings, earlier_v
 
     return content_id(
         "seed-input",  # how many processes check the records changes nothing in the rows
-        {"reader": reader_fingerprint, "settings": settings.model_dump(exclude={"workers"}), "earlier": earlier_versions, "code": code_version},
+        {
+            "reader": reader_fingerprint,
+            "settings": settings.model_dump(exclude={"workers"}),
+            "earlier": earlier_versions,
+            "code": code_version,
+        },
     )
 
 

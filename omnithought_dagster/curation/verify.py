@@ -41,8 +41,9 @@ class Tolerance:
     absolute: float = 1e-6
 
 
-def verify(final_answer: str | None, reference: str, answer_type: str, choices: list[str] | None = None,
-           tolerance: Tolerance = Tolerance()) -> Verdict:
+def verify(
+    final_answer: str | None, reference: str, answer_type: str, choices: list[str] | None = None, tolerance: Tolerance = Tolerance()
+) -> Verdict:
     """Compare a final answer with the reference the way its answer type asks."""
     if final_answer is None or not final_answer.strip():
         return Verdict(False, "no_answer")
@@ -76,7 +77,9 @@ def choice_letter(answer: str, choices: list[str]) -> str | None:
     phrases = [m.group(1).upper() for m in _MC_PHRASE.finditer(text) if m.group(1).upper() in valid]
     if phrases:
         return phrases[-1]
-    mentioned = [LETTERS[i] for i, choice in enumerate(choices) if _normalise(choice) and re.search(rf"\b{re.escape(_normalise(choice))}\b", wanted)]
+    mentioned = [
+        LETTERS[i] for i, choice in enumerate(choices) if _normalise(choice) and re.search(rf"\b{re.escape(_normalise(choice))}\b", wanted)
+    ]
     return mentioned[0] if len(mentioned) == 1 else None
 
 
@@ -99,7 +102,7 @@ def parse_number(text: str) -> float | None:
     if not matches:
         return None
     # "12 cm^2": a number first, then its unit - the unit's digits are not the answer.
-    chosen = matches[0] if matches[0].start() == 0 and _UNIT_TAIL.fullmatch(cleaned[matches[0].end():]) else matches[-1]
+    chosen = matches[0] if matches[0].start() == 0 and _UNIT_TAIL.fullmatch(cleaned[matches[0].end() :]) else matches[-1]
     value = chosen.group(0).replace(",", "").replace(" ", "")
     try:
         if "/" in value:

@@ -57,9 +57,10 @@ class OmniThoughtVL(lmms):
                 content = [{"type": "image"} for _ in visuals] + [{"type": "text", "text": context}]  # the task's text: plain text
                 inputs = {k: v.to(self._device) for k, v in self.vl.encode_prompt([{"role": "user", "content": content}], visuals).items()}
                 with torch.no_grad():
-                    output = self.model.generate(**inputs, max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
-                                                 do_sample=False)
-                replies.append(self.vl.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+                    output = self.model.generate(
+                        **inputs, max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)), do_sample=False
+                    )
+                replies.append(self.vl.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
             except (ValueError, OSError, KeyError, IndexError) as exc:
                 # One item's failure (text our encoding refuses, an image that does not decode) is that item's: scored wrong,
                 # with the reason. Anything else (out of memory, a lost device) fails the run - not every item quietly.

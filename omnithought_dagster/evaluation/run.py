@@ -52,12 +52,43 @@ class TaskScores:
     lmms_eval_score: float | None = None  # lmms-eval's own aggregate (our tasks' score is the mean of their item rows)
 
 
-def lmms_command(python: str, model: str, model_args: dict[str, str], tasks: list[str], include_paths: list[Path], output_dir: Path, *,
-                 batch_size: int, device: str, limit: int | None, seed: int) -> list[str]:
+def lmms_command(
+    python: str,
+    model: str,
+    model_args: dict[str, str],
+    tasks: list[str],
+    include_paths: list[Path],
+    output_dir: Path,
+    *,
+    batch_size: int,
+    device: str,
+    limit: int | None,
+    seed: int,
+) -> list[str]:
     args = ",".join(f"{k}={v}" for k, v in model_args.items())
-    command = [python, "-m", "lmms_eval", "eval", "--model", model, "--model_args", args, "--tasks", ",".join(tasks),
-               "--output_path", str(output_dir), "--log_samples", "--batch_size", str(batch_size), "--device", device,
-               "--seed", str(seed), "--verbosity", "WARNING"]
+    command = [
+        python,
+        "-m",
+        "lmms_eval",
+        "eval",
+        "--model",
+        model,
+        "--model_args",
+        args,
+        "--tasks",
+        ",".join(tasks),
+        "--output_path",
+        str(output_dir),
+        "--log_samples",
+        "--batch_size",
+        str(batch_size),
+        "--device",
+        device,
+        "--seed",
+        str(seed),
+        "--verbosity",
+        "WARNING",
+    ]
     for path in include_paths:
         command += ["--include_path", str(path)]
     if limit is not None:
@@ -65,8 +96,15 @@ def lmms_command(python: str, model: str, model_args: dict[str, str], tasks: lis
     return command
 
 
-def run_lmms_eval(command: list[str], tasks: list[str], work: Path, timeout_s: float, env: dict[str, str],
-                  local: dict[str, LocalTask], progress: Callable[[str], None] | None = None) -> dict[str, TaskScores]:
+def run_lmms_eval(
+    command: list[str],
+    tasks: list[str],
+    work: Path,
+    timeout_s: float,
+    env: dict[str, str],
+    local: dict[str, LocalTask],
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, TaskScores]:
     """Run lmms-eval; its results decide, not its exit code. EvalError carries the end of its log.
 
     Progress lines our model class writes to the log (PROGRESS_PREFIX) go to `progress` as they come.
@@ -74,14 +112,30 @@ def run_lmms_eval(command: list[str], tasks: list[str], work: Path, timeout_s: f
     log = work / "lmms_eval.log"
     # What the evaluator needs, not the step's every secret; under a guard that ends it (and whatever it starts)
     # when the step dies, however it dies.
-    run_env = child_environment({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                                 "HF_DATASETS_CACHE": str(work / "hf-datasets"), PROBLEMS_ENV: str(work / PROBLEMS_FILE), **env})
+    run_env = child_environment(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_DATASETS_CACHE": str(work / "hf-datasets"),
+            PROBLEMS_ENV: str(work / PROBLEMS_FILE),
+            **env,
+        }
+    )
     if not Path(command[0]).exists() and shutil.which(command[0]) is None:
         raise EvalError(f"cannot start lmms-eval: no interpreter at {command[0]} (evaluation.python)")
     with log.open("wb") as out:
         try:
-            process = subprocess.Popen(guarded(command), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env,
-                                       cwd=work, start_new_session=True)
+            process = subprocess.Popen(
+                guarded(command),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=run_env,
+                cwd=work,
+                start_new_session=True,
+            )
         except OSError as exc:
             raise EvalError(f"cannot start lmms-eval ({command[0]}): {exc}") from None
     deadline, read = time.monotonic() + timeout_s, 0
@@ -113,7 +167,7 @@ def _forward_progress(log: Path, offset: int, progress: Callable[[str], None] | 
     end = chunk.rfind(b"\n") + 1  # complete lines only
     for line in chunk[:end].decode("utf-8", "replace").split("\n"):
         if line.startswith(PROGRESS_PREFIX):
-            progress(line[len(PROGRESS_PREFIX):])
+            progress(line[len(PROGRESS_PREFIX) :])
     return offset + end
 
 
@@ -142,8 +196,15 @@ def parse_results(output_dir: Path, tasks: list[str], local: dict[str, LocalTask
         if value is None or not math.isfinite(value):
             raise EvalError(f"{results_path.name}: {task} has no numeric {metric}")
         counts = n_samples.get(task) or {}
-        entry = TaskScores(task, local[task].benchmark if task in local else task, metric, float(value), int(counts.get("effective", 0)),
-                           counts.get("original"), lmms_eval_score=float(value))
+        entry = TaskScores(
+            task,
+            local[task].benchmark if task in local else task,
+            metric,
+            float(value),
+            int(counts.get("effective", 0)),
+            counts.get("original"),
+            lmms_eval_score=float(value),
+        )
         if task in local:
             # Our own tasks are scored from their per-item rows (what benchmark_samples stores); lmms-eval's aggregate is kept
             # beside it and differs only where a record was unreadable (scored wrong, with the reason).
@@ -191,8 +252,14 @@ def _samples(folder: Path, task: str, local: LocalTask, n_items: int, failed: di
     samples = []
     for index in range(n_items):
         item = items[index]
-        sample = found.get(index) or {"doc_index": index, "target": str(item["answer"]), "response": None, "extracted_answer": None,
-                                      "correct": False, "problem": "no readable per-sample record from lmms-eval" + found_note}
+        sample = found.get(index) or {
+            "doc_index": index,
+            "target": str(item["answer"]),
+            "response": None,
+            "extracted_answer": None,
+            "correct": False,
+            "problem": "no readable per-sample record from lmms-eval" + found_note,
+        }
         if index in failed:  # our model class wrote no reply for it (lmms-eval scored the empty one)
             sample = {**sample, "correct": False, "problem": failed[index]}
         samples.append({**sample, "item_id": item["doc_id"], "tag": item["tag"]})
@@ -213,8 +280,14 @@ def _sample(record, n_items: int) -> tuple[dict | None, str | None]:
         response = response[0] if response else ""
     # Undecodable bytes in the log arrive as lone surrogates (surrogateescape): stored as U+FFFD, never a failed write.
     response = storable(response if isinstance(response, str) else "" if response is None else str(response))
-    return {"doc_index": doc_id, "target": storable(str(record.get("target"))), "response": response,
-            "extracted_answer": extract_answer(response), "correct": float(value) >= 1.0, "problem": None}, None
+    return {
+        "doc_index": doc_id,
+        "target": storable(str(record.get("target"))),
+        "response": response,
+        "extracted_answer": extract_answer(response),
+        "correct": float(value) >= 1.0,
+        "problem": None,
+    }, None
 
 
 def item_scores(samples: list[dict]) -> tuple[float, int, dict[str, tuple[float, int]]]:

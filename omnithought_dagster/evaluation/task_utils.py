@@ -52,7 +52,9 @@ def is_correct(extracted, doc):
         return 0 <= index < len(doc["choices"]) and guess.casefold() == str(doc["choices"][index]).strip().casefold()
     if doc["answer_type"] == "numeric":
         try:
-            return abs(float(guess.replace(",", "")) - float(answer.replace(",", ""))) <= 1e-6 * max(1.0, abs(float(answer.replace(",", ""))))
+            return abs(float(guess.replace(",", "")) - float(answer.replace(",", ""))) <= 1e-6 * max(
+                1.0, abs(float(answer.replace(",", "")))
+            )
         except ValueError:
             return False
     return " ".join(guess.casefold().split()) == " ".join(answer.casefold().split())

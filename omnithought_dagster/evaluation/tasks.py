@@ -43,15 +43,26 @@ def write_local_task(spec, seed_settings, folder: str | Path, *, max_new_tokens:
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    features = datasets.Features({
-        "doc_id": datasets.Value("string"), "question": datasets.Value("string"), "choices": datasets.Sequence(datasets.Value("string")),
-        "answer": datasets.Value("string"), "answer_type": datasets.Value("string"), "tag": datasets.Value("string"),
-        "difficulty": datasets.Value("int32"), "images": datasets.Sequence(datasets.Image()),
-    })
+    features = datasets.Features(
+        {
+            "doc_id": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "choices": datasets.Sequence(datasets.Value("string")),
+            "answer": datasets.Value("string"),
+            "answer_type": datasets.Value("string"),
+            "tag": datasets.Value("string"),
+            "difficulty": datasets.Value("int32"),
+            "images": datasets.Sequence(datasets.Image()),
+        }
+    )
     data = {
-        "doc_id": [r["sample_id"] for r in rows], "question": [r["question"] for r in rows], "choices": [list(r["choices"]) for r in rows],
-        "answer": [r["answer"] for r in rows], "answer_type": [r["answer_type"] for r in rows],
-        "tag": [(r["source_tags"] or ["untagged"])[0] for r in rows], "difficulty": [r["source_difficulty"] for r in rows],
+        "doc_id": [r["sample_id"] for r in rows],
+        "question": [r["question"] for r in rows],
+        "choices": [list(r["choices"]) for r in rows],
+        "answer": [r["answer"] for r in rows],
+        "answer_type": [r["answer_type"] for r in rows],
+        "tag": [(r["source_tags"] or ["untagged"])[0] for r in rows],
+        "difficulty": [r["source_difficulty"] for r in rows],
         "images": [[{"bytes": images[i], "path": None} for i in r["image_ids"]] for r in rows],
     }
     datasets.Dataset.from_dict(data, features=features).to_parquet(str(folder / "data.parquet"))
@@ -89,8 +100,13 @@ def read_items(spec, seed_settings) -> tuple[list[dict], dict[str, bytes]]:
         return True
 
     reader = make_reader(spec)
-    result = ingest_source(spec.name, reader.records(), seed_settings.model_copy(update={"near_duplicate_max_distance": -1}),
-                           image_root=reader.image_root, put_image=keep_image)
+    result = ingest_source(
+        spec.name,
+        reader.records(),
+        seed_settings.model_copy(update={"near_duplicate_max_distance": -1}),
+        image_root=reader.image_root,
+        put_image=keep_image,
+    )
     rows = result.kept.to_pylist()
     if not rows:
         raise ValueError(f"benchmark {spec.name!r} has no usable items ({result.quarantine.num_rows} quarantined)")
@@ -99,5 +115,6 @@ def read_items(spec, seed_settings) -> tuple[list[dict], dict[str, bytes]]:
 
 def items_version(rows: list[dict]) -> str:
     """The benchmark's identity in eval_config_hash: its item ids and answers, and the task format."""
-    return content_id("benchmark-items", {"ids": [r["sample_id"] for r in rows], "answers": [r["answer"] for r in rows],
-                                          "task_version": TASK_VERSION})
+    return content_id(
+        "benchmark-items", {"ids": [r["sample_id"] for r in rows], "answers": [r["answer"] for r in rows], "task_version": TASK_VERSION}
+    )

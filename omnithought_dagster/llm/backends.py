@@ -52,11 +52,17 @@ class Completion:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_payload(self) -> dict[str, Any]:
-        return {"text": self.text, "finish_reason": self.finish_reason, "n_prompt_tokens": self.n_prompt_tokens,
-                "n_tokens": self.n_tokens, "latency_s": self.latency_s, "attempts": self.attempts}
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "n_prompt_tokens": self.n_prompt_tokens,
+            "n_tokens": self.n_tokens,
+            "latency_s": self.latency_s,
+            "attempts": self.attempts,
+        }
 
     @classmethod
-    def from_payload(cls, key: str, payload: dict[str, Any]) -> "Completion":
+    def from_payload(cls, key: str, payload: dict[str, Any]) -> Completion:
         return cls(key=key, error=None, **payload)
 
 
@@ -71,7 +77,17 @@ class Backend(Protocol):
 
 def image_data_url(data: bytes) -> str:
     """Images travel inline as base64 data URLs (the media type sniffed from the bytes)."""
-    kind = "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "jpeg" if data[:3] == b"\xff\xd8\xff" else "gif" if data[:4] == b"GIF8" else "webp" if data[8:12] == b"WEBP" else "png"
+    kind = (
+        "png"
+        if data[:8] == b"\x89PNG\r\n\x1a\n"
+        else "jpeg"
+        if data[:3] == b"\xff\xd8\xff"
+        else "gif"
+        if data[:4] == b"GIF8"
+        else "webp"
+        if data[8:12] == b"WEBP"
+        else "png"
+    )
     return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -88,9 +104,19 @@ class OpenAIBackend:
 
     supports_structured_output = True
 
-    def __init__(self, base_url: str, model: str, *, identity: str, api_key: str | None = None, timeout_s: float = 300,
-                 max_retries: int = 4, max_concurrency: int = 32,
-                 retry_wait_s: tuple[float, float] = (0.5, 20.0), retry_after_cap_s: float = RETRY_AFTER_CAP_S):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        identity: str,
+        api_key: str | None = None,
+        timeout_s: float = 300,
+        max_retries: int = 4,
+        max_concurrency: int = 32,
+        retry_wait_s: tuple[float, float] = (0.5, 20.0),
+        retry_after_cap_s: float = RETRY_AFTER_CAP_S,
+    ):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.identity = identity
@@ -122,13 +148,19 @@ class OpenAIBackend:
 
         client = self._ensure_client()
         kwargs: dict[str, Any] = {
-            "model": self.model, "messages": request.messages, "max_tokens": request.max_tokens,
-            "temperature": request.temperature, "top_p": request.top_p,
+            "model": self.model,
+            "messages": request.messages,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
         }
         if request.seed is not None:
             kwargs["seed"] = request.seed
         if request.json_schema is not None:
-            kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": request.json_schema, "strict": True}}
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "reply", "schema": request.json_schema, "strict": True},
+            }
         elif request.regex is not None:  # a vLLM extension; other servers answer 400, recorded as an error
             kwargs["extra_body"] = {"structured_outputs": {"regex": request.regex}}
         attempts = 0
@@ -137,8 +169,9 @@ class OpenAIBackend:
             try:
                 async for attempt in AsyncRetrying(
                     stop=stop_after_attempt(self.max_retries + 1),
-                    wait=WaitRetryAfter(wait_exponential_jitter(initial=self.retry_wait_s[0], max=self.retry_wait_s[1]),
-                                        self.retry_after_cap_s),
+                    wait=WaitRetryAfter(
+                        wait_exponential_jitter(initial=self.retry_wait_s[0], max=self.retry_wait_s[1]), self.retry_after_cap_s
+                    ),
                     retry=retry_if_exception(_retryable),
                     reraise=True,
                 ):
@@ -148,8 +181,14 @@ class OpenAIBackend:
                         # JSON, cut short) is a MalformedReply, retried like a 5xx and then recorded, never raised.
                         text, finish_reason, usage = _read_reply(await client.chat.completions.create(**kwargs))
             except Exception as exc:  # after the retries: record, never raise
-                return Completion(request.key, None, "error", latency_s=time.monotonic() - start, attempts=attempts,
-                                  error=f"{type(exc).__name__}: {_short(str(exc))}")
+                return Completion(
+                    request.key,
+                    None,
+                    "error",
+                    latency_s=time.monotonic() - start,
+                    attempts=attempts,
+                    error=f"{type(exc).__name__}: {_short(str(exc))}",
+                )
         return Completion(
             key=request.key,
             text=text,
@@ -217,8 +256,9 @@ def _retryable(exc: BaseException) -> bool:
     import openai
 
     # A body that does not parse (cut short, not JSON) reaches us as the client's JSONDecodeError or validation error.
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError, MalformedReply,
-                        json.JSONDecodeError)):
+    if isinstance(
+        exc, (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError, MalformedReply, json.JSONDecodeError)
+    ):
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500
@@ -267,7 +307,9 @@ class TransformersBackend:
             try:
                 return await asyncio.to_thread(self._generate, request, start)
             except Exception as exc:
-                return Completion(request.key, None, "error", latency_s=time.monotonic() - start, error=f"{type(exc).__name__}: {_short(str(exc))}")
+                return Completion(
+                    request.key, None, "error", latency_s=time.monotonic() - start, error=f"{type(exc).__name__}: {_short(str(exc))}"
+                )
 
     def _generate(self, request: ChatRequest, start: float) -> Completion:
         import torch
@@ -292,11 +334,20 @@ class TransformersBackend:
         if request.seed is not None:
             torch.manual_seed(request.seed)
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
-                                    temperature=max(request.temperature, 1e-5), top_p=request.top_p)
+            output = model.generate(
+                **inputs,
+                max_new_tokens=request.max_tokens,
+                do_sample=request.temperature > 0,
+                temperature=max(request.temperature, 1e-5),
+                top_p=request.top_p,
+            )
         prompt_tokens = int(inputs["input_ids"].shape[1])
         generated = output[0, prompt_tokens:]
-        eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])
+        eos = set(
+            model.generation_config.eos_token_id
+            if isinstance(model.generation_config.eos_token_id, list)
+            else [model.generation_config.eos_token_id]
+        )
         stopped = len(generated) > 0 and int(generated[-1]) in eos
         return Completion(
             key=request.key,
@@ -316,7 +367,7 @@ def resolve_model(model: str, models_dir: str | Path) -> tuple[str, str | None]:
     if model.startswith(TINY_PREFIX):
         from omnithought_dagster.models.tiny import TINY_MODELS, build_tiny_model
 
-        name = model[len(TINY_PREFIX):]
+        name = model[len(TINY_PREFIX) :]
         if name not in TINY_MODELS:
             raise ValueError(f"no tiny model {name!r}; available: {sorted(TINY_MODELS)}")
         spec = TINY_MODELS[name]
@@ -331,7 +382,7 @@ def backend_identity(config: LLMConfig, fingerprint: str | None) -> str:
     if config.model.startswith(TINY_PREFIX):
         from omnithought_dagster.models.tiny import TINY_MODELS
 
-        return f"{TINY_MODELS[config.model[len(TINY_PREFIX):]].name}@{fingerprint[:8]}"
+        return f"{TINY_MODELS[config.model[len(TINY_PREFIX) :]].name}@{fingerprint[:8]}"
     return config.model
 
 
@@ -342,16 +393,24 @@ def describe_backend(config: LLMConfig, *, models_dir: str | Path) -> tuple[str,
 
 
 @contextlib.contextmanager
-def open_backend(config: LLMConfig, *, models_dir: str | Path, api_key: str | None = None, log_dir: str | Path | None = None,
-                 log=None, gpu_slots=None) -> Iterator[Backend]:
+def open_backend(
+    config: LLMConfig, *, models_dir: str | Path, api_key: str | None = None, log_dir: str | Path | None = None, log=None, gpu_slots=None
+) -> Iterator[Backend]:
     """The configured backend, ready to use; a vLLM server it started is stopped on exit.
 
     A vLLM server without explicit `gpus` leases tensor x data parallel devices from gpu_slots
     (omnithought_dagster.gpu) for its lifetime, so concurrent steps never share a GPU.
     """
     if config.backend == "openai":
-        yield OpenAIBackend(config.base_url, config.model, identity=backend_identity(config, None), api_key=api_key,
-                            timeout_s=config.request_timeout_s, max_retries=config.max_retries, max_concurrency=config.max_concurrency)
+        yield OpenAIBackend(
+            config.base_url,
+            config.model,
+            identity=backend_identity(config, None),
+            api_key=api_key,
+            timeout_s=config.request_timeout_s,
+            max_retries=config.max_retries,
+            max_concurrency=config.max_concurrency,
+        )
         return
     model, fingerprint = resolve_model(config.model, models_dir)
     identity = backend_identity(config, fingerprint)
@@ -366,7 +425,14 @@ def open_backend(config: LLMConfig, *, models_dir: str | Path, api_key: str | No
         devices = stack.enter_context(gpu_slots.lease(needed, holder=f"vllm {served_name}")) if needed else []
         if devices:
             config = config.model_copy(update={"gpus": ",".join(devices)})
-        server = stack.enter_context(serving(config, model=model, served_model_name=served_name, log_dir=log_dir, log=log,
-                                             keep=not devices))
-        yield OpenAIBackend(server.base_url, served_name, identity=identity, timeout_s=config.request_timeout_s,
-                            max_retries=config.max_retries, max_concurrency=config.max_concurrency)
+        server = stack.enter_context(
+            serving(config, model=model, served_model_name=served_name, log_dir=log_dir, log=log, keep=not devices)
+        )
+        yield OpenAIBackend(
+            server.base_url,
+            served_name,
+            identity=identity,
+            timeout_s=config.request_timeout_s,
+            max_retries=config.max_retries,
+            max_concurrency=config.max_concurrency,
+        )

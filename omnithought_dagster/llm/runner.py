@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import ContextManager
 
 from omnithought_dagster.llm.backends import Backend, ChatRequest, Completion
 
@@ -37,10 +37,19 @@ class RunStats:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def as_metadata(self) -> dict[str, float | int]:
-        return {"requests_total": self.total, "cache_hits": self.cache_hits, "requests_sent": self.sent,
-                "request_attempts": self.attempts, "failures": self.failed, "truncated": self.truncated,
-                "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
-                "generation_seconds": round(self.seconds, 3), "tokens_per_s": round(self.tokens_per_s, 1), "cache_flushes": self.flushes}
+        return {
+            "requests_total": self.total,
+            "cache_hits": self.cache_hits,
+            "requests_sent": self.sent,
+            "request_attempts": self.attempts,
+            "failures": self.failed,
+            "truncated": self.truncated,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "generation_seconds": round(self.seconds, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "cache_flushes": self.flushes,
+        }
 
 
 @dataclass
@@ -63,9 +72,16 @@ class RunResult:
     stats: RunStats = field(default_factory=RunStats)
 
 
-def run_cached(pending: list[PendingRequest], open_backend: Callable[[], ContextManager[Backend]], cache: CacheView, *,
-               flush_every: int = 32, in_flight: int | None = None, progress: Callable[[RunStats], None] | None = None,
-               progress_every: int = 100) -> RunResult:
+def run_cached(
+    pending: list[PendingRequest],
+    open_backend: Callable[[], AbstractContextManager[Backend]],
+    cache: CacheView,
+    *,
+    flush_every: int = 32,
+    in_flight: int | None = None,
+    progress: Callable[[RunStats], None] | None = None,
+    progress_every: int = 100,
+) -> RunResult:
     """Serve every key from the cache or the backend; see the module docstring.
 
     The backend is opened only when something misses the cache: a fully cached run starts no

@@ -41,7 +41,7 @@ class VLLMStartError(RuntimeError):
 
 
 # Servers kept across steps while a keep_servers() block runs (the demo): key -> running server.
-_kept: dict[tuple, "VLLMServer"] | None = None
+_kept: dict[tuple, VLLMServer] | None = None
 
 
 @contextlib.contextmanager
@@ -75,7 +75,7 @@ def stop_kept_servers() -> None:
 
 
 @contextlib.contextmanager
-def serving(config: LLMConfig, *, model: str, served_model_name: str, log_dir=None, log=None, keep: bool = True) -> Iterator["VLLMServer"]:
+def serving(config: LLMConfig, *, model: str, served_model_name: str, log_dir=None, log=None, keep: bool = True) -> Iterator[VLLMServer]:
     """A started server for this config: its own (stopped on exit), or the kept one inside keep_servers().
 
     keep=False: never kept (a server on leased GPUs must stop when the lease ends).
@@ -96,10 +96,26 @@ def serving(config: LLMConfig, *, model: str, served_model_name: str, log_dir=No
 
 
 class VLLMServer:
-    def __init__(self, python: str, model: str, *, served_model_name: str, host: str = "127.0.0.1", port: int | None = None,
-                 gpus: str | None = None, tensor_parallel_size: int = 1, data_parallel_size: int = 1, max_model_len: int = 4096,
-                 enforce_eager: bool = True, dtype: str = "auto", extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 startup_timeout_s: float = 900, log_dir: str | Path | None = None, log=None):
+    def __init__(
+        self,
+        python: str,
+        model: str,
+        *,
+        served_model_name: str,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        gpus: str | None = None,
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        max_model_len: int = 4096,
+        enforce_eager: bool = True,
+        dtype: str = "auto",
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        startup_timeout_s: float = 900,
+        log_dir: str | Path | None = None,
+        log=None,
+    ):
         self.python = python
         self.model = model
         self.served_model_name = served_model_name
@@ -120,11 +136,23 @@ class VLLMServer:
         self.log_path: Path | None = None
 
     @classmethod
-    def from_config(cls, config: LLMConfig, *, model: str, served_model_name: str, log_dir=None, log=None) -> "VLLMServer":
-        return cls(config.python, model, served_model_name=served_model_name, gpus=config.gpus,
-                   tensor_parallel_size=config.tensor_parallel_size, data_parallel_size=config.data_parallel_size,
-                   max_model_len=config.max_model_len, enforce_eager=config.enforce_eager, dtype=config.dtype,
-                   extra_args=config.extra_args, env=config.env, startup_timeout_s=config.startup_timeout_s, log_dir=log_dir, log=log)
+    def from_config(cls, config: LLMConfig, *, model: str, served_model_name: str, log_dir=None, log=None) -> VLLMServer:
+        return cls(
+            config.python,
+            model,
+            served_model_name=served_model_name,
+            gpus=config.gpus,
+            tensor_parallel_size=config.tensor_parallel_size,
+            data_parallel_size=config.data_parallel_size,
+            max_model_len=config.max_model_len,
+            enforce_eager=config.enforce_eager,
+            dtype=config.dtype,
+            extra_args=config.extra_args,
+            env=config.env,
+            startup_timeout_s=config.startup_timeout_s,
+            log_dir=log_dir,
+            log=log,
+        )
 
     @property
     def base_url(self) -> str:
@@ -132,13 +160,27 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         command = [
-            self.python, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model, "--served-model-name", self.served_model_name,
-            "--host", self.host, "--port", str(self.port),
-            "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
-            "--tensor-parallel-size", str(self.tensor_parallel_size),
-            "--data-parallel-size", str(self.data_parallel_size),
-            "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS),
+            self.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model,
+            "--served-model-name",
+            self.served_model_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(self.max_model_len),
+            "--dtype",
+            self.dtype,
+            "--tensor-parallel-size",
+            str(self.tensor_parallel_size),
+            "--data-parallel-size",
+            str(self.data_parallel_size),
+            "--structured-outputs-config",
+            json.dumps(STRUCTURED_OUTPUTS),
         ]
         if self.enforce_eager:
             command.append("--enforce-eager")
@@ -159,7 +201,7 @@ class VLLMServer:
         env.update(self.env)
         return env
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         if not Path(self.python).exists():
             raise VLLMStartError(f"no vLLM interpreter at {self.python} (teacher.python); `make vllm-env` creates the CPU one")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -169,8 +211,13 @@ class VLLMServer:
             # Under a guard leading the server's process group: a step that dies however it dies (SIGKILL, OOM,
             # a cancelled pod) takes the server and its engine processes with it, GPU memory freed.
             self.process = subprocess.Popen(
-                guarded(self.command()), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.environment(), start_new_session=True, preexec_fn=default_signals,
+                guarded(self.command()),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.environment(),
+                start_new_session=True,
+                preexec_fn=default_signals,
             )
         finally:
             handle.close()
@@ -229,7 +276,7 @@ class VLLMServer:
         with urllib.request.urlopen(f"http://{self.host}:{self.port}/metrics", timeout=10) as response:
             return parse_prometheus(response.read().decode())
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -271,4 +318,3 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-

@@ -27,7 +27,11 @@ BUILDER_VERSION = 1
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, VISION_PAD = (
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_pad|>",
 )
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, VISION_PAD, IMAGE_PAD, VIDEO_PAD]
 # Reasoning delimiters are ordinary added tokens (not special): they must survive decoding.
@@ -170,9 +174,22 @@ def _corpus() -> list[str]:
         lines.extend(record.choices or [])
     lines += [
         "Let me think step by step. First, I look at the image carefully. Then I count, compare and compute.",
-        "So the final answer is", "Therefore,", "reasoning", "final_answer", '{"reasoning": "', '", "final_answer": "', '"}',
-        "<think>", "</think>", "Answer:", "\\boxed{", "}", "0123456789", "+ - * / = ( ) . , % ?",
-        "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz",
+        "So the final answer is",
+        "Therefore,",
+        "reasoning",
+        "final_answer",
+        '{"reasoning": "',
+        '", "final_answer": "',
+        '"}',
+        "<think>",
+        "</think>",
+        "Answer:",
+        "\\boxed{",
+        "}",
+        "0123456789",
+        "+ - * / = ( ) . , % ?",
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        "abcdefghijklmnopqrstuvwxyz",
     ]
     return lines
 
@@ -205,26 +222,51 @@ def _model_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]):
         from transformers import Qwen2VLConfig
 
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
-        vision = {"depth": spec.vision_depth, "embed_dim": spec.vision_hidden, "hidden_size": spec.hidden_size,
-                  "num_heads": spec.vision_heads, "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+        vision = {
+            "depth": spec.vision_depth,
+            "embed_dim": spec.vision_hidden,
+            "hidden_size": spec.hidden_size,
+            "num_heads": spec.vision_heads,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
         return Qwen2VLConfig(text_config=text, vision_config=vision, **common)
     if spec.family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
 
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
-        vision = {"depth": spec.vision_depth, "hidden_size": spec.vision_hidden, "out_hidden_size": spec.hidden_size,
-                  "num_heads": spec.vision_heads, "intermediate_size": spec.vision_hidden * 2, "patch_size": 14,
-                  "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [spec.vision_depth - 1]}
+        vision = {
+            "depth": spec.vision_depth,
+            "hidden_size": spec.vision_hidden,
+            "out_hidden_size": spec.hidden_size,
+            "num_heads": spec.vision_heads,
+            "intermediate_size": spec.vision_hidden * 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [spec.vision_depth - 1],
+        }
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
     if spec.family == "qwen3_vl":
         from transformers import Qwen3VLConfig
 
         text["head_dim"] = head_dim
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope, "mrope_interleaved": True}
-        vision = {"depth": spec.vision_depth, "hidden_size": spec.vision_hidden, "out_hidden_size": spec.hidden_size,
-                  "num_heads": spec.vision_heads, "intermediate_size": spec.vision_hidden * 2, "patch_size": 16,
-                  "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 256,
-                  "deepstack_visual_indexes": [0]}
+        vision = {
+            "depth": spec.vision_depth,
+            "hidden_size": spec.vision_hidden,
+            "out_hidden_size": spec.hidden_size,
+            "num_heads": spec.vision_heads,
+            "intermediate_size": spec.vision_hidden * 2,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 256,
+            "deepstack_visual_indexes": [0],
+        }
         return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
     raise ValueError(f"unknown tiny model family {spec.family!r}; choose qwen2_vl, qwen2_5_vl or qwen3_vl")
 

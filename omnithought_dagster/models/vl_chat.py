@@ -59,14 +59,18 @@ class VLTokenizer:
     media_ids: frozenset[int] = frozenset()  # the tokens the model's forward reads as media: never to be sampled
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "VLTokenizer":
+    def load(cls, model_dir: str | Path) -> VLTokenizer:
         from transformers import AutoConfig, AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         config = AutoConfig.from_pretrained(model_dir)
         media = {getattr(config, name, None) for name in MEDIA_TOKEN_FIELDS} - {None}
-        return cls(AutoTokenizer.from_pretrained(model_dir), Qwen2VLImageProcessorPil.from_pretrained(model_dir), config.image_token_id,
-                   frozenset(int(i) for i in media | {config.image_token_id}))
+        return cls(
+            AutoTokenizer.from_pretrained(model_dir),
+            Qwen2VLImageProcessorPil.from_pretrained(model_dir),
+            config.image_token_id,
+            frozenset(int(i) for i in media | {config.image_token_id}),
+        )
 
     def __post_init__(self) -> None:
         added = {int(i): str(token) for i, token in self.tokenizer.added_tokens_decoder.items()}
@@ -88,7 +92,7 @@ class VLTokenizer:
                 for match in self._added.finditer(piece):
                     if len(match.group()) < 2:
                         raise MarkupError(f"text holds {match.group()!r}, a one-character added token of the tokenizer")
-                    cut.append(piece[last:match.start() + 1])
+                    cut.append(piece[last : match.start() + 1])
                     last = match.start() + 1
                 cut.append(piece[last:])
             pieces = [piece for piece in cut if piece]
@@ -118,7 +122,7 @@ class VLTokenizer:
         if max_length is not None and len(prompt_ids) >= max_length:
             return None
         ids = (prompt_ids + reply_ids)[:max_length] if max_length else prompt_ids + reply_ids
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + reply_ids)[:len(ids)]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + reply_ids)[: len(ids)]
         return {"input_ids": ids, "labels": labels, "vision": vision}
 
     def example_length(self, messages: list[dict], image_sizes: list[tuple[int, int]]) -> tuple[int, int]:
@@ -126,7 +130,7 @@ class VLTokenizer:
         height) alone: no pixel is decoded. MarkupError when a text cannot be encoded as plain text, ImageTokensError when
         the image tokens do not come out as many as the images give."""
         (prompt, reply), texts = self._prompt_and_reply(messages)
-        merge = self.image_processor.merge_size ** 2
+        merge = self.image_processor.merge_size**2
         counts = [self.image_processor.get_number_of_image_patches(height, width, {}) // merge for width, height in image_sizes]
         prompt_ids = self._ids(self._expand(prompt, counts), texts)
         if prompt_ids.count(self.image_token_id) != sum(counts):
@@ -140,7 +144,7 @@ class VLTokenizer:
         full, texts = self._render(messages, add_generation_prompt=False)
         if not full.startswith(prompt):
             raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-        return (prompt, full[len(prompt):]), texts
+        return (prompt, full[len(prompt) :]), texts
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[str]]:
         """The chat template's text with a sentinel (private-use characters around a number) where each text of the
@@ -157,8 +161,12 @@ class VLTokenizer:
             if isinstance(content, str):
                 content = slot(content)
             else:
-                parts = [{"type": "text", "text": slot(part["text"]) if part.get("type") == "text" else part["text"]}
-                         if part.get("type") in ("text", "markup") else part for part in content]
+                parts = [
+                    {"type": "text", "text": slot(part["text"]) if part.get("type") == "text" else part["text"]}
+                    if part.get("type") in ("text", "markup")
+                    else part
+                    for part in content
+                ]
                 # Text and markup alone: one string (every template renders string content; some only that).
                 content = "".join(part["text"] for part in parts) if all(p.get("type") == "text" for p in parts) else parts
             shown.append({**message, "content": content})
@@ -188,8 +196,9 @@ class VLTokenizer:
 
         width = max(len(e["input_ids"]) for e in examples)
         pad = self.tokenizer.pad_token_id
-        batch = self._tensors([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples],
-                              _concat([e["vision"] for e in examples]))
+        batch = self._tensors(
+            [e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples], _concat([e["vision"] for e in examples])
+        )
         batch["attention_mask"] = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples])
         batch["labels"] = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples])
         return batch
@@ -199,7 +208,7 @@ class VLTokenizer:
         if not images:
             return None, self._expand(text, [])
         features = self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-        merge = self.image_processor.merge_size ** 2
+        merge = self.image_processor.merge_size**2
         text = self._expand(text, [int(grid.prod()) // merge for grid in features["image_grid_thw"]])
         return {"pixel_values": features["pixel_values"], "image_grid_thw": features["image_grid_thw"]}, text
 
@@ -207,8 +216,11 @@ class VLTokenizer:
         import torch
 
         input_ids = torch.tensor(rows)
-        out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                               "mm_token_type_ids": (input_ids == self.image_token_id).long()}
+        out: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": (input_ids == self.image_token_id).long(),
+        }
         if vision:
             out.update(vision)
         return out

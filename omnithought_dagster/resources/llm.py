@@ -28,5 +28,7 @@ class LLMResource(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def open(self, config: LLMConfig, *, models_dir: str, log=None, gpu_slots: GPUSlots | None = None) -> Iterator[Backend]:
-        with open_backend(config, models_dir=models_dir, api_key=self.api_key, log_dir=self.log_dir, log=log, gpu_slots=gpu_slots) as backend:
+        with open_backend(
+            config, models_dir=models_dir, api_key=self.api_key, log_dir=self.log_dir, log=log, gpu_slots=gpu_slots
+        ) as backend:
             yield backend

@@ -33,7 +33,7 @@ class ProjectResource(dg.ConfigurableResource):
         return self._config
 
     @contextmanager
-    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["ProjectResource"]:
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[ProjectResource]:
         # Every step uses this resource, so every step process keeps its run alive while it works: a step the
         # multiprocess executor spawned holds its run's pool slot until it ends, even if its run worker was killed.
         with joining_run(context.instance, context.run_id):
@@ -50,8 +50,11 @@ class CorpusStoreResource(dg.ConfigurableResource):
     secret_key: str | None = None
 
     def open(self) -> CorpusStore:
-        return open_store(StoreConfig(root=self.root_uri, endpoint_url=self.endpoint_url, region=self.region),
-                          access_key=self.access_key, secret_key=self.secret_key)
+        return open_store(
+            StoreConfig(root=self.root_uri, endpoint_url=self.endpoint_url, region=self.region),
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+        )
 
     def source(self, config: ProjectConfig, name: str) -> SourceConfig:
         """A seed source: the project file's, else its manifest (an S3 manifest is read with this store's keys)."""

@@ -116,7 +116,7 @@ class SeedReader(Protocol):
 # -- shared helpers -----------------------------------------------------------------------------
 
 
-def parse_guarded(parse: Callable[[int, Any], "SeedRecord | list[SeedRecord]"], index: int, record: Any) -> list["SeedRecord"]:
+def parse_guarded(parse: Callable[[int, Any], SeedRecord | list[SeedRecord]], index: int, record: Any) -> list[SeedRecord]:
     """A reader's parse of one record, as a list (a split conversation gives several); whatever it raises becomes
     that record's record_error, never the partition's."""
     try:
@@ -149,7 +149,7 @@ def bounded_excerpt(text: str | None) -> str | None:
 
     if text is None:
         return None
-    return redact(text[:RAW_EXCERPT_CHARS + 200])[:RAW_EXCERPT_CHARS]
+    return redact(text[: RAW_EXCERPT_CHARS + 200])[:RAW_EXCERPT_CHARS]
 
 
 def iter_json_records(path: Path, roots: tuple[str, ...] | None = None) -> Iterator[tuple[Any, tuple[QuarantineReason, str] | None]]:

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 
 from omnithought_dagster.config import HFSourceConfig
 from omnithought_dagster.ids import content_id
-from omnithought_dagster.sources.confine import check, check_all, open_data, source_roots
 from omnithought_dagster.sources.base import (
     ImageRef,
     QuarantineReason,
@@ -32,6 +31,7 @@ from omnithought_dagster.sources.base import (
     get_path,
     parse_guarded,
 )
+from omnithought_dagster.sources.confine import check, check_all, open_data, source_roots
 from omnithought_dagster.sources.jsonfile import candidate_from_mapping, llava_records
 
 BATCH_ROWS = 1024
@@ -69,9 +69,17 @@ class HFReader:
         return sum(_num_rows(path, self.roots) for path in self.files)
 
     def fingerprint(self) -> str:
-        return content_id("hf-source", {"files": files_fingerprint(self.files), "fields": self.fields.model_dump(), "split": self.config.split,
-                                         "allowed_image_roots": self.config.allowed_image_roots, "format": self.config.format,
-                                         "multi_turn": self.config.multi_turn})
+        return content_id(
+            "hf-source",
+            {
+                "files": files_fingerprint(self.files),
+                "fields": self.fields.model_dump(),
+                "split": self.config.split,
+                "allowed_image_roots": self.config.allowed_image_roots,
+                "format": self.config.format,
+                "multi_turn": self.config.multi_turn,
+            },
+        )
 
     def _parse(self, index: int, row: Any) -> SeedRecord | list[SeedRecord]:
         if isinstance(row, Rejected):
@@ -80,8 +88,13 @@ class HFReader:
         images = _images_from_cell(get_path(row, self.fields.image))
         if images is None:
             native = get_path(row, self.fields.id)
-            return Rejected(index, None if native in (None, "") else str(native), QuarantineReason.MALFORMED_RECORD,
-                            f"column {self.fields.image!r} holds no image struct, path or list of them", excerpt(_printable(row)))
+            return Rejected(
+                index,
+                None if native in (None, "") else str(native),
+                QuarantineReason.MALFORMED_RECORD,
+                f"column {self.fields.image!r} holds no image struct, path or list of them",
+                excerpt(_printable(row)),
+            )
         if self.config.format == "llava":
             parsed = llava_records(index, row, self.fields, images, self.config.multi_turn)
         else:
@@ -129,7 +142,7 @@ def _batches(path: Path, roots: tuple[str, ...] | None = None) -> Iterator[pa.Re
     _Unreadable for what is left. Readers of the source go on with the next row group or file."""
     if path.suffix == ".arrow":
         try:
-            with (pa.memory_map(str(path)) if roots is None else open_data(path, roots)) as source:
+            with pa.memory_map(str(path)) if roots is None else open_data(path, roots) as source:
                 stream = pa.ipc.open_stream(source)
                 while True:
                     try:
@@ -197,6 +210,7 @@ def _image_ref(item: Any) -> ImageRef | None:
 
 def _printable(row: dict) -> dict:
     """The row without image bytes, for the quarantine excerpt."""
+
     def clean(value: Any) -> Any:
         if isinstance(value, bytes):
             return f"<{len(value)} bytes>"

@@ -28,7 +28,6 @@ from typing import Any
 from omnithought_dagster import markup
 from omnithought_dagster.config import FieldMap, JsonSourceConfig, ShareGPTSourceConfig
 from omnithought_dagster.ids import content_id
-from omnithought_dagster.sources.confine import check_all, source_roots
 from omnithought_dagster.sources.base import (
     Candidate,
     ImageRef,
@@ -40,10 +39,11 @@ from omnithought_dagster.sources.base import (
     expand_paths,
     files_fingerprint,
     get_path,
-    path_head,
-    parse_guarded,
     iter_json_records,
+    parse_guarded,
+    path_head,
 )
+from omnithought_dagster.sources.confine import check_all, source_roots
 
 IMAGE_PLACEHOLDER = re.compile(re.escape(markup.IMAGE_PLACEHOLDER))
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -64,7 +64,9 @@ class _JsonReaderBase:
                 if problem is not None:
                     yield Rejected(index, None, problem[0], problem[1], excerpt(record))
                 elif not isinstance(record, dict):
-                    yield Rejected(index, None, QuarantineReason.NOT_AN_OBJECT, f"record is a {type(record).__name__}, not an object", excerpt(record))
+                    yield Rejected(
+                        index, None, QuarantineReason.NOT_AN_OBJECT, f"record is a {type(record).__name__}, not an object", excerpt(record)
+                    )
                 else:
                     yield from parse_guarded(self.parse, index, record)
                 index += 1
@@ -93,8 +95,12 @@ class FlatJsonReader(_JsonReaderBase):
         self.multi_turn = config.multi_turn
 
     def settings(self) -> dict:
-        return {"format": self.format, "fields": self.fields.model_dump(), "allowed_image_roots": self.allowed_image_roots,
-                "multi_turn": self.multi_turn}
+        return {
+            "format": self.format,
+            "fields": self.fields.model_dump(),
+            "allowed_image_roots": self.allowed_image_roots,
+            "multi_turn": self.multi_turn,
+        }
 
     def parse(self, index: int, record: dict) -> SeedRecord | list[SeedRecord]:
         return candidate_from_mapping(index, record, self.fields)
@@ -122,12 +128,21 @@ class ShareGPTReader(_JsonReaderBase):
         native_id = _native_id(record.get(c.id_key) if c.id_key else None, index)
         turns = record.get(c.messages_key)
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, f"{c.messages_key!r} is not a list of messages", excerpt(record))
+            return Rejected(
+                index, native_id, QuarantineReason.MALFORMED_RECORD, f"{c.messages_key!r} is not a list of messages", excerpt(record)
+            )
         messages = [(str(t.get(c.role_key, "")).lower(), t.get(c.content_key)) for t in turns]
         return conversation_records(
-            index, native_id, record, messages, user_roles={c.user_role.lower()}, assistant_roles={c.assistant_role.lower()},
-            system_roles={c.system_role.lower()}, images=_image_list(record.get(c.images_key)),
-            consumed={c.messages_key, c.images_key, c.id_key or ""}, multi_turn=c.multi_turn,
+            index,
+            native_id,
+            record,
+            messages,
+            user_roles={c.user_role.lower()},
+            assistant_roles={c.assistant_role.lower()},
+            system_roles={c.system_role.lower()},
+            images=_image_list(record.get(c.images_key)),
+            consumed={c.messages_key, c.images_key, c.id_key or ""},
+            multi_turn=c.multi_turn,
         )
 
 
@@ -142,8 +157,15 @@ def llava_records(index: int, record: dict, fields: FieldMap, images: list[Image
         return [Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, "'conversations' is not a list of turns", excerpt(record))]
     messages = [(str(t.get("from", "")).lower(), t.get("value")) for t in turns]
     return conversation_records(
-        index, native_id, record, messages, user_roles={"human", "user"}, assistant_roles={"gpt", "assistant"},
-        system_roles={"system"}, images=images, consumed={"conversations", path_head(fields.id or ""), path_head(fields.image)},
+        index,
+        native_id,
+        record,
+        messages,
+        user_roles={"human", "user"},
+        assistant_roles={"gpt", "assistant"},
+        system_roles={"system"},
+        images=images,
+        consumed={"conversations", path_head(fields.id or ""), path_head(fields.image)},
         multi_turn=multi_turn,
     )
 
@@ -159,9 +181,17 @@ def candidate_from_mapping(index: int, record: dict, fields: FieldMap, images: l
             return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, problem, excerpt(record))
     question, answer = get_path(record, fields.question), get_path(record, fields.answer)
     if question is None:
-        return Rejected(index, native_id, QuarantineReason.EMPTY_QUESTION, f"question is missing: {_nothing_at(fields.question, record)}", excerpt(record))
+        return Rejected(
+            index,
+            native_id,
+            QuarantineReason.EMPTY_QUESTION,
+            f"question is missing: {_nothing_at(fields.question, record)}",
+            excerpt(record),
+        )
     if answer is None:
-        return Rejected(index, native_id, QuarantineReason.MISSING_ANSWER, f"answer is missing: {_nothing_at(fields.answer, record)}", excerpt(record))
+        return Rejected(
+            index, native_id, QuarantineReason.MISSING_ANSWER, f"answer is missing: {_nothing_at(fields.answer, record)}", excerpt(record)
+        )
     choices = get_path(record, fields.choices)
     if choices is not None and not isinstance(choices, list):
         return Rejected(index, native_id, QuarantineReason.MALFORMED_RECORD, f"field {fields.choices!r} is not a list", excerpt(record))
@@ -223,6 +253,7 @@ def conversation_records(
     a conversation with no placeholder at all gives every turn all of its images. More or fewer placeholders than
     images is the record's image_placeholder_mismatch: which image belongs to which turn cannot be told.
     """
+
     def reject(reason: QuarantineReason, detail: str) -> list[SeedRecord]:
         return [Rejected(index, native_id, reason, detail, excerpt(record))]
 
@@ -231,15 +262,19 @@ def conversation_records(
     system = [content for role, content in messages if role in system_roles]
     dialogue = [(role, content) for role, content in messages if role not in system_roles]
     if len(dialogue) < 2 or dialogue[0][0] not in user_roles or dialogue[1][0] not in assistant_roles:
-        return reject(QuarantineReason.MALFORMED_RECORD, f"expected a user turn then an assistant turn, got roles {[r for r, _ in dialogue[:2]]}")
+        return reject(
+            QuarantineReason.MALFORMED_RECORD, f"expected a user turn then an assistant turn, got roles {[r for r, _ in dialogue[:2]]}"
+        )
     turns, problem = _pair_turns(dialogue, user_roles, assistant_roles, strict=multi_turn == "each")
     if problem:
         return reject(QuarantineReason.MALFORMED_RECORD, problem)
     counts = [len(IMAGE_PLACEHOLDER.findall(question)) if isinstance(question, str) else 0 for question, _ in turns]
     if multi_turn != "each":  # placeholders of the turns kept only in metadata count too
-        counts += [len(IMAGE_PLACEHOLDER.findall(c)) for r, c in dialogue[2 * len(turns):] if r in user_roles and isinstance(c, str)]
+        counts += [len(IMAGE_PLACEHOLDER.findall(c)) for r, c in dialogue[2 * len(turns) :] if r in user_roles and isinstance(c, str)]
     if sum(counts) and sum(counts) != len(images):
-        return reject(QuarantineReason.IMAGE_PLACEHOLDER_MISMATCH, f"{sum(counts)} <image> placeholders in the user turns but {len(images)} images")
+        return reject(
+            QuarantineReason.IMAGE_PLACEHOLDER_MISMATCH, f"{sum(counts)} <image> placeholders in the user turns but {len(images)} images"
+        )
     turn_images = _images_by_turn(counts, images)
 
     metadata = {k: v for k, v in record.items() if k not in consumed}
@@ -256,22 +291,25 @@ def conversation_records(
         metadata["turns"] = len(turns)
     out: list[SeedRecord] = []
     for number, ((question, answer), its_images) in enumerate(zip(turns, turn_images, strict=True), start=1):
-        out.append(Candidate(
-            record_index=index,
-            native_id=native_id if multi_turn != "each" else f"{native_id}#{number}",
-            question=IMAGE_PLACEHOLDER.sub("", question).strip() if isinstance(question, str) else question,
-            answer=answer,
-            images=its_images,
-            metadata=metadata,
-            raw_excerpt=excerpt(record),
-            placeholder_count=counts[number - 1],
-            turn=number,
-        ))
+        out.append(
+            Candidate(
+                record_index=index,
+                native_id=native_id if multi_turn != "each" else f"{native_id}#{number}",
+                question=IMAGE_PLACEHOLDER.sub("", question).strip() if isinstance(question, str) else question,
+                answer=answer,
+                images=its_images,
+                metadata=metadata,
+                raw_excerpt=excerpt(record),
+                placeholder_count=counts[number - 1],
+                turn=number,
+            )
+        )
     return out
 
 
-def _pair_turns(dialogue: list[tuple[str, Any]], user_roles: set[str], assistant_roles: set[str], *, strict: bool
-                ) -> tuple[list[tuple[Any, Any]], str | None]:
+def _pair_turns(
+    dialogue: list[tuple[str, Any]], user_roles: set[str], assistant_roles: set[str], *, strict: bool
+) -> tuple[list[tuple[Any, Any]], str | None]:
     """(question, answer) per user turn; a last user turn nobody answered has answer None (its sample is then
     missing_answer). Not strict: pairs up to the first turn out of place (the rest is metadata)."""
     pairs: list[tuple[Any, Any]] = []
@@ -298,7 +336,7 @@ def _images_by_turn(counts: list[int], images: list[ImageRef]) -> list[list[Imag
     out, shown, offset = [], [], 0
     for n in counts:
         if n:
-            own = images[offset:offset + n]
+            own = images[offset : offset + n]
             offset += n
             shown += own
             out.append(own)

@@ -137,7 +137,7 @@ def jsonl_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes]]:
     handle.seek(0)
     for number, line in enumerate(handle, start=1):
         if number == 1 and line.startswith(BOM):
-            line = line[len(BOM):]
+            line = line[len(BOM) :]
         if line.strip(WHITESPACE):
             yield number, line
 
@@ -171,11 +171,15 @@ def _jsonl_records(handle: IO[bytes], name: str) -> Iterator[tuple[Any, tuple[st
 
 def _document_records(handle: IO[bytes], name: str) -> Iterator[tuple[Any, tuple[str, str] | None]]:
     data = handle.read()
-    text = decode(data[len(BOM):] if data.startswith(BOM) else data)
+    text = decode(data[len(BOM) :] if data.startswith(BOM) else data)
     try:
         yield loads(text), None
     except JSON_ERRORS as exc:
-        where = f"{exc.msg} at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {exc}"
+        where = (
+            f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+            if isinstance(exc, json.JSONDecodeError)
+            else f"{type(exc).__name__}: {exc}"
+        )
         yield text[:2000], ("unreadable_file", f"{name}: unparsable JSON: {where}")
 
 

@@ -50,8 +50,9 @@ class Manifest:
     error: str | None = None
 
 
-def manifest_filesystem(config: ProjectConfig, *, access_key: str | None = None, secret_key: str | None = None
-                        ) -> tuple[pafs.FileSystem, str]:
+def manifest_filesystem(
+    config: ProjectConfig, *, access_key: str | None = None, secret_key: str | None = None
+) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path inside it of `operations.source_manifests`."""
     uri = config.operations.source_manifests
     if uri is None:
@@ -230,5 +231,7 @@ def resolve_source(config: ProjectConfig, name: str, *, access_key: str | None =
             if manifest.source is None:
                 raise KeyError(manifest.error)
             return manifest.source
-    raise KeyError(f"no source named {name!r}: not in the project file ({config.source_names}) and no manifest "
-                   f"{name}.yaml|yml|json in {config.operations.source_manifests}")
+    raise KeyError(
+        f"no source named {name!r}: not in the project file ({config.source_names}) and no manifest "
+        f"{name}.yaml|yml|json in {config.operations.source_manifests}"
+    )

@@ -46,7 +46,7 @@ def json_file_records(path: Path, roots: tuple[str, ...] | None = None) -> int:
     except OSError:
         return 1  # the reader's unreadable_file record
     if data.startswith(BOM):
-        data = data[len(BOM):]
+        data = data[len(BOM) :]
     lines = [line for line in data.split(b"\n") if line.strip(JSON_WHITESPACE)]
     if path.suffix.lower() == ".jsonl":
         return len(lines)
@@ -63,7 +63,7 @@ def _top_level_elements(data: bytes) -> int:
     array = data.lstrip(JSON_WHITESPACE)[:1] == b"["
     for match in _TOKEN.finditer(data):
         token = match.group()
-        if data[position:match.start()].strip(JSON_WHITESPACE):
+        if data[position : match.start()].strip(JSON_WHITESPACE):
             balanced = False  # bytes no token covers: an unterminated string
             break
         if array and not opened and position > 0:
@@ -106,7 +106,7 @@ def table_file_rows(path: Path, roots: tuple[str, ...] | None = None) -> int:
     if path.suffix == ".arrow":
         rows = 0
         try:
-            with (pa.memory_map(str(path)) if roots is None else open_data(path, roots)) as source:
+            with pa.memory_map(str(path)) if roots is None else open_data(path, roots) as source:
                 for batch in pa.ipc.open_stream(source):
                     rows += batch.num_rows
         except errors:

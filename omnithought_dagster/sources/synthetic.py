@@ -94,8 +94,14 @@ class SyntheticReader:
     def fingerprint(self) -> str:
         return content_id(
             "synthetic-source",
-            {"n": self.n_samples, "seed": self.seed, "size": self.image_size, "families": self.families, "v": GENERATOR_VERSION,
-             **({"start": self.start_index} if self.start_index else {})},
+            {
+                "n": self.n_samples,
+                "seed": self.seed,
+                "size": self.image_size,
+                "families": self.families,
+                "v": GENERATOR_VERSION,
+                **({"start": self.start_index} if self.start_index else {}),
+            },
         )
 
 
@@ -146,7 +152,13 @@ def _grid_positions(rng: random.Random, size: int, count: int, cells: int) -> li
     """Distinct grid cells with a little jitter, so shapes never overlap."""
     step = size / cells
     chosen = rng.sample(range(cells * cells), count)
-    return [((c % cells + 0.5) * step + rng.uniform(-step * 0.12, step * 0.12), (c // cells + 0.5) * step + rng.uniform(-step * 0.12, step * 0.12)) for c in chosen]
+    return [
+        (
+            (c % cells + 0.5) * step + rng.uniform(-step * 0.12, step * 0.12),
+            (c // cells + 0.5) * step + rng.uniform(-step * 0.12, step * 0.12),
+        )
+        for c in chosen
+    ]
 
 
 def _mc(rng: random.Random, correct: str, options: list[str]) -> tuple[list[str], str]:
@@ -167,7 +179,7 @@ def _counting(rng: random.Random, size: int) -> Drawn:
     palette = list(COLORS)[: 1 + difficulty]
     shapes = SHAPES[: 1 + min(difficulty, 2)]
     items = [(rng.choice(shapes), rng.choice(palette)) for _ in range(total)]
-    for (shape, color), center in zip(items, _grid_positions(rng, size, total, cells)):
+    for (shape, color), center in zip(items, _grid_positions(rng, size, total, cells), strict=False):
         _draw_shape(draw, shape, center, size / cells * 0.3, COLORS[color])
     if difficulty == 1:
         answer, question = total, "How many shapes are in the image? Answer with a number."
@@ -192,7 +204,7 @@ def _bar_chart(rng: random.Random, size: int) -> Drawn:
     left, bottom, top = size * 0.12, size * 0.85, size * 0.1
     draw.line([(left, top), (left, bottom), (size * 0.97, bottom)], fill=(0, 0, 0), width=2)
     width = (size * 0.85) / k
-    for i, (label, value) in enumerate(zip(labels, values)):
+    for i, (label, value) in enumerate(zip(labels, values, strict=False)):
         x0 = left + i * width + width * 0.15
         height = (bottom - top) * value / 20
         draw.rectangle([x0, bottom - height, x0 + width * 0.7, bottom], fill=COLORS[list(COLORS)[i % len(COLORS)]])
@@ -201,7 +213,9 @@ def _bar_chart(rng: random.Random, size: int) -> Drawn:
     draw.text((size / 2, 4), "Fruit sold", fill=(0, 0, 0), font=font, anchor="ma")
     if difficulty == 1:
         i = rng.randrange(k)
-        return Drawn(image, f"According to the bar chart, how many {labels[i]} were sold? Answer with a number.", str(values[i]), "numeric", 1)
+        return Drawn(
+            image, f"According to the bar chart, how many {labels[i]} were sold? Answer with a number.", str(values[i]), "numeric", 1
+        )
     if difficulty == 2:
         best = labels[values.index(max(values))]
         choices, letter = _mc(rng, best, labels)
@@ -228,7 +242,14 @@ def _arithmetic(rng: random.Random, size: int) -> Drawn:
         expression, value = f"{divisor * a} / {divisor} + {b} * {c % 6 + 2} - {d}", a + b * (c % 6 + 2) - d
     font = _font(max(14, size // 12 - 2 * difficulty))
     draw.text((size / 2, size / 2), f"{expression} = ?", fill=(0, 0, 0), font=font, anchor="mm")
-    return Drawn(image, "Compute the value of the expression shown in the image. Answer with a number.", str(value), "numeric", difficulty, metadata={"expression": expression})
+    return Drawn(
+        image,
+        "Compute the value of the expression shown in the image. Answer with a number.",
+        str(value),
+        "numeric",
+        difficulty,
+        metadata={"expression": expression},
+    )
 
 
 def _geometry(rng: random.Random, size: int) -> Drawn:
@@ -255,12 +276,20 @@ def _geometry(rng: random.Random, size: int) -> Drawn:
         draw.rectangle([x0, y0 - 12, x0 + 12, y0], outline=ink)
         draw.text((x0 + b * scale / 2, y0 + 6), str(b), fill=ink, font=font, anchor="ma")
         draw.text((x0 - 6, y0 - a * scale / 2), str(a), fill=ink, font=font, anchor="rm")
-        return Drawn(image, "The triangle has a right angle. What is the length of its longest side? Answer with a number.", str(int(math.hypot(a, b))), "numeric", 2)
+        return Drawn(
+            image,
+            "The triangle has a right angle. What is the length of its longest side? Answer with a number.",
+            str(int(math.hypot(a, b))),
+            "numeric",
+            2,
+        )
     r = rng.randint(2, 30)
     draw.ellipse([size * 0.2, size * 0.2, size * 0.8, size * 0.8], outline=ink, width=3)
     draw.line([(size / 2, size / 2), (size * 0.8, size / 2)], fill=ink, width=2)
     draw.text((size * 0.65, size / 2 - 6), f"r = {r}", fill=ink, font=font, anchor="md")
-    return Drawn(image, "What is the area of the circle? Use pi = 3.14 and round to one decimal place.", f"{3.14 * r * r:.1f}", "numeric", 3)
+    return Drawn(
+        image, "What is the area of the circle? Use pi = 3.14 and round to one decimal place.", f"{3.14 * r * r:.1f}", "numeric", 3
+    )
 
 
 def _table(rng: random.Random, size: int) -> Drawn:
@@ -278,16 +307,24 @@ def _table(rng: random.Random, size: int) -> Drawn:
         draw.line([(x, y0), (x, y0 + (rows + 1) * row_h)], fill=(0, 0, 0), width=1)
     draw.text(((x0 + x1) / 2, y0 + row_h / 2), "Name", fill=(0, 0, 0), font=font, anchor="mm")
     draw.text(((x1 + x2) / 2, y0 + row_h / 2), "Score", fill=(0, 0, 0), font=font, anchor="mm")
-    for r, (name, score) in enumerate(zip(names, scores), start=1):
+    for r, (name, score) in enumerate(zip(names, scores, strict=False), start=1):
         draw.text(((x0 + x1) / 2, y0 + (r + 0.5) * row_h), name, fill=(0, 0, 0), font=font, anchor="mm")
         draw.text(((x1 + x2) / 2, y0 + (r + 0.5) * row_h), str(score), fill=(0, 0, 0), font=font, anchor="mm")
     if difficulty == 1:
         i = rng.randrange(rows)
         return Drawn(image, f"What is {names[i]}'s score in the table? Answer with a number.", str(scores[i]), "numeric", 1)
     if difficulty == 2:
-        return Drawn(image, "Who has the highest score in the table? Answer with the name.", names[scores.index(max(scores))], "free_form", 2)
+        return Drawn(
+            image, "Who has the highest score in the table? Answer with the name.", names[scores.index(max(scores))], "free_form", 2
+        )
     i, j = rng.sample(range(rows), 2)
-    return Drawn(image, f"What is the sum of the scores of {names[i]} and {names[j]}? Answer with a number.", str(scores[i] + scores[j]), "numeric", 3)
+    return Drawn(
+        image,
+        f"What is the sum of the scores of {names[i]} and {names[j]}? Answer with a number.",
+        str(scores[i] + scores[j]),
+        "numeric",
+        3,
+    )
 
 
 def _spatial(rng: random.Random, size: int) -> Drawn:
@@ -296,7 +333,7 @@ def _spatial(rng: random.Random, size: int) -> Drawn:
     count = 2 + difficulty
     kinds = rng.sample([(s, c) for s in SHAPES for c in COLORS], count)
     centers = _grid_positions(rng, size, count, 4)
-    for (shape, color), center in zip(kinds, centers):
+    for (shape, color), center in zip(kinds, centers, strict=False):
         _draw_shape(draw, shape, center, size * 0.07, COLORS[color])
     label = [f"{color} {shape}" for shape, color in kinds]
     if difficulty == 1:

@@ -24,11 +24,13 @@ import pyarrow.parquet as pq
 
 from omnithought_dagster.store.files import sweep_temporaries
 
-CACHE_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("payload", pa.string(), nullable=False),
-    pa.field("written_at", pa.float64(), nullable=False),
-])
+CACHE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("payload", pa.string(), nullable=False),
+        pa.field("written_at", pa.float64(), nullable=False),
+    ]
+)
 
 
 class ResultCache:
@@ -59,7 +61,9 @@ class ResultCache:
         if not rows:
             return 0
         now = time.time()
-        table = pa.table({"key": [k for k, _ in rows], "payload": [p for _, p in rows], "written_at": [now] * len(rows)}, schema=CACHE_SCHEMA)
+        table = pa.table(
+            {"key": [k for k, _ in rows], "payload": [p for _, p in rows], "written_at": [now] * len(rows)}, schema=CACHE_SCHEMA
+        )
         self._write(partition, f"batch-{int(now * 1000):013d}-{uuid.uuid4().hex[:8]}.parquet", table)
         return len(rows)
 
@@ -72,8 +76,9 @@ class ResultCache:
         # gone was folded by it, and its file holds the rows - skip it here, never fail for it.
         tables = [table for table in map(self._read, batches) if table is not None]
         if tables:
-            self._write(partition, f"batch-{int(time.time() * 1000):013d}-compacted-{uuid.uuid4().hex[:8]}.parquet",
-                        pa.concat_tables(tables))
+            self._write(
+                partition, f"batch-{int(time.time() * 1000):013d}-compacted-{uuid.uuid4().hex[:8]}.parquet", pa.concat_tables(tables)
+            )
         for path in batches:
             with contextlib.suppress(FileNotFoundError):
                 self._store.fs.delete_file(path)

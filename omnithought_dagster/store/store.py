@@ -88,7 +88,7 @@ class CorpusStore:
             writer.write(data)
         return writer.written
 
-    def partition_writer(self, table: str, partition: str | Mapping[str, str]) -> "PartitionWriter":
+    def partition_writer(self, table: str, partition: str | Mapping[str, str]) -> PartitionWriter:
         """Replace one partition with rows written batch by batch (memory bounded by one batch), atomically:
         readers see the old partition until the writer commits; a writer that fails or is killed leaves it."""
         return PartitionWriter(self, table, partition)
@@ -139,8 +139,9 @@ class CorpusStore:
         _delete_quietly(self.fs, f"{self.partition_dir(table, partition)}/{PARTITION_FILE}")
 
     @contextlib.contextmanager
-    def partition_lock(self, table: str, partition: str | Mapping[str, str], *, wait_s: float = 3600.0, log=None,
-                       poll_s: float = 2.0) -> Iterator[None]:
+    def partition_lock(
+        self, table: str, partition: str | Mapping[str, str], *, wait_s: float = 3600.0, log=None, poll_s: float = 2.0
+    ) -> Iterator[None]:
         """Hold the one-writer lock of a partition for the block: a second run of the same partition waits for the
         first (then finds its results in the cache) instead of paying for every request again, and fails with a clear
         message after `wait_s`. An flock: the kernel releases it when its holder dies, however it dies. The lock files
@@ -164,8 +165,10 @@ class CorpusStore:
                     holder = handle.read().strip() or "another run"
                     waited = time.monotonic() - started
                     if waited >= wait_s:
-                        raise PartitionBusy(f"{table}[{keys}] is being written by {holder}; waited {waited:.0f} s for it "
-                                         f"(two runs of one partition would pay for every request twice)") from None
+                        raise PartitionBusy(
+                            f"{table}[{keys}] is being written by {holder}; waited {waited:.0f} s for it "
+                            f"(two runs of one partition would pay for every request twice)"
+                        ) from None
                     if log is not None and (said == 0.0 or waited - said >= 60):
                         said = max(waited, 1e-9)
                         log.info(f"{table}[{keys}] is being written by {holder}: waiting for it")
@@ -211,8 +214,7 @@ class CorpusStore:
                 depth = "/".join(["*"] * len(spec.partition_by))
                 pattern = f"{self.path('tables', name)}/{depth}/{PARTITION_FILE}".replace("'", "''")
                 con.execute(
-                    f"CREATE VIEW \"{name}\" AS SELECT * FROM read_parquet('{pattern}', "
-                    "union_by_name = true, hive_partitioning = false)"
+                    f"CREATE VIEW \"{name}\" AS SELECT * FROM read_parquet('{pattern}', union_by_name = true, hive_partitioning = false)"
                 )
             else:
                 dataset = ds.dataset(files, filesystem=self.fs, format="parquet", schema=spec.schema)
@@ -271,7 +273,9 @@ class PartitionWriter:
         for column in self.spec.partition_by:
             values = set(data.column(column).to_pylist())
             if values - {self.keys[column]}:
-                raise StoreError(f"{self.spec.name}[{self.keys}]: rows carry {column}={sorted(values - {self.keys[column]})}, not the partition's")
+                raise StoreError(
+                    f"{self.spec.name}[{self.keys}]: rows carry {column}={sorted(values - {self.keys[column]})}, not the partition's"
+                )
         self._writer.write_table(data)
         self.rows += data.num_rows
 
@@ -298,7 +302,7 @@ class PartitionWriter:
         finally:
             _delete_quietly(self._filesystem, self._temporary)
 
-    def __enter__(self) -> "PartitionWriter":
+    def __enter__(self) -> PartitionWriter:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
@@ -376,11 +380,7 @@ class ImageStore:
 
     def ids(self) -> set[str]:
         """Every stored image id (one listing, cheap on object stores too)."""
-        return {
-            info.base_name
-            for info in self._store._list_files(self._store.path("images"))
-            if not info.base_name.startswith(".")
-        }
+        return {info.base_name for info in self._store._list_files(self._store.path("images")) if not info.base_name.startswith(".")}
 
 
 def open_store(config, *, access_key: str | None = None, secret_key: str | None = None) -> CorpusStore:
@@ -454,8 +454,9 @@ class CheckpointStore:
         local = Path(cache_dir) / checkpoint_id
         if not (local / self.MANIFEST).is_file():
             local.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(self.path(checkpoint_id), str(local), source_filesystem=self._store.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(
+                self.path(checkpoint_id), str(local), source_filesystem=self._store.fs, destination_filesystem=pafs.LocalFileSystem()
+            )
         return local
 
 

@@ -131,7 +131,9 @@ ANNOTATIONS = TableSpec(
     partition_by=("source", "shard"),
     primary_key=("trace_id",),
     columns=(
-        Column("annotation_id", pa.string(), "hash of trace_id, annotator, judge prompt version and text, taxonomy version, sampling", False),
+        Column(
+            "annotation_id", pa.string(), "hash of trace_id, annotator, judge prompt version and text, taxonomy version, sampling", False
+        ),
         Column("trace_id", pa.string(), "the annotated trace (cot_traces.trace_id)", False),
         Column("sample_id", pa.string(), "its seed sample", False),
         Column("source", pa.string(), "partition key", False),
@@ -140,7 +142,12 @@ ANNOTATIONS = TableSpec(
         Column("prompt_version", pa.string(), "judge prompt version", False),
         Column("taxonomy_version", pa.string(), "version of the tag taxonomy", False),
         Column("correct", pa.bool_(), "the final answer matches the reference (verifier; the judge only for undecided free-form)", False),
-        Column("verify_method", pa.string(), "how correctness was decided: choice, numeric, math_verify, exact_normalised, judge, no_answer, ...", False),
+        Column(
+            "verify_method",
+            pa.string(),
+            "how correctness was decided: choice, numeric, math_verify, exact_normalised, judge, no_answer, ...",
+            False,
+        ),
         Column("extracted_answer", pa.string(), "what the verifier read from the final answer (letter, number, ...)"),
         Column("pass_rate", pa.float64(), "share of the sample's rollouts (in this partition) that are correct", False),
         Column("n_rollouts", pa.int32(), "rollouts of the sample the pass rate is over", False),
@@ -151,7 +158,9 @@ ANNOTATIONS = TableSpec(
         Column("raw_tags", STRING_LIST, "judge: tags as written, before mapping onto the taxonomy", False),
         Column("judge_answer_correct", pa.bool_(), "judge: does the final answer match the reference"),
         Column("sample_difficulty", pa.float64(), "mean judge difficulty over the sample's rollouts"),
-        Column("difficulty_score", pa.float64(), "(1-w) * sample_difficulty + w * 9 * (1 - pass_rate), w = annotation.pass_rate_weight", False),
+        Column(
+            "difficulty_score", pa.float64(), "(1-w) * sample_difficulty + w * 9 * (1 - pass_rate), w = annotation.pass_rate_weight", False
+        ),
         Column("difficulty_bin", pa.int32(), "bin of difficulty_score by annotation.difficulty_bins", False),
         Column("difficulty_label", pa.string(), "name of the bin (annotation.difficulty_labels)", False),
         Column("finish_reason", pa.string(), "carried over from the trace", False),
@@ -161,8 +170,9 @@ ANNOTATIONS = TableSpec(
     ),
 )
 
-REASON = pa.struct([pa.field("code", pa.string()), pa.field("value", pa.float64()), pa.field("threshold", pa.float64()),
-                    pa.field("detail", pa.string())])
+REASON = pa.struct(
+    [pa.field("code", pa.string()), pa.field("value", pa.float64()), pa.field("threshold", pa.float64()), pa.field("detail", pa.string())]
+)
 
 FILTER_DECISIONS = TableSpec(
     name="filter_decisions",
@@ -176,8 +186,16 @@ FILTER_DECISIONS = TableSpec(
         Column("shard", pa.string(), "the trace's cot_traces shard", False),
         Column("rollout", pa.int32(), "rollout index", False),
         Column("kept", pa.bool_(), "no reason applies: the trace is in the filtered set", False),
-        Column("reasons", pa.list_(REASON), "every reason that applies: {code, value measured, threshold, detail (what tripped it, e.g. the markup string)}; empty when kept", False),
-        Column("duplicate_of", pa.string(), "duplicate_trace: the kept copy's trace_id; near_duplicate_sample: the representative sample_id"),
+        Column(
+            "reasons",
+            pa.list_(REASON),
+            "every reason that applies: {code, value measured, threshold, detail (what tripped it, e.g. the markup string)}; "
+            "empty when kept",
+            False,
+        ),
+        Column(
+            "duplicate_of", pa.string(), "duplicate_trace: the kept copy's trace_id; near_duplicate_sample: the representative sample_id"
+        ),
         Column("tags", STRING_LIST, "judge tags (for tag-diverse sampling)", False),
         Column("difficulty_label", pa.string(), "difficulty bin label of the sample", False),
         Column("difficulty_score", pa.float64(), "the sample's difficulty score", False),
@@ -211,7 +229,12 @@ STUDENT_CHECKPOINTS = TableSpec(
     partition_by=("student", "recipe"),
     primary_key=("checkpoint_id",),
     columns=(
-        Column("checkpoint_id", pa.string(), "hash of the base model, subset_version and train_config_hash (baseline: of the base model)", False),
+        Column(
+            "checkpoint_id",
+            pa.string(),
+            "hash of the base model, subset_version and train_config_hash (baseline: of the base model)",
+            False,
+        ),
         Column("student", pa.string(), "student name from the project file (a partition key)", False),
         Column("recipe", pa.string(), "the recipe whose subset trained it; `base` for the untrained baseline (a partition key)", False),
         Column("baseline", pa.bool_(), "true for the untrained base model", False),
@@ -219,7 +242,12 @@ STUDENT_CHECKPOINTS = TableSpec(
         Column("base_fingerprint", pa.string(), "fingerprint of the base model's files or name", False),
         Column("subset_version", pa.string(), "the subset trained on (null for the baseline)"),
         Column("train_config_hash", pa.string(), "hash of the training settings (null for the baseline)"),
-        Column("uri", pa.string(), "the HF-format model folder (checkpoints/<checkpoint_id>/ in the store; the base model's own for a baseline)", False),
+        Column(
+            "uri",
+            pa.string(),
+            "the HF-format model folder (checkpoints/<checkpoint_id>/ in the store; the base model's own for a baseline)",
+            False,
+        ),
         Column("examples", pa.int64(), "training examples in the subset export"),
         Column("steps", pa.int64(), "optimizer steps"),
         Column("samples_seen", pa.int64(), "examples consumed, all ranks (repeats across epochs count)"),
@@ -279,8 +307,19 @@ BENCHMARK_SAMPLES = TableSpec(
 )
 
 TABLES: dict[str, TableSpec] = {
-    spec.name: spec for spec in (SEED_POOL, QUARANTINE, IMAGES, COT_TRACES, ANNOTATIONS, FILTER_DECISIONS, SUBSET_MEMBERS,
-                                 STUDENT_CHECKPOINTS, BENCHMARK_SCORES, BENCHMARK_SAMPLES)
+    spec.name: spec
+    for spec in (
+        SEED_POOL,
+        QUARANTINE,
+        IMAGES,
+        COT_TRACES,
+        ANNOTATIONS,
+        FILTER_DECISIONS,
+        SUBSET_MEMBERS,
+        STUDENT_CHECKPOINTS,
+        BENCHMARK_SCORES,
+        BENCHMARK_SAMPLES,
+    )
 }
 
 # Views the catalog derives from the tables (name -> SQL over them).
@@ -301,10 +340,15 @@ def tables_markdown() -> str:
     parts = []
     for spec in TABLES.values():
         partitioned = "/".join(f"{column}=..." for column in spec.partition_by)
-        parts.append(f"### `{spec.name}`\n\n{spec.description}\n\nPath: `tables/{spec.name}/{partitioned}/data.parquet`"
-                     + (f"; key: `{', '.join(spec.primary_key)}`" if spec.primary_key else "") + "\n")
+        parts.append(
+            f"### `{spec.name}`\n\n{spec.description}\n\nPath: `tables/{spec.name}/{partitioned}/data.parquet`"
+            + (f"; key: `{', '.join(spec.primary_key)}`" if spec.primary_key else "")
+            + "\n"
+        )
         parts.append("| column | type | required | meaning |\n| --- | --- | --- | --- |")
-        parts += [f"| `{c.name}` | `{c.type}` | {'yes' if not c.nullable else 'no'} | {c.description.replace('|', '&#124;')} |"
-                  for c in spec.columns]
+        parts += [
+            f"| `{c.name}` | `{c.type}` | {'yes' if not c.nullable else 'no'} | {c.description.replace('|', '&#124;')} |"
+            for c in spec.columns
+        ]
         parts.append("")
     return "\n".join(parts)

@@ -28,7 +28,7 @@ COT_V1 = PromptConfig(
 )
 
 FORMAT_JSON = 'Reply with a JSON object: {{"reasoning": "<your step-by-step reasoning>", "final_answer": "<{answer_kind}>"}}.'
-FORMAT_TEXT = "Think step by step inside <think> and </think>, then write \"Answer: \" followed by {answer_kind}."
+FORMAT_TEXT = 'Think step by step inside <think> and </think>, then write "Answer: " followed by {answer_kind}.'
 ANSWER_KIND = {
     "multiple_choice": "the letter of the correct option only",
     "numeric": "the number only",
@@ -124,8 +124,9 @@ def parse_reply(text: str | None, answer_pattern: str) -> ParsedReply:
         if isinstance(data, dict) and isinstance(data.get("final_answer"), str):
             reasoning = data.get("reasoning")
             # A `\ud800` escape decodes to a lone surrogate no UTF-8 writer takes: stored as U+FFFD (markup.storable).
-            return ParsedReply(storable(reasoning.strip() or None) if isinstance(reasoning, str) else None,
-                               storable(_clean(data["final_answer"])), "json")
+            return ParsedReply(
+                storable(reasoning.strip() or None) if isinstance(reasoning, str) else None, storable(_clean(data["final_answer"])), "json"
+            )
     pattern = re.compile(answer_pattern)
     think = _THINK.search(stripped)
     if think:

@@ -7,8 +7,8 @@ the benchmark and the tests call.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ContextManager
 
 import pyarrow as pa
 
@@ -26,8 +26,13 @@ SEED_COLUMNS = ["sample_id", "source", "record_index", "image_ids", "question", 
 
 def sampling_params(generation: GenerationConfig, mode: str) -> dict:
     """Everything about sampling that changes a reply (with `constraint`, the sample's own): part of every trace id."""
-    return {"temperature": generation.temperature, "top_p": generation.top_p, "max_tokens": generation.max_tokens,
-            "seed": generation.seed, "structured_output": mode}
+    return {
+        "temperature": generation.temperature,
+        "top_p": generation.top_p,
+        "max_tokens": generation.max_tokens,
+        "seed": generation.seed,
+        "structured_output": mode,
+    }
 
 
 def constraint(generation: GenerationConfig, mode: str, sample: dict) -> dict:
@@ -41,8 +46,10 @@ def constraint(generation: GenerationConfig, mode: str, sample: dict) -> dict:
 
 
 def trace_id(sample_id: str, teacher: str, prompt: TeacherPrompt, sampling: dict, rollout: int) -> str:
-    return content_id("trace", {"sample": sample_id, "teacher": teacher, "prompt": [prompt.version, prompt.text_hash],
-                                "sampling": sampling, "rollout": rollout})
+    return content_id(
+        "trace",
+        {"sample": sample_id, "teacher": teacher, "prompt": [prompt.version, prompt.text_hash], "sampling": sampling, "rollout": rollout},
+    )
 
 
 def shard_samples(store: CorpusStore, source: str, shard: str, n_shards: int) -> list[dict]:
@@ -60,7 +67,7 @@ class BackendPlan:
 
     identity: str
     structured_output: bool
-    open: Callable[[], ContextManager[Backend]]
+    open: Callable[[], AbstractContextManager[Backend]]
 
 
 @dataclass
@@ -69,14 +76,26 @@ class ShardResult:
     stats: RunStats
 
 
-def generate_shard(store: CorpusStore, source: str, shard: str, backend: Backend | BackendPlan, prompt: TeacherPrompt,
-                   generation: GenerationConfig, *, send_seed: bool = True,
-                   progress: Callable[[RunStats], None] | None = None) -> ShardResult:
+def generate_shard(
+    store: CorpusStore,
+    source: str,
+    shard: str,
+    backend: Backend | BackendPlan,
+    prompt: TeacherPrompt,
+    generation: GenerationConfig,
+    *,
+    send_seed: bool = True,
+    progress: Callable[[RunStats], None] | None = None,
+) -> ShardResult:
     """Every rollout of every sample in the partition, from the cache or the backend.
 
     `backend` is an open Backend, or a BackendPlan that opens one only if the cache misses.
     """
-    plan = backend if isinstance(backend, BackendPlan) else BackendPlan(backend.identity, backend.supports_structured_output, lambda: given(backend))
+    plan = (
+        backend
+        if isinstance(backend, BackendPlan)
+        else BackendPlan(backend.identity, backend.supports_structured_output, lambda: given(backend))
+    )
     samples = shard_samples(store, source, shard, generation.shards)
     mode = prompt.mode if plan.structured_output else "none"
     sampling = sampling_params(generation, mode)
@@ -93,12 +112,16 @@ def generate_shard(store: CorpusStore, source: str, shard: str, backend: Backend
             pending.append(PendingRequest(key, _request_builder(key, messages, generation, shape, seed)))
     cache = store.cache(GENERATION_CACHE)
     result = run_cached(
-        pending, plan.open,
+        pending,
+        plan.open,
         CacheView(load=lambda: cache.load(partition), append=lambda batch: cache.append(partition, batch)),
-        flush_every=generation.flush_every, progress=progress,
+        flush_every=generation.flush_every,
+        progress=progress,
     )
-    rows = [_row(key, sample, rollout, shard, plan.identity, prompt, result.completions[key], generation.answer_pattern)
-            for key, sample, rollout in specs]
+    rows = [
+        _row(key, sample, rollout, shard, plan.identity, prompt, result.completions[key], generation.answer_pattern)
+        for key, sample, rollout in specs
+    ]
     return ShardResult(pa.Table.from_pylist(rows, schema=COT_TRACES.schema), result.stats)
 
 
@@ -118,14 +141,22 @@ def _lazy_messages(store: CorpusStore, sample: dict, prompt: TeacherPrompt) -> C
 
 def _request_builder(key: str, messages: Callable[[], list[dict]], generation: GenerationConfig, shape: dict, seed: int | None):
     def build() -> ChatRequest:
-        return ChatRequest(key=key, messages=messages(), max_tokens=generation.max_tokens, temperature=generation.temperature,
-                           top_p=generation.top_p, seed=seed, **shape)
+        return ChatRequest(
+            key=key,
+            messages=messages(),
+            max_tokens=generation.max_tokens,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            seed=seed,
+            **shape,
+        )
 
     return build
 
 
-def _row(key: str, sample: dict, rollout: int, shard: str, teacher: str, prompt: TeacherPrompt, completion: Completion,
-         answer_pattern: str) -> dict:
+def _row(
+    key: str, sample: dict, rollout: int, shard: str, teacher: str, prompt: TeacherPrompt, completion: Completion, answer_pattern: str
+) -> dict:
     parsed = parse_reply(completion.text, answer_pattern) if completion.finish_reason != "error" else None
     return {
         "trace_id": key,

@@ -22,9 +22,9 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 COMPLETE = "COMPLETE"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -74,7 +74,7 @@ class RunCheckpoints:
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         names = [Path(info.path).name for info in infos if info.type == pafs.FileType.Directory and CHECKPOINT.match(Path(info.path).name)]
         complete = self.fs.get_file_info([f"{self.root}/{name}/{COMPLETE}" for name in names])
-        return sorted(step_of(name) for name, info in zip(names, complete) if info.type == pafs.FileType.File)
+        return sorted(step_of(name) for name, info in zip(names, complete, strict=True) if info.type == pafs.FileType.File)
 
     def upload(self, checkpoint: Path) -> int:
         """Copy a complete local checkpoint into the store, its marker last; its size in bytes."""
@@ -89,8 +89,12 @@ class RunCheckpoints:
             self.fs.create_dir(target if folder == "." else f"{target}/{folder}", recursive=True)  # each once
         size = 0
         for path in [*files, checkpoint / COMPLETE]:
-            pafs.copy_files(str(path.resolve()), f"{target}/{path.relative_to(checkpoint).as_posix()}", source_filesystem=local,
-                            destination_filesystem=self.fs)
+            pafs.copy_files(
+                str(path.resolve()),
+                f"{target}/{path.relative_to(checkpoint).as_posix()}",
+                source_filesystem=local,
+                destination_filesystem=self.fs,
+            )
             size += path.stat().st_size
         return size
 
@@ -109,8 +113,9 @@ class RunCheckpoints:
             step = stored[-1]
             partial = folder / f".restore-{uuid.uuid4().hex[:8]}"
             started = time.monotonic()
-            pafs.copy_files(f"{self.root}/checkpoint-{step}", str(partial), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(
+                f"{self.root}/checkpoint-{step}", str(partial), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem()
+            )
             partial.rename(folder / f"checkpoint-{step}")  # whole or not there
             log(f"restored training checkpoint {step} from {self.uri} in {time.monotonic() - started:.1f} s")
             return step
@@ -121,7 +126,7 @@ class RunCheckpoints:
         import pyarrow.fs as pafs
 
         complete = self.steps()
-        kept = set(complete if keep is None else complete[-max(1, keep):])
+        kept = set(complete if keep is None else complete[-max(1, keep) :])
         for info in self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True)):
             name = Path(info.path).name
             if info.type == pafs.FileType.Directory and CHECKPOINT.match(name) and step_of(name) not in kept:
@@ -134,8 +139,9 @@ class RunCheckpoints:
             self.fs.delete_dir(self.root)
 
     @contextmanager
-    def uploading(self, folder: Path, *, keep: int | None = None, log: Callable[[str], None] = print,
-                  poll_s: float = POLL_S) -> Iterator[_Uploader]:
+    def uploading(
+        self, folder: Path, *, keep: int | None = None, log: Callable[[str], None] = print, poll_s: float = POLL_S
+    ) -> Iterator[_Uploader]:
         """While the block runs, copy each new complete checkpoint of `folder` into the store (the newest only, when
         several are waiting). If the block fails (the trainer crashed, the step was asked to stop), the newest one is
         copied before the failure goes on, so a rerun anywhere resumes from it."""
@@ -183,5 +189,6 @@ class _Uploader(threading.Thread):
             return
         self._known.add(step)
         self.uploaded.append(step)
-        self.log(f"training checkpoint {step} copied to {self.run_store.uri} ({size / 2**20:.1f} MiB in "
-                 f"{time.monotonic() - started:.1f} s)")
+        self.log(
+            f"training checkpoint {step} copied to {self.run_store.uri} ({size / 2**20:.1f} MiB in {time.monotonic() - started:.1f} s)"
+        )

@@ -46,8 +46,9 @@ class ExampleIndex:
         return len(self.offsets) + sum(self.skipped.values())
 
     def save(self) -> None:
-        (self.path / INDEX_FILE).write_text(json.dumps({"offsets": self.offsets.tolist(), "lengths": self.lengths.tolist(),
-                                                        "skipped": dict(self.skipped)}))
+        (self.path / INDEX_FILE).write_text(
+            json.dumps({"offsets": self.offsets.tolist(), "lengths": self.lengths.tolist(), "skipped": dict(self.skipped)})
+        )
 
     @classmethod
     def load(cls, folder: Path) -> ExampleIndex:

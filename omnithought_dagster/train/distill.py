@@ -26,8 +26,9 @@ from typing import Any
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
-def token_divergence(student_logits, teacher_logits, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                     top_k: int | None = None):
+def token_divergence(
+    student_logits, teacher_logits, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0, top_k: int | None = None
+):
     """The divergence at each position between the teacher's and the student's next-token distributions: logits [N, V]
     (the same vocabulary) -> [N]."""
     import torch
@@ -50,7 +51,7 @@ def token_divergence(student_logits, teacher_logits, kind: str = "forward_kl", b
             raise ValueError(f"jsd needs 0 < beta < 1, not {beta}")
         log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1 - beta)]), dim=0)
         value = beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1)
-    return value * temperature ** 2
+    return value * temperature**2
 
 
 def reply_divergence(student_logits, teacher_logits, labels, settings: dict[str, Any], num_items=None):
@@ -69,13 +70,16 @@ def reply_divergence(student_logits, teacher_logits, labels, settings: dict[str,
 def check_teacher(student_vl, teacher_vl, teacher_dir: str | Path) -> None:
     """Refuse a teacher that would see other inputs than the student: another vocabulary or image processing."""
     if student_vl.tokenizer.get_vocab() != teacher_vl.tokenizer.get_vocab():
-        raise SystemExit(f"kd: the teacher {teacher_dir} has another vocabulary than the student; token-level distillation "
-                         "needs the same tokenizer")
+        raise SystemExit(
+            f"kd: the teacher {teacher_dir} has another vocabulary than the student; token-level distillation needs the same tokenizer"
+        )
     keys = ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels", "image_mean", "image_std")
     differ = [k for k in keys if _processor_value(student_vl.image_processor, k) != _processor_value(teacher_vl.image_processor, k)]
     if differ or student_vl.image_token_id != teacher_vl.image_token_id:
-        raise SystemExit(f"kd: the teacher {teacher_dir} processes images differently ({', '.join(differ) or 'image token'}); "
-                         "the student's inputs would not be the teacher's")
+        raise SystemExit(
+            f"kd: the teacher {teacher_dir} processes images differently ({', '.join(differ) or 'image token'}); "
+            "the student's inputs would not be the teacher's"
+        )
 
 
 def _processor_value(processor, key: str):

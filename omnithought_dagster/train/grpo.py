@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 # The layout SFT teaches (curation/export.assistant_text): one reasoning block, then the answer line.
-_FORMAT = re.compile(r"\A\s*<think>(?P<reasoning>(?:(?!</?think>).)*?\S(?:(?!</?think>).)*?)</think>\s*Answer:[ \t]*\S[^\n]*\s*\Z",
-                     re.DOTALL)
+_FORMAT = re.compile(
+    r"\A\s*<think>(?P<reasoning>(?:(?!</?think>).)*?\S(?:(?!</?think>).)*?)</think>\s*Answer:[ \t]*\S[^\n]*\s*\Z", re.DOTALL
+)
 
 
 def format_reward(text: str) -> float:
@@ -70,8 +71,10 @@ def reward_functions(answer_pattern: str) -> list:
     """TRL reward functions (their names are the metrics' names: rewards/answer/mean, rewards/format/mean)."""
 
     def answer(prompts, completions, reference, answer_type, choices, **_) -> list[float]:
-        return [answer_reward(completion_text(c), r, t, ch, answer_pattern)
-                for c, r, t, ch in zip(completions, reference, answer_type, choices)]
+        return [
+            answer_reward(completion_text(c), r, t, ch, answer_pattern)
+            for c, r, t, ch in zip(completions, reference, answer_type, choices, strict=True)
+        ]
 
     def format(prompts, completions, **_) -> list[float]:  # noqa: A001 - the metric's name
         return [format_reward(completion_text(c)) for c in completions]
@@ -104,14 +107,24 @@ def prompt_dataset(index, positions: list[int] | None, cache_dir: Path, added: t
             if any(find_markup(part.get("text"), TOKEN_KINDS, added) for part in user["content"] if part.get("type") == "text"):
                 skipped["markup_in_text"] = skipped.get("markup_in_text", 0) + 1
                 continue
-            yield {"prompt_json": json.dumps([{"role": "user", "content": user["content"]}]), "images": record["images"],
-                   "reference": reference["answer"], "answer_type": reference["answer_type"],
-                   "choices": [str(c) for c in reference.get("choices") or []]}
+            yield {
+                "prompt_json": json.dumps([{"role": "user", "content": user["content"]}]),
+                "images": record["images"],
+                "reference": reference["answer"],
+                "answer_type": reference["answer_type"],
+                "choices": [str(c) for c in reference.get("choices") or []],
+            }
         records.close()
 
-    features = datasets.Features({"prompt_json": datasets.Value("string"), "images": datasets.Sequence(datasets.Image()),
-                                  "reference": datasets.Value("string"), "answer_type": datasets.Value("string"),
-                                  "choices": datasets.Sequence(datasets.Value("string"))})
+    features = datasets.Features(
+        {
+            "prompt_json": datasets.Value("string"),
+            "images": datasets.Sequence(datasets.Image()),
+            "reference": datasets.Value("string"),
+            "answer_type": datasets.Value("string"),
+            "choices": datasets.Sequence(datasets.Value("string")),
+        }
+    )
     cache_dir.mkdir(parents=True, exist_ok=True)
     dataset = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(cache_dir), keep_in_memory=False)
     return dataset.with_transform(_with_prompt), skipped
@@ -147,8 +160,12 @@ def vl_processor(model_dir: str | Path):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
-    return ImageOnlyProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_dir), tokenizer=tokenizer,
-                              video_processor=None, chat_template=tokenizer.chat_template)
+    return ImageOnlyProcessor(
+        image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_dir),
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=tokenizer.chat_template,
+    )
 
 
 def grpo_arguments(common: dict[str, Any], method: dict[str, Any]):
@@ -160,9 +177,18 @@ def grpo_arguments(common: dict[str, Any], method: dict[str, Any]):
         kwargs["learning_rate"] = method["learning_rate"]
     if method.get("max_steps"):
         kwargs["max_steps"] = method["max_steps"]
-    return GRPOConfig(**kwargs, num_generations=method["num_generations"], max_completion_length=method["max_completion_length"],
-                      temperature=method["temperature"], beta=method["beta"], epsilon=method["epsilon"], loss_type=method["loss_type"],
-                      reward_weights=[method["answer_weight"], method["format_weight"]], shuffle_dataset=True, log_completions=False)
+    return GRPOConfig(
+        **kwargs,
+        num_generations=method["num_generations"],
+        max_completion_length=method["max_completion_length"],
+        temperature=method["temperature"],
+        beta=method["beta"],
+        epsilon=method["epsilon"],
+        loss_type=method["loss_type"],
+        reward_weights=[method["answer_weight"], method["format_weight"]],
+        shuffle_dataset=True,
+        log_completions=False,
+    )
 
 
 def grpo_trainer_class(counting_base):
@@ -185,6 +211,10 @@ def grpo_trainer_class(counting_base):
 
 def grpo_log(history: list[dict]) -> dict[str, list]:
     """The method's curves from the Trainer's log history, one point per logged step."""
-    names = {"rewards": "reward", "pass_rates": "rewards/answer/mean", "format_rates": "rewards/format/mean",
-             "completion_lengths": "completions/mean_length"}
+    names = {
+        "rewards": "reward",
+        "pass_rates": "rewards/answer/mean",
+        "format_rates": "rewards/format/mean",
+        "completion_lengths": "completions/mean_length",
+    }
     return {name: [entry[key] for entry in history if entry.get(key) is not None] for name, key in names.items()}

@@ -29,9 +29,11 @@ def train_config_hash(training: TrainingConfig) -> str:
     return content_id("train-config", {**training.run_settings(), "trainer": TRAINER_VERSION})
 
 
-def run_method(student: StudentConfig, models_dir: str | Path, *, start_checkpoint: str | None = None,
-               answer_pattern: str | None = None) -> dict[str, Any] | None:
-    """What the student's method adds to its runs: None for sft; for kd and prefix_mask_kd its settings, the teacher's folder (or hub id) and
+def run_method(
+    student: StudentConfig, models_dir: str | Path, *, start_checkpoint: str | None = None, answer_pattern: str | None = None
+) -> dict[str, Any] | None:
+    """What the student's method adds to its runs: None for sft; for kd and prefix_mask_kd its settings, the teacher's folder
+    (or hub id) and
     the teacher's fingerprint (tiny:<name> teachers are built when missing); for grpo its settings, the checkpoint it
     starts from (`start_checkpoint`, the start_from student's on the same recipe) and the answer pattern its reward
     parses replies with."""
@@ -42,14 +44,22 @@ def run_method(student: StudentConfig, models_dir: str | Path, *, start_checkpoi
     if student.method == "grpo":
         if start_checkpoint is None or answer_pattern is None:
             raise ValueError(f"students[{student.name}]: method grpo needs the checkpoint it starts from and the answer pattern")
-        return {"name": "grpo", **student.grpo.model_dump(mode="json"), "start_checkpoint": start_checkpoint,
-                "answer_pattern": answer_pattern}
+        return {
+            "name": "grpo",
+            **student.grpo.model_dump(mode="json"),
+            "start_checkpoint": start_checkpoint,
+            "answer_pattern": answer_pattern,
+        }
     from omnithought_dagster.llm.backends import resolve_model
 
     settings = getattr(student, student.method)  # kd, prefix_mask_kd: a teacher model
     teacher_dir, fingerprint = resolve_model(settings.teacher, models_dir)
-    return {"name": student.method, **settings.model_dump(mode="json"), "teacher_dir": str(teacher_dir),
-            "teacher_fingerprint": fingerprint or content_id("base-model", {"model": settings.teacher})}
+    return {
+        "name": student.method,
+        **settings.model_dump(mode="json"),
+        "teacher_dir": str(teacher_dir),
+        "teacher_fingerprint": fingerprint or content_id("base-model", {"model": settings.teacher}),
+    }
 
 
 def method_identity(method: dict[str, Any] | None) -> dict[str, Any]:
@@ -72,13 +82,24 @@ def checkpoint_id(base_fingerprint: str, subset_version: str | None, config_hash
     return content_id("checkpoint", {"base": base_fingerprint, "subset_version": subset_version, **how})
 
 
-def training_spec(model_dir: str, data_dir: Path, output_dir: Path, training: TrainingConfig, run_dir: Path | None = None,
-                  method: dict[str, Any] | None = None) -> dict[str, Any]:
+def training_spec(
+    model_dir: str,
+    data_dir: Path,
+    output_dir: Path,
+    training: TrainingConfig,
+    run_dir: Path | None = None,
+    method: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """What the training process reads: the model, the exported subset, where the model goes, `run_dir`, where it keeps
     its example index and training checkpoints (kept across a kill; default: beside the output), and the method (None: sft)."""
-    return {"model_dir": str(model_dir), "data_dir": str(data_dir), "output_dir": str(output_dir),
-            "run_dir": str(run_dir or Path(output_dir).parent / "run"),
-            "training": {**training.run_settings(), **training.process_settings()}, "method": method}
+    return {
+        "model_dir": str(model_dir),
+        "data_dir": str(data_dir),
+        "output_dir": str(output_dir),
+        "run_dir": str(run_dir or Path(output_dir).parent / "run"),
+        "training": {**training.run_settings(), **training.process_settings()},
+        "method": method,
+    }
 
 
 def launcher_command(training: TrainingConfig, spec_path: Path) -> list[str]:
@@ -87,11 +108,34 @@ def launcher_command(training: TrainingConfig, spec_path: Path) -> list[str]:
     port = str(training.master_port or free_port())
     script = ["--spec", str(spec_path)]
     if training.launcher == "torchrun":
-        command = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(training.nproc_per_node), "--nnodes", str(training.nnodes),
-                   "--master_addr", training.master_addr, "--master_port", port, *training.launcher_args, "-m", TRAIN_MODULE]
+        command = [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(training.nproc_per_node),
+            "--nnodes",
+            str(training.nnodes),
+            "--master_addr",
+            training.master_addr,
+            "--master_port",
+            port,
+            *training.launcher_args,
+            "-m",
+            TRAIN_MODULE,
+        ]
         return command + script
-    command = [python, "-m", "deepspeed.launcher.runner", "--num_gpus", str(training.nproc_per_node), "--master_addr", training.master_addr,
-               "--master_port", port]
+    command = [
+        python,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(training.nproc_per_node),
+        "--master_addr",
+        training.master_addr,
+        "--master_port",
+        port,
+    ]
     if training.nnodes > 1 or training.hostfile:
         command += ["--num_nodes", str(training.nnodes)]
     if training.hostfile:

@@ -88,7 +88,7 @@ def completion_logits(model, prompt: dict, completion):
     """The model's logits predicting each sampled token: [n, V] for a completion [1, n] after the prompt."""
     logits = model(**with_completion(prompt, completion)).logits
     start = prompt["input_ids"].shape[1]
-    return logits[0, start - 1: start - 1 + completion.shape[1]]
+    return logits[0, start - 1 : start - 1 + completion.shape[1]]
 
 
 def trim_after_end(tokens, end_ids: set[int]):
@@ -110,12 +110,20 @@ def sample(policy, prompt: dict[str, Any], settings: dict[str, Any], pad_id: int
         training = policy.training
         policy.eval()
         try:
-            sampled = policy.generate(**prompt, max_new_tokens=settings["max_new_tokens"], do_sample=True,
-                                      temperature=settings["temperature"], top_p=1.0, top_k=0, use_cache=True, pad_token_id=pad_id,
-                                      suppress_tokens=sorted(media_ids) or None)
+            sampled = policy.generate(
+                **prompt,
+                max_new_tokens=settings["max_new_tokens"],
+                do_sample=True,
+                temperature=settings["temperature"],
+                top_p=1.0,
+                top_k=0,
+                use_cache=True,
+                pad_token_id=pad_id,
+                suppress_tokens=sorted(media_ids) or None,
+            )
         finally:
             policy.train(training)
-    return sampled[:, prompt["input_ids"].shape[1]:]
+    return sampled[:, prompt["input_ids"].shape[1] :]
 
 
 def end_token_ids(tokenizer, model) -> set[int]:
@@ -153,7 +161,7 @@ def ema_update(teacher, student, decay: float) -> None:
     import torch
 
     with torch.no_grad():
-        for t, s in zip(teacher.parameters(), student.parameters()):
+        for t, s in zip(teacher.parameters(), student.parameters(), strict=False):
             t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1 - decay)
 
 

@@ -131,8 +131,11 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
         threads = 1 if settings["dataloader_workers"] else min(4, len(os.sched_getaffinity(0)))
         train_set = LazyExamples(index, vl, settings["max_length"], train_part, threads=threads)
         eval_set = LazyExamples(index, vl, settings["max_length"], held_out, threads=threads) if held_out else None
-    report.log(f"rank {rank}/{world}: {len(train_set)} examples" + (f", {len(eval_set)} held out" if eval_set else "")
-               + (f" ({sum(skipped.values())} set aside: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else ""))
+    report.log(
+        f"rank {rank}/{world}: {len(train_set)} examples"
+        + (f", {len(eval_set)} held out" if eval_set else "")
+        + (f" ({sum(skipped.values())} set aside: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else "")
+    )
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = kind == "grpo"  # GRPO generates through TRL; opsd asks for the cache when it samples
@@ -145,9 +148,14 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     if kind == "grpo":
         from omnithought_dagster.train.grpo import grpo_trainer_class, reward_functions, vl_processor
 
-        trainer = grpo_trainer_class(_counting_trainer)(model=model, reward_funcs=reward_functions(method["answer_pattern"]), args=args,
-                                                        train_dataset=train_set, processing_class=vl_processor(model_dir),
-                                                        callbacks=[progress, marker])
+        trainer = grpo_trainer_class(_counting_trainer)(
+            model=model,
+            reward_funcs=reward_functions(method["answer_pattern"]),
+            args=args,
+            train_dataset=train_set,
+            processing_class=vl_processor(model_dir),
+            callbacks=[progress, marker],
+        )
     elif kind == "opsd":
         from omnithought_dagster.train import opsd
 
@@ -155,11 +163,22 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     elif kind == "prefix_mask_kd":
         from omnithought_dagster.train import prefix_mask
 
-        trainer = prefix_mask.build_trainer(_counting_trainer, model, teacher, method, vl.image_token_id, args=args, train_dataset=train_set,
-                                            eval_dataset=eval_set, data_collator=vl.collate, callbacks=[progress, marker])
+        trainer = prefix_mask.build_trainer(
+            _counting_trainer,
+            model,
+            teacher,
+            method,
+            vl.image_token_id,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=vl.collate,
+            callbacks=[progress, marker],
+        )
     else:
-        trainer = _counting_trainer()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate,
-                                      callbacks=[progress, marker])
+        trainer = _counting_trainer()(
+            model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=vl.collate, callbacks=[progress, marker]
+        )
     marker.trainer = progress.trainer = trainer
     trainer.distill = (teacher, method) if teacher is not None else None
     from transformers import PrinterCallback
@@ -178,32 +197,68 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     losses = [entry["loss"] for entry in history if "loss" in entry]
     rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
     evals = [{"step": entry["step"], "eval_loss": entry["eval_loss"]} for entry in history if "eval_loss" in entry]
-    parts = {name: [entry[name] for entry in history if name in entry]
-             for name in ("ce_loss", "kd_loss", "opsd_divergence", "sample_length", "mask_budget", "masking_cost", "hidden_per_prediction")}
+    parts = {
+        name: [entry[name] for entry in history if name in entry]
+        for name in ("ce_loss", "kd_loss", "opsd_divergence", "sample_length", "mask_budget", "masking_cost", "hidden_per_prediction")
+    }
     counted = trainer.totals()
     initial, final = _mean(losses[:LOSS_WINDOW]), _mean(losses[-LOSS_WINDOW:])
     run_tokens = counted["tokens"] - trainer.resumed["tokens"]
     steady = progress.steady_tokens_per_s()  # a collective too
     log = {
-        "losses": losses, "learning_rates": rates, "eval": evals, "initial_loss": initial, "final_loss": final,
-        "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 4), "examples": len(train_set),
-        "held_out": len(eval_set) if eval_set else 0, "skipped_examples": sum(skipped.values()), "skipped": skipped,
-        "samples_seen": counted["samples"], "tokens_seen": counted["tokens"], "train_seconds": round(seconds, 3),
-        "tokens_per_s": round(run_tokens / seconds, 1) if seconds else None, "steady_tokens_per_s": steady, "world_size": world,
-        "resumed_from_step": step_of(resume) if resume else None, "frozen": frozen, "lora": settings.get("lora"),
+        "losses": losses,
+        "learning_rates": rates,
+        "eval": evals,
+        "initial_loss": initial,
+        "final_loss": final,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0, 4),
+        "examples": len(train_set),
+        "held_out": len(eval_set) if eval_set else 0,
+        "skipped_examples": sum(skipped.values()),
+        "skipped": skipped,
+        "samples_seen": counted["samples"],
+        "tokens_seen": counted["tokens"],
+        "train_seconds": round(seconds, 3),
+        "tokens_per_s": round(run_tokens / seconds, 1) if seconds else None,
+        "steady_tokens_per_s": steady,
+        "world_size": world,
+        "resumed_from_step": step_of(resume) if resume else None,
+        "frozen": frozen,
+        "lora": settings.get("lora"),
         "deepspeed": args.deepspeed if isinstance(args.deepspeed, dict) else None,
-        "method": kind, **run_environment(args, model),
+        "method": kind,
+        **run_environment(args, model),
     }
     if kind in ("kd", "prefix_mask_kd"):  # the two parts of the loss, per step
-        log.update({"ce_losses": parts["ce_loss"], "kd_losses": parts["kd_loss"], "teacher": method["teacher"],
-                    "initial_kd_loss": _mean(parts["kd_loss"][:LOSS_WINDOW]), "final_kd_loss": _mean(parts["kd_loss"][-LOSS_WINDOW:])})
+        log.update(
+            {
+                "ce_losses": parts["ce_loss"],
+                "kd_losses": parts["kd_loss"],
+                "teacher": method["teacher"],
+                "initial_kd_loss": _mean(parts["kd_loss"][:LOSS_WINDOW]),
+                "final_kd_loss": _mean(parts["kd_loss"][-LOSS_WINDOW:]),
+            }
+        )
     if kind == "prefix_mask_kd":  # the masking budget in force and the reply tokens hidden per prediction, per step
-        log.update({"mask_budgets": parts["mask_budget"], "masking_costs": parts["masking_cost"],
-                    "hidden_per_prediction": parts["hidden_per_prediction"], "final_mask_budget": trainer.schedule.budget})
+        log.update(
+            {
+                "mask_budgets": parts["mask_budget"],
+                "masking_costs": parts["masking_cost"],
+                "hidden_per_prediction": parts["hidden_per_prediction"],
+                "final_mask_budget": trainer.schedule.budget,
+            }
+        )
     if kind == "opsd":  # the divergence to the privileged teacher and the sampled answers' length, per step
-        log.update({"opsd_divergences": parts["opsd_divergence"], "sample_lengths": parts["sample_length"],
-                    "initial_divergence": _mean(parts["opsd_divergence"][:LOSS_WINDOW]),
-                    "final_divergence": _mean(parts["opsd_divergence"][-LOSS_WINDOW:]), "mean_sample_length": _mean(parts["sample_length"])})
+        log.update(
+            {
+                "opsd_divergences": parts["opsd_divergence"],
+                "sample_lengths": parts["sample_length"],
+                "initial_divergence": _mean(parts["opsd_divergence"][:LOSS_WINDOW]),
+                "final_divergence": _mean(parts["opsd_divergence"][-LOSS_WINDOW:]),
+                "mean_sample_length": _mean(parts["sample_length"]),
+            }
+        )
     if kind == "grpo":  # rewards, pass rate and answer lengths per step
         from omnithought_dagster.train.grpo import grpo_log
 
@@ -211,29 +266,62 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
     if rank == 0:
         (out_dir / "train_log.json").write_text(json.dumps(log, indent=2))
     metadata = {
-        "output_dir": str(out_dir), "steps": log["steps"], "examples": log["examples"], "skipped_examples": log["skipped_examples"],
-        "skipped": {"raw_value": skipped, "type": "json"}, "samples_seen": log["samples_seen"], "tokens_seen": log["tokens_seen"],
-        "initial_loss": initial, "final_loss": final, "tokens_per_s": log["tokens_per_s"], "train_seconds": log["train_seconds"],
-        "world_size": world, "resumed_from_step": log["resumed_from_step"] if resume else -1,
+        "output_dir": str(out_dir),
+        "steps": log["steps"],
+        "examples": log["examples"],
+        "skipped_examples": log["skipped_examples"],
+        "skipped": {"raw_value": skipped, "type": "json"},
+        "samples_seen": log["samples_seen"],
+        "tokens_seen": log["tokens_seen"],
+        "initial_loss": initial,
+        "final_loss": final,
+        "tokens_per_s": log["tokens_per_s"],
+        "train_seconds": log["train_seconds"],
+        "world_size": world,
+        "resumed_from_step": log["resumed_from_step"] if resume else -1,
         "loss_curve": {"raw_value": _loss_table(losses), "type": "md"},
     }
     if evals:
         metadata["eval_loss"] = evals[-1]["eval_loss"]
     if kind in ("kd", "prefix_mask_kd"):
-        metadata.update({"method": kind, "teacher": method["teacher"], "initial_kd_loss": log["initial_kd_loss"],
-                         "final_kd_loss": log["final_kd_loss"], "final_ce_loss": _mean(parts["ce_loss"][-LOSS_WINDOW:])})
+        metadata.update(
+            {
+                "method": kind,
+                "teacher": method["teacher"],
+                "initial_kd_loss": log["initial_kd_loss"],
+                "final_kd_loss": log["final_kd_loss"],
+                "final_ce_loss": _mean(parts["ce_loss"][-LOSS_WINDOW:]),
+            }
+        )
     if kind == "prefix_mask_kd":
-        metadata.update({"final_mask_budget": log["final_mask_budget"], "final_masking_cost": _mean(parts["masking_cost"][-LOSS_WINDOW:]),
-                         "final_hidden_per_prediction": _mean(parts["hidden_per_prediction"][-LOSS_WINDOW:])})
+        metadata.update(
+            {
+                "final_mask_budget": log["final_mask_budget"],
+                "final_masking_cost": _mean(parts["masking_cost"][-LOSS_WINDOW:]),
+                "final_hidden_per_prediction": _mean(parts["hidden_per_prediction"][-LOSS_WINDOW:]),
+            }
+        )
     if kind == "opsd":
-        metadata.update({"method": kind, "initial_divergence": log["initial_divergence"], "final_divergence": log["final_divergence"],
-                         "mean_sample_length": log["mean_sample_length"]})
+        metadata.update(
+            {
+                "method": kind,
+                "initial_divergence": log["initial_divergence"],
+                "final_divergence": log["final_divergence"],
+                "mean_sample_length": log["mean_sample_length"],
+            }
+        )
     if kind == "grpo":
-        metadata.update({"method": kind, "start_checkpoint": method["start_checkpoint"],
-                         "initial_reward": _mean(log["rewards"][:LOSS_WINDOW]), "final_reward": _mean(log["rewards"][-LOSS_WINDOW:]),
-                         "initial_pass_rate": _mean(log["pass_rates"][:LOSS_WINDOW]),
-                         "final_pass_rate": _mean(log["pass_rates"][-LOSS_WINDOW:]),
-                         "mean_completion_length": _mean(log["completion_lengths"])})
+        metadata.update(
+            {
+                "method": kind,
+                "start_checkpoint": method["start_checkpoint"],
+                "initial_reward": _mean(log["rewards"][:LOSS_WINDOW]),
+                "final_reward": _mean(log["rewards"][-LOSS_WINDOW:]),
+                "initial_pass_rate": _mean(log["pass_rates"][:LOSS_WINDOW]),
+                "final_pass_rate": _mean(log["pass_rates"][-LOSS_WINDOW:]),
+                "mean_completion_length": _mean(log["completion_lengths"]),
+            }
+        )
     return {"log": log, "metadata": metadata}
 
 
@@ -250,8 +338,10 @@ def run_environment(args, model) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     base = getattr(model, "get_base_model", lambda: model)()
     return {
-        "engine": "deepspeed" if args.deepspeed else "torch", "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", "optimizer": str(getattr(args.optim, "value", args.optim)),
+        "engine": "deepspeed" if args.deepspeed else "torch",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "optimizer": str(getattr(args.optim, "value", args.optim)),
         "attention": getattr(base.config, "_attn_implementation", None),
         "peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
         "torch": torch.__version__,
@@ -272,23 +362,40 @@ def training_kwargs(settings: dict[str, Any], output_dir: Path) -> dict[str, Any
     cuda = torch.cuda.is_available()
     evaluate = settings["eval_share"] > 0 and settings["eval_steps"] > 0
     return dict(
-        output_dir=str(output_dir), seed=settings["seed"], data_seed=settings["seed"],
-        per_device_train_batch_size=settings["micro_batch_size"], per_device_eval_batch_size=settings["micro_batch_size"],
-        gradient_accumulation_steps=settings["gradient_accumulation_steps"], learning_rate=settings["learning_rate"],
-        weight_decay=settings["weight_decay"], warmup_steps=settings["warmup_steps"], lr_scheduler_type=settings["lr_scheduler"],
+        output_dir=str(output_dir),
+        seed=settings["seed"],
+        data_seed=settings["seed"],
+        per_device_train_batch_size=settings["micro_batch_size"],
+        per_device_eval_batch_size=settings["micro_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        learning_rate=settings["learning_rate"],
+        weight_decay=settings["weight_decay"],
+        warmup_steps=settings["warmup_steps"],
+        lr_scheduler_type=settings["lr_scheduler"],
         max_grad_norm=settings["gradient_clipping"] or 0.0,
-        max_steps=-1 if settings.get("epochs") else settings["max_steps"], num_train_epochs=settings.get("epochs") or 1,
-        bf16=settings["precision"] == "bf16", fp16=settings["precision"] == "fp16",
+        max_steps=-1 if settings.get("epochs") else settings["max_steps"],
+        num_train_epochs=settings.get("epochs") or 1,
+        bf16=settings["precision"] == "bf16",
+        fp16=settings["precision"] == "fp16",
         gradient_checkpointing=settings["gradient_checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False} if settings["gradient_checkpointing"] else None,
-        eval_strategy="steps" if evaluate else "no", eval_steps=settings["eval_steps"] or None,
-        save_strategy="steps" if settings["save_steps"] else "no", save_steps=settings["save_steps"] or 500,
-        save_total_limit=settings["save_total_limit"], logging_strategy="steps", logging_steps=1, logging_first_step=True,
-        report_to=[], disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=settings["dataloader_workers"],
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=settings["eval_steps"] or None,
+        save_strategy="steps" if settings["save_steps"] else "no",
+        save_steps=settings["save_steps"] or 500,
+        save_total_limit=settings["save_total_limit"],
+        logging_strategy="steps",
+        logging_steps=1,
+        logging_first_step=True,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=settings["dataloader_workers"],
         dataloader_persistent_workers=settings["dataloader_workers"] > 0,  # not restarted every epoch
         # The fused AdamW kernel is CUDA's; on CPU torch's own loop is faster (measured: ~3 ms of a 47 ms tiny-model step).
         optim="adamw_torch_fused" if cuda else "adamw_torch",
-        use_cpu=not cuda, ddp_backend=None if cuda else "gloo",
+        use_cpu=not cuda,
+        ddp_backend=None if cuda else "gloo",
         deepspeed=deepspeed_config(settings) if engine(settings) == "deepspeed" else None,
     )
 
@@ -302,10 +409,16 @@ def deepspeed_config(settings: dict[str, Any]) -> dict[str, Any]:
     if settings["zero_stage"] == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto", "zero_optimization": zero, "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9, "wall_clock_breakdown": False,
-        "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
     }
     if settings["offload_optimizer"]:
         config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto"}}
@@ -314,8 +427,11 @@ def deepspeed_config(settings: dict[str, Any]) -> dict[str, Any]:
 
 def freeze(model, settings: dict[str, Any]) -> list[str]:
     """Freeze the parts the settings name (vision tower, projector, language model); the names of the frozen parts."""
-    parts = {"vision_tower": settings.get("freeze_vision_tower"), "projector": settings.get("freeze_projector"),
-             "language_model": settings.get("freeze_language_model")}
+    parts = {
+        "vision_tower": settings.get("freeze_vision_tower"),
+        "projector": settings.get("freeze_projector"),
+        "language_model": settings.get("freeze_language_model"),
+    }
     for name, parameter in model.named_parameters():
         if parts[part_of(name)]:
             parameter.requires_grad_(False)
@@ -335,8 +451,10 @@ def with_lora(model, lora: dict[str, Any]):
     from peft import LoraConfig, get_peft_model
 
     pattern = r".*language_model.*\.(" + "|".join(re.escape(m) for m in lora["target_modules"]) + r")$"
-    return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=pattern,
-                                            task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model,
+        LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=pattern, task_type="CAUSAL_LM"),
+    )
 
 
 def _counting_trainer(base=None):
@@ -405,8 +523,10 @@ def _counting_trainer(base=None):
 
         def totals(self) -> dict[str, int]:
             """Over every rank and the resumed run (a collective: every rank calls it)."""
-            return {"samples": self.resumed["samples"] + int(_sum_across_ranks(self.samples)),
-                    "tokens": self.resumed["tokens"] + int(_sum_across_ranks(self.tokens))}
+            return {
+                "samples": self.resumed["samples"] + int(_sum_across_ranks(self.samples)),
+                "tokens": self.resumed["tokens"] + int(_sum_across_ranks(self.tokens)),
+            }
 
     return CountingTrainer
 
@@ -475,7 +595,9 @@ class _Progress(_Callback):
         if "loss" not in logs or not (step == 1 or step % max(1, total // 10) == 0 or step == total):
             return
         line = progress_line("training", step, total, time.monotonic() - self.started, "steps", rate_done=step - self.first_step)
-        rewards = f", reward {logs['reward']:.3f}, pass rate {logs.get('rewards/answer/mean') or 0:.2f}" if logs.get("reward") is not None else ""
+        rewards = (
+            f", reward {logs['reward']:.3f}, pass rate {logs.get('rewards/answer/mean') or 0:.2f}" if logs.get("reward") is not None else ""
+        )
         self.report.log(f"{line}, loss {logs['loss']:.4f}{rewards}, lr {logs.get('learning_rate', 0):.2e}")
 
 
@@ -500,16 +622,28 @@ def _save(trainer, settings: dict, model_dir: Path, out_dir: Path) -> None:
 def copy_processor_files(model_dir: Path, out_dir: Path) -> None:
     """The base's tokenizer, chat template and image processor into a saved model: all it holds but weights and configs."""
     for name in os.listdir(model_dir):
-        if not (name.endswith(".safetensors") or name.endswith(".bin") or name in {"config.json", "generation_config.json"}
-                or name.endswith(".index.json") or name.startswith(".") or name in NOT_PROCESSOR_FILES):
+        if not (
+            name.endswith(".safetensors")
+            or name.endswith(".bin")
+            or name in {"config.json", "generation_config.json"}
+            or name.endswith(".index.json")
+            or name.startswith(".")
+            or name in NOT_PROCESSOR_FILES
+        ):
             source = model_dir / name
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, out_dir / name)
 
 
 def _default_single_process_env() -> None:
     """A plain `python -m` run is a world of one (the launchers set these for every rank)."""
-    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": os.environ.get("MASTER_PORT", "29511")}
+    defaults = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": os.environ.get("MASTER_PORT", "29511"),
+    }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
 
