@@ -20,7 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omnithought_dagster.progress import progress_line  # noqa: E402
 from omnithought_dagster.train import sft  # noqa: E402
-from omnithought_dagster.train.sft import _loss_table, _mean, _Reporter, _sum_across_ranks  # noqa: E402
+from omnithought_dagster.train import trainer as project_trainer  # noqa: E402
+from omnithought_dagster.train.ranks import sum_across_ranks as _sum_across_ranks  # noqa: E402
+from omnithought_dagster.train.report import Reporter as _Reporter  # noqa: E402
+from omnithought_dagster.train.report import loss_table as _loss_table  # noqa: E402
+from omnithought_dagster.train.trainer import mean as _mean  # noqa: E402
 
 LOSS_WINDOW = 3  # steps averaged for the initial and final loss
 
@@ -148,7 +152,7 @@ def train(spec: dict[str, Any], report: _Reporter) -> dict[str, Any]:
 def deepspeed_config(settings: dict[str, Any]) -> dict[str, Any]:
     """The project's DeepSpeed config with the values the Trainer fills in for "auto", and DeepSpeed's own optimizer
     settings and WarmupLR, as the loop had them."""
-    config = sft.deepspeed_config(settings)
+    config = project_trainer.deepspeed_config(settings)
     del config["train_batch_size"]
     config.update(
         {

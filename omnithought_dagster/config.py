@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+
+from omnithought_dagster.settings_model import SettingsModel
+from omnithought_dagster.train.methods import METHODS
+from omnithought_dagster.train.methods.grpo import GRPOSettings
+from omnithought_dagster.train.methods.kd import DistillSettings
+from omnithought_dagster.train.methods.opsd import OPSDSettings
+from omnithought_dagster.train.methods.prefix_mask_kd import PrefixMaskSettings
+
+__all__ = ["DistillSettings", "GRPOSettings", "OPSDSettings", "PrefixMaskSettings"]  # each method's settings, where they were
 
 CONFIG_ENV_VAR = "OMNITHOUGHT_CONFIG"
 DEFAULT_CONFIG_NAME = "omnithought.yaml"
@@ -29,9 +38,7 @@ class ConfigError(ValueError):
     """A project file that cannot be used; the message names the file, the field and the problem."""
 
 
-class _Model(BaseModel):
-    # validate_default: default paths are resolved against the config file like given ones.
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+_Model = SettingsModel  # every section's base (settings_model.py)
 
 
 def _resolve_path(value: str | None, info: ValidationInfo) -> str | None:
@@ -473,113 +480,19 @@ class RecipeConfig(_Model):
 BASELINE_RECIPE = "base"  # the recipe-dimension key of a student's untrained baseline
 
 
-class DistillSettings(_Model):
-    """White-box token-level distillation (`method: kd`): the student matches a teacher model's next-token distribution
-    over the reply tokens of each trace, mixed with the SFT loss."""
-
-    teacher: str = Field(
-        description="the teacher model: a local folder, a hub id or tiny:<name>; it must tokenize like the "
-        "student (same vocabulary and image processor)"
-    )
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
-        default="forward_kl", description="KL(teacher || student), KL(student || teacher), or the generalized JSD with `beta`"
-    )
-    beta: float = Field(default=0.5, gt=0, lt=1, description="jsd: the teacher's weight in the mixture (0.5: the symmetric JSD)")
-    temperature: float = Field(default=1.0, gt=0, description="both distributions are softened by it; the loss is scaled by T^2")
-    top_k: int | None = Field(default=None, ge=1, description="compare only the teacher's k most likely tokens (renormalised)")
-    weight: float = Field(default=0.5, ge=0, le=1, description="the distillation loss's share; the SFT loss gets 1 - weight")
-
-
-class PrefixMaskSettings(DistillSettings):
-    """Salient reasoning-prefix masking (`method: prefix_mask_kd`): kd's loss, with the student's attention mask hiding,
-    for each reply token it predicts, the earlier reply tokens its attention leans on most (never the image or the
-    prompt); the share hidden (the budget) grows over training while the student keeps up with the teacher."""
-
-    saliency: Literal["student", "teacher"] = Field(
-        default="student",
-        description=(
-            "whose attention ranks the earlier reply tokens: the student's (one extra forward pass without gradients per "
-            "micro-batch) or the teacher's (taken from the pass the KD loss needs; needs a teacher with the same attention interface)"
-        ),
-    )
-    saliency_layers: list[int] = Field(
-        default=[-1],
-        min_length=1,
-        description=("text decoder layers whose attention (heads averaged, then layers) is the saliency; negative counts from the last"),
-    )
-    max_budget: float = Field(default=0.3, gt=0, le=1, description="the largest share of a prediction's candidate tokens hidden")
-    growth: float = Field(default=0.02, gt=0, le=1, description="budget added after an optimizer step the student kept up in")
-    warmup_steps: int = Field(default=10, ge=0, description="optimizer steps of plain KD (budget 0) before the masks start")
-    tolerance: float = Field(
-        default=1.25,
-        ge=1,
-        description=(
-            "the budget grows after a step whose divergence to the teacher under the masks is at most tolerance x its divergence "
-            "without them, and holds otherwise"
-        ),
-    )
-    keep_recent: int = Field(default=1, ge=0, description="the tokens just before each prediction that are never hidden")
-
-
-class GRPOSettings(_Model):
-    """Reinforcement learning with verifiable rewards (`method: grpo`, TRL's GRPOTrainer), started from another student's
-    checkpoint on the same recipe: the student answers each question of the subset `num_generations` times; each answer is
-    rewarded by the project's answer verifier (1 right, 0 wrong or missing) plus a format reward (`<think>...</think>` then
-    `Answer: ...`), and the policy moves towards the answers that beat their group's mean."""
-
-    start_from: str = Field(
-        description="the student (method sft or kd, same base model) whose checkpoint on the same recipe "
-        "GRPO starts from; its partition is trained first"
-    )
-    num_generations: int = Field(default=4, ge=2, description="answers sampled per question (the group the advantages are taken in)")
-    max_completion_length: int = Field(default=256, ge=8, description="tokens per sampled answer")
-    temperature: float = Field(default=1.0, gt=0, description="sampling temperature of the answers")
-    beta: float = Field(
-        default=0.0, ge=0, description="KL penalty towards the starting checkpoint (0: none, and no reference model is held)"
-    )
-    epsilon: float = Field(default=0.2, gt=0, lt=1, description="PPO-style clipping of the probability ratio")
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(default="dapo", description="TRL's loss normalisation")
-    answer_weight: float = Field(default=1.0, ge=0, description="weight of the verifier's reward (right answer: 1)")
-    format_weight: float = Field(default=0.5, ge=0, description="weight of the format reward (`<think>` block then `Answer:`)")
-    learning_rate: float | None = Field(default=None, gt=0, description="default: training.learning_rate (RL usually wants less)")
-    max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; default: training.max_steps")
-
-    @model_validator(mode="after")
-    def _some_reward(self) -> GRPOSettings:
-        if self.answer_weight == 0 and self.format_weight == 0:
-            raise ValueError("grpo: answer_weight and format_weight are both 0: there is nothing to learn from")
-        return self
-
-
-class OPSDSettings(_Model):
-    """On-policy self-distillation with privileged context (`method: opsd`): the student samples its own answer to each
-    question; a teacher with the student's weights reads the same plus privileged context (the curated trace or the
-    reference answer) and the student is trained towards it, token by token along its own sample (generalized JSD)."""
-
-    context: Literal["trace", "answer"] = Field(
-        default="trace", description="what only the teacher sees: the curated trace of the question, or its reference answer"
-    )
-    teacher: Literal["frozen", "ema", "live"] = Field(
-        default="frozen",
-        description=(
-            "the teacher's weights: a frozen copy of the start, an exponential moving average of the student, or the student itself"
-        ),
-    )
-    ema_decay: float = Field(default=0.99, gt=0, lt=1, description="teacher ema: teacher <- decay x teacher + (1 - decay) x student")
-    beta: float = Field(default=0.5, gt=0, lt=1, description="the generalized JSD's teacher weight (0.5: symmetric)")
-    top_k: int | None = Field(default=None, ge=1, description="compare only the teacher's k most likely tokens (renormalised)")
-    clip: float | None = Field(default=None, gt=0, description="cap on each sampled token's divergence (None: no cap)")
-    max_new_tokens: int = Field(default=256, ge=1, description="tokens the student samples per question")
-    temperature: float = Field(default=1.0, gt=0, description="the student's sampling temperature")
-
-
 class StudentConfig(_Model):
-    """A student model to fine-tune: a local folder, a hub id the trainer can load, or tiny:<name>, and how (`method`)."""
+    """A student model to fine-tune: a local folder, a hub id the trainer can load, or tiny:<name>, and how (`method`).
+
+    `method` names one of the registered methods (train/methods/: sft, kd, prefix_mask_kd, opsd, grpo, and any a plug-in
+    registers); its settings are the field named like it (`kd:`, `grpo:` ...), validated by the method's settings model.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, validate_default=True)  # the method's settings: checked below
 
     name: str = Field(pattern=SOURCE_NAME_PATTERN)
     model: str = "tiny:student"
     recipes: list[str] | None = Field(default=None, description="train on these recipes only; default all")
-    method: Literal["sft", "kd", "prefix_mask_kd", "opsd", "grpo"] = Field(
+    method: str = Field(
         default="sft",
         description=(
             "sft: the teacher's traces as targets (long-CoT SFT); kd: also match a teacher model's token distribution (`kd`); "
@@ -588,28 +501,39 @@ class StudentConfig(_Model):
             "grpo: RL with the answer verifier's reward, from another student's checkpoint (`grpo`)"
         ),
     )
-    kd: DistillSettings | None = Field(default=None, description="method kd's settings")
-    prefix_mask_kd: PrefixMaskSettings | None = Field(default=None, description="method prefix_mask_kd's settings (kd's and its own)")
-    opsd: OPSDSettings | None = Field(default=None, description="method opsd's settings (all have defaults: `opsd: {}`)")
-    grpo: GRPOSettings | None = Field(default=None, description="method grpo's settings")
 
-    @model_validator(mode="before")
+    @field_validator("method")
     @classmethod
-    def _opsd_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("method") == "opsd" and data.get("opsd") is None:
-            return {**data, "opsd": {}}  # every opsd setting has a default
-        return data
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; methods: {', '.join(METHODS)}")
+        return value
 
     @model_validator(mode="after")
     def _method_settings(self) -> StudentConfig:
-        for method in ("kd", "prefix_mask_kd", "opsd", "grpo"):
-            given = getattr(self, method) is not None
-            if self.method == method and not given:
-                needs = "at least `start_from`" if method == "grpo" else "at least `teacher`"
-                raise ValueError(f"students[{self.name}]: method {method} needs `{method}:` settings ({needs})")
-            if self.method != method and given:
-                raise ValueError(f"students[{self.name}]: `{method}:` settings are given but method is {self.method!r}")
+        given = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for key in list(given):
+            if key not in METHODS or METHODS[key].settings_model is None:
+                raise ValueError(f"{key}: unknown field (check the spelling; see README 'Configuration')")
+            if key != self.method:
+                raise ValueError(f"students[{self.name}]: `{key}:` settings are given but method is {self.method!r}")
+        how = METHODS[self.method]
+        if how.settings_model is None:
+            return self
+        raw = given.get(self.method)
+        if raw is None and how.settings_needed:
+            raise ValueError(f"students[{self.name}]: method {self.method} needs `{self.method}:` settings ({how.settings_needed})")
+        try:
+            given[self.method] = how.settings_model.model_validate({} if raw is None else raw)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, (self.method, *e['loc'])))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(problems) from None
         return self
+
+    @property
+    def settings(self) -> SettingsModel | None:
+        """The method's settings (None for a method without any: sft)."""
+        return (self.__pydantic_extra__ or {}).get(self.method)
 
 
 class LoraSettings(_Model):
@@ -941,13 +865,7 @@ class ProjectConfig(_Model):
             for recipe in student.recipes or []:
                 if recipe not in recipes:
                     raise ValueError(f"students[{index}] (name={student.name}).recipes: no recipe {recipe!r}")
-            if student.method in ("kd", "prefix_mask_kd") and self.training.zero_stage == 3:
-                raise ValueError(
-                    f"students[{index}] (name={student.name}): method {student.method} with training.zero_stage 3 is not supported "
-                    "(the teacher is a whole copy on every rank; use ZeRO 0-2)"
-                )
-            if student.method == "grpo":
-                self._check_grpo(index, student)
+            METHODS[student.method].check(self, index, student)
         labels = set(self.annotation.difficulty_labels)
         for index, recipe in enumerate(self.recipes):
             unknown = set(recipe.difficulty_mix) - labels
@@ -959,33 +877,6 @@ class ProjectConfig(_Model):
                 if source not in self.source_names:
                     raise ValueError(f"recipes[{index}] (name={recipe.name}).sources: no source {source!r}")
         return self
-
-    def _check_grpo(self, index: int, student: StudentConfig) -> None:
-        where = f"students[{index}] (name={student.name}).grpo"
-        start = next((s for s in self.students if s.name == student.grpo.start_from), None)
-        if start is None or start is student:
-            raise ValueError(f"{where}.start_from: no other student named {student.grpo.start_from!r}")
-        if start.method == "grpo":
-            raise ValueError(
-                f"{where}.start_from: {start.name!r} is itself a grpo student; start from an sft, kd, prefix_mask_kd or opsd one"
-            )
-        if start.model != student.model:
-            raise ValueError(
-                f"{where}.start_from: {start.name!r} is trained from {start.model!r}, this student from {student.model!r}; "
-                "give both the same base model"
-            )
-        missing = set(self.student_recipes(student.name)) - set(self.student_recipes(start.name))
-        if missing:
-            raise ValueError(f"{where}.start_from: {start.name!r} is not trained on {sorted(missing)}")
-        world = (
-            self.training.micro_batch_size * self.training.gradient_accumulation_steps * self.training.nproc_per_node * self.training.nnodes
-        )
-        if world % student.grpo.num_generations:
-            raise ValueError(
-                f"{where}.num_generations: the answers of one generation round (micro_batch_size x "
-                f"gradient_accumulation_steps x processes = {world}) must be a multiple of num_generations "
-                f"({student.grpo.num_generations})"
-            )
 
     def student(self, name: str) -> StudentConfig:
         for student in self.students:

@@ -354,6 +354,11 @@ def train_method(
             os.killpg(process.pid, signal.SIGKILL)
         out, err = process.communicate()
         status, output = None, f"timed out after {timeout:.0f} s\n" + _text(out) + _text(err)
+    finally:  # DeepSpeed's CPU allreduce buffers of ranks that were killed (a rank that ends frees its own)
+        from omnithought_dagster.train.launch import master_port
+        from omnithought_dagster.train.trainer import remove_shm_buffers
+
+        remove_shm_buffers(training.master_addr, master_port(command))
     seconds = round(time.monotonic() - begun, 1)
     log_path = folder / "out" / "train_log.json"
     if status != 0 or not log_path.is_file():

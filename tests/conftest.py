@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import settings
 from PIL import Image, ImageDraw
+
+# Property tests draw the same examples every run (derandomized: CI cannot go red on a new draw); set
+# HYPOTHESIS_PROFILE=explore to draw fresh ones while hunting for bugs.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DAGSTER_TELEMETRY_DISABLED", "1")

@@ -260,7 +260,8 @@ def _grpo_run(model_dir, store, tmp_path, reward, steps: int = 20) -> list[float
     from omnithought_dagster.models.vl_chat import VLTokenizer
     from omnithought_dagster.train.data import build_index
     from omnithought_dagster.train.grpo import grpo_arguments, grpo_trainer_class, vl_processor
-    from omnithought_dagster.train.sft import _counting_trainer, training_kwargs
+    from omnithought_dagster.train.trainer import counting_trainer as _counting_trainer
+    from omnithought_dagster.train.trainer import training_kwargs
 
     export_subset(store, "even", "llamafactory", tmp_path / "export")
     index = build_index(tmp_path / "export", tmp_path / "index", VLTokenizer.load(model_dir), 1024, "skip")

@@ -193,7 +193,7 @@ def _in_process_trainer(tmp_path, model_dir, settings: dict, steps: int, save_st
     from omnithought_dagster.models.vl_chat import VLTokenizer
     from omnithought_dagster.train.data import LazyExamples, build_index
     from omnithought_dagster.train.prefix_mask import build_trainer
-    from omnithought_dagster.train.sft import _counting_trainer
+    from omnithought_dagster.train.trainer import counting_trainer as _counting_trainer
 
     data = tmp_path / "data"
     if not data.exists():

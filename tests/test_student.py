@@ -10,7 +10,7 @@ from omnithought_dagster.config import TrainingConfig, load_config
 from omnithought_dagster.defs import BASELINE_JOB, FILTER_JOB, SUBSET_JOB, TRAIN_JOB
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.train.launch import checkpoint_id, launcher_command, train_config_hash
-from omnithought_dagster.train.sft import deepspeed_config
+from omnithought_dagster.train.trainer import deepspeed_config
 
 from conftest import check_evaluations, materializations, plot_image, rewrite_partition, run_job, run_partition_checks, write_config
 from curation_data import build_store

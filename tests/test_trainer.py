@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from omnithought_dagster.config import StudentConfig, TrainingConfig
-from omnithought_dagster.train.launch import launcher_command, resolve_student, training_spec
-from omnithought_dagster.train.sft import part_of
+from omnithought_dagster.train.launch import launcher_command, master_port, resolve_student, training_spec
+from omnithought_dagster.train.trainer import part_of, shm_buffers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,16 +109,12 @@ def test_lora_and_a_frozen_vision_tower_train_only_what_they_should(student, tmp
     )
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(training_spec(model_dir, data, tmp_path / "out", settings, run_dir=tmp_path / "run")))
-    done = subprocess.run(
-        launcher_command(settings, spec),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    command = launcher_command(settings, spec)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "rank 0/1: 8 examples, 2 held out" in done.stdout
+    # DeepSpeed's CPU allreduce buffer (66 MB of /dev/shm) went with the run: DeepSpeed itself never unlinks it
+    assert shm_buffers(settings.master_addr, master_port(command)) == []
     log = json.loads((tmp_path / "out/train_log.json").read_text())
     assert log["frozen"] == ["vision_tower"] and log["lora"]["r"] == 4 and [e["step"] for e in log["eval"]] == [3, 6]
     rates = log["learning_rates"]
@@ -127,3 +124,43 @@ def test_lora_and_a_frozen_vision_tower_train_only_what_they_should(student, tmp
     assert set(before) == set(after)  # merged: the base's own tensors, no adapter tensors
     moved = {part_of(name) for name in before if not torch.equal(before[name], after[name])}
     assert moved == {"language_model"}
+
+
+def test_deepspeeds_shared_memory_buffers_of_killed_runs_are_swept_and_live_ones_kept(monkeypatch, tmp_path):
+    """A run SIGKILLed with its step leaves its ranks' buffers behind (nobody is left to unlink them): the next training
+    step sweeps those that are old and that no live process maps; a run still starting (young) or running (mapped) keeps
+    its own."""
+    import mmap
+
+    from omnithought_dagster.train import trainer
+
+    monkeypatch.setattr(trainer, "SHM_DIR", tmp_path)  # a folder of our own, named like /dev/shm's files
+    monkeypatch.setattr(trainer, "_mapped_shm", lambda: {str(tmp_path / f"{trainer.SHM_PREFIX}_{os.getuid()}_127.0.0.1_2_0")})
+
+    def buffer(port: int, rank: int, age_s: float, uid: int = os.getuid()) -> Path:
+        path = tmp_path / f"{trainer.SHM_PREFIX}_{uid}_127.0.0.1_{port}_{rank}"
+        path.write_bytes(b"\0" * mmap.PAGESIZE)
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+        return path
+
+    killed = [buffer(1, 0, 3600), buffer(1, 1, 3600)]
+    live = buffer(2, 0, 3600)  # mapped by a running rank
+    starting = buffer(3, 0, 5)  # created, not mapped yet
+    other_user = buffer(4, 0, 3600, uid=os.getuid() + 1)
+    assert trainer.shm_buffers("127.0.0.1", 1) == killed and trainer.shm_buffers("127.0.0.1", 1, rank=1) == killed[1:]
+    assert trainer.sweep_shm_buffers() == 2
+    assert [p.exists() for p in (*killed, live, starting, other_user)] == [False, False, True, True, True]
+    assert trainer.remove_shm_buffers("127.0.0.1", 2) == 1 and not live.exists()
+
+
+def test_the_shared_memory_a_process_maps_is_seen():
+    from multiprocessing import shared_memory
+
+    from omnithought_dagster.train.trainer import _mapped_shm
+
+    segment = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        assert f"/dev/shm/{segment.name}" in _mapped_shm()
+    finally:
+        segment.close()
+        segment.unlink()

@@ -37,35 +37,20 @@ from omnithought_dagster.train.checkpoints import RunCheckpoints
 from omnithought_dagster.train.launch import (
     checkpoint_id,
     launcher_command,
+    master_port,
     method_hash,
     resolve_student,
     run_method,
     train_config_hash,
     training_spec,
 )
+from omnithought_dagster.train.methods import METHODS
+from omnithought_dagster.train.trainer import remove_shm_buffers, sweep_shm_buffers
 
 STUDENT_GROUP = "student"
 STUDENT_CHECKPOINTS_KEY = dg.AssetKey("student_checkpoints")
 STUDENT_BASELINES_KEY = dg.AssetKey("student_baselines")
 STUDENT_CODE_VERSION = "student_checkpoints-v1"
-# What a method reports beyond the loss; kept in the checkpoint's manifest (the loss_decreased check reads grpo's rewards).
-METHOD_RESULTS = (
-    "initial_kd_loss",
-    "final_kd_loss",
-    "final_ce_loss",
-    "start_checkpoint",
-    "initial_reward",
-    "final_reward",
-    "initial_pass_rate",
-    "final_pass_rate",
-    "mean_completion_length",
-    "initial_divergence",
-    "final_divergence",
-    "mean_sample_length",
-    "final_mask_budget",
-    "final_masking_cost",
-    "final_hidden_per_prediction",
-)
 
 
 def student_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
@@ -82,7 +67,7 @@ def baseline_partitions(config: ProjectConfig) -> dg.StaticPartitionsDefinition:
 def student_partition_keys(config: ProjectConfig) -> list[str]:
     """The (student, recipe) partitions that are trained (a student may be limited to some recipes), in an order that can
     run one after the other: grpo students after the others (each starts from another student's checkpoint)."""
-    ordered = sorted(config.students, key=lambda s: s.method == "grpo")
+    ordered = sorted(config.students, key=lambda s: METHODS[s.method].starts_from(s) is not None)
     return [
         str(dg.MultiPartitionKey({"student": s.name, "recipe": r}))
         for s in ordered
@@ -110,7 +95,8 @@ def expected_checkpoint_id(config: ProjectConfig, store: CorpusStore, student: s
 def partition_method(config: ProjectConfig, store: CorpusStore, student: StudentConfig, recipe: str) -> dict | None:
     """The student's method on a recipe whose subset exists (run_method); grpo's names the checkpoint it starts from: the
     start_from student's on the same recipe, by the id that one has now."""
-    start = expected_checkpoint_id(config, store, student.grpo.start_from, recipe) if student.method == "grpo" else None
+    start_from = METHODS[student.method].starts_from(student)
+    start = expected_checkpoint_id(config, store, start_from, recipe) if start_from else None
     return run_method(student, config.models_dir, start_checkpoint=start, answer_pattern=config.generation.answer_pattern)
 
 
@@ -219,7 +205,7 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             run_checkpoints.restore(work / "run" / "checkpoints", log=context.log.info)
         succeeded = False
         try:
-            if student.method == "grpo":  # RL starts from another student's checkpoint on this recipe
+            if METHODS[student.method].starts_from(student):  # RL starts from another student's checkpoint on this recipe
                 model_dir = str(_start_checkpoint(corpus, method["start_checkpoint"], student, recipe, work / "start"))
             from omnithought_dagster.curation.export import ExportError, export_subset
 
@@ -238,7 +224,7 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             spec = training_spec(model_dir, work / "data", work / "model", cfg.training, run_dir=work / "run", method=method)
             spec_path.write_text(json.dumps(spec, indent=2))
             command = launcher_command(cfg.training, spec_path)
-            how = _describe_method(student, method)
+            how = METHODS[student.method].describe(student, method)
             context.log.info(f"training {student.name} on {recipe} ({export.examples} examples, {how}): {' '.join(command)}")
             env = {**cfg.training.env, "OMP_NUM_THREADS": cfg.training.env.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
             if cfg.training.gpus is not None:
@@ -256,12 +242,17 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 # Under a guard: the launcher and its ranks end with the step however it ends; they see the variables
                 # they need plus the training env, not the step's other secrets.
                 tail = work / "trainer.stderr"
+                swept = sweep_shm_buffers()  # DeepSpeed's buffers of runs SIGKILLed with their step: nobody else frees that RAM
+                if swept:
+                    context.log.info(f"removed {swept} shared-memory buffer(s) that killed training runs left in /dev/shm")
                 try:
                     invocation = pipes_subprocess_client.run(
                         command=guarded(command, keep_env=sorted(env), stderr_tail=tail), context=context, env=env, cwd=str(work)
                     )
                 except DagsterPipesExecutionError as exc:  # it says only the exit code: the trainer's own last lines say why
                     raise dg.Failure(description=f"the trainer failed ({exc}); its last lines:\n{log_tail(tail)}") from None
+                finally:  # however the ranks ended (a rank killed cannot free its own)
+                    remove_shm_buffers(cfg.training.master_addr, master_port(command))
             reported = {k: getattr(v, "value", v) for k, v in invocation.get_materialize_result().metadata.items()}
             context.log.info(f"trainer finished in {time.monotonic() - started:.1f} s")
             if not (work / "model" / "config.json").is_file():
@@ -285,7 +276,8 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 train_seconds=reported.get("train_seconds"),
                 launcher=f"{cfg.training.launcher} x{reported.get('world_size', '?')}",
             )
-            results = {key: reported[key] for key in METHOD_RESULTS if key in reported}
+            # what the method reports beyond the loss; kept in the manifest (the loss_decreased check reads grpo's rewards)
+            results = {key: reported[key] for key in METHODS[student.method].reports if key in reported}
             corpus.checkpoints.put(
                 ckpt,
                 work / "model",
@@ -317,40 +309,9 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                     lambda ax: curves(ax, {f"{student.name}/{recipe}": log["losses"]}),
                     f"training loss per optimizer step ({student.name} on {recipe})",
                 )
-            if log.get("kd_losses"):
-                extra["plot/kd_loss"] = plot(
-                    lambda ax: curves(ax, {"distillation (to the teacher)": log["kd_losses"], "SFT (cross-entropy)": log["ce_losses"]}),
-                    f"the loss's parts per optimizer step ({student.name} on {recipe}, {log['method']})",
-                )
-            if log.get("mask_budgets"):
-                extra["plot/mask_budget"] = plot(
-                    lambda ax: curves(
-                        ax,
-                        {
-                            "budget (share of earlier reply tokens hidden)": log["mask_budgets"],
-                            "masking cost (divergence masked / unmasked)": log["masking_costs"],
-                        },
-                        ylabel="share; ratio",
-                    ),
-                    f"self-paced masking budget per optimizer step ({student.name} on {recipe}; "
-                    f"{log['hidden_per_prediction'][-1] if log['hidden_per_prediction'] else 0:.1f} "
-                    "tokens hidden per prediction at the end)",
-                )
-            if log.get("opsd_divergences"):
-                extra["plot/opsd"] = plot(
-                    lambda ax: curves(ax, {"JSD to the privileged teacher": log["opsd_divergences"]}),
-                    f"on-policy divergence per optimizer step ({student.name} on {recipe}; answers "
-                    f"{log['mean_sample_length']:.0f} tokens on average)",
-                )
-            if log.get("rewards"):
-                extra["plot/reward"] = plot(
-                    lambda ax: curves(
-                        ax,
-                        {"reward (weighted sum)": log["rewards"], "pass rate (verifier)": log["pass_rates"], "format": log["format_rates"]},
-                        ylabel="mean over the step's answers",
-                    ),
-                    f"GRPO rewards per optimizer step ({student.name} on {recipe})",
-                )
+            for key, series, caption, ylabel in METHODS[student.method].curves(log, f"{student.name} on {recipe}"):
+                if any(series.values()):  # a run too short to log one step draws nothing
+                    extra[key] = plot(lambda ax, series=series, ylabel=ylabel: curves(ax, series, ylabel=ylabel), caption)
             if log.get("learning_rates"):
                 schedule = f"{cfg.training.lr_scheduler}, warmup {cfg.training.warmup_steps}"
                 extra["plot/learning_rate"] = plot(
@@ -368,36 +329,14 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     return [student_checkpoints]
 
 
-def _describe_method(student: StudentConfig, method: dict | None) -> str:
-    if method is None:
-        return "sft"
-    if method["name"] == "opsd":
-        return (
-            f"opsd ({method['teacher']} teacher with the {method['context']} as privileged context, "
-            f"{method['max_new_tokens']} tokens sampled)"
-        )
-    if method["name"] == "grpo":
-        return (
-            f"grpo from {student.grpo.start_from}'s checkpoint {method['start_checkpoint'][:12]} ({method['num_generations']} answers "
-            f"a question, {method['loss_type']})"
-        )
-    teacher = getattr(student, method["name"]).teacher
-    if method["name"] == "prefix_mask_kd":
-        return (
-            f"prefix_mask_kd from {teacher} ({method['divergence']}, weight {method['weight']}; up to {method['max_budget']:.0%} of "
-            f"the earlier reply tokens hidden by the {method['saliency']}'s attention)"
-        )
-    return f"{method['name']} from {teacher} ({method['divergence']}, weight {method['weight']})"
-
-
 def _start_checkpoint(corpus: CorpusStore, start: str, student: StudentConfig, recipe: str, cache_dir: Path) -> Path:
-    """The folder of the checkpoint a grpo student starts from; a clear failure while it is not trained yet."""
+    """The folder of the checkpoint a student starts from (its method's `starts_from`); a clear failure while it is not trained yet."""
     if corpus.checkpoints.manifest(start) is None:
+        start_from = METHODS[student.method].starts_from(student)
         raise dg.Failure(
             description=(
-                f"student {student.name!r} (grpo) starts from {student.grpo.start_from!r}'s checkpoint on {recipe!r} ({start[:12]}), "
-                f"which is "
-                f"not in the store: materialise student_checkpoints[{recipe}|{student.grpo.start_from}] first"
+                f"student {student.name!r} ({student.method}) starts from {start_from!r}'s checkpoint on {recipe!r} ({start[:12]}), "
+                f"which is not in the store: materialise student_checkpoints[{recipe}|{start_from}] first"
             )
         )
     return corpus.checkpoints.local_dir(start, cache_dir)

@@ -6,6 +6,7 @@ from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY, STUDENT_CH
 from omnithought_dagster.checks.teacher import partition_dims
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
+from omnithought_dagster.train.methods import METHODS
 
 LOSS_DECREASED = "loss_decreased"
 LOADS_AND_GENERATES = "loads_and_generates"
@@ -51,23 +52,25 @@ def build_checkpoint_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinit
 
 
 def objective_verdict(row: dict, manifest: dict | None) -> dict:
-    """loss_decreased's verdict for a checkpoint row and its stored manifest (AssetCheckResult's arguments)."""
+    """loss_decreased's verdict for a checkpoint row and its stored manifest (AssetCheckResult's arguments): the loss fell,
+    or, for a method whose objective must rise instead (its `rises`: grpo's reward), that rose (a warning when not)."""
     method = ((manifest or {}).get("train_spec") or {}).get("method") or {}
-    if method.get("name") == "grpo":
+    rises = METHODS[method["name"]].rises if method.get("name") in METHODS else None
+    if rises:
         results = (manifest or {}).get("results") or {}
-        initial, final = results.get("initial_reward"), results.get("final_reward")
+        initial, final = results.get(f"initial_{rises}"), results.get(f"final_{rises}")
         passed = initial is not None and final is not None and final > initial
         return {
             "passed": passed,
             "severity": dg.AssetCheckSeverity.WARN,
             "metadata": {
-                "initial_reward": initial,
-                "final_reward": final,
+                f"initial_{rises}": initial,
+                f"final_{rises}": final,
                 "initial_pass_rate": results.get("initial_pass_rate"),
                 "final_pass_rate": results.get("final_pass_rate"),
                 "steps": row["steps"],
             },
-            "description": None if passed else f"grpo: the reward did not rise: first steps {initial}, last steps {final}",
+            "description": None if passed else f"{method['name']}: the {rises} did not rise: first steps {initial}, last steps {final}",
         }
     initial, final = row["initial_loss"], row["final_loss"]
     passed = initial is not None and final is not None and final < initial

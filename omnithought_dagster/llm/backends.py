@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 from omnithought_dagster.config import LLMConfig
 from omnithought_dagster.markup import storable
+from omnithought_dagster.models.resolve import TINY_PREFIX, resolve_model  # noqa: F401 - resolve_model: where it was imported from
 
-TINY_PREFIX = "tiny:"
 # The longest wait a server's Retry-After gets: past it the request is retried anyway (and, after the retries, recorded).
 RETRY_AFTER_CAP_S = 60.0
 
@@ -360,19 +360,6 @@ class TransformersBackend:
 
 
 # -- choosing and opening a backend --------------------------------------------------------------------
-
-
-def resolve_model(model: str, models_dir: str | Path) -> tuple[str, str | None]:
-    """(path or hub id to load, fingerprint) - `tiny:<name>` builds the tiny model when missing."""
-    if model.startswith(TINY_PREFIX):
-        from omnithought_dagster.models.tiny import TINY_MODELS, build_tiny_model
-
-        name = model[len(TINY_PREFIX) :]
-        if name not in TINY_MODELS:
-            raise ValueError(f"no tiny model {name!r}; available: {sorted(TINY_MODELS)}")
-        spec = TINY_MODELS[name]
-        return str(build_tiny_model(spec, Path(models_dir) / spec.name)), spec.fingerprint
-    return model, None
 
 
 def backend_identity(config: LLMConfig, fingerprint: str | None) -> str:

@@ -47,7 +47,7 @@ def answer_reward(text: str, reference: str | None, answer_type: str | None, cho
     """1.0 when the reply's final answer is the reference answer by the project's verifier, else 0.0 (wrong, missing,
     unparsable, or a free-form mismatch only the judge could decide)."""
     from omnithought_dagster.curation.verify import verify
-    from omnithought_dagster.teacher.prompt import parse_reply
+    from omnithought_dagster.teacher.reply import parse_reply
 
     if not isinstance(text, str) or reference is None or answer_type is None:
         return 0.0

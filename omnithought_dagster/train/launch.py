@@ -12,6 +12,7 @@ from typing import Any
 from omnithought_dagster.config import StudentConfig, TrainingConfig
 from omnithought_dagster.ids import content_id
 from omnithought_dagster.llm.vllm_server import free_port
+from omnithought_dagster.train.methods import BUILT_IN, METHODS
 
 TRAIN_MODULE = "omnithought_dagster.train.sft"
 TRAINER_VERSION = "sft-v2"  # bump when the trainer changes what a checkpoint contains (v2: transformers' Trainer)
@@ -32,40 +33,19 @@ def train_config_hash(training: TrainingConfig) -> str:
 def run_method(
     student: StudentConfig, models_dir: str | Path, *, start_checkpoint: str | None = None, answer_pattern: str | None = None
 ) -> dict[str, Any] | None:
-    """What the student's method adds to its runs: None for sft; for kd and prefix_mask_kd its settings, the teacher's folder
-    (or hub id) and
-    the teacher's fingerprint (tiny:<name> teachers are built when missing); for grpo its settings, the checkpoint it
-    starts from (`start_checkpoint`, the start_from student's on the same recipe) and the answer pattern its reward
-    parses replies with."""
-    if student.method == "sft":
-        return None
-    if student.method == "opsd":
-        return {"name": "opsd", **student.opsd.model_dump(mode="json")}
-    if student.method == "grpo":
-        if start_checkpoint is None or answer_pattern is None:
-            raise ValueError(f"students[{student.name}]: method grpo needs the checkpoint it starts from and the answer pattern")
-        return {
-            "name": "grpo",
-            **student.grpo.model_dump(mode="json"),
-            "start_checkpoint": start_checkpoint,
-            "answer_pattern": answer_pattern,
-        }
-    from omnithought_dagster.llm.backends import resolve_model
-
-    settings = getattr(student, student.method)  # kd, prefix_mask_kd: a teacher model
-    teacher_dir, fingerprint = resolve_model(settings.teacher, models_dir)
-    return {
-        "name": student.method,
-        **settings.model_dump(mode="json"),
-        "teacher_dir": str(teacher_dir),
-        "teacher_fingerprint": fingerprint or content_id("base-model", {"model": settings.teacher}),
-    }
+    """What the student's method adds to its runs (its `spec`, train/methods/): None for sft; the settings, and the teacher's
+    folder and fingerprint (kd, prefix_mask_kd) or the checkpoint it starts from and the answer pattern (grpo)."""
+    method = METHODS[student.method]
+    spec = method.spec(student, models_dir, start_checkpoint=start_checkpoint, answer_pattern=answer_pattern)
+    if spec is not None and student.method not in BUILT_IN:  # a plug-in: the training process imports its module
+        spec["module"] = type(method).__module__
+    return spec
 
 
 def method_identity(method: dict[str, Any] | None) -> dict[str, Any]:
     """What a method is: its name, settings and the teacher's fingerprint or the checkpoint it starts from - not where the
     teacher lies ({"name": "sft"} for sft). Hashed into the checkpoint id, shown by lineage."""
-    return {"name": "sft"} if method is None else {k: v for k, v in method.items() if k != "teacher_dir"}
+    return {"name": "sft"} if method is None else {k: v for k, v in method.items() if k not in ("teacher_dir", "module")}
 
 
 def method_hash(method: dict[str, Any] | None) -> str | None:
@@ -141,3 +121,8 @@ def launcher_command(training: TrainingConfig, spec_path: Path) -> list[str]:
     if training.hostfile:
         command += ["--hostfile", training.hostfile]
     return command + [*training.launcher_args, "--module", TRAIN_MODULE] + script
+
+
+def master_port(command: list[str]) -> str:
+    """The master port a launcher command gives its ranks (both launchers take `--master_port`)."""
+    return command[command.index("--master_port") + 1]

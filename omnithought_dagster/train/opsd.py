@@ -39,7 +39,7 @@ def teacher_messages(messages: list[dict], context: str) -> list[dict]:
     if context == "trace":
         extra = reply
     else:
-        from omnithought_dagster.teacher.prompt import parse_reply
+        from omnithought_dagster.teacher.reply import parse_reply
 
         extra = parse_reply(reply, r"(?is)(?:final answer|answer)\s*(?:is\b|[:：])\s*(.+?)[\s.]*$").final_answer or ""
     content = [dict(part) for part in user["content"]]
