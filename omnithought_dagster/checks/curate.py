@@ -7,7 +7,7 @@ from omnithought_dagster.assets.seed import seed_partitions
 from omnithought_dagster.checks.gx import Expect, gx_check_result
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.curate import recheck_kept
-from omnithought_dagster.curation.decontam import find_contamination, load_benchmark_items
+from omnithought_dagster.curation.decontam import contamination_under, load_benchmark_items
 from omnithought_dagster.curation.sampling import _quotas
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 
@@ -209,15 +209,7 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
             .to_pylist()
         )
         items = load_benchmark_items([cfg.benchmark(n) for n in cfg.curation.decontamination.benchmarks], cfg.seed)
-        d = cfg.curation.decontamination
-        hits = find_contamination(
-            samples,
-            items,
-            ngram=d.question_ngram,
-            min_overlap=d.min_question_overlap,
-            image_max_distance=d.image_max_distance,
-            require=d.require,
-        )
+        hits = contamination_under(samples, items, cfg.curation.decontamination)
         examples = [
             {"sample_id": s, "benchmark": h[0].benchmark, "item": h[0].item_id, "code": h[0].code} for s, h in list(hits.items())[:10]
         ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from omnithought_dagster.config import CurationConfig
-from omnithought_dagster.curation.decontam import BenchmarkItem, Contamination, find_contamination
+from omnithought_dagster.curation.decontam import BenchmarkItem, Contamination, contamination_under
 from omnithought_dagster.curation.filters import decide, sample_flags
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.store.tables import FILTER_DECISIONS
@@ -43,25 +43,8 @@ def curate_source(store: CorpusStore, source: str, curation: CurationConfig, ben
         raise LookupError(f"seed_pool[{source}] is not materialised")
     samples = seed.to_pylist()
     wanted = sorted({s["near_duplicate_of"] for s in samples if s["near_duplicate_of"]})
-    representatives = (
-        dict(
-            con.execute(
-                "SELECT sample_id, any_value(question) FROM seed_pool WHERE sample_id IN (SELECT unnest($1::VARCHAR[])) GROUP BY 1",
-                [wanted],
-            ).fetchall()
-        )
-        if wanted
-        else {}
-    )
-    decontamination = curation.decontamination
-    contamination = find_contamination(
-        samples,
-        benchmark_items,
-        ngram=decontamination.question_ngram,
-        min_overlap=decontamination.min_question_overlap,
-        image_max_distance=decontamination.image_max_distance,
-        require=decontamination.require,
-    )
+    representatives = _questions_of(con, wanted)
+    contamination = contamination_under(samples, benchmark_items, curation.decontamination)
     flags = sample_flags(samples, representatives, contamination, curation.rules.near_duplicate_question_similarity)
     timings["sample_flags"] = time.perf_counter() - started
     decisions = decide(con, source, curation.rules, curation.selection, flags)
@@ -101,26 +84,9 @@ def recheck_kept(
         .to_pylist()
     )
     samples = {r["sample_id"]: r for r in rows}
-    d = curation.decontamination
-    contamination = find_contamination(
-        samples.values(),
-        benchmark_items,
-        ngram=d.question_ngram,
-        min_overlap=d.min_question_overlap,
-        image_max_distance=d.image_max_distance,
-        require=d.require,
-    )
+    contamination = contamination_under(samples.values(), benchmark_items, curation.decontamination)
     wanted = sorted({r["near_duplicate_of"] for r in rows if r["near_duplicate_of"]})
-    representatives = (
-        dict(
-            con.execute(
-                "SELECT sample_id, any_value(question) FROM seed_pool WHERE sample_id IN (SELECT unnest($1::VARCHAR[])) GROUP BY 1",
-                [wanted],
-            ).fetchall()
-        )
-        if wanted
-        else {}
-    )
+    representatives = _questions_of(con, wanted)
     per_sample_kept = dict(
         con.execute("SELECT sample_id, count(*) FROM filter_decisions WHERE source = $1 AND kept GROUP BY 1", [source]).fetchall()
     )
@@ -158,3 +124,11 @@ def recheck_kept(
             violations.append({"trace_id": row["trace_id"], "should_drop_for": reasons})
     con.close()
     return len(rows), violations
+
+
+def _questions_of(con, sample_ids: list[str]) -> dict[str, str]:
+    """The question of each of these samples (the near-duplicates' representatives), from the catalog's seed_pool."""
+    if not sample_ids:
+        return {}
+    query = "SELECT sample_id, any_value(question) FROM seed_pool WHERE sample_id IN (SELECT unnest($1::VARCHAR[])) GROUP BY 1"
+    return dict(con.execute(query, [sample_ids]).fetchall())

@@ -45,6 +45,18 @@ def question_grams(question: str, n: int) -> set[str]:
     return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
+def contamination_under(samples: Iterable[dict], items: list[BenchmarkItem], settings) -> dict[str, list[Contamination]]:
+    """find_contamination with the project file's `curation.decontamination` settings."""
+    return find_contamination(
+        samples,
+        items,
+        ngram=settings.question_ngram,
+        min_overlap=settings.min_question_overlap,
+        image_max_distance=settings.image_max_distance,
+        require=settings.require,
+    )
+
+
 def find_contamination(
     samples: Iterable[dict], items: list[BenchmarkItem], *, ngram: int, min_overlap: float, image_max_distance: int, require: str = "any"
 ) -> dict[str, list[Contamination]]:
