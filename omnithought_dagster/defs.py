@@ -29,6 +29,9 @@ warnings.filterwarnings("ignore", message="Specifying a partitions_def on an Ass
 warnings.filterwarnings("ignore", message="Class `MultiToSingleDimensionPartitionMapping` is currently in beta", category=dg.BetaWarning)
 # benchmark_scores (student x base+recipes) reads student_checkpoints (student x recipes) through this one.
 warnings.filterwarnings("ignore", message="Class `MultiPartitionMapping` is currently in beta", category=dg.BetaWarning)
+# The files the pipeline reads are observable source assets (assets/inputs.py), a beta decorator; pinned too.
+warnings.filterwarnings("ignore", message="Function `observable_source_asset` is currently in beta", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", message="Class `DataVersionsByPartition` is currently in beta", category=dg.BetaWarning)
 # Dagster's own Pipes client calls a preview API of itself on every run; nothing for users to act on.
 warnings.filterwarnings(
     "ignore", message="Function `PipesMessageReader.expected_writer_count` is currently in preview", category=dg.PreviewWarning

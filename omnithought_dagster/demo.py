@@ -1,9 +1,10 @@
 """`omnithought demo`: materialise every stage that exists, in order, on the configured instance.
 
 Runs go through the real Dagster instance ($DAGSTER_HOME), so `make ui` shows them: the same
-jobs, checks and metadata a user launches from the UI. A partition whose inputs did not
-change since its last materialisation (same input fingerprint, data still in the store, its
-checks passed) is skipped, which makes a second `make demo` fast.
+jobs, checks and metadata a user launches from the UI. Before a stage, the demo observes the
+files it reads (assets/inputs.py); a partition Dagster calls fresh (`staleness.py`: materialised,
+no new code version, no upstream with newer data), whose rows are in the store and whose checks
+passed, is skipped - which makes a second `make demo` fast.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 
 import dagster as dg
 
+from omnithought_dagster.assets.inputs import observe_job_name
 from omnithought_dagster.config import SOURCES_PARTITIONS, ProjectConfig
 from omnithought_dagster.defs import build_definitions
 from omnithought_dagster.llm.vllm_server import keep_servers, stop_kept_servers
 from omnithought_dagster.pools import run_in_process
 from omnithought_dagster.stages import STAGES
+from omnithought_dagster.staleness import Staleness
 from omnithought_dagster.store import CorpusStore, open_store
 
 # The demo's runs log through one logger of its own (below): the steps' own lines (progress with
@@ -69,19 +72,23 @@ def _run_stages(config, instance, defs, graph, store, loggers, force, say) -> li
         job = defs.resolve_job_def(stage.job).with_logger_defs(loggers)
         partitions_def = job.partitions_def
         check_keys = [key for key in graph.asset_check_keys if key.asset_key in stage.keys]
+        observed = True  # a failed observation leaves the last one standing: then nothing of this stage is skipped
+        for key in stage.observes:
+            if graph.has(key):
+                job_def = defs.resolve_job_def(observe_job_name(key)).with_logger_defs(loggers)
+                if not run_in_process(job_def, instance, raise_on_error=False, run_config=DEMO_RUN_CONFIG).success:
+                    say(f"! observing {key.to_user_string()} failed: every {stage.name} partition runs")
+                    observed = False
+        staleness = Staleness(instance, defs)  # after its upstreams ran and its inputs were observed
         for partition in partitions:
-            try:
-                fingerprint = stage.input_fingerprint(config, store, partition)
-            except Exception:  # noqa: BLE001 - e.g. a source that cannot be opened: the step runs and says why
-                fingerprint = None
             checks = _latest_checks(instance, check_keys, partition)
             metadata = _latest_metadata(instance, stage.key, partition)
             store_partition = stage.store_key(partition) if stage.store_key else _store_partition(partitions_def, partition)
             if (
                 not force
+                and observed
                 and store.has_partition(stage.table, store_partition)
-                and fingerprint is not None
-                and metadata.get("input_fingerprint") == fingerprint
+                and staleness.of(stage.key, partition).fresh
                 and len(checks) == len(check_keys)
                 and "failed" not in checks.values()
             ):

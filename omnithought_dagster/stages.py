@@ -15,6 +15,7 @@ from typing import Any
 import dagster as dg
 
 from omnithought_dagster.assets import annotate, curate, scores, seed, student, teacher
+from omnithought_dagster.assets.inputs import BENCHMARK_ITEMS_KEY, SEED_SOURCES_KEY, observe_job_name
 from omnithought_dagster.automation import build_schedules
 from omnithought_dagster.checks import annotate as annotate_checks
 from omnithought_dagster.checks import curate as curate_checks
@@ -54,11 +55,11 @@ class Stage:
     partitions: Callable[[ProjectConfig], dg.PartitionsDefinition]
     partition_keys: Callable[[ProjectConfig], list[str]]  # the project file's partitions, in the order the demo runs them
     summary: Callable[[CorpusStore, str, dict], dict[str, Any]]  # the demo's counts: input, output, flagged, reasons, detail
-    input_fingerprint: Callable[[ProjectConfig, CorpusStore, str], str]  # what the demo's skip compares with the last run's
     enabled: Callable[[ProjectConfig], bool] = _always  # whether the project file asks for it
     automation: Callable[[ProjectConfig, str], dg.Definitions] | None = None  # its sensors and schedules, given its job's name
     store_key: Callable[[str], Any] | None = None  # the table partition a Dagster partition writes, when not that partition's keys
     uses_llm: bool = False  # its steps talk to the teacher or the judge (a kept vLLM server)
+    observes: tuple[dg.AssetKey, ...] = ()  # the observable inputs its assets define (assets/inputs.py): observed before it runs
 
     @property
     def key(self) -> dg.AssetKey:
@@ -69,7 +70,12 @@ class Stage:
         job = dg.define_asset_job(
             self.job, selection=dg.AssetSelection.assets(*self.keys), partitions_def=self.partitions(config), description=self.description
         )
-        own = dg.Definitions(assets=list(self.assets(config)), asset_checks=list(self.checks(config)), jobs=[job])
+        assets = list(self.assets(config))
+        defined = {key for asset in assets for key in (asset.keys if isinstance(asset, dg.AssetsDefinition) else [asset.key])}
+        observes = [
+            dg.define_asset_job(observe_job_name(key), selection=dg.AssetSelection.assets(key)) for key in self.observes if key in defined
+        ]
+        own = dg.Definitions(assets=assets, asset_checks=list(self.checks(config)), jobs=[job, *observes])
         return dg.Definitions.merge(own, self.automation(config, self.job)) if self.automation else own
 
 
@@ -101,8 +107,8 @@ STAGES: list[Stage] = [
         seed.seed_partitions,
         _sources,
         seed.seed_summary,
-        seed.seed_input_fingerprint,
         automation=lambda config, job: dg.Definitions(sensors=build_manifest_sensors(config, job)),
+        observes=(SEED_SOURCES_KEY,),
     ),
     Stage(
         "cot_traces",
@@ -115,7 +121,6 @@ STAGES: list[Stage] = [
         teacher.traces_partitions,
         teacher.traces_partition_keys,
         teacher.traces_summary,
-        teacher.traces_input_fingerprint,
         uses_llm=True,
     ),
     Stage(
@@ -129,7 +134,6 @@ STAGES: list[Stage] = [
         teacher.traces_partitions,
         teacher.traces_partition_keys,
         annotate.annotations_summary,
-        annotate.annotations_input_fingerprint,
         uses_llm=True,
     ),
     Stage(
@@ -143,8 +147,8 @@ STAGES: list[Stage] = [
         seed.seed_partitions,
         _sources,
         curate.filter_summary,
-        curate.filter_fingerprint,
         automation=lambda config, job: dg.Definitions(schedules=build_schedules(config, job)),
+        observes=(BENCHMARK_ITEMS_KEY,),
     ),
     Stage(
         "sampled_subsets",
@@ -157,7 +161,6 @@ STAGES: list[Stage] = [
         curate.recipe_partitions,
         _recipes,
         curate.subset_summary,
-        curate.subset_fingerprint,
         enabled=lambda config: bool(config.recipes),
     ),
     Stage(
@@ -171,7 +174,6 @@ STAGES: list[Stage] = [
         student.baseline_partitions,
         _students,
         student.baseline_summary,
-        student.baseline_input_fingerprint,
         enabled=lambda config: bool(config.students),
         store_key=lambda name: {"student": name, "recipe": BASELINE_RECIPE},
     ),
@@ -186,7 +188,6 @@ STAGES: list[Stage] = [
         student.student_partitions,
         student.student_partition_keys,
         student.checkpoint_summary,
-        student.checkpoint_input_fingerprint,
         enabled=lambda config: bool(config.students and config.recipes),
     ),
     Stage(
@@ -200,7 +201,6 @@ STAGES: list[Stage] = [
         scores.score_partitions,
         scores.score_partition_keys,
         scores.scores_summary,
-        scores.scores_input_fingerprint,
         enabled=_scored,
     ),
 ]

@@ -31,8 +31,12 @@ def test_definitions_snapshot_from_the_demo_config():
             "student_baselines",
             "student_checkpoints",
             "benchmark_scores",
+            "seed_sources",  # the files read, observed (assets/inputs.py)
+            "benchmark_items",
         ]
     )
+    assert specs["seed_sources"].is_observable and specs["seed_sources"].partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
+    assert specs["benchmark_items"].is_observable and specs["benchmark_items"].partitions_def is None
     assert specs["filtered_set"].partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
     assert specs["sampled_subsets"].partitions_def.get_partition_keys() == ["balanced", "hard-long"]
     for name in ("images", "quarantine", "seed_pool"):
@@ -41,6 +45,7 @@ def test_definitions_snapshot_from_the_demo_config():
         assert node.partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
         assert node.code_version.startswith("seed-v3+")
         assert node.description
+        assert {k.to_user_string() for k in node.parent_keys} == {"seed_sources"}
     traces = specs["cot_traces"]
     assert traces.group_name == "teacher" and traces.code_version.startswith("cot_traces-v1+")
     assert traces.partitions_def.get_partition_keys() == ["000|synthetic", "000|mini_llava"]  # demo: 1 shard per source
@@ -67,7 +72,7 @@ def test_definitions_snapshot_from_the_demo_config():
     assert scores.partitions_def.get_partition_keys() == [
         f"{recipe}|{student}" for recipe in ("base", "balanced", "hard-long") for student in ("tiny", "tiny-kd", "tiny-masked", "tiny-grpo")
     ]
-    assert {k.to_user_string() for k in scores.parent_keys} == {"student_checkpoints", "student_baselines"}
+    assert {k.to_user_string() for k in scores.parent_keys} == {"student_checkpoints", "student_baselines", "benchmark_items"}
     checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
     assert checks == [
         "annotations:every_trace_annotated",

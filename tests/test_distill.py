@@ -163,16 +163,16 @@ def test_sft_and_kd_students_train_on_one_recipe_through_the_asset(tmp_path, ins
     result = run_job(config, instance, TRAIN_JOB, "even|kd")
     assert result.success
     kd = materializations(result)["student_checkpoints"]
-    assert sft["input_fingerprint"] != kd["input_fingerprint"]  # the same base, subset and settings; another method
+    assert sft["checkpoint_id"] != kd["checkpoint_id"]  # the same base, subset and settings; another method
     assert "method" not in sft and kd["method"] == "kd" and kd["teacher"] == str(teacher)
     assert kd["final_kd_loss"] < kd["initial_kd_loss"] and kd["final_loss"] < kd["initial_loss"]  # it moves towards the teacher
     assert plot_image(kd["plot/kd_loss"])
 
-    manifest = store.checkpoints.manifest(kd["input_fingerprint"])
+    manifest = store.checkpoints.manifest(kd["checkpoint_id"])
     assert manifest["train_spec"]["method"]["name"] == "kd" and manifest["train_spec"]["method"]["divergence"] == "jsd"
-    log = json.loads((store.checkpoints.local_dir(kd["input_fingerprint"], tmp_path / "dl") / "train_log.json").read_text())
+    log = json.loads((store.checkpoints.local_dir(kd["checkpoint_id"], tmp_path / "dl") / "train_log.json").read_text())
     assert len(log["kd_losses"]) == len(log["ce_losses"]) == 12 and log["method"] == "kd"
     for total, ce, part in zip(log["losses"], log["ce_losses"], log["kd_losses"], strict=False):  # each logged loss is the mix of its parts
         assert total == pytest.approx(0.3 * ce + 0.7 * part, rel=1e-3, abs=1e-4)
-    story = checkpoint_story(store, store.catalog(), kd["input_fingerprint"])
+    story = checkpoint_story(store, store.catalog(), kd["checkpoint_id"])
     assert story["method"]["name"] == "kd" and story["method"]["teacher"] == str(teacher) and "teacher_dir" not in story["method"]

@@ -39,9 +39,11 @@ def test_one_percent_more_samples_sends_requests_only_for_them_and_reuses_what_d
     for outcome in second:
         by_stage.setdefault(outcome.stage, []).append(outcome)
     assert [o.skipped for o in by_stage["seed_pool"]] == [False]
-    # Only the shard that holds the new sample is regenerated and re-annotated; the other one is up to date.
-    assert sorted(o.skipped for o in by_stage["cot_traces"]) == [False, True]
-    assert sorted(o.skipped for o in by_stage["annotations"]) == [False, True]
+    # seed_pool[synthetic] has a new data version and Dagster keeps one per source, so it calls both shards of both model
+    # stages stale (they read seed_pool): both re-run, the shard without the new sample entirely from the caches - the
+    # request count above is what that over-approximation costs: nothing.
+    assert [o.skipped for o in by_stage["cot_traces"]] == [False, False]
+    assert [o.skipped for o in by_stage["annotations"]] == [False, False]
     assert store.read_partition("seed_pool", "synthetic").num_rows == 101
 
     subset_after = store.read_partition("subset_members", "mix").column("subset_version")[0].as_py()

@@ -213,13 +213,13 @@ def test_grpo_starts_from_the_sft_checkpoint_and_reports_rewards(tmp_path, insta
     result = run_job(config, instance, TRAIN_JOB, "even|rl")
     assert result.success
     rl = materializations(result)["student_checkpoints"]
-    assert rl["method"] == "grpo" and rl["start_checkpoint"] == sft["input_fingerprint"] and rl["steps"] == 6
+    assert rl["method"] == "grpo" and rl["start_checkpoint"] == sft["checkpoint_id"] and rl["steps"] == 6
     assert 0 <= rl["initial_pass_rate"] <= 1 and 0 <= rl["final_pass_rate"] <= 1 and 0 < rl["mean_completion_length"] <= 24
     assert rl["samples_seen"] == 6 * 4  # 6 steps of 4 answers (one question x num_generations)
     assert plot_image(rl["plot/reward"])
 
     store = CorpusStore(config.store.root)
-    folder = store.checkpoints.local_dir(rl["input_fingerprint"], tmp_path / "dl")
+    folder = store.checkpoints.local_dir(rl["checkpoint_id"], tmp_path / "dl")
     log = json.loads((folder / "train_log.json").read_text())
     assert log["method"] == "grpo" and len(log["rewards"]) == len(log["pass_rates"]) == len(log["format_rates"]) == 6
     for total, passed, formatted in zip(
@@ -233,18 +233,18 @@ def test_grpo_starts_from_the_sft_checkpoint_and_reports_rewards(tmp_path, insta
     import torch
     from transformers import AutoModelForImageTextToText
 
-    start = AutoModelForImageTextToText.from_pretrained(store.checkpoints.local_dir(sft["input_fingerprint"], tmp_path / "s")).state_dict()
+    start = AutoModelForImageTextToText.from_pretrained(store.checkpoints.local_dir(sft["checkpoint_id"], tmp_path / "s")).state_dict()
     tuned = AutoModelForImageTextToText.from_pretrained(folder).state_dict()
     assert any(not torch.equal(start[k], tuned[k]) for k in start)  # the policy moved from where it started
 
-    story = checkpoint_story(store, store.catalog(), rl["input_fingerprint"])
-    assert story["method"]["name"] == "grpo" and story["method"]["start_checkpoint"] == sft["input_fingerprint"]
+    story = checkpoint_story(store, store.catalog(), rl["checkpoint_id"])
+    assert story["method"]["name"] == "grpo" and story["method"]["start_checkpoint"] == sft["checkpoint_id"]
 
     # The same trainer pieces (questions, processor, TRL's GRPO under the counting trainer) raise a reward the SFT student can
     # reach in a few steps: closing its reasoning block within 10 tokens. The log-probabilities TRL takes of the student's
     # image + question inputs are right, or this would not climb.
     rewards = _grpo_run(
-        store.checkpoints.local_dir(sft["input_fingerprint"], tmp_path / "s"),
+        store.checkpoints.local_dir(sft["checkpoint_id"], tmp_path / "s"),
         store,
         tmp_path,
         lambda prompts, completions, **_: [1.0 if "</think>" in completion_text(c) else 0.0 for c in completions],

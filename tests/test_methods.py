@@ -132,6 +132,6 @@ def test_a_toy_method_registered_outside_the_package_trains_through_the_asset(to
     assert result.success
     meta = materializations(result)["student_checkpoints"]
     assert meta["method"] == "toy" and meta["toy_scale"] == 0.5
-    manifest = CorpusStore(config.store.root).checkpoints.manifest(meta["input_fingerprint"])
+    manifest = CorpusStore(config.store.root).checkpoints.manifest(meta["checkpoint_id"])
     assert manifest["train_spec"]["method"] == {"name": "toy", "scale": 0.5, "module": "omnithought_toy_method"}
     assert manifest["results"] == {"toy_scale": 0.5}

@@ -177,8 +177,8 @@ def test_opsd_trains_a_student_towards_its_privileged_self_through_the_asset(tmp
     assert 0 < meta["mean_sample_length"] <= 16
     assert meta["final_divergence"] < meta["initial_divergence"]  # the student moves towards its privileged self
     assert plot_image(meta["plot/opsd"])
-    log = json.loads((store.checkpoints.local_dir(meta["input_fingerprint"], tmp_path / "dl") / "train_log.json").read_text())
+    log = json.loads((store.checkpoints.local_dir(meta["checkpoint_id"], tmp_path / "dl") / "train_log.json").read_text())
     assert len(log["opsd_divergences"]) == len(log["sample_lengths"]) == 10
     assert log["losses"] == pytest.approx(log["opsd_divergences"], rel=1e-3, abs=1e-5)  # the loss is the divergence
-    story = checkpoint_story(store, store.catalog(), meta["input_fingerprint"])
+    story = checkpoint_story(store, store.catalog(), meta["checkpoint_id"])
     assert story["method"]["name"] == "opsd" and story["method"]["context"] == "trace" and story["method"]["teacher"] == "frozen"

@@ -283,10 +283,10 @@ def test_prefix_mask_kd_distils_a_student_under_a_growing_budget(tmp_path, insta
     assert meta["method"] == "prefix_mask_kd" and meta["final_kd_loss"] < meta["initial_kd_loss"]
     assert 0 < meta["final_mask_budget"] <= 0.3 and meta["final_hidden_per_prediction"] > 0
     assert plot_image(meta["plot/mask_budget"]).size[0] > 0
-    log = json.loads((store.checkpoints.local_dir(meta["input_fingerprint"], tmp_path / "out") / "train_log.json").read_text())
+    log = json.loads((store.checkpoints.local_dir(meta["checkpoint_id"], tmp_path / "out") / "train_log.json").read_text())
     assert log["mask_budgets"][:3] == [0.0, 0.0, 0.0] and log["mask_budgets"][-1] > 0  # plain KD in the warm-up and the step after
     assert all(b <= a for a, b in zip(log["mask_budgets"][1:], log["mask_budgets"], strict=False)) and log["hidden_per_prediction"][0] == 0
     assert log["masking_costs"][:3] == [1.0, 1.0, 1.0] and max(log["masking_costs"]) > 1  # the masks make the teacher harder to follow
-    story = checkpoint_story(store, store.catalog(), meta["input_fingerprint"])
+    story = checkpoint_story(store, store.catalog(), meta["checkpoint_id"])
     assert story["method"]["name"] == "prefix_mask_kd" and story["method"]["teacher"] == str(teacher)
     assert "teacher_dir" not in story["method"]

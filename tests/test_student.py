@@ -34,7 +34,7 @@ def sft_first(tmp_path, instance, training: dict, reasoning=None):
     first = run_job(config, instance, TRAIN_JOB, "even|sft")
     assert first.success
     sft = materializations(first)["student_checkpoints"]
-    return sft, CorpusStore(config.store.root).checkpoints.local_dir(sft["input_fingerprint"], tmp_path / "sft")
+    return sft, CorpusStore(config.store.root).checkpoints.local_dir(sft["checkpoint_id"], tmp_path / "sft")
 
 
 def _project(tmp_path, **training):

@@ -9,11 +9,10 @@ from omnithought_dagster.annotate.annotations import ANNOTATION_CACHE, annotate_
 from omnithought_dagster.annotate.judge import judge_prompt
 from omnithought_dagster.annotate.taxonomy import Taxonomy
 from omnithought_dagster.assets.metadata import bar_plot, counts, preview
-from omnithought_dagster.assets.teacher import COT_TRACES_KEY, one_run, shard_asset, traces_partitions
+from omnithought_dagster.assets.teacher import COT_TRACES_KEY, one_run, shard_asset
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
-from omnithought_dagster.ids import code_version, content_id, version_of
-from omnithought_dagster.llm.backends import describe_backend
+from omnithought_dagster.ids import code_version, version_of
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 from omnithought_dagster.store import CorpusStore
@@ -100,7 +99,6 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "plot/pass_rate": bar_plot(histogram, "samples by rollout pass rate", "samples", horizontal=False, order=PASS_RATE_BUCKETS),
                 "preview": preview(result.rows, PREVIEW_COLUMNS),
                 "path": dg.MetadataValue.path(written.uri),
-                "input_fingerprint": annotations_fingerprint(cfg, corpus, source, shard, plan.identity),
             },
             data_version=dg.DataVersion(version_of(result.rows.column("annotation_id").to_pylist())),
         )
@@ -108,27 +106,7 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     return [annotations]
 
 
-def annotations_fingerprint(cfg: ProjectConfig, corpus, source: str, shard: str, identity: str) -> str:
-    """What an annotations partition is computed from (the demo skips partitions whose fingerprint is unchanged)."""
-    traces = corpus.read_partition("cot_traces", {"source": source, "shard": shard}, ["trace_id"])
-    return content_id(
-        "annotations-input",
-        {
-            "traces": version_of(traces.column("trace_id").to_pylist()) if traces is not None else None,
-            "judge": identity,
-            "settings": cfg.annotation.model_dump(mode="json"),
-            "code": ANNOTATE_CODE_VERSION,
-        },
-    )
-
-
-# -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
-
-
-def annotations_input_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
-    keys = traces_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
-    identity, _ = describe_backend(config.annotator, models_dir=config.models_dir)
-    return annotations_fingerprint(config, store, keys["source"], keys["shard"], identity)
+# -- the demo's view of the stage: its summary line ------------------------
 
 
 def annotations_summary(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:

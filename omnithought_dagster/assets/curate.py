@@ -6,6 +6,7 @@ from typing import Any
 import dagster as dg
 
 from omnithought_dagster.assets.annotate import ANNOTATIONS_KEY
+from omnithought_dagster.assets.inputs import BENCHMARK_ITEMS_KEY, build_benchmark_items
 from omnithought_dagster.assets.metadata import bar_plot, column_schema, counts, preview
 from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY
@@ -13,9 +14,8 @@ from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.curate import curate_source
 from omnithought_dagster.curation.decontam import load_benchmark_items
-from omnithought_dagster.curation.sampling import kept_where, load_candidates, sample_subset
-from omnithought_dagster.curation.seed import partition_version
-from omnithought_dagster.ids import code_version, content_id, version_of
+from omnithought_dagster.curation.sampling import load_candidates, sample_subset
+from omnithought_dagster.ids import code_version, version_of
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 
@@ -23,34 +23,6 @@ CURATE_GROUP = "curate"
 FILTERED_SET_KEY = dg.AssetKey("filtered_set")
 SAMPLED_SUBSETS_KEY = dg.AssetKey("sampled_subsets")
 CURATE_CODE_VERSION = "curation-v2"  # v2: markup rules, reasons carry a detail
-
-
-def filter_fingerprint(config: ProjectConfig, store: CorpusStore, source: str) -> str:
-    """What a source's filter decisions depend on: its annotations, seed rows, curation settings, benchmarks, code."""
-    con = store.catalog(["annotations"])
-    ids = [r[0] for r in con.execute("SELECT annotation_id FROM annotations WHERE source = $1", [source]).fetchall()]
-    con.close()
-    benchmarks = [config.benchmark(n).model_dump(mode="json") for n in config.curation.decontamination.benchmarks]
-    return content_id(
-        "filter-input",
-        {
-            "annotations": version_of(ids),
-            "curation": config.curation.model_dump(mode="json"),
-            "benchmarks": benchmarks,
-            "seed": partition_version(store, source),
-            "code": CURATE_CODE_VERSION,
-        },
-    )
-
-
-def subset_fingerprint(config: ProjectConfig, store: CorpusStore, recipe: str) -> str:
-    """What a recipe's subset depends on: the kept traces of its sources, the recipe, code."""
-    spec = next(r for r in config.recipes if r.name == recipe)
-    con = store.catalog(["filter_decisions"])
-    where, params = kept_where(spec.sources)
-    kept = [r[0] for r in con.execute(f"SELECT trace_id FROM filter_decisions WHERE {where}", params).fetchall()]
-    con.close()
-    return content_id("subset-input", {"kept": version_of(kept), "recipe": spec.model_dump(mode="json"), "code": CURATE_CODE_VERSION})
 
 
 def recipe_partitions(config: ProjectConfig) -> dg.StaticPartitionsDefinition:
@@ -81,6 +53,7 @@ def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             dg.AssetDep(COT_TRACES_KEY, partition_mapping=by_source),
             dg.AssetDep(ANNOTATIONS_KEY, partition_mapping=by_source),
             SEED_POOL_KEY,
+            *([BENCHMARK_ITEMS_KEY] if config.curation.decontamination.benchmarks else []),  # what it decontaminates against
         ],
         group_name=CURATE_GROUP,
         kinds={"duckdb", "parquet"},
@@ -126,7 +99,6 @@ def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "contaminated_samples": len(result.contamination),
                 # `markup: clean` keeps traces holding markup; the export deletes it from their text (curation.export).
                 **{f"markup_kept/{kind}": n for kind, n in sorted(result.markup_kept.items())},
-                "input_fingerprint": filter_fingerprint(cfg, corpus, source),
                 "benchmark_items": len(items),
                 "kept_by_difficulty": counts(Counter(r["difficulty_label"] for r in kept), "difficulty"),
                 "kept_by_tag": counts(Counter(r["tags"][0] if r["tags"] else "untagged" for r in kept), "primary tag"),
@@ -139,7 +111,7 @@ def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             ),
         )
 
-    return [filtered_set]
+    return [*build_benchmark_items(config, CURATE_GROUP), filtered_set]
 
 
 def build_subset_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
@@ -182,7 +154,6 @@ def build_subset_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "filled_from_other_labels": result.filled_from_other_labels,
                 "filled_without_tag_caps": result.filled_without_tag_caps,
                 "candidates": len(candidates),
-                "input_fingerprint": subset_fingerprint(cfg, corpus, recipe.name),
                 "strata": dg.MetadataValue.md("\n".join(lines)),
                 "members_by_difficulty": counts(strata, "difficulty"),
                 "members_by_tag": counts(tags, "primary tag"),

@@ -17,12 +17,13 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
+from omnithought_dagster.assets.inputs import BENCHMARK_ITEMS_KEY
 from omnithought_dagster.assets.metadata import column_schema, markdown_cell, plot, preview
 from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY, baseline_partitions
 from omnithought_dagster.assets.teacher import GPU_POOL
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.evaluation.run import OVERALL, EvalError, TaskScores, lmms_command, run_lmms_eval
-from omnithought_dagster.evaluation.tasks import items_version, read_items, write_local_task
+from omnithought_dagster.evaluation.tasks import write_local_task
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.ids import code_version, content_id
 from omnithought_dagster.placement import gpu_step_tags
@@ -57,7 +58,8 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     if not config.students or not (config.evaluation.benchmarks or config.evaluation.lmms_tasks):
         return []
     recipes = [r.name for r in config.recipes]
-    deps = [
+    deps: list = [BENCHMARK_ITEMS_KEY] if config.evaluation.benchmarks else []  # the files it scores on (observed)
+    deps += [
         dg.AssetDep(STUDENT_BASELINES_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="student"))
     ]
     if recipes:
@@ -186,7 +188,7 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                     if e.samples and e.lmms_eval_score is not None
                 },
                 "eval_seconds": round(seconds, 1),
-                "input_fingerprint": _input_fingerprint(checkpoint["checkpoint_id"], config_hash, baseline is not None),
+                "compared_to_baseline": baseline is not None,
                 "preview": preview(table, ["benchmark", "slice", "score", "n", "delta"]),
                 "path": dg.MetadataValue.path(written.uri),
             },
@@ -208,25 +210,9 @@ def _score_plot(rows: list[dict], name: str) -> dg.MetadataValue:
     return plot(lambda ax: barh(ax, data, axis), f"{name}: {caption}")
 
 
-def eval_config_hash(config: ProjectConfig, versions: dict[str, str] | None = None) -> str:
-    """Hash of the evaluation settings and the benchmarks' items (read them when their versions are not given)."""
-    if versions is None:
-        versions = {name: items_version(read_items(config.benchmark(name), config.seed)[0]) for name in config.evaluation.benchmarks}
+def eval_config_hash(config: ProjectConfig, versions: dict[str, str]) -> str:
+    """Hash of the evaluation settings and the benchmarks' items (their versions by benchmark)."""
     return content_id("eval-config", {**config.evaluation.run_settings(), "benchmarks": versions})
-
-
-def expected_scores_fingerprint(config: ProjectConfig, store: CorpusStore, student: str, recipe: str) -> str | None:
-    """What benchmark_scores[recipe|student] records as its input fingerprint, from the inputs it would read now."""
-    checkpoint = store.read_partition("student_checkpoints", {"student": student, "recipe": recipe}, columns=["checkpoint_id"])
-    if checkpoint is None or checkpoint.num_rows == 0:
-        return None
-    config_hash = eval_config_hash(config)
-    has_baseline = recipe != BASELINE_RECIPE and _baseline_scores(store, student, config_hash) is not None
-    return _input_fingerprint(checkpoint.column("checkpoint_id")[0].as_py(), config_hash, has_baseline)
-
-
-def _input_fingerprint(checkpoint_id: str, config_hash: str, has_baseline: bool) -> str:
-    return content_id("scores-input", {"checkpoint": checkpoint_id, "eval": config_hash, "baseline": has_baseline})
 
 
 def score_rows(checkpoint: dict, scores: dict[str, TaskScores], baseline: dict | None, config_hash: str, now: str) -> list[dict]:
@@ -289,12 +275,7 @@ def _baseline_scores(corpus: CorpusStore, student: str, config_hash: str) -> dic
     return {(r["benchmark"], r["metric"], r["slice"]): r["score"] for r in rows} or None
 
 
-# -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
-
-
-def scores_input_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
-    keys = score_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
-    return expected_scores_fingerprint(config, store, keys["student"], keys["recipe"]) or "not scored yet"
+# -- the demo's view of the stage: its summary line ------------------------
 
 
 def scores_summary(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
+from omnithought_dagster.assets.inputs import SEED_SOURCES_KEY, build_seed_sources, source_order
 from omnithought_dagster.assets.metadata import bar_plot, column_schema, counts, preview
 from omnithought_dagster.config import SOURCES_PARTITIONS, ProjectConfig
 from omnithought_dagster.curation.seed import (
@@ -14,8 +15,6 @@ from omnithought_dagster.curation.seed import (
     earlier_sources,
     ingest_source_into,
     ingest_workers,
-    input_fingerprint,
-    partition_version,
     prior_samples,
 )
 from omnithought_dagster.ids import code_version, version_of
@@ -42,13 +41,6 @@ def seed_partitions(config: ProjectConfig) -> dg.PartitionsDefinition:
     if config.dynamic_sources:
         return dg.DynamicPartitionsDefinition(name=SOURCES_PARTITIONS)
     return dg.StaticPartitionsDefinition(config.source_names)
-
-
-def source_order(config: ProjectConfig, instance: dg.DagsterInstance | None) -> list[str]:
-    """Every source in deduplication order: the project file's, then manifest sources in the order they were added."""
-    if not config.dynamic_sources or instance is None:
-        return config.source_names
-    return config.source_names + [n for n in instance.get_dynamic_partitions(SOURCES_PARTITIONS) if n not in config.source_names]
 
 
 def seed_settings(config: ProjectConfig) -> dict:
@@ -94,9 +86,6 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         if swept:
             context.log.info(f"removed {swept} temporary image files that killed writers left behind")
         earlier = earlier_sources(names, source_name)
-        fingerprint = input_fingerprint(
-            reader.fingerprint(), config.seed, {name: partition_version(corpus, name) for name in earlier}, SEED_CODE_VERSION
-        )
         total = raw_record_count(source, reader)
         workers = ingest_workers(config.seed, total)
         context.log.info(
@@ -184,13 +173,12 @@ def build_seed_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "preview": preview(pa.Table.from_pylist(result.kept_head, schema=SEED_POOL.schema), PREVIEW_COLUMNS),
                 "path": dg.MetadataValue.path(seed_written.uri),
                 "parquet_bytes": seed_written.bytes,
-                "input_fingerprint": fingerprint,
                 "later_source_conflicts": dg.MetadataValue.json(later_conflicts),
             },
             data_version=dg.DataVersion(version_of(kept_ids)),
         )
 
-    return [ingest_seed_source]
+    return [build_seed_sources(config, partitions, SEED_GROUP), ingest_seed_source]
 
 
 def _table_asset(key: dg.AssetKey, description: str, version: str) -> dg.AssetSpec:
@@ -201,6 +189,7 @@ def _table_asset(key: dg.AssetKey, description: str, version: str) -> dg.AssetSp
         description=description,
         kinds={"parquet", "duckdb"},
         code_version=version,
+        deps=[SEED_SOURCES_KEY],  # the files it reads (observed: assets/inputs.py)
         metadata={"dagster/column_schema": column_schema(table_spec(table)), "table": table},
         tags={"stage": "seed", "compute": "cpu"},
     )
@@ -218,16 +207,7 @@ def _later_conflicts(corpus, source_names: list[str], source: str, kept_ids: set
     return conflicts
 
 
-# -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
-
-
-def seed_input_fingerprint(config: ProjectConfig, store: CorpusStore, source: str) -> str:
-    return input_fingerprint(
-        make_reader(config.source(source)).fingerprint(),
-        config.seed,
-        {name: partition_version(store, name) for name in earlier_sources(config.source_names, source)},
-        SEED_CODE_VERSION,
-    )
+# -- the demo's view of the stage: its summary line ------------------------
 
 
 def seed_summary(store: CorpusStore, source: str, metadata: dict) -> dict[str, Any]:

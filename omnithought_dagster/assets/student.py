@@ -409,7 +409,6 @@ def _result(corpus: CorpusStore, row: dict, *, reused: bool, extra: dict) -> dg.
         metadata={
             "dagster/row_count": 1,
             **shown,
-            "input_fingerprint": row["checkpoint_id"],
             "reused": reused,
             "checkpoint": dg.MetadataValue.path(row["uri"]),
             "path": dg.MetadataValue.path(written.uri),
@@ -419,21 +418,12 @@ def _result(corpus: CorpusStore, row: dict, *, reused: bool, extra: dict) -> dg.
     )
 
 
-# -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
-
-
-def baseline_input_fingerprint(config: ProjectConfig, store: CorpusStore, student: str) -> str:
-    return expected_checkpoint_id(config, store, student, BASELINE_RECIPE)
+# -- the demo's view of the stage: its summary line ------------------------
 
 
 def baseline_summary(store: CorpusStore, student: str, metadata: dict) -> dict[str, Any]:
     (row,) = store.read_partition("student_checkpoints", {"student": student, "recipe": BASELINE_RECIPE}).to_pylist()
     return {"input": 0, "output": 1, "flagged": 0, "reasons": {}, "detail": f"{student}: untrained {row['base_model']} (the baseline)"}
-
-
-def checkpoint_input_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
-    keys = student_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
-    return expected_checkpoint_id(config, store, keys["student"], keys["recipe"]) or "no subset yet"
 
 
 def checkpoint_summary(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:

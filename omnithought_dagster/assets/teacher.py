@@ -17,15 +17,14 @@ from omnithought_dagster.assets.metadata import column_schema, counts, preview
 from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
 from omnithought_dagster.config import LLMConfig, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
-from omnithought_dagster.ids import code_version, content_id, shard_keys, shard_of, version_of
-from omnithought_dagster.llm.backends import describe_backend
+from omnithought_dagster.ids import code_version, shard_keys, version_of
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 from omnithought_dagster.store.store import PartitionBusy
 from omnithought_dagster.teacher.prompt import teacher_prompt
-from omnithought_dagster.teacher.traces import GENERATION_CACHE, generate_shard, sampling_params
+from omnithought_dagster.teacher.traces import GENERATION_CACHE, generate_shard
 
 TEACHER_GROUP = "teacher"
 COT_TRACES_KEY = dg.AssetKey("cot_traces")
@@ -96,7 +95,6 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         corpus = store.open()
         plan = teacher.plan(cfg.teacher, models_dir=cfg.models_dir, log=context.log, gpu_slots=slots_from_config(cfg))
         prompt = teacher_prompt(cfg.generation, cfg.teacher.structured_output)
-        fingerprint = traces_fingerprint(cfg, corpus, source, shard, plan.identity, plan.structured_output)
         partition = {"source": source, "shard": shard}
         # One run of a partition at a time: a second one waits, then finds the first's replies in the cache.
         with one_run(corpus, "cot_traces", partition, cfg, context):
@@ -137,7 +135,6 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "prompt_version": prompt.version,
                 "preview": preview(rows, PREVIEW_COLUMNS),
                 "path": dg.MetadataValue.path(written.uri),
-                "input_fingerprint": fingerprint,
             },
             data_version=dg.DataVersion(version_of(rows.column("trace_id").to_pylist())),
         )
@@ -145,34 +142,7 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     return [cot_traces]
 
 
-def traces_fingerprint(cfg: ProjectConfig, corpus, source: str, shard: str, identity: str, structured: bool) -> str:
-    """What a cot_traces partition is computed from (the demo skips partitions whose fingerprint is unchanged).
-
-    Only the shard's own samples count (their ids hash question, options, images and answer), so a
-    source that grows re-generates just the shards its new samples fall in.
-    """
-    seed = corpus.read_partition("seed_pool", source, ["sample_id"])
-    samples = (
-        None if seed is None else [s for s in seed.column("sample_id").to_pylist() if shard_of(s, cfg.generation.shards) == int(shard)]
-    )
-    prompt = teacher_prompt(cfg.generation, cfg.teacher.structured_output)
-    mode = prompt.mode if structured else "none"
-    return content_id(
-        "traces-input",
-        {
-            "seed": None if samples is None else version_of(samples),
-            "teacher": identity,
-            "prompt": [prompt.version, prompt.text_hash],
-            "sampling": sampling_params(cfg.generation, mode),
-            "rollouts": cfg.generation.rollouts,
-            "shards": cfg.generation.shards,
-            "answer_pattern": cfg.generation.answer_pattern,
-            "code": TEACHER_CODE_VERSION,
-        },
-    )
-
-
-# -- the demo's view of the stage: what its skip compares, and its summary line ------------------------
+# -- the demo's view of the stage: its partitions in order, and its summary line ------------------------
 
 
 def traces_partition_keys(config: ProjectConfig) -> list[str]:
@@ -182,12 +152,6 @@ def traces_partition_keys(config: ProjectConfig) -> list[str]:
         for source in config.source_names
         for shard in shard_keys(config.generation.shards)
     ]
-
-
-def traces_input_fingerprint(config: ProjectConfig, store: CorpusStore, partition: str) -> str:
-    keys = traces_partitions(config).get_partition_key_from_str(partition).keys_by_dimension
-    identity, structured = describe_backend(config.teacher, models_dir=config.models_dir)
-    return traces_fingerprint(config, store, keys["source"], keys["shard"], identity, structured)
 
 
 def traces_summary(store: CorpusStore, partition: str, metadata: dict) -> dict[str, Any]:

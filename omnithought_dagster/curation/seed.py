@@ -1018,26 +1018,3 @@ def prior_samples(store, sources: list[str]) -> PriorSamples:
         if table is not None:
             rows += sorted(table.to_pylist(), key=lambda row: row["record_index"])
     return PriorSamples.from_rows(rows)
-
-
-def input_fingerprint(reader_fingerprint: str, settings: SeedSettings, earlier_versions: dict[str, str | None], code_version: str) -> str:
-    """What a seed_pool partition is computed from; equal fingerprints give equal partitions."""
-    from omnithought_dagster.ids import content_id
-
-    return content_id(
-        "seed-input",  # how many processes check the records changes nothing in the rows
-        {
-            "reader": reader_fingerprint,
-            "settings": settings.model_dump(exclude={"workers"}),
-            "earlier": earlier_versions,
-            "code": code_version,
-        },
-    )
-
-
-def partition_version(store, source: str) -> str | None:
-    """Data version of a materialised seed_pool partition: the hash of its sample ids."""
-    from omnithought_dagster.ids import version_of
-
-    table = store.read_partition("seed_pool", source, columns=["sample_id"])
-    return None if table is None else version_of(table.column("sample_id").to_pylist())
