@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from omnithought_dagster.config import GenerationConfig, SeedSettings  # noqa: E402
-from omnithought_dagster.curation.seed import ingest_source  # noqa: E402
 from omnithought_dagster.llm.backends import OpenAIBackend  # noqa: E402
 from omnithought_dagster.llm.vllm_server import VLLMServer  # noqa: E402
 from omnithought_dagster.models.tiny import TINY_TEACHER, build_tiny_model  # noqa: E402
-from omnithought_dagster.sources.synthetic import SyntheticReader  # noqa: E402
+from omnithought_dagster.seed.ingest import ingest_source  # noqa: E402
+from omnithought_dagster.seed.sources.synthetic import SyntheticReader  # noqa: E402
 from omnithought_dagster.store import CorpusStore  # noqa: E402
 from omnithought_dagster.teacher.prompt import teacher_prompt  # noqa: E402
 from omnithought_dagster.teacher.traces import generate_shard  # noqa: E402

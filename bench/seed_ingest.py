@@ -41,11 +41,12 @@ import pyarrow as pa  # noqa: E402
 from discard import discard_image  # noqa: E402 - bench/ is on sys.path as the script's folder
 
 from omnithought_dagster.config import SeedSettings, parse_config  # noqa: E402
-from omnithought_dagster.curation.near_dup import earliest_near_duplicates  # noqa: E402
-from omnithought_dagster.curation.seed import SeedSinks, ingest_source, ingest_source_into  # noqa: E402
 from omnithought_dagster.processes import available_cores  # noqa: E402
-from omnithought_dagster.sources import make_reader  # noqa: E402
-from omnithought_dagster.sources.synthetic import SyntheticReader  # noqa: E402
+from omnithought_dagster.seed.ingest import ingest_source, ingest_source_into  # noqa: E402
+from omnithought_dagster.seed.near_dup import earliest_near_duplicates  # noqa: E402
+from omnithought_dagster.seed.sinks import SeedSinks  # noqa: E402
+from omnithought_dagster.seed.sources import make_reader  # noqa: E402
+from omnithought_dagster.seed.sources.synthetic import SyntheticReader  # noqa: E402
 from omnithought_dagster.store import CorpusStore  # noqa: E402
 from omnithought_dagster.store.tables import SEED_POOL  # noqa: E402
 

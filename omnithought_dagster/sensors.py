@@ -24,7 +24,7 @@ from omnithought_dagster.assets.seed import seed_partitions
 from omnithought_dagster.automation import TRIGGER_TAG
 from omnithought_dagster.config import SOURCES_PARTITIONS, ProjectConfig
 from omnithought_dagster.pools import free_dead_runs
-from omnithought_dagster.sources.manifests import manifest_filesystem, scan_manifests
+from omnithought_dagster.seed.sources.manifests import manifest_filesystem, scan_manifests
 
 SENSOR_NAME = "source_manifests"
 REAPER_NAME = "dead_run_reaper"

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 from omnithought_dagster.config import SeedSettings
-from omnithought_dagster.curation.seed import ingest_source
 from omnithought_dagster.ids import content_id
-from omnithought_dagster.sources.synthetic import SyntheticReader
+from omnithought_dagster.seed.ingest import ingest_source
+from omnithought_dagster.seed.sources.synthetic import SyntheticReader
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.store.tables import ANNOTATIONS, COT_TRACES
 

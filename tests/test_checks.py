@@ -168,7 +168,7 @@ def test_gx_helper_reports_each_expectation():
 
 def test_row_accounting_catches_a_reader_that_splits_a_record(project, instance, tmp_path, monkeypatch):
     """The reader's own count cannot vouch for the reader: a line split on U+2028 (the old bug) is caught."""
-    from omnithought_dagster.sources import jsonstream
+    from omnithought_dagster.seed.sources import jsonstream
 
     write_image(tmp_path / "imgs/a.png", 1)
     lines = [

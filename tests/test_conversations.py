@@ -9,8 +9,8 @@ import json
 import pytest
 
 from omnithought_dagster.config import SeedSettings, parse_config
-from omnithought_dagster.curation.seed import ingest_source
-from omnithought_dagster.sources import make_reader
+from omnithought_dagster.seed.ingest import ingest_source
+from omnithought_dagster.seed.sources import make_reader
 
 from conftest import materialize_source, png_bytes, run_checks, write_image, write_json
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from omnithought_dagster.sources import QuarantineReason
+from omnithought_dagster.seed.sources import QuarantineReason
 from omnithought_dagster.store.tables import tables_markdown
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

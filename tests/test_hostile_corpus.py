@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from omnithought_dagster.config import SeedSettings, parse_config
-from omnithought_dagster.curation.seed import ingest_source
-from omnithought_dagster.sources import make_reader
-from omnithought_dagster.sources.recount import raw_record_count
+from omnithought_dagster.seed.ingest import ingest_source
+from omnithought_dagster.seed.sources import make_reader
+from omnithought_dagster.seed.sources.recount import raw_record_count
 
 from conftest import png_bytes, write_image
 

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from omnithought_dagster.config import JsonSourceConfig, SeedSettings
-from omnithought_dagster.curation.seed import ingest_source
-from omnithought_dagster.sources import QuarantineReason, make_reader
-from omnithought_dagster.sources.jsonfile import FlatJsonReader
+from omnithought_dagster.seed.ingest import ingest_source
+from omnithought_dagster.seed.sources import QuarantineReason, make_reader
+from omnithought_dagster.seed.sources.jsonfile import FlatJsonReader
 
 from conftest import png_bytes, write_image
 
@@ -226,7 +226,7 @@ def test_an_unreadable_data_file_is_one_record_and_the_other_files_are_read(imag
     (images / "data" / "a.jsonl").write_bytes(_jsonl([_good(0)]))
     bad = images / "data" / "b.jsonl"
     bad.write_bytes(_jsonl([_good(1)]))
-    from omnithought_dagster.sources import confine  # every data file is opened there (open_data)
+    from omnithought_dagster.seed.sources import confine  # every data file is opened there (open_data)
 
     def refuse(path, *args, **kwargs):  # root reads any file: the OS's refusal is simulated
         if Path(path) == bad:
@@ -334,7 +334,7 @@ _json_ish = st.lists(
 )
 @given(data=st.one_of(_json_ish, st.binary(max_size=80)), suffix=st.sampled_from([".json", ".jsonl"]))
 def test_arbitrary_bytes_never_crash_the_reader_and_match_the_independent_count(images, data, suffix):
-    from omnithought_dagster.sources.recount import json_file_records
+    from omnithought_dagster.seed.sources.recount import json_file_records
 
     path = images / f"any{suffix}"
     result = _ingest(images, path.name, data)

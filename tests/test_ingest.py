@@ -8,8 +8,9 @@ import os
 import pytest
 
 from omnithought_dagster.config import SeedSettings, parse_config
-from omnithought_dagster.curation.seed import PriorSamples, ingest_source
-from omnithought_dagster.sources import Candidate, ImageRef, make_reader
+from omnithought_dagster.seed.dedup import PriorSamples
+from omnithought_dagster.seed.ingest import ingest_source
+from omnithought_dagster.seed.sources import Candidate, ImageRef, make_reader
 
 from conftest import png_bytes, write_image, write_json
 

@@ -15,7 +15,7 @@ import pytest
 
 from omnithought_dagster.llm.backends import ChatRequest, OpenAIBackend, TransformersBackend, image_data_url
 from omnithought_dagster.llm.vllm_server import VLLMServer, VLLMStartError
-from omnithought_dagster.sources.synthetic import SyntheticReader
+from omnithought_dagster.seed.sources.synthetic import SyntheticReader
 from omnithought_dagster.teacher.prompt import parse_reply
 
 from conftest import SERVED_NAME, requests_served

@@ -23,9 +23,9 @@ from PIL import Image
 from omnithought_dagster.config import load_config
 from omnithought_dagster.defs import SEED_JOB, build_definitions
 from omnithought_dagster.redact import REDACTED, redact
+from omnithought_dagster.seed.sources.base import RAW_EXCERPT_CHARS, bounded_excerpt
+from omnithought_dagster.seed.sources.manifests import manifest_filesystem, scan_manifests
 from omnithought_dagster.sensors import SENSOR_NAME
-from omnithought_dagster.sources.base import RAW_EXCERPT_CHARS, bounded_excerpt
-from omnithought_dagster.sources.manifests import manifest_filesystem, scan_manifests
 from omnithought_dagster.store import CorpusStore
 
 from conftest import write_config
@@ -254,7 +254,7 @@ def test_what_is_opened_is_checked_on_its_descriptor(tmp_path):
     after: a link into the root reads, a link out does not, and a FIFO swapped in is refused at once, never waited on."""
     import time
 
-    from omnithought_dagster.sources import confine
+    from omnithought_dagster.seed.sources import confine
 
     outside = _plant(tmp_path)
     root = tmp_path / "root"
@@ -279,8 +279,8 @@ def test_a_reader_of_a_confined_source_sets_aside_a_file_swapped_out_after_listi
     """The listing was checked; the file is then replaced by a symlink to the canary: the reader's open refuses it (one
     unreadable_file record naming the refusal), and the independent recount refuses it too."""
     from omnithought_dagster.config import JsonSourceConfig
-    from omnithought_dagster.sources import make_reader
-    from omnithought_dagster.sources.recount import raw_record_count
+    from omnithought_dagster.seed.sources import make_reader
+    from omnithought_dagster.seed.sources.recount import raw_record_count
 
     outside = _plant(tmp_path)
     folder = tmp_path / "manifests"
@@ -300,8 +300,8 @@ def test_an_image_folder_swapped_out_after_the_check_gives_no_image(tmp_path):
     """A manifest's image_root passed its check, then the folder is replaced by a symlink to an outside folder of
     images: every image is set aside (path_escape), none of its bytes stored."""
     from omnithought_dagster.config import JsonSourceConfig, SeedSettings
-    from omnithought_dagster.curation.seed import ingest_source
-    from omnithought_dagster.sources import make_reader
+    from omnithought_dagster.seed.ingest import ingest_source
+    from omnithought_dagster.seed.sources import make_reader
 
     outside = _plant(tmp_path)
     folder = tmp_path / "manifests"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from omnithought_dagster.curation.near_dup import earliest_near_duplicates
+from omnithought_dagster.seed.near_dup import earliest_near_duplicates
 
 
 def _brute_force(hashes, owners, max_distance, first_owner):

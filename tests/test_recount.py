@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnithought_dagster.sources.base import count_json_records, iter_json_records
-from omnithought_dagster.sources.recount import json_file_records
+from omnithought_dagster.seed.sources.base import count_json_records, iter_json_records
+from omnithought_dagster.seed.sources.recount import json_file_records
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ _TRICKY_ARRAY = (
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 16, 1 << 20])
 def test_arrays_read_in_small_chunks_give_the_same_records(tmp_path, monkeypatch, chunk):
-    from omnithought_dagster.sources import jsonstream
+    from omnithought_dagster.seed.sources import jsonstream
 
     path = tmp_path / "tricky.json"
     path.write_bytes(_TRICKY_ARRAY)
@@ -103,7 +103,7 @@ def test_arbitrary_bytes_in_tiny_chunks_match_the_independent_count(tmp_path, mo
     """Bytes cut at every boundary: the streamed reader never crashes and counts what the byte scanner counts."""
     import random
 
-    from omnithought_dagster.sources import jsonstream
+    from omnithought_dagster.seed.sources import jsonstream
 
     monkeypatch.setattr(jsonstream, "CHUNK_BYTES", 3)
     pieces = [b"[", b"]", b"{", b"}", b",", b":", b'"', b"\\", b" ", b"\n", b"a", b"1", b'"x"', b"\xff", b"null", b"\xef\xbb\xbf"]

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from omnithought_dagster.config import JsonSourceConfig, SeedSettings
-from omnithought_dagster.curation import seed
-from omnithought_dagster.curation.seed import BATCH_RECORDS, MIN_RECORDS_PER_WORKER, ingest_source, ingest_workers
 from omnithought_dagster.ids import bytes_id
-from omnithought_dagster.sources import make_reader
+from omnithought_dagster.seed import parallel, sinks
+from omnithought_dagster.seed.ingest import ingest_source
+from omnithought_dagster.seed.parallel import BATCH_RECORDS, MIN_RECORDS_PER_WORKER, ingest_workers
+from omnithought_dagster.seed.sources import make_reader
 
 from conftest import write_image
 
@@ -27,7 +28,7 @@ N_PICTURES = 12
 
 @pytest.fixture(autouse=True)
 def every_batch_through_the_pool(monkeypatch):
-    monkeypatch.setattr(seed, "CHECK_WHILE_WORKERS_START", False)
+    monkeypatch.setattr(parallel, "CHECK_WHILE_WORKERS_START", False)
 
 
 @pytest.fixture
@@ -134,7 +135,7 @@ def test_worker_count_follows_the_setting_and_the_source_size():
     assert ingest_workers(SeedSettings(workers=4), 10**6) == 4
     assert ingest_workers(SeedSettings(workers=4), 2 * MIN_RECORDS_PER_WORKER) == 2
     assert ingest_workers(SeedSettings(workers=8), 10) == 1  # too small to pay for starting processes
-    assert ingest_workers(SeedSettings(), 10**6) == seed.available_cores()
+    assert ingest_workers(SeedSettings(), 10**6) == parallel.available_cores()
 
 
 def test_workers_die_with_a_killed_step(tmp_path):
@@ -147,8 +148,8 @@ def test_workers_die_with_a_killed_step(tmp_path):
     script.write_text(
         textwrap.dedent(f"""
         from omnithought_dagster.config import JsonSourceConfig, SeedSettings
-        from omnithought_dagster.curation.seed import ingest_source
-        from omnithought_dagster.sources import make_reader
+        from omnithought_dagster.seed.ingest import ingest_source
+        from omnithought_dagster.seed.sources import make_reader
 
         config = JsonSourceConfig(name="src", kind="json", path={str(tmp_path / "big.jsonl")!r}, image_root={str(tmp_path)!r})
         reader = make_reader(config)
@@ -197,7 +198,8 @@ def test_a_failing_step_stops_its_workers(mixed_source, monkeypatch):
     """An error in the step (a store that refuses a write) ends the pool: no worker is left behind."""
     import multiprocessing
 
-    from omnithought_dagster.curation.seed import SeedSinks, TableSink, ingest_source_into
+    from omnithought_dagster.seed.ingest import ingest_source_into
+    from omnithought_dagster.seed.sinks import SeedSinks, TableSink
     from omnithought_dagster.store.tables import IMAGES, QUARANTINE
 
     class FullDisk:
@@ -206,7 +208,7 @@ def test_a_failing_step_stops_its_workers(mixed_source, monkeypatch):
 
     reader = make_reader(mixed_source)
     settings = SeedSettings(near_duplicate_max_distance=-1)  # kept rows go straight to their sink
-    monkeypatch.setattr(seed, "FLUSH_ROWS", 8)  # the first write comes while batches are still in flight
+    monkeypatch.setattr(sinks, "FLUSH_ROWS", 8)  # the first write comes while batches are still in flight
     with pytest.raises(OSError, match="No space left"):
         ingest_source_into(
             "src",

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from omnithought_dagster.config import SeedSettings, parse_config
-from omnithought_dagster.curation.seed import ingest_source
-from omnithought_dagster.sources import Candidate, Rejected, make_reader
-from omnithought_dagster.sources.synthetic import FAMILIES, SyntheticReader
+from omnithought_dagster.seed.ingest import ingest_source
+from omnithought_dagster.seed.sources import Candidate, Rejected, make_reader
+from omnithought_dagster.seed.sources.synthetic import FAMILIES, SyntheticReader
 
 from conftest import png_bytes, write_image, write_json
 
@@ -35,7 +35,7 @@ def _ingest(reader, **settings):
 
 def test_the_config_names_the_families_the_synthetic_reader_draws():
     from omnithought_dagster.config import SYNTHETIC_FAMILIES
-    from omnithought_dagster.sources.synthetic import FAMILIES
+    from omnithought_dagster.seed.sources.synthetic import FAMILIES
 
     assert tuple(FAMILIES) == SYNTHETIC_FAMILIES
     with pytest.raises(ValueError, match=r"unknown task families \['maze'\]"):

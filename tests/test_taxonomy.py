@@ -38,7 +38,7 @@ def test_map_tags_dedupes_caps_and_reports():
 
 
 def test_synthetic_ground_truth_tags_are_labels():
-    from omnithought_dagster.sources.synthetic import FAMILIES
+    from omnithought_dagster.seed.sources.synthetic import FAMILIES
 
     assert {tag for tag, _ in FAMILIES.values()} <= set(TAX.names)
     assert TAX.version == "tags-v1" and len(TAX.names) >= 15

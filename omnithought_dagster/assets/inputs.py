@@ -17,7 +17,7 @@ import dagster as dg
 from omnithought_dagster.config import SOURCES_PARTITIONS, ProjectConfig
 from omnithought_dagster.ids import content_id
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
-from omnithought_dagster.sources import make_reader
+from omnithought_dagster.seed.sources import make_reader
 
 SEED_SOURCES_KEY = dg.AssetKey("seed_sources")
 BENCHMARK_ITEMS_KEY = dg.AssetKey("benchmark_items")

@@ -10,19 +10,16 @@ import pyarrow as pa
 from omnithought_dagster.assets.inputs import SEED_SOURCES_KEY, build_seed_sources, source_order
 from omnithought_dagster.assets.metadata import bar_plot, column_schema, counts, preview
 from omnithought_dagster.config import SOURCES_PARTITIONS, ProjectConfig
-from omnithought_dagster.curation.seed import (
-    SeedSinks,
-    earlier_sources,
-    ingest_source_into,
-    ingest_workers,
-    prior_samples,
-)
 from omnithought_dagster.ids import code_version, version_of
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
-from omnithought_dagster.sources import make_reader
-from omnithought_dagster.sources.confine import source_roots
-from omnithought_dagster.sources.recount import raw_record_count
+from omnithought_dagster.seed.dedup import earlier_sources, prior_samples
+from omnithought_dagster.seed.ingest import ingest_source_into
+from omnithought_dagster.seed.parallel import ingest_workers
+from omnithought_dagster.seed.sinks import SeedSinks
+from omnithought_dagster.seed.sources import make_reader
+from omnithought_dagster.seed.sources.confine import source_roots
+from omnithought_dagster.seed.sources.recount import raw_record_count
 from omnithought_dagster.store import CorpusStore, table_spec
 from omnithought_dagster.store.tables import QUARANTINE, SEED_POOL
 

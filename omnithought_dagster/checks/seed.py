@@ -11,11 +11,11 @@ import pandas as pd
 from omnithought_dagster.assets.seed import QUARANTINE_KEY, SEED_POOL_KEY, seed_partitions
 from omnithought_dagster.checks.gx import Expect, gx_check_result
 from omnithought_dagster.config import ProjectConfig
-from omnithought_dagster.curation.seed import ANSWER_TYPES, LETTERS
 from omnithought_dagster.ids import ID_PATTERN
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
-from omnithought_dagster.sources import QuarantineReason, make_reader
-from omnithought_dagster.sources.recount import raw_record_count
+from omnithought_dagster.seed.answers import ANSWER_TYPES, LETTERS
+from omnithought_dagster.seed.sources import QuarantineReason, make_reader
+from omnithought_dagster.seed.sources.recount import raw_record_count
 from omnithought_dagster.store import table_spec
 
 SAMPLE_ID_UNIQUE = "sample_id_unique"

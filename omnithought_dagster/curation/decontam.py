@@ -14,7 +14,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from omnithought_dagster.curation.near_dup import earliest_near_duplicates
+from omnithought_dagster.seed.near_dup import earliest_near_duplicates
 
 _WORD = re.compile(r"\w+")
 
@@ -108,8 +108,8 @@ def find_contamination(
 
 def load_benchmark_items(benchmarks: list, seed_settings) -> list[BenchmarkItem]:
     """Every item of the configured benchmarks, read and validated like a seed source."""
-    from omnithought_dagster.curation.seed import ingest_source
-    from omnithought_dagster.sources import make_reader
+    from omnithought_dagster.seed.ingest import ingest_source
+    from omnithought_dagster.seed.sources import make_reader
 
     items = []
     for spec in benchmarks:

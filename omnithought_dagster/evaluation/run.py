@@ -26,7 +26,7 @@ from omnithought_dagster.evaluation.tasks import LocalTask
 from omnithought_dagster.logtail import log_tail
 from omnithought_dagster.markup import storable
 from omnithought_dagster.processes import child_environment, guarded
-from omnithought_dagster.sources import jsonstream
+from omnithought_dagster.seed.sources import jsonstream
 
 OVERALL = "all"
 PROGRESS_PREFIX = "omnithought-progress: "  # our model class's progress lines in lmms-eval's output

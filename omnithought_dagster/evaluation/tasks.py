@@ -90,8 +90,8 @@ def write_local_task(spec, seed_settings, folder: str | Path, *, max_new_tokens:
 
 def read_items(spec, seed_settings) -> tuple[list[dict], dict[str, bytes]]:
     """A benchmark's usable items (normalised like seed rows) and their image bytes by image id."""
-    from omnithought_dagster.curation.seed import ingest_source
-    from omnithought_dagster.sources import make_reader
+    from omnithought_dagster.seed.ingest import ingest_source
+    from omnithought_dagster.seed.sources import make_reader
 
     images: dict[str, bytes] = {}
 

@@ -74,7 +74,7 @@ class TinySpec:
 
     @property
     def fingerprint(self) -> str:
-        from omnithought_dagster.sources.synthetic import GENERATOR_VERSION  # the tokenizer's corpus
+        from omnithought_dagster.seed.sources.synthetic import GENERATOR_VERSION  # the tokenizer's corpus
 
         return content_id("tiny-model", {**asdict(self), "builder": BUILDER_VERSION, "corpus": GENERATOR_VERSION})
 
@@ -165,7 +165,7 @@ def _train_tokenizer(spec: TinySpec):
 
 def _corpus() -> list[str]:
     """A fixed text corpus: the synthetic source's questions and answers plus reasoning words."""
-    from omnithought_dagster.sources.synthetic import SyntheticReader
+    from omnithought_dagster.seed.sources.synthetic import SyntheticReader
 
     lines = []
     for record in SyntheticReader(600, seed=0, image_size=128).records():

@@ -75,7 +75,7 @@ QUARANTINE = TableSpec(
         Column("native_id", pa.string(), "the record's id in its source, when it could be read"),
         Column("record_index", pa.int64(), "0-based position of the record in the source as read", False),
         Column("turn", pa.int32(), "the conversation turn (1-based) set aside, when one turn of a record was; null otherwise"),
-        Column("reason", pa.string(), "reason code (see omnithought_dagster.sources.base.QuarantineReason)", False),
+        Column("reason", pa.string(), "reason code (see omnithought_dagster.seed.sources.base.QuarantineReason)", False),
         Column("detail", pa.string(), "what exactly was wrong, with the offending value", False),
         Column("sample_id", pa.string(), "the sample's id when it got that far (duplicates always have one)"),
         Column("duplicate_of", pa.string(), "for duplicates: 'source/native_id' of the kept copy"),

@@ -26,7 +26,7 @@ from typing import Any
 
 from omnithought_dagster.curation.export import conversation
 from omnithought_dagster.models.vl_chat import ImageTokensError, MarkupError
-from omnithought_dagster.sources import jsonstream
+from omnithought_dagster.seed.sources import jsonstream
 
 EXAMPLES_FILE = "examples.jsonl"
 INDEX_FILE = "examples.index.json"

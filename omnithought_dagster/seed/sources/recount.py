@@ -38,7 +38,7 @@ def raw_record_count(config, reader) -> int:
 
 def json_file_records(path: Path, roots: tuple[str, ...] | None = None) -> int:
     """Records of one .json / .jsonl file, from its bytes."""
-    from omnithought_dagster.sources.confine import open_data
+    from omnithought_dagster.seed.sources.confine import open_data
 
     try:
         with open_data(path, roots) as handle:
@@ -100,7 +100,7 @@ def table_file_rows(path: Path, roots: tuple[str, ...] | None = None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from omnithought_dagster.sources.confine import open_data
+    from omnithought_dagster.seed.sources.confine import open_data
 
     errors = (pa.ArrowException, OSError, ValueError, EOFError)
     if path.suffix == ".arrow":

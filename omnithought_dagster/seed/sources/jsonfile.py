@@ -28,7 +28,7 @@ from typing import Any
 from omnithought_dagster import markup
 from omnithought_dagster.config import FieldMap, JsonSourceConfig, ShareGPTSourceConfig
 from omnithought_dagster.ids import content_id
-from omnithought_dagster.sources.base import (
+from omnithought_dagster.seed.sources.base import (
     Candidate,
     ImageRef,
     QuarantineReason,
@@ -43,7 +43,7 @@ from omnithought_dagster.sources.base import (
     parse_guarded,
     path_head,
 )
-from omnithought_dagster.sources.confine import check_all, source_roots
+from omnithought_dagster.seed.sources.confine import check_all, source_roots
 
 IMAGE_PLACEHOLDER = re.compile(re.escape(markup.IMAGE_PLACEHOLDER))
 JSON_SUFFIXES = (".json", ".jsonl")

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from omnithought_dagster.config import HFSourceConfig
 from omnithought_dagster.ids import content_id
-from omnithought_dagster.sources.base import (
+from omnithought_dagster.seed.sources.base import (
     ImageRef,
     QuarantineReason,
     Rejected,
@@ -31,8 +31,8 @@ from omnithought_dagster.sources.base import (
     get_path,
     parse_guarded,
 )
-from omnithought_dagster.sources.confine import check, check_all, open_data, source_roots
-from omnithought_dagster.sources.jsonfile import candidate_from_mapping, llava_records
+from omnithought_dagster.seed.sources.confine import check, check_all, open_data, source_roots
+from omnithought_dagster.seed.sources.jsonfile import candidate_from_mapping, llava_records
 
 BATCH_ROWS = 1024
 

@@ -33,7 +33,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from omnithought_dagster.config import SOURCE_NAME_PATTERN, ConfigError, ProjectConfig, SourceConfig
 from omnithought_dagster.redact import redact
-from omnithought_dagster.sources.confine import inside
+from omnithought_dagster.seed.sources.confine import inside
 
 SUFFIXES = (".yaml", ".yml", ".json")
 _ADAPTER: TypeAdapter = TypeAdapter(SourceConfig)
@@ -159,8 +159,8 @@ def _listing_outside(source: SourceConfig) -> str | None:
     """Why the files the source's reader would read reach outside its roots (a glob's matches, a `datasets` folder's
     state.json or split names), found by listing them as the reader does (no data read); None when they do not, or
     when they cannot be listed yet (the run says why)."""
-    from omnithought_dagster.sources import make_reader
-    from omnithought_dagster.sources.confine import OutsideRoots
+    from omnithought_dagster.seed.sources import make_reader
+    from omnithought_dagster.seed.sources.confine import OutsideRoots
 
     try:
         make_reader(source)

@@ -9,25 +9,25 @@ from omnithought_dagster.config import (
     SourceConfig,
     SyntheticSourceConfig,
 )
-from omnithought_dagster.sources.base import Candidate, ImageRef, QuarantineReason, Rejected, SeedReader, SeedRecord
+from omnithought_dagster.seed.sources.base import Candidate, ImageRef, QuarantineReason, Rejected, SeedReader, SeedRecord
 
 
 def make_reader(source: SourceConfig) -> SeedReader:
     """The reader for a configured source. Raises FileNotFoundError when its files are missing."""
     if isinstance(source, SyntheticSourceConfig):
-        from omnithought_dagster.sources.synthetic import SyntheticReader
+        from omnithought_dagster.seed.sources.synthetic import SyntheticReader
 
         return SyntheticReader(source.n_samples, source.seed, source.image_size, source.families, source.start_index)
     if isinstance(source, JsonSourceConfig):
-        from omnithought_dagster.sources.jsonfile import FlatJsonReader, LlavaJsonReader
+        from omnithought_dagster.seed.sources.jsonfile import FlatJsonReader, LlavaJsonReader
 
         return LlavaJsonReader(source) if source.format == "llava" else FlatJsonReader(source)
     if isinstance(source, ShareGPTSourceConfig):
-        from omnithought_dagster.sources.jsonfile import ShareGPTReader
+        from omnithought_dagster.seed.sources.jsonfile import ShareGPTReader
 
         return ShareGPTReader(source)
     if isinstance(source, HFSourceConfig):
-        from omnithought_dagster.sources.hf import HFReader
+        from omnithought_dagster.seed.sources.hf import HFReader
 
         return HFReader(source)
     raise TypeError(f"no reader for source kind {type(source).__name__}")

@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from omnithought_dagster.ids import content_id
-from omnithought_dagster.sources.base import Candidate, ImageRef, SeedRecord
+from omnithought_dagster.seed.sources.base import Candidate, ImageRef, SeedRecord
 
 COLORS = {
     "red": (220, 40, 40),

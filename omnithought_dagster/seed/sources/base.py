@@ -3,7 +3,7 @@
 A reader turns one source format into a stream of records, one per raw record, in order:
 either a `Candidate` (fields pulled out, not yet validated) or a `Rejected` (the record could
 not even be parsed, with a reason). Validation, image checks, ids and dedup are common to
-every format and live in `curation.seed`, so each reader only knows its format.
+every format and live in the seed package (`validate`, `answers`, `images`): each reader knows only its format.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from omnithought_dagster.fieldpath import get_path, path_head  # noqa: F401 - the readers' field paths
-from omnithought_dagster.sources import jsonstream
-from omnithought_dagster.sources.jsonstream import JSON_ERRORS, NonStandardLiteral, loads  # noqa: F401 - part of this module's API
+from omnithought_dagster.seed.sources import jsonstream
+from omnithought_dagster.seed.sources.jsonstream import JSON_ERRORS, NonStandardLiteral, loads  # noqa: F401 - part of this module's API
 
 # A quarantine row's excerpt of its record: enough to see the record's shape and what was wrong with it, bounded so a
 # huge record (or a file that is not a dataset) is never copied whole; redacted of what looks like a credential (redact.py).

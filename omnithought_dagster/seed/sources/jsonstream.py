@@ -59,7 +59,7 @@ def records(path: Path, roots: tuple[str, ...] | None = None) -> Iterator[tuple[
     """(record, problem) per record of a .json / .jsonl file, in order. problem = (reason, detail), reason being
     'malformed_record' (one bad line or element) or 'unreadable_file' (the file as a whole); record is then the raw text.
     `roots`: the folders the file must lie in (sources/confine.py; None: anywhere)."""
-    from omnithought_dagster.sources.confine import open_data
+    from omnithought_dagster.seed.sources.confine import open_data
 
     try:
         handle = open_data(path, roots)
@@ -81,7 +81,7 @@ def records(path: Path, roots: tuple[str, ...] | None = None) -> Iterator[tuple[
 
 def count(path: Path, roots: tuple[str, ...] | None = None) -> int:
     """How many items `records` yields for the file (the reader's own count: progress totals, not accounting)."""
-    from omnithought_dagster.sources.confine import open_data
+    from omnithought_dagster.seed.sources.confine import open_data
 
     try:
         with open_data(path, roots) as handle:
