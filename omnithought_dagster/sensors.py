@@ -4,7 +4,7 @@ With `operations.source_manifests` set, seed_pool (and everything partitioned by
 partitioned by the dynamic partitions `sources`. Each tick the sensor
 - registers the project file's sources that are not partitions yet (config order first: it
   decides which duplicate is kept), and requests their seed_pool runs;
-- scans the manifest folder / S3 prefix (`sources/manifests.py`): a manifest not seen before adds
+- scans the manifest folder / S3 prefix (`manifests.py`): a manifest not seen before adds
   its partition and requests its run; a changed one (new sha256) requests a new run; an invalid
   one is logged with its reason and skipped until it changes (it is in the cursor too);
 - keeps `{name: sha256}` of what it handled as its cursor. A removed manifest removes nothing:
@@ -23,8 +23,8 @@ import dagster as dg
 from omnithought_dagster.assets.seed import seed_partitions
 from omnithought_dagster.automation import TRIGGER_TAG
 from omnithought_dagster.config import SOURCES_PARTITIONS, ProjectConfig
+from omnithought_dagster.manifests import manifest_filesystem, scan_manifests
 from omnithought_dagster.pools import free_dead_runs
-from omnithought_dagster.seed.sources.manifests import manifest_filesystem, scan_manifests
 
 SENSOR_NAME = "source_manifests"
 REAPER_NAME = "dead_run_reaper"

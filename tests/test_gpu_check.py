@@ -129,7 +129,7 @@ def test_a_pin_that_is_not_exact_is_refused(tmp_path):
 # Imports on the check's code path (found from its modules, following the package's own imports) that it never executes
 # there, and why: the ones it does execute must be pinned or the image's.
 NOT_RUN_BY_THE_CHECK = {
-    "dagster": "config.py's Dagster helpers, used by the assets",
+    "dagster": "the project file's Dagster helpers (the operations section's cron check), used by the assets",
     "duckdb": "the corpus store (the export's pre-flight), not the trainer",
     "jmespath": "seed field paths",
     "openai": "the OpenAI-compatible backend; the check generates through the transformers backend",

@@ -63,3 +63,28 @@ def test_no_import_circle():
 
 def test_the_circle_finder_finds_one():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# The stages' domain packages sit below the project file and Dagster: each reads its own section (`<package>/settings.py`),
+# never the assembled project file, the assets, checks, resources or the registry.
+DOMAIN = ("seed", "llm", "teacher", "annotate", "curation", "train", "evaluation", "models", "store")
+ABOVE = ("config", "assets", "checks", "resources", "stages", "defs", "definitions", "demo", "cli", "sensors", "automation", "manifests")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    def under(module: str, packages: tuple[str, ...]) -> bool:
+        return any(module == f"omnithought_dagster.{p}" or module.startswith(f"omnithought_dagster.{p}.") for p in packages)
+
+    return sorted((module, dep) for module, deps in graph.items() if under(module, DOMAIN) for dep in deps if under(dep, ABOVE))
+
+
+def test_nothing_in_a_stage_package_imports_upward():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_upward_finder_finds_one():
+    graph = {
+        "omnithought_dagster.seed.ingest": {"omnithought_dagster.config", "omnithought_dagster.ids"},
+        "omnithought_dagster.config": set(),
+    }
+    assert upward_imports(graph) == [("omnithought_dagster.seed.ingest", "omnithought_dagster.config")]

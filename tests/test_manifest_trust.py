@@ -22,9 +22,9 @@ from PIL import Image
 
 from omnithought_dagster.config import load_config
 from omnithought_dagster.defs import SEED_JOB, build_definitions
+from omnithought_dagster.manifests import manifest_filesystem, scan_manifests
 from omnithought_dagster.redact import REDACTED, redact
 from omnithought_dagster.seed.sources.base import RAW_EXCERPT_CHARS, bounded_excerpt
-from omnithought_dagster.seed.sources.manifests import manifest_filesystem, scan_manifests
 from omnithought_dagster.sensors import SENSOR_NAME
 from omnithought_dagster.store import CorpusStore
 

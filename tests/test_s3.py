@@ -245,7 +245,7 @@ def test_a_manifest_in_s3_names_no_local_path_and_no_other_prefix(tmp_path, inst
     import boto3
     import yaml
 
-    from omnithought_dagster.seed.sources.manifests import manifest_filesystem, scan_manifests
+    from omnithought_dagster.manifests import manifest_filesystem, scan_manifests
     from omnithought_dagster.sensors import SENSOR_NAME
 
     prefix = s3_store_config["root"].split(f"{BUCKET}/", 1)[1] + "-manifests"

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from omnithought_dagster.annotate.judge import JudgeParseError, JudgePrompt, judge_schema, parse_judgement
+from omnithought_dagster.annotate.settings import AnnotationConfig
 from omnithought_dagster.annotate.taxonomy import Taxonomy
-from omnithought_dagster.config import AnnotationConfig
 from omnithought_dagster.curation.verify import Tolerance, verify
 from omnithought_dagster.ids import content_id
 from omnithought_dagster.llm.backends import ChatRequest, image_data_url

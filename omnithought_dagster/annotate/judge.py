@@ -15,9 +15,10 @@ import json
 import re
 from dataclasses import dataclass
 
+from omnithought_dagster.annotate.settings import AnnotationConfig
 from omnithought_dagster.annotate.taxonomy import Taxonomy
-from omnithought_dagster.config import AnnotationConfig, PromptConfig
 from omnithought_dagster.markup import defuse, storable
+from omnithought_dagster.teacher.settings import PromptConfig
 
 JUDGE_V1 = PromptConfig(
     version="judge-v1",

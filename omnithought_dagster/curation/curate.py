@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from omnithought_dagster.config import CurationConfig
 from omnithought_dagster.curation.decontam import BenchmarkItem, Contamination, contamination_under
 from omnithought_dagster.curation.filters import decide, sample_flags
+from omnithought_dagster.curation.settings import CurationConfig
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.store.tables import FILTER_DECISIONS
 

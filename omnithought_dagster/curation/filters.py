@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from omnithought_dagster.config import RulesConfig, SelectionConfig
+from omnithought_dagster.curation.settings import RulesConfig, SelectionConfig
 from omnithought_dagster.markup import KINDS as MARKUP_KINDS
 from omnithought_dagster.markup import markup_counts, sql_pattern, sql_shown
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from omnithought_dagster.config import RecipeConfig
+from omnithought_dagster.curation.settings import RecipeConfig
 from omnithought_dagster.ids import content_id, version_of
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.store.tables import SUBSET_MEMBERS

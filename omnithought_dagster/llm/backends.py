@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from omnithought_dagster.config import LLMConfig
+from omnithought_dagster.llm.settings import LLMConfig
 from omnithought_dagster.markup import storable
 from omnithought_dagster.models.resolve import TINY_PREFIX, resolve_model  # noqa: F401 - resolve_model: where it was imported from
 

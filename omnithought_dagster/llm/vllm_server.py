@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from omnithought_dagster.config import LLMConfig
+from omnithought_dagster.llm.settings import LLMConfig
 from omnithought_dagster.logtail import log_tail
 from omnithought_dagster.processes import child_environment, default_signals, guarded
 

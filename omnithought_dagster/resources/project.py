@@ -14,8 +14,8 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from omnithought_dagster.config import ProjectConfig, SourceConfig, StoreConfig, load_config
+from omnithought_dagster.manifests import resolve_source
 from omnithought_dagster.pools import joining_run
-from omnithought_dagster.seed.sources.manifests import resolve_source
 from omnithought_dagster.store import CorpusStore, open_store
 
 

@@ -8,9 +8,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from omnithought_dagster.config import SeedSettings
 from omnithought_dagster.ids import bytes_id
 from omnithought_dagster.seed.fields import Reject
+from omnithought_dagster.seed.settings import SeedSettings
 from omnithought_dagster.seed.sources.base import (
     ImageRef,
     QuarantineReason,

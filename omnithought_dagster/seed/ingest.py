@@ -27,9 +27,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from omnithought_dagster.config import SeedSettings
 from omnithought_dagster.seed.dedup import PriorSamples, copy_with_marks, near_duplicate_marks
 from omnithought_dagster.seed.parallel import checked_records
+from omnithought_dagster.seed.settings import SeedSettings
 from omnithought_dagster.seed.sinks import Batcher, SeedSinks, TableSink
 from omnithought_dagster.seed.sources.base import (
     QuarantineReason,

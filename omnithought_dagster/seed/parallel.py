@@ -12,8 +12,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from omnithought_dagster.config import SeedSettings
 from omnithought_dagster.processes import available_cores, die_with_parent, main_module_hidden
+from omnithought_dagster.seed.settings import SeedSettings
 from omnithought_dagster.seed.sources.base import (
     QuarantineReason,
     SeedRecord,

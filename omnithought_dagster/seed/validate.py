@@ -10,7 +10,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from omnithought_dagster.config import SeedSettings
 from omnithought_dagster.ids import sample_id
 from omnithought_dagster.markup import IMAGE_PLACEHOLDER as PLACEHOLDER
 from omnithought_dagster.markup import TOKEN_KINDS, first_markup
@@ -18,6 +17,7 @@ from omnithought_dagster.redact import redact
 from omnithought_dagster.seed.answers import answer_text, choice_letter, classify_answer, split_options
 from omnithought_dagster.seed.fields import Reject, field_text, metadata_json, safe_text
 from omnithought_dagster.seed.images import CheckedImage, load_image
+from omnithought_dagster.seed.settings import SeedSettings
 from omnithought_dagster.seed.sources.base import (
     Candidate,
     QuarantineReason,

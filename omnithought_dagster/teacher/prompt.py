@@ -13,9 +13,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from omnithought_dagster.config import GenerationConfig, PromptConfig
 from omnithought_dagster.markup import defuse
 from omnithought_dagster.teacher.reply import ParsedReply, parse_reply  # noqa: F401 - where they were always imported from
+from omnithought_dagster.teacher.settings import GenerationConfig, PromptConfig
 
 COT_V1 = PromptConfig(
     version="cot-v1",

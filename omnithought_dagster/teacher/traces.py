@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from omnithought_dagster.config import GenerationConfig
 from omnithought_dagster.ids import content_id, shard_of
 from omnithought_dagster.llm.backends import Backend, ChatRequest, Completion, image_data_url
 from omnithought_dagster.llm.runner import CacheView, PendingRequest, RunStats, given, run_cached
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.store.tables import COT_TRACES
 from omnithought_dagster.teacher.prompt import TeacherPrompt, json_schema, parse_reply, reply_regex
+from omnithought_dagster.teacher.settings import GenerationConfig
 
 GENERATION_CACHE = "generation"
 SEED_COLUMNS = ["sample_id", "source", "record_index", "image_ids", "question", "choices", "answer_type"]

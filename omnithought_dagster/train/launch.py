@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omnithought_dagster.config import StudentConfig, TrainingConfig
 from omnithought_dagster.ids import content_id
 from omnithought_dagster.llm.vllm_server import free_port
 from omnithought_dagster.train.methods import BUILT_IN, METHODS
+from omnithought_dagster.train.settings import StudentConfig, TrainingConfig
 
 TRAIN_MODULE = "omnithought_dagster.train.sft"
 TRAINER_VERSION = "sft-v2"  # bump when the trainer changes what a checkpoint contains (v2: transformers' Trainer)

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from omnithought_dagster.config import (
-    HFSourceConfig,
-    JsonSourceConfig,
-    ShareGPTSourceConfig,
-    SourceConfig,
-    SyntheticSourceConfig,
-)
+from omnithought_dagster.seed.settings import HFSourceConfig, JsonSourceConfig, ShareGPTSourceConfig, SourceConfig, SyntheticSourceConfig
 from omnithought_dagster.seed.sources.base import Candidate, ImageRef, QuarantineReason, Rejected, SeedReader, SeedRecord
 
 

@@ -1,4 +1,4 @@
-"""Reading a source's files only inside the folders it was granted (a manifest's source: sources/manifests.py).
+"""Reading a source's files only inside the folders it was granted (a manifest's source: manifests.py).
 
 A source from the project file is trusted and reads anywhere (`roots` None). A source from a manifest carries its
 granted roots, resolved; its reader checks every file it lists (a glob's matches, a folder's files, the data files a

@@ -18,8 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from omnithought_dagster.config import HFSourceConfig
 from omnithought_dagster.ids import content_id
+from omnithought_dagster.seed.settings import HFSourceConfig
 from omnithought_dagster.seed.sources.base import (
     ImageRef,
     QuarantineReason,

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from omnithought_dagster import markup
-from omnithought_dagster.config import FieldMap, JsonSourceConfig, ShareGPTSourceConfig
 from omnithought_dagster.ids import content_id
+from omnithought_dagster.seed.settings import FieldMap, JsonSourceConfig, ShareGPTSourceConfig
 from omnithought_dagster.seed.sources.base import (
     Candidate,
     ImageRef,

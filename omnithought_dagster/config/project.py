@@ -1,0 +1,241 @@
+"""The project file: one YAML that declares the store, the seed sources and later stages; `ProjectConfig` assembles the
+sections each stage defines beside itself (see config/__init__.py) and checks what crosses them.
+
+`load_config()` finds it ($OMNITHOUGHT_CONFIG, else ./omnithought.yaml), validates it and
+resolves relative paths against the file's own folder, so a config means the same thing
+whatever the working directory. A bad file fails here, at load, with the field named.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from omnithought_dagster.annotate.settings import AnnotationConfig
+from omnithought_dagster.config.operations import OperationsConfig
+from omnithought_dagster.curation.settings import CurationConfig, RecipeConfig
+from omnithought_dagster.evaluation.settings import EvaluationConfig
+from omnithought_dagster.llm.settings import LLMConfig
+from omnithought_dagster.seed.settings import SeedSettings, SourceConfig
+from omnithought_dagster.settings_model import ConfigError, SettingsModel, resolve_path
+from omnithought_dagster.teacher.settings import GenerationConfig
+from omnithought_dagster.train.methods import METHODS
+from omnithought_dagster.train.settings import BASELINE_RECIPE, StudentConfig, TrainingConfig
+
+CONFIG_ENV_VAR = "OMNITHOUGHT_CONFIG"
+DEFAULT_CONFIG_NAME = "omnithought.yaml"
+
+# The dynamic partitions of the sources when `operations.source_manifests` is set.
+SOURCES_PARTITIONS = "sources"
+
+
+class StoreConfig(SettingsModel):
+    """Where the corpus store lives: a local folder or an s3:// URI."""
+
+    root: str = ".omnithought"
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto, ...); default AWS")
+    region: str | None = None
+    access_key_env: str | None = Field(default=None, description="env var with the access key id; default: the AWS credential chain")
+    secret_key_env: str | None = Field(default=None, description="env var with the secret access key")
+
+    _resolve = field_validator("root")(resolve_path)
+
+
+class ProjectConfig(SettingsModel):
+    """The whole project file."""
+
+    project: str = Field(default="omnithought", min_length=1)
+    store: StoreConfig = StoreConfig()
+    seed: SeedSettings = SeedSettings()
+    sources: list[SourceConfig] = Field(default_factory=list, description="at least one, unless operations.source_manifests is set")
+    models_dir: str = Field(default=".cache/models", description="where tiny:<name> models are built")
+    teacher: LLMConfig = LLMConfig()
+    generation: GenerationConfig = GenerationConfig()
+    judge: LLMConfig | None = Field(default=None, description="the annotator; default: the teacher's model and backend")
+    annotation: AnnotationConfig = AnnotationConfig()
+    benchmarks: list[SourceConfig] = Field(default_factory=list, description="held-out evaluation items (any source kind)")
+    curation: CurationConfig = CurationConfig()
+    recipes: list[RecipeConfig] = Field(default_factory=list)
+    students: list[StudentConfig] = Field(default_factory=list)
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    operations: OperationsConfig = Field(
+        default_factory=OperationsConfig
+    )  # a factory: its cron check imports dagster, which a seed worker process never needs
+    config_path: str | None = Field(default=None, exclude=True, description="set by load_config")
+
+    _resolve_models = field_validator("models_dir")(resolve_path)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_present(cls, data: Any) -> Any:
+        # Omitted sections are validated from {} (not taken as ready-made defaults), so their
+        # relative paths are resolved against the config file too.
+        if isinstance(data, dict):
+            data = {
+                **{
+                    section: {}
+                    for section in ("store", "seed", "teacher", "generation", "annotation", "curation", "training", "evaluation")
+                },
+                **data,
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> ProjectConfig:
+        if not self.sources and self.operations.source_manifests is None:
+            raise ValueError("sources: at least one source, or operations.source_manifests to watch for them")
+        seen: set[str] = set()
+        for index, source in enumerate(self.sources):
+            if source.name in seen:
+                raise ValueError(f"sources[{index}].name: '{source.name}' is used by an earlier source; names must be unique")
+            seen.add(source.name)
+        return self
+
+    @property
+    def source_names(self) -> list[str]:
+        """The project file's sources, in config order (config order decides which duplicate is kept).
+
+        With `operations.source_manifests` set, the partitions are these followed by the sources
+        the manifest sensor added (the instance's dynamic partitions, in the order they were added).
+        """
+        return [source.name for source in self.sources]
+
+    @property
+    def dynamic_sources(self) -> bool:
+        return self.operations.source_manifests is not None
+
+    @model_validator(mode="after")
+    def _references(self) -> ProjectConfig:
+        names = [b.name for b in self.benchmarks]
+        for missing in sorted(set(self.curation.decontamination.benchmarks) - set(names)):
+            raise ValueError(f"curation.decontamination.benchmarks: {missing!r} is not a configured benchmark ({names})")
+        recipes = [r.name for r in self.recipes]
+        if len(set(recipes)) != len(recipes):
+            raise ValueError("recipes: names must be unique")
+        for missing in sorted(set(self.evaluation.benchmarks) - set(names)):
+            raise ValueError(f"evaluation.benchmarks: {missing!r} is not a configured benchmark ({names})")
+        if BASELINE_RECIPE in recipes:
+            raise ValueError(f"recipes: {BASELINE_RECIPE!r} is reserved for the students' untrained baselines")
+        students = [s.name for s in self.students]
+        if len(set(students)) != len(students):
+            raise ValueError("students: names must be unique")
+        for index, student in enumerate(self.students):
+            for recipe in student.recipes or []:
+                if recipe not in recipes:
+                    raise ValueError(f"students[{index}] (name={student.name}).recipes: no recipe {recipe!r}")
+            METHODS[student.method].check(self, index, student)
+        labels = set(self.annotation.difficulty_labels)
+        for index, recipe in enumerate(self.recipes):
+            unknown = set(recipe.difficulty_mix) - labels
+            if unknown:
+                raise ValueError(
+                    f"recipes[{index}] (name={recipe.name}).difficulty_mix: unknown labels {sorted(unknown)}; have {sorted(labels)}"
+                )
+            for source in recipe.sources or []:
+                if source not in self.source_names:
+                    raise ValueError(f"recipes[{index}] (name={recipe.name}).sources: no source {source!r}")
+        return self
+
+    def student(self, name: str) -> StudentConfig:
+        for student in self.students:
+            if student.name == name:
+                return student
+        raise KeyError(f"no student named {name!r}")
+
+    def student_recipes(self, student: str) -> list[str]:
+        """The baseline, then the recipes this student is trained on."""
+        chosen = self.student(student).recipes
+        return [BASELINE_RECIPE] + [r.name for r in self.recipes if chosen is None or r.name in chosen]
+
+    def benchmark(self, name: str) -> SourceConfig:
+        for benchmark in self.benchmarks:
+            if benchmark.name == name:
+                return benchmark
+        raise KeyError(f"no benchmark named {name!r}")
+
+    @property
+    def annotator(self) -> LLMConfig:
+        """The judge's model config: `judge`, or the teacher's when none is given."""
+        return self.judge or self.teacher
+
+    def source(self, name: str) -> SourceConfig:
+        for source in self.sources:
+            if source.name == name:
+                return source
+        raise KeyError(f"no source named {name!r}; configured: {self.source_names}")
+
+
+def find_config_path(explicit: str | os.PathLike | None = None) -> Path:
+    """The project file to use: explicit, else $OMNITHOUGHT_CONFIG, else ./omnithought.yaml."""
+    candidate = explicit or os.environ.get(CONFIG_ENV_VAR)
+    if candidate:
+        path = Path(candidate).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file (from {'argument' if explicit else CONFIG_ENV_VAR})")
+        return path.resolve()
+    path = Path.cwd() / DEFAULT_CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"no config: set {CONFIG_ENV_VAR} or create {DEFAULT_CONFIG_NAME} in {Path.cwd()}")
+    return path.resolve()
+
+
+def load_config(path: str | os.PathLike | None = None) -> ProjectConfig:
+    """Read, validate and resolve the project file; raise ConfigError naming the field on problems."""
+    config_path = find_config_path(path)
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from exc
+    return parse_config(raw, base_dir=config_path.parent, origin=str(config_path))
+
+
+def parse_config(raw: Any, *, base_dir: str | os.PathLike, origin: str = "<config>") -> ProjectConfig:
+    """Validate an already-parsed mapping (tests and tools build configs in memory)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        config = ProjectConfig.model_validate(raw, context={"base_dir": str(base_dir)})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, raw, origin)) from None
+    return config.model_copy(update={"config_path": origin})
+
+
+def _format_validation_error(exc: ValidationError, raw: dict, origin: str) -> str:
+    lines = [f"{origin}: invalid config ({exc.error_count()} problem{'s' if exc.error_count() != 1 else ''})"]
+    for error in exc.errors():
+        loc = _loc_to_path(error["loc"], raw)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see README 'Configuration')"
+        elif error["type"] == "union_tag_invalid":
+            message = f"unknown kind {error.get('input', {}).get('kind')!r}; expected one of synthetic, json, hf, sharegpt"
+        lines.append(f"  - {loc or '(top level)'}: {message}")
+    return "\n".join(lines)
+
+
+def _loc_to_path(loc: tuple, raw: dict) -> str:
+    """('sources', 1, 'json', 'path') -> 'sources[1] (name=foo).path'. Drops pydantic's union tags."""
+    parts: list[str] = []
+    node: Any = raw
+    tags = {"synthetic", "json", "hf", "sharegpt"}
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            if isinstance(node, dict) and isinstance(node.get("name"), str):
+                label += f" (name={node['name']})"
+            parts.append(label)
+            continue
+        if item in tags and isinstance(node, dict) and node.get("kind") == item:
+            continue
+        if item.startswith("function-") or item.startswith("value_error"):
+            continue
+        parts.append(("." if parts else "") + str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return re.sub(r"\.\[", "[", "".join(parts))

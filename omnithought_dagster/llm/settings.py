@@ -1,0 +1,61 @@
+"""A model the pipeline talks to (`teacher:`, `judge:`): backend, serving and sampling settings."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from omnithought_dagster.settings_model import SettingsModel, resolve_path
+
+
+class LLMConfig(SettingsModel):
+    """A model behind one of three backends; the teacher now, the judge later.
+
+    - vllm: the pipeline starts `python -m vllm.entrypoints.openai.api_server` from `python`
+      (an interpreter of a vLLM environment), waits for it, talks to it as `openai`, and stops
+      it when the step ends;
+    - openai: any OpenAI-compatible chat endpoint at `base_url` (key from the env var named
+      by `api_key_env`, never from this file);
+    - transformers: in-process generation from a local model folder (small runs).
+    `model` is a local folder, a hub id the serving side can load, or `tiny:<name>` for a tiny
+    random-weight model this project builds offline (see omnithought_dagster.models.tiny).
+    """
+
+    backend: Literal["vllm", "openai", "transformers"] = "vllm"
+    model: str = "tiny:teacher"
+    name: str | None = Field(default=None, description="identity in trace ids; default the model (tiny models add their fingerprint)")
+    base_url: str | None = None
+    api_key_env: str | None = Field(default=None, description="name of the env var holding the API key (openai)")
+    python: str = Field(default=".venv-vllm/bin/python", description="interpreter of the vLLM environment (vllm)")
+    gpus: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES for the server; default: inherited")
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    data_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int = Field(default=4096, ge=256)
+    enforce_eager: bool = True
+    dtype: str = "auto"
+    extra_args: list[str] = Field(default_factory=list, description="more `vllm serve` arguments, passed through")
+    env: dict[str, str] = Field(default_factory=dict, description="more environment variables for the server")
+    startup_timeout_s: float = Field(default=900, gt=0)
+    request_timeout_s: float = Field(default=300, gt=0)
+    max_retries: int = Field(default=4, ge=0, le=20)
+    max_concurrency: int = Field(default=32, ge=1, le=4096)
+    structured_output: Literal["json", "regex", "none"] = Field(
+        default="json", description="constrain replies with vLLM structured outputs (json schema or regex); none for free text"
+    )
+    send_seed: bool = Field(default=True, description="send a per-rollout seed (reproducible sampling where the server honours it)")
+
+    _resolve = field_validator("python")(resolve_path)
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> LLMConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("base_url: required when backend is openai")
+        return self
+
+    def output_settings(self) -> dict[str, Any]:
+        """What changes the model's replies (hashed into the code version of the stage it serves); where it runs, how it is
+        reached and how long it is waited for do not."""
+        return self.model_dump(
+            mode="json", include={"backend", "model", "name", "max_model_len", "dtype", "extra_args", "structured_output", "send_seed"}
+        )
