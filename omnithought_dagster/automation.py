@@ -5,6 +5,9 @@
   upstream partition that failed a blocking check stops there. They also run when their code
   version changes: it hashes the project file's settings that change their output, so an edited
   threshold or recipe re-runs its stage on the next tick.
+- The files the pipeline reads (seed_sources, benchmark_items: assets/inputs.py) are observed on
+  `operations.observe_cron` and at once when never observed (a reader of an input never observed
+  has a missing upstream, which eager automation waits for).
 - GPU stages (cot_traces, annotations, student_checkpoints, benchmark_scores) carry none: they
   are expensive, so they run by hand, from a job, or from a schedule someone turned on.
 - The `recuration` schedule (cron from `operations.recuration_cron`) re-runs filtered_set for

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METHODS = ("sft", "kd", "prefix_mask_kd", "opsd", "grpo")
+METHODS = ("sft", "kd", "prefix_mask_kd", "opsd", "grpo")  # the built-in ones (train/methods/), in the order they run
 REPO = Path(__file__).resolve().parents[1]
 WHEELS_FILE = REPO / "deploy" / "gpu-check" / "wheels.txt"
 CARRY_LIMIT = 64 * 2**20  # what a device call carries, the working tree included
@@ -154,10 +154,12 @@ def run_check(work: Path, methods: list[str], *, scale: str = "auto", engine: st
     data = write_export(work / "data", size)
     outputs: dict[str, Path] = {}
     for method in methods:
-        if method == "grpo" and "sft" not in outputs:
-            skipped.append({"what": "grpo", "why": "it starts from sft's checkpoint, and sft did not train"})
+        after = registered(method).short_run_starts_from
+        if after is not None and after not in outputs:
+            skipped.append({"what": method, "why": f"it starts from {after}'s checkpoint, and {after} did not train"})
             continue
-        run = train_method(method, size, models, data, work / method, engine=engine, timeout=timeout, start=outputs.get("sft"))
+        start = outputs.get(after) if after else None
+        run = train_method(method, size, models, data, work / method, engine=engine, timeout=timeout, start=start)
         result["methods"][method] = run
         if run["ok"]:
             outputs[method] = work / method / "out"
@@ -282,16 +284,11 @@ def write_export(folder: Path, size: Scale) -> Path:
     return folder
 
 
-def method_settings(method: str, size: Scale, models: dict[str, Path], start: Path | None) -> dict[str, Any]:
-    """The student's method settings for a short run (StudentConfig's own fields)."""
-    if method in ("kd", "prefix_mask_kd"):
-        extra = {"warmup_steps": 1, "max_budget": 0.3, "growth": 0.1} if method == "prefix_mask_kd" else {}
-        return {method: {"teacher": str(models["teacher"]), **extra}}
-    if method == "opsd":
-        return {"opsd": {"max_new_tokens": size.sample_tokens}}
-    if method == "grpo":
-        return {"grpo": {"start_from": "sft", "num_generations": 2, "max_completion_length": size.sample_tokens}}
-    return {}
+def registered(method: str):
+    """The method registered as `method` (train/methods/): its short-run settings, what it needs first, what it reports."""
+    from omnithought_dagster.train.methods import METHODS as REGISTRY
+
+    return REGISTRY[method]
 
 
 def train_method(
@@ -305,7 +302,8 @@ def train_method(
 
     cuda = torch.cuda.is_available()
     folder.mkdir(parents=True, exist_ok=True)
-    micro = size.micro_batch // 2 if method in ("grpo", "opsd") else size.micro_batch  # grpo: groups of 2 answers per question
+    spec = registered(method)
+    micro = size.micro_batch // 2 if spec.samples else size.micro_batch  # groups of 2 answers per question
     training = TrainingConfig(
         launcher="deepspeed" if engine == "deepspeed" else "torchrun",
         engine=engine,
@@ -321,19 +319,16 @@ def train_method(
         seed=0,
         work_dir=str(folder),
     )
+    settings = spec.short_run_settings(str(models["teacher"]), size.sample_tokens)
     student = StudentConfig(
-        name=f"gpu-check-{method}",
-        model=str(start if method == "grpo" else models["student"]),
-        method=method,
-        **method_settings(method, size, models, start),
+        name=f"gpu-check-{method}", model=str(start or models["student"]), method=method, **({method: settings} if settings else {})
     )
     spec_method = run_method(
         student, folder / "models", start_checkpoint=str(start) if start else None, answer_pattern=GenerationConfig().answer_pattern
     )
-    model_dir = start if method == "grpo" else models["student"]
-    spec = training_spec(str(model_dir), data, folder / "out", training, run_dir=folder / "run", method=spec_method)
+    run_spec = training_spec(str(start or models["student"]), data, folder / "out", training, run_dir=folder / "run", method=spec_method)
     spec_path = folder / "spec.json"
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps(run_spec))
     command = launcher_command(training, spec_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("DAGSTER_PIPES_CONTEXT", None)
@@ -385,13 +380,7 @@ def measurements(log: dict[str, Any]) -> dict[str, Any]:
     }
     for key in ("engine", "device", "precision", "optimizer", "attention"):
         out[key] = log.get(key)
-    if log.get("method") in ("kd", "prefix_mask_kd"):
-        out.update(kd_loss_first=(log.get("kd_losses") or [None])[0], kd_loss_last=(log.get("kd_losses") or [None])[-1])
-    if log.get("method") == "opsd":
-        out.update(divergence_first=log.get("initial_divergence"), divergence_last=log.get("final_divergence"))
-    if log.get("method") == "grpo":
-        rewards = log.get("rewards") or [None]
-        out.update(reward_first=rewards[0], reward_last=rewards[-1])
+    out.update(registered(log.get("method") or "sft").short_run(log))
     return out
 
 

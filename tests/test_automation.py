@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import dagster as dg
 import pytest
 
+from omnithought_dagster.assets.inputs import BENCHMARK_ITEMS_KEY, SEED_SOURCES_KEY, observe_job_name
 from omnithought_dagster.automation import RECURATION_SCHEDULE, TRIGGER_TAG
 from omnithought_dagster.config import ConfigError, load_config
 from omnithought_dagster.defs import FILTER_JOB, build_definitions
@@ -127,6 +128,8 @@ def test_an_edited_threshold_requests_its_stage_on_the_next_tick_and_nothing_els
                         check.asset_key, check.name, passed=True, partition=partition, target_materialization_data=target
                     )
                 )
+    for key in (SEED_SOURCES_KEY, BENCHMARK_ITEMS_KEY):  # as automation does on its first tick (the test below)
+        assert build_definitions(config).resolve_job_def(observe_job_name(key)).execute_in_process(instance=instance).success
     assert run_job(config, instance, FILTER_JOB, "synthetic").success
     first = dg.evaluate_automation_conditions(defs=build_definitions(config), instance=instance)
     quiet = dg.evaluate_automation_conditions(defs=build_definitions(config), instance=instance, cursor=first.cursor)
@@ -139,3 +142,16 @@ def test_an_edited_threshold_requests_its_stage_on_the_next_tick_and_nothing_els
     edited = dg.evaluate_automation_conditions(defs=build_definitions(load_config(path)), instance=instance, cursor=quiet.cursor)
     requested = {r.key.to_user_string(): set(edited.get_requested_partitions(r.key)) for r in edited.results if r.true_subset.size}
     assert requested == {"filtered_set": {"synthetic"}}
+
+
+def test_the_files_read_are_observed_by_automation_when_never_observed_and_on_their_cron(tmp_path, instance):
+    """An input never observed counts as a missing upstream (eager waits for those): automation observes it at once."""
+    config = _project(tmp_path)
+    defs = build_definitions(config)
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    requested = {r.key: r.true_subset.size for r in first.results if r.true_subset.size}
+    assert requested == {SEED_SOURCES_KEY: 1, BENCHMARK_ITEMS_KEY: 1}
+    for key in requested:
+        assert defs.resolve_job_def(observe_job_name(key)).execute_in_process(instance=instance).success
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert not [r.key for r in after.results if r.true_subset.size]  # observed, and no cron tick since

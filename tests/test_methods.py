@@ -86,6 +86,18 @@ def test_the_built_in_methods_are_registered_by_name():
         register(type("Other", (Method,), {"name": "kd"})())
 
 
+def test_the_gpu_check_runs_every_built_in_method_by_its_own_short_run():
+    from omnithought_dagster import gpu_check
+
+    assert list(gpu_check.METHODS) == [name for name in METHODS if name in BUILT_IN]  # its default list, without importing the registry
+    starts = {name: METHODS[name].short_run_starts_from for name in gpu_check.METHODS}
+    assert all(after is None or gpu_check.METHODS.index(after) < gpu_check.METHODS.index(name) for name, after in starts.items())
+    for name in gpu_check.METHODS:  # each method's short-run settings are valid settings of it
+        settings = METHODS[name].short_run_settings("/models/teacher", 16)
+        StudentConfig(name="s", method=name, **({name: settings} if settings else {}))
+    assert METHODS["grpo"].short_run({"rewards": [0.1, 0.4]}) == {"reward_first": 0.1, "reward_last": 0.4}
+
+
 def test_the_project_file_names_a_registered_method_and_its_settings_only():
     assert StudentConfig(name="s").settings is None
     kd = StudentConfig(name="s", method="kd", kd={"teacher": "tiny:teacher"})

@@ -6,8 +6,10 @@ versions, so a seed file or benchmark edited in place makes what read it stale (
   source keeps is a duplicate here, so an edited earlier source changes this one's seed_pool too.
 - `benchmark_items`: the fingerprints of the benchmarks decontamination and evaluation read.
 
-They are observed by their `observe_*` job (the UI's "Observe sources" button runs the same function) and by the demo
-before the stage that reads them; the nightly re-curation re-runs filtered_set whatever was observed, a safety net.
+They are observed by their `observe_*` job (the UI's "Observe sources" button runs the same function), by Dagster's
+automation on `operations.observe_cron` (and at once when never observed: an unobserved input counts as a missing upstream,
+which eager automation waits for), and by the demo before the stage that reads them; the nightly re-curation re-runs
+filtered_set whatever was observed, a safety net.
 """
 
 from __future__ import annotations
@@ -72,11 +74,20 @@ def benchmark_items_version(config: ProjectConfig) -> str:
     return content_id("benchmark-items", {name: reader_fingerprint(config.benchmark(name)) for name in benchmark_names(config)})
 
 
+def observe_condition(config: ProjectConfig) -> dg.AutomationCondition:
+    """Observed on `operations.observe_cron` and as soon as automation is on when never observed: a reader of an input never
+    observed counts it missing, and eager automation waits for missing upstreams."""
+    never = dg.AutomationCondition.missing()
+    tick = dg.AutomationCondition.cron_tick_passed(config.operations.observe_cron, config.operations.timezone)
+    return ((never | tick) & ~dg.AutomationCondition.in_progress()).with_label("never observed, or the observe_cron tick")
+
+
 def build_seed_sources(config: ProjectConfig, partitions: dg.PartitionsDefinition, group: str) -> dg.SourceAsset:
     @dg.observable_source_asset(
         key=SEED_SOURCES_KEY,
         partitions_def=partitions,
         group_name=group,
+        automation_condition=observe_condition(config),
         description="The seed source files as their readers see them: one data version per source (see assets/inputs.py).",
     )
     def seed_sources(context, project: ProjectResource, store: CorpusStoreResource) -> dg.DataVersionsByPartition:
@@ -94,6 +105,7 @@ def build_benchmark_items(config: ProjectConfig, group: str) -> list[dg.SourceAs
     @dg.observable_source_asset(
         key=BENCHMARK_ITEMS_KEY,
         group_name=group,
+        automation_condition=observe_condition(config),
         description="The benchmark files decontamination and evaluation read, as their readers see them.",
     )
     def benchmark_items(project: ProjectResource) -> dg.DataVersion:

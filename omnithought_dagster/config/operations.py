@@ -34,6 +34,10 @@ class OperationsConfig(SettingsModel):
     ecs: EcsPlacement = EcsPlacement()
 
     recuration_cron: str = Field(default="0 3 * * *", description="when the recuration schedule re-runs the CPU curation stages")
+    observe_cron: str = Field(
+        default="0 * * * *",
+        description="when Dagster's automation observes the files the pipeline reads (seed sources, benchmarks); also when never observed",
+    )
     timezone: str = "UTC"
     recuration_running: bool = Field(default=False, description="start the schedule running (else turn it on in the UI)")
     gpu_devices: list[str] = Field(default_factory=list, description="GPUs GPU steps lease from (CUDA indices); empty on CPU machines")
@@ -70,7 +74,7 @@ class OperationsConfig(SettingsModel):
     def _resolve_roots(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         return None if value is None else [resolve_path(root, info) for root in value]
 
-    @field_validator("recuration_cron")
+    @field_validator("recuration_cron", "observe_cron")
     @classmethod
     def _cron(cls, value: str) -> str:
         from dagster._utils.schedules import is_valid_cron_string

@@ -27,6 +27,8 @@ class Method:
     reports: tuple[str, ...] = ()  # the metadata its `results` add that the checkpoint's manifest keeps (`results`)
     settings_model: type | None = None  # its settings' model (a SettingsModel): the student's field named like the method
     settings_needed: str | None = None  # what a project file must give, when its settings have required fields ("at least `teacher`")
+    samples = False  # each step samples answers from the student (a short run halves its batch: groups of answers per question)
+    short_run_starts_from: str | None = None  # the method whose short run's checkpoint its own starts from (grpo: sft)
 
     # -- the project file ---------------------------------------------------------------------------------------------------
 
@@ -88,6 +90,14 @@ class Method:
         return {}, {}
 
     # -- after the run (the asset's process) ---------------------------------------------------------------------------------
+
+    def short_run_settings(self, teacher: str, sample_tokens: int) -> dict[str, Any]:
+        """Its settings for a short run of a few steps (the GPU check's), given a teacher model's folder and a sampling length."""
+        return {}
+
+    def short_run(self, log: dict[str, Any]) -> dict[str, Any]:
+        """Its objective first and last, from a short run's train_log.json (the GPU check's line for it)."""
+        return {}
 
     def curves(self, log: dict[str, Any], run: str) -> list[tuple[str, dict[str, list], str, str]]:
         """Its plots beside the loss curve, from train_log.json: (metadata key, {label: per-step values}, caption, y label).

@@ -45,6 +45,8 @@ class GRPOSettings(SettingsModel):
 class GRPO(Method):
     name = "grpo"
     keeps_cache = True  # TRL generates through the model
+    samples = True
+    short_run_starts_from = "sft"
     rises = "reward"  # its loss is a policy-gradient surrogate near 0: the reward is the objective
     settings_model = GRPOSettings
     reports = ("start_checkpoint", "initial_reward", "final_reward", "initial_pass_rate", "final_pass_rate", "mean_completion_length")
@@ -147,6 +149,13 @@ class GRPO(Method):
             "mean_completion_length": mean(log["completion_lengths"]),
         }
         return log, metadata
+
+    def short_run_settings(self, teacher, sample_tokens):
+        return {"start_from": "sft", "num_generations": 2, "max_completion_length": sample_tokens}
+
+    def short_run(self, log):
+        rewards = log.get("rewards") or [None]
+        return {"reward_first": rewards[0], "reward_last": rewards[-1]}
 
     def curves(self, log, run):
         rewards = {"reward (weighted sum)": log["rewards"], "pass rate (verifier)": log["pass_rates"], "format": log["format_rates"]}

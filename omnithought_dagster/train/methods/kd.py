@@ -78,6 +78,13 @@ class KD(Method):
         }
         return log, metadata
 
+    def short_run_settings(self, teacher, sample_tokens):
+        return {"teacher": teacher}
+
+    def short_run(self, log):
+        losses = log.get("kd_losses") or [None]
+        return {"kd_loss_first": losses[0], "kd_loss_last": losses[-1]}
+
     def curves(self, log, run):
         parts = {"distillation (to the teacher)": log["kd_losses"], "SFT (cross-entropy)": log["ce_losses"]}
         return [("plot/kd_loss", parts, f"the loss's parts per optimizer step ({run}, {log['method']})", "loss")]

@@ -37,6 +37,7 @@ class OPSDSettings(SettingsModel):
 class OPSD(Method):
     name = "opsd"
     logged = ("opsd_divergence", "sample_length")
+    samples = True
     reports = ("initial_divergence", "final_divergence", "mean_sample_length")
     settings_model = OPSDSettings  # every setting has a default: `opsd: {}` may be left out
 
@@ -61,6 +62,12 @@ class OPSD(Method):
         from omnithought_dagster.train import opsd
 
         return opsd.build_trainer(counting_trainer, model, method, vl, args=args, train_dataset=train_set, callbacks=callbacks)
+
+    def short_run_settings(self, teacher, sample_tokens):
+        return {"max_new_tokens": sample_tokens}
+
+    def short_run(self, log):
+        return {"divergence_first": log.get("initial_divergence"), "divergence_last": log.get("final_divergence")}
 
     def results(self, logged, history, method, trainer):
         # the divergence to the privileged teacher and the sampled answers' length, per step

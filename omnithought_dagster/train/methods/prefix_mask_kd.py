@@ -54,6 +54,9 @@ class PrefixMaskKD(KD):
             f"up to {method['max_budget']:.0%} of the earlier reply tokens hidden by the {method['saliency']}'s attention)"
         )
 
+    def short_run_settings(self, teacher, sample_tokens):
+        return {"teacher": teacher, "warmup_steps": 1, "max_budget": 0.3, "growth": 0.1}  # masking starts within a few steps
+
     def trainer(self, counting_trainer, *, model, teacher, method, vl, args, train_set, eval_set, callbacks, model_dir):
         from omnithought_dagster.train import prefix_mask
 
