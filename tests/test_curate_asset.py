@@ -24,7 +24,7 @@ RECIPES = [
 ]
 
 
-def _project(tmp_path, **curation):
+def _project(tmp_path, recipes=RECIPES, **curation):
     build_store(tmp_path / "store", n_samples=24)
     path = write_config(
         tmp_path,
@@ -35,7 +35,7 @@ def _project(tmp_path, **curation):
             "selection": {"max_traces_per_sample": 2},
             **curation,
         },
-        recipes=RECIPES,
+        recipes=recipes,
     )
     return load_config(path)
 

@@ -14,7 +14,7 @@ from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.curate import curate_source
 from omnithought_dagster.curation.decontam import load_benchmark_items
-from omnithought_dagster.curation.sampling import load_candidates, sample_subset
+from omnithought_dagster.curation.sampling import draw
 from omnithought_dagster.ids import code_version, version_of
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
@@ -130,30 +130,34 @@ def build_subset_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         metadata={"dagster/column_schema": column_schema(table_spec("subset_members")), "table": "subset_members"},
     )
     def sampled_subsets(context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource) -> dg.MaterializeResult:
-        """One recipe's subset: difficulty-stratified, tag-diverse, deterministic; shortfalls reported, never silent."""
+        """One recipe's subset: difficulty-stratified, tag-diverse, deterministic; shortfalls reported, never silent. A control's:
+        a uniform draw at the realised size of the curated recipe naming it."""
         cfg = project.config
-        recipe = next(r for r in cfg.recipes if r.name == context.partition_key)
+        recipe = cfg.recipe(context.partition_key)
+        curated = cfg.controlled_by(recipe.name)
         corpus = store.open()
-        candidates = load_candidates(corpus, recipe.sources)
-        result = sample_subset(candidates, recipe)
+        result = draw(corpus, recipe, curated)
         written = corpus.write_partition("subset_members", recipe.name, result.members)
         members = result.members
         strata = Counter(s.split("/", 1)[0] for s in members.column("stratum").to_pylist())
         tags = Counter(s.split("/", 1)[1] for s in members.column("stratum").to_pylist())
         if result.shortfall:
-            context.log.warning(f"recipe {recipe.name}: {result.shortfall} of {recipe.size} could not be filled (candidates exhausted)")
+            context.log.warning(f"recipe {recipe.name}: {result.shortfall} of {result.target} could not be filled (candidates exhausted)")
         lines = ["| label | quota | first pass | shortfall |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {s['label']} | {s['quota']} | {s['picked']} | {s['shortfall']} |" for s in result.strata]
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": members.num_rows,
                 "subset_version": result.version,
-                "target_size": recipe.size,
+                "kind": recipe.kind,
+                **({"control_of": curated.name} if curated else {}),
+                **({"controls": dg.MetadataValue.json(recipe.controls)} if recipe.controls else {}),
+                "target_size": result.target,
                 "size": members.num_rows,
                 "shortfall": result.shortfall,
                 "filled_from_other_labels": result.filled_from_other_labels,
                 "filled_without_tag_caps": result.filled_without_tag_caps,
-                "candidates": len(candidates),
+                "candidates": result.candidates,
                 "strata": dg.MetadataValue.md("\n".join(lines)),
                 "members_by_difficulty": counts(strata, "difficulty"),
                 "members_by_tag": counts(tags, "primary tag"),

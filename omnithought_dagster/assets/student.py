@@ -77,7 +77,7 @@ def student_partition_keys(config: ProjectConfig) -> list[str]:
 
 
 def expected_checkpoint_id(config: ProjectConfig, store: CorpusStore, student: str, recipe: str) -> str | None:
-    """The checkpoint_id the partition would have now (None while its subset is missing): its input fingerprint."""
+    """The checkpoint_id the partition would have now, None while its subset is missing (what a run starting from it reads)."""
     _, base_fingerprint = resolve_student(config.student(student), config.models_dir)
     if recipe == BASELINE_RECIPE:
         return checkpoint_id(base_fingerprint, None, None)

@@ -8,7 +8,7 @@ from omnithought_dagster.checks.gx import Expect, gx_check_result
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.curate import recheck_kept
 from omnithought_dagster.curation.decontam import contamination_under, load_benchmark_items
-from omnithought_dagster.curation.sampling import _quotas
+from omnithought_dagster.curation.sampling import _quotas, pool_where
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 
 ONE_DECISION_PER_TRACE = "one_decision_per_trace"
@@ -77,7 +77,12 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
     recipes = recipe_partitions(config)
 
     def recipe_of(context, project):
-        return next(r for r in project.config.recipes if r.name == context.partition_key)
+        """The partition's recipe; a control named by a curated recipe with that recipe's sources and traces_per_sample."""
+        recipe = project.config.recipe(context.partition_key)
+        curated = project.config.controlled_by(recipe.name)
+        if curated is None:
+            return recipe
+        return recipe.model_copy(update={"sources": curated.sources, "traces_per_sample": curated.traces_per_sample})
 
     def members_of(context, store):
         return store.open().read_partition("subset_members", context.partition_key)
@@ -86,33 +91,43 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
     def size_matches_recipe(
         context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
     ) -> dg.AssetCheckResult:
-        """The subset has the recipe's size; less only when the filtered set has no more eligible traces (a WARN: the
-        documented shortfall)."""
+        """The subset has the recipe's size - a control named by a curated recipe, exactly that recipe's stored subset's
+        (arms of equal size); less only when its pool has no more eligible traces (a WARN: the documented shortfall)."""
         recipe = recipe_of(context, project)
         members = members_of(context, store)
         if members is None:
             return dg.AssetCheckResult(passed=False, description=f"subset {recipe.name} is not materialised")
+        curated = project.config.controlled_by(recipe.name)
+        target = recipe.size
+        if curated is not None:
+            arm = store.open().read_partition("subset_members", curated.name, columns=["trace_id"])
+            if arm is None:
+                return dg.AssetCheckResult(
+                    passed=False, description=f"{recipe.name} is {curated.name}'s control: materialise {curated.name}"
+                )
+            target = arm.num_rows
         eligible = _eligible(store, recipe)
         size = members.num_rows
-        metadata = {"size": size, "target": recipe.size, "eligible_traces": eligible}
-        if size == recipe.size:
+        metadata = {"size": size, "target": target, "eligible_traces": eligible, **({"control_of": curated.name} if curated else {})}
+        if size == target:
             return dg.AssetCheckResult(passed=True, metadata=metadata)
-        if size > recipe.size or size < min(recipe.size, eligible):
+        if curated is not None:
             return dg.AssetCheckResult(
                 passed=False,
                 metadata=metadata,
-                description=(
-                    f"{size} members for a target of {recipe.size} while {eligible} eligible traces exist: not the documented fill policy"
-                ),
+                description=f"{size} members for the {target} of {curated.name}, the recipe it controls: the arms differ in size",
+            )
+        if size > target or size < min(target, eligible):
+            return dg.AssetCheckResult(
+                passed=False,
+                metadata=metadata,
+                description=f"{size} members for a target of {target} while {eligible} eligible traces exist: not the fill policy",
             )
         return dg.AssetCheckResult(
             passed=False,
             severity=dg.AssetCheckSeverity.WARN,
             metadata=metadata,
-            description=(
-                f"shortfall: {recipe.size - size} of {recipe.size} could not be filled - "
-                f"the filtered set has only {eligible} eligible traces"
-            ),
+            description=f"shortfall: {target - size} of {target} could not be filled - its pool has only {eligible} eligible traces",
         )
 
     @dg.asset_check(asset=SAMPLED_SUBSETS_KEY, name=STRATA_WITHIN_TOLERANCE, partitions_def=recipes, blocking=True)
@@ -126,6 +141,9 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
             return dg.AssetCheckResult(passed=False, description=f"subset {recipe.name} is not materialised")
         labels = [s.split("/", 1)[0] for s in members.column("stratum").to_pylist()]
         size = max(len(labels), 1)
+        shares = dg.MetadataValue.json({label: round(labels.count(label) / size, 4) for label in set(labels)})
+        if recipe.is_control:  # drawn uniformly: its shares are the pool's, shown beside the curated arm's
+            return dg.AssetCheckResult(passed=True, metadata={"shares": shares}, description=f"a {recipe.kind} control has no mix to hold")
         available = _eligible_by_label(store, recipe)
         quotas = _quotas(recipe.size, recipe.difficulty_mix)
         off = [
@@ -139,7 +157,7 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
             if available.get(label, 0) < quota
         ]
         metadata = {
-            "shares": dg.MetadataValue.json({label: round(labels.count(label) / size, 4) for label in set(labels)}),
+            "shares": shares,
             "mix": dg.MetadataValue.json(recipe.difficulty_mix),
             "tolerance": recipe.tolerance,
             "starved_labels": dg.MetadataValue.json(starved),
@@ -180,11 +198,15 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         return result
 
     @dg.asset_check(asset=SAMPLED_SUBSETS_KEY, name=MEMBERS_KEPT, partitions_def=recipes, blocking=True)
-    def members_are_kept(context: dg.AssetCheckExecutionContext, store: CorpusStoreResource) -> dg.AssetCheckResult:
-        """Every member trace is kept in filter_decisions."""
+    def members_are_kept(
+        context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
+    ) -> dg.AssetCheckResult:
+        """Every member trace is in its recipe's pool in filter_decisions: kept (curated, filtered), or not contaminated
+        (a random control)."""
+        pool, _ = pool_where(None, project.config.recipe(context.partition_key).kind)
         con = store.open().catalog(["subset_members", "filter_decisions"])
         frame = con.sql(
-            "SELECT m.trace_id, coalesce(d.kept, false) AS kept FROM subset_members m LEFT JOIN filter_decisions d USING (trace_id) "
+            f"SELECT m.trace_id, coalesce({pool}, false) AS kept FROM subset_members m LEFT JOIN filter_decisions d USING (trace_id) "
             "WHERE m.subset = $s",
             params={"s": context.partition_key},
         ).to_df()
@@ -273,13 +295,13 @@ def _eligible(store: CorpusStoreResource, recipe) -> int:
 
 
 def _eligible_by_label(store: CorpusStoreResource, recipe) -> dict[str, int]:
+    """Per difficulty label (of the mix; every label for a control), the traces of its pool it could use at most."""
     con = store.open().catalog(["filter_decisions"])
-    where = " AND source IN (SELECT unnest($2::VARCHAR[]))" if recipe.sources else ""
-    params = [recipe.traces_per_sample] + ([recipe.sources] if recipe.sources else [])
+    where, params = pool_where(recipe.sources, recipe.kind)
     rows = con.execute(
-        f"SELECT difficulty_label, sum(least(n, $1)) FROM (SELECT sample_id, difficulty_label, count(*) AS n "
-        f"FROM filter_decisions WHERE kept{where} GROUP BY ALL) GROUP BY 1",
-        params,
+        f"SELECT difficulty_label, sum(least(n, $per_sample)) FROM (SELECT sample_id, difficulty_label, count(*) AS n "
+        f"FROM filter_decisions WHERE {where} GROUP BY ALL) GROUP BY 1",
+        {**params, "per_sample": recipe.traces_per_sample},
     ).fetchall()
     labels = set(recipe.difficulty_mix)
-    return {label: int(n) for label, n in rows if label in labels}
+    return {label: int(n) for label, n in rows if recipe.is_control or label in labels}

@@ -140,7 +140,42 @@ class ProjectConfig(SettingsModel):
             for source in recipe.sources or []:
                 if source not in self.source_names:
                     raise ValueError(f"recipes[{index}] (name={recipe.name}).sources: no source {source!r}")
+        self._check_controls()
         return self
+
+    def _check_controls(self) -> None:
+        """A curated recipe's controls exist, are controls, belong to it alone and take its size, sources and traces_per_sample."""
+        by_name = {r.name: r for r in self.recipes}
+        owner: dict[str, str] = {}
+        for index, recipe in enumerate(self.recipes):
+            where = f"recipes[{index}] (name={recipe.name}).controls"
+            for name in recipe.controls:
+                control = by_name.get(name)
+                if control is None:
+                    raise ValueError(f"{where}: no recipe {name!r}")
+                if not control.is_control:
+                    raise ValueError(f"{where}: {name!r} is a {control.kind} recipe; a control is of kind random or filtered")
+                if name in owner:
+                    raise ValueError(f"{where}: {name!r} is already the control of {owner[name]!r} (one curated recipe per control)")
+                owner[name] = recipe.name
+                given = [f for f in ("size", "sources") if getattr(control, f) is not None] + (
+                    ["traces_per_sample"] if "traces_per_sample" in control.model_fields_set else []
+                )
+                if given:
+                    raise ValueError(f"recipes (name={name}).{given[0]}: a control takes it from the recipe naming it ({recipe.name!r})")
+        for index, recipe in enumerate(self.recipes):
+            if recipe.is_control and recipe.name not in owner and recipe.size is None:
+                raise ValueError(f"recipes[{index}] (name={recipe.name}).size: a control no curated recipe names needs its own size")
+
+    def recipe(self, name: str) -> RecipeConfig:
+        for recipe in self.recipes:
+            if recipe.name == name:
+                return recipe
+        raise KeyError(f"no recipe named {name!r}")
+
+    def controlled_by(self, name: str) -> RecipeConfig | None:
+        """The curated recipe that names this control, if one does."""
+        return next((r for r in self.recipes if name in r.controls), None)
 
     def student(self, name: str) -> StudentConfig:
         for student in self.students:

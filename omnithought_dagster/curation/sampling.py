@@ -17,6 +17,11 @@ The method (docs/curation.md says the same):
    shortfall, reported per label in metadata and by a WARN check.
 The members, their order and so `subset_version` (a hash of the member trace ids) depend only
 on the filtered set and the recipe.
+
+Controls (`kind: random | filtered`, RecipeConfig) are drawn uniformly instead (`sample_uniform`): every candidate of
+their pool in the order of a pseudo-random key from (recipe seed, trace_id), taken while its sample has room
+(traces_per_sample), up to the size - the realised size of the curated recipe naming them (`draw`). The pool of
+`filtered` is the filtered set; that of `random` every trace with a decision that is not contaminated.
 """
 
 from __future__ import annotations
@@ -62,12 +67,25 @@ class SubsetResult:
     filled_without_tag_caps: int = 0
     shortfall: int = 0
     version: str = ""
+    candidates: int = 0  # the size of the pool it was drawn from
+    target: int = 0  # the size it was drawn for (a control's: its curated recipe's realised size)
 
 
-def load_candidates(store: CorpusStore, sources: list[str] | None) -> Candidates:
-    """Kept traces of filter_decisions (all sources, or these), read as small columns only."""
+def draw(store: CorpusStore, recipe: RecipeConfig, curated: RecipeConfig | None = None) -> SubsetResult:
+    """A recipe's subset from the store's decisions: a curated recipe's selection, or a control's uniform draw - at the
+    realised size, with the sources and traces_per_sample, of the curated recipe naming it (`curated`), else its own."""
+    if not recipe.is_control:
+        return sample_subset(load_candidates(store, recipe.sources), recipe)
+    if curated is not None:
+        size = sample_subset(load_candidates(store, curated.sources), curated).members.num_rows
+        recipe = recipe.model_copy(update={"size": size, "sources": curated.sources, "traces_per_sample": curated.traces_per_sample})
+    return sample_uniform(load_candidates(store, recipe.sources, pool=recipe.kind), recipe)
+
+
+def load_candidates(store: CorpusStore, sources: list[str] | None, pool: str = "curated") -> Candidates:
+    """The traces of a recipe kind's pool in filter_decisions (all sources, or these), read as small columns only."""
     con = store.catalog(["filter_decisions"])
-    where, params = kept_where(sources)
+    where, params = pool_where(sources, pool)
     table = con.sql(
         f"SELECT {', '.join(CANDIDATE_COLUMNS)} FROM filter_decisions WHERE {where} ORDER BY trace_id", params=params or None
     ).to_arrow_table()
@@ -75,11 +93,21 @@ def load_candidates(store: CorpusStore, sources: list[str] | None) -> Candidates
     return candidates_from_table(table)
 
 
-def kept_where(sources: list[str] | None) -> tuple[str, list]:
-    """The WHERE clause (and its parameters) of a recipe's candidates in filter_decisions."""
+# The reasons that make a trace unusable for any arm: a benchmark item is never a training example.
+CONTAMINATION_CODES = ("contaminated_question", "contaminated_image")
+
+
+def pool_where(sources: list[str] | None, kind: str = "curated") -> tuple[str, dict]:
+    """The WHERE clause (and its named parameters) over filter_decisions of a recipe kind's candidates: the kept traces
+    (curated, filtered), or every trace that is not contaminated (random)."""
+    if kind == "random":
+        codes = ", ".join(f"'{code}'" for code in CONTAMINATION_CODES)
+        pool = f"NOT list_has_any(list_transform(reasons, lambda r: r.code), [{codes}])"
+    else:
+        pool = "kept"
     if not sources:
-        return "kept", []
-    return "kept AND source IN (SELECT unnest($1::VARCHAR[]))", [sources]
+        return pool, {}
+    return f"{pool} AND source IN (SELECT unnest($sources::VARCHAR[]))", {"sources": sources}
 
 
 def candidates_from_table(table: pa.Table) -> Candidates:
@@ -97,37 +125,62 @@ def candidates_from_table(table: pa.Table) -> Candidates:
     )
 
 
+def sample_uniform(candidates: Candidates, recipe: RecipeConfig) -> SubsetResult:
+    """A control's members: the pool in a seed-determined pseudo-random order, a sample at most traces_per_sample times."""
+    mask = np.isin(candidates.source, recipe.sources) if recipe.sources else np.ones(len(candidates), dtype=bool)
+    rows = np.flatnonzero(mask)
+    rows = rows[np.argsort(_mix(candidates.order_key[rows] ^ _seed_key(recipe.seed)), kind="stable")]
+    per_sample: dict[str, int] = defaultdict(int)
+    picks = []
+    for row in rows:
+        if len(picks) == recipe.size:
+            break
+        sample = candidates.sample_id[row]
+        if per_sample[sample] < recipe.traces_per_sample:
+            per_sample[sample] += 1
+            picks.append((int(row), f"{candidates.label[row]}/{candidates.primary_tag[row]}"))
+    result = _result(candidates, recipe, picks)
+    result.shortfall = recipe.size - len(picks)
+    return result
+
+
 def sample_subset(candidates: Candidates, recipe: RecipeConfig) -> SubsetResult:
     quotas = _quotas(recipe.size, recipe.difficulty_mix)
     mask = np.ones(len(candidates), dtype=bool)
     if recipe.sources:
         mask &= np.isin(candidates.source, recipe.sources)
-    seed_key = np.uint64(int(content_id("recipe-seed", recipe.seed)[:16], 16))
-    random_key = _mix(candidates.order_key ^ seed_key)
+    random_key = _mix(candidates.order_key ^ _seed_key(recipe.seed))
     state = _State(recipe, candidates)
-    result = SubsetResult(members=pa.table({}))
+    strata, from_other_labels, without_tag_caps = [], 0, 0
     queues_by_label = {}
     for label, quota in quotas.items():
         rows = np.flatnonzero(mask & (candidates.label == label))
         queues_by_label[label] = _queues(rows, candidates, recipe.verbosity_targets.get(label), random_key, recipe.seed)
         cap = max(1, math.floor(recipe.max_tag_share * quota))
         picked = state.draw(queues_by_label[label], quota, cap, label)
-        result.strata.append({"label": label, "quota": quota, "picked": picked, "shortfall": quota - picked})
-    deficit = sum(s["shortfall"] for s in result.strata)
+        strata.append({"label": label, "quota": quota, "picked": picked, "shortfall": quota - picked})
+    deficit = sum(s["shortfall"] for s in strata)
     if deficit:
         # Fill from every label's leftovers (larger mix shares first), caps over the whole subset.
         cap = max(1, math.floor(recipe.max_tag_share * recipe.size))
         order = sorted(quotas, key=lambda label: -recipe.difficulty_mix[label])
         for label in order:
             got = state.draw(queues_by_label[label], deficit, cap, label, whole_subset=True)
-            result.filled_from_other_labels += got
+            from_other_labels += got
             deficit -= got
         for label in order:
             got = state.draw(queues_by_label[label], deficit, None, label, whole_subset=True)
-            result.filled_without_tag_caps += got
+            without_tag_caps += got
             deficit -= got
+    result = _result(candidates, recipe, state.picks)
+    result.strata, result.filled_from_other_labels, result.filled_without_tag_caps = strata, from_other_labels, without_tag_caps
     result.shortfall = deficit
-    picks = state.picks
+    return result
+
+
+def _result(candidates: Candidates, recipe: RecipeConfig, picks: list[tuple[int, str]]) -> SubsetResult:
+    """The members of a draw, in pick order, with their version."""
+    result = SubsetResult(members=pa.table({}), candidates=len(candidates), target=recipe.size)
     trace_ids = [candidates.trace_id[i] for i, _ in picks]
     result.version = version_of(trace_ids)
     result.members = pa.Table.from_pylist(
@@ -205,6 +258,10 @@ def _queues(rows: np.ndarray, c: Candidates, target: float | None, random_key: n
         by_tag[c.primary_tag[row]].append(int(row))
     tags = sorted(by_tag, key=lambda tag: content_id("tag-order", [seed, tag]))
     return {tag: [by_tag[tag], 0] for tag in tags}
+
+
+def _seed_key(seed: int) -> np.uint64:
+    return np.uint64(int(content_id("recipe-seed", seed)[:16], 16))
 
 
 def _quotas(size: int, mix: dict[str, float]) -> dict[str, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from omnithought_dagster.settings_model import SOURCE_NAME_PATTERN, SettingsModel
 
@@ -84,12 +84,28 @@ class CurationConfig(SettingsModel):
         return self.model_dump(mode="json", exclude={"check_sample_limit", "max_set_aside_share", "duckdb_memory_limit", "duckdb_threads"})
 
 
+CONTROL_KINDS = ("random", "filtered")
+
+
 class RecipeConfig(SettingsModel):
-    """One controllable subset: how many traces, which difficulty mix, how tag-diverse."""
+    """One controllable subset: how many traces, which difficulty mix, how tag-diverse - or a control to compare one with.
+
+    `kind: curated` (the default) is the recipe: difficulty-stratified, tag-diverse selection from the filtered set.
+    The controls draw uniformly at random, with the recipe's seed: `random` from every annotated trace that is not
+    contaminated (no rule, no selection: what curation is measured against; a benchmark item is never a training example),
+    `filtered` from the filtered set without difficulty or tag balancing. A curated recipe names its controls
+    (`controls:`); a named control takes that recipe's realised size, its sources and its traces_per_sample.
+    """
 
     name: str = Field(pattern=SOURCE_NAME_PATTERN)
-    size: int = Field(gt=0)
-    difficulty_mix: dict[str, float] = Field(description="difficulty label -> share of the subset (normalised)")
+    kind: Literal["curated", "random", "filtered"] = "curated"
+    size: int | None = Field(default=None, gt=0, description="members; a control named by a curated recipe takes that recipe's size")
+    difficulty_mix: dict[str, float] = Field(
+        default_factory=dict, description="difficulty label -> share of the subset (normalised); curated recipes only"
+    )
+    controls: list[str] = Field(
+        default_factory=list, description="recipes of kind random / filtered drawn at this recipe's size: the arms it is compared with"
+    )
     max_tag_share: float = Field(default=0.5, gt=0, le=1, description="cap: no primary tag above this share of a stratum")
     tag_caps: dict[str, int] = Field(default_factory=dict, description="per-tag maximum number of members")
     verbosity_targets: dict[str, float] = Field(default_factory=dict, description="difficulty label -> preferred verbosity")
@@ -101,10 +117,29 @@ class RecipeConfig(SettingsModel):
     @field_validator("difficulty_mix")
     @classmethod
     def _mix(cls, value: dict[str, float]) -> dict[str, float]:
-        if not value or any(v < 0 for v in value.values()) or sum(value.values()) <= 0:
+        if not value:
+            return value  # a control's (a curated recipe without one is refused below)
+        if any(v < 0 for v in value.values()) or sum(value.values()) <= 0:
             raise ValueError("needs at least one difficulty label with a positive share")
         total = sum(value.values())
         return {k: v / total for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _kind(self) -> RecipeConfig:
+        if self.kind == "curated":
+            if not self.difficulty_mix:
+                raise ValueError("difficulty_mix: a curated recipe needs at least one difficulty label with a positive share")
+            if self.size is None:
+                raise ValueError("size: a curated recipe needs one")
+            return self
+        balancing = [f for f in ("difficulty_mix", "verbosity_targets", "tag_caps", "controls") if getattr(self, f)]
+        if balancing:
+            raise ValueError(f"{', '.join(balancing)}: a {self.kind} control draws uniformly at random; these are a curated recipe's")
+        return self
+
+    @property
+    def is_control(self) -> bool:
+        return self.kind in CONTROL_KINDS
 
     def output_settings(self) -> dict[str, Any]:
         """What changes the recipe's members (hashed into sampled_subsets' code version); the check's tolerance does not."""
