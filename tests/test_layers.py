@@ -67,7 +67,7 @@ def test_the_circle_finder_finds_one():
 
 # The stages' domain packages sit below the project file and Dagster: each reads its own section (`<package>/settings.py`),
 # never the assembled project file, the assets, checks, resources or the registry.
-DOMAIN = ("seed", "llm", "teacher", "annotate", "curation", "train", "evaluation", "models", "store")
+DOMAIN = ("seed", "llm", "teacher", "annotate", "curation", "train", "evaluation", "experiment", "models", "store")
 ABOVE = ("config", "assets", "checks", "resources", "stages", "defs", "definitions", "demo", "cli", "sensors", "automation", "manifests")
 
 
