@@ -290,6 +290,69 @@ def report(out: Path = typer.Option(..., "--out", help="the HTML file to write")
     console.print(f"wrote {written.path} ({len(written.sections)} sections, {written.figures} plots)")
 
 
+experiment_app = typer.Typer(no_args_is_help=True, help="Curated recipes against their controls: differences with intervals.")
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("report")
+def experiment_report(
+    config: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+    replicates: int = typer.Option(2000, min=100, help="bootstrap replicates"),
+    sql: bool = typer.Option(False, "--sql", help="also print each comparison's DuckDB query (run it with `omnithought query`)"),
+) -> None:
+    """Each curated recipe against each of its controls, per student trained on both and per benchmark, from the stored
+    per-item verdicts: the scores, their paired difference and its 95% bootstrap interval over items and seeds."""
+    from omnithought_dagster.experiment.report import compare_controls
+
+    cfg = _config(config)
+    if not any(r.controls for r in cfg.recipes):
+        err.print("no recipe names controls (recipes[].controls): nothing to compare")
+        raise typer.Exit(1)
+    trained_on = {s.name: cfg.student_recipes(s.name) for s in cfg.students}
+    comparisons = compare_controls(_store(cfg), cfg.recipes, trained_on, cfg.evaluation.benchmarks, replicates)
+    if as_json:
+        rows = [
+            {
+                "recipe": c.recipe,
+                "control": c.control,
+                "kind": c.kind,
+                "student": c.student,
+                "benchmark": c.benchmark,
+                "recipe_score": c.recipe_score,
+                "control_score": c.control_score,
+                "missing": list(c.missing),
+                **({"difference": vars(c.difference), "sql": c.sql()} if c.difference else {}),
+            }
+            for c in comparisons
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="curated recipes against their controls (95% interval over items and seeds)")
+    numbers = ("items", "scores", "difference [95%]")
+    for column in ("recipe vs control", "student", "benchmark", *numbers, "verdict"):
+        table.add_column(column, justify="right" if column in numbers else "left", no_wrap=column in numbers)
+    unscored = []
+    for c in comparisons:
+        arms = f"{c.recipe} vs {c.control} ({c.kind})"
+        d = c.difference
+        if d is None:
+            table.add_row(arms, c.student, c.benchmark, "-", "-", "-", "not scored")
+            unscored.append(f"{c.student} / {c.benchmark}: no per-item verdicts of {', '.join(c.missing)} (benchmark_samples)")
+            continue
+        verdict = "better" if d.low > 0 else "worse" if d.high < 0 else "no difference shown"
+        scores = f"{c.recipe_score:.3f} vs {c.control_score:.3f}"
+        table.add_row(arms, c.student, c.benchmark, str(d.items), scores, f"{d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", verdict)
+    console.print(table)
+    for line in unscored:
+        console.print(line, markup=False)
+    if sql:
+        for c in comparisons:
+            if c.difference is not None:
+                console.print(f"-- {c.recipe} vs {c.control}, {c.student}, {c.benchmark}", markup=False)
+                console.print(c.sql(), markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command()
 def doctor(
     env: list[str] | None = typer.Option(None, "--env", help="dagster | vllm | lmms (repeatable); default all"),

@@ -106,15 +106,20 @@ def _weighted_means(scores: np.ndarray, item_weights: np.ndarray, seed_weights: 
     return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=used), used
 
 
+def literal(value: str) -> str:
+    """A SQL string literal (quotes doubled)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def interval_sql(table: str, first: str, second: str, replicates: int = REPLICATES, level: float = LEVEL) -> str:
-    """The DuckDB query that recomputes `paired_difference` from `table`(arm, seed, item, score): one row (estimate, low,
-    high, replicates). `table` and the arm names are written into the query as given (they are the caller's)."""
+    """The DuckDB query that recomputes `paired_difference` from `table`(arm, seed, item, score) - a table's name or a
+    parenthesised query, written in as given - as one row (estimate, low, high, replicates)."""
 
     def weight(key: str) -> str:
         u = f"('0x' || md5({key})[1:{HEX_DIGITS}])::UBIGINT / {16**HEX_DIGITS}.0"
         return " + ".join(f"({u} >= {p!r})::INT" for p in POISSON_CDF)
 
-    arms = f"('{first}', '{second}')"
+    arms = f"({literal(first)}, {literal(second)})"
     low, high = (1 - level) / 2, 1 - (1 - level) / 2
     return f"""
 WITH scores AS (SELECT arm, seed, item, score::DOUBLE AS score FROM {table} WHERE arm IN {arms}),
@@ -132,10 +137,11 @@ arm_means AS (
     GROUP BY r, arm HAVING sum(w * v) > 0
 ),
 differences AS (
-    SELECT f.mean - s.mean AS difference FROM arm_means f JOIN arm_means s USING (r) WHERE f.arm = '{first}' AND s.arm = '{second}'
+    SELECT f.mean - s.mean AS difference FROM arm_means f JOIN arm_means s USING (r)
+    WHERE f.arm = {literal(first)} AND s.arm = {literal(second)}
 ),
 estimate AS (
-    SELECT avg(score) FILTER (arm = '{first}') - avg(score) FILTER (arm = '{second}') AS estimate FROM scores
+    SELECT avg(score) FILTER (arm = {literal(first)}) - avg(score) FILTER (arm = {literal(second)}) AS estimate FROM scores
 )
 SELECT (SELECT estimate FROM estimate) AS estimate, quantile_cont(difference, {low!r}) AS low,
        quantile_cont(difference, {high!r}) AS high, count(*) AS replicates
