@@ -322,6 +322,7 @@ def experiment_report(
                 "recipe_score": c.recipe_score,
                 "control_score": c.control_score,
                 "missing": list(c.missing),
+                "problem": c.problem,
                 **({"difference": vars(c.difference), "sql": c.sql()} if c.difference else {}),
             }
             for c in comparisons
@@ -337,8 +338,9 @@ def experiment_report(
         arms = f"{c.recipe} vs {c.control} ({c.kind})"
         d = c.difference
         if d is None:
-            table.add_row(arms, c.student, c.benchmark, "-", "-", "-", "not scored")
-            unscored.append(f"{c.student} / {c.benchmark}: no per-item verdicts of {', '.join(c.missing)} (benchmark_samples)")
+            table.add_row(arms, c.student, c.benchmark, "-", "-", "-", "not comparable" if c.problem else "not scored")
+            why = c.problem or f"no per-item verdicts of {', '.join(c.missing)} (benchmark_samples)"
+            unscored.append(f"{c.recipe} vs {c.control}, {c.student} / {c.benchmark}: {why}")
             continue
         verdict = "better" if d.low > 0 else "worse" if d.high < 0 else "no difference shown"
         scores = f"{c.recipe_score:.3f} vs {c.control_score:.3f}"

@@ -112,7 +112,12 @@ def test_controls_get_the_curated_recipes_realised_size_and_their_own_pools(arms
         "SELECT count(*) FROM subset_members m JOIN filter_decisions d USING (trace_id) "
         "WHERE list_has_any(list_transform(d.reasons, lambda r: r.code), ['contaminated_question', 'contaminated_image'])"
     ).fetchone()[0]
-    assert contaminated == 0  # ... but never a benchmark item
+    assert contaminated == 0  # ... but never a benchmark item ...
+    unannotated = con.execute(
+        "SELECT count(*) FROM subset_members m JOIN filter_decisions d USING (trace_id) WHERE m.subset = 'uniform' "
+        "AND list_contains(list_transform(d.reasons, lambda r: r.code), 'not_annotated')"
+    ).fetchone()[0]
+    assert unannotated == 0  # ... nor a trace without annotations
 
 
 def test_a_control_of_another_size_than_its_arm_fails_its_check(arms):
@@ -139,3 +144,28 @@ def test_a_control_holding_a_trace_outside_its_pool_fails_its_check(arms):
     rewrite_partition(store, "subset_members", "uniform", plant(leaked))  # ... but no contaminated one
     checks = run_partition_checks(config, instance, "sampled_subsets", "uniform")
     assert not checks["members_are_kept"].passed and not checks["no_contamination"].passed
+
+
+def test_the_random_pool_is_every_annotated_trace_that_is_not_contaminated():
+    import duckdb
+
+    from omnithought_dagster.curation.sampling import pool_where
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE filter_decisions (trace_id VARCHAR, source VARCHAR, kept BOOLEAN, reasons STRUCT(code VARCHAR)[])")
+    rows = [
+        ("kept", "a", True, []),
+        ("short", "a", False, [{"code": "too_short"}, {"code": "low_quality"}]),
+        ("leak", "a", False, [{"code": "low_quality"}, {"code": "contaminated_image"}]),
+        ("bare", "a", False, [{"code": "not_annotated"}]),
+        ("other", "b", False, [{"code": "too_short"}]),
+    ]
+    con.executemany("INSERT INTO filter_decisions VALUES (?, ?, ?, ?)", rows)
+
+    def pool(kind, sources=None):
+        where, params = pool_where(sources, kind)
+        return [r[0] for r in con.execute(f"SELECT trace_id FROM filter_decisions WHERE {where} ORDER BY 1", params or None).fetchall()]
+
+    assert pool("random") == ["kept", "other", "short"]
+    assert pool("random", ["a"]) == ["kept", "short"]
+    assert pool("filtered") == pool("curated") == ["kept"]

@@ -25,7 +25,9 @@ RECIPES = [
 ]
 
 
-def _verdicts(store: CorpusStore, student: str, recipe: str, correct: list[bool], benchmark: str = "held") -> None:
+def _verdicts(
+    store: CorpusStore, student: str, recipe: str, correct: list[bool], benchmark: str = "held", items=ITEMS, settings: str = "h"
+) -> None:
     rows = [
         {
             "checkpoint_id": f"ckpt-{recipe}",
@@ -40,9 +42,9 @@ def _verdicts(store: CorpusStore, student: str, recipe: str, correct: list[bool]
             "extracted_answer": "1" if ok else "2",
             "correct": ok,
             "problem": None,
-            "eval_config_hash": "h",
+            "eval_config_hash": settings,
         }
-        for i, (item, ok) in enumerate(zip(ITEMS, correct, strict=True))
+        for i, (item, ok) in enumerate(zip(items, correct, strict=True))
     ]
     schema = table_spec("benchmark_samples").schema
     store.write_partition("benchmark_samples", {"student": student, "recipe": recipe}, pa.Table.from_pylist(rows, schema=schema))
@@ -96,3 +98,16 @@ def test_a_project_without_controls_has_nothing_to_compare(tmp_path):
     path = write_config(tmp_path, [{"name": "synthetic", "kind": "synthetic", "n_samples": 4}])
     result = runner.invoke(app, ["experiment", "report", "--config", str(path)])
     assert result.exit_code == 1 and "nothing to compare" in result.output
+
+
+def test_arms_scored_on_other_items_or_under_other_settings_are_not_compared_and_the_rest_still_is(project):
+    path, config, store = project
+    _verdicts(store, "tiny", "curated-filtered", [True] * 20, items=ITEMS[:20])  # an evaluation limit changed in between
+    trained_on = {s.name: config.student_recipes(s.name) for s in config.students}
+    random, filtered = compare_controls(store, config.recipes, trained_on, ["held"], replicates=200)
+    assert random.difference is not None and filtered.difference is None and "different items" in filtered.problem
+    _verdicts(store, "tiny", "curated-filtered", [True] * 40, settings="other")
+    (_, filtered) = compare_controls(store, config.recipes, trained_on, ["held"], replicates=200)
+    assert filtered.difference is None and "different evaluation settings" in filtered.problem
+    text = runner.invoke(app, ["experiment", "report", "--config", str(path), "--replicates", "200"])
+    assert text.exit_code == 0 and "better" in text.output and "not comparable" in text.output

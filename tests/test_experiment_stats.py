@@ -94,6 +94,12 @@ def test_duckdb_recomputes_the_interval_from_the_per_item_rows(seeds):
 
 
 def test_arms_on_different_items_or_with_a_missing_score_are_refused():
+    with pytest.raises(ValueError, match="names must differ"):
+        paired_difference({("a", 0): 1.0}, {("a", 0): 0.0}, arms=("x", "x"))
+    with pytest.raises(ValueError, match="names must differ"):
+        interval_sql("t", "x", "x")
+    with pytest.raises(ValueError, match="nothing to compare"):
+        paired_difference({}, {})
     with pytest.raises(ValueError, match="different items"):
         paired_difference({("a", 0): 1.0}, {("b", 0): 1.0})
     with pytest.raises(ValueError, match=r"1 \(item, seed\) scores missing"):

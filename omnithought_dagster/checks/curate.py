@@ -298,9 +298,9 @@ def _eligible_by_label(store: CorpusStoreResource, recipe) -> dict[str, int]:
     """Per difficulty label (of the mix; every label for a control), the traces of its pool it could use at most."""
     con = store.open().catalog(["filter_decisions"])
     where, params = pool_where(recipe.sources, recipe.kind)
-    rows = con.execute(
-        f"SELECT difficulty_label, sum(least(n, $per_sample)) FROM (SELECT sample_id, difficulty_label, count(*) AS n "
-        f"FROM filter_decisions WHERE {where} GROUP BY ALL) GROUP BY 1",
+    rows = con.execute(  # a sample's traces share its difficulty label; any_value keeps one row a sample whatever they hold
+        f"SELECT difficulty_label, sum(least(n, $per_sample)) FROM (SELECT sample_id, any_value(difficulty_label) AS difficulty_label, "
+        f"count(*) AS n FROM filter_decisions WHERE {where} GROUP BY sample_id) GROUP BY 1",
         {**params, "per_sample": recipe.traces_per_sample},
     ).fetchall()
     labels = set(recipe.difficulty_mix)

@@ -21,7 +21,7 @@ on the filtered set and the recipe.
 Controls (`kind: random | filtered`, RecipeConfig) are drawn uniformly instead (`sample_uniform`): every candidate of
 their pool in the order of a pseudo-random key from (recipe seed, trace_id), taken while its sample has room
 (traces_per_sample), up to the size - the realised size of the curated recipe naming them (`draw`). The pool of
-`filtered` is the filtered set; that of `random` every trace with a decision that is not contaminated.
+`filtered` is the filtered set; that of `random` every annotated trace that is not contaminated.
 """
 
 from __future__ import annotations
@@ -93,15 +93,17 @@ def load_candidates(store: CorpusStore, sources: list[str] | None, pool: str = "
     return candidates_from_table(table)
 
 
-# The reasons that make a trace unusable for any arm: a benchmark item is never a training example.
+# The reasons that keep a trace out of every arm, the random control's too: a benchmark item is never a training example,
+# and a trace without annotations is not one of the annotated traces the control draws from.
 CONTAMINATION_CODES = ("contaminated_question", "contaminated_image")
+UNUSABLE_CODES = (*CONTAMINATION_CODES, "not_annotated")
 
 
 def pool_where(sources: list[str] | None, kind: str = "curated") -> tuple[str, dict]:
     """The WHERE clause (and its named parameters) over filter_decisions of a recipe kind's candidates: the kept traces
-    (curated, filtered), or every trace that is not contaminated (random)."""
+    (curated, filtered), or every annotated trace that is not contaminated (random)."""
     if kind == "random":
-        codes = ", ".join(f"'{code}'" for code in CONTAMINATION_CODES)
+        codes = ", ".join(f"'{code}'" for code in UNUSABLE_CODES)
         pool = f"NOT list_has_any(list_transform(reasons, lambda r: r.code), [{codes}])"
     else:
         pool = "kept"

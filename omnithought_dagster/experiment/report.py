@@ -9,7 +9,7 @@ the same numbers. Arms are one training seed each until the experiments section 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from omnithought_dagster.curation.settings import RecipeConfig
 from omnithought_dagster.experiment.stats import REPLICATES, Interval, interval_sql, literal, paired_difference
@@ -25,9 +25,10 @@ class Comparison:
     benchmark: str
     recipe_score: float | None
     control_score: float | None
-    difference: Interval | None  # None: an arm is not scored on the benchmark yet (`missing` says which)
+    difference: Interval | None  # None: an arm is not scored on the benchmark yet (`missing`), or the arms do not compare (`problem`)
     missing: tuple[str, ...] = ()
     replicates: int = REPLICATES  # asked for (the interval says how many weighed both arms)
+    problem: str | None = None  # why two scored arms are not compared (other items, other evaluation settings)
 
     def sql(self) -> str:
         """The query that recomputes `difference` from benchmark_samples."""
@@ -73,5 +74,18 @@ def _compare(con, recipe: str, control: str, kind: str, student: str, benchmark:
     arms = {name: {(item, seed): score for arm, seed, item, score in rows if arm == name} for name in (recipe, control)}
     missing = tuple(name for name, scores in arms.items() if not scores)
     mean = {name: (sum(scores.values()) / len(scores) if scores else None) for name, scores in arms.items()}
-    difference = None if missing else paired_difference(arms[recipe], arms[control], arms=(recipe, control), replicates=replicates)
-    return Comparison(recipe, control, kind, student, benchmark, mean[recipe], mean[control], difference, missing, replicates)
+    found = Comparison(recipe, control, kind, student, benchmark, mean[recipe], mean[control], None, missing, replicates)
+    if missing:
+        return found
+    settings = con.execute(
+        "SELECT count(DISTINCT eval_config_hash) FROM benchmark_samples WHERE student = $student AND benchmark = $benchmark "
+        "AND recipe IN ($recipe, $control)",
+        {"student": student, "benchmark": benchmark, "recipe": recipe, "control": control},
+    ).fetchone()[0]
+    if settings > 1:
+        return replace(found, problem="scored under different evaluation settings (eval_config_hash): re-score both arms")
+    try:
+        difference = paired_difference(arms[recipe], arms[control], arms=(recipe, control), replicates=replicates)
+    except ValueError as exc:  # other items (an evaluation limit changed, a benchmark edited between the two scorings)
+        return replace(found, problem=str(exc))
+    return replace(found, difference=difference)

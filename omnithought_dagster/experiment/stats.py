@@ -66,6 +66,10 @@ def paired_difference(
 ) -> Interval:
     """first - second, each a {(item, seed): score} scored on the same items for every one of its seeds; `arms` names them
     in the seed weights' keys (what the SQL's `arm` column holds)."""
+    if arms[0] == arms[1]:
+        raise ValueError(f"two arms named {arms[0]!r}: the arms' names must differ (they key the seed weights)")
+    if not first or not second:
+        raise ValueError("an arm without scores: nothing to compare")
     items = sorted({item for item, _ in first})
     if items != sorted({item for item, _ in second}):
         missing = sorted({item for item, _ in first} ^ {item for item, _ in second})
@@ -113,7 +117,10 @@ def literal(value: str) -> str:
 
 def interval_sql(table: str, first: str, second: str, replicates: int = REPLICATES, level: float = LEVEL) -> str:
     """The DuckDB query that recomputes `paired_difference` from `table`(arm, seed, item, score) - a table's name or a
-    parenthesised query, written in as given - as one row (estimate, low, high, replicates)."""
+    parenthesised query, written in as given - as one row (estimate, low, high, replicates). Like `paired_difference` it
+    assumes one row per (arm, seed, item) and every item scored for every seed of both arms; it does not check that."""
+    if first == second:
+        raise ValueError(f"two arms named {first!r}: the arms' names must differ")
 
     def weight(key: str) -> str:
         u = f"('0x' || md5({key})[1:{HEX_DIGITS}])::UBIGINT / {16**HEX_DIGITS}.0"
