@@ -217,6 +217,8 @@ def test_selection_drops_unsolvable_and_trivial_samples_and_caps_traces(tmp_path
     over = [row for row in decisions.values() if row["sample_id"] == capped and not row["kept"]]
     assert all(_codes(row) == {"over_trace_cap"} for row in over)
     assert all(sum(1 for row in decisions.values() if row["sample_id"] == s and row["kept"]) <= 2 for s in sample_rows)
+    quoted = SelectionConfig(max_traces_per_sample=2, verbosity_targets={"easy": 3, "medium": 5, "hard": 7, "it's') OR (1=1": 1})
+    assert _decide(store, CurationConfig(selection=quoted)) == decisions  # a label with a quote stays a label
 
 
 def test_sql_rules_agree_with_their_python_twins(tmp_path):

@@ -393,7 +393,10 @@ def decide(con, source: str, rules_cfg: RulesConfig, selection: SelectionConfig,
     }
     for key, value in values.items():
         reason_items = reason_items.replace(f"${key}", repr(value))
-    targets = " ".join(f"WHEN '{label}' THEN {float(t)!r}" for label, t in selection.verbosity_targets.items())
+    # A label is the project file's text: a SQL literal with its quotes doubled, never part of the statement.
+    targets = " ".join(
+        f"WHEN '{label.replace(chr(39), chr(39) * 2)}' THEN {float(t)!r}" for label, t in selection.verbosity_targets.items()
+    )
     verbosity_penalty = f"CASE a.difficulty_label {targets} ELSE NULL END" if targets else "NULL"
     dedup = "TRUE" if rules_cfg.drop_duplicate_traces else "FALSE"
     table = con.sql(
