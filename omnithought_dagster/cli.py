@@ -50,6 +50,18 @@ def _store(config: ProjectConfig):
 def demo(config: Path | None = ConfigOption, force: bool = typer.Option(False, help="re-materialise even up-to-date partitions")) -> None:
     """Materialise every stage on the embedded default and summarise what each kept and dropped."""
     cfg = _config(config)
+    outcomes, dagster_home = _run(cfg, force)
+    failed = _print_outcomes(outcomes, "omnithought demo: what each stage took in, produced and flagged")
+    scores = _score_table(_store(cfg))
+    if scores is not None:
+        console.print(scores)
+    console.print(f"store: {cfg.store.root}   Dagster instance: {dagster_home}   browse both with `make ui`")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _run(cfg: ProjectConfig, force: bool, only=None) -> tuple[list, Path]:
+    """run_demo on the configured Dagster instance ($DAGSTER_HOME, created with the project's dagster.yaml)."""
     dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster")))
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():  # no telemetry, the gpu pool limit
@@ -59,8 +71,13 @@ def demo(config: Path | None = ConfigOption, force: bool = typer.Option(False, h
     from omnithought_dagster.demo import run_demo
 
     with dg.DagsterInstance.get() as instance:
-        outcomes = run_demo(cfg, instance, force=force, say=lambda line: console.print(escape(line), soft_wrap=True, highlight=False))
-    table = Table(title="omnithought demo: what each stage took in, produced and flagged")
+        say = lambda line: console.print(escape(line), soft_wrap=True, highlight=False)  # noqa: E731
+        return run_demo(cfg, instance, force=force, say=say, only=only), dagster_home
+
+
+def _print_outcomes(outcomes: list, title: str) -> bool:
+    """The stages' table and notes; True when a partition or a check failed."""
+    table = Table(title=title)
     for column in ("stage", "partition", "in", "out", "flagged", "checks", "run"):
         table.add_column(column, justify="right" if column in ("in", "out", "flagged") else "left")
     failed = False
@@ -88,12 +105,7 @@ def demo(config: Path | None = ConfigOption, force: bool = typer.Option(False, h
     console.print(table)
     for line in notes:
         console.print(line, soft_wrap=True)
-    scores = _score_table(_store(cfg))
-    if scores is not None:
-        console.print(scores)
-    console.print(f"store: {cfg.store.root}   Dagster instance: {dagster_home}   browse both with `make ui`")
-    if failed:
-        raise typer.Exit(1)
+    return failed
 
 
 def _score_table(store) -> Table | None:
@@ -294,11 +306,74 @@ experiment_app = typer.Typer(no_args_is_help=True, help="Curated recipes against
 app.add_typer(experiment_app, name="experiment")
 
 
+@experiment_app.command("run")
+def experiment_run(
+    name: str = typer.Argument(..., help="an experiment of the project file (experiments[].name)"),
+    config: Path | None = ConfigOption,
+    force: bool = typer.Option(False, help="re-materialise even up-to-date partitions"),
+) -> None:
+    """Materialise what one experiment needs - the curation stages, its arms' subsets, checkpoints and scores, then the
+    experiment itself - skipping what is up to date, and print its results."""
+    cfg = _config(config)
+    if name not in [e.name for e in cfg.experiments]:
+        err.print(f"no experiment {name!r} in {cfg.config_path}; experiments: {[e.name for e in cfg.experiments]}")
+        raise typer.Exit(2)
+    from omnithought_dagster.assets.experiment import experiment_selection
+
+    outcomes, _ = _run(cfg, force, only=experiment_selection(cfg, name))
+    failed = _print_outcomes(outcomes, f"omnithought experiment run {name}")
+    if _store(cfg).has_partition("experiment_results", {"experiment": name}):
+        _print_experiment(cfg, name, sql=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _experiment_rows(cfg: ProjectConfig, name: str) -> list[dict]:
+    table = _store(cfg).read_partition("experiment_results", {"experiment": name})
+    return table.to_pylist() if table is not None else []
+
+
+def _number(value: float, sign: str = "") -> str:
+    """Token counts whole (with thousands separators), shares and scores to 3 decimals."""
+    return f"{value:{sign},.0f}" if abs(value) >= 100 else f"{value:{sign}.3f}"
+
+
+def _print_experiment(cfg: ProjectConfig, name: str, sql: bool) -> None:
+    """One table per student and curated recipe: each measure of the curated arm and each control, their difference and
+    its 95% interval over items and seeds."""
+    rows = _experiment_rows(cfg, name)
+    value = {(r["measure"], r["student"], r["benchmark"], r["arm"]): r for r in rows if r["row"] == "arm" and r["slice"] == "all"}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["row"] == "difference":
+            groups.setdefault((r["student"], r["curated"]), []).append(r)
+    for (student, curated), differences in groups.items():
+        seeds = differences[0]["seeds"]
+        table = Table(title=f"experiment {name}: {student} on {curated} against its controls ({seeds or '?'} seeds; 95% intervals)")
+        numbers = ("curated", "control", "difference [95%]")
+        for column in ("measure", "control", *numbers, "verdict"):
+            table.add_column(column, justify="right" if column in numbers else "left")
+        for r in differences:
+            measure = r["measure"] if r["benchmark"] == "-" else f"{r['measure']} {r['benchmark']} ({r['items'] or '?'} items)"
+            first, second = (value.get((r["measure"], student, r["benchmark"], arm)) for arm in (curated, r["control"]))
+            interval = "-" if r["low"] is None else f"{_number(r['estimate'], '+')} [{_number(r['low'], '+')}, {_number(r['high'], '+')}]"
+            verdict = r["verdict"] if r["problem"] is None else f"{r['verdict']}: {r['problem']}"
+            shown = ["-" if v is None else _number(v["estimate"]) for v in (first, second)]
+            table.add_row(measure, f"{r['control']} ({r['kind']})", *shown, interval, verdict)
+        console.print(table)
+    if sql:
+        for r in rows:
+            if r["row"] == "difference" and r["sql"]:
+                console.print(f"-- {r['measure']}: {r['curated']} vs {r['control']}, {r['student']}, {r['benchmark']}", markup=False)
+                console.print(r["sql"], markup=False, highlight=False, soft_wrap=True)
+
+
 @experiment_app.command("report")
 def experiment_report(
+    name: str | None = typer.Argument(None, help="an experiment (default: every experiment; without any, each recipe's controls)"),
     config: Path | None = ConfigOption,
     as_json: bool = JsonOption,
-    replicates: int = typer.Option(2000, min=100, help="bootstrap replicates"),
+    replicates: int = typer.Option(2000, min=100, help="bootstrap replicates (comparisons outside experiments)"),
     sql: bool = typer.Option(False, "--sql", help="also print each comparison's DuckDB query (run it with `omnithought query`)"),
 ) -> None:
     """Each curated recipe against each of its controls, per student trained on both and per benchmark, from the stored
@@ -306,6 +381,24 @@ def experiment_report(
     from omnithought_dagster.experiment.report import compare_controls
 
     cfg = _config(config)
+    names = [e.name for e in cfg.experiments]
+    if name is not None or names:
+        if name is not None and name not in names:
+            err.print(f"no experiment {name!r} in {cfg.config_path}; experiments: {names}")
+            raise typer.Exit(2)
+        chosen = [name] if name is not None else names
+        missing = [n for n in chosen if not _experiment_rows(cfg, n)]
+        if as_json:
+            print(json.dumps({n: _experiment_rows(cfg, n) for n in chosen}, indent=2))
+        else:
+            for n in chosen:
+                if n not in missing:
+                    _print_experiment(cfg, n, sql)
+        for n in missing:
+            err.print(f"experiment {n}: no results stored yet (run `omnithought experiment run {n}`)")
+        if missing:
+            raise typer.Exit(1)
+        return
     if not any(r.controls for r in cfg.recipes):
         err.print("no recipe names controls (recipes[].controls): nothing to compare")
         raise typer.Exit(1)

@@ -13,6 +13,7 @@ from omnithought_dagster.sensors import dead_run_reaper
 from omnithought_dagster.stages import (  # noqa: F401 - the job names, where they were always imported from
     ANNOTATE_JOB,
     BASELINE_JOB,
+    EXPERIMENT_JOB,
     FILTER_JOB,
     SCORE_JOB,
     SEED_JOB,

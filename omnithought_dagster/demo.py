@@ -46,9 +46,14 @@ class StageOutcome:
 
 
 def run_demo(
-    config: ProjectConfig, instance: dg.DagsterInstance, force: bool = False, say: Callable[[str], None] = lambda line: None
+    config: ProjectConfig,
+    instance: dg.DagsterInstance,
+    force: bool = False,
+    say: Callable[[str], None] = lambda line: None,
+    only: Callable[[dg.AssetKey, str], bool] | None = None,
 ) -> list[StageOutcome]:
-    """Materialise every stage in order; `say` hears each partition start and end and the steps' own log lines."""
+    """Materialise every stage in order; `say` hears each partition start and end and the steps' own log lines. `only`
+    (a stage's main asset, partition) -> bool limits the partitions (`omnithought experiment run`: one experiment's)."""
     defs = build_definitions(config)
     loggers = {DEMO_LOGGER: _say_logger(say)}
     store = open_store(config.store)
@@ -58,15 +63,16 @@ def run_demo(
         instance.add_dynamic_partitions(SOURCES_PARTITIONS, missing)
     graph = defs.resolve_asset_graph()
     with keep_servers():  # one vLLM start for the teacher and the judge of every partition
-        return _run_stages(config, instance, defs, graph, store, loggers, force, say)
+        return _run_stages(config, instance, defs, graph, store, loggers, force, say, only)
 
 
-def _run_stages(config, instance, defs, graph, store, loggers, force, say) -> list[StageOutcome]:
+def _run_stages(config, instance, defs, graph, store, loggers, force, say, only=None) -> list[StageOutcome]:
     outcomes = []
     for stage in STAGES:
         if not stage.uses_llm:
             stop_kept_servers()  # no later stage asks for them
         partitions = stage.partition_keys(config) if stage.enabled(config) else []
+        partitions = [p for p in partitions if only is None or only(stage.key, p)]
         if not partitions:
             continue
         job = defs.resolve_job_def(stage.job).with_logger_defs(loggers)
@@ -118,7 +124,7 @@ def _run_stages(config, instance, defs, graph, store, loggers, force, say) -> li
         if not all(o.success for o in outcomes):
             break  # later stages build on this one
     else:
-        if config.recipes:
+        if config.recipes and only is None:
             say(f"> export[{config.recipes[0].name}] started")
             outcomes.append(_export(config, store, config.recipes[0].name))
             say(outcome_line(outcomes[-1]))

@@ -14,11 +14,12 @@ from typing import Any
 
 import dagster as dg
 
-from omnithought_dagster.assets import annotate, curate, scores, seed, student, teacher
+from omnithought_dagster.assets import annotate, curate, experiment, scores, seed, student, teacher
 from omnithought_dagster.assets.inputs import BENCHMARK_ITEMS_KEY, SEED_SOURCES_KEY, observe_job_name
 from omnithought_dagster.automation import build_schedules
 from omnithought_dagster.checks import annotate as annotate_checks
 from omnithought_dagster.checks import curate as curate_checks
+from omnithought_dagster.checks import experiment as experiment_checks
 from omnithought_dagster.checks import scores as score_checks
 from omnithought_dagster.checks import seed as seed_checks
 from omnithought_dagster.checks import student as student_checks
@@ -35,6 +36,7 @@ SUBSET_JOB = "sample_subsets"
 BASELINE_JOB = "register_baselines"
 TRAIN_JOB = "train_students"
 SCORE_JOB = "score_students"
+EXPERIMENT_JOB = "compare_arms"
 
 
 def _always(config: ProjectConfig) -> bool:
@@ -202,6 +204,20 @@ STAGES: list[Stage] = [
         scores.score_partition_keys,
         scores.scores_summary,
         enabled=_scored,
+    ),
+    Stage(
+        "experiments",
+        EXPERIMENT_JOB,
+        "Compare one experiment's arms (a curated recipe against its controls, over seeds) from their stored verdicts, with checks.",
+        (experiment.EXPERIMENTS_KEY,),
+        "experiment_results",
+        experiment.build_experiment_assets,
+        experiment_checks.build_experiment_checks,
+        experiment.experiment_partitions,
+        experiment.experiment_partition_keys,
+        experiment.experiment_summary,
+        enabled=lambda config: bool(config.experiments),
+        store_key=lambda name: {"experiment": name},
     ),
 ]
 

@@ -33,12 +33,13 @@ def test_definitions_snapshot_from_the_demo_config():
             "benchmark_scores",
             "seed_sources",  # the files read, observed (assets/inputs.py)
             "benchmark_items",
+            "experiments",
         ]
     )
     assert specs["seed_sources"].is_observable and specs["seed_sources"].partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
     assert specs["benchmark_items"].is_observable and specs["benchmark_items"].partitions_def is None
     assert specs["filtered_set"].partitions_def.get_partition_keys() == ["synthetic", "mini_llava"]
-    assert specs["sampled_subsets"].partitions_def.get_partition_keys() == ["balanced", "hard-long"]
+    assert specs["sampled_subsets"].partitions_def.get_partition_keys() == ["balanced", "balanced-random", "hard-long"]
     for name in ("images", "quarantine", "seed_pool"):
         node = specs[name]
         assert node.group_name == "seed"
@@ -60,6 +61,10 @@ def test_definitions_snapshot_from_the_demo_config():
         "balanced|tiny-kd",
         "balanced|tiny-masked",
         "balanced|tiny-grpo",
+        "balanced-random|tiny",
+        "balanced-random|tiny-kd",
+        "balanced-random|tiny-masked",
+        "balanced-random|tiny-grpo",
         "hard-long|tiny",
         "hard-long|tiny-kd",
         "hard-long|tiny-masked",
@@ -70,7 +75,9 @@ def test_definitions_snapshot_from_the_demo_config():
     assert specs["student_baselines"].partitions_def.get_partition_keys() == ["tiny", "tiny-kd", "tiny-masked", "tiny-grpo"]
     scores = specs["benchmark_scores"]
     assert scores.partitions_def.get_partition_keys() == [
-        f"{recipe}|{student}" for recipe in ("base", "balanced", "hard-long") for student in ("tiny", "tiny-kd", "tiny-masked", "tiny-grpo")
+        f"{recipe}|{student}"
+        for recipe in ("base", "balanced", "balanced-random", "hard-long")
+        for student in ("tiny", "tiny-kd", "tiny-masked", "tiny-grpo")
     ]
     assert {k.to_user_string() for k in scores.parent_keys} == {"student_checkpoints", "student_baselines", "benchmark_items"}
     checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
@@ -88,6 +95,9 @@ def test_definitions_snapshot_from_the_demo_config():
         "cot_traces:samples_in_seed_pool",
         "cot_traces:trace_id_unique",
         "cot_traces:truncation_rate",
+        "experiments:arms_equal_size",
+        "experiments:arms_same_items",
+        "experiments:intervals_finite",
         "filtered_set:kept_traces_pass_the_rules",
         "filtered_set:one_decision_per_trace",
         "quarantine:reasons_known",
@@ -106,6 +116,9 @@ def test_definitions_snapshot_from_the_demo_config():
         "student_checkpoints:loads_and_generates",
         "student_checkpoints:loss_decreased",
     ]
+    experiments = specs["experiments"]
+    assert experiments.partitions_def.get_partition_keys() == ["balancing"] and experiments.group_name == "experiments"
+    assert {k.to_user_string() for k in experiments.parent_keys} == {"sampled_subsets", "student_checkpoints", "benchmark_scores"}
     blocking = {f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys if graph.get_check_spec(k).blocking}
     assert set(checks) - blocking == {"benchmark_scores:no_regression_vs_baseline"}  # a regression warns, it does not block
     schema = specs["seed_pool"].metadata["dagster/column_schema"]

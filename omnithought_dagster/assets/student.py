@@ -87,7 +87,7 @@ def expected_checkpoint_id(config: ProjectConfig, store: CorpusStore, student: s
     return checkpoint_id(
         base_fingerprint,
         version,
-        train_config_hash(config.training),
+        train_config_hash(config.training_for(config.student(student))),
         method_hash(partition_method(config, store, config.student(student), recipe)),
     )
 
@@ -115,7 +115,8 @@ def baseline_settings(config: ProjectConfig) -> dict:
 def checkpoint_settings(config: ProjectConfig) -> dict:
     """The project file's settings that change student_checkpoints (its code version hashes them): the training settings that
     change the weights, and the students (model, method and its settings, recipes)."""
-    return {"training": config.training.run_settings(), "students": [student.model_dump(mode="json") for student in config.students]}
+    students = [student.model_dump(mode="json", exclude=set() if student.seed is not None else {"seed"}) for student in config.students]
+    return {"training": config.training.run_settings(), "students": students}
 
 
 def build_baseline_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
@@ -187,7 +188,8 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         version = subset_version(corpus, recipe)
         if version is None:
             raise dg.Failure(description=f"subset_members[{recipe}] is missing or empty: materialise sampled_subsets[{recipe}] first")
-        config_hash = train_config_hash(cfg.training)
+        training = cfg.training_for(student)  # with the student's own seed, when it has one
+        config_hash = train_config_hash(training)
         method = partition_method(cfg, corpus, student, recipe)
         ckpt = checkpoint_id(base_fingerprint, version, config_hash, method_hash(method))
         manifest = corpus.checkpoints.manifest(ckpt)
@@ -221,7 +223,7 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                     f"{export.set_aside[0].id[:12]}: {export.set_aside[0].reason}: {export.set_aside[0].detail}"
                 )
             spec_path = work / "spec.json"
-            spec = training_spec(model_dir, work / "data", work / "model", cfg.training, run_dir=work / "run", method=method)
+            spec = training_spec(model_dir, work / "data", work / "model", training, run_dir=work / "run", method=method)
             spec_path.write_text(json.dumps(spec, indent=2))
             command = launcher_command(cfg.training, spec_path)
             how = METHODS[student.method].describe(student, method)

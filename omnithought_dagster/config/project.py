@@ -20,9 +20,10 @@ from omnithought_dagster.annotate.settings import AnnotationConfig
 from omnithought_dagster.config.operations import OperationsConfig
 from omnithought_dagster.curation.settings import CurationConfig, RecipeConfig
 from omnithought_dagster.evaluation.settings import EvaluationConfig
+from omnithought_dagster.experiment.settings import Arm, ExperimentConfig, replicate
 from omnithought_dagster.llm.settings import LLMConfig
 from omnithought_dagster.seed.settings import SeedSettings, SourceConfig
-from omnithought_dagster.settings_model import ConfigError, SettingsModel, resolve_path
+from omnithought_dagster.settings_model import SOURCE_NAME_PATTERN, ConfigError, SettingsModel, resolve_path
 from omnithought_dagster.teacher.settings import GenerationConfig
 from omnithought_dagster.train.methods import METHODS
 from omnithought_dagster.train.settings import BASELINE_RECIPE, StudentConfig, TrainingConfig
@@ -64,6 +65,9 @@ class ProjectConfig(SettingsModel):
     students: list[StudentConfig] = Field(default_factory=list)
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    experiments: list[ExperimentConfig] = Field(
+        default_factory=list, description="curated recipes against their controls x students x seeds (experiment/settings.py)"
+    )
     operations: OperationsConfig = Field(
         default_factory=OperationsConfig
     )  # a factory: its cron check imports dagster, which a seed worker process never needs
@@ -141,6 +145,7 @@ class ProjectConfig(SettingsModel):
                 if source not in self.source_names:
                     raise ValueError(f"recipes[{index}] (name={recipe.name}).sources: no source {source!r}")
         self._check_controls()
+        self._expand_experiments()
         return self
 
     def _check_controls(self) -> None:
@@ -164,35 +169,127 @@ class ProjectConfig(SettingsModel):
                 if given:
                     raise ValueError(f"recipes (name={name}).{given[0]}: a control takes it from the recipe naming it ({recipe.name!r})")
         for index, recipe in enumerate(self.recipes):
-            if recipe.is_control and recipe.name not in owner and recipe.size is None:
+            if recipe.is_control and recipe.name not in owner and recipe.size is None and recipe.replicate_of is None:
                 raise ValueError(f"recipes[{index}] (name={recipe.name}).size: a control no curated recipe names needs its own size")
 
+    def _expand_experiments(self) -> None:
+        """Check the experiments and add the replicates their arms need: a student or control for each seed that is not its
+        own (experiment/settings.py), and to each student the recipes its arms train it on."""
+        recipes = {r.name: r for r in self.recipes}
+        students = {s.name: s for s in self.students}
+        names = [e.name for e in self.experiments]
+        if len(set(names)) != len(names):
+            raise ValueError("experiments: names must be unique")
+        added_recipes: dict[str, RecipeConfig] = {}
+        needs: dict[str, list[str]] = {}  # student partition -> the recipe partitions its arms train it on
+        seeds: dict[str, tuple[str, int]] = {}  # a replicate student -> (its student, its seed)
+        for index, experiment in enumerate(self.experiments):
+            where = f"experiments[{index}] (name={experiment.name})"
+            for name in experiment.recipes:
+                recipe = recipes.get(name)
+                if recipe is None:
+                    raise ValueError(f"{where}.recipes: no recipe {name!r}")
+                if recipe.is_control or not recipe.controls:
+                    raise ValueError(f"{where}.recipes: {name!r} is not a curated recipe naming controls (recipes[].controls)")
+            for name in experiment.students:
+                student = students.get(name)
+                if student is None:
+                    raise ValueError(f"{where}.students: no student {name!r}")
+                if METHODS[student.method].starts_from(student) is not None:
+                    raise ValueError(
+                        f"{where}.students: {name!r} starts from another student's checkpoint (method {student.method}); "
+                        "experiments compare students trained from their base model"
+                    )
+            unknown = sorted(set(experiment.benchmarks or []) - set(self.evaluation.benchmarks))
+            if unknown:
+                raise ValueError(f"{where}.benchmarks: {unknown} are not among evaluation.benchmarks {self.evaluation.benchmarks}")
+            if not (experiment.benchmarks or self.evaluation.benchmarks):
+                raise ValueError(f"{where}.benchmarks: none (evaluation.benchmarks is empty): arms are compared item by item")
+            for arm in self._arms(experiment, recipes, students):
+                if arm.recipe_key != arm.arm and arm.recipe_key not in added_recipes:
+                    if arm.recipe_key in recipes:
+                        raise ValueError(f"{where}: the replicate {arm.recipe_key!r} of control {arm.arm!r} is the name of a recipe")
+                    copy = recipes[arm.arm].model_copy(update={"name": arm.recipe_key, "seed": arm.seed})
+                    copy._replicate_of = arm.arm
+                    added_recipes[arm.recipe_key] = copy
+                if arm.student_key != arm.student:
+                    if arm.student_key in students:
+                        raise ValueError(f"{where}: the replicate {arm.student_key!r} of student {arm.student!r} is the name of a student")
+                    seeds[arm.student_key] = (arm.student, arm.seed)
+                wanted = needs.setdefault(arm.student_key, [])
+                if arm.recipe_key not in wanted:
+                    wanted.append(arm.recipe_key)
+        if not needs:
+            return
+        for name in [*added_recipes, *seeds]:
+            if not re.fullmatch(SOURCE_NAME_PATTERN, name):
+                raise ValueError(f"experiments: the replicate name {name!r} is not a valid name ({SOURCE_NAME_PATTERN}): shorten its base")
+        order = [r.name for r in self.recipes] + list(added_recipes)
+        kept = [r.name for r in self.recipes]
+        updated = []
+        for student in self.students:
+            wanted = needs.get(student.name, [])
+            have = student.recipes if student.recipes is not None else kept
+            missing = [r for r in wanted if r not in have]
+            updated.append(student.model_copy(update={"recipes": [*have, *missing]}) if missing else student)
+        for name, (base, seed) in seeds.items():
+            copy = students[base].model_copy(update={"name": name, "seed": seed, "recipes": sorted(needs[name], key=order.index)})
+            copy._replicate_of = base
+            updated.append(copy)
+        self.__dict__["recipes"] = [*self.recipes, *added_recipes.values()]  # a frozen model: its own validator completes it
+        self.__dict__["students"] = updated
+
+    def _arms(self, experiment: ExperimentConfig, recipes: dict[str, RecipeConfig], students: dict[str, StudentConfig]) -> list[Arm]:
+        arms = []
+        for seed in experiment.seeds:
+            for name in experiment.students:
+                student = students[name]
+                own = student.seed if student.seed is not None else self.training.seed
+                student_key = name if seed == own else replicate(name, seed)
+                for curated in experiment.recipes:
+                    arms.append(Arm(experiment.name, curated, "curated", curated, name, seed, student_key, curated))
+                    for control in recipes[curated].controls:
+                        kind, own_draw = recipes[control].kind, recipes[control].seed
+                        key = control if seed == own_draw else replicate(control, seed)
+                        arms.append(Arm(experiment.name, control, kind, curated, name, seed, student_key, key))
+        return arms
+
+    def experiment(self, name: str) -> ExperimentConfig:
+        return _named(self.experiments, name, "experiment")
+
+    def arms(self, name: str) -> list[Arm]:
+        """The experiment's arms: seed by seed, student by student, each curated recipe then its controls."""
+        return self._arms(self.experiment(name), {r.name: r for r in self.recipes}, {s.name: s for s in self.students})
+
+    def experiment_benchmarks(self, name: str) -> list[str]:
+        return self.experiment(name).benchmarks or list(self.evaluation.benchmarks)
+
+    def training_for(self, student: StudentConfig) -> TrainingConfig:
+        """The training settings a student trains with: `training`, with the student's own seed when it has one."""
+        if student.seed is None or student.seed == self.training.seed:
+            return self.training
+        return self.training.model_copy(update={"seed": student.seed})
+
     def recipe(self, name: str) -> RecipeConfig:
-        for recipe in self.recipes:
-            if recipe.name == name:
-                return recipe
-        raise KeyError(f"no recipe named {name!r}")
+        return _named(self.recipes, name, "recipe")
 
     def controlled_by(self, name: str) -> RecipeConfig | None:
-        """The curated recipe that names this control, if one does."""
-        return next((r for r in self.recipes if name in r.controls), None)
+        """The curated recipe that names this control (or the control this one replicates), if one does."""
+        base = next((r.replicate_of for r in self.recipes if r.name == name and r.replicate_of), name)
+        return next((r for r in self.recipes if base in r.controls), None)
 
     def student(self, name: str) -> StudentConfig:
-        for student in self.students:
-            if student.name == name:
-                return student
-        raise KeyError(f"no student named {name!r}")
+        return _named(self.students, name, "student")
 
     def student_recipes(self, student: str) -> list[str]:
         """The baseline, then the recipes this student is trained on."""
         chosen = self.student(student).recipes
-        return [BASELINE_RECIPE] + [r.name for r in self.recipes if chosen is None or r.name in chosen]
+        if chosen is None:  # every recipe of the project file (not the replicates experiments add)
+            return [BASELINE_RECIPE] + [r.name for r in self.recipes if r.replicate_of is None]
+        return [BASELINE_RECIPE] + [r.name for r in self.recipes if r.name in chosen]
 
     def benchmark(self, name: str) -> SourceConfig:
-        for benchmark in self.benchmarks:
-            if benchmark.name == name:
-                return benchmark
-        raise KeyError(f"no benchmark named {name!r}")
+        return _named(self.benchmarks, name, "benchmark")
 
     @property
     def annotator(self) -> LLMConfig:
@@ -200,10 +297,15 @@ class ProjectConfig(SettingsModel):
         return self.judge or self.teacher
 
     def source(self, name: str) -> SourceConfig:
-        for source in self.sources:
-            if source.name == name:
-                return source
-        raise KeyError(f"no source named {name!r}; configured: {self.source_names}")
+        return _named(self.sources, name, "source")
+
+
+def _named(entries: list, name: str, what: str):
+    """The entry of a project file's list called `name` (KeyError naming the ones there are)."""
+    for entry in entries:
+        if entry.name == name:
+            return entry
+    raise KeyError(f"no {what} named {name!r}; the project file has {[e.name for e in entries]}")
 
 
 def find_config_path(explicit: str | os.PathLike | None = None) -> Path:

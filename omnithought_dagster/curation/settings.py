@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from omnithought_dagster.settings_model import SOURCE_NAME_PATTERN, SettingsModel
 
@@ -113,6 +113,12 @@ class RecipeConfig(SettingsModel):
     sources: list[str] | None = Field(default=None, description="only these sources; default all")
     seed: int = 0
     tolerance: float = Field(default=0.05, ge=0, le=1, description="allowed deviation of a stratum's share from the mix")
+    _replicate_of: str | None = PrivateAttr(default=None)  # set on the controls an experiment adds for its other seeds
+
+    @property
+    def replicate_of(self) -> str | None:
+        """The control this one replicates with another seed (experiment/settings.py); None for the project file's own."""
+        return self._replicate_of
 
     @field_validator("difficulty_mix")
     @classmethod

@@ -306,6 +306,100 @@ BENCHMARK_SAMPLES = TableSpec(
     ),
 )
 
+EXPERIMENT_ITEMS = TableSpec(
+    name="experiment_items",
+    description=(
+        "One benchmark item's verdict for one arm of an experiment (a recipe or a control, a student, a seed): the rows its "
+        "intervals are computed from."
+    ),
+    partition_by=("experiment",),
+    primary_key=("experiment", "student", "benchmark", "arm", "seed", "item"),
+    columns=(
+        Column("experiment", pa.string(), "experiment name (the partition key)", False),
+        Column("student", pa.string(), "the student as the experiment names it", False),
+        Column("benchmark", pa.string(), "configured benchmark name", False),
+        Column("curated", pa.string(), "the curated recipe the arm belongs to", False),
+        Column("arm", pa.string(), "the curated recipe's name, or its control's", False),
+        Column("kind", pa.string(), "curated | random | filtered", False),
+        Column("seed", pa.int64(), "the arm's seed (training seed; a control's draw seed)", False),
+        Column("item", pa.string(), "the benchmark item (benchmark_samples.item_id)", False),
+        Column("tag", pa.string(), "the item's task tag", False),
+        Column("score", pa.float64(), "1.0 when the verdict is correct, else 0.0", False),
+        Column(
+            "student_partition",
+            pa.string(),
+            "the student partition that holds the arm (the student, or its replicate for this seed)",
+            False,
+        ),
+        Column("recipe_partition", pa.string(), "the recipe partition (the recipe, or the control's replicate for this seed)", False),
+        Column("checkpoint_id", pa.string(), "the scored checkpoint", False),
+    ),
+)
+
+EXPERIMENT_ARMS = TableSpec(
+    name="experiment_arms",
+    description="One arm of an experiment for one seed: its subset, its checkpoint and what it cost.",
+    partition_by=("experiment",),
+    primary_key=("experiment", "student", "arm", "seed"),
+    columns=(
+        Column("experiment", pa.string(), "experiment name (the partition key)", False),
+        Column("student", pa.string(), "the student as the experiment names it", False),
+        Column("curated", pa.string(), "the curated recipe the arm belongs to", False),
+        Column("arm", pa.string(), "the curated recipe's name, or its control's", False),
+        Column("kind", pa.string(), "curated | random | filtered", False),
+        Column("seed", pa.int64(), "the arm's seed", False),
+        Column("student_partition", pa.string(), "as in experiment_items", False),
+        Column("recipe_partition", pa.string(), "as in experiment_items", False),
+        Column("subset_version", pa.string(), "the subset trained on"),
+        Column("subset_size", pa.int64(), "traces in the subset", False),
+        Column("correct_share", pa.float64(), "share of the subset's traces whose answer the verifier found correct (annotations.correct)"),
+        Column("teacher_tokens", pa.int64(), "tokens the teacher generated for the subset's traces (cot_traces.n_tokens)", False),
+        Column("checkpoint_id", pa.string(), "the trained checkpoint", False),
+        Column("training_tokens", pa.int64(), "input tokens the training consumed, all ranks (student_checkpoints.tokens_seen)"),
+        Column("train_seconds", pa.float64(), "wall time of the training loop"),
+    ),
+)
+
+EXPERIMENT_RESULTS = TableSpec(
+    name="experiment_results",
+    description=(
+        "An experiment's numbers: each arm's measure (benchmark score, per tag slice, and costs), and each curated arm's paired "
+        "difference to each of its controls with a bootstrap interval over items and seeds (`sql` recomputes it)."
+    ),
+    partition_by=("experiment",),
+    primary_key=("experiment", "row", "measure", "student", "benchmark", "slice", "arm", "control"),
+    columns=(
+        Column("experiment", pa.string(), "experiment name (the partition key)", False),
+        Column("row", pa.string(), "arm (one arm's value) | difference (curated arm minus control)", False),
+        Column("measure", pa.string(), "score | training_tokens | teacher_tokens | correct_share | subset_size", False),
+        Column("student", pa.string(), "the student as the experiment names it", False),
+        Column("benchmark", pa.string(), "the benchmark of a score; `-` for the arm's costs", False),
+        Column("slice", pa.string(), "`all`, or `tag:<tag>` for a score over the items carrying that tag", False),
+        Column("curated", pa.string(), "the curated recipe", False),
+        Column("arm", pa.string(), "the arm (an arm row), or the curated arm (a difference row)", False),
+        Column("control", pa.string(), "the control a difference is taken to; `-` on an arm row", False),
+        Column("kind", pa.string(), "the arm's kind (an arm row) or the control's (a difference row)", False),
+        Column("estimate", pa.float64(), "the arm's mean over seeds of its mean over items, or the difference of two such means"),
+        Column("low", pa.float64(), "the interval's lower end (difference rows)"),
+        Column("high", pa.float64(), "the interval's upper end (difference rows)"),
+        Column("level", pa.float64(), "the interval's level"),
+        Column("replicates", pa.int64(), "bootstrap replicates that weighed both arms"),
+        Column("items", pa.int64(), "items the value is over (1 for a cost: one value per seed)"),
+        Column("seeds", pa.int64(), "seeds of the arm (the curated arm's, on a difference row)"),
+        Column("control_seeds", pa.int64(), "seeds of the control (difference rows)"),
+        Column(
+            "verdict",
+            pa.string(),
+            (
+                "difference rows: higher | lower (the interval excludes 0; `(one seed)` when no arm has more than one) | "
+                "no difference shown | not comparable"
+            ),
+        ),
+        Column("problem", pa.string(), "why the arms are not comparable (null when they are)"),
+        Column("sql", pa.string(), "the DuckDB query over experiment_items / experiment_arms that recomputes the row's interval"),
+    ),
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (
@@ -319,6 +413,9 @@ TABLES: dict[str, TableSpec] = {
         STUDENT_CHECKPOINTS,
         BENCHMARK_SCORES,
         BENCHMARK_SAMPLES,
+        EXPERIMENT_ITEMS,
+        EXPERIMENT_ARMS,
+        EXPERIMENT_RESULTS,
     )
 }
 

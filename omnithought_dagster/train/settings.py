@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from omnithought_dagster.settings_model import SOURCE_NAME_PATTERN, SettingsModel, resolve_path
 from omnithought_dagster.train.methods import METHODS
@@ -33,6 +33,14 @@ class StudentConfig(SettingsModel):
             "grpo: RL with the answer verifier's reward, from another student's checkpoint (`grpo`)"
         ),
     )
+
+    seed: int | None = Field(default=None, ge=0, description="this student's training seed; default training.seed")
+    _replicate_of: str | None = PrivateAttr(default=None)  # set on the students an experiment adds for its other seeds
+
+    @property
+    def replicate_of(self) -> str | None:
+        """The student this one replicates with another seed (experiment/settings.py); None for the project file's own."""
+        return self._replicate_of
 
     @field_validator("method")
     @classmethod
