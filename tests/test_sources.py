@@ -63,6 +63,29 @@ def test_synthetic_is_deterministic_balanced_and_verifiable():
             assert record.answer in "ABCDEFGH"[: len(record.choices)]
 
 
+def test_the_with_content_variant_says_in_text_what_the_image_shows_and_leaves_the_default_as_it_was():
+    plain = list(SyntheticReader(60, seed=3).records())
+    text = list(SyntheticReader(60, seed=3, question_text="with_content").records())
+    assert [r.images[0].data for r in plain] == [r.images[0].data for r in text]  # the same pictures, answers and choices
+    assert [(r.answer, r.choices, r.difficulty) for r in plain] == [(r.answer, r.choices, r.difficulty) for r in text]
+    assert all("solution" not in r.metadata for r in plain)  # the default's rows are what they were
+    assert SyntheticReader(60, seed=3).fingerprint() != SyntheticReader(60, seed=3, question_text="with_content").fingerprint()
+    for before, after in zip(plain, text, strict=True):
+        family = after.metadata["family"]
+        assert after.question.startswith(before.question) and after.metadata["solution"]
+        assert after.metadata["content_in_text"] == (family not in ("counting", "spatial"))
+        if family in ("counting", "spatial"):
+            assert after.question == before.question  # only the image holds what is counted or placed
+        else:
+            assert after.question != before.question
+        if family == "arithmetic":
+            assert after.metadata["expression"] in after.question
+        if after.answer_type != "multiple_choice":  # a worked solution ends at the answer
+            assert after.metadata["solution"].rstrip(".").endswith(after.answer), after.metadata["solution"]
+    with pytest.raises(ValueError, match="question_text"):
+        SyntheticReader(4, question_text="both")
+
+
 def test_synthetic_ingests_cleanly_with_images_stored():
     result, stored = _ingest(SyntheticReader(48, seed=0))
     assert result.rows_read == 48 and result.rows_quarantined == 0 and result.rows_kept == 48

@@ -80,6 +80,14 @@ class SyntheticSourceConfig(_SourceBase):
     start_index: int = Field(default=0, ge=0, description="first sample index (held-out benchmarks use a range of their own)")
     image_size: int = Field(default=320, ge=128, le=2048)
     families: list[str] | None = Field(default=None, description="task families to draw from; default all")
+    question_text: Literal["image_only", "with_content"] = Field(
+        default="image_only",
+        description=(
+            "image_only: what a question is about is only in the image; with_content: the question also says it in text "
+            "(expression, table rows, bar values, lengths; counting and spatial stay image-only) and the metadata holds a "
+            "worked solution - the sandbox's variant, where a small model can learn some families"
+        ),
+    )
 
     @field_validator("families")
     @classmethod

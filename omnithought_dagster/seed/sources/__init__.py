@@ -11,7 +11,7 @@ def make_reader(source: SourceConfig) -> SeedReader:
     if isinstance(source, SyntheticSourceConfig):
         from omnithought_dagster.seed.sources.synthetic import SyntheticReader
 
-        return SyntheticReader(source.n_samples, source.seed, source.image_size, source.families, source.start_index)
+        return SyntheticReader(source.n_samples, source.seed, source.image_size, source.families, source.start_index, source.question_text)
     if isinstance(source, JsonSourceConfig):
         from omnithought_dagster.seed.sources.jsonfile import FlatJsonReader, LlavaJsonReader
 

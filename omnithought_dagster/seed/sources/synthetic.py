@@ -46,6 +46,8 @@ class Drawn:
     difficulty: int
     choices: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    solution: str = ""  # how the answer is reached, step by step (the sandbox teacher learns from it)
+    content: str | None = None  # what the image shows, as text (`question_text: with_content`); None: only the image has it
 
 
 Family = Callable[[random.Random, int], Drawn]
@@ -56,12 +58,23 @@ class SyntheticReader:
 
     image_root: Path | None = None
 
-    def __init__(self, n_samples: int, seed: int = 0, image_size: int = 320, families: list[str] | None = None, start_index: int = 0):
+    def __init__(
+        self,
+        n_samples: int,
+        seed: int = 0,
+        image_size: int = 320,
+        families: list[str] | None = None,
+        start_index: int = 0,
+        question_text: str = "image_only",
+    ):
         self.n_samples = n_samples
         self.start_index = start_index
         self.seed = seed
         self.image_size = image_size
         self.families = list(families or FAMILIES)
+        if question_text not in QUESTION_TEXT:
+            raise ValueError(f"question_text: {question_text!r}; one of {QUESTION_TEXT}")
+        self.question_text = question_text
 
     def records(self) -> Iterator[SeedRecord]:
         for position in range(self.n_samples):
@@ -75,17 +88,21 @@ class SyntheticReader:
         drawn = FAMILIES[family][1](rng, self.image_size)
         buffer = io.BytesIO()
         _vary_layout(drawn.image, rng).save(buffer, format="PNG", compress_level=1)
+        question, extra = drawn.question, {}
+        if self.question_text == "with_content":  # the sandbox's variant: the text carries what the image shows, where it can
+            question = drawn.question if drawn.content is None else f"{drawn.question}\n{drawn.content}"
+            extra = {"solution": drawn.solution, "content_in_text": drawn.content is not None}
         return Candidate(
             record_index=index,
             native_id=f"{family}-{self.seed}-{index:07d}",
-            question=drawn.question,
+            question=question,
             answer=drawn.answer,
             images=[ImageRef(data=buffer.getvalue())],
             choices=drawn.choices or None,
             answer_type=drawn.answer_type,
             tags=[FAMILIES[family][0]],
             difficulty=drawn.difficulty,
-            metadata={"family": family, "generator_seed": self.seed, **drawn.metadata},
+            metadata={"family": family, "generator_seed": self.seed, **drawn.metadata, **extra},
         )
 
     def count(self) -> int:
@@ -101,12 +118,17 @@ class SyntheticReader:
                 "families": self.families,
                 "v": GENERATOR_VERSION,
                 **({"start": self.start_index} if self.start_index else {}),
+                **({"question_text": self.question_text} if self.question_text != "image_only" else {}),
             },
         )
 
 
 # Bump when any family draws differently: the fingerprint (and so demo caching) depends on it.
 GENERATOR_VERSION = 1
+# image_only: the question names what to do, the image holds what it is done on (the default); with_content: the question
+# also carries, as text, what the image shows (the expression, the table's rows, the bars' values, the figure's lengths)
+# for the families where text can say it - counting and spatial stay image-only. Worked solutions go into the metadata.
+QUESTION_TEXT = ("image_only", "with_content")
 
 
 # -- drawing helpers -----------------------------------------------------------------------------
@@ -183,15 +205,18 @@ def _counting(rng: random.Random, size: int) -> Drawn:
         _draw_shape(draw, shape, center, size / cells * 0.3, COLORS[color])
     if difficulty == 1:
         answer, question = total, "How many shapes are in the image? Answer with a number."
+        solution = f"I count every shape in the image: there are {total}."
     elif difficulty == 2:
         shape = rng.choice(shapes)
         answer = sum(1 for s, _ in items if s == shape)
         question = f"How many {shape}s are in the image? Answer with a number."
+        solution = f"Of the {total} shapes, I count the {shape}s: there are {answer}."
     else:
         shape, color = rng.choice(items)
         answer = sum(1 for item in items if item == (shape, color))
         question = f"How many {color} {shape}s are in the image? Answer with a number."
-    return Drawn(image, question, str(answer), "numeric", difficulty, metadata={"n_shapes": total})
+        solution = f"Of the {total} shapes, I count those that are both {color} and {shape}s: there are {answer}."
+    return Drawn(image, question, str(answer), "numeric", difficulty, metadata={"n_shapes": total}, solution=solution)
 
 
 def _bar_chart(rng: random.Random, size: int) -> Drawn:
@@ -211,21 +236,42 @@ def _bar_chart(rng: random.Random, size: int) -> Drawn:
         draw.text((x0 + width * 0.35, bottom - height - 3), str(value), fill=(0, 0, 0), font=font, anchor="md")
         draw.text((x0 + width * 0.35, bottom + 4), label, fill=(0, 0, 0), font=font, anchor="ma")
     draw.text((size / 2, 4), "Fruit sold", fill=(0, 0, 0), font=font, anchor="ma")
+    bars = ", ".join(f"{label} {value}" for label, value in zip(labels, values, strict=True))
+    content = f"The bars show: {bars}."
     if difficulty == 1:
         i = rng.randrange(k)
         return Drawn(
-            image, f"According to the bar chart, how many {labels[i]} were sold? Answer with a number.", str(values[i]), "numeric", 1
+            image,
+            f"According to the bar chart, how many {labels[i]} were sold? Answer with a number.",
+            str(values[i]),
+            "numeric",
+            1,
+            solution=f"The bar of {labels[i]} reaches {values[i]}.",
+            content=content,
         )
     if difficulty == 2:
         best = labels[values.index(max(values))]
         choices, letter = _mc(rng, best, labels)
-        return Drawn(image, "Which fruit sold the most according to the bar chart?", letter, "multiple_choice", 2, choices=choices)
+        solution = f"The bars are {bars}. The tallest is {best} with {max(values)}, option {letter}."
+        return Drawn(
+            image,
+            "Which fruit sold the most according to the bar chart?",
+            letter,
+            "multiple_choice",
+            2,
+            choices=choices,
+            solution=solution,
+            content=content,
+        )
+    top, bottom_value = max(values), min(values)
     return Drawn(
         image,
         "What is the difference between the largest and the smallest value in the bar chart? Answer with a number.",
-        str(max(values) - min(values)),
+        str(top - bottom_value),
         "numeric",
         3,
+        solution=f"The bars are {bars}. The largest is {top}, the smallest {bottom_value}; {top} - {bottom_value} = {top - bottom_value}.",
+        content=content,
     )
 
 
@@ -235,11 +281,18 @@ def _arithmetic(rng: random.Random, size: int) -> Drawn:
     a, b, c, d = (rng.randint(2, 30) for _ in range(4))
     if difficulty == 1:
         expression, value = f"{a} + {b}", a + b
+        solution = f"{a} + {b} = {value}."
     elif difficulty == 2:
         expression, value = f"({a} + {b}) * {c % 9 + 2}", (a + b) * (c % 9 + 2)
+        solution = f"First {a} + {b} = {a + b}. Then {a + b} * {c % 9 + 2} = {value}."
     else:
         divisor = d % 8 + 2
         expression, value = f"{divisor * a} / {divisor} + {b} * {c % 6 + 2} - {d}", a + b * (c % 6 + 2) - d
+        product = b * (c % 6 + 2)
+        solution = (
+            f"First {divisor * a} / {divisor} = {a} and {b} * {c % 6 + 2} = {product}. "
+            f"Then {a} + {product} = {a + product}, and {a + product} - {d} = {value}."
+        )
     font = _font(max(14, size // 12 - 2 * difficulty))
     draw.text((size / 2, size / 2), f"{expression} = ?", fill=(0, 0, 0), font=font, anchor="mm")
     return Drawn(
@@ -249,6 +302,8 @@ def _arithmetic(rng: random.Random, size: int) -> Drawn:
         "numeric",
         difficulty,
         metadata={"expression": expression},
+        solution=solution,
+        content=f"The expression is {expression} = ?",
     )
 
 
@@ -264,7 +319,15 @@ def _geometry(rng: random.Random, size: int) -> Drawn:
         draw.rectangle([x0, y0, x0 + w * scale, y0 + h * scale], outline=ink, width=3)
         draw.text((size / 2, y0 - 6), f"{w} cm", fill=ink, font=font, anchor="md")
         draw.text((x0 - 6, size / 2), f"{h} cm", fill=ink, font=font, anchor="rm")
-        return Drawn(image, "What is the area of the rectangle in square centimetres? Answer with a number.", str(w * h), "numeric", 1)
+        return Drawn(
+            image,
+            "What is the area of the rectangle in square centimetres? Answer with a number.",
+            str(w * h),
+            "numeric",
+            1,
+            solution=f"The rectangle is {w} cm by {h} cm, so its area is {w} * {h} = {w * h}.",
+            content=f"The rectangle's sides are {w} cm and {h} cm.",
+        )
     if difficulty == 2:
         m, n = rng.choice(((3, 4), (5, 12), (6, 8), (8, 15), (9, 12), (7, 24)))
         k = rng.randint(1, 4)
@@ -276,19 +339,28 @@ def _geometry(rng: random.Random, size: int) -> Drawn:
         draw.rectangle([x0, y0 - 12, x0 + 12, y0], outline=ink)
         draw.text((x0 + b * scale / 2, y0 + 6), str(b), fill=ink, font=font, anchor="ma")
         draw.text((x0 - 6, y0 - a * scale / 2), str(a), fill=ink, font=font, anchor="rm")
+        hypotenuse = int(math.hypot(a, b))
         return Drawn(
             image,
             "The triangle has a right angle. What is the length of its longest side? Answer with a number.",
-            str(int(math.hypot(a, b))),
+            str(hypotenuse),
             "numeric",
             2,
+            solution=f"The legs are {a} and {b}. The longest side is sqrt({a}^2 + {b}^2) = sqrt({a * a + b * b}) = {hypotenuse}.",
+            content=f"The legs are {a} and {b}.",
         )
     r = rng.randint(2, 30)
     draw.ellipse([size * 0.2, size * 0.2, size * 0.8, size * 0.8], outline=ink, width=3)
     draw.line([(size / 2, size / 2), (size * 0.8, size / 2)], fill=ink, width=2)
     draw.text((size * 0.65, size / 2 - 6), f"r = {r}", fill=ink, font=font, anchor="md")
     return Drawn(
-        image, "What is the area of the circle? Use pi = 3.14 and round to one decimal place.", f"{3.14 * r * r:.1f}", "numeric", 3
+        image,
+        "What is the area of the circle? Use pi = 3.14 and round to one decimal place.",
+        f"{3.14 * r * r:.1f}",
+        "numeric",
+        3,
+        solution=f"The radius is {r}. The area is 3.14 * {r} * {r} = {3.14 * r * r:.1f}.",
+        content=f"The radius is {r}.",
     )
 
 
@@ -310,12 +382,29 @@ def _table(rng: random.Random, size: int) -> Drawn:
     for r, (name, score) in enumerate(zip(names, scores, strict=False), start=1):
         draw.text(((x0 + x1) / 2, y0 + (r + 0.5) * row_h), name, fill=(0, 0, 0), font=font, anchor="mm")
         draw.text(((x1 + x2) / 2, y0 + (r + 0.5) * row_h), str(score), fill=(0, 0, 0), font=font, anchor="mm")
+    listed = "; ".join(f"{name} {score}" for name, score in zip(names, scores, strict=True))
+    content = f"The table's rows (name, score): {listed}."
     if difficulty == 1:
         i = rng.randrange(rows)
-        return Drawn(image, f"What is {names[i]}'s score in the table? Answer with a number.", str(scores[i]), "numeric", 1)
-    if difficulty == 2:
         return Drawn(
-            image, "Who has the highest score in the table? Answer with the name.", names[scores.index(max(scores))], "free_form", 2
+            image,
+            f"What is {names[i]}'s score in the table? Answer with a number.",
+            str(scores[i]),
+            "numeric",
+            1,
+            solution=f"The row of {names[i]} says {scores[i]}.",
+            content=content,
+        )
+    if difficulty == 2:
+        best = names[scores.index(max(scores))]
+        return Drawn(
+            image,
+            "Who has the highest score in the table? Answer with the name.",
+            best,
+            "free_form",
+            2,
+            solution=f"The rows are {listed}. The highest score, {max(scores)}, is {best}.",
+            content=content,
         )
     i, j = rng.sample(range(rows), 2)
     return Drawn(
@@ -324,6 +413,8 @@ def _table(rng: random.Random, size: int) -> Drawn:
         str(scores[i] + scores[j]),
         "numeric",
         3,
+        solution=f"{names[i]} has {scores[i]} and {names[j]} has {scores[j]}; {scores[i]} + {scores[j]} = {scores[i] + scores[j]}.",
+        content=content,
     )
 
 
@@ -340,15 +431,28 @@ def _spatial(rng: random.Random, size: int) -> Drawn:
         a, b = 0, 1
         truth = "Yes" if centers[a][0] < centers[b][0] else "No"
         choices, letter = _mc(rng, truth, ["Yes", "No"])
-        return Drawn(image, f"Is the {label[a]} to the left of the {label[b]}?", letter, "multiple_choice", 1, choices=choices)
+        solution = f"The {label[a]} is {'left' if truth == 'Yes' else 'right'} of the {label[b]}: {truth}, option {letter}."
+        return Drawn(
+            image, f"Is the {label[a]} to the left of the {label[b]}?", letter, "multiple_choice", 1, choices=choices, solution=solution
+        )
     if difficulty == 2:
         anchor = rng.randrange(count)
         closest = min((i for i in range(count) if i != anchor), key=lambda i: math.dist(centers[i], centers[anchor]))
         choices, letter = _mc(rng, label[closest], [label[i] for i in range(count) if i != anchor])
-        return Drawn(image, f"Which shape is closest to the {label[anchor]}?", letter, "multiple_choice", 2, choices=choices)
+        solution = f"Of the other shapes, the {label[closest]} is the nearest to the {label[anchor]}: option {letter}."
+        return Drawn(
+            image, f"Which shape is closest to the {label[anchor]}?", letter, "multiple_choice", 2, choices=choices, solution=solution
+        )
     anchor = rng.randrange(count)
     answer = sum(1 for i in range(count) if centers[i][0] > centers[anchor][0])
-    return Drawn(image, f"How many shapes are to the right of the {label[anchor]}? Answer with a number.", str(answer), "numeric", 3)
+    return Drawn(
+        image,
+        f"How many shapes are to the right of the {label[anchor]}? Answer with a number.",
+        str(answer),
+        "numeric",
+        3,
+        solution=f"I look right of the {label[anchor]} and count the shapes there: {answer}.",
+    )
 
 
 FAMILIES: dict[str, tuple[str, Family]] = {
