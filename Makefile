@@ -39,7 +39,7 @@ PYTEST_ARGS ?=
 IMAGE ?= omnithought-dagster:latest
 GPU_IMAGE ?= omnithought-dagster-gpu:latest
 
-.PHONY: env envs vllm-env lmms-env browser demo test test-fast lint check-defs ui bench lock doctor image image-gpu clean gpu-check gpu-wheels
+.PHONY: env envs vllm-env lmms-env browser demo sandbox test test-fast lint check-defs ui bench lock doctor image image-gpu clean gpu-check gpu-wheels
 
 env: envs $(DAGSTER_HOME)/dagster.yaml browser
 
@@ -137,6 +137,12 @@ $(DAGSTER_HOME)/dagster.yaml: omnithought_dagster/dagster.yaml
 demo: env
 	$(BIN)/omnithought demo
 
+# The sandbox (README "The sandbox"): a teacher that knows something, a curated recipe against a random and a
+# filtered-only control, three seeds each; its own store and Dagster instance. ~15 min to build the teacher once.
+sandbox: env
+	$(BIN)/omnithought sandbox-teacher --config examples/sandbox/omnithought.yaml
+	DAGSTER_HOME=$(CURDIR)/.dagster-sandbox $(BIN)/omnithought experiment run sandbox --config examples/sandbox/omnithought.yaml
+
 # The first gates (seconds): the code location loads (`dg check defs`), ruff is clean; then the whole suite.
 test: env check-defs lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -183,4 +189,4 @@ image-gpu:
 	docker build -f deploy/docker/Dockerfile.gpu -t $(GPU_IMAGE) .
 
 clean:
-	rm -rf .omnithought .dagster .cache
+	rm -rf .omnithought .dagster .omnithought-sandbox .dagster-sandbox .cache

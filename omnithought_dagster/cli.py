@@ -306,6 +306,22 @@ experiment_app = typer.Typer(no_args_is_help=True, help="Curated recipes against
 app.add_typer(experiment_app, name="experiment")
 
 
+@app.command("sandbox-teacher")
+def sandbox_teacher(config: Path | None = ConfigOption) -> None:
+    """Train the sandbox teacher (`tiny:sandbox-teacher`, models/sandbox.py) into the project's models folder with the
+    project's trainer, unless a build of the same recipe is there (~15 min on 2 CPU cores, once)."""
+    import time
+
+    from omnithought_dagster.models.sandbox import SANDBOX_TEACHER
+    from omnithought_dagster.sandbox import build_sandbox_teacher
+
+    cfg = _config(config)
+    started = time.monotonic()
+    say = lambda line: console.print(escape(line), highlight=False)  # noqa: E731
+    folder = build_sandbox_teacher(SANDBOX_TEACHER, Path(cfg.models_dir) / SANDBOX_TEACHER.name, say=say)
+    console.print(escape(f"sandbox teacher {SANDBOX_TEACHER.fingerprint[:12]}: {folder} ({time.monotonic() - started:.0f} s)"))
+
+
 @experiment_app.command("run")
 def experiment_run(
     name: str = typer.Argument(..., help="an experiment of the project file (experiments[].name)"),
@@ -349,7 +365,7 @@ def _print_experiment(cfg: ProjectConfig, name: str, sql: bool) -> None:
             groups.setdefault((r["student"], r["curated"]), []).append(r)
     for (student, curated), differences in groups.items():
         seeds = differences[0]["seeds"]
-        table = Table(title=f"experiment {name}: {student} on {curated} against its controls ({seeds or '?'} seeds; 95% intervals)")
+        table = Table(title=escape(f"experiment {name}: {student} on {curated} against its controls ({seeds or '?'} seeds; 95% intervals)"))
         numbers = ("curated", "control", "difference [95%]")
         for column in ("measure", "control", *numbers, "verdict"):
             table.add_column(column, justify="right" if column in numbers else "left")
@@ -359,7 +375,7 @@ def _print_experiment(cfg: ProjectConfig, name: str, sql: bool) -> None:
             interval = "-" if r["low"] is None else f"{_number(r['estimate'], '+')} [{_number(r['low'], '+')}, {_number(r['high'], '+')}]"
             verdict = r["verdict"] if r["problem"] is None else f"{r['verdict']}: {r['problem']}"
             shown = ["-" if v is None else _number(v["estimate"]) for v in (first, second)]
-            table.add_row(measure, f"{r['control']} ({r['kind']})", *shown, interval, verdict)
+            table.add_row(*(escape(cell) for cell in (measure, f"{r['control']} ({r['kind']})", *shown, interval, verdict)))
         console.print(table)
     if sql:
         for r in rows:

@@ -90,7 +90,8 @@ def _recipes(config: ProjectConfig) -> list[str]:
 
 
 def _students(config: ProjectConfig) -> list[str]:
-    return [s.name for s in config.students]
+    """The students whose baselines are registered (a replicate's is its student's)."""
+    return [s.name for s in config.students if s.replicate_of is None]
 
 
 def _scored(config: ProjectConfig) -> bool:

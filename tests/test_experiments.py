@@ -155,7 +155,15 @@ def _store_arms(config, size: dict | None = None, skip: tuple = ()) -> CorpusSto
             store,
             "student_checkpoints",
             {"student": arm.student_key, "recipe": arm.recipe_key},
-            [{"checkpoint_id": ckpt, "student": arm.student_key, "recipe": arm.recipe_key, "tokens_seen": 1000 + 100 * arm.seed}],
+            [
+                {
+                    "checkpoint_id": ckpt,
+                    "student": arm.student_key,
+                    "recipe": arm.recipe_key,
+                    "subset_version": f"v-{arm.recipe_key}",
+                    "tokens_seen": 1000 + 100 * arm.seed,
+                }
+            ],
         )
         verdicts = [
             {
@@ -368,3 +376,63 @@ def test_a_small_experiment_end_to_end_with_two_seeds(tmp_path, instance):
     assert con.execute(score["sql"]).fetchone() == pytest.approx((score["estimate"], score["low"], score["high"], score["replicates"]))
     costs = {(r["arm"], r["seed"]): r for r in store.read_partition("experiment_arms", {"experiment": "small"}).to_pylist()}
     assert all(c["training_tokens"] > 0 and c["teacher_tokens"] > 0 and c["subset_size"] == 8 for c in costs.values())
+
+
+def test_an_arm_retrained_or_resampled_and_not_rescored_is_out_of_date_not_mixed_in(tmp_path):
+    config = _config(tmp_path)
+    store = _store_arms(config)
+    # curated|tiny retrained (a new checkpoint) but not re-scored: its stored verdicts are the old checkpoint's
+    rewrite_partition(
+        store, "student_checkpoints", {"student": "tiny", "recipe": "curated"}, lambda rows: [{**r, "checkpoint_id": "new"} for r in rows]
+    )
+    # shuffled-s1 drawn again (a new subset version) but tiny-s1 not retrained on it
+    rewrite_partition(store, "subset_members", {"subset": "shuffled-s1"}, lambda rows: [{**r, "subset_version": "v-again"} for r in rows])
+    with pytest.raises(MissingArms, match="missing or out of date") as stale:
+        collect(store, "balance", config.arms("balance"), ["held"], replicates=200)
+    assert ("benchmark_scores", "curated|tiny") in stale.value.partitions
+    assert ("student_checkpoints", "shuffled-s1|tiny-s1") in stale.value.partitions
+    assert len(stale.value.partitions) == 2
+
+
+def test_a_replicates_baseline_is_its_students_and_is_not_registered_or_scored_again(tmp_path):
+    from omnithought_dagster.assets.scores import score_partition_keys
+    from omnithought_dagster.stages import stage
+
+    config = _config(tmp_path)
+    assert stage("student_baselines").partition_keys(config) == ["tiny", "other"]
+    keys = score_partition_keys(config)
+    assert "base|tiny" in keys and "base|tiny-s1" not in keys and "curated|tiny-s1" in keys
+    only = experiment_selection(config, "balance")
+    from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY
+
+    assert only(STUDENT_BASELINES_KEY, "tiny") and not only(STUDENT_BASELINES_KEY, "tiny-s1")
+
+
+def test_the_report_prints_dataset_text_as_text(tmp_path):
+    config = _config(tmp_path)
+    store = _store_arms(config)
+    rewrite_partition(
+        store,
+        "benchmark_samples",
+        {"student": "tiny-s2", "recipe": "shuffled-s2"},
+        lambda rows: [*rows[:-1], {**rows[-1], "item_id": "[/bold] [red]x"}],
+    )
+    got = collect(store, "balance", config.arms("balance"), ["held"], replicates=200)
+    for table in ("experiment_items", "experiment_arms", "experiment_results"):
+        store.write_partition(table, {"experiment": "balance"}, getattr(got, table.removeprefix("experiment_")))
+    row = next(r for r in got.results.to_pylist() if r["control"] == "shuffled" and r["measure"] == "score")
+    assert row["verdict"] == "not comparable" and row["sql"] is None and "[/bold]" in row["problem"]
+    out = runner.invoke(app, ["experiment", "report", "balance", "--config", config.config_path], terminal_width=250)
+    assert out.exit_code == 0, out.output
+    assert "[/bold][red]x" in out.output.replace("\n", "").replace("│", "").replace(" ", "")
+
+
+def test_a_field_new_at_its_default_leaves_the_code_versions_as_they_were():
+    from pathlib import Path
+
+    from omnithought_dagster.assets.curate import filter_settings
+    from omnithought_dagster.assets.scores import scores_settings
+
+    config = load_config(Path(__file__).resolve().parents[1] / "omnithought.yaml")
+    hashed = json.dumps([scores_settings(config), filter_settings(config), checkpoint_settings(config)])
+    assert "question_text" not in hashed and '"seed": null' not in hashed

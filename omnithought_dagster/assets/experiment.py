@@ -54,7 +54,7 @@ def experiment_selection(config: ProjectConfig, name: str) -> Callable[[dg.Asset
     keys = {str(dg.MultiPartitionKey({"student": a.student_key, "recipe": a.recipe_key})) for a in arms}
     wanted = {
         SAMPLED_SUBSETS_KEY: {a.recipe_key for a in arms},
-        STUDENT_BASELINES_KEY: {a.student_key for a in arms},
+        STUDENT_BASELINES_KEY: {a.student for a in arms},
         STUDENT_CHECKPOINTS_KEY: keys,
         BENCHMARK_SCORES_KEY: keys,
         EXPERIMENTS_KEY: {name},

@@ -42,8 +42,13 @@ def score_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
 
 
 def score_partition_keys(config: ProjectConfig) -> list[str]:
-    """Each student's baseline first, then its recipes."""
-    return [str(dg.MultiPartitionKey({"student": s.name, "recipe": r})) for s in config.students for r in config.student_recipes(s.name)]
+    """Each student's baseline first, then its recipes (a replicate's baseline is its student's: not scored again)."""
+    return [
+        str(dg.MultiPartitionKey({"student": s.name, "recipe": r}))
+        for s in config.students
+        for r in config.student_recipes(s.name)
+        if r != BASELINE_RECIPE or s.replicate_of is None
+    ]
 
 
 def scores_settings(config: ProjectConfig) -> dict:
@@ -140,7 +145,9 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-        baseline = None if recipe == BASELINE_RECIPE else _baseline_scores(corpus, student, config_hash)
+        # a replicate of a student (experiments' other seeds) shares its untrained baseline
+        own = cfg.student(student).replicate_of or student
+        baseline = None if recipe == BASELINE_RECIPE else _baseline_scores(corpus, own, config_hash)
         if recipe != BASELINE_RECIPE and baseline is None:
             context.log.warning(
                 f"{student}'s baseline has no scores under this evaluation config: materialise "

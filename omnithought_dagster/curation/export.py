@@ -106,16 +106,20 @@ def assistant_parts(text: str) -> list[dict]:
 
 def conversation(record: dict) -> tuple[list[dict], list[str]]:
     """An exported record's chat messages for our tokenization (images where its placeholders are, the reply format's
-    delimiters as markup, every other character as text; models/vl_chat.py) and its image paths. What the trainer
+    delimiters as markup, every other character as text; models/vl_chat.py) and its image paths; a leading system turn
+    is kept (the sandbox teacher learns the teacher stage's prompt, models/sandbox.py). What the trainer
     reads, and what the pre-flight counts tokens of."""
     from omnithought_dagster.models.vl_chat import user_content
 
     images = list(record.get("images") or [])
     turns = record["messages"]
+    system = [{"role": "system", "content": turns[0]["content"]}] if turns and turns[0]["role"] == "system" else []
+    turns = turns[len(system) :]
     if len(turns) < 2 or turns[-1]["role"] != "assistant":
         raise ValueError("a training record must end with the assistant's turn")
     return (
         [
+            *system,
             {"role": "user", "content": user_content(turns[0]["content"], len(images))},
             {"role": "assistant", "content": assistant_parts(turns[-1]["content"])},
         ],

@@ -30,7 +30,7 @@ class MissingArms(RuntimeError):
         self.partitions = partitions
         shown = ", ".join(f"{asset}[{key}]" for asset, key in partitions[:6])
         more = f" and {len(partitions) - 6} more" if len(partitions) > 6 else ""
-        super().__init__(f"{len(partitions)} arm partitions are missing: {shown}{more}")
+        super().__init__(f"{len(partitions)} arm partitions are missing or out of date: {shown}{more}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ def _arms_table(arms: Sequence[Arm]) -> pa.Table:
 
 
 def collect(store: CorpusStore, experiment: str, arms: Sequence[Arm], benchmarks: Sequence[str], replicates: int = REPLICATES) -> Collected:
-    """Read every arm's rows; MissingArms when a subset, checkpoint or benchmark's verdicts are not stored yet."""
+    """Read every arm's rows: the verdicts of its stored checkpoint, the subset version it was trained on; MissingArms
+    when a subset, checkpoint or benchmark's verdicts are not stored, or not those of what is stored upstream."""
     con = store.catalog(["benchmark_samples", "subset_members", "student_checkpoints", "annotations", "cot_traces"])
     try:
         con.register("arms", _arms_table(arms))
@@ -59,33 +60,38 @@ def collect(store: CorpusStore, experiment: str, arms: Sequence[Arm], benchmarks
             SELECT a.experiment, a.student, s.benchmark, a.curated, a.arm, a.kind, a.seed::BIGINT AS seed, s.item_id AS item,
                    s.tag, CASE WHEN s.correct THEN 1.0 ELSE 0.0 END AS score, a.student_key AS student_partition,
                    a.recipe_key AS recipe_partition, s.checkpoint_id
-            FROM arms a JOIN benchmark_samples s ON s.student = a.student_key AND s.recipe = a.recipe_key
+            FROM arms a
+            JOIN student_checkpoints c ON c.student = a.student_key AND c.recipe = a.recipe_key
+            JOIN benchmark_samples s ON s.student = a.student_key AND s.recipe = a.recipe_key AND s.checkpoint_id = c.checkpoint_id
             WHERE s.benchmark IN (SELECT benchmark FROM wanted)
             ORDER BY a.student, s.benchmark, a.curated, a.arm, a.seed, s.item_id
             """
         ).to_arrow_table()
         settings = con.execute(
             """SELECT a.student, s.benchmark, a.arm, list(DISTINCT s.eval_config_hash)
-            FROM arms a JOIN benchmark_samples s ON s.student = a.student_key AND s.recipe = a.recipe_key
+            FROM arms a
+            JOIN student_checkpoints c ON c.student = a.student_key AND c.recipe = a.recipe_key
+            JOIN benchmark_samples s ON s.student = a.student_key AND s.recipe = a.recipe_key AND s.checkpoint_id = c.checkpoint_id
             WHERE s.benchmark IN (SELECT benchmark FROM wanted) GROUP BY ALL"""
         ).fetchall()
         arm_rows = con.sql(
             """
             WITH members AS (
-                SELECT m.subset, any_value(m.subset_version) AS subset_version, count(*) AS subset_size,
+                -- one row per member trace, whatever other partitions hold a copy of it
+                SELECT m.subset, m.subset_version, count(*) AS subset_size,
                        avg(CASE WHEN n.correct THEN 1.0 ELSE 0.0 END) FILTER (WHERE n.correct IS NOT NULL) AS correct_share,
                        coalesce(sum(t.n_tokens), 0) AS teacher_tokens
-                FROM subset_members m
-                LEFT JOIN cot_traces t ON t.trace_id = m.trace_id
-                LEFT JOIN annotations n ON n.trace_id = m.trace_id
-                GROUP BY m.subset
+                FROM (SELECT DISTINCT subset, subset_version, trace_id FROM subset_members) m
+                LEFT JOIN (SELECT trace_id, any_value(n_tokens) AS n_tokens FROM cot_traces GROUP BY trace_id) t ON t.trace_id = m.trace_id
+                LEFT JOIN (SELECT trace_id, bool_and(correct) AS correct FROM annotations GROUP BY trace_id) n ON n.trace_id = m.trace_id
+                GROUP BY m.subset, m.subset_version
             )
             SELECT a.experiment, a.student, a.curated, a.arm, a.kind, a.seed::BIGINT AS seed, a.student_key AS student_partition,
                    a.recipe_key AS recipe_partition, m.subset_version, m.subset_size, m.correct_share,
                    m.teacher_tokens::BIGINT AS teacher_tokens, c.checkpoint_id, c.tokens_seen AS training_tokens, c.train_seconds
             FROM arms a
-            JOIN members m ON m.subset = a.recipe_key
             JOIN student_checkpoints c ON c.student = a.student_key AND c.recipe = a.recipe_key
+            JOIN members m ON m.subset = a.recipe_key AND m.subset_version = c.subset_version
             ORDER BY a.student, a.curated, a.arm, a.seed
             """
         ).to_arrow_table()
@@ -99,17 +105,25 @@ def collect(store: CorpusStore, experiment: str, arms: Sequence[Arm], benchmarks
 
 
 def _missing(con, arms: Sequence[Arm], benchmarks: Sequence[str]) -> list[tuple[str, str]]:
-    """(asset, partition) of each arm's subset, checkpoint and scores that the store lacks."""
-    have_subsets = {r[0] for r in con.execute("SELECT DISTINCT subset FROM subset_members").fetchall()}
-    have_checkpoints = {tuple(r) for r in con.execute("SELECT DISTINCT student, recipe FROM student_checkpoints").fetchall()}
-    scored = {tuple(r) for r in con.execute("SELECT DISTINCT student, recipe, benchmark FROM benchmark_samples").fetchall()}
+    """(asset, partition) of each arm's subset, checkpoint and scores that the store lacks or holds out of date: a
+    checkpoint trained on another version of its subset than the stored one, verdicts of another checkpoint than the
+    stored one (a partition re-materialised and not what reads it)."""
+    subsets = dict(con.execute("SELECT subset, any_value(subset_version) FROM subset_members GROUP BY subset").fetchall())
+    checkpoints = {
+        (student, recipe): (checkpoint, version)
+        for student, recipe, checkpoint, version in con.execute(
+            "SELECT student, recipe, checkpoint_id, subset_version FROM student_checkpoints"
+        ).fetchall()
+    }
+    scored = {tuple(r) for r in con.execute("SELECT DISTINCT student, recipe, benchmark, checkpoint_id FROM benchmark_samples").fetchall()}
     missing: list[tuple[str, str]] = []
     for arm in arms:
         key = f"{arm.recipe_key}|{arm.student_key}"
+        checkpoint, trained_on = checkpoints.get((arm.student_key, arm.recipe_key), (None, None))
         wanted = [
-            ("sampled_subsets", arm.recipe_key, arm.recipe_key in have_subsets),
-            ("student_checkpoints", key, (arm.student_key, arm.recipe_key) in have_checkpoints),
-            *(("benchmark_scores", key, (arm.student_key, arm.recipe_key, b) in scored) for b in benchmarks),
+            ("sampled_subsets", arm.recipe_key, arm.recipe_key in subsets),
+            ("student_checkpoints", key, checkpoint is not None and trained_on == subsets.get(arm.recipe_key)),
+            *(("benchmark_scores", key, (arm.student_key, arm.recipe_key, b, checkpoint) in scored) for b in benchmarks),
         ]
         missing += [(asset, partition) for asset, partition, present in wanted if not present and (asset, partition) not in missing]
     return missing
@@ -301,4 +315,4 @@ def _difference(experiment, measure, student, benchmark, curated, control, kinds
                 "verdict": verdict(d.low, d.high, d.seeds) if finite else "not comparable",
                 "problem": None if finite else "no bootstrap replicate weighed both arms",
             }
-    return {**row, "verdict": "not comparable", "problem": problem}
+    return {**row, "verdict": "not comparable", "problem": problem, "sql": None}  # its query would compute what this row refuses

@@ -16,6 +16,8 @@ from pydantic import Field, field_validator
 
 from omnithought_dagster.settings_model import SOURCE_NAME_PATTERN, SettingsModel
 
+MAX_SEED = 2**32 - 1  # what torch's and numpy's seeding take
+
 
 class ExperimentConfig(SettingsModel):
     """Curated recipes against their controls, for these students, over these seeds, on these benchmarks."""
@@ -26,13 +28,13 @@ class ExperimentConfig(SettingsModel):
     seeds: list[int] = Field(
         default_factory=lambda: [0], min_length=1, description="training seeds (and a control's draw seed): one run of every arm per seed"
     )
-    benchmarks: list[str] | None = Field(default=None, description="default: evaluation.benchmarks")
+    benchmarks: list[str] | None = Field(default=None, min_length=1, description="default: evaluation.benchmarks")
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: list[int]) -> list[int]:
-        if any(s < 0 for s in value) or len(set(value)) != len(value):
-            raise ValueError("distinct seeds >= 0")
+        if any(not 0 <= s <= MAX_SEED for s in value) or len(set(value)) != len(value):
+            raise ValueError(f"distinct seeds from 0 to {MAX_SEED}")
         return value
 
     @field_validator("recipes", "students")

@@ -367,9 +367,9 @@ def backend_identity(config: LLMConfig, fingerprint: str | None) -> str:
     if config.name:
         return config.name
     if config.model.startswith(TINY_PREFIX):
-        from omnithought_dagster.models.tiny import TINY_MODELS
+        from omnithought_dagster.models.resolve import built_model
 
-        return f"{TINY_MODELS[config.model[len(TINY_PREFIX) :]].name}@{fingerprint[:8]}"
+        return f"{built_model(config.model).name}@{fingerprint[:8]}"
     return config.model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_serializer, model_validator
 
 from omnithought_dagster.settings_model import SOURCE_NAME_PATTERN, SettingsModel, resolve_path
 
@@ -80,7 +80,7 @@ class SyntheticSourceConfig(_SourceBase):
     start_index: int = Field(default=0, ge=0, description="first sample index (held-out benchmarks use a range of their own)")
     image_size: int = Field(default=320, ge=128, le=2048)
     families: list[str] | None = Field(default=None, description="task families to draw from; default all")
-    question_text: Literal["image_only", "with_content"] = Field(
+    question_text: Literal["image_only", "with_content"] = Field(  # dumped only when set: code versions stay as they were
         default="image_only",
         description=(
             "image_only: what a question is about is only in the image; with_content: the question also says it in text "
@@ -88,6 +88,13 @@ class SyntheticSourceConfig(_SourceBase):
             "worked solution - the sandbox's variant, where a small model can learn some families"
         ),
     )
+
+    @model_serializer(mode="wrap")
+    def _without_new_defaults(self, handler):
+        dumped = handler(self)
+        if isinstance(dumped, dict) and self.question_text == "image_only":  # what every code version hashed before it existed
+            dumped.pop("question_text", None)
+        return dumped
 
     @field_validator("families")
     @classmethod

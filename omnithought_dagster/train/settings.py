@@ -34,7 +34,7 @@ class StudentConfig(SettingsModel):
         ),
     )
 
-    seed: int | None = Field(default=None, ge=0, description="this student's training seed; default training.seed")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="this student's training seed; default training.seed")
     _replicate_of: str | None = PrivateAttr(default=None)  # set on the students an experiment adds for its other seeds
 
     @property
