@@ -78,7 +78,8 @@ def test_an_experiment_adds_a_replicate_for_each_seed_that_is_not_a_students_or_
     assert {(a.arm, a.seed): (a.student_key, a.recipe_key) for a in arms}[("curated", 0)] == ("tiny", "curated")
     only = experiment_selection(config, "balance")
     assert only(STUDENT_CHECKPOINTS_KEY, "shuffled-s1|tiny-s1") and not only(STUDENT_CHECKPOINTS_KEY, "curated|other")
-    assert only(FILTERED_SET_KEY, "synthetic") and not only(BENCHMARK_SCORES_KEY, "base|tiny")
+    assert only(FILTERED_SET_KEY, "synthetic") and only(BENCHMARK_SCORES_KEY, "base|tiny")  # the deltas' baseline
+    assert not only(BENCHMARK_SCORES_KEY, "base|other") and not only(BENCHMARK_SCORES_KEY, "base|tiny-s1")
     assert only(SAMPLED_SUBSETS_KEY, "unbalanced-s2") and not only(STUDENT_CHECKPOINTS_KEY, "unbalanced|tiny")  # tiny is seed 0
 
 

@@ -16,7 +16,7 @@ from omnithought_dagster.assets.curate import SAMPLED_SUBSETS_KEY
 from omnithought_dagster.assets.metadata import column_schema, markdown_cell, plot
 from omnithought_dagster.assets.scores import BENCHMARK_SCORES_KEY
 from omnithought_dagster.assets.student import STUDENT_BASELINES_KEY, STUDENT_CHECKPOINTS_KEY
-from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig
 from omnithought_dagster.experiment.run import NO_BENCHMARK, MissingArms, collect
 from omnithought_dagster.experiment.stats import REPLICATES
 from omnithought_dagster.ids import code_version
@@ -48,15 +48,16 @@ def experiment_settings(config: ProjectConfig) -> dict:
 
 def experiment_selection(config: ProjectConfig, name: str) -> Callable[[dg.AssetKey, str], bool]:
     """What one experiment needs, as `run_demo`'s `only`: every partition of the stages before the subsets, then its arms'
-    subsets, its students' baselines, the arms' checkpoints and scores (not the baselines' scores: no arm needs them), and
-    the experiment itself."""
+    subsets, its students' baselines, the arms' checkpoints, their scores and the baselines' (what the arms' deltas are
+    taken against; a replicate shares its student's), and the experiment itself."""
     arms = config.arms(name)
     keys = {str(dg.MultiPartitionKey({"student": a.student_key, "recipe": a.recipe_key})) for a in arms}
+    bases = {str(dg.MultiPartitionKey({"student": a.student, "recipe": BASELINE_RECIPE})) for a in arms}
     wanted = {
         SAMPLED_SUBSETS_KEY: {a.recipe_key for a in arms},
         STUDENT_BASELINES_KEY: {a.student for a in arms},
         STUDENT_CHECKPOINTS_KEY: keys,
-        BENCHMARK_SCORES_KEY: keys,
+        BENCHMARK_SCORES_KEY: keys | bases,
         EXPERIMENTS_KEY: {name},
     }
     return lambda key, partition: key not in wanted or partition in wanted[key]
