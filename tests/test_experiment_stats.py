@@ -104,3 +104,25 @@ def test_arms_on_different_items_or_with_a_missing_score_are_refused():
         paired_difference({("a", 0): 1.0}, {("b", 0): 1.0})
     with pytest.raises(ValueError, match=r"1 \(item, seed\) scores missing"):
         paired_difference({("a", 0): 1.0, ("b", 0): 0.0, ("a", 1): 1.0}, {("a", 0): 1.0, ("b", 0): 1.0})
+
+
+def test_an_arms_interval_is_its_bootstrap_and_the_sql_recomputes_it():
+    import duckdb
+
+    from omnithought_dagster.experiment.stats import arm_interval, arm_interval_sql
+
+    constant = {(f"i{i}", s): 0.5 for i in range(10) for s in range(2)}
+    flat = arm_interval(constant, arm="a", replicates=200)
+    assert (flat.estimate, flat.low, flat.high) == (0.5, 0.5, 0.5) and flat.seeds == (2, 0)
+    scores = {(f"i{i}", s): float((i + s) % 3 == 0) for i in range(30) for s in range(3)}
+    got = arm_interval(scores, arm="a", replicates=300)
+    assert got.low < got.estimate < got.high and got.items == 30
+    con = duckdb.connect()
+    con.execute(
+        "CREATE TABLE t AS SELECT * FROM (VALUES "
+        + ", ".join(f"('a', {s}, '{i}', {v})" for (i, s), v in scores.items())
+        + ") v(arm, seed, item, score)"
+    )
+    assert con.execute(arm_interval_sql("t", "a", replicates=300)).fetchone() == pytest.approx(
+        (got.estimate, got.low, got.high, got.replicates)
+    )

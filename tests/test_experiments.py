@@ -216,9 +216,16 @@ def test_an_experiments_numbers_are_recomputed_by_plain_duckdb_sql_over_the_stor
     for table in ("experiment_items", "experiment_arms", "experiment_results"):
         store.write_partition(table, {"experiment": "balance"}, getattr(got, table.removeprefix("experiment_")))
     con = store.catalog()
-    for r in (r for r in rows if r["row"] == "difference" and r["low"] is not None):
+    recomputed = [r for r in rows if r["sql"] is not None]
+    assert {(r["row"], r["slice"] != "all") for r in recomputed} == {("difference", False), ("arm", False), ("arm", True)}
+    for r in recomputed:  # every difference, and every arm's score overall and per tag
         estimate, low, high, used = con.execute(r["sql"]).fetchone()
-        assert (estimate, low, high, used) == pytest.approx((r["estimate"], r["low"], r["high"], r["replicates"])), r["measure"]
+        assert (estimate, low, high, used) == pytest.approx((r["estimate"], r["low"], r["high"], r["replicates"])), (
+            r["measure"],
+            r["slice"],
+        )
+    curated = arm[("score", "curated", "all")]
+    assert curated["low"] < curated["estimate"] < curated["high"] and curated["replicates"] > 300
     # and an arm's score is a plain mean over the stored item rows
     (mean,) = con.execute(
         "SELECT avg(s) FROM (SELECT seed, avg(score) AS s FROM experiment_items WHERE arm = 'unbalanced' GROUP BY seed)"
@@ -268,7 +275,7 @@ def test_the_experiments_asset_writes_its_rows_and_its_checks_pass(materialised)
     assert {name: e.passed for name, e in check_evaluations(result).items()} == dict.fromkeys(CHECKS, True)
     meta = materializations(result)["experiments"]
     assert meta["arms"] == 9 and meta["differences"] == 2 and meta["not_comparable"] == 0
-    assert "plot/differences" in meta and "curated vs shuffled (random)" in meta["results"]
+    assert "plot/differences" in meta and "plot/arms" in meta and "curated vs shuffled (random)" in meta["results"]
     assert store.read_partition("experiment_items", {"experiment": "balance"}).num_rows == 270
 
 

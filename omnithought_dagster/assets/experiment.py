@@ -106,6 +106,9 @@ def build_experiment_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         }
         if any(r["low"] is not None for r in differences):
             metadata["plot/differences"] = plot(lambda ax: forest(ax, differences), f"{name}: curated arm minus control, 95% interval")
+        scored = [r for r in results if r["row"] == "arm" and r["measure"] == "score" and r["slice"] == "all" and r["low"] is not None]
+        if scored:
+            metadata["plot/arms"] = plot(lambda ax: arm_bars(ax, scored), f"{name}: each arm's score over its seeds, 95% interval")
         return dg.MaterializeResult(metadata=metadata)
 
     return [experiments]
@@ -142,6 +145,18 @@ def forest(ax, differences: list[dict]) -> None:
     ax.axvline(0, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(shown)), labels)
     ax.set_xlabel("score difference (curated arm minus control)")
+    ax.invert_yaxis()
+
+
+def arm_bars(ax, arms: list[dict]) -> None:
+    """One line per arm (student / benchmark / arm): its score and interval."""
+    labels = [f"{r['student']} / {r['benchmark']}: {r['arm']} ({r['kind']}, {r['seeds']} seeds)" for r in arms]
+    for y, r in enumerate(arms):
+        color = "tab:green" if r["kind"] == "curated" else "tab:grey"
+        ax.plot([r["low"], r["high"]], [y, y], color=color, linewidth=2)
+        ax.plot([r["estimate"]], [y], "o", color=color)
+    ax.set_yticks(range(len(arms)), labels)
+    ax.set_xlabel("score")
     ax.invert_yaxis()
 
 

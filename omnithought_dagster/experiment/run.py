@@ -14,7 +14,15 @@ from dataclasses import astuple, dataclass, fields
 import pyarrow as pa
 
 from omnithought_dagster.experiment.settings import Arm
-from omnithought_dagster.experiment.stats import LEVEL, REPLICATES, interval_sql, literal, paired_difference
+from omnithought_dagster.experiment.stats import (
+    LEVEL,
+    REPLICATES,
+    arm_interval,
+    arm_interval_sql,
+    interval_sql,
+    literal,
+    paired_difference,
+)
 from omnithought_dagster.store import CorpusStore, table_spec
 
 COSTS = ("training_tokens", "teacher_tokens", "correct_share", "subset_size")  # experiment_arms' measures, one value per seed
@@ -206,10 +214,14 @@ def results_rows(
                 for tag in [None, *tags]:
                     got = scores.get((student, benchmark, name, tag))
                     if got:
+                        row = _arm_row(
+                            experiment, "score", student, benchmark, "all" if tag is None else f"tag:{tag}", curated, name, kinds, got
+                        )
                         rows.append(
-                            _arm_row(
-                                experiment, "score", student, benchmark, "all" if tag is None else f"tag:{tag}", curated, name, kinds, got
-                            )
+                            {
+                                **row,
+                                **_arm_interval(got, name, item_rows_sql(experiment, student, benchmark, (name, name), tag), replicates),
+                            }
                         )
             for measure in COSTS:
                 got = costs.get((student, name, measure))
@@ -277,6 +289,23 @@ def _arm_row(experiment, measure, student, benchmark, slice_, curated, arm, kind
         items=len({item for item, _ in got}),
         seeds=len(by_seed),
     )
+
+
+def _arm_interval(got: dict, arm: str, rows_sql: str, replicates: int) -> dict:
+    """An arm's score interval (`stats.arm_interval`) and the query that recomputes it; none when an item lacks a seed."""
+    try:
+        interval = arm_interval(got, arm=arm, replicates=replicates)
+    except ValueError as exc:
+        return {"problem": str(exc)}
+    if not (math.isfinite(interval.low) and math.isfinite(interval.high)):
+        return {"problem": "no bootstrap replicate weighed the arm"}
+    return {
+        "low": interval.low,
+        "high": interval.high,
+        "level": interval.level,
+        "replicates": interval.replicates,
+        "sql": arm_interval_sql(rows_sql, arm, replicates=replicates),
+    }
 
 
 def _difference(experiment, measure, student, benchmark, curated, control, kinds, first, second, problem, sql, replicates) -> dict:

@@ -87,6 +87,22 @@ def paired_difference(
     return Interval(float(a.mean() - b.mean()), float(low), float(high), level, int(used.sum()), len(items), (len(seeds_a), len(seeds_b)))
 
 
+def arm_interval(
+    scores: Mapping[tuple[str, int], float], *, arm: str = "arm", replicates: int = REPLICATES, level: float = LEVEL
+) -> Interval:
+    """One arm's score (mean over its seeds of the mean over the items) with its percentile interval, from the same
+    weights as `paired_difference` (items keyed "<r>:item:<i>", seeds "<r>:seed:<arm>:<s>"); `seeds` is (its seeds, 0)."""
+    if not scores:
+        raise ValueError("an arm without scores")
+    items = sorted({item for item, _ in scores})
+    matrix, seeds = _matrix(scores, items)
+    means, used = _weighted_means(
+        matrix, _weights(replicates, tuple(f"item:{item}" for item in items)), _seed_weights(replicates, arm, seeds)
+    )
+    low, high = np.quantile(means[used], [(1 - level) / 2, 1 - (1 - level) / 2]) if used.any() else (math.nan, math.nan)
+    return Interval(float(matrix.mean()), float(low), float(high), level, int(used.sum()), len(items), (len(seeds), 0))
+
+
 def _seed_weights(replicates: int, arm: str, seeds: list[int]) -> np.ndarray:
     if len(seeds) == 1:
         return np.ones((replicates, 1))
@@ -115,6 +131,41 @@ def literal(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def arm_interval_sql(table: str, arm: str, replicates: int = REPLICATES, level: float = LEVEL) -> str:
+    """The DuckDB query that recomputes `arm_interval` from `table`(arm, seed, item, score): one row (estimate, low, high,
+    replicates), under `interval_sql`'s assumptions."""
+    low, high = (1 - level) / 2, 1 - (1 - level) / 2
+    return f"""
+WITH {_means_sql(table, f"({literal(arm)})", replicates)}
+SELECT (SELECT avg(score) FROM scores) AS estimate, quantile_cont(mean, {low!r}) AS low, quantile_cont(mean, {high!r}) AS high,
+       count(*) AS replicates
+FROM arm_means
+"""
+
+
+def _weight_sql(key: str) -> str:
+    u = f"('0x' || md5({key})[1:{HEX_DIGITS}])::UBIGINT / {16**HEX_DIGITS}.0"
+    return " + ".join(f"({u} >= {p!r})::INT" for p in POISSON_CDF)
+
+
+def _means_sql(table: str, arms: str, replicates: int) -> str:
+    """The CTEs both queries share: the arms' rows, the replicates' item and seed weights, each arm's weighted mean."""
+    return f"""scores AS (SELECT arm, seed, item, score::DOUBLE AS score FROM {table} WHERE arm IN {arms}),
+replicates AS (SELECT range AS r FROM range({replicates})),
+item_weights AS (
+    SELECT r, item, {_weight_sql("r::VARCHAR || ':item:' || item")} AS w FROM replicates, (SELECT DISTINCT item FROM scores)
+),
+seed_weights AS (
+    SELECT r, arm, seed, CASE WHEN seeds = 1 THEN 1 ELSE {_weight_sql("r::VARCHAR || ':seed:' || arm || ':' || seed::VARCHAR")} END AS v
+    FROM replicates, (SELECT DISTINCT arm, seed, count(DISTINCT seed) OVER (PARTITION BY arm) AS seeds FROM scores)
+),
+arm_means AS (
+    SELECT r, arm, sum(w * v * score) / sum(w * v) AS mean
+    FROM scores JOIN item_weights USING (item) JOIN seed_weights USING (r, arm, seed)
+    GROUP BY r, arm HAVING sum(w * v) > 0
+)"""
+
+
 def interval_sql(table: str, first: str, second: str, replicates: int = REPLICATES, level: float = LEVEL) -> str:
     """The DuckDB query that recomputes `paired_difference` from `table`(arm, seed, item, score) - a table's name or a
     parenthesised query, written in as given - as one row (estimate, low, high, replicates). Like `paired_difference` it
@@ -122,27 +173,10 @@ def interval_sql(table: str, first: str, second: str, replicates: int = REPLICAT
     if first == second:
         raise ValueError(f"two arms named {first!r}: the arms' names must differ")
 
-    def weight(key: str) -> str:
-        u = f"('0x' || md5({key})[1:{HEX_DIGITS}])::UBIGINT / {16**HEX_DIGITS}.0"
-        return " + ".join(f"({u} >= {p!r})::INT" for p in POISSON_CDF)
-
     arms = f"({literal(first)}, {literal(second)})"
     low, high = (1 - level) / 2, 1 - (1 - level) / 2
     return f"""
-WITH scores AS (SELECT arm, seed, item, score::DOUBLE AS score FROM {table} WHERE arm IN {arms}),
-replicates AS (SELECT range AS r FROM range({replicates})),
-item_weights AS (
-    SELECT r, item, {weight("r::VARCHAR || ':item:' || item")} AS w FROM replicates, (SELECT DISTINCT item FROM scores)
-),
-seed_weights AS (
-    SELECT r, arm, seed, CASE WHEN seeds = 1 THEN 1 ELSE {weight("r::VARCHAR || ':seed:' || arm || ':' || seed::VARCHAR")} END AS v
-    FROM replicates, (SELECT DISTINCT arm, seed, count(DISTINCT seed) OVER (PARTITION BY arm) AS seeds FROM scores)
-),
-arm_means AS (
-    SELECT r, arm, sum(w * v * score) / sum(w * v) AS mean
-    FROM scores JOIN item_weights USING (item) JOIN seed_weights USING (r, arm, seed)
-    GROUP BY r, arm HAVING sum(w * v) > 0
-),
+WITH {_means_sql(table, arms, replicates)},
 differences AS (
     SELECT f.mean - s.mean AS difference FROM arm_means f JOIN arm_means s USING (r)
     WHERE f.arm = {literal(first)} AND s.arm = {literal(second)}

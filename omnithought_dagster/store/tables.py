@@ -380,8 +380,8 @@ EXPERIMENT_RESULTS = TableSpec(
         Column("control", pa.string(), "the control a difference is taken to; `-` on an arm row", False),
         Column("kind", pa.string(), "the arm's kind (an arm row) or the control's (a difference row)", False),
         Column("estimate", pa.float64(), "the arm's mean over seeds of its mean over items, or the difference of two such means"),
-        Column("low", pa.float64(), "the interval's lower end (difference rows)"),
-        Column("high", pa.float64(), "the interval's upper end (difference rows)"),
+        Column("low", pa.float64(), "the interval's lower end (difference rows, and an arm's score)"),
+        Column("high", pa.float64(), "the interval's upper end (difference rows, and an arm's score)"),
         Column("level", pa.float64(), "the interval's level"),
         Column("replicates", pa.int64(), "bootstrap replicates that weighed both arms"),
         Column("items", pa.int64(), "items the value is over (1 for a cost: one value per seed)"),
@@ -396,7 +396,9 @@ EXPERIMENT_RESULTS = TableSpec(
             ),
         ),
         Column("problem", pa.string(), "why the arms are not comparable (null when they are)"),
-        Column("sql", pa.string(), "the DuckDB query over experiment_items / experiment_arms that recomputes the row's interval"),
+        Column(
+            "sql", pa.string(), "the DuckDB query over experiment_items / experiment_arms that recomputes the row's estimate and interval"
+        ),
     ),
 )
 
