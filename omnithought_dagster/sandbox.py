@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from omnithought_dagster.models.sandbox import SANDBOX_BASE, SandboxRecipe, is_built, training_records
-from omnithought_dagster.models.tiny import MANIFEST, build_tiny_model
+from omnithought_dagster.models.tiny import MANIFEST, build_tiny_model, swap_into_place
 from omnithought_dagster.processes import guarded
 from omnithought_dagster.train.launch import launcher_command, training_spec
 from omnithought_dagster.train.settings import TrainingConfig
@@ -65,9 +65,7 @@ def build_sandbox_teacher(recipe: SandboxRecipe, folder: str | Path, say: Callab
             if (base / name).exists() and not (out / name).exists():
                 shutil.copy(base / name, out / name)
         (out / MANIFEST).write_text(json.dumps({"recipe": asdict(recipe), "fingerprint": recipe.fingerprint}, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        out.rename(folder)
+        swap_into_place(out, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from omnithought_dagster.ids import content_id
-from omnithought_dagster.models.tiny import MANIFEST, TinySpec
+from omnithought_dagster.models.tiny import TinySpec, manifest_matches
 
 BUILDER_VERSION = 1
 SANDBOX_BASE = TinySpec(
@@ -85,10 +85,7 @@ def training_records(recipe: SandboxRecipe, images: Path) -> list[dict]:
 
 
 def is_built(recipe: SandboxRecipe, folder: str | Path) -> bool:
-    try:
-        return json.loads((Path(folder) / MANIFEST).read_text())["fingerprint"] == recipe.fingerprint
-    except (OSError, ValueError, KeyError):
-        return False
+    return manifest_matches(folder, recipe.fingerprint)
 
 
 class SandboxTeacherMissing(FileNotFoundError):

@@ -97,20 +97,29 @@ def build_tiny_model(spec: TinySpec, folder: str | Path) -> Path:
     try:
         _build(spec, staging)
         (staging / MANIFEST).write_text(json.dumps({"spec": asdict(spec), "fingerprint": spec.fingerprint}, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+        swap_into_place(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
 def is_built(spec: TinySpec, folder: str | Path) -> bool:
-    manifest = Path(folder) / MANIFEST
+    return manifest_matches(folder, spec.fingerprint)
+
+
+def manifest_matches(folder: str | Path, fingerprint: str) -> bool:
+    """A built model's folder whose manifest names this fingerprint (a missing or unreadable one does not)."""
     try:
-        return json.loads(manifest.read_text())["fingerprint"] == spec.fingerprint
+        return json.loads((Path(folder) / MANIFEST).read_text())["fingerprint"] == fingerprint
     except (OSError, ValueError, KeyError):
         return False
+
+
+def swap_into_place(built: Path, folder: Path) -> None:
+    """A finished build replaces what `folder` held (a reader finds the old model or the new one, never half of one)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    built.rename(folder)
 
 
 def _build(spec: TinySpec, out: Path) -> None:
