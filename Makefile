@@ -39,7 +39,7 @@ PYTEST_ARGS ?=
 IMAGE ?= omnithought-dagster:latest
 GPU_IMAGE ?= omnithought-dagster-gpu:latest
 
-.PHONY: env envs vllm-env lmms-env browser demo sandbox test test-fast lint check-defs ui bench lock doctor image image-gpu clean gpu-check gpu-wheels
+.PHONY: env envs vllm-env lmms-env browser demo sandbox teachers test test-fast lint check-defs ui bench lock doctor image image-gpu clean gpu-check gpu-wheels
 
 env: envs $(DAGSTER_HOME)/dagster.yaml browser
 
@@ -143,6 +143,12 @@ sandbox: env
 	$(BIN)/omnithought sandbox-teacher --config examples/sandbox/omnithought.yaml
 	DAGSTER_HOME=$(CURDIR)/.dagster-sandbox $(BIN)/omnithought experiment run sandbox --config examples/sandbox/omnithought.yaml
 
+# Two teachers side by side (README "Which teacher?"): both generate, each judges the other's traces, the report and the
+# cost ledger compare them; its own store and Dagster instance. ~4 min.
+teachers: env
+	DAGSTER_HOME=$(CURDIR)/.dagster-teachers $(BIN)/omnithought demo --config examples/teachers/omnithought.yaml
+	$(BIN)/omnithought teachers --config examples/teachers/omnithought.yaml
+
 # The first gates (seconds): the code location loads (`dg check defs`), ruff is clean; then the whole suite.
 test: env check-defs lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -189,4 +195,4 @@ image-gpu:
 	docker build -f deploy/docker/Dockerfile.gpu -t $(GPU_IMAGE) .
 
 clean:
-	rm -rf .omnithought .dagster .omnithought-sandbox .dagster-sandbox .cache
+	rm -rf .omnithought .dagster .omnithought-sandbox .dagster-sandbox .omnithought-teachers .dagster-teachers .cache

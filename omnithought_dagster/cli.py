@@ -138,7 +138,8 @@ def _score_table(store) -> Table | None:
 
 @app.command()
 def stats(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> None:
-    """Row counts per table and partition, and quarantine reasons per source."""
+    """Row counts per table and partition, quarantine reasons per source, and the cost ledger summed per stage and model."""
+    from omnithought_dagster.ledger.ledger import ledger_summary
     from omnithought_dagster.store import TABLES
 
     store = _store(_config(config))
@@ -151,6 +152,7 @@ def stats(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> Non
         report["tables"][name] = {"rows": sum(partitions.values()), "partitions": partitions}
     for source, reason, n in con.execute("SELECT source, reason, count(*) FROM quarantine GROUP BY ALL ORDER BY 1, 3 DESC, 2").fetchall():
         report["quarantine_reasons"].setdefault(source, {})[reason] = n
+    report["costs"] = ledger_summary(con)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -171,6 +173,17 @@ def stats(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> Non
             for reason, n in by_reason.items():
                 reasons.add_row(source, reason, str(n))
         console.print(reasons)
+    if report["costs"]:
+        costs = Table(title="cost ledger (summed over partitions; cost empty where a model has no price)")
+        columns = ("stage", "role", "model", "requests_ok", "requests_failed", "retries", "prompt_tokens", "completion_tokens")
+        columns += ("engine_seconds", "gpu_seconds", "cost")
+        for column in columns:
+            costs.add_column(column.replace("_", " "), justify="left" if column in ("stage", "role", "model") else "right")
+        for row in report["costs"]:
+            cells = [escape(str(row[c])) for c in columns[:3]] + [str(row[c]) for c in columns[3:-1]]
+            cells.append(f"{row['cost']:.6f} {row['currency']}" if row["cost"] is not None else "-")
+            costs.add_row(*cells)
+        console.print(costs)
 
 
 @app.command()
@@ -462,6 +475,62 @@ def experiment_report(
             if c.difference is not None:
                 console.print(f"-- {c.recipe} vs {c.control}, {c.student}, {c.benchmark}", markup=False)
                 console.print(c.sql(), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def teachers(
+    config: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+    by: str = typer.Option("all", "--by", help="all | difficulty | tag: the slices shown beside each teacher's overall row"),
+    source: list[str] | None = typer.Option(None, "--source", help="only these sources (repeatable); default every source"),
+    sql: bool = typer.Option(False, "--sql", help="also print the DuckDB query the numbers come from (`omnithought query` runs it)"),
+) -> None:
+    """Every teacher side by side from the stored rows: accuracy against the reference, pass rate, the judge's quality and
+    verbosity, kept share and drop reasons, tokens, latency, and cost per 1,000 kept traces (the cost ledger)."""
+    from omnithought_dagster.teacher.report import TEACHER_REPORT_SQL, teacher_report
+
+    if by not in ("all", "difficulty", "tag"):
+        err.print(f"--by: {by!r} is not one of all, difficulty, tag")
+        raise typer.Exit(2)
+    cfg = _config(config)
+    report = teacher_report(_store(cfg).catalog(), source or None)
+    if not report.rows:
+        err.print("no traces stored yet: materialise cot_traces first (`omnithought demo`)")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps({"rows": report.rows, "drop_reasons": report.drop_reasons}, indent=2, default=str))
+        return
+    shown = [r for r in report.rows if r["slice_kind"] == "all" or r["slice_kind"] == by]
+    table = Table(title="teachers side by side" + (f" (sources: {', '.join(source)})" if source else ""))
+    numbers = ("traces", "accuracy", "pass rate", "quality", "verbosity", "kept", "tokens/trace", "latency s", "cost / 1k kept")
+    for column in ("teacher", "slice", *numbers, "judged by"):
+        table.add_column(column, justify="right" if column in numbers else "left")
+    for r in shown:
+        cost = r["cost_per_1000_kept"]
+        table.add_row(
+            escape(r["teacher"]),
+            escape(r["slice"] if r["slice_kind"] == "all" else f"{r['slice_kind']} {r['slice']}"),
+            str(r["traces"]),
+            _share(r["accuracy"]),
+            _share(r["pass_rate"]),
+            _share(r["judge_quality"]),
+            _share(r["judge_verbosity"]),
+            f"{r['kept']} ({_share(r['kept_share'])})",
+            _share(r["tokens_per_trace"]),
+            _share(r["latency_s"]),
+            f"{cost:.4f} {r['currency']}" if cost is not None else ("unpriced" if r["slice_kind"] == "all" else ""),
+            escape(r["judged_by"] or ""),
+        )
+    console.print(table)
+    for teacher, reasons in report.drop_reasons.items():
+        top = ", ".join(f"{code} {n}" for code, n in list(reasons.items())[:6])
+        console.print(f"{teacher} dropped: {top}", markup=False)
+    if sql:
+        console.print(TEACHER_REPORT_SQL, markup=False, highlight=False, soft_wrap=True)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else _number(value)
 
 
 @app.command()

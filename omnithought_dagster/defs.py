@@ -39,6 +39,10 @@ warnings.filterwarnings(
 )
 
 
+def _llm_resource(env: str | None) -> LLMResource:
+    return LLMResource(api_key=dg.EnvVar(env), api_key_env=env) if env else LLMResource()
+
+
 def build_definitions(config: ProjectConfig) -> dg.Definitions:
     if config.config_path is None:
         raise ValueError("build_definitions needs a config loaded from a file (load_config), so runs can reload it")
@@ -49,8 +53,9 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
             "project": ProjectResource(config_path=config.config_path),
             "store": _store_resource(config),
             # The key is read from the environment of the step, never from the project file.
-            "teacher": LLMResource(api_key=dg.EnvVar(config.teacher.api_key_env)) if config.teacher.api_key_env else LLMResource(),
-            "judge": LLMResource(api_key=dg.EnvVar(judge_key)) if judge_key else LLMResource(),
+            # Other teachers and judges that name their own env var read it in the step (LLMResource.key_for).
+            "teacher": _llm_resource(config.teacher.api_key_env),
+            "judge": _llm_resource(judge_key),
             # Training and evaluation run as their own processes, reporting back through Pipes.
             "pipes_subprocess_client": dg.PipesSubprocessClient(),
         }

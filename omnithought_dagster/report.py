@@ -15,8 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from omnithought_dagster.ledger.ledger import ledger_summary
 from omnithought_dagster.plots import bar, barh, curves, histogram, png_base64
 from omnithought_dagster.store import CorpusStore
+from omnithought_dagster.teacher.report import teacher_report
 
 TOP_TAGS = 15
 
@@ -97,6 +99,94 @@ def write_report(store: CorpusStore, out: str | Path, *, title: str = "omnithoug
     if drops:
         body.append(figure(lambda ax: barh(ax, drops, "traces"), "drop reasons (a trace can have several)"))
     section("Filtered set", body or ["<p>empty: materialise filtered_set</p>"])
+
+    # Teachers side by side, and the cost ledger
+    teachers = teacher_report(con)
+    body = []
+    if teachers.rows:
+        body.append(
+            _table(
+                [
+                    "teacher",
+                    "traces",
+                    "accuracy",
+                    "pass rate",
+                    "judge quality",
+                    "verbosity",
+                    "kept",
+                    "kept share",
+                    "tokens/trace",
+                    "latency s",
+                    "cost / 1000 kept",
+                    "judged by",
+                ],
+                [
+                    (
+                        r["teacher"],
+                        r["traces"],
+                        r["accuracy"],
+                        r["pass_rate"],
+                        r["judge_quality"],
+                        r["judge_verbosity"],
+                        r["kept"],
+                        r["kept_share"],
+                        r["tokens_per_trace"],
+                        r["latency_s"],
+                        r["cost_per_1000_kept"],
+                        r["judged_by"],
+                    )
+                    for r in teachers.overall
+                ],
+            )
+        )
+        by_label = [(f"{r['teacher']} {r['slice']}", r["accuracy"] or 0.0) for r in teachers.rows if r["slice_kind"] == "difficulty"]
+        if len(teachers.overall) > 1 and by_label:
+            body.append(figure(lambda ax: barh(ax, by_label, "accuracy"), "accuracy against the reference, by teacher and difficulty"))
+        reasons = [(t, code, n) for t, codes in teachers.drop_reasons.items() for code, n in codes.items()]
+        if reasons:
+            body.append(_table(["teacher", "drop reason", "traces"], reasons))
+    section("Teachers", body or ["<p>empty: materialise cot_traces</p>"])
+    costs = ledger_summary(con)
+    section(
+        "Costs",
+        [
+            _table(
+                [
+                    "stage",
+                    "role",
+                    "model",
+                    "requests ok",
+                    "failed",
+                    "retries",
+                    "prompt tokens",
+                    "completion tokens",
+                    "engine s",
+                    "GPU s",
+                    "cost",
+                    "unpriced partitions",
+                ],
+                [
+                    (
+                        c["stage"],
+                        c["role"],
+                        c["model"],
+                        c["requests_ok"],
+                        c["requests_failed"],
+                        c["retries"],
+                        c["prompt_tokens"],
+                        c["completion_tokens"],
+                        c["engine_seconds"],
+                        c["gpu_seconds"],
+                        None if c["cost"] is None else f"{c['cost']:.6f} {c['currency']}",
+                        c["unpriced_partitions"],
+                    )
+                    for c in costs
+                ],
+            )
+        ]
+        if costs
+        else ["<p>no ledger yet: materialise a model stage</p>"],
+    )
 
     # Subsets
     subsets = rows(

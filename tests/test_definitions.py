@@ -131,7 +131,8 @@ def test_definitions_snapshot_from_the_demo_config():
 def test_teacher_step_is_a_gpu_step(project):
     """cot_traces runs in the `gpu` pool and asks Kubernetes for the GPUs of its vLLM server."""
     config = project([{"name": "s", "kind": "synthetic"}])
-    config = config.model_copy(update={"teacher": config.teacher.model_copy(update={"tensor_parallel_size": 2, "data_parallel_size": 2})})
+    wide = config.teacher.model_copy(update={"tensor_parallel_size": 2, "data_parallel_size": 2})
+    config = config.model_copy(update={"teacher": wide, "teachers": [wide]})
     node = build_definitions(config).resolve_asset_graph().get(dg.AssetKey("cot_traces"))
     op = node.assets_def.op
     assert op.pool == "gpu"

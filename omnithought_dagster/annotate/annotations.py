@@ -20,21 +20,22 @@ from omnithought_dagster.annotate.taxonomy import Taxonomy
 from omnithought_dagster.curation.verify import Tolerance, verify
 from omnithought_dagster.ids import content_id
 from omnithought_dagster.llm.backends import ChatRequest, image_data_url
-from omnithought_dagster.llm.runner import CacheView, PendingRequest, RunStats, run_cached
+from omnithought_dagster.llm.runner import CacheView, PendingRequest, RunResult, RunStats, run_cached
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.store.tables import ANNOTATIONS
 from omnithought_dagster.teacher.traces import BackendPlan
 
 ANNOTATION_CACHE = "annotation"
-TRACE_COLUMNS = ["trace_id", "sample_id", "rollout", "final_answer", "reasoning", "finish_reason", "n_tokens", "text"]
+TRACE_COLUMNS = ["trace_id", "sample_id", "teacher", "rollout", "final_answer", "reasoning", "finish_reason", "n_tokens", "text"]
 SAMPLE_COLUMNS = ["sample_id", "image_ids", "question", "answer", "answer_type", "choices", "source_tags", "source_difficulty"]
 
 
 @dataclass
 class AnnotateResult:
     rows: pa.Table
-    stats: RunStats
+    stats: RunStats  # every judge's run added up
     samples: dict[str, dict] = field(default_factory=dict)
+    runs: list[tuple[BackendPlan, RunResult, list[str]]] = field(default_factory=list)  # per judge: its run and the teachers it judged
 
 
 def annotation_id(trace: str, annotator: str, prompt: JudgePrompt, taxonomy: Taxonomy, settings: AnnotationConfig, schema: bool) -> str:
@@ -62,50 +63,70 @@ def annotate_shard(
     store: CorpusStore,
     source: str,
     shard: str,
-    plan: BackendPlan,
+    plan: BackendPlan | Callable[[str], BackendPlan],
     prompt: JudgePrompt,
     settings: AnnotationConfig,
     taxonomy: Taxonomy,
     *,
     progress: Callable[[RunStats], None] | None = None,
+    run_label: str | None = None,
+    traces: list[dict] | None = None,
 ) -> AnnotateResult:
-    """Annotate every trace of the (source, shard) partition."""
+    """Annotate every trace of the (source, shard) partition. `plan` is the judge, or a function from a trace's teacher to
+    its judge (several teachers: each judged by another); each judge's requests go through the cache, one judge after the
+    other. `traces` (rows with TRACE_COLUMNS) stand in for the partition's stored traces (a cost estimate's sample)."""
     partition = {"source": source, "shard": shard}
-    traces = store.read_partition("cot_traces", partition, TRACE_COLUMNS)
     if traces is None:
-        raise LookupError(f"cot_traces[{source}/{shard}] is not materialised")
+        stored = store.read_partition("cot_traces", partition, TRACE_COLUMNS)
+        if stored is None:
+            raise LookupError(f"cot_traces[{source}/{shard}] is not materialised")
+        traces = stored.to_pylist()
     seed = store.read_partition("seed_pool", source, SAMPLE_COLUMNS)
     if seed is None:
         raise LookupError(f"seed_pool[{source}] is not materialised")
     samples = {row["sample_id"]: row for row in seed.to_pylist()}
-    traces = sorted(traces.to_pylist(), key=lambda t: (t["sample_id"], t["rollout"]))
+    traces = sorted(traces, key=lambda t: (t["sample_id"], t["teacher"], t["rollout"]))
     missing = {t["sample_id"] for t in traces} - set(samples)
     if missing:
         raise LookupError(f"{len(missing)} traces name samples seed_pool[{source}] does not have (e.g. {sorted(missing)[0]})")
 
-    schema = judge_schema(taxonomy, settings) if plan.structured_output else None
-    ids = {t["trace_id"]: annotation_id(t["trace_id"], plan.identity, prompt, taxonomy, settings, schema is not None) for t in traces}
-    pending = [
-        PendingRequest(
-            ids[t["trace_id"]], _request_builder(store, ids[t["trace_id"]], t, samples[t["sample_id"]], prompt, settings, taxonomy, schema)
-        )
-        for t in traces
-        if t["finish_reason"] != "error" and t["text"]
-    ]
+    judge_of = plan if callable(plan) and not isinstance(plan, BackendPlan) else (lambda _teacher, judge=plan: judge)
+    judges: dict[str, BackendPlan] = {}  # judge identity -> its plan, in the order traces first need it
+    judged_teachers: dict[str, list[str]] = {}
+    judge_by_teacher = {}
+    for teacher in dict.fromkeys(t["teacher"] for t in traces):
+        judge = judge_of(teacher)
+        judge_by_teacher[teacher] = judges.setdefault(judge.identity, judge)
+        judged_teachers.setdefault(judge.identity, []).append(teacher)
+    ids, schemas = {}, {}
+    for t in traces:
+        judge = judge_by_teacher[t["teacher"]]
+        schema = schemas.setdefault(judge.identity, judge_schema(taxonomy, settings) if judge.structured_output else None)
+        ids[t["trace_id"]] = annotation_id(t["trace_id"], judge.identity, prompt, taxonomy, settings, schema is not None)
     cache = store.cache(ANNOTATION_CACHE)
-    result = run_cached(
-        pending,
-        plan.open,
-        CacheView(load=lambda: cache.load(partition), append=lambda batch: cache.append(partition, batch)),
-        flush_every=settings.flush_every,
-        progress=progress,
-    )
+    view = CacheView(load=lambda: cache.load(partition), append=lambda batch: cache.append(partition, batch))
+    runs: list[tuple[BackendPlan, RunResult, list[str]]] = []
+    completions = {}
+    total = RunStats()
+    for identity, judge in judges.items():
+        pending = [
+            PendingRequest(
+                ids[t["trace_id"]],
+                _request_builder(store, ids[t["trace_id"]], t, samples[t["sample_id"]], prompt, settings, taxonomy, schemas[identity]),
+            )
+            for t in traces
+            if judge_by_teacher[t["teacher"]].identity == identity and t["finish_reason"] != "error" and t["text"]
+        ]
+        run = run_cached(pending, judge.open, view, flush_every=settings.flush_every, progress=progress, run_label=run_label)
+        runs.append((judge, run, judged_teachers[identity]))
+        completions.update(run.completions)
+        total.add(run.stats)
 
     tolerance = Tolerance(settings.numeric_rel_tol, settings.numeric_abs_tol)
     rows = []
     for trace in traces:
         sample = samples[trace["sample_id"]]
-        completion = result.completions.get(ids[trace["trace_id"]])
+        completion = completions.get(ids[trace["trace_id"]])
         judgement, error = _judgement(completion, taxonomy, settings)
         verdict = verify(trace["final_answer"], sample["answer"], sample["answer_type"], sample["choices"], tolerance)
         correct, method = verdict.correct, verdict.method
@@ -121,7 +142,7 @@ def annotate_shard(
                 "sample_id": trace["sample_id"],
                 "source": source,
                 "shard": shard,
-                "annotator": plan.identity,
+                "annotator": judge_by_teacher[trace["teacher"]].identity,
                 "prompt_version": prompt.version,
                 "taxonomy_version": taxonomy.version,
                 "correct": correct,
@@ -140,7 +161,7 @@ def annotate_shard(
             }
         )
     _per_sample(rows, settings)
-    return AnnotateResult(pa.Table.from_pylist(rows, schema=ANNOTATIONS.schema), result.stats, samples)
+    return AnnotateResult(pa.Table.from_pylist(rows, schema=ANNOTATIONS.schema), total, samples, runs)
 
 
 def pass_rates(rows: list[dict]) -> dict[str, tuple[float, int]]:

@@ -1,5 +1,6 @@
 """annotations: the joint annotation of every trace, partitioned like cot_traces."""
 
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -9,13 +10,15 @@ from omnithought_dagster.annotate.annotations import ANNOTATION_CACHE, annotate_
 from omnithought_dagster.annotate.judge import judge_prompt
 from omnithought_dagster.annotate.taxonomy import Taxonomy
 from omnithought_dagster.assets.metadata import bar_plot, counts, preview
-from omnithought_dagster.assets.teacher import COT_TRACES_KEY, one_run, shard_asset
+from omnithought_dagster.assets.teacher import COT_TRACES_KEY, one_run, shard_asset, teacher_identities, widest
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.ids import code_version, version_of
+from omnithought_dagster.ledger.ledger import Payer, ledger_metadata, llm_row, write_ledger
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 from omnithought_dagster.store import CorpusStore
+from omnithought_dagster.teacher.traces import BackendPlan
 
 ANNOTATE_GROUP = "annotate"
 ANNOTATIONS_KEY = dg.AssetKey("annotations")
@@ -24,13 +27,36 @@ PREVIEW_COLUMNS = ["trace_id", "correct", "verify_method", "pass_rate", "difficu
 
 
 def annotations_settings(config: ProjectConfig) -> dict:
-    """The project file's settings that change annotations (its code version hashes them)."""
-    return {"judge": config.annotator.output_settings(), "annotation": config.annotation.output_settings()}
+    """The project file's settings that change annotations (its code version hashes them); one judge keeps the hash it had
+    before several teachers (each judged by another) existed."""
+    judges = config.judges
+    if len(judges) == 1:
+        return {"judge": judges[0].output_settings(), "annotation": config.annotation.output_settings()}
+    return {
+        "judges": {t.label: config.judge_for(t.label).output_settings() for t in config.teachers},
+        "annotation": config.annotation.output_settings(),
+    }
+
+
+def judge_plans(config: ProjectConfig, resource: LLMResource, log=None) -> Callable[[str], BackendPlan]:
+    """A trace's teacher identity -> the plan of its judge (ProjectConfig.judge_for); an identity no configured teacher has
+    (traces of a teacher since removed) gets the first teacher's judge."""
+    slots = slots_from_config(config)
+    plans: dict[str, BackendPlan] = {}
+    by_identity = {identity: label for label, identity in teacher_identities(config).items()}
+
+    def judge_of(identity: str) -> BackendPlan:
+        judge = config.judge_for(by_identity.get(identity, config.teacher.label))
+        if judge.label not in plans:
+            plans[judge.label] = resource.plan(judge, models_dir=config.models_dir, log=log, gpu_slots=slots)
+        return plans[judge.label]
+
+    return judge_of
 
 
 def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(
-        **shard_asset(config, ANNOTATIONS_KEY, ANNOTATE_GROUP, config.annotator, deps=(COT_TRACES_KEY,)),
+        **shard_asset(config, ANNOTATIONS_KEY, ANNOTATE_GROUP, widest(config.judges), deps=(COT_TRACES_KEY,)),
         code_version=code_version(ANNOTATE_CODE_VERSION, annotations_settings(config)),
     )
     def annotations(
@@ -42,7 +68,7 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         source, shard = keys["source"], keys["shard"]
         corpus = store.open()
         taxonomy = Taxonomy.load(cfg.annotation.taxonomy)
-        plan = judge.plan(cfg.annotator, models_dir=cfg.models_dir, log=context.log, gpu_slots=slots_from_config(cfg))
+        judge_of = judge_plans(cfg, judge, context.log)
         prompt = judge_prompt(cfg.annotation)
         partition = {"source": source, "shard": shard}
         with one_run(corpus, "annotations", partition, cfg, context):  # a second run waits, then reads the cache
@@ -51,10 +77,11 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                     corpus,
                     source,
                     shard,
-                    plan,
+                    judge_of,
                     prompt,
                     cfg.annotation,
                     taxonomy,
+                    run_label=context.run_id,
                     progress=lambda s: context.log.info(
                         progress_line(f"{source}/{shard}", s.sent + s.cache_hits, s.total, s.seconds, "traces judged", rate_done=s.sent)
                         + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"
@@ -63,6 +90,17 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             except LookupError as exc:
                 raise dg.Failure(description=str(exc)) from exc
             written = corpus.write_partition("annotations", partition, result.rows)
+            ledger = [
+                llm_row(
+                    Payer("annotations", context.partition_key, "judge", plan.identity, plan.names, plan.token_source),
+                    run.completions.values(),
+                    run.stats,
+                    context.run_id,
+                    cfg.costs,
+                )
+                for plan, run, _teachers in result.runs
+            ]
+            write_ledger(corpus, "annotations", context.partition_key, ledger)
             corpus.cache(ANNOTATION_CACHE).compact(partition)
 
         rows = result.rows.to_pylist()
@@ -76,7 +114,8 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             metadata={
                 "dagster/row_count": len(rows),
                 **result.stats.as_metadata(),
-                "annotator": plan.identity,
+                "annotator": ", ".join(plan.identity for plan, _, _ in result.runs),
+                **ledger_metadata(ledger),
                 "prompt_version": prompt.version,
                 "taxonomy_version": taxonomy.version,
                 "correct_rate": round(sum(r["correct"] for r in rows) / len(rows), 4) if rows else 0.0,

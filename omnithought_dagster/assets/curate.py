@@ -7,9 +7,9 @@ import dagster as dg
 
 from omnithought_dagster.assets.annotate import ANNOTATIONS_KEY
 from omnithought_dagster.assets.inputs import BENCHMARK_ITEMS_KEY, build_benchmark_items
-from omnithought_dagster.assets.metadata import bar_plot, column_schema, counts, preview
+from omnithought_dagster.assets.metadata import bar_plot, column_schema, counts, markdown_cell, preview
 from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
-from omnithought_dagster.assets.teacher import COT_TRACES_KEY
+from omnithought_dagster.assets.teacher import COT_TRACES_KEY, teacher_identities
 from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.curate import curate_source
@@ -18,11 +18,13 @@ from omnithought_dagster.curation.sampling import draw
 from omnithought_dagster.ids import code_version, version_of
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
+from omnithought_dagster.teacher.report import TeacherReport, teacher_report
 
 CURATE_GROUP = "curate"
 FILTERED_SET_KEY = dg.AssetKey("filtered_set")
 SAMPLED_SUBSETS_KEY = dg.AssetKey("sampled_subsets")
 CURATE_CODE_VERSION = "curation-v2"  # v2: markup rules, reasons carry a detail
+FILTER_CODE_VERSION = "curation-v3"  # v3: filter_decisions carry the trace's teacher
 
 
 def recipe_partitions(config: ProjectConfig) -> dg.StaticPartitionsDefinition:
@@ -57,7 +59,7 @@ def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         ],
         group_name=CURATE_GROUP,
         kinds={"duckdb", "parquet"},
-        code_version=code_version(CURATE_CODE_VERSION, filter_settings(config)),
+        code_version=code_version(FILTER_CODE_VERSION, filter_settings(config)),
         automation_condition=cpu_stage_condition(),
         tags={"stage": "curate", "compute": "cpu"},
         metadata={"dagster/column_schema": column_schema(table_spec("filter_decisions")), "table": "filter_decisions"},
@@ -79,6 +81,7 @@ def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         reasons = result.reason_counts
         total = table.num_rows
         context.log.info(f"{source}: {len(kept)}/{total} traces kept; {dict(reasons.most_common(5))}")
+        teachers = teacher_report(corpus.catalog(), [source])
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": total,
@@ -103,6 +106,7 @@ def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "kept_by_difficulty": counts(Counter(r["difficulty_label"] for r in kept), "difficulty"),
                 "kept_by_tag": counts(Counter(r["tags"][0] if r["tags"] else "untagged" for r in kept), "primary tag"),
                 **{f"seconds/{stage}": round(seconds, 3) for stage, seconds in result.timings.items()},
+                **teacher_metadata(teachers),
                 "preview": preview(table, ["trace_id", "kept", "reasons", "difficulty_label", "quality", "verbosity"]),
                 "path": dg.MetadataValue.path(written.uri),
             },
@@ -112,6 +116,34 @@ def build_filter_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         )
 
     return [*build_benchmark_items(config, CURATE_GROUP), filtered_set]
+
+
+TEACHER_NUMBERS = ("accuracy", "pass_rate", "judge_quality", "judge_verbosity", "kept_share", "tokens_per_trace", "latency_s")
+
+
+def teacher_metadata(report: TeacherReport) -> dict:
+    """The teacher report of one source for the asset page: a table, and per teacher its numbers (plotted over time)."""
+    if not report.rows:
+        return {}
+    header = "| teacher | traces | accuracy | pass rate | judge quality | kept | tokens/trace | latency s | cost / 1000 kept |"
+    lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def cell(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for r in report.overall:
+        cost = f"{r['cost_per_1000_kept']:.4f} {r['currency']}" if r["cost_per_1000_kept"] is not None else "unpriced"
+        cells = [markdown_cell(r["teacher"]), str(r["traces"]), cell(r["accuracy"]), cell(r["pass_rate"]), cell(r["judge_quality"], 2)]
+        cells += [f"{r['kept']} ({cell(r['kept_share'])})", cell(r["tokens_per_trace"], 1), cell(r["latency_s"], 3), cost]
+        lines.append("| " + " | ".join(cells) + " |")
+    out: dict = {"teachers": dg.MetadataValue.md("\n".join(lines))}
+    for r in report.overall:
+        for name in TEACHER_NUMBERS:
+            if r[name] is not None:
+                out[f"teacher/{r['teacher']}/{name}"] = round(float(r[name]), 4)
+        if r["cost_per_1000_kept"] is not None:
+            out[f"teacher/{r['teacher']}/cost_per_1000_kept"] = round(float(r["cost_per_1000_kept"]), 6)
+    return out
 
 
 def build_subset_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
@@ -136,7 +168,8 @@ def build_subset_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         recipe = cfg.recipe(context.partition_key)
         curated = cfg.controlled_by(recipe.name)
         corpus = store.open()
-        result = draw(corpus, recipe, curated)
+        chosen = recipe.teachers or (curated.teachers if curated else None)
+        result = draw(corpus, recipe, curated, teacher_identities(cfg) if chosen else None)
         written = corpus.write_partition("subset_members", recipe.name, result.members)
         members = result.members
         strata = Counter(s.split("/", 1)[0] for s in members.column("stratum").to_pylist())
@@ -150,6 +183,7 @@ def build_subset_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "dagster/row_count": members.num_rows,
                 "subset_version": result.version,
                 "kind": recipe.kind,
+                **({"teachers": ", ".join(chosen)} if chosen else {}),
                 **({"control_of": curated.name} if curated else {}),
                 **({"controls": dg.MetadataValue.json(recipe.controls)} if recipe.controls else {}),
                 "target_size": result.target,

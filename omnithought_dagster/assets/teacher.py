@@ -18,19 +18,21 @@ from omnithought_dagster.assets.seed import SEED_POOL_KEY, seed_partitions
 from omnithought_dagster.config import LLMConfig, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.ids import code_version, shard_keys, version_of
+from omnithought_dagster.ledger.ledger import Payer, ledger_metadata, llm_row, write_ledger
+from omnithought_dagster.llm.backends import describe_backend
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource
 from omnithought_dagster.store import CorpusStore, table_spec
 from omnithought_dagster.store.store import PartitionBusy
 from omnithought_dagster.teacher.prompt import teacher_prompt
-from omnithought_dagster.teacher.traces import GENERATION_CACHE, generate_shard
+from omnithought_dagster.teacher.traces import GENERATION_CACHE, TeacherPlan, generate_teachers
 
 TEACHER_GROUP = "teacher"
 COT_TRACES_KEY = dg.AssetKey("cot_traces")
 TEACHER_CODE_VERSION = "cot_traces-v1"
 GPU_POOL = "gpu"
-PREVIEW_COLUMNS = ["trace_id", "rollout", "finish_reason", "final_answer", "reasoning", "n_tokens"]
+PREVIEW_COLUMNS = ["trace_id", "teacher", "rollout", "finish_reason", "final_answer", "reasoning", "n_tokens"]
 
 
 def traces_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
@@ -76,45 +78,82 @@ def one_run(corpus, table: str, partition: dict, config: ProjectConfig, context:
 
 
 def traces_settings(config: ProjectConfig) -> dict:
-    """The project file's settings that change cot_traces (its code version hashes them)."""
-    return {"teacher": config.teacher.output_settings(), "generation": config.generation.output_settings()}
+    """The project file's settings that change cot_traces (its code version hashes them); one teacher keeps the hash it had
+    before `teachers:` existed."""
+    generation = config.generation.output_settings()
+    if len(config.teachers) == 1:
+        return {"teacher": config.teacher.output_settings(), "generation": generation}
+    return {"teachers": [t.output_settings() for t in config.teachers], "generation": generation}
+
+
+def widest(llms: list[LLMConfig]) -> LLMConfig:
+    """Of models served one after the other in a step, the one that needs the most GPUs (what the step asks for)."""
+    return max(llms, key=lambda llm: llm.tensor_parallel_size * llm.data_parallel_size if llm.backend == "vllm" else 0)
+
+
+def teacher_identities(config: ProjectConfig) -> dict[str, str]:
+    """Each teacher's name in the project file -> its identity in cot_traces.teacher (builds a tiny model if missing)."""
+    return {t.label: describe_backend(t, models_dir=config.models_dir)[0] for t in config.teachers}
+
+
+def teacher_plans(config: ProjectConfig, resource: LLMResource, log=None) -> list[TeacherPlan]:
+    slots = slots_from_config(config)
+    return [
+        TeacherPlan(
+            label=teacher.label,
+            model=teacher.model,
+            plan=resource.plan(teacher, models_dir=config.models_dir, log=log, gpu_slots=slots),
+            prompt=teacher_prompt(config.generation, teacher.structured_output),
+            generation=config.generation.model_copy(update={"rollouts": config.rollouts_of(teacher)}),
+            send_seed=teacher.send_seed,
+        )
+        for teacher in config.teachers
+    ]
 
 
 def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
     @dg.asset(
-        **shard_asset(config, COT_TRACES_KEY, TEACHER_GROUP, config.teacher),
+        **shard_asset(config, COT_TRACES_KEY, TEACHER_GROUP, widest(config.teachers)),
         code_version=code_version(TEACHER_CODE_VERSION, traces_settings(config)),
     )
     def cot_traces(
         context: dg.AssetExecutionContext, project: ProjectResource, store: CorpusStoreResource, teacher: LLMResource
     ) -> dg.MaterializeResult:
-        """Structured chain-of-thought traces from the teacher: N rollouts per sample, cached by trace id."""
+        """Structured chain-of-thought traces from every teacher: N rollouts per sample each, cached by trace id."""
         cfg = project.config
         keys = context.partition_key.keys_by_dimension
         source, shard = keys["source"], keys["shard"]
         corpus = store.open()
-        plan = teacher.plan(cfg.teacher, models_dir=cfg.models_dir, log=context.log, gpu_slots=slots_from_config(cfg))
-        prompt = teacher_prompt(cfg.generation, cfg.teacher.structured_output)
+        plans = teacher_plans(cfg, teacher, context.log)
         partition = {"source": source, "shard": shard}
         # One run of a partition at a time: a second one waits, then finds the first's replies in the cache.
         with one_run(corpus, "cot_traces", partition, cfg, context):
             try:
-                result = generate_shard(
+                result = generate_teachers(
                     corpus,
                     source,
                     shard,
-                    plan,
-                    prompt,
-                    cfg.generation,
-                    send_seed=cfg.teacher.send_seed,
-                    progress=lambda s: context.log.info(
-                        progress_line(f"{source}/{shard}", s.sent + s.cache_hits, s.total, s.seconds, "traces", rate_done=s.sent)
+                    plans,
+                    run_label=context.run_id,
+                    progress=lambda label, s: context.log.info(
+                        progress_line(f"{source}/{shard} {label}", s.sent + s.cache_hits, s.total, s.seconds, "traces", rate_done=s.sent)
                         + f", {s.tokens_per_s:.0f} tokens/s, {s.failed} failed"
                     ),
                 )
             except LookupError as exc:
                 raise dg.Failure(description=str(exc)) from exc
             written = corpus.write_partition("cot_traces", partition, result.rows)
+            ledger = [
+                llm_row(
+                    Payer("cot_traces", context.partition_key, "teacher", plan.plan.identity, plan.plan.names, plan.plan.token_source),
+                    shard_result.completions.values(),
+                    shard_result.stats,
+                    context.run_id,
+                    cfg.costs,
+                )
+                for plan, shard_result in result.results
+            ]
+            write_ledger(corpus, "cot_traces", context.partition_key, ledger)
             corpus.cache(GENERATION_CACHE).compact(partition)
 
         rows = result.rows
@@ -131,8 +170,9 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 "final_answer_parsed": answered,
                 "error_rate": round(finish.get("error", 0) / rows.num_rows, 4) if rows.num_rows else 0.0,
                 "truncation_rate": round(finish.get("length", 0) / rows.num_rows, 4) if rows.num_rows else 0.0,
-                "teacher": plan.identity,
-                "prompt_version": prompt.version,
+                "teacher": ", ".join(plan.plan.identity for plan in plans),
+                "prompt_version": plans[0].prompt.version,
+                **ledger_metadata(ledger),
                 "preview": preview(rows, PREVIEW_COLUMNS),
                 "path": dg.MetadataValue.path(written.uri),
             },

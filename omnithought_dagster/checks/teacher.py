@@ -3,7 +3,7 @@
 import dagster as dg
 import pandas as pd
 
-from omnithought_dagster.assets.teacher import COT_TRACES_KEY, traces_partitions
+from omnithought_dagster.assets.teacher import COT_TRACES_KEY, teacher_identities, traces_partitions
 from omnithought_dagster.checks.gx import Expect, gx_check_result
 from omnithought_dagster.config import ProjectConfig, ThresholdConfig
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
@@ -58,19 +58,21 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
     def rollouts_complete(
         context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
     ) -> dg.AssetCheckResult:
-        """Every sample of the shard has exactly rollouts 0..N-1 (an errored rollout still counts: it is recorded)."""
+        """Every sample of the shard has exactly rollouts 0..N-1 from every teacher (its own N), and no trace of a teacher the
+        project does not have (an errored rollout still counts: it is recorded)."""
         source, shard = partition_keys(context, partitions)
         cfg = project.config
-        traces = _traces(store, source, shard, ["sample_id", "rollout"])
+        traces = _traces(store, source, shard, ["sample_id", "teacher", "rollout"])
         if isinstance(traces, dg.AssetCheckResult):
             return traces
         expected = {s["sample_id"] for s in shard_samples(store.open(), source, shard, cfg.generation.shards)}
-        have: dict[str, list[int]] = {}
-        for sample, rollout in zip(traces.column("sample_id").to_pylist(), traces.column("rollout").to_pylist(), strict=True):
-            have.setdefault(sample, []).append(rollout)
-        want = list(range(cfg.generation.rollouts))
+        identities = teacher_identities(cfg)
+        want = {identities[t.label]: list(range(cfg.rollouts_of(t))) for t in cfg.teachers}
+        have: dict[str, dict[str, list[int]]] = {}
+        for sample, teacher, rollout in zip(*(traces.column(c).to_pylist() for c in ("sample_id", "teacher", "rollout")), strict=True):
+            have.setdefault(sample, {}).setdefault(teacher, []).append(rollout)
         frame = pd.DataFrame({"sample_id": sorted(expected | set(have))})
-        frame["rollouts_ok"] = [sorted(have.get(s, [])) == want for s in frame["sample_id"]]
+        frame["rollouts_ok"] = [{t: sorted(r) for t, r in have.get(s, {}).items()} == want for s in frame["sample_id"]]
         bad = frame.loc[~frame["rollouts_ok"], "sample_id"].tolist()
         return gx_check_result(
             frame,
@@ -78,8 +80,9 @@ def build_teacher_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition
             extra_metadata={
                 "samples": len(expected),
                 "rollouts": cfg.generation.rollouts,
+                "rollouts_per_teacher": {t: len(r) for t, r in want.items()},
                 "samples_incomplete": len(bad),
-                "examples": {s: sorted(have.get(s, [])) for s in bad[:5]},
+                "examples": {s: {t: sorted(r) for t, r in have.get(s, {}).items()} for s in bad[:5]},
             },
         )
 

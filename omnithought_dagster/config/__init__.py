@@ -19,7 +19,8 @@ from omnithought_dagster.config.project import (
 )
 from omnithought_dagster.curation.settings import CurationConfig, DecontaminationConfig, RecipeConfig, RulesConfig, SelectionConfig
 from omnithought_dagster.evaluation.settings import EvaluationConfig
-from omnithought_dagster.llm.settings import LLMConfig
+from omnithought_dagster.ledger.settings import CostsConfig, Price
+from omnithought_dagster.llm.settings import LLMConfig, TeacherConfig
 from omnithought_dagster.seed.settings import (
     MULTI_TURN_DESCRIPTION,
     SYNTHETIC_FAMILIES,
@@ -50,6 +51,7 @@ __all__ = [
     "SYNTHETIC_FAMILIES",
     "AnnotationConfig",
     "ConfigError",
+    "CostsConfig",
     "CurationConfig",
     "DecontaminationConfig",
     "DistillSettings",
@@ -67,12 +69,14 @@ __all__ = [
     "OPSDSettings",
     "OperationsConfig",
     "PrefixMaskSettings",
+    "Price",
     "ProjectConfig",
     "PromptConfig",
     "RecipeConfig",
     "RulesConfig",
     "SeedSettings",
     "SelectionConfig",
+    "TeacherConfig",
     "SettingsModel",
     "ShareGPTSourceConfig",
     "SourceConfig",

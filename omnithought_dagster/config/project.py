@@ -21,7 +21,8 @@ from omnithought_dagster.config.operations import OperationsConfig
 from omnithought_dagster.curation.settings import CurationConfig, RecipeConfig
 from omnithought_dagster.evaluation.settings import EvaluationConfig
 from omnithought_dagster.experiment.settings import Arm, ExperimentConfig, replicate
-from omnithought_dagster.llm.settings import LLMConfig
+from omnithought_dagster.ledger.settings import CostsConfig
+from omnithought_dagster.llm.settings import LLMConfig, TeacherConfig
 from omnithought_dagster.seed.settings import SeedSettings, SourceConfig
 from omnithought_dagster.settings_model import SOURCE_NAME_PATTERN, ConfigError, SettingsModel, resolve_path
 from omnithought_dagster.teacher.settings import GenerationConfig
@@ -55,9 +56,12 @@ class ProjectConfig(SettingsModel):
     seed: SeedSettings = SeedSettings()
     sources: list[SourceConfig] = Field(default_factory=list, description="at least one, unless operations.source_manifests is set")
     models_dir: str = Field(default=".cache/models", description="where tiny:<name> models are built")
-    teacher: LLMConfig = LLMConfig()
+    teacher: TeacherConfig | None = Field(default=None, description="the one-teacher form of `teachers` (its first entry)")
+    teachers: list[TeacherConfig] = Field(default_factory=list, description="every teacher; each writes its rollouts of every sample")
     generation: GenerationConfig = GenerationConfig()
-    judge: LLMConfig | None = Field(default=None, description="the annotator; default: the teacher's model and backend")
+    judge: LLMConfig | None = Field(
+        default=None, description="the annotator; default: another teacher than the trace's own, else the teacher itself"
+    )
     annotation: AnnotationConfig = AnnotationConfig()
     benchmarks: list[SourceConfig] = Field(default_factory=list, description="held-out evaluation items (any source kind)")
     curation: CurationConfig = CurationConfig()
@@ -68,6 +72,7 @@ class ProjectConfig(SettingsModel):
     experiments: list[ExperimentConfig] = Field(
         default_factory=list, description="curated recipes against their controls x students x seeds (experiment/settings.py)"
     )
+    costs: CostsConfig = CostsConfig()
     operations: OperationsConfig = Field(
         default_factory=OperationsConfig
     )  # a factory: its cron check imports dagster, which a seed worker process never needs
@@ -82,13 +87,29 @@ class ProjectConfig(SettingsModel):
         # relative paths are resolved against the config file too.
         if isinstance(data, dict):
             data = {
-                **{
-                    section: {}
-                    for section in ("store", "seed", "teacher", "generation", "annotation", "curation", "training", "evaluation")
-                },
+                **{section: {} for section in ("store", "seed", "generation", "annotation", "curation", "training", "evaluation")},
                 **data,
             }
+            if data.get("teachers") and data.get("teacher") is not None and data["teacher"] != data["teachers"][0]:
+                raise ValueError("teacher and teachers: give the list `teachers`, or its one-entry form `teacher`, not both")
+            if not data.get("teachers") and data.get("teacher") is None:
+                data["teacher"] = {}
         return data
+
+    @model_validator(mode="after")
+    def _one_teacher_list(self) -> ProjectConfig:
+        # A frozen model: its own validator completes it. `teachers` is the list; `teacher` stays its first entry.
+        if not self.teachers:
+            self.__dict__["teachers"] = [self.teacher]
+        self.__dict__["teacher"] = self.teachers[0]
+        seen: dict[str, int] = {}
+        for index, teacher in enumerate(self.teachers):
+            if teacher.label in seen:
+                raise ValueError(
+                    f"teachers[{index}].name: teachers[{seen[teacher.label]}] is also {teacher.label!r}; give each teacher its own name"
+                )
+            seen[teacher.label] = index
+        return self
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> ProjectConfig:
@@ -144,6 +165,10 @@ class ProjectConfig(SettingsModel):
             for source in recipe.sources or []:
                 if source not in self.source_names:
                     raise ValueError(f"recipes[{index}] (name={recipe.name}).sources: no source {source!r}")
+            teachers = [t.label for t in self.teachers]
+            for teacher in recipe.teachers or []:
+                if teacher not in teachers:
+                    raise ValueError(f"recipes[{index}] (name={recipe.name}).teachers: no teacher {teacher!r} (teachers: {teachers})")
         self._check_controls()
         self._expand_experiments()
         return self
@@ -163,7 +188,7 @@ class ProjectConfig(SettingsModel):
                 if name in owner:
                     raise ValueError(f"{where}: {name!r} is already the control of {owner[name]!r} (one curated recipe per control)")
                 owner[name] = recipe.name
-                given = [f for f in ("size", "sources") if getattr(control, f) is not None] + (
+                given = [f for f in ("size", "sources", "teachers") if getattr(control, f) is not None] + (
                     ["traces_per_sample"] if "traces_per_sample" in control.model_fields_set else []
                 )
                 if given:
@@ -278,6 +303,13 @@ class ProjectConfig(SettingsModel):
         base = next((r.replicate_of for r in self.recipes if r.name == name and r.replicate_of), name)
         return next((r for r in self.recipes if base in r.controls), None)
 
+    def teacher_named(self, label: str) -> TeacherConfig:
+        """The teacher the project file calls `label` (its name, else its model)."""
+        for teacher in self.teachers:
+            if teacher.label == label:
+                return teacher
+        raise KeyError(f"no teacher named {label!r}; the project file has {[t.label for t in self.teachers]}")
+
     def student(self, name: str) -> StudentConfig:
         return _named(self.students, name, "student")
 
@@ -293,8 +325,30 @@ class ProjectConfig(SettingsModel):
 
     @property
     def annotator(self) -> LLMConfig:
-        """The judge's model config: `judge`, or the teacher's when none is given."""
+        """The judge's model config: `judge`, or the (first) teacher's when none is given."""
         return self.judge or self.teacher
+
+    def judge_for(self, teacher: str) -> LLMConfig:
+        """Who judges the traces of the teacher labelled `teacher`: `judge` when one is configured, else the next teacher in the
+        list (a model never grades its own traces when another is there), else the one teacher itself."""
+        if self.judge is not None:
+            return self.judge
+        labels = [t.label for t in self.teachers]
+        index = labels.index(teacher) if teacher in labels else 0
+        return self.teachers[(index + 1) % len(self.teachers)]
+
+    @property
+    def judges(self) -> list[LLMConfig]:
+        """Every model that judges some teacher's traces, in teacher order, each once."""
+        out: list[LLMConfig] = []
+        for teacher in self.teachers:
+            judge = self.judge_for(teacher.label)
+            if all(j.label != judge.label for j in out):
+                out.append(judge)
+        return out
+
+    def rollouts_of(self, teacher: TeacherConfig) -> int:
+        return teacher.rollouts if teacher.rollouts is not None else self.generation.rollouts
 
     def source(self, name: str) -> SourceConfig:
         return _named(self.sources, name, "source")

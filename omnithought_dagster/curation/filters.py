@@ -367,7 +367,7 @@ def decide(con, source: str, rules_cfg: RulesConfig, selection: SelectionConfig,
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE m AS
-        SELECT trace_id, sample_id, shard, rollout, finish_reason, n_tokens, n_prompt_tokens,
+        SELECT trace_id, sample_id, shard, rollout, teacher, finish_reason, n_tokens, n_prompt_tokens,
           {metrics}
         FROM (SELECT *, list_filter(string_split(coalesce(reasoning, ''), chr(10)), lambda x: x <> '') AS lines
               FROM cot_traces WHERE source = $source)
@@ -429,7 +429,7 @@ def decide(con, source: str, rules_cfg: RulesConfig, selection: SelectionConfig,
               row_number() OVER (PARTITION BY sample_id, len(row_reasons) = 0 ORDER BY preference DESC, trace_id) END AS clean_rank
           FROM with_dup
         )
-        SELECT trace_id, sample_id, $source AS source, shard, rollout,
+        SELECT trace_id, sample_id, $source AS source, shard, rollout, teacher,
           list_concat(row_reasons, list_filter([
             CASE WHEN {str(selection.drop_unsolvable).upper()} AND pass_rate = 0
                  THEN {{'code': 'unsolvable_sample', 'value': pass_rate, 'threshold': 0.0::DOUBLE, 'detail': NULL::VARCHAR}} END,
@@ -446,7 +446,7 @@ def decide(con, source: str, rules_cfg: RulesConfig, selection: SelectionConfig,
           coalesce(difficulty_score, 0.0) AS difficulty_score, coalesce(pass_rate, 0.0) AS pass_rate,
           quality, verbosity, n_tokens, preference
         FROM selected
-        ORDER BY shard, sample_id, rollout
+        ORDER BY shard, sample_id, teacher, rollout
     """,
         params={"source": source},
     ).to_arrow_table()

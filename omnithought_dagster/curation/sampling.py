@@ -71,21 +71,40 @@ class SubsetResult:
     target: int = 0  # the size it was drawn for (a control's: its curated recipe's realised size)
 
 
-def draw(store: CorpusStore, recipe: RecipeConfig, curated: RecipeConfig | None = None) -> SubsetResult:
+def draw(
+    store: CorpusStore, recipe: RecipeConfig, curated: RecipeConfig | None = None, teachers: dict[str, str] | None = None
+) -> SubsetResult:
     """A recipe's subset from the store's decisions: a curated recipe's selection, or a control's uniform draw - at the
-    realised size, with the sources and traces_per_sample, of the curated recipe naming it (`curated`), else its own."""
+    realised size, with the sources, teachers and traces_per_sample, of the curated recipe naming it (`curated`), else its
+    own. `teachers` maps a teacher's name in the project file to its identity in cot_traces (needed when a recipe names
+    teachers)."""
+
+    def identities(names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        missing = [n for n in names if n not in (teachers or {})]
+        if missing:
+            raise KeyError(f"recipe {recipe.name!r}: no identity for teachers {missing}")
+        return [teachers[n] for n in names]
+
     if not recipe.is_control:
-        return sample_subset(load_candidates(store, recipe.sources), recipe)
+        return sample_subset(load_candidates(store, recipe.sources, teachers=identities(recipe.teachers)), recipe)
     if curated is not None:
-        size = sample_subset(load_candidates(store, curated.sources), curated).members.num_rows
-        recipe = recipe.model_copy(update={"size": size, "sources": curated.sources, "traces_per_sample": curated.traces_per_sample})
-    return sample_uniform(load_candidates(store, recipe.sources, pool=recipe.kind), recipe)
+        size = sample_subset(load_candidates(store, curated.sources, teachers=identities(curated.teachers)), curated).members.num_rows
+        recipe = recipe.model_copy(
+            update={"size": size, "sources": curated.sources, "teachers": curated.teachers, "traces_per_sample": curated.traces_per_sample}
+        )
+    return sample_uniform(load_candidates(store, recipe.sources, pool=recipe.kind, teachers=identities(recipe.teachers)), recipe)
 
 
-def load_candidates(store: CorpusStore, sources: list[str] | None, pool: str = "curated") -> Candidates:
-    """The traces of a recipe kind's pool in filter_decisions (all sources, or these), read as small columns only."""
-    con = store.catalog(["filter_decisions"])
+def load_candidates(store: CorpusStore, sources: list[str] | None, pool: str = "curated", teachers: list[str] | None = None) -> Candidates:
+    """The traces of a recipe kind's pool in filter_decisions (all sources, or these; every teacher's, or these teachers'),
+    read as small columns only."""
+    con = store.catalog(["filter_decisions", "cot_traces"])
     where, params = pool_where(sources, pool)
+    if teachers is not None:  # through cot_traces: decisions written before they carried the teacher have none
+        where += " AND trace_id IN (SELECT trace_id FROM cot_traces WHERE list_contains($teachers::VARCHAR[], teacher))"
+        params = {**params, "teachers": teachers}
     table = con.sql(
         f"SELECT {', '.join(CANDIDATE_COLUMNS)} FROM filter_decisions WHERE {where} ORDER BY trace_id", params=params or None
     ).to_arrow_table()

@@ -111,6 +111,9 @@ class RecipeConfig(SettingsModel):
     verbosity_targets: dict[str, float] = Field(default_factory=dict, description="difficulty label -> preferred verbosity")
     traces_per_sample: int = Field(default=1, ge=1)
     sources: list[str] | None = Field(default=None, description="only these sources; default all")
+    teachers: list[str] | None = Field(
+        default=None, min_length=1, description="only traces of these teachers (their names in `teachers:`); default every teacher's"
+    )
     seed: int = 0
     tolerance: float = Field(default=0.05, ge=0, le=1, description="allowed deviation of a stratum's share from the mix")
     _replicate_of: str | None = PrivateAttr(default=None)  # set on the controls an experiment adds for its other seeds
@@ -149,4 +152,5 @@ class RecipeConfig(SettingsModel):
 
     def output_settings(self) -> dict[str, Any]:
         """What changes the recipe's members (hashed into sampled_subsets' code version); the check's tolerance does not."""
-        return self.model_dump(mode="json", exclude={"tolerance"})
+        # `teachers` unset stays out: a recipe's hash is the one it had before teachers could be chosen.
+        return self.model_dump(mode="json", exclude={"tolerance"} | ({"teachers"} if self.teachers is None else set()))

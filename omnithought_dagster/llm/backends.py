@@ -50,6 +50,10 @@ class Completion:
     attempts: int = 1
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # What it cost, for the ledger (llm.runner stamps them; replies cached before the ledger existed have none):
+    paid_by: str | None = None  # the run that sent it
+    engine_s: float | None = None  # its share of the engine's time while the run sent (seconds between flushes / replies)
+    gpu_s: float | None = None  # engine_s x the GPUs the engine held
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -59,11 +63,16 @@ class Completion:
             "n_tokens": self.n_tokens,
             "latency_s": self.latency_s,
             "attempts": self.attempts,
+            "paid_by": self.paid_by,
+            "engine_s": self.engine_s,
+            "gpu_s": self.gpu_s,
         }
 
     @classmethod
     def from_payload(cls, key: str, payload: dict[str, Any]) -> Completion:
-        return cls(key=key, error=None, **payload)
+        known = {k: payload.get(k) for k in ("paid_by", "engine_s", "gpu_s")}
+        rest = {k: v for k, v in payload.items() if k not in known}
+        return cls(key=key, error=None, **rest, **known)
 
 
 class Backend(Protocol):
@@ -128,6 +137,7 @@ class OpenAIBackend:
         self.retry_after_cap_s = retry_after_cap_s
         self._client = None
         self._semaphore: asyncio.Semaphore | None = None
+        self.devices = 0  # GPUs behind the endpoint that this run holds (a vLLM server it started); 0 for a remote one
 
     def _ensure_client(self):
         # Created inside the running event loop: each asyncio.run gets its own client.
@@ -288,6 +298,7 @@ class TransformersBackend:
         self.model_dir = str(model_dir)
         self.identity = identity
         self.device = device
+        self.devices = 1 if device.startswith("cuda") else 0
         self._loaded = None
         self._lock = asyncio.Lock()
 
@@ -415,7 +426,7 @@ def open_backend(
         server = stack.enter_context(
             serving(config, model=model, served_model_name=served_name, log_dir=log_dir, log=log, keep=not devices)
         )
-        yield OpenAIBackend(
+        backend = OpenAIBackend(
             server.base_url,
             served_name,
             identity=identity,
@@ -423,3 +434,5 @@ def open_backend(
             max_retries=config.max_retries,
             max_concurrency=config.max_concurrency,
         )
+        backend.devices = len(devices) if devices else len([d for d in (config.gpus or "").split(",") if d.strip()])
+        yield backend

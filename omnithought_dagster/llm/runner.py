@@ -31,6 +31,15 @@ class RunStats:
     generated_tokens: int = 0
     seconds: float = 0.0
     flushes: int = 0
+    devices: int = 0  # GPUs the engine held while this run sent
+
+    def add(self, other: RunStats) -> RunStats:
+        """This run and `other` added up (several models served one after the other in a step)."""
+        for name in ("total", "cache_hits", "sent", "attempts", "failed", "truncated", "prompt_tokens", "generated_tokens", "flushes"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.seconds += other.seconds
+        self.devices = max(self.devices, other.devices)
+        return self
 
     @property
     def tokens_per_s(self) -> float:
@@ -81,6 +90,7 @@ def run_cached(
     in_flight: int | None = None,
     progress: Callable[[RunStats], None] | None = None,
     progress_every: int = 100,
+    run_label: str | None = None,
 ) -> RunResult:
     """Serve every key from the cache or the backend; see the module docstring.
 
@@ -100,7 +110,8 @@ def run_cached(
             misses.append(item)
     if misses:
         with open_backend() as backend:
-            asyncio.run(_send(misses, backend, cache, result, flush_every, in_flight, progress, progress_every))
+            result.stats.devices = int(getattr(backend, "devices", 0) or 0)
+            asyncio.run(_send(misses, backend, cache, result, flush_every, in_flight, progress, progress_every, run_label))
     return result
 
 
@@ -110,15 +121,26 @@ def given(backend: Backend):
     yield backend
 
 
-async def _send(misses, backend, cache, result, flush_every, in_flight, progress, progress_every) -> None:
+async def _send(misses, backend, cache, result, flush_every, in_flight, progress, progress_every, run_label) -> None:
     stats = result.stats
     limit = in_flight or 2 * getattr(backend, "max_concurrency", 8)
-    buffer: list[tuple[str, dict]] = []
+    buffer: list[str] = []  # keys of the successful replies since the last flush (cached at the next)
+    since_flush: list[Completion] = []  # every reply since the last flush, failed ones too: they share its engine time
     started = time.monotonic()
+    last_flush = [started]
 
     def flush() -> None:
+        now = time.monotonic()
+        if since_flush:
+            share = (now - last_flush[0]) / len(since_flush)
+            for completion in since_flush:
+                completion.paid_by = run_label
+                completion.engine_s = round(share, 6)
+                completion.gpu_s = round(share * stats.devices, 6)
+            since_flush.clear()
+        last_flush[0] = now
         if buffer:
-            cache.append(list(buffer))
+            cache.append([(key, result.completions[key].to_payload()) for key in buffer])
             buffer.clear()
             stats.flushes += 1
 
@@ -140,6 +162,7 @@ async def _send(misses, backend, cache, result, flush_every, in_flight, progress
             for task in done:
                 completion = task.result()
                 result.completions[completion.key] = completion
+                since_flush.append(completion)
                 stats.sent += 1
                 stats.attempts += completion.attempts
                 stats.prompt_tokens += completion.n_prompt_tokens or 0
@@ -148,7 +171,7 @@ async def _send(misses, backend, cache, result, flush_every, in_flight, progress
                     stats.failed += 1
                 else:
                     stats.truncated += completion.finish_reason == "length"
-                    buffer.append((completion.key, completion.to_payload()))
+                    buffer.append(completion.key)  # its payload is made at the flush, once stamped
                     if len(buffer) >= flush_every:
                         flush()
                 if progress is not None and stats.sent % progress_every == 0:

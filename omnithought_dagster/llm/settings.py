@@ -59,3 +59,20 @@ class LLMConfig(SettingsModel):
         return self.model_dump(
             mode="json", include={"backend", "model", "name", "max_model_len", "dtype", "extra_args", "structured_output", "send_seed"}
         )
+
+    @property
+    def label(self) -> str:
+        """How the project file names this model elsewhere (recipes, prices, reports): `name`, else `model`."""
+        return self.name or self.model
+
+
+class TeacherConfig(LLMConfig):
+    """One teacher of `teachers:` (or the one `teacher:`): a model as above, and how many rollouts it writes per sample."""
+
+    rollouts: int | None = Field(default=None, ge=1, le=64, description="traces per sample from this teacher; default generation.rollouts")
+
+    def output_settings(self) -> dict[str, Any]:
+        settings = super().output_settings()
+        if self.rollouts is not None:  # unset, it leaves the one-teacher form's code version as it was
+            settings["rollouts"] = self.rollouts
+        return settings

@@ -83,8 +83,10 @@ TINY_TEACHER = TinySpec(name="tiny-qwen2vl-teacher", family="qwen2_vl", seed=1)
 # The student: one layer and a narrower MLP (~0.2M parameters), the same tokenizer as the
 # teacher (same corpus and vocabulary size), so the teacher's traces tokenize identically.
 TINY_STUDENT = TinySpec(name="tiny-qwen2vl-student", family="qwen2_vl", layers=1, intermediate_size=96, vision_depth=1, seed=2)
+# A second teacher to compare with the first (`teachers:`): one layer more and its own random weights, the same tokenizer.
+TINY_TEACHER_B = TinySpec(name="tiny-qwen2vl-teacher-b", family="qwen2_vl", layers=3, seed=3)
 # `model: tiny:<key>` in the project file names one of these.
-TINY_MODELS: dict[str, TinySpec] = {"teacher": TINY_TEACHER, "student": TINY_STUDENT}
+TINY_MODELS: dict[str, TinySpec] = {"teacher": TINY_TEACHER, "teacher-b": TINY_TEACHER_B, "student": TINY_STUDENT}
 
 
 def build_tiny_model(spec: TinySpec, folder: str | Path) -> Path:

@@ -185,6 +185,11 @@ FILTER_DECISIONS = TableSpec(
         Column("source", pa.string(), "partition key", False),
         Column("shard", pa.string(), "the trace's cot_traces shard", False),
         Column("rollout", pa.int32(), "rollout index", False),
+        Column(
+            "teacher",
+            pa.string(),
+            "the teacher that wrote it (cot_traces.teacher; null in partitions written before it was recorded)",
+        ),
         Column("kept", pa.bool_(), "no reason applies: the trace is in the filtered set", False),
         Column(
             "reasons",
@@ -402,6 +407,53 @@ EXPERIMENT_RESULTS = TableSpec(
     ),
 )
 
+COST_LEDGER = TableSpec(
+    name="cost_ledger",
+    description=(
+        "What one step partition's outputs cost, per model: requests, tokens, engine and GPU time, and money at the project "
+        "file's prices. A model stage's row sums its partition's replies, each counted once whichever run paid for it; each "
+        "run of a step replaces its partition's rows."
+    ),
+    partition_by=("stage", "partition"),
+    primary_key=("stage", "partition", "role", "model"),
+    columns=(
+        Column(
+            "stage", pa.string(), "the asset whose partition it accounts for (cot_traces, annotations, student_checkpoints, ...)", False
+        ),
+        Column("partition", pa.string(), "its Dagster partition key", False),
+        Column("role", pa.string(), "teacher | judge | training | evaluation", False),
+        Column("model", pa.string(), "the model's identity (as in cot_traces.teacher / annotations.annotator), or the student", False),
+        Column("requests_ok", pa.int64(), "replies held (served from the engine, now or by an earlier run)", False),
+        Column("requests_failed", pa.int64(), "requests failed after their retries (the writing run's: failures are not cached)", False),
+        Column("retries", pa.int64(), "attempts beyond the first, over every request", False),
+        Column("prompt_tokens", pa.int64(), "prompt tokens of the replies (training: tokens trained on)", False),
+        Column("completion_tokens", pa.int64(), "generated tokens of the replies", False),
+        Column("token_source", pa.string(), "provider (the server's usage) | counted (counted here) | unreported", False),
+        Column(
+            "engine_seconds",
+            pa.float64(),
+            "engine time: per reply, its share of the time between two flushes; a process's run time",
+            False,
+        ),
+        Column("gpu_seconds", pa.float64(), "engine_seconds x the GPUs the engine held (0 on CPU or for a remote endpoint)", False),
+        Column("unstamped", pa.int64(), "replies cached before the ledger existed: their engine time is unknown (counted as 0)", False),
+        Column("paid_by_runs", pa.int32(), "distinct runs that sent the replies (2 after a killed run was resumed)", False),
+        Column("written_by_run", pa.string(), "the run that wrote this partition"),
+        Column("requests_sent", pa.int64(), "requests that run sent itself", False),
+        Column("cache_hits", pa.int64(), "replies that run found in the cache", False),
+        Column("batched", pa.bool_(), "sent through a batch API (the batch discount applies)", False),
+        Column("currency", pa.string(), "costs.currency", False),
+        Column("price_version", pa.string(), "id of the price table the money was computed with (null: no price for this model)"),
+        Column("input_per_million", pa.float64(), "the price per million prompt tokens used"),
+        Column("output_per_million", pa.float64(), "the price per million completion tokens used"),
+        Column("batch_discount", pa.float64(), "the batch discount used"),
+        Column("gpu_hour", pa.float64(), "the price per GPU-hour used"),
+        Column("token_cost", pa.float64(), "tokens x token prices (null without a price)"),
+        Column("gpu_cost", pa.float64(), "gpu_seconds / 3600 x gpu_hour (null without a price)"),
+        Column("cost", pa.float64(), "token_cost + gpu_cost (null without a price: never guessed)"),
+    ),
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (
@@ -418,6 +470,7 @@ TABLES: dict[str, TableSpec] = {
         EXPERIMENT_ITEMS,
         EXPERIMENT_ARMS,
         EXPERIMENT_RESULTS,
+        COST_LEDGER,
     )
 }
 

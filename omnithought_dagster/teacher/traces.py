@@ -6,9 +6,9 @@ the benchmark and the tests call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -68,12 +68,15 @@ class BackendPlan:
     identity: str
     structured_output: bool
     open: Callable[[], AbstractContextManager[Backend]]
+    names: tuple[str, ...] = ()  # what the project file calls it (its label, its model): where its price is looked up
+    token_source: str = "provider"  # who counts its tokens: the server (provider) or this process (counted)
 
 
 @dataclass
 class ShardResult:
     rows: pa.Table
     stats: RunStats
+    completions: dict[str, Completion] = field(default_factory=dict)  # trace id -> the reply (cached or sent), for the ledger
 
 
 def generate_shard(
@@ -86,8 +89,10 @@ def generate_shard(
     *,
     send_seed: bool = True,
     progress: Callable[[RunStats], None] | None = None,
+    run_label: str | None = None,
+    only: Collection[str] | None = None,
 ) -> ShardResult:
-    """Every rollout of every sample in the partition, from the cache or the backend.
+    """Every rollout of every sample in the partition (or of the samples in `only`), from the cache or the backend.
 
     `backend` is an open Backend, or a BackendPlan that opens one only if the cache misses.
     """
@@ -97,6 +102,9 @@ def generate_shard(
         else BackendPlan(backend.identity, backend.supports_structured_output, lambda: given(backend))
     )
     samples = shard_samples(store, source, shard, generation.shards)
+    if only is not None:
+        wanted = set(only)
+        samples = [s for s in samples if s["sample_id"] in wanted]
     mode = prompt.mode if plan.structured_output else "none"
     sampling = sampling_params(generation, mode)
     partition = {"source": source, "shard": shard}
@@ -117,12 +125,13 @@ def generate_shard(
         CacheView(load=lambda: cache.load(partition), append=lambda batch: cache.append(partition, batch)),
         flush_every=generation.flush_every,
         progress=progress,
+        run_label=run_label,
     )
     rows = [
         _row(key, sample, rollout, shard, plan.identity, prompt, result.completions[key], generation.answer_pattern)
         for key, sample, rollout in specs
     ]
-    return ShardResult(pa.Table.from_pylist(rows, schema=COT_TRACES.schema), result.stats)
+    return ShardResult(pa.Table.from_pylist(rows, schema=COT_TRACES.schema), result.stats, result.completions)
 
 
 def _lazy_messages(store: CorpusStore, sample: dict, prompt: TeacherPrompt) -> Callable[[], list[dict]]:
@@ -176,3 +185,64 @@ def _row(
         "attempts": completion.attempts,
         "error": completion.error,
     }
+
+
+# -- several teachers ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """One teacher of the project: its label in the project file, how to reach it, its prompt and its sampling."""
+
+    label: str
+    model: str
+    plan: BackendPlan
+    prompt: TeacherPrompt
+    generation: GenerationConfig
+    send_seed: bool = True
+
+
+@dataclass
+class TeachersResult:
+    rows: pa.Table  # every teacher's traces, teacher by teacher in project-file order
+    results: list[tuple[TeacherPlan, ShardResult]]
+
+    @property
+    def stats(self) -> RunStats:
+        """The runs added up (what a one-teacher step reported before)."""
+        total = RunStats()
+        for _, result in self.results:
+            total.add(result.stats)
+        return total
+
+
+def generate_teachers(
+    store: CorpusStore,
+    source: str,
+    shard: str,
+    teachers: list[TeacherPlan],
+    *,
+    progress: Callable[[str, RunStats], None] | None = None,
+    run_label: str | None = None,
+) -> TeachersResult:
+    """Every teacher's rollouts of the partition's samples, one teacher after the other (each engine started only when its
+    cache misses, and stopped before the next starts)."""
+    identities = [t.plan.identity for t in teachers]
+    if len(set(identities)) != len(identities):
+        raise ValueError(f"two teachers share an identity in trace ids ({identities}): give each its own name")
+    results = []
+    for teacher in teachers:
+        result = generate_shard(
+            store,
+            source,
+            shard,
+            teacher.plan,
+            teacher.prompt,
+            teacher.generation,
+            send_seed=teacher.send_seed,
+            progress=(lambda s, label=teacher.label: progress(label, s)) if progress else None,
+            run_label=run_label,
+        )
+        results.append((teacher, result))
+    rows = pa.concat_tables([r.rows for _, r in results]) if results else COT_TRACES.schema.empty_table()
+    return TeachersResult(rows, results)
