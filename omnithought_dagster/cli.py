@@ -60,7 +60,7 @@ def demo(config: Path | None = ConfigOption, force: bool = typer.Option(False, h
         raise typer.Exit(1)
 
 
-def _run(cfg: ProjectConfig, force: bool, only=None) -> tuple[list, Path]:
+def _run(cfg: ProjectConfig, force: bool, only=None, out: Console | None = None) -> tuple[list, Path]:
     """run_demo on the configured Dagster instance ($DAGSTER_HOME, created with the project's dagster.yaml)."""
     dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster")))
     dagster_home.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def _run(cfg: ProjectConfig, force: bool, only=None) -> tuple[list, Path]:
     from omnithought_dagster.demo import run_demo
 
     with dg.DagsterInstance.get() as instance:
-        say = lambda line: console.print(escape(line), soft_wrap=True, highlight=False)  # noqa: E731
+        say = lambda line: (out or console).print(escape(line), soft_wrap=True, highlight=False)  # noqa: E731
         return run_demo(cfg, instance, force=force, say=say, only=only), dagster_home
 
 
@@ -531,6 +531,73 @@ def teachers(
 
 def _share(value: float | None) -> str:
     return "-" if value is None else _number(value)
+
+
+@app.command()
+def estimate(
+    config: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+    share: float = typer.Option(0.1, min=0.0, max=1.0, help="share of the seed samples measured"),
+    min_samples: int = typer.Option(8, min=1, help="measure at least this many samples"),
+) -> None:
+    """Tokens, engine time and money the project's teachers and judges will cost, measured on a sample before the run: the
+    seed stage runs (cheap), every teacher and judge answers the sample's requests (the run later finds them cached: nothing
+    is paid twice), and each model's cost per request is scaled to the requests the run will send."""
+    from omnithought_dagster.annotate.judge import judge_prompt
+    from omnithought_dagster.annotate.taxonomy import Taxonomy
+    from omnithought_dagster.assets.annotate import judge_plans
+    from omnithought_dagster.assets.seed import SEED_POOL_KEY
+    from omnithought_dagster.assets.teacher import teacher_plans
+    from omnithought_dagster.ids import shard_keys
+    from omnithought_dagster.ledger.estimate import estimate as measure
+    from omnithought_dagster.llm.vllm_server import keep_servers
+    from omnithought_dagster.resources import LLMResource
+
+    cfg = _config(config)
+    outcomes, _ = _run(cfg, False, only=lambda key, _partition: key == SEED_POOL_KEY, out=err if as_json else None)
+    if any(not o.success for o in outcomes):
+        _print_outcomes(outcomes, "omnithought estimate: the seed stage failed")
+        raise typer.Exit(1)
+    resource = LLMResource()
+    with keep_servers():  # one engine start per model for the whole sample
+        result = measure(
+            _store(cfg),
+            cfg.source_names,
+            shard_keys(cfg.generation.shards),
+            teacher_plans(cfg, resource),
+            judge_plans(cfg, resource),
+            judge_prompt(cfg.annotation),
+            cfg.annotation,
+            Taxonomy.load(cfg.annotation.taxonomy),
+            cfg.costs,
+            share=share,
+            min_samples=min_samples,
+        )
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return
+    table = Table(title=f"estimate: {result.samples} samples, measured on {result.measured_samples}")
+    numbers = ("planned requests", "measured", "prompt tokens", "completion tokens", "engine s", "cost")
+    for column in ("role", "model", *numbers):
+        table.add_column(column, justify="right" if column in numbers else "left")
+    for m in result.models:
+        cost = f"{m.cost:.6f} {m.currency}" if m.cost is not None else "unpriced"
+        engine = f"{m.engine_seconds:,.0f}" if m.engine_seconds is not None else "-"
+        table.add_row(
+            m.role,
+            escape(m.model),
+            f"{m.planned_requests:,}",
+            f"{m.measured_requests:,}",
+            f"{m.prompt_tokens:,}",
+            f"{m.completion_tokens:,}",
+            engine,
+            cost,
+        )
+    console.print(table)
+    total = result.cost
+    console.print(
+        f"total: {total:.6f} {cfg.costs.currency}" if total is not None else "total: unknown (a model has no price in costs.prices)"
+    )
 
 
 @app.command()

@@ -285,7 +285,7 @@ def served_config(folder: Path, base_url: str, n_samples: int = 8, teacher: dict
     path = write_config(
         folder,
         [{"name": "synthetic", "kind": "synthetic", "n_samples": n_samples}],
-        teacher=teacher,
+        **({} if "teachers" in extra else {"teacher": teacher}),  # `teachers:` (the list) replaces the one teacher
         generation={**TEST_GENERATION, **(generation or {})},
         **extra,
     )

@@ -181,3 +181,37 @@ def test_bad_config_exits_2_with_the_field(tmp_path):
     path.write_text("sources:\n  - {name: x, kind: synthetic, n_samples: zero}\n")
     result = runner.invoke(app, ["stats", "--config", str(path)])
     assert result.exit_code == 2 and "n_samples" in result.output
+
+
+def test_estimate_then_the_run_costs_about_what_it_said_and_reuses_its_replies(tmp_path, monkeypatch, vllm_server):
+    prices = {"tiny-test": {"input_per_million": 0.5, "output_per_million": 2.0}}
+    config = write_config(
+        tmp_path,
+        [{"name": "synthetic", "kind": "synthetic", "n_samples": 40}],
+        teacher={"backend": "openai", "base_url": vllm_server.base_url, "model": SERVED_NAME, "name": "tiny-test"},
+        generation={"rollouts": 2, "shards": 2, "max_tokens": 64, "reasoning_max_chars": 60, "answer_max_chars": 12},
+        costs={"currency": "EUR", "prices": prices},
+    )
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    estimate = _json(["estimate", "--config", str(config), "--share", "0.25"])
+    assert (estimate["samples"], estimate["measured_samples"]) == (40, 10)
+    planned = {(m["role"], m["model"]): m for m in estimate["models"]}
+    assert planned[("teacher", "tiny-test")]["planned_requests"] == 80 and planned[("teacher", "tiny-test")]["measured_requests"] == 20
+    assert planned[("judge", "tiny-test")]["planned_requests"] == 80
+
+    run = runner.invoke(app, ["demo", "--config", str(config)])
+    assert run.exit_code == 0, run.output
+    from omnithought_dagster.config import load_config
+    from omnithought_dagster.store import open_store
+
+    con = open_store(load_config(config).store).catalog()
+    reused = con.execute("SELECT stage, sum(cache_hits), sum(requests_sent) FROM cost_ledger GROUP BY 1 ORDER BY 1").fetchall()
+    assert reused == [("annotations", 20, 60), ("cot_traces", 20, 60)]  # the estimate's replies, not paid for twice
+    stats = _json(["stats", "--config", str(config), "--json"])
+    recorded = {(c["role"], c["model"]): c for c in stats["costs"]}
+    for key, guess in planned.items():
+        ledger = recorded[key]
+        assert ledger["requests_ok"] + ledger["requests_failed"] == guess["planned_requests"]
+        for measure in ("prompt_tokens", "completion_tokens", "cost"):
+            assert guess[measure] == pytest.approx(ledger[measure], rel=0.2), (key, measure)
+    assert estimate["cost"] == pytest.approx(sum(c["cost"] for c in stats["costs"]), rel=0.2) and stats["costs"][0]["currency"] == "EUR"

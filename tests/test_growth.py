@@ -1,4 +1,5 @@
-"""Re-curation is incremental end to end: 1% more seed samples, everything re-run, requests only for the new ones."""
+"""Re-curation is incremental end to end: 1% more seed samples, everything re-run, requests only for the new ones - for
+each of two teachers (and for each teacher's judge, the other one)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import pytest
 from omnithought_dagster.demo import run_demo
 from omnithought_dagster.store import open_store
 
-from conftest import requests_served, served_config
+from conftest import SERVED_NAME, requests_served, served_config
 
 ROLLOUTS = 2
+ROLLOUTS_B = 1  # the second teacher's own count
 EXTRA = {
     "generation": {"rollouts": ROLLOUTS, "shards": 2},
     "annotation": {"max_tokens": 160, "temperature": 1.0},
@@ -20,9 +22,15 @@ EXTRA = {
 }
 
 
+def _teachers(base_url: str) -> list[dict]:
+    """Two teachers on the session's server (two names: two sets of trace ids); each judges the other's traces."""
+    common = {"backend": "openai", "base_url": base_url, "model": SERVED_NAME, "max_concurrency": 8, "max_retries": 1}
+    return [{**common, "name": "tiny-test"}, {**common, "name": "tiny-test-b", "rollouts": ROLLOUTS_B}]
+
+
 @pytest.mark.slow
 def test_one_percent_more_samples_sends_requests_only_for_them_and_reuses_what_did_not_change(tmp_path, instance, vllm_server):
-    config = served_config(tmp_path, vllm_server.base_url, n_samples=100, **EXTRA)
+    config = served_config(tmp_path, vllm_server.base_url, n_samples=100, teachers=_teachers(vllm_server.base_url), **EXTRA)
     first = run_demo(config, instance)
     assert all(o.success for o in first), [(o.stage, o.partition, o.counts.get("error")) for o in first if not o.success]
     store = open_store(config.store)
@@ -30,11 +38,22 @@ def test_one_percent_more_samples_sends_requests_only_for_them_and_reuses_what_d
     checkpoint_before = store.read_partition("student_checkpoints", {"student": "tiny", "recipe": "mix"}).column("checkpoint_id")[0].as_py()
 
     served_before = requests_served(vllm_server)
-    grown = served_config(tmp_path, vllm_server.base_url, n_samples=101, **EXTRA)  # the same project, one more sample
+    grown = served_config(tmp_path, vllm_server.base_url, n_samples=101, teachers=_teachers(vllm_server.base_url), **EXTRA)  # +1 sample
     second = run_demo(grown, instance)
     assert all(o.success for o in second)
-    # The teacher wrote ROLLOUTS traces for the one new sample and the judge annotated them; nothing else was sent.
-    assert requests_served(vllm_server) - served_before == 2 * ROLLOUTS
+    # Each teacher wrote its rollouts for the one new sample and the other teacher judged them; nothing else was sent.
+    assert requests_served(vllm_server) - served_before == 2 * (ROLLOUTS + ROLLOUTS_B)
+    ledger = (
+        store.catalog(["cost_ledger"])
+        .execute("SELECT stage, model, sum(requests_sent), sum(requests_ok) FROM cost_ledger GROUP BY ALL ORDER BY ALL")
+        .fetchall()
+    )
+    assert ledger == [
+        ("annotations", "tiny-test", ROLLOUTS_B, 101 * ROLLOUTS_B),  # tiny-test judges tiny-test-b's traces
+        ("annotations", "tiny-test-b", ROLLOUTS, 101 * ROLLOUTS),
+        ("cot_traces", "tiny-test", ROLLOUTS, 101 * ROLLOUTS),
+        ("cot_traces", "tiny-test-b", ROLLOUTS_B, 101 * ROLLOUTS_B),
+    ]
     by_stage = {}
     for outcome in second:
         by_stage.setdefault(outcome.stage, []).append(outcome)

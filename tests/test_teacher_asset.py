@@ -13,6 +13,7 @@ import dagster as dg
 import pytest
 
 from omnithought_dagster.defs import SEED_JOB, TEACHER_JOB, build_definitions
+from omnithought_dagster.ledger.ledger import PAID_COLUMNS
 from omnithought_dagster.store import CorpusStore
 
 from conftest import (
@@ -133,6 +134,24 @@ def test_kill_mid_shard_then_resume_without_duplicates(vllm_server, instance, tm
     assert meta["cache_hits"] == cached and meta["requests_sent"] == 160 - cached
     rows = CorpusStore(config.store.root).read_partition("cot_traces", partition)
     assert rows.num_rows == 160 and len(set(rows.column("trace_id").to_pylist())) == 160
+
+    # The ledger counts each reply once, whichever run paid for it: what an uninterrupted run records (the partition's
+    # replies summed), with both runs named; a rerun from the cache records the same again.
+    ledger = _ledger(config)
+    assert ledger["requests_ok"] == 160 and ledger["paid_by_runs"] == 2
+    assert (ledger["requests_sent"], ledger["cache_hits"]) == (160 - cached, cached)
+    assert ledger["prompt_tokens"] == sum(rows.column("n_prompt_tokens").to_pylist())
+    assert ledger["completion_tokens"] == sum(rows.column("n_tokens").to_pylist())
+    assert ledger["retries"] == sum(rows.column("attempts").to_pylist()) - 160 and ledger["engine_seconds"] > 0
+    assert _run(config, instance, TEACHER_JOB, "000|synthetic").success
+    again = _ledger(config)
+    assert {k: again[k] for k in PAID_COLUMNS} == {k: ledger[k] for k in PAID_COLUMNS} and again["requests_sent"] == 0
+
+
+def _ledger(config) -> dict:
+    table = CorpusStore(config.store.root).read_partition("cost_ledger", {"stage": "cot_traces", "partition": "000|synthetic"})
+    (row,) = table.to_pylist()
+    return row
 
 
 def test_pipeline_starts_and_stops_its_own_vllm_server(tiny_teacher, instance, tmp_path):

@@ -26,6 +26,7 @@ from omnithought_dagster.evaluation.run import OVERALL, EvalError, TaskScores, l
 from omnithought_dagster.evaluation.tasks import write_local_task
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.ids import code_version, content_id
+from omnithought_dagster.ledger.ledger import Payer, ledger_metadata, process_row, write_ledger
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.plots import barh
 from omnithought_dagster.resources import CorpusStoreResource, ProjectResource
@@ -140,6 +141,7 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                     progress=context.log.info,
                 )
             seconds = time.monotonic() - started
+            gpus = len(devices)
         except EvalError as exc:
             raise dg.Failure(description=str(exc)) from exc
         finally:
@@ -171,6 +173,16 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         table = pa.Table.from_pylist(rows, schema=table_spec("benchmark_scores").schema)
         written = corpus.write_partition("benchmark_scores", partition, table)
         corpus.write_partition("benchmark_samples", partition, pa.Table.from_pylist(samples, schema=table_spec("benchmark_samples").schema))
+        scored = cfg.student(student)
+        ledger = process_row(
+            Payer("benchmark_scores", context.partition_key, "evaluation", student, (student, scored.model)),
+            seconds=seconds,
+            gpus=gpus,
+            tokens=None,
+            run_id=context.run_id,
+            costs=cfg.costs,
+        )
+        write_ledger(corpus, "benchmark_scores", context.partition_key, [ledger])
         overall = [r for r in rows if r["slice"] == OVERALL]
         unscored = [s for s in samples if s["problem"]]
         if unscored:
@@ -195,6 +207,7 @@ def build_score_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                     if e.samples and e.lmms_eval_score is not None
                 },
                 "eval_seconds": round(seconds, 1),
+                **ledger_metadata([ledger]),
                 "compared_to_baseline": baseline is not None,
                 "preview": preview(table, ["benchmark", "slice", "score", "n", "delta"]),
                 "path": dg.MetadataValue.path(written.uri),

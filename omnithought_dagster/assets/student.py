@@ -27,6 +27,7 @@ from omnithought_dagster.automation import cpu_stage_condition
 from omnithought_dagster.config import BASELINE_RECIPE, ProjectConfig, StudentConfig
 from omnithought_dagster.gpu import slots_from_config, visible_devices_env
 from omnithought_dagster.ids import code_version
+from omnithought_dagster.ledger.ledger import Payer, ledger_metadata, process_row, write_ledger
 from omnithought_dagster.logtail import log_tail
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.plots import curves
@@ -241,6 +242,7 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             )
             with slots_from_config(cfg).lease(needed, holder=f"train {student.name}/{recipe}") as devices, uploading:
                 env.update(visible_devices_env(devices))
+                gpus = len(devices) or len([d for d in (cfg.training.gpus or "").split(",") if d.strip()])
                 # Under a guard: the launcher and its ranks end with the step however it ends; they see the variables
                 # they need plus the training env, not the step's other secrets.
                 tail = work / "trainer.stderr"
@@ -256,7 +258,8 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                 finally:  # however the ranks ended (a rank killed cannot free its own)
                     remove_shm_buffers(cfg.training.master_addr, master_port(command))
             reported = {k: getattr(v, "value", v) for k, v in invocation.get_materialize_result().metadata.items()}
-            context.log.info(f"trainer finished in {time.monotonic() - started:.1f} s")
+            trained_s = time.monotonic() - started
+            context.log.info(f"trainer finished in {trained_s:.1f} s")
             if not (work / "model" / "config.json").is_file():
                 raise dg.Failure(description=f"the trainer exited without writing a model to {work / 'model'}")
             row = _row(
@@ -280,6 +283,15 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             )
             # what the method reports beyond the loss; kept in the manifest (the loss_decreased check reads grpo's rewards)
             results = {key: reported[key] for key in METHODS[student.method].reports if key in reported}
+            ledger = process_row(
+                Payer("student_checkpoints", context.partition_key, "training", student.name, (student.name, student.model)),
+                seconds=trained_s,
+                gpus=gpus,
+                tokens=reported.get("tokens_seen"),
+                run_id=context.run_id,
+                costs=cfg.costs,
+            )
+            write_ledger(corpus, "student_checkpoints", context.partition_key, [ledger])
             corpus.checkpoints.put(
                 ckpt,
                 work / "model",
@@ -298,6 +310,7 @@ def build_checkpoint_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                     if key in reported
                 }
             )
+            extra.update(ledger_metadata([ledger]))
             if export.set_aside:
                 extra["export_set_aside"] = dg.MetadataValue.json(
                     [{"trace_id": a.id, "reason": a.reason, "detail": a.detail} for a in export.set_aside[:50]]
