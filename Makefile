@@ -144,10 +144,12 @@ sandbox: env
 	DAGSTER_HOME=$(CURDIR)/.dagster-sandbox $(BIN)/omnithought experiment run sandbox --config examples/sandbox/omnithought.yaml
 
 # Two teachers side by side (README "Which teacher?"): both generate, each judges the other's traces, the report and the
-# cost ledger compare them; its own store and Dagster instance. ~4 min.
+# cost ledger compare them, students trained on each teacher's subset are compared over two seeds; its own store and
+# Dagster instance.
 teachers: env
 	DAGSTER_HOME=$(CURDIR)/.dagster-teachers $(BIN)/omnithought demo --config examples/teachers/omnithought.yaml
 	$(BIN)/omnithought teachers --config examples/teachers/omnithought.yaml
+	$(BIN)/omnithought experiment report which-teacher --config examples/teachers/omnithought.yaml
 
 # The first gates (seconds): the code location loads (`dg check defs`), ruff is clean; then the whole suite.
 test: env check-defs lint

@@ -503,8 +503,11 @@ def teachers(
     shown = [r for r in report.rows if r["slice_kind"] == "all" or r["slice_kind"] == by]
     table = Table(title="teachers side by side" + (f" (sources: {', '.join(source)})" if source else ""))
     numbers = ("traces", "accuracy", "pass rate", "quality", "verbosity", "kept", "tokens/trace", "latency s", "cost / 1k kept")
-    for column in ("teacher", "slice", *numbers, "judged by"):
-        table.add_column(column, justify="right" if column in numbers else "left")
+    widest = max(len(r["teacher"]) for r in shown)
+    table.add_column("teacher", min_width=min(widest, 40), overflow="fold")
+    table.add_column("slice", overflow="fold")
+    for column in numbers:
+        table.add_column(column, justify="right")
     for r in shown:
         cost = r["cost_per_1000_kept"]
         table.add_row(
@@ -519,9 +522,10 @@ def teachers(
             _share(r["tokens_per_trace"]),
             _share(r["latency_s"]),
             f"{cost:.4f} {r['currency']}" if cost is not None else ("unpriced" if r["slice_kind"] == "all" else ""),
-            escape(r["judged_by"] or ""),
         )
     console.print(table)
+    for r in report.overall:
+        console.print(f"{r['teacher']} judged by: {r['judged_by'] or '-'}", markup=False)
     for teacher, reasons in report.drop_reasons.items():
         top = ", ".join(f"{code} {n}" for code, n in list(reasons.items())[:6])
         console.print(f"{teacher} dropped: {top}", markup=False)

@@ -193,7 +193,7 @@ def test_estimate_then_the_run_costs_about_what_it_said_and_reuses_its_replies(t
         costs={"currency": "EUR", "prices": prices},
     )
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    estimate = _json(["estimate", "--config", str(config), "--share", "0.25"])
+    estimate = _json(["estimate", "--config", str(config), "--share", "0.25", "--json"])
     assert (estimate["samples"], estimate["measured_samples"]) == (40, 10)
     planned = {(m["role"], m["model"]): m for m in estimate["models"]}
     assert planned[("teacher", "tiny-test")]["planned_requests"] == 80 and planned[("teacher", "tiny-test")]["measured_requests"] == 20

@@ -27,8 +27,7 @@ CONTROLS = [{"name": "uniform", "kind": "random", "seed": 1}, {"name": "unbalanc
 def test_a_curated_recipe_needs_a_mix_and_a_size_and_a_control_takes_no_balancing():
     with pytest.raises(ValidationError, match="a curated recipe needs at least one difficulty label"):
         RecipeConfig(name="r", size=5)
-    with pytest.raises(ValidationError, match="size: a curated recipe needs one"):
-        RecipeConfig(name="r", difficulty_mix={"easy": 1})
+    assert RecipeConfig(name="r", difficulty_mix={"easy": 1}).size is None  # a curated control takes its recipe's size
     with pytest.raises(ValidationError, match="difficulty_mix, tag_caps: a random control draws uniformly"):
         RecipeConfig(name="r", kind="random", size=5, difficulty_mix={"easy": 1}, tag_caps={"a": 1})
     assert RecipeConfig(name="r", kind="filtered", size=5).is_control
@@ -38,7 +37,14 @@ def test_a_curated_recipe_needs_a_mix_and_a_size_and_a_control_takes_no_balancin
     ("recipes", "message"),
     [
         ([{**CURATED, "controls": ["nope"]}], "controls: no recipe 'nope'"),
-        ([{**CURATED, "controls": ["other"]}, {**CURATED, "name": "other", "controls": []}], "'other' is a curated recipe"),
+        (
+            [{**CURATED, "controls": ["other"]}, {**CURATED, "name": "other", "controls": []}],
+            r"recipes \(name=other\).size: a control takes it",
+        ),
+        ([{**CURATED, "controls": ["curated"]}], "a recipe is not its own control"),
+        ([{**CURATED, "controls": ["other"]}, {**CURATED, "name": "other", "size": None, "controls": ["x"]}], "names controls of its own"),
+        ([{**CURATED, "controls": ["uniform"]}, {**CONTROLS[0], "teachers": ["tiny:teacher"]}], "teachers: a control takes it"),
+        ([{"name": "r", "difficulty_mix": {"easy": 1}}], "a curated recipe needs its own size"),
         ([CURATED, {**CURATED, "name": "again", "controls": ["uniform"]}, *CONTROLS], "'uniform' is already the control of 'curated'"),
         ([CURATED, {**CONTROLS[0], "size": 20}, CONTROLS[1]], r"recipes \(name=uniform\).size: a control takes it from the recipe"),
         ([CURATED, {**CONTROLS[0], "traces_per_sample": 1}, CONTROLS[1]], "traces_per_sample: a control takes it"),

@@ -45,7 +45,10 @@ def test_one_percent_more_samples_sends_requests_only_for_them_and_reuses_what_d
     assert requests_served(vllm_server) - served_before == 2 * (ROLLOUTS + ROLLOUTS_B)
     ledger = (
         store.catalog(["cost_ledger"])
-        .execute("SELECT stage, model, sum(requests_sent), sum(requests_ok) FROM cost_ledger GROUP BY ALL ORDER BY ALL")
+        .execute(
+            "SELECT stage, model, sum(requests_sent), sum(requests_ok) FROM cost_ledger WHERE stage IN ('cot_traces', 'annotations') "
+            "GROUP BY ALL ORDER BY ALL"
+        )
         .fetchall()
     )
     assert ledger == [

@@ -419,6 +419,40 @@ def test_a_recipe_draws_from_its_teachers_only(reported):
     with pytest.raises(KeyError, match="no identity"):
         draw(reported, recipe, teachers={})
 
+    # The teacher arm: a curated recipe as another's control keeps its own teachers and takes the recipe's realised size.
+    arm = RecipeConfig(name="from-b", difficulty_mix={"easy": 1}, teachers=["B"], seed=3)
+    drawn = draw(reported, arm, curated=recipe.model_copy(update={"size": 2}), teachers={"A": "a", "B": "b"})
+    assert drawn.members.num_rows == 2 and all(m.startswith("b") for m in drawn.members.column("trace_id").to_pylist())
+    # A random control of a teacher's recipe draws from that teacher's traces.
+    control = RecipeConfig(name="c", kind="filtered")
+    drawn = draw(reported, control, curated=recipe, teachers={"A": "a", "B": "b"})
+    assert drawn.members.num_rows == 3 and all(m.startswith("a") for m in drawn.members.column("trace_id").to_pylist())
+
+
+def test_a_teacher_arm_is_an_ordinary_experiment(tmp_path):
+    b = {**TEACHER, "model": "m-b", "name": "b"}
+    recipes = [
+        {"name": "from-a", "size": 10, "difficulty_mix": {"easy": 1}, "teachers": ["m-a"], "controls": ["from-b"]},
+        {"name": "from-b", "difficulty_mix": {"easy": 1}, "teachers": ["b"]},
+    ]
+    config = _config(
+        tmp_path,
+        teachers=[TEACHER, b],
+        recipes=recipes,
+        benchmarks=[{"name": "bench", "kind": "synthetic", "n_samples": 4}],
+        evaluation={"benchmarks": ["bench"]},
+        students=[{"name": "tiny"}],
+        experiments=[{"name": "which-teacher", "recipes": ["from-a"], "students": ["tiny"], "seeds": [0, 1]}],
+    )
+    arms = [(a.arm, a.kind, a.seed, a.recipe_key, a.student_key) for a in config.arms("which-teacher")]
+    assert arms == [
+        ("from-a", "curated", 0, "from-a", "tiny"),
+        ("from-b", "curated", 0, "from-b", "tiny"),
+        ("from-a", "curated", 1, "from-a", "tiny-s1"),
+        ("from-b", "curated", 1, "from-b-s1", "tiny-s1"),
+    ]
+    assert config.controlled_by("from-b-s1").name == "from-a" and config.recipe("from-b-s1").teachers == ["b"]
+
 
 # -- the estimate -------------------------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from omnithought_dagster.demo import run_demo
 from omnithought_dagster.report import write_report
 from omnithought_dagster.store import open_store
 
-from conftest import REPO, VLLM_PYTHON
+from conftest import REPO, VLLM_PYTHON, rewrite_partition, run_partition_checks
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +26,14 @@ def test_two_tiny_teachers_side_by_side(tmp_path, instance):
     document = yaml.safe_load((REPO / "examples" / "teachers" / "omnithought.yaml").read_text())
     document["store"]["root"] = str(tmp_path / "store")
     document["models_dir"] = str(REPO / ".cache" / "models")
-    document["sources"][0]["n_samples"] = 12
+    document["sources"][0]["n_samples"] = 40
     for teacher in document["teachers"]:
         teacher["python"] = str(VLLM_PYTHON)
-    document["recipes"] = [{**r, "size": 2} for r in document["recipes"]]
+    document["recipes"] = [{**r, "size": 2} if "size" in r else r for r in document["recipes"]]
+    for section in ("students", "experiments", "benchmarks", "evaluation", "training"):  # the teacher arm trains: tested elsewhere
+        document.pop(section)
+    # The random teachers' gibberish: one unexportable trace of two would fail the subset (not what this test is about).
+    document["curation"]["max_set_aside_share"] = 1.0
     path = tmp_path / "omnithought.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     config = load_config(path)
@@ -43,12 +47,12 @@ def test_two_tiny_teachers_side_by_side(tmp_path, instance):
     assert con.execute(
         "SELECT teacher, count(*), count(DISTINCT sample_id), max(rollout) FROM cot_traces GROUP BY 1 ORDER BY 1"
     ).fetchall() == [
-        ("teacher-a", 48, 12, 3),
-        ("teacher-b", 24, 12, 1),
+        ("teacher-a", 160, 40, 3),
+        ("teacher-b", 80, 40, 1),
     ]
     assert con.execute(
         "SELECT t.teacher, a.annotator, count(*) FROM cot_traces t JOIN annotations a USING (trace_id) GROUP BY ALL ORDER BY 1"
-    ).fetchall() == [("teacher-a", "teacher-b", 48), ("teacher-b", "teacher-a", 24)]
+    ).fetchall() == [("teacher-a", "teacher-b", 160), ("teacher-b", "teacher-a", 80)]
     # A recipe restricted to one teacher draws its traces only.
     assert con.execute(
         "SELECT subset, list(DISTINCT teacher ORDER BY teacher) FROM subset_members JOIN cot_traces USING (trace_id) "
@@ -60,10 +64,10 @@ def test_two_tiny_teachers_side_by_side(tmp_path, instance):
         "SELECT stage, role, model, requests_ok, prompt_tokens, completion_tokens, cost FROM cost_ledger ORDER BY stage, model"
     ).fetchall()
     assert [row[:4] for row in ledger] == [
-        ("annotations", "judge", "teacher-a", 24),
-        ("annotations", "judge", "teacher-b", 48),
-        ("cot_traces", "teacher", "teacher-a", 48),
-        ("cot_traces", "teacher", "teacher-b", 24),
+        ("annotations", "judge", "teacher-a", 80),
+        ("annotations", "judge", "teacher-b", 160),
+        ("cot_traces", "teacher", "teacher-a", 160),
+        ("cot_traces", "teacher", "teacher-b", 80),
     ]
     tokens = con.execute("SELECT teacher, sum(n_prompt_tokens), sum(n_tokens) FROM cot_traces GROUP BY 1 ORDER BY 1").fetchall()
     assert [(row[2], row[4], row[5]) for row in ledger[2:]] == tokens
@@ -83,10 +87,18 @@ def test_two_tiny_teachers_side_by_side(tmp_path, instance):
     assert shown.exit_code == 0, shown.output
     overall = [r for r in json.loads(shown.output)["rows"] if r["slice_kind"] == "all"]
     assert [(r["teacher"], r["traces"], r["judged_by"]) for r in overall] == [
-        ("teacher-a", 48, "teacher-b"),
-        ("teacher-b", 24, "teacher-a"),
+        ("teacher-a", 160, "teacher-b"),
+        ("teacher-b", 80, "teacher-a"),
     ]
     stats = runner.invoke(app, ["stats", "--config", str(path), "--json"])
     assert stats.exit_code == 0 and len(json.loads(stats.output)["costs"]) == 4
     html = write_report(store, tmp_path / "report.html").path.read_text()
     assert "<h2>Teachers</h2>" in html and "<h2>Costs</h2>" in html and "teacher-b" in html
+
+    # A subset of teacher-a's traces holding one of teacher-b's fails its check.
+    checks = run_partition_checks(config, instance, "sampled_subsets", "from-a")
+    assert checks["members_are_kept"].passed
+    other = con.execute("SELECT trace_id FROM filter_decisions WHERE teacher = 'teacher-b' AND kept LIMIT 1").fetchone()
+    assert other is not None, "teacher-b kept nothing: no trace to plant"
+    rewrite_partition(store, "subset_members", "from-a", lambda rows: [{**rows[0], "trace_id": other[0]}, *rows[1:]])
+    assert not run_partition_checks(config, instance, "sampled_subsets", "from-a")["members_are_kept"].passed

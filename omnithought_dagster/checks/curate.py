@@ -4,6 +4,7 @@ import dagster as dg
 
 from omnithought_dagster.assets.curate import FILTERED_SET_KEY, SAMPLED_SUBSETS_KEY, recipe_partitions
 from omnithought_dagster.assets.seed import seed_partitions
+from omnithought_dagster.assets.teacher import teacher_identities
 from omnithought_dagster.checks.gx import Expect, gx_check_result
 from omnithought_dagster.config import ProjectConfig
 from omnithought_dagster.curation.curate import recheck_kept
@@ -82,7 +83,12 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         curated = project.config.controlled_by(recipe.name)
         if curated is None:
             return recipe
-        return recipe.model_copy(update={"sources": curated.sources, "traces_per_sample": curated.traces_per_sample})
+        taken = {"sources": curated.sources, "traces_per_sample": curated.traces_per_sample}
+        if recipe.is_control:  # a curated control keeps its own teachers (the teacher arm) and takes the recipe's size
+            taken["teachers"] = curated.teachers
+        else:
+            taken["size"] = curated.size
+        return recipe.model_copy(update=taken)
 
     def members_of(context, store):
         return store.open().read_partition("subset_members", context.partition_key)
@@ -106,7 +112,7 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
                     passed=False, description=f"{recipe.name} is {curated.name}'s control: materialise {curated.name}"
                 )
             target = arm.num_rows
-        eligible = _eligible(store, recipe)
+        eligible = _eligible(store, recipe, project.config)
         size = members.num_rows
         metadata = {"size": size, "target": target, "eligible_traces": eligible, **({"control_of": curated.name} if curated else {})}
         if size == target:
@@ -144,7 +150,7 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         shares = dg.MetadataValue.json({label: round(labels.count(label) / size, 4) for label in set(labels)})
         if recipe.is_control:  # drawn uniformly: its shares are the pool's, shown beside the curated arm's
             return dg.AssetCheckResult(passed=True, metadata={"shares": shares}, description=f"a {recipe.kind} control has no mix to hold")
-        available = _eligible_by_label(store, recipe)
+        available = _eligible_by_label(store, recipe, project.config)
         quotas = _quotas(recipe.size, recipe.difficulty_mix)
         off = [
             f"{label}: {labels.count(label) / size:.1%} vs {share:.1%}"
@@ -202,13 +208,15 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
     ) -> dg.AssetCheckResult:
         """Every member trace is in its recipe's pool in filter_decisions: kept (curated, filtered), or not contaminated
-        (a random control)."""
-        pool, _ = pool_where(None, project.config.recipe(context.partition_key).kind)
-        con = store.open().catalog(["subset_members", "filter_decisions"])
+        (a random control) - and written by the recipe's teachers when it names some."""
+        recipe = recipe_of(context, project)
+        teachers = [teacher_identities(project.config)[t] for t in recipe.teachers] if recipe.teachers else None
+        pool, params = pool_where(None, recipe.kind, teachers)
+        con = store.open().catalog(["subset_members", "filter_decisions", "cot_traces"])
         frame = con.sql(
             f"SELECT m.trace_id, coalesce({pool}, false) AS kept FROM subset_members m LEFT JOIN filter_decisions d USING (trace_id) "
             "WHERE m.subset = $s",
-            params={"s": context.partition_key},
+            params={"s": context.partition_key, **params},
         ).to_df()
         if frame.empty:
             return dg.AssetCheckResult(passed=False, description=f"subset {context.partition_key} is empty or missing")
@@ -289,15 +297,17 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
     return [size_matches_recipe, strata_within_tolerance, no_sample_twice, members_are_kept, no_contamination, exportable]
 
 
-def _eligible(store: CorpusStoreResource, recipe) -> int:
+def _eligible(store: CorpusStoreResource, recipe, config: ProjectConfig) -> int:
     """Kept traces a recipe could use at most: per sample, up to traces_per_sample of its kept traces."""
-    return sum(_eligible_by_label(store, recipe).values())
+    return sum(_eligible_by_label(store, recipe, config).values())
 
 
-def _eligible_by_label(store: CorpusStoreResource, recipe) -> dict[str, int]:
-    """Per difficulty label (of the mix; every label for a control), the traces of its pool it could use at most."""
-    con = store.open().catalog(["filter_decisions"])
-    where, params = pool_where(recipe.sources, recipe.kind)
+def _eligible_by_label(store: CorpusStoreResource, recipe, config: ProjectConfig) -> dict[str, int]:
+    """Per difficulty label (of the mix; every label for a control), the traces of its pool (of its teachers) it could use at
+    most."""
+    con = store.open().catalog(["filter_decisions", "cot_traces"])
+    identities = teacher_identities(config) if recipe.teachers else {}
+    where, params = pool_where(recipe.sources, recipe.kind, [identities[t] for t in recipe.teachers] if recipe.teachers else None)
     rows = con.execute(  # a sample's traces share its difficulty label; any_value keeps one row a sample whatever they hold
         f"SELECT difficulty_label, sum(least(n, $per_sample)) FROM (SELECT sample_id, any_value(difficulty_label) AS difficulty_label, "
         f"count(*) AS n FROM filter_decisions WHERE {where} GROUP BY sample_id) GROUP BY 1",

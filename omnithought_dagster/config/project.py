@@ -174,7 +174,9 @@ class ProjectConfig(SettingsModel):
         return self
 
     def _check_controls(self) -> None:
-        """A curated recipe's controls exist, are controls, belong to it alone and take its size, sources and traces_per_sample."""
+        """A curated recipe's controls exist, belong to it alone and take its size, sources and traces_per_sample (a random or
+        filtered control its teachers too; a curated control keeps its own teachers: the teacher arm); every other recipe has
+        a size of its own."""
         by_name = {r.name: r for r in self.recipes}
         owner: dict[str, str] = {}
         for index, recipe in enumerate(self.recipes):
@@ -183,19 +185,23 @@ class ProjectConfig(SettingsModel):
                 control = by_name.get(name)
                 if control is None:
                     raise ValueError(f"{where}: no recipe {name!r}")
-                if not control.is_control:
-                    raise ValueError(f"{where}: {name!r} is a {control.kind} recipe; a control is of kind random or filtered")
+                if name == recipe.name:
+                    raise ValueError(f"{where}: a recipe is not its own control")
+                if control.controls:
+                    raise ValueError(f"{where}: {name!r} names controls of its own; a control compares with one recipe")
                 if name in owner:
                     raise ValueError(f"{where}: {name!r} is already the control of {owner[name]!r} (one curated recipe per control)")
                 owner[name] = recipe.name
-                given = [f for f in ("size", "sources", "teachers") if getattr(control, f) is not None] + (
+                taken = ("size", "sources") if not control.is_control else ("size", "sources", "teachers")
+                given = [f for f in taken if getattr(control, f) is not None] + (
                     ["traces_per_sample"] if "traces_per_sample" in control.model_fields_set else []
                 )
                 if given:
                     raise ValueError(f"recipes (name={name}).{given[0]}: a control takes it from the recipe naming it ({recipe.name!r})")
         for index, recipe in enumerate(self.recipes):
-            if recipe.is_control and recipe.name not in owner and recipe.size is None and recipe.replicate_of is None:
-                raise ValueError(f"recipes[{index}] (name={recipe.name}).size: a control no curated recipe names needs its own size")
+            if recipe.name not in owner and recipe.size is None and recipe.replicate_of is None:
+                what = "a control no curated recipe names" if recipe.is_control else "a curated recipe"
+                raise ValueError(f"recipes[{index}] (name={recipe.name}).size: {what} needs its own size")
 
     def _expand_experiments(self) -> None:
         """Check the experiments and add the replicates their arms need: a student or control for each seed that is not its

@@ -87,24 +87,21 @@ def draw(
             raise KeyError(f"recipe {recipe.name!r}: no identity for teachers {missing}")
         return [teachers[n] for n in names]
 
-    if not recipe.is_control:
-        return sample_subset(load_candidates(store, recipe.sources, teachers=identities(recipe.teachers)), recipe)
-    if curated is not None:
+    if curated is not None:  # a control: at the realised size of the recipe naming it, with its sources and traces per sample
         size = sample_subset(load_candidates(store, curated.sources, teachers=identities(curated.teachers)), curated).members.num_rows
-        recipe = recipe.model_copy(
-            update={"size": size, "sources": curated.sources, "teachers": curated.teachers, "traces_per_sample": curated.traces_per_sample}
-        )
-    return sample_uniform(load_candidates(store, recipe.sources, pool=recipe.kind, teachers=identities(recipe.teachers)), recipe)
+        taken = {"size": size, "sources": curated.sources, "traces_per_sample": curated.traces_per_sample}
+        if recipe.is_control:  # a random or filtered control draws from the same teachers; a curated one names its own
+            taken["teachers"] = curated.teachers
+        recipe = recipe.model_copy(update=taken)
+    candidates = load_candidates(store, recipe.sources, pool=recipe.kind, teachers=identities(recipe.teachers))
+    return sample_uniform(candidates, recipe) if recipe.is_control else sample_subset(candidates, recipe)
 
 
 def load_candidates(store: CorpusStore, sources: list[str] | None, pool: str = "curated", teachers: list[str] | None = None) -> Candidates:
     """The traces of a recipe kind's pool in filter_decisions (all sources, or these; every teacher's, or these teachers'),
     read as small columns only."""
     con = store.catalog(["filter_decisions", "cot_traces"])
-    where, params = pool_where(sources, pool)
-    if teachers is not None:  # through cot_traces: decisions written before they carried the teacher have none
-        where += " AND trace_id IN (SELECT trace_id FROM cot_traces WHERE list_contains($teachers::VARCHAR[], teacher))"
-        params = {**params, "teachers": teachers}
+    where, params = pool_where(sources, pool, teachers)
     table = con.sql(
         f"SELECT {', '.join(CANDIDATE_COLUMNS)} FROM filter_decisions WHERE {where} ORDER BY trace_id", params=params or None
     ).to_arrow_table()
@@ -118,17 +115,24 @@ CONTAMINATION_CODES = ("contaminated_question", "contaminated_image")
 UNUSABLE_CODES = (*CONTAMINATION_CODES, "not_annotated")
 
 
-def pool_where(sources: list[str] | None, kind: str = "curated") -> tuple[str, dict]:
+def pool_where(sources: list[str] | None, kind: str = "curated", teachers: list[str] | None = None) -> tuple[str, dict]:
     """The WHERE clause (and its named parameters) over filter_decisions of a recipe kind's candidates: the kept traces
-    (curated, filtered), or every annotated trace that is not contaminated (random)."""
+    (curated, filtered), or every annotated trace that is not contaminated (random); of these sources and these teachers'
+    traces (identities in cot_traces.teacher: the clause reads cot_traces, since decisions written before they carried the
+    teacher have none)."""
     if kind == "random":
         codes = ", ".join(f"'{code}'" for code in UNUSABLE_CODES)
-        pool = f"NOT list_has_any(list_transform(reasons, lambda r: r.code), [{codes}])"
+        clauses = [f"NOT list_has_any(list_transform(reasons, lambda r: r.code), [{codes}])"]
     else:
-        pool = "kept"
-    if not sources:
-        return pool, {}
-    return f"{pool} AND source IN (SELECT unnest($sources::VARCHAR[]))", {"sources": sources}
+        clauses = ["kept"]
+    params: dict = {}
+    if sources:
+        clauses.append("source IN (SELECT unnest($sources::VARCHAR[]))")
+        params["sources"] = sources
+    if teachers is not None:
+        clauses.append("trace_id IN (SELECT trace_id FROM cot_traces WHERE list_contains($teachers::VARCHAR[], teacher))")
+        params["teachers"] = teachers
+    return " AND ".join(clauses), params
 
 
 def candidates_from_table(table: pa.Table) -> Candidates:

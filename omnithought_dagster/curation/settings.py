@@ -94,7 +94,9 @@ class RecipeConfig(SettingsModel):
     The controls draw uniformly at random, with the recipe's seed: `random` from every annotated trace that is not
     contaminated (no rule, no selection: what curation is measured against; a benchmark item is never a training example),
     `filtered` from the filtered set without difficulty or tag balancing. A curated recipe names its controls
-    (`controls:`); a named control takes that recipe's realised size, its sources and its traces_per_sample.
+    (`controls:`); a named control takes that recipe's realised size, its sources and its traces_per_sample (and a random
+    or filtered one its teachers). A curated recipe may be another's control too - the same selection from other
+    teachers' traces (`teachers:`), say: the teacher arm of an experiment.
     """
 
     name: str = Field(pattern=SOURCE_NAME_PATTERN)
@@ -138,9 +140,7 @@ class RecipeConfig(SettingsModel):
         if self.kind == "curated":
             if not self.difficulty_mix:
                 raise ValueError("difficulty_mix: a curated recipe needs at least one difficulty label with a positive share")
-            if self.size is None:
-                raise ValueError("size: a curated recipe needs one")
-            return self
+            return self  # its size: its own, or the recipe's it is a control of (checked with the other recipes)
         balancing = [f for f in ("difficulty_mix", "verbosity_targets", "tag_caps", "controls") if getattr(self, f)]
         if balancing:
             raise ValueError(f"{', '.join(balancing)}: a {self.kind} control draws uniformly at random; these are a curated recipe's")
