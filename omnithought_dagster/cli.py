@@ -181,7 +181,7 @@ def stats(config: Path | None = ConfigOption, as_json: bool = JsonOption) -> Non
             costs.add_column(column.replace("_", " "), justify="left" if column in ("stage", "role", "model") else "right")
         for row in report["costs"]:
             cells = [escape(str(row[c])) for c in columns[:3]] + [str(row[c]) for c in columns[3:-1]]
-            cells.append(f"{row['cost']:.6f} {row['currency']}" if row["cost"] is not None else "-")
+            cells.append(escape(f"{row['cost']:.6f} {row['currency']}") if row["cost"] is not None else "-")
             costs.add_row(*cells)
         console.print(costs)
 
@@ -501,7 +501,7 @@ def teachers(
         print(json.dumps({"rows": report.rows, "drop_reasons": report.drop_reasons}, indent=2, default=str))
         return
     shown = [r for r in report.rows if r["slice_kind"] == "all" or r["slice_kind"] == by]
-    table = Table(title="teachers side by side" + (f" (sources: {', '.join(source)})" if source else ""))
+    table = Table(title="teachers side by side" + (escape(f" (sources: {', '.join(source)})") if source else ""))
     numbers = ("traces", "accuracy", "pass rate", "quality", "verbosity", "kept", "tokens/trace", "latency s", "cost / 1k kept")
     widest = max(len(r["teacher"]) for r in shown)
     table.add_column("teacher", min_width=min(widest, 40), overflow="fold")
@@ -521,7 +521,7 @@ def teachers(
             f"{r['kept']} ({_share(r['kept_share'])})",
             _share(r["tokens_per_trace"]),
             _share(r["latency_s"]),
-            f"{cost:.4f} {r['currency']}" if cost is not None else ("unpriced" if r["slice_kind"] == "all" else ""),
+            escape(f"{cost:.4f} {r['currency']}") if cost is not None else ("unpriced" if r["slice_kind"] == "all" else ""),
         )
     console.print(table)
     for r in report.overall:
@@ -585,7 +585,7 @@ def estimate(
     for column in ("role", "model", *numbers):
         table.add_column(column, justify="right" if column in numbers else "left")
     for m in result.models:
-        cost = f"{m.cost:.6f} {m.currency}" if m.cost is not None else "unpriced"
+        cost = escape(f"{m.cost:.6f} {m.currency}") if m.cost is not None else "unpriced"
         engine = f"{m.engine_seconds:,.0f}" if m.engine_seconds is not None else "-"
         table.add_row(
             m.role,
@@ -600,7 +600,8 @@ def estimate(
     console.print(table)
     total = result.cost
     console.print(
-        f"total: {total:.6f} {cfg.costs.currency}" if total is not None else "total: unknown (a model has no price in costs.prices)"
+        f"total: {total:.6f} {cfg.costs.currency}" if total is not None else "total: unknown (a model has no price in costs.prices)",
+        markup=False,
     )
 
 

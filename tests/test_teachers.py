@@ -28,6 +28,8 @@ from omnithought_dagster.teacher.prompt import teacher_prompt
 from omnithought_dagster.teacher.report import TEACHER_REPORT_SQL, teacher_report
 from omnithought_dagster.teacher.traces import BackendPlan, TeacherPlan, generate_teachers
 
+from conftest import run_partition_checks, write_config
+
 TEACHER = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m-a"}
 
 
@@ -57,6 +59,28 @@ def test_one_teacher_is_the_one_entry_form_of_the_list(tmp_path):
 
 def _generation(config) -> dict:
     return {"generation": config.generation.output_settings()}
+
+
+def test_a_judge_is_another_model_when_there_is_one(tmp_path):
+    same = {**TEACHER, "name": "a2"}  # the same served model under a second name
+    other = {**TEACHER, "model": "m-b", "name": "b"}
+    config = _config(tmp_path, teachers=[TEACHER, same, other])
+    assert [config.judge_for(t.label).label for t in config.teachers] == ["b", "b", "m-a"]
+    alone = _config(tmp_path, teachers=[TEACHER, same])  # no other model: the next teacher
+    assert [alone.judge_for(t.label).label for t in alone.teachers] == ["a2", "m-a"]
+
+
+def test_each_model_gets_its_own_key_and_a_model_naming_none_gets_none(monkeypatch):
+    from omnithought_dagster.config import LLMConfig
+    from omnithought_dagster.resources import LLMResource
+
+    monkeypatch.setenv("KEY_B", "secret-b")
+    resource = LLMResource(api_key="secret-a", api_key_env="KEY_A")
+    common = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1"}
+    assert resource.key_for(LLMConfig(**common, model="a", api_key_env="KEY_A")) == "secret-a"
+    assert resource.key_for(LLMConfig(**common, model="b", api_key_env="KEY_B")) == "secret-b"
+    assert resource.key_for(LLMConfig(**common, model="c")) is None
+    assert resource.key_for(LLMConfig(**common, model="d", api_key_env="KEY_MISSING")) is None
 
 
 def test_two_teachers_judge_each_other_unless_a_judge_is_configured(tmp_path):
@@ -124,9 +148,13 @@ def test_money_is_null_without_a_price_and_exact_with_one():
     assert known["gpu_cost"] == pytest.approx(2 * 3.0)
     assert known["cost"] == pytest.approx(8.0) and known["price_version"] == costs.version
     assert money(_row(batched=True), costs.price("a"), costs)["token_cost"] == pytest.approx(1.0)  # the batch discount
-    tokens_only = CostsConfig(prices={"a": Price(input_per_million=1.0)})
-    assert money(_row(), tokens_only.price("a"), tokens_only)["cost"] == pytest.approx(2.0)  # GPU time not billed by this price
-    assert CostsConfig(prices={"a": Price(gpu_hour=4.0)}).version != costs.version
+    input_only = CostsConfig(prices={"a": Price(input_per_million=1.0)})
+    assert money(_row(), input_only.price("a"), input_only)["cost"] is None  # completion tokens used, their price unknown
+    assert money(_row(completion_tokens=0), input_only.price("a"), input_only)["cost"] == pytest.approx(2.0)  # GPU time: not by this price
+    by_time = CostsConfig(prices={"a": Price(gpu_hour=4.0)})
+    assert money(_row(), by_time.price("a"), by_time)["cost"] == pytest.approx(8.0)  # self-hosted: its tokens are not billed
+    assert money(_row(unstamped=3), by_time.price("a"), by_time)["cost"] is None  # some engine time unknown: no guess
+    assert by_time.version != costs.version
 
 
 # -- stamps, resume ---------------------------------------------------------------------------------------------------------
@@ -380,12 +408,31 @@ def test_the_teacher_report_matches_a_recount(reported):
     chart = next(r for r in report.rows if r["teacher"] == "a" and r["slice_kind"] == "tag" and r["slice"] == "chart")
     assert chart["traces"] == 4 and chart["cost"] is None  # costs are overall only
     assert report.drop_reasons == {"a": {"wrong_answer": 6}, "b": {"wrong_answer": 4}}
+    # A teacher whose traces no judge has seen has no pass rate (not 0).
+    _write(
+        reported,
+        "cot_traces",
+        {"source": "src", "shard": "001"},
+        [{"trace_id": "c0", "sample_id": "s9", "source": "src", "shard": "001", "teacher": "c", "rollout": 0, "finish_reason": "stop"}],
+    )
+    unjudged = next(r for r in teacher_report(reported.catalog()).overall if r["teacher"] == "c")
+    assert unjudged["accuracy"] is None and unjudged["pass_rate"] is None and unjudged["kept"] == 0
     # One source only; and the published SQL is what produced the numbers.
     assert teacher_report(reported.catalog(), ["nowhere"]).rows == []
     con = reported.catalog()
     assert con.execute(TEACHER_REPORT_SQL, {"sources": None}).fetchall()[0][:4] == ("a", "all", "all", 8)
     summary = {(r["role"], r["model"]): r for r in ledger_summary(reported.catalog())}
     assert summary[("teacher", "a")]["completion_tokens"] == 320 and summary[("teacher", "b")]["cost"] is None
+    assert summary[("teacher", "a")]["cost"] == pytest.approx(0.8)
+    # Partitions priced in two currencies do not add up to a number.
+    euros = CostsConfig(currency="EUR", prices={"a": Price(input_per_million=1.0, output_per_million=1.0)})
+    completions = [Completion("y", "t", "stop", n_prompt_tokens=1, n_tokens=1, engine_s=0.1)]
+    write_ledger(
+        reported, "cot_traces", "001|src", [llm_row(Payer("cot_traces", "001|src", "teacher", "a", ("a",)), completions, None, "r", euros)]
+    )
+    mixed = {(r["role"], r["model"]): r for r in ledger_summary(reported.catalog())}[("teacher", "a")]
+    assert mixed["cost"] is None and mixed["currency"] == "mixed"
+    assert next(r for r in teacher_report(reported.catalog()).overall if r["teacher"] == "a")["cost"] is None
 
 
 def test_a_recipe_draws_from_its_teachers_only(reported):
@@ -493,3 +540,42 @@ def test_the_estimate_scales_the_sample_to_the_run(seeded):
     # The run later finds the sample's replies in the cache: nothing measured is paid twice.
     run = generate_teachers(seeded, "s", "000", [_teacher(FakeBackend("teacher-a"), 3), _teacher(FakeBackend("teacher-b"), 2)])
     assert run.stats.cache_hits == 15 and run.stats.sent == 15
+
+
+# -- the per-teacher rollouts check ------------------------------------------------------------------------------------------
+
+
+def test_rollouts_complete_holds_every_teacher_to_its_own_count(tmp_path, instance):
+    from omnithought_dagster.config import load_config
+
+    teachers = [{**TEACHER, "name": "ta", "rollouts": 2}, {**TEACHER, "model": "m-b", "name": "tb", "rollouts": 1}]
+    config = load_config(
+        write_config(tmp_path, [{"name": "s", "kind": "synthetic", "n_samples": 3}], teachers=teachers, generation={"shards": 1})
+    )
+    store = CorpusStore(config.store.root)
+    source = SyntheticSourceConfig(name="s", kind="synthetic", n_samples=3)
+    seed = ingest_source("s", make_reader(source).records(), SeedSettings(), image_root=None, put_image=store.images.put)
+    store.write_partition("seed_pool", "s", seed.kept)
+    samples = seed.kept.column("sample_id").to_pylist()
+    good = [
+        {
+            "trace_id": f"{teacher}-{sample}-{rollout}",
+            "sample_id": sample,
+            "source": "s",
+            "shard": "000",
+            "teacher": teacher,
+            "rollout": rollout,
+        }
+        for sample in samples
+        for teacher, n in (("ta", 2), ("tb", 1))
+        for rollout in range(n)
+    ]
+
+    def verdict(rows) -> bool:
+        _write(store, "cot_traces", {"source": "s", "shard": "000"}, rows)
+        return run_partition_checks(config, instance, "cot_traces", "000|s")["rollouts_complete"].passed
+
+    assert verdict(good)
+    assert not verdict([r for r in good if r["teacher"] != "tb"])  # a teacher's traces missing
+    assert not verdict([{**r, "rollout": 1} if r["teacher"] == "tb" else r for r in good])  # its rollouts not 0..N-1
+    assert not verdict([*good, {**good[0], "trace_id": "x", "teacher": "stranger"}])  # a teacher the project does not have

@@ -122,6 +122,31 @@ def test_ui_api_shows_asset_partitions_checks_and_preview(webserver):
     assert entries["dagster/row_count"]["intValue"] == 12
     assert entries["preview"]["mdStr"].startswith("| sample_id | native_id | question")
 
+    # The teacher report on the filtered set's page, the cost ledger on the model steps' pages.
+    labels = {
+        key: {e["label"]: e for e in _latest_metadata(webserver, key)}
+        for key in ("filtered_set", "cot_traces", "annotations", "student_checkpoints", "benchmark_scores")
+    }
+    assert labels["filtered_set"]["teachers"]["mdStr"].startswith("| teacher | traces | accuracy")
+    assert "tiny-test" in labels["filtered_set"]["teachers"]["mdStr"]
+    assert {"teacher/tiny-test/accuracy", "teacher/tiny-test/kept_share"} <= set(labels["filtered_set"])
+    assert labels["cot_traces"]["ledger/teacher/tiny-test/tokens"]["intValue"] > 0
+    assert "ledger/judge/tiny-test/tokens" in labels["annotations"]
+    assert "ledger/training/tiny/engine_seconds" in labels["student_checkpoints"]
+    assert "ledger/evaluation/tiny/engine_seconds" in labels["benchmark_scores"]
+
+
+def _latest_metadata(port: int, asset: str) -> list[dict]:
+    entries = (
+        "metadataEntries { label ... on MarkdownMetadataEntry { mdStr } ... on IntMetadataEntry { intValue } "
+        "... on FloatMetadataEntry { floatValue } }"
+    )
+    key = json.dumps([asset])
+    found = _graphql(
+        port, "{ assetOrError(assetKey: {path: " + key + "}) { ... on Asset { assetMaterializations(limit: 1) { " + entries + " } } } }"
+    )["assetOrError"]
+    return found["assetMaterializations"][0]["metadataEntries"]
+
 
 # -- a real browser --------------------------------------------------------------------------------
 

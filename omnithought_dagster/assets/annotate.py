@@ -11,7 +11,7 @@ from omnithought_dagster.annotate.judge import judge_prompt
 from omnithought_dagster.annotate.taxonomy import Taxonomy
 from omnithought_dagster.assets.metadata import bar_plot, counts, preview
 from omnithought_dagster.assets.teacher import COT_TRACES_KEY, one_run, shard_asset, teacher_identities, widest
-from omnithought_dagster.config import ProjectConfig
+from omnithought_dagster.config import LLMConfig, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.ids import code_version, version_of
 from omnithought_dagster.ledger.ledger import Payer, ledger_metadata, llm_row, write_ledger
@@ -31,11 +31,16 @@ def annotations_settings(config: ProjectConfig) -> dict:
     before several teachers (each judged by another) existed."""
     judges = config.judges
     if len(judges) == 1:
-        return {"judge": judges[0].output_settings(), "annotation": config.annotation.output_settings()}
+        return {"judge": judge_settings(judges[0]), "annotation": config.annotation.output_settings()}
     return {
-        "judges": {t.label: config.judge_for(t.label).output_settings() for t in config.teachers},
+        "judges": {t.label: judge_settings(config.judge_for(t.label)) for t in config.teachers},
         "annotation": config.annotation.output_settings(),
     }
+
+
+def judge_settings(judge: LLMConfig) -> dict:
+    """A judge's settings that change its judgements: a teacher judging leaves its own rollout count out."""
+    return {k: v for k, v in judge.output_settings().items() if k != "rollouts"}
 
 
 def judge_plans(config: ProjectConfig, resource: LLMResource, log=None) -> Callable[[str], BackendPlan]:

@@ -132,7 +132,7 @@ def teacher_metadata(report: TeacherReport) -> dict:
         return "-" if value is None else f"{value:.{digits}f}"
 
     for r in report.overall:
-        cost = f"{r['cost_per_1000_kept']:.4f} {r['currency']}" if r["cost_per_1000_kept"] is not None else "unpriced"
+        cost = markdown_cell(f"{r['cost_per_1000_kept']:.4f} {r['currency']}") if r["cost_per_1000_kept"] is not None else "unpriced"
         cells = [markdown_cell(r["teacher"]), str(r["traces"]), cell(r["accuracy"]), cell(r["pass_rate"]), cell(r["judge_quality"], 2)]
         cells += [f"{r['kept']} ({cell(r['kept_share'])})", cell(r["tokens_per_trace"], 1), cell(r["latency_s"], 3), cost]
         lines.append("| " + " | ".join(cells) + " |")
@@ -168,8 +168,10 @@ def build_subset_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
         recipe = cfg.recipe(context.partition_key)
         curated = cfg.controlled_by(recipe.name)
         corpus = store.open()
-        chosen = recipe.teachers or (curated.teachers if curated else None)
-        result = draw(corpus, recipe, curated, teacher_identities(cfg) if chosen else None)
+        # The teachers it draws from: its own, or a random / filtered control's curated recipe's.
+        chosen = curated.teachers if curated is not None and recipe.is_control else recipe.teachers
+        named = recipe.teachers or (curated.teachers if curated is not None else None)
+        result = draw(corpus, recipe, curated, teacher_identities(cfg) if named else None)
         written = corpus.write_partition("subset_members", recipe.name, result.members)
         members = result.members
         strata = Counter(s.split("/", 1)[0] for s in members.column("stratum").to_pylist())

@@ -77,17 +77,18 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         return []
     recipes = recipe_partitions(config)
 
-    def recipe_of(context, project):
+    def recipe_of(context, project, store):
         """The partition's recipe; a control named by a curated recipe with that recipe's sources and traces_per_sample."""
         recipe = project.config.recipe(context.partition_key)
         curated = project.config.controlled_by(recipe.name)
         if curated is None:
             return recipe
         taken = {"sources": curated.sources, "traces_per_sample": curated.traces_per_sample}
-        if recipe.is_control:  # a curated control keeps its own teachers (the teacher arm) and takes the recipe's size
+        if recipe.is_control:
             taken["teachers"] = curated.teachers
-        else:
-            taken["size"] = curated.size
+        else:  # a curated control keeps its own teachers (the teacher arm) and is drawn at the recipe's realised size
+            stored = store.open().read_partition("subset_members", curated.name, columns=["trace_id"])
+            taken["size"] = stored.num_rows if stored is not None and stored.num_rows else curated.size
         return recipe.model_copy(update=taken)
 
     def members_of(context, store):
@@ -99,7 +100,7 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
     ) -> dg.AssetCheckResult:
         """The subset has the recipe's size - a control named by a curated recipe, exactly that recipe's stored subset's
         (arms of equal size); less only when its pool has no more eligible traces (a WARN: the documented shortfall)."""
-        recipe = recipe_of(context, project)
+        recipe = recipe_of(context, project, store)
         members = members_of(context, store)
         if members is None:
             return dg.AssetCheckResult(passed=False, description=f"subset {recipe.name} is not materialised")
@@ -141,7 +142,7 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
     ) -> dg.AssetCheckResult:
         """Each difficulty label's share of the subset is within `tolerance` of the mix (a WARN when a label had too few candidates)."""
-        recipe = recipe_of(context, project)
+        recipe = recipe_of(context, project, store)
         members = members_of(context, store)
         if members is None:
             return dg.AssetCheckResult(passed=False, description=f"subset {recipe.name} is not materialised")
@@ -187,7 +188,7 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
         context: dg.AssetCheckExecutionContext, store: CorpusStoreResource, project: ProjectResource
     ) -> dg.AssetCheckResult:
         """No trace twice, and no sample more often than the recipe's traces_per_sample."""
-        recipe = recipe_of(context, project)
+        recipe = recipe_of(context, project, store)
         members = members_of(context, store)
         if members is None:
             return dg.AssetCheckResult(passed=False, description=f"subset {recipe.name} is not materialised")
@@ -209,7 +210,7 @@ def build_subset_checks(config: ProjectConfig) -> list[dg.AssetChecksDefinition]
     ) -> dg.AssetCheckResult:
         """Every member trace is in its recipe's pool in filter_decisions: kept (curated, filtered), or not contaminated
         (a random control) - and written by the recipe's teachers when it names some."""
-        recipe = recipe_of(context, project)
+        recipe = recipe_of(context, project, store)
         teachers = [teacher_identities(project.config)[t] for t in recipe.teachers] if recipe.teachers else None
         pool, params = pool_where(None, recipe.kind, teachers)
         con = store.open().catalog(["subset_members", "filter_decisions", "cot_traces"])

@@ -341,7 +341,11 @@ class ProjectConfig(SettingsModel):
             return self.judge
         labels = [t.label for t in self.teachers]
         index = labels.index(teacher) if teacher in labels else 0
-        return self.teachers[(index + 1) % len(self.teachers)]
+        own = self.teachers[index]
+        others = [self.teachers[(index + step) % len(self.teachers)] for step in range(1, len(self.teachers))]
+        # Another model first (two names for one served model would grade their own traces), else the next teacher.
+        different = [t for t in others if (t.backend, t.base_url, t.model) != (own.backend, own.base_url, own.model)]
+        return (different or others or [own])[0]
 
     @property
     def judges(self) -> list[LLMConfig]:

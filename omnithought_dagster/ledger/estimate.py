@@ -154,9 +154,12 @@ def _scale(key: tuple[str, str], planned: int, replies: list[Completion], plan: 
         "prompt_tokens": round(prompt * planned),
         "completion_tokens": round(completion * planned),
         "gpu_seconds": round(gpu * planned, 3) if gpu is not None else 0.0,
+        "unstamped": int(gpu is None),  # no engine time measured: GPU money unknown
         "batched": False,
     }
     priced = money(row, costs.price(*plan.names), costs)
+    if not ok and planned:  # nothing answered: no tokens per request to scale
+        priced = {**priced, "token_cost": None, "cost": None}
     return ModelEstimate(
         role=role,
         model=model,

@@ -96,8 +96,10 @@ def process_row(payer: Payer, *, seconds: float, gpus: int, tokens: int | None, 
 
 
 def money(row: dict, price: Price | None, costs: CostsConfig) -> dict:
-    """Token and GPU money of a row: null without a price (or one that prices nothing), else what the price covers -
-    tokens at the token prices (less the batch discount for batched requests), GPU-seconds at the GPU-hour price."""
+    """Token and GPU money of a row, never a guess: null without a price (or one that prices nothing); tokens at the token
+    prices (less the batch discount for batched requests) - null where tokens were used whose price is missing, 0 for a
+    model priced by its GPU time alone; GPU-seconds at the GPU-hour price - null where some of the engine's time is unknown
+    (replies cached before the ledger existed). `cost` is null when either part is."""
     base = {
         "currency": costs.currency,
         "price_version": None,
@@ -112,12 +114,23 @@ def money(row: dict, price: Price | None, costs: CostsConfig) -> dict:
     if price is None or (price.input_per_million is None and price.output_per_million is None and price.gpu_hour is None):
         return base
     factor = 1.0 - price.batch_discount if row["batched"] else 1.0
+    by_time_alone = price.input_per_million is None and price.output_per_million is None
+    unpriced = (row["prompt_tokens"] and price.input_per_million is None) or (row["completion_tokens"] and price.output_per_million is None)
     tokens = (
-        (row["prompt_tokens"] * (price.input_per_million or 0.0) + row["completion_tokens"] * (price.output_per_million or 0.0))
+        0.0
+        if by_time_alone
+        else None
+        if unpriced
+        else (row["prompt_tokens"] * (price.input_per_million or 0.0) + row["completion_tokens"] * (price.output_per_million or 0.0))
         / 1e6
         * factor
     )
-    gpu = row["gpu_seconds"] / 3600 * price.gpu_hour if price.gpu_hour is not None else 0.0
+    if price.gpu_hour is None:
+        gpu = 0.0  # priced by its tokens alone: its GPU time is the provider's
+    elif row.get("unstamped"):
+        gpu = None
+    else:
+        gpu = row["gpu_seconds"] / 3600 * price.gpu_hour
     return {
         **base,
         "price_version": costs.version,
@@ -125,9 +138,9 @@ def money(row: dict, price: Price | None, costs: CostsConfig) -> dict:
         "output_per_million": price.output_per_million,
         "batch_discount": price.batch_discount,
         "gpu_hour": price.gpu_hour,
-        "token_cost": round(tokens, 9),
-        "gpu_cost": round(gpu, 9),
-        "cost": round(tokens + gpu, 9),
+        "token_cost": None if tokens is None else round(tokens, 9),
+        "gpu_cost": None if gpu is None else round(gpu, 9),
+        "cost": None if tokens is None or gpu is None else round(tokens + gpu, 9),
     }
 
 
@@ -142,15 +155,16 @@ LEDGER_SUMMARY_SQL = """
 SELECT stage, role, model, sum(requests_ok) AS requests_ok, sum(requests_failed) AS requests_failed, sum(retries) AS retries,
        sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
        round(sum(engine_seconds), 1) AS engine_seconds, round(sum(gpu_seconds), 1) AS gpu_seconds,
-       any_value(currency) AS currency,
-       CASE WHEN count(*) = count(cost) THEN round(sum(cost), 6) END AS cost,
+       CASE WHEN count(DISTINCT currency) = 1 THEN any_value(currency) ELSE 'mixed' END AS currency,
+       CASE WHEN count(*) = count(cost) AND count(DISTINCT currency) = 1 THEN round(sum(cost), 6) END AS cost,
        count(*) - count(cost) AS unpriced_partitions
 FROM cost_ledger GROUP BY ALL ORDER BY stage, role, model
 """
 
 
 def ledger_summary(con) -> list[dict]:
-    """The ledger summed per stage, role and model (cost null where any partition of it is unpriced)."""
+    """The ledger summed per stage, role and model (cost null where any partition of it is unpriced, or where its partitions
+    were priced in different currencies)."""
     cursor = con.execute(LEDGER_SUMMARY_SQL)
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

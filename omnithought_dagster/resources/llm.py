@@ -26,9 +26,10 @@ class LLMResource(dg.ConfigurableResource):
 
     def key_for(self, config: LLMConfig) -> str | None:
         """The API key of the model `config` names: this resource's when it was read from the env var the model names, else
-        that env var's value in the step's environment (several teachers, several keys), never the project file."""
+        that env var's value in the step's environment (several teachers, several keys); none for a model naming no env
+        var. Never from the project file."""
         if config.api_key_env is None:
-            return self.api_key if self.api_key_env is None else None
+            return None  # a model that names no key gets none (never another model's)
         if config.api_key_env == self.api_key_env:
             return self.api_key
         return os.environ.get(config.api_key_env)

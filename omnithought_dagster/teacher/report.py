@@ -27,12 +27,13 @@ WITH t AS (
             FROM (SELECT *, unnest(CASE WHEN len(tags) > 0 THEN tags ELSE ['untagged'] END) AS tag FROM j)
 ), solved AS (
   SELECT teacher, slice_kind, slice, avg(solved::INT) AS pass_rate
-  FROM (SELECT teacher, slice_kind, slice, sample_id, bool_or(coalesce(correct, false)) AS solved FROM sliced GROUP BY ALL)
+  FROM (SELECT teacher, slice_kind, slice, sample_id, bool_or(correct) AS solved FROM sliced GROUP BY ALL)  -- unjudged: NULL, skipped
   GROUP BY ALL
 ), ledger AS (
   SELECT model AS teacher, sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
-         sum(engine_seconds) AS engine_seconds, sum(gpu_seconds) AS gpu_seconds, any_value(currency) AS currency,
-         CASE WHEN count(*) = count(cost) THEN sum(cost) END AS cost
+         sum(engine_seconds) AS engine_seconds, sum(gpu_seconds) AS gpu_seconds,
+         CASE WHEN count(DISTINCT currency) = 1 THEN any_value(currency) ELSE 'mixed' END AS currency,
+         CASE WHEN count(*) = count(cost) AND count(DISTINCT currency) = 1 THEN sum(cost) END AS cost
   FROM cost_ledger
   WHERE stage = 'cot_traces' AND role = 'teacher' AND ($sources IS NULL OR list_contains($sources, split_part(partition, '|', 2)))
   GROUP BY ALL
