@@ -55,7 +55,7 @@ def demo(config: Path | None = ConfigOption, force: bool = typer.Option(False, h
     scores = _score_table(_store(cfg))
     if scores is not None:
         console.print(scores)
-    console.print(f"store: {cfg.store.root}   Dagster instance: {dagster_home}   browse both with `make ui`")
+    console.print(f"store: {cfg.store.root}   Dagster instance: {dagster_home}   browse both with `make ui`", markup=False)
     if failed:
         raise typer.Exit(1)
 
@@ -312,7 +312,7 @@ def report(out: Path = typer.Option(..., "--out", help="the HTML file to write")
     from omnithought_dagster.report import write_report
 
     written = write_report(_store(_config(config)), out)
-    console.print(f"wrote {written.path} ({len(written.sections)} sections, {written.figures} plots)")
+    console.print(f"wrote {written.path} ({len(written.sections)} sections, {written.figures} plots)", markup=False)
 
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Curated recipes against their controls: differences with intervals.")

@@ -27,7 +27,7 @@ def test_report_of_a_curated_store_is_self_contained(tmp_path, instance):
     )
     assert run_job(config, instance, FILTER_JOB, "synthetic").success and run_job(config, instance, SUBSET_JOB, "even").success
     result = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "r/report.html"), "--config", config.config_path])
-    assert result.exit_code == 0 and "7 sections" in result.output
+    assert result.exit_code == 0 and "9 sections" in result.output
     page = (tmp_path / "r/report.html").read_text()
     sources = re.findall(r"src='([^']*)'", page)
     assert len(sources) >= 5 and all(s.startswith("data:image/png;base64,") for s in sources)  # nothing fetched from anywhere
@@ -36,9 +36,12 @@ def test_report_of_a_curated_store_is_self_contained(tmp_path, instance):
         assert caption in page, caption
     assert "<td>synthetic</td><td>48</td><td>96</td>" in page  # of 24 samples x 4 rollouts, 2 per sample kept
     assert "none trained yet" in page and "none scored yet" in page
+    # The teachers side by side (one here) and the costs (no model step wrote a ledger: the store was built by hand).
+    assert "<h2>Teachers</h2>" in page and "no ledger yet" in page
 
 
 def test_report_of_an_empty_store_says_what_is_missing(tmp_path):
     report = write_report(CorpusStore(str(tmp_path / "empty")), tmp_path / "report.html")
     page = report.path.read_text()
     assert report.figures == 0 and "empty: materialise seed_pool" in page and "empty: materialise filtered_set" in page
+    assert "empty: materialise cot_traces" in page and "no ledger yet" in page
