@@ -197,4 +197,4 @@ image-gpu:
 	docker build -f deploy/docker/Dockerfile.gpu -t $(GPU_IMAGE) .
 
 clean:
-	rm -rf .omnithought .dagster .omnithought-sandbox .dagster-sandbox .omnithought-teachers .dagster-teachers .cache
+	rm -rf .omnithought .dagster .omnithought-sandbox .dagster-sandbox .omnithought-teachers .dagster-teachers .cache examples/*/.cache
