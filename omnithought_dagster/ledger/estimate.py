@@ -17,7 +17,7 @@ from omnithought_dagster.ledger.ledger import money
 from omnithought_dagster.ledger.settings import CostsConfig
 from omnithought_dagster.llm.backends import Completion
 from omnithought_dagster.store import CorpusStore
-from omnithought_dagster.teacher.traces import BackendPlan, TeacherPlan, generate_shard, shard_samples
+from omnithought_dagster.teacher.traces import BackendPlan, TeacherPlan, generate_teachers, shard_samples
 
 ESTIMATE_RUN = "estimate"  # the paid_by stamp of the replies an estimate sends
 
@@ -97,27 +97,19 @@ def estimate(
     plan_of: dict[tuple[str, str], BackendPlan] = {}
     for (source, shard), ids in by_partition.items():
         only = [s for s in ids if s in measured]
-        rows = []
         for teacher in teachers:
             key = ("teacher", teacher.plan.identity)
             plan_of[key] = teacher.plan
             planned[key] = planned.get(key, 0) + len(ids) * teacher.generation.rollouts
-            if not only:
-                continue
-            result = generate_shard(
-                store,
-                source,
-                shard,
-                teacher.plan,
-                teacher.prompt,
-                teacher.generation,
-                send_seed=teacher.send_seed,
-                run_label=ESTIMATE_RUN,
-                only=only,
+        if not only:
+            continue
+        generated = generate_teachers(store, source, shard, teachers, run_label=ESTIMATE_RUN, only=only)
+        rows = generated.rows.select(TRACE_COLUMNS).to_pylist()
+        for teacher, result in generated.results:
+            replies.setdefault(("teacher", teacher.plan.identity), []).extend(result.completions.values())
+            judged = sum(
+                1 for r in result.rows.select(["finish_reason", "text"]).to_pylist() if r["finish_reason"] != "error" and r["text"]
             )
-            replies.setdefault(key, []).extend(result.completions.values())
-            rows += result.rows.select(TRACE_COLUMNS).to_pylist()
-            judged = sum(1 for r in rows if r["teacher"] == teacher.plan.identity and r["finish_reason"] != "error" and r["text"])
             done, total = judged_share.get(teacher.plan.identity, (0, 0))
             judged_share[teacher.plan.identity] = (done + judged, total + result.rows.num_rows)
         if rows:

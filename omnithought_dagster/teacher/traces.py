@@ -224,9 +224,10 @@ def generate_teachers(
     *,
     progress: Callable[[str, RunStats], None] | None = None,
     run_label: str | None = None,
+    only: Collection[str] | None = None,
 ) -> TeachersResult:
-    """Every teacher's rollouts of the partition's samples, one teacher after the other (each engine started only when its
-    cache misses, and stopped before the next starts)."""
+    """Every teacher's rollouts of the partition's samples (or of the samples in `only`), one teacher after the other (each
+    engine started only when its cache misses, and stopped before the next starts)."""
     identities = [t.plan.identity for t in teachers]
     if len(set(identities)) != len(identities):
         raise ValueError(f"two teachers share an identity in trace ids ({identities}): give each its own name")
@@ -242,6 +243,7 @@ def generate_teachers(
             send_seed=teacher.send_seed,
             progress=(lambda s, label=teacher.label: progress(label, s)) if progress else None,
             run_label=run_label,
+            only=only,
         )
         results.append((teacher, result))
     rows = pa.concat_tables([r.rows for _, r in results]) if results else COT_TRACES.schema.empty_table()
