@@ -262,7 +262,7 @@ def _plan(backend: FakeBackend, names=()) -> BackendPlan:
 
 def _teacher(backend: FakeBackend, rollouts: int) -> TeacherPlan:
     generation = GenerationConfig(rollouts=rollouts, shards=1)
-    return TeacherPlan(backend.identity, backend.identity, _plan(backend), teacher_prompt(generation, "json"), generation)
+    return TeacherPlan(backend.identity, _plan(backend), teacher_prompt(generation, "json"), generation)
 
 
 def test_every_teacher_writes_its_rollouts_and_the_other_judges_them(seeded):

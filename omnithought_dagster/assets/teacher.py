@@ -101,7 +101,6 @@ def teacher_plans(config: ProjectConfig, resource: LLMResource, log=None) -> lis
     return [
         TeacherPlan(
             label=teacher.label,
-            model=teacher.model,
             plan=resource.plan(teacher, models_dir=config.models_dir, log=log, gpu_slots=slots),
             prompt=teacher_prompt(config.generation, teacher.structured_output),
             generation=config.generation.model_copy(update={"rollouts": config.rollouts_of(teacher)}),

@@ -195,7 +195,6 @@ class TeacherPlan:
     """One teacher of the project: its label in the project file, how to reach it, its prompt and its sampling."""
 
     label: str
-    model: str
     plan: BackendPlan
     prompt: TeacherPrompt
     generation: GenerationConfig
