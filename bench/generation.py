@@ -2,12 +2,16 @@
 
     .venv/bin/python bench/generation.py [--samples 100] [--rollouts 4] [--max-tokens 256]
 
-Both sides generate the same requests (same prompts with images, JSON-schema constraint,
-sampling parameters and per-rollout seeds) on the same tiny model with the same vLLM build:
-- pipeline: `generate_shard` through the OpenAI client against a vLLM server the pipeline
-  started (server start-up excluded), with the generation cache, parsing and batch flushes;
-- raw_offline: `vllm.LLM.chat` in the vLLM environment (engine start-up excluded).
-Prints one JSON object with both and their ratio (pipeline / raw).
+Every side generates the same requests (same prompts with images, JSON-schema constraint,
+sampling parameters and per-rollout seeds) on the same tiny model with the same vLLM build,
+one after the other (start-ups excluded):
+- raw_offline: `vllm.LLM.chat` over the whole list in the vLLM environment (the floor's peer);
+- pipeline_batch: `generate_shard` (cache, parsing, flushes) through the `vllm` backend's batch
+  mode: the offline engine worker (llm/vllm_offline.py) fed request by request;
+- pipeline_server: `generate_shard` through the OpenAI client against a vLLM server the
+  pipeline started (`--no-server` leaves it out).
+Prints one JSON object with each side, its ratio to raw (tokens/s) and how many of its replies
+are identical to raw's.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from omnithought_dagster.config import GenerationConfig, SeedSettings  # noqa: E402
 from omnithought_dagster.llm.backends import OpenAIBackend  # noqa: E402
+from omnithought_dagster.llm.settings import LLMConfig  # noqa: E402
+from omnithought_dagster.llm.vllm_offline import VLLMOfflineBackend, offline_engine  # noqa: E402
 from omnithought_dagster.llm.vllm_server import VLLMServer  # noqa: E402
 from omnithought_dagster.models.tiny import TINY_TEACHER, build_tiny_model  # noqa: E402
 from omnithought_dagster.seed.ingest import ingest_source  # noqa: E402
@@ -42,7 +48,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--rollouts", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--concurrency", type=int, default=32, help="the pipeline's max_concurrency (teacher.max_concurrency)")
+    parser.add_argument("--concurrency", type=int, default=32, help="the server path's max_concurrency (teacher.max_concurrency)")
+    parser.add_argument("--no-server", action="store_true", help="leave out the server path (raw and batch only)")
     args = parser.parse_args()
     generation = GenerationConfig(
         rollouts=args.rollouts, shards=1, max_tokens=args.max_tokens, reasoning_max_chars=300, answer_max_chars=24, flush_every=32
@@ -50,21 +57,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = build_tiny_model(TINY_TEACHER, REPO / ".cache" / "models" / TINY_TEACHER.name)
-        store = CorpusStore(str(tmp / "store"))
-        seeded = ingest_source(
-            "bench",
-            SyntheticReader(args.samples, seed=77).records(),
-            SeedSettings(near_duplicate_max_distance=-1),
-            image_root=None,
-            put_image=store.images.put,
-        )
-        store.write_partition("seed_pool", "bench", seeded.kept)
+        stores = {side: _seeded_store(tmp / side, args.samples) for side in ("batch", "server")}
         prompt = teacher_prompt(generation, "json")
 
-        requests = _capture_requests(store, prompt, generation)
+        requests = _capture_requests(stores["batch"], prompt, generation)
         (tmp / "requests.json").write_text(json.dumps(requests))
         done = subprocess.run(
-            [str(VLLM_PYTHON), str(REPO / "bench" / "vllm_offline.py"), str(model), str(tmp / "requests.json")],
+            [str(VLLM_PYTHON), str(REPO / "bench" / "vllm_offline.py"), str(model), str(tmp / "requests.json"), str(tmp / "raw.json")],
             capture_output=True,
             text=True,
             env=_offline_env(),
@@ -73,40 +72,68 @@ def main() -> None:
         if done.returncode != 0 or not lines:
             raise SystemExit(f"offline vLLM run failed ({done.returncode}):\n{done.stderr[-3000:]}")
         raw = json.loads(lines[-1])
+        raw_texts = json.loads((tmp / "raw.json").read_text())
 
-        with VLLMServer(str(VLLM_PYTHON), str(model), served_model_name="bench", max_model_len=2048, log_dir=tmp) as server:
-            backend = OpenAIBackend(server.base_url, "bench", identity="bench", max_concurrency=args.concurrency)
-            start = time.perf_counter()
-            result = generate_shard(store, "bench", "000", backend, prompt, generation)
-            seconds = time.perf_counter() - start
-        stats = result.stats
-        errors = sorted({e for e in result.rows.column("error").to_pylist() if e})
-        pipeline = {
-            "requests": stats.sent,
-            "generated_tokens": stats.generated_tokens,
-            "seconds": round(seconds, 3),
-            "tokens_per_s": round(stats.generated_tokens / seconds, 1),
-            "traces_per_s": round(stats.sent / seconds, 1),
-            "failures": stats.failed,
-            "errors": errors[:3],
-            "cache_flushes": stats.flushes,
-        }
-    print(
-        json.dumps(
-            {
-                "benchmark": "teacher_generation",
-                "model": TINY_TEACHER.name,
-                "samples": args.samples,
-                "rollouts": args.rollouts,
-                "max_tokens": args.max_tokens,
-                "concurrency": args.concurrency,
-                "pipeline": pipeline,
-                "raw_offline": raw,
-                "ratio_tokens_per_s": round(pipeline["tokens_per_s"] / raw["tokens_per_s"], 3),
-            },
-            indent=2,
-        )
+        # The pipeline's batch mode: generate_shard -> VLLMOfflineBackend -> the offline engine worker (start-up excluded).
+        config = LLMConfig(backend="vllm", mode="batch", model=str(model), python=str(VLLM_PYTHON), max_model_len=2048)
+        engine = offline_engine(config, model=str(model), log_dir=tmp).start()
+        try:
+            backend = VLLMOfflineBackend(engine, identity="bench", window=config.batch_window)
+            batch = _timed(stores["batch"], backend, prompt, generation, raw_texts)
+        finally:
+            engine.stop()
+        sides = {"raw_offline": raw, "pipeline_batch": batch}
+        if not args.no_server:
+            with VLLMServer(str(VLLM_PYTHON), str(model), served_model_name="bench", max_model_len=2048, log_dir=tmp) as server:
+                backend = OpenAIBackend(server.base_url, "bench", identity="bench", max_concurrency=args.concurrency)
+                sides["pipeline_server"] = _timed(stores["server"], backend, prompt, generation, raw_texts)
+    report = {
+        "benchmark": "teacher_generation",
+        "model": TINY_TEACHER.name,
+        "samples": args.samples,
+        "rollouts": args.rollouts,
+        "max_tokens": args.max_tokens,
+        "concurrency": args.concurrency,
+        **sides,
+        "ratio_batch_tokens_per_s": round(batch["tokens_per_s"] / raw["tokens_per_s"], 3),
+    }
+    if "pipeline_server" in sides:
+        report["ratio_server_tokens_per_s"] = round(sides["pipeline_server"]["tokens_per_s"] / raw["tokens_per_s"], 3)
+    print(json.dumps(report, indent=2))
+
+
+def _seeded_store(folder: Path, samples: int) -> CorpusStore:
+    store = CorpusStore(str(folder))
+    seeded = ingest_source(
+        "bench",
+        SyntheticReader(samples, seed=77).records(),
+        SeedSettings(near_duplicate_max_distance=-1),
+        image_root=None,
+        put_image=store.images.put,
     )
+    store.write_partition("seed_pool", "bench", seeded.kept)
+    return store
+
+
+def _timed(store, backend, prompt, generation, raw_texts: dict) -> dict:
+    """One pipeline pass over the shard (cache, parsing and flushes included), and how many replies equal raw vLLM's."""
+    start = time.perf_counter()
+    result = generate_shard(store, "bench", "000", backend, prompt, generation)
+    seconds = time.perf_counter() - start
+    stats = result.stats
+    errors = sorted({e for e in result.rows.column("error").to_pylist() if e})
+    same = sum(1 for key, text in raw_texts.items() if key in result.completions and result.completions[key].text == text)
+    return {
+        "requests": stats.sent,
+        "generated_tokens": stats.generated_tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(stats.generated_tokens / seconds, 1),
+        "traces_per_s": round(stats.sent / seconds, 1),
+        "failures": stats.failed,
+        "errors": errors[:3],
+        "cache_flushes": stats.flushes,
+        "replies_identical_to_raw": same,
+    }
 
 
 def _capture_requests(store, prompt, generation) -> list[dict]:

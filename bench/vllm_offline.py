@@ -1,6 +1,7 @@
 """Raw vLLM offline generation of the same requests: run by bench/generation.py inside .venv-vllm.
 
-.venv-vllm/bin/python bench/vllm_offline.py MODEL_DIR REQUESTS.json  -> one JSON line on stdout
+.venv-vllm/bin/python bench/vllm_offline.py MODEL_DIR REQUESTS.json [TEXTS.json]  -> one JSON line on stdout
+(TEXTS.json gets each request's reply by key)
 """
 
 import json
@@ -13,6 +14,7 @@ def main() -> None:
     from vllm.sampling_params import StructuredOutputsParams
 
     model, requests_path = sys.argv[1], sys.argv[2]
+    texts_path = sys.argv[3] if len(sys.argv) > 3 else None
     requests = json.loads(open(requests_path).read())
     # The same engine settings the pipeline's server gets (llm/vllm_server.py): on the CPU build a seeded
     # request hit by a chunked prefill kills the engine (EngineDeadError), so chunked prefill is off.
@@ -37,6 +39,9 @@ def main() -> None:
     outputs = llm.chat([r["messages"] for r in requests], params, use_tqdm=False)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    if texts_path:  # each request's reply, by key: the benchmark compares them with the pipeline's
+        with open(texts_path, "w") as handle:
+            json.dump({r["key"]: o.outputs[0].text for r, o in zip(requests, outputs, strict=True)}, handle)
     print(
         json.dumps(
             {

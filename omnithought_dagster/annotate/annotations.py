@@ -20,7 +20,7 @@ from omnithought_dagster.annotate.taxonomy import Taxonomy
 from omnithought_dagster.curation.verify import Tolerance, verify
 from omnithought_dagster.ids import content_id
 from omnithought_dagster.llm.backends import ChatRequest, image_data_url
-from omnithought_dagster.llm.runner import CacheView, PendingRequest, RunResult, RunStats, run_cached
+from omnithought_dagster.llm.runner import PendingRequest, RunResult, RunStats, run_cached
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.store.tables import ANNOTATIONS
 from omnithought_dagster.teacher.traces import BackendPlan
@@ -104,7 +104,7 @@ def annotate_shard(
         schema = schemas.setdefault(judge.identity, judge_schema(taxonomy, settings) if judge.structured_output else None)
         ids[t["trace_id"]] = annotation_id(t["trace_id"], judge.identity, prompt, taxonomy, settings, schema is not None)
     cache = store.cache(ANNOTATION_CACHE)
-    view = CacheView(load=lambda: cache.load(partition), append=lambda batch: cache.append(partition, batch))
+    view = cache.view(partition)
     runs: list[tuple[BackendPlan, RunResult, list[str]]] = []
     completions = {}
     total = RunStats()

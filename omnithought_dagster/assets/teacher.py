@@ -43,7 +43,7 @@ def traces_partitions(config: ProjectConfig) -> dg.MultiPartitionsDefinition:
 
 def gpu_op_tags(config: ProjectConfig, llm: LLMConfig) -> dict:
     """Kubernetes / ECS GPU requests for a step that serves `llm` with vLLM (none for other backends)."""
-    return gpu_step_tags(config, llm.tensor_parallel_size * llm.data_parallel_size if llm.backend == "vllm" else 0)
+    return gpu_step_tags(config, llm.gpus_needed)
 
 
 def shard_asset(config: ProjectConfig, key: dg.AssetKey, group: str, llm: LLMConfig, deps: tuple = ()) -> dict:
@@ -88,7 +88,7 @@ def traces_settings(config: ProjectConfig) -> dict:
 
 def widest(llms: list[LLMConfig]) -> LLMConfig:
     """Of models served one after the other in a step, the one that needs the most GPUs (what the step asks for)."""
-    return max(llms, key=lambda llm: llm.tensor_parallel_size * llm.data_parallel_size if llm.backend == "vllm" else 0)
+    return max(llms, key=lambda llm: llm.gpus_needed)
 
 
 def teacher_identities(config: ProjectConfig) -> dict[str, str]:
@@ -144,7 +144,15 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             written = corpus.write_partition("cot_traces", partition, result.rows)
             ledger = [
                 llm_row(
-                    Payer("cot_traces", context.partition_key, "teacher", plan.plan.identity, plan.plan.names, plan.plan.token_source),
+                    Payer(
+                        "cot_traces",
+                        context.partition_key,
+                        "teacher",
+                        plan.plan.identity,
+                        plan.plan.names,
+                        plan.plan.token_source,
+                        plan.plan.batched,
+                    ),
                     shard_result.completions.values(),
                     shard_result.stats,
                     context.run_id,

@@ -147,7 +147,7 @@ def _scale(key: tuple[str, str], planned: int, replies: list[Completion], plan: 
         "completion_tokens": round(completion * planned),
         "gpu_seconds": round(gpu * planned, 3) if gpu is not None else 0.0,
         "unstamped": int(gpu is None),  # no engine time measured: GPU money unknown
-        "batched": False,
+        "batched": plan.batched,
     }
     priced = money(row, costs.price(*plan.names), costs)
     if not ok and planned:  # nothing answered: no tokens per request to scale

@@ -103,19 +103,37 @@ def image_data_url(data: bytes) -> str:
 # -- OpenAI-compatible endpoints -------------------------------------------------------------------
 
 
+@dataclass
+class Endpoint:
+    """One server behind an OpenAIBackend: its client (made inside the running event loop), its load, and whether it is
+    resting after a connection failure."""
+
+    base_url: str
+    client: Any = None
+    in_flight: int = 0
+    down_until: float = 0.0  # monotonic time before which it gets no request (another endpoint is up)
+    sent: int = 0  # attempts sent to it
+    failed_connections: int = 0
+
+
 class OpenAIBackend:
-    """Async client with bounded concurrency, per-request timeout and retries with backoff.
+    """Async client with bounded concurrency, per-request timeout and retries with backoff, over one or several endpoints.
 
     Retried: timeouts, connection errors, 408/409/425/429, 5xx and malformed 200 replies (no choices, no text, a
     body that is not JSON); waits follow the server's Retry-After up to a cap, else exponential backoff. The
     client's own retries are off so every attempt is counted here (Completion.attempts).
+
+    With several `base_url`s (servers of one model) each attempt goes to the least loaded endpoint that is up. An endpoint
+    that cannot be reached (refused, reset, gone mid-reply) rests for `rest_s` and the attempt is retried on another at
+    once: a server that dies mid-shard costs the requests it held one attempt each. After its rest it is tried again (a
+    restarted server comes back). `max_concurrency` is per endpoint.
     """
 
     supports_structured_output = True
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | list[str],
         model: str,
         *,
         identity: str,
@@ -125,54 +143,60 @@ class OpenAIBackend:
         max_concurrency: int = 32,
         retry_wait_s: tuple[float, float] = (0.5, 20.0),
         retry_after_cap_s: float = RETRY_AFTER_CAP_S,
+        rest_s: float = 30.0,
     ):
-        self.base_url = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("OpenAIBackend needs at least one base_url")
+        self.endpoints = [Endpoint(url.rstrip("/")) for url in urls]
+        self.base_url = self.endpoints[0].base_url
         self.model = model
         self.identity = identity
         self.api_key = api_key or "EMPTY"
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.max_concurrency = max_concurrency
+        self.max_concurrency = max_concurrency * len(self.endpoints)
         self.retry_wait_s = retry_wait_s
         self.retry_after_cap_s = retry_after_cap_s
-        self._client = None
+        self.rest_s = rest_s
         self._semaphore: asyncio.Semaphore | None = None
-        self.devices = 0  # GPUs behind the endpoint that this run holds (a vLLM server it started); 0 for a remote one
+        self.devices = 0  # GPUs behind the endpoints that this run holds (vLLM servers it started); 0 for remote ones
 
-    def _ensure_client(self):
-        # Created inside the running event loop: each asyncio.run gets its own client.
-        if self._client is None:
+    def _ensure_clients(self) -> None:
+        # Created inside the running event loop: each asyncio.run gets its own clients.
+        if self._semaphore is None:
             from openai import AsyncOpenAI
 
-            self._client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0)
+            for endpoint in self.endpoints:
+                endpoint.client = AsyncOpenAI(base_url=endpoint.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0)
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
-        return self._client
+
+    def _pick(self) -> Endpoint:
+        """The least loaded endpoint that is up; when all rest, the one whose rest ends first."""
+        now = time.monotonic()
+        up = [e for e in self.endpoints if e.down_until <= now]
+        if not up:
+            return min(self.endpoints, key=lambda e: e.down_until)
+        return min(up, key=lambda e: (e.in_flight, e.sent))
+
+    def _any_up(self) -> bool:
+        now = time.monotonic()
+        return any(e.down_until <= now for e in self.endpoints)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-        self._client, self._semaphore = None, None
+        for endpoint in self.endpoints:
+            if endpoint.client is not None:
+                await endpoint.client.close()
+            endpoint.client = None
+        self._semaphore = None
 
     async def complete(self, request: ChatRequest) -> Completion:
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-        client = self._ensure_client()
-        kwargs: dict[str, Any] = {
-            "model": self.model,
-            "messages": request.messages,
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-        }
-        if request.seed is not None:
-            kwargs["seed"] = request.seed
-        if request.json_schema is not None:
-            kwargs["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "reply", "schema": request.json_schema, "strict": True},
-            }
-        elif request.regex is not None:  # a vLLM extension; other servers answer 400, recorded as an error
-            kwargs["extra_body"] = {"structured_outputs": {"regex": request.regex}}
+        self._ensure_clients()
+        kwargs = chat_body(self.model, request)
+        if "structured_outputs" in kwargs:  # not a parameter the client knows: sent as part of the body
+            kwargs["extra_body"] = {"structured_outputs": kwargs.pop("structured_outputs")}
         attempts = 0
         start = time.monotonic()
         async with self._semaphore:
@@ -180,16 +204,29 @@ class OpenAIBackend:
                 async for attempt in AsyncRetrying(
                     stop=stop_after_attempt(self.max_retries + 1),
                     wait=WaitRetryAfter(
-                        wait_exponential_jitter(initial=self.retry_wait_s[0], max=self.retry_wait_s[1]), self.retry_after_cap_s
+                        wait_exponential_jitter(initial=self.retry_wait_s[0], max=self.retry_wait_s[1]),
+                        self.retry_after_cap_s,
+                        failover=self._any_up if len(self.endpoints) > 1 else None,
                     ),
                     retry=retry_if_exception(_retryable),
                     reraise=True,
                 ):
                     with attempt:
                         attempts += 1
-                        # The reply is read inside the attempt: a 200 whose body is no chat completion (no choices, not
-                        # JSON, cut short) is a MalformedReply, retried like a 5xx and then recorded, never raised.
-                        text, finish_reason, usage = _read_reply(await client.chat.completions.create(**kwargs))
+                        endpoint = self._pick()
+                        endpoint.in_flight += 1
+                        endpoint.sent += 1
+                        try:
+                            # The reply is read inside the attempt: a 200 whose body is no chat completion (no choices,
+                            # not JSON, cut short) is a MalformedReply, retried like a 5xx and then recorded, never raised.
+                            text, finish_reason, usage = _read_reply(await endpoint.client.chat.completions.create(**kwargs))
+                        except Exception as exc:
+                            if _unreachable(exc) and len(self.endpoints) > 1:
+                                endpoint.down_until = time.monotonic() + self.rest_s
+                                endpoint.failed_connections += 1
+                            raise
+                        finally:
+                            endpoint.in_flight -= 1
             except Exception as exc:  # after the retries: record, never raise
                 return Completion(
                     request.key,
@@ -208,6 +245,31 @@ class OpenAIBackend:
             latency_s=time.monotonic() - start,
             attempts=attempts,
         )
+
+
+def chat_body(model: str, request: ChatRequest) -> dict[str, Any]:
+    """The `/v1/chat/completions` body of a request (the online client's arguments, a batch file's line)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": request.messages,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+    }
+    if request.seed is not None:
+        body["seed"] = request.seed
+    if request.json_schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": request.json_schema, "strict": True}}
+    elif request.regex is not None:  # a vLLM extension; other servers answer 400, recorded as an error
+        body["structured_outputs"] = {"regex": request.regex}
+    return body
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A failure of the endpoint itself (refused, reset, gone mid-reply), not of the request: another endpoint may serve it."""
+    import openai
+
+    return isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError)
 
 
 class MalformedReply(Exception):
@@ -231,13 +293,17 @@ def _read_reply(response: Any) -> tuple[str, str | None, Any]:
 
 class WaitRetryAfter:
     """tenacity wait: the server's Retry-After (seconds or an HTTP date; `retry-after-ms` too) when it sends one,
-    up to `cap_s`; otherwise the fallback (exponential backoff with jitter)."""
+    up to `cap_s`; otherwise the fallback (exponential backoff with jitter). With `failover` (whether another endpoint is
+    up: several endpoints), an attempt that found its endpoint unreachable is retried at once."""
 
-    def __init__(self, fallback, cap_s: float):
-        self.fallback, self.cap_s = fallback, cap_s
+    def __init__(self, fallback, cap_s: float, failover=None):
+        self.fallback, self.cap_s, self.failover = fallback, cap_s, failover
 
     def __call__(self, retry_state) -> float:
-        hinted = retry_after_s(retry_state.outcome.exception() if retry_state.outcome else None)
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if exc is not None and self.failover is not None and _unreachable(exc) and self.failover():
+            return 0.0  # the endpoint is gone, another is up: no reason to wait
+        hinted = retry_after_s(exc)
         return min(hinted, self.cap_s) if hinted is not None else self.fallback(retry_state)
 
 
@@ -399,9 +465,14 @@ def open_backend(
     A vLLM server without explicit `gpus` leases tensor x data parallel devices from gpu_slots
     (omnithought_dagster.gpu) for its lifetime, so concurrent steps never share a GPU.
     """
+    if config.backend == "openai" and config.mode == "batch":
+        from omnithought_dagster.llm.batch_api import BatchAPIBackend
+
+        yield BatchAPIBackend(config, identity=backend_identity(config, None), api_key=api_key, log=log)
+        return
     if config.backend == "openai":
         yield OpenAIBackend(
-            config.base_url,
+            config.base_urls,
             config.model,
             identity=backend_identity(config, None),
             api_key=api_key,
@@ -415,24 +486,48 @@ def open_backend(
     if config.backend == "transformers":
         yield TransformersBackend(model, identity=identity)
         return
-    from omnithought_dagster.llm.vllm_server import serving
+    from omnithought_dagster.llm.vllm_server import VLLMServer, serving
 
     served_name = identity.replace("@", "-")
-    needed = 0 if config.gpus is not None or gpu_slots is None else config.tensor_parallel_size * config.data_parallel_size
+    needed = 0 if config.gpus is not None or gpu_slots is None else config.gpus_needed
     with contextlib.ExitStack() as stack:
         devices = stack.enter_context(gpu_slots.lease(needed, holder=f"vllm {served_name}")) if needed else []
         if devices:
             config = config.model_copy(update={"gpus": ",".join(devices)})
-        server = stack.enter_context(
-            serving(config, model=model, served_model_name=served_name, log_dir=log_dir, log=log, keep=not devices)
-        )
+        held = len(devices) if devices else len([d for d in (config.gpus or "").split(",") if d.strip()])
+        if config.mode == "batch":
+            from omnithought_dagster.llm.vllm_offline import VLLMOfflineBackend, offline_engine
+
+            engine = offline_engine(config, model=model, log_dir=log_dir, log=log).start()
+            stack.callback(engine.stop)
+            offline = VLLMOfflineBackend(engine, identity=identity, window=config.batch_window)
+            offline.devices = held
+            yield offline
+            return
+        if config.replicas == 1:
+            urls = [
+                stack.enter_context(
+                    serving(config, model=model, served_model_name=served_name, log_dir=log_dir, log=log, keep=not devices)
+                ).base_url
+            ]
+        else:
+            # Several servers of the step's own, each on its share of the devices, started side by side; never kept.
+            listed = [d.strip() for d in (config.gpus or "").split(",") if d.strip()]
+            share = len(listed) // config.replicas
+            servers = []
+            for replica in range(config.replicas):
+                own = config.model_copy(update={"gpus": ",".join(listed[replica * share : (replica + 1) * share])}) if listed else config
+                server = VLLMServer.from_config(own, model=model, served_model_name=served_name, log_dir=log_dir, log=log)
+                stack.callback(server.stop)
+                servers.append(server.launch())
+            urls = [server.wait_ready().base_url for server in servers]
         backend = OpenAIBackend(
-            server.base_url,
+            urls,
             served_name,
             identity=identity,
             timeout_s=config.request_timeout_s,
             max_retries=config.max_retries,
             max_concurrency=config.max_concurrency,
         )
-        backend.devices = len(devices) if devices else len([d for d in (config.gpus or "").split(",") if d.strip()])
+        backend.devices = held
         yield backend

@@ -67,6 +67,7 @@ class CacheView:
 
     load: Callable[[], dict[str, dict]]
     append: Callable[[list[tuple[str, dict]]], int]
+    batches: CacheView | None = None  # the partition's journal of provider batches (llm.batch_api), where a backend keeps one
 
 
 @dataclass
@@ -111,6 +112,8 @@ def run_cached(
     if misses:
         with open_backend() as backend:
             result.stats.devices = int(getattr(backend, "devices", 0) or 0)
+            if cache.batches is not None and hasattr(backend, "attach_journal"):
+                backend.attach_journal(cache.batches)
             asyncio.run(_send(misses, backend, cache, result, flush_every, in_flight, progress, progress_every, run_label))
     return result
 

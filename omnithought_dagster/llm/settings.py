@@ -23,14 +23,24 @@ class LLMConfig(SettingsModel):
     """
 
     backend: Literal["vllm", "openai", "transformers"] = "vllm"
+    mode: Literal["online", "batch"] = Field(
+        default="online",
+        description="online: a server (vllm) or chat completions (openai), request by request; batch: vLLM's offline engine in the "
+        "step's own process group (vllm), or the provider's batch API (openai) - throughput over latency, same replies",
+    )
     model: str = "tiny:teacher"
     name: str | None = Field(default=None, description="identity in trace ids; default the model (tiny models add their fingerprint)")
-    base_url: str | None = None
+    base_url: str | list[str] | None = Field(
+        default=None, description="openai: the endpoint, or a list of endpoints serving the model (requests spread over them)"
+    )
     api_key_env: str | None = Field(default=None, description="name of the env var holding the API key (openai)")
     python: str = Field(default=".venv-vllm/bin/python", description="interpreter of the vLLM environment (vllm)")
     gpus: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES for the server; default: inherited")
     tensor_parallel_size: int = Field(default=1, ge=1)
     data_parallel_size: int = Field(default=1, ge=1)
+    replicas: int = Field(
+        default=1, ge=1, le=64, description="vllm online: servers started for the step, each on its own devices; requests spread over them"
+    )
     max_model_len: int = Field(default=4096, ge=256)
     enforce_eager: bool = True
     dtype: str = "auto"
@@ -40,6 +50,15 @@ class LLMConfig(SettingsModel):
     request_timeout_s: float = Field(default=300, gt=0)
     max_retries: int = Field(default=4, ge=0, le=20)
     max_concurrency: int = Field(default=32, ge=1, le=4096)
+    batch_max_requests: int = Field(default=50_000, ge=1, le=1_000_000, description="openai batch mode: requests per batch at most")
+    batch_completion_window: str = Field(default="24h", description="openai batch mode: the completion_window asked of the provider")
+    batch_poll_s: float = Field(default=30.0, gt=0, description="openai batch mode: seconds between polls of a running batch")
+    batch_timeout_s: float = Field(
+        default=90_000.0, gt=0, description="openai batch mode: the step stops waiting for a batch after this (a rerun collects it)"
+    )
+    batch_window: int = Field(
+        default=1024, ge=1, le=65536, description="vllm batch mode: requests the offline engine holds at once (above its --max-num-seqs)"
+    )
     structured_output: Literal["json", "regex", "none"] = Field(
         default="json", description="constrain replies with vLLM structured outputs (json schema or regex); none for free text"
     )
@@ -51,6 +70,18 @@ class LLMConfig(SettingsModel):
     def _backend_fields(self) -> LLMConfig:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("base_url: required when backend is openai")
+        if self.mode == "batch" and self.backend == "transformers":
+            raise ValueError("mode: batch needs backend vllm (the offline engine) or openai (a batch API); transformers runs online")
+        if isinstance(self.base_url, list) and not self.base_url:
+            raise ValueError("base_url: an empty list")
+        if self.replicas > 1 and (self.backend != "vllm" or self.mode != "online"):
+            raise ValueError("replicas: several servers are started for backend vllm, mode online (openai: list the base_urls)")
+        if self.replicas > 1 and self.gpus is not None and len(_devices(self.gpus)) != self.gpus_needed:
+            raise ValueError(
+                f"gpus: {len(_devices(self.gpus))} listed, {self.gpus_needed} needed (replicas x tensor_parallel_size x data_parallel_size)"
+            )
+        if self.mode == "batch" and self.backend == "vllm" and self.data_parallel_size > 1:
+            raise ValueError("data_parallel_size: vLLM's offline engine runs one data-parallel rank; use mode online for several")
         return self
 
     def output_settings(self) -> dict[str, Any]:
@@ -61,9 +92,22 @@ class LLMConfig(SettingsModel):
         )
 
     @property
+    def gpus_needed(self) -> int:
+        """GPUs the step leases to serve this model: each vLLM server (or offline engine) tensor x data parallel, per replica."""
+        return self.tensor_parallel_size * self.data_parallel_size * self.replicas if self.backend == "vllm" else 0
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url or [])
+
+    @property
     def label(self) -> str:
         """How the project file names this model elsewhere (recipes, prices, reports): `name`, else `model`."""
         return self.name or self.model
+
+
+def _devices(gpus: str) -> list[str]:
+    return [device.strip() for device in gpus.split(",") if device.strip()]
 
 
 class TeacherConfig(LLMConfig):

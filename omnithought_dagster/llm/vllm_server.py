@@ -134,6 +134,7 @@ class VLLMServer:
         self.log = log
         self.process: subprocess.Popen | None = None
         self.log_path: Path | None = None
+        self._launched = 0.0
 
     @classmethod
     def from_config(cls, config: LLMConfig, *, model: str, served_model_name: str, log_dir=None, log=None) -> VLLMServer:
@@ -159,18 +160,15 @@ class VLLMServer:
         return f"http://{self.host}:{self.port}/v1"
 
     def command(self) -> list[str]:
-        command = [
-            self.python,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
+        server = ["--served-model-name", self.served_model_name, "--host", self.host, "--port", str(self.port)]
+        return [self.python, "-m", "vllm.entrypoints.openai.api_server", *server, *self.engine_arguments()]
+
+    def engine_arguments(self) -> list[str]:
+        """The engine's arguments (vLLM's own flags, `--model` first): the server's, and the offline engine's
+        (llm/vllm_offline.py), so both generate alike."""
+        arguments = [
             "--model",
             self.model,
-            "--served-model-name",
-            self.served_model_name,
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
             "--max-model-len",
             str(self.max_model_len),
             "--dtype",
@@ -183,13 +181,13 @@ class VLLMServer:
             json.dumps(STRUCTURED_OUTPUTS),
         ]
         if self.enforce_eager:
-            command.append("--enforce-eager")
+            arguments.append("--enforce-eager")
         if not any("chunked-prefill" in arg for arg in self.extra_args) and is_cpu_build(self.python):
             # vLLM's CPU build cannot rewind a seeded request's generator when a chunked prefill
             # discards a sampled token ("CPU Generator does not use offset"): the engine dies and
             # every request fails. Whole prefills avoid it (and were faster here, 2.8k vs 1.8k tokens/s).
-            command.append("--no-enable-chunked-prefill")
-        return command + self.extra_args
+            arguments.append("--no-enable-chunked-prefill")
+        return arguments + self.extra_args
 
     def environment(self) -> dict[str, str]:
         # Not the step's whole environment (its other secrets): what a server needs, and the config's `env`.
@@ -202,6 +200,10 @@ class VLLMServer:
         return env
 
     def start(self) -> VLLMServer:
+        return self.launch().wait_ready()
+
+    def launch(self) -> VLLMServer:
+        """Start the process and return at once (`wait_ready` waits for it): several servers start side by side."""
         if not Path(self.python).exists():
             raise VLLMStartError(f"no vLLM interpreter at {self.python} (teacher.python); `make vllm-env` creates the CPU one")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -222,13 +224,17 @@ class VLLMServer:
         finally:
             handle.close()
         self._say(f"vLLM server starting (pid {self.process.pid}, {self.base_url}, log {self.log_path})")
-        started = time.monotonic()
+        self._launched = time.monotonic()
+        return self
+
+    def wait_ready(self) -> VLLMServer:
+        """Until the server lists its model; a server that exits or stays unready past the timeout is stopped and raises."""
         try:
-            self._wait_ready(started)
+            self._wait_ready(self._launched)
         except BaseException:
             self.stop()
             raise
-        self._say(f"vLLM server ready after {time.monotonic() - started:.1f}s")
+        self._say(f"vLLM server ready after {time.monotonic() - self._launched:.1f}s")
         return self
 
     def _wait_ready(self, started: float) -> None:
@@ -250,22 +256,7 @@ class VLLMServer:
         """SIGTERM the server's process group, SIGKILL what is left after the grace period."""
         if self.process is None or self.process.poll() is not None:
             return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        # Engine workers live in the same group; make sure none outlives the server.
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                break  # the group is empty
-            time.sleep(0.2)
+        stop_group(self.process, grace_s)
         self._say(f"vLLM server stopped (pid {self.process.pid})")
 
     def tail(self, lines: int = 40) -> str:
@@ -285,6 +276,26 @@ class VLLMServer:
     def _say(self, message: str) -> None:
         if self.log is not None:
             self.log.info(message)
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM the process group `process` leads (a guard: processes.guarded), SIGKILL what is left after the grace
+    period; by PID, never by name. The engine workers live in the same group: none outlives it."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            break  # the group is empty
+        time.sleep(0.2)
 
 
 @functools.lru_cache(maxsize=8)

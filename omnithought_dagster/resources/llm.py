@@ -42,6 +42,7 @@ class LLMResource(dg.ConfigurableResource):
             lambda: self.open(config, models_dir=models_dir, log=log, gpu_slots=gpu_slots),
             names=(config.label, config.model),
             token_source="counted" if config.backend == "transformers" else "provider",
+            batched=config.backend == "openai" and config.mode == "batch",
         )
 
     @contextlib.contextmanager

@@ -43,6 +43,17 @@ class ResultCache:
     def directory(self, partition: Mapping[str, str]) -> str:
         return self._store.path("cache", self.name, *(f"{k}={v}" for k, v in partition.items()))
 
+    def view(self, partition: Mapping[str, str]):
+        """The partition's slice for llm.runner.run_cached, with its journal of provider batches (`<name>-batches`)."""
+        from omnithought_dagster.llm.runner import CacheView
+
+        journal = self._store.cache(f"{self.name}-batches")
+        return CacheView(
+            load=lambda: self.load(partition),
+            append=lambda batch: self.append(partition, batch),
+            batches=CacheView(load=lambda: journal.load(partition), append=lambda batch: journal.append(partition, batch)),
+        )
+
     def load(self, partition: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         """Every cached result of the partition; the newest wins when a key repeats."""
         entries: dict[str, tuple[float, dict]] = {}

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from omnithought_dagster.ids import content_id, shard_of
 from omnithought_dagster.llm.backends import Backend, ChatRequest, Completion, image_data_url
-from omnithought_dagster.llm.runner import CacheView, PendingRequest, RunStats, given, run_cached
+from omnithought_dagster.llm.runner import PendingRequest, RunStats, given, run_cached
 from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.store.tables import COT_TRACES
 from omnithought_dagster.teacher.prompt import TeacherPrompt, json_schema, parse_reply, reply_regex
@@ -70,6 +70,7 @@ class BackendPlan:
     open: Callable[[], AbstractContextManager[Backend]]
     names: tuple[str, ...] = ()  # what the project file calls it (its label, its model): where its price is looked up
     token_source: str = "provider"  # who counts its tokens: the server (provider) or this process (counted)
+    batched: bool = False  # sent through a provider's batch API (priced with its batch discount)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def generate_shard(
     result = run_cached(
         pending,
         plan.open,
-        CacheView(load=lambda: cache.load(partition), append=lambda batch: cache.append(partition, batch)),
+        cache.view(partition),
         flush_every=generation.flush_every,
         progress=progress,
         run_label=run_label,
