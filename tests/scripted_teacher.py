@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,8 +28,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class ScriptedTeacher:
-    def __init__(self, answers: dict[int, str], reasonings: list[Callable[[int], str]], model: str = "scripted"):
-        self.answers, self.reasonings, self.model = answers, reasonings, model
+    def __init__(self, answers: dict[int, str], reasonings: list[Callable[[int], str]], model: str = "scripted", delay_s: float = 0.0):
+        self.answers, self.reasonings, self.model, self.delay_s = answers, reasonings, model, delay_s
         self.texts: list[str] = []
         self.requests = {"teacher": 0, "judge": 0}
         self._lock = threading.Lock()
@@ -45,6 +46,7 @@ class ScriptedTeacher:
 
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                time.sleep(teacher.delay_s)  # a server that takes its time: requests stay in flight
                 self._send(teacher.reply(body))
 
             def _send(self, payload: dict) -> None:
@@ -100,3 +102,11 @@ class ScriptedTeacher:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200},
         }
+
+
+if __name__ == "__main__":  # a server in a process of its own (a test SIGKILLs it): prints its base URL, serves until killed
+    import sys
+
+    with ScriptedTeacher({}, [lambda item: f"counted {item}"], delay_s=float(sys.argv[1]) if len(sys.argv) > 1 else 0.0) as served:
+        print(served.base_url, flush=True)
+        threading.Event().wait()

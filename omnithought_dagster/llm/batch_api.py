@@ -102,23 +102,30 @@ class BatchAPIBackend:
             else:
                 fresh.append(key)
         jobs = [self._collect(records[file_id], keys, taken) for file_id, keys in by_file.items()]
-        for start in range(0, len(fresh), self.config.batch_max_requests):
-            jobs.append(self._submit_and_collect([taken[key][0] for key in fresh[start : start + self.config.batch_max_requests]], taken))
+        # New batches: at most batch_max_requests lines and batch_max_bytes each (a provider refuses larger files).
+        chunk: list[tuple[str, bytes]] = []
+        size = 0
+        for key in fresh:
+            line = json.dumps(
+                {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": chat_body(self.config.model, taken[key][0])}
+            )
+            data = line.encode("utf-8") + b"\n"
+            if chunk and (len(chunk) >= self.config.batch_max_requests or size + len(data) > self.config.batch_max_bytes):
+                jobs.append(self._submit_and_collect(chunk, taken))
+                chunk, size = [], 0
+            chunk.append((key, data))
+            size += len(data)
+        if chunk:
+            jobs.append(self._submit_and_collect(chunk, taken))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _submit_and_collect(self, requests: list[ChatRequest], taken) -> None:
+    async def _submit_and_collect(self, lines: list[tuple[str, bytes]], taken) -> None:
         client = self._ensure_client()
-        lines = [
-            json.dumps({"custom_id": r.key, "method": "POST", "url": "/v1/chat/completions", "body": chat_body(self.config.model, r)})
-            for r in requests
-        ]
-        uploaded = await client.files.create(
-            file=("requests.jsonl", io.BytesIO(("\n".join(lines) + "\n").encode("utf-8"))), purpose="batch"
-        )
-        record = {"input_file_id": uploaded.id, "keys": [r.key for r in requests], "created_at": time.time(), "batch_id": None}
+        uploaded = await client.files.create(file=("requests.jsonl", io.BytesIO(b"".join(data for _, data in lines))), purpose="batch")
+        record = {"input_file_id": uploaded.id, "keys": [key for key, _ in lines], "created_at": time.time(), "batch_id": None}
         self._journal(record)  # before the batch exists: a step killed after creating it finds it by this file
         await self._collect(record, record["keys"], taken)
 

@@ -51,6 +51,9 @@ class LLMConfig(SettingsModel):
     max_retries: int = Field(default=4, ge=0, le=20)
     max_concurrency: int = Field(default=32, ge=1, le=4096)
     batch_max_requests: int = Field(default=50_000, ge=1, le=1_000_000, description="openai batch mode: requests per batch at most")
+    batch_max_bytes: int = Field(
+        default=190_000_000, ge=1_000, description="openai batch mode: bytes per batch file at most (images travel inline)"
+    )
     batch_completion_window: str = Field(default="24h", description="openai batch mode: the completion_window asked of the provider")
     batch_poll_s: float = Field(default=30.0, gt=0, description="openai batch mode: seconds between polls of a running batch")
     batch_timeout_s: float = Field(

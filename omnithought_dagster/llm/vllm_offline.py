@@ -94,8 +94,7 @@ class OfflineEngine:
             with self._lock:
                 waiting = self._waiting.pop(message.get("id"), None)
             if waiting is not None:
-                loop, future = waiting
-                loop.call_soon_threadsafe(_settle, future, message)
+                _hand_over(*waiting, message)
         self._fail_all(f"the vLLM offline engine exited (code {self.process.wait()}):\n{self.tail(12)}")
 
     def _fail_all(self, reason: str) -> None:
@@ -103,7 +102,7 @@ class OfflineEngine:
             self._dead = reason
             waiting, self._waiting = list(self._waiting.values()), {}
         for loop, future in waiting:
-            loop.call_soon_threadsafe(_settle, future, {"error": reason})
+            _hand_over(loop, future, {"error": reason})
 
     async def submit(self, payload: dict[str, Any]) -> dict[str, Any]:
         """The worker's reply to one request (`{"error": ...}` when the engine refused it or died)."""
@@ -151,6 +150,14 @@ class OfflineEngine:
     def _say(self, message: str) -> None:
         if self.log is not None:
             self.log.info(message)
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, future: asyncio.Future, message: dict) -> None:
+    """A reply to the loop that waits for it; a loop that has ended (nobody waits any more) is no error of the reader's."""
+    try:
+        loop.call_soon_threadsafe(_settle, future, message)
+    except RuntimeError:
+        pass
 
 
 def _settle(future: asyncio.Future, message: dict) -> None:
