@@ -24,8 +24,11 @@ class _Server(ThreadingHTTPServer):
 
 
 class BatchStandIn:
-    def __init__(self, answer: Callable[[dict], dict], *, hold: bool = False, fail: Callable[[str], bool] | None = None):
+    def __init__(
+        self, answer: Callable[[dict], dict], *, hold: bool = False, fail: Callable[[str], bool] | None = None, lose_creates: int = 0
+    ):
         self.answer, self.fail = answer, fail or (lambda custom_id: False)
+        self.lose_creates = lose_creates  # this many batch creations succeed but answer 502 (the reply lost on the way)
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
         self.processed = 0  # request lines answered (billed)
@@ -80,7 +83,11 @@ class BatchStandIn:
                     request = json.loads(body)
                     if request.get("input_file_id") not in standin.files:
                         return self._send(400, json.dumps({"error": {"message": "no such file"}}).encode(), "application/json")
-                    return self._json(standin._view(standin._create(request)))
+                    batch = standin._view(standin._create(request))
+                    if standin.lose_creates > 0:
+                        standin.lose_creates -= 1
+                        return self._send(502, b"bad gateway", "text/plain")
+                    return self._json(batch)
                 return self._missing()
 
             def _missing(self):

@@ -53,6 +53,11 @@ def _batch_plan(api: BatchStandIn, **settings) -> BackendPlan:
     return BackendPlan("batched", True, lambda: open_backend(config, models_dir="unused"), names=("batched",), batched=True)
 
 
+def _batch_teacher(api: BatchStandIn) -> dict:
+    """A project file's teacher sent through the stand-in's batch API."""
+    return {"backend": "openai", "mode": "batch", "base_url": api.base_url, "model": "scripted", "name": "batched", "batch_poll_s": 0.05}
+
+
 def _generate(store, plan):
     return generate_shard(store, "s", "000", plan, PROMPT, GENERATION)
 
@@ -131,14 +136,7 @@ def test_requests_a_batch_failed_are_errors_then_go_out_in_a_new_batch(tmp_path)
 @pytest.mark.dagster
 def test_the_ledger_prices_batch_requests_with_the_batch_discount(tmp_path, instance):
     with BatchStandIn(_answers().reply) as api:
-        teacher = {
-            "backend": "openai",
-            "mode": "batch",
-            "base_url": api.base_url,
-            "model": "scripted",
-            "name": "batched",
-            "batch_poll_s": 0.05,
-        }
+        teacher = _batch_teacher(api)
         costs = {"prices": {"batched": {"input_per_million": 2.0, "output_per_million": 8.0, "batch_discount": 0.5}}}
         config = served_config(tmp_path, api.base_url, n_samples=4, teacher=teacher, generation={"shards": 1}, costs=costs)
         assert run_job(config, instance, SEED_JOB, "synthetic").success
@@ -155,14 +153,7 @@ def test_the_ledger_prices_batch_requests_with_the_batch_discount(tmp_path, inst
 def test_a_batch_step_killed_while_its_batch_runs_resumes_the_batch(tmp_path, instance):
     """SIGKILL of the step while the provider holds its batch; the rerun collects that batch: paid once, at the stand-in."""
     with BatchStandIn(_answers().reply, hold=True) as api:
-        teacher = {
-            "backend": "openai",
-            "mode": "batch",
-            "base_url": api.base_url,
-            "model": "scripted",
-            "name": "batched",
-            "batch_poll_s": 0.05,
-        }
+        teacher = _batch_teacher(api)
         config = served_config(tmp_path, api.base_url, n_samples=6, teacher=teacher, generation={"shards": 1})
         assert run_job(config, instance, SEED_JOB, "synthetic").success
         journal = CorpusStore(config.store.root).cache("generation-batches")
@@ -297,3 +288,128 @@ def test_two_vllm_replicas_with_one_killed_complete_every_request(tiny_teacher, 
         killer.join()
     assert (result.stats.sent, result.stats.failed) == (60, 0)
     assert backend.endpoints[0].failed_connections >= 1
+
+
+def test_a_key_handed_over_twice_at_once_is_answered_twice_from_one_line(tmp_path):
+    import asyncio
+
+    from omnithought_dagster.llm.backends import ChatRequest
+
+    with BatchStandIn(_answers().reply) as api:
+        config = LLMConfig(backend="openai", mode="batch", base_url=api.base_url, model="scripted", batch_poll_s=0.05)
+
+        async def twice():
+            with open_backend(config, models_dir="unused") as backend:
+                request = ChatRequest("k", [{"role": "user", "content": "item 3"}], 16, 1.0, 1.0)
+                replies = await asyncio.gather(backend.complete(request), backend.complete(request))
+                await backend.aclose()
+                return replies
+
+        first, second = asyncio.run(twice())
+    assert first.text == second.text and first.batched and api.processed == 1
+
+
+def test_a_batch_the_provider_refuses_gives_its_keys_up_and_the_rerun_sends_them_anew(tmp_path):
+    store = _store(tmp_path)
+    with BatchStandIn(_answers().reply, hold=True) as api:
+        _generate(store, _batch_plan(api, batch_timeout_s=0.2))  # journals file-1 and batch-1
+        journal = store.cache("generation-batches")
+        (record,) = journal.load(PARTITION).values()
+        gone = {
+            **record,
+            "input_file_id": "file-gone",
+            "batch_id": None,
+            "created_at": record["created_at"] + 1,
+        }  # a file the provider lost
+        journal.append(
+            PARTITION, [("file-gone", gone), (record["input_file_id"], {**record, "spent": dict.fromkeys(record["keys"], True)})]
+        )
+        api.release()
+        refused = _generate(store, _batch_plan(api))  # the unknown file's batch: 400, every key an error, given up
+        assert refused.stats.failed == 12 and api.created == 1
+        assert all("refused" in (e or "") for e in refused.rows.column("error").to_pylist())
+        after = _generate(store, _batch_plan(api))
+        assert (after.stats.failed, api.created, api.processed) == (0, 2, 12 + 12)
+
+
+def test_a_batch_whose_create_reply_was_lost_is_found_not_created_again(tmp_path):
+    store = _store(tmp_path)
+    with BatchStandIn(_answers().reply, lose_creates=1) as api:
+        result = _generate(store, _batch_plan(api))
+        assert (result.stats.failed, api.created, api.processed) == (0, 1, 12)
+
+
+def test_the_ledger_prices_each_reply_as_it_was_paid():
+    from omnithought_dagster.ledger.ledger import Payer, llm_row
+    from omnithought_dagster.ledger.settings import CostsConfig, Price
+    from omnithought_dagster.llm.backends import Completion
+
+    replies = [Completion(str(i), "x", "stop", n_prompt_tokens=100, n_tokens=10, batched=i < 3) for i in range(5)]
+    costs = CostsConfig(prices={"m": Price(input_per_million=1.0, output_per_million=10.0, batch_discount=0.5)})
+    row = llm_row(Payer("cot_traces", "p", "teacher", "m", ("m",)), replies, None, None, costs)
+    assert (row["batched"], row["batched_prompt_tokens"], row["batched_completion_tokens"]) == (True, 300, 30)
+    assert row["token_cost"] == pytest.approx((200 * 1.0 + 20 * 10.0) / 1e6 + (300 * 1.0 + 30 * 10.0) / 1e6 * 0.5)
+    again = Completion.from_payload("0", replies[0].to_payload())
+    assert again.batched and "batched" not in replies[4].to_payload()  # an online reply's payload is as it was
+
+
+def test_a_connection_that_cannot_be_made_in_time_is_unreachable_a_slow_reply_is_not():
+    import httpx
+    import openai
+
+    from omnithought_dagster.llm.backends import _unreachable
+
+    request = httpx.Request("POST", "http://x/v1/chat/completions")
+    connect = openai.APITimeoutError(request)
+    connect.__cause__ = httpx.ConnectTimeout("no connection")
+    slow = openai.APITimeoutError(request)
+    slow.__cause__ = httpx.ReadTimeout("no reply yet")
+    assert _unreachable(connect) and not _unreachable(slow)
+    assert _unreachable(openai.APIConnectionError(request=request))
+
+
+FAKE_WORKER = """
+import json, sys, time
+print(json.dumps({"ready": True}), flush=True)
+print("[1, 2]", flush=True)  # lines that are no reply: skipped
+print('"text"', flush=True)
+mode = sys.argv[1]
+for line in sys.stdin:
+    request = json.loads(line)
+    if request["key"] == "answered":
+        print(json.dumps({"id": request["id"], "text": "ok", "finish_reason": "stop", "n_prompt_tokens": 1, "n_tokens": 1}), flush=True)
+    elif mode == "exit":
+        sys.exit(3)
+    # mode hang: holds the request and never answers
+time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("mode", ["hang", "exit"])
+def test_an_offline_engine_that_hangs_or_dies_answers_every_waiting_request_with_an_error(tmp_path, mode):
+    import asyncio
+
+    from omnithought_dagster.llm.backends import ChatRequest
+    from omnithought_dagster.llm.vllm_offline import OfflineEngine, VLLMOfflineBackend
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAKE_WORKER)
+    engine = OfflineEngine(
+        sys.executable, [mode], environment=dict(os.environ), startup_timeout_s=30, log_dir=tmp_path, stall_s=1.0, worker=worker
+    )
+    engine.start()
+    try:
+        backend = VLLMOfflineBackend(engine, identity="fake", window=8)
+
+        async def ask():
+            requests = [ChatRequest(key, [{"role": "user", "content": "q"}], 8, 1.0, 1.0) for key in ("answered", "held")]
+            return await asyncio.gather(*(backend.complete(r) for r in requests))
+
+        started = time.monotonic()
+        answered, held = asyncio.run(ask())
+        assert answered.text == "ok" and held.finish_reason == "error"
+        assert ("finished nothing" if mode == "hang" else "exited") in held.error
+        assert time.monotonic() - started < 40
+        assert engine.process.poll() is not None  # a hung engine is stopped, not left running
+    finally:
+        engine.stop(grace_s=2)

@@ -147,7 +147,10 @@ def test_money_is_null_without_a_price_and_exact_with_one():
     assert known["token_cost"] == pytest.approx(2 * 0.5 + 0.5 * 2.0)
     assert known["gpu_cost"] == pytest.approx(2 * 3.0)
     assert known["cost"] == pytest.approx(8.0) and known["price_version"] == costs.version
-    assert money(_row(batched=True), costs.price("a"), costs)["token_cost"] == pytest.approx(1.0)  # the batch discount
+    everything_batched = _row(batched=True, batched_prompt_tokens=2_000_000, batched_completion_tokens=500_000)
+    assert money(everything_batched, costs.price("a"), costs)["token_cost"] == pytest.approx(1.0)  # the batch discount
+    half = _row(batched=True, batched_prompt_tokens=1_000_000, batched_completion_tokens=0)  # a mode switch: replies of both
+    assert money(half, costs.price("a"), costs)["token_cost"] == pytest.approx(2.0 - 1 * 0.5 * 0.5)
     input_only = CostsConfig(prices={"a": Price(input_per_million=1.0)})
     assert money(_row(), input_only.price("a"), input_only)["cost"] is None  # completion tokens used, their price unknown
     assert money(_row(completion_tokens=0), input_only.price("a"), input_only)["cost"] == pytest.approx(2.0)  # GPU time: not by this price

@@ -97,7 +97,7 @@ def build_annotate_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
             written = corpus.write_partition("annotations", partition, result.rows)
             ledger = [
                 llm_row(
-                    Payer("annotations", context.partition_key, "judge", plan.identity, plan.names, plan.token_source, plan.batched),
+                    Payer("annotations", context.partition_key, "judge", plan.identity, plan.names, plan.token_source),
                     run.completions.values(),
                     run.stats,
                     context.run_id,

@@ -48,7 +48,8 @@ def gpu_op_tags(config: ProjectConfig, llm: LLMConfig) -> dict:
 
 def shard_asset(config: ProjectConfig, key: dg.AssetKey, group: str, llm: LLMConfig, deps: tuple = ()) -> dict:
     """@asset arguments of a model-driven stage: source x shard partitions, seed_pool upstream by
-    source, the `gpu` pool and the GPU request of the model it serves, its table's schema."""
+    source, the `gpu` pool (for a model served on the step's devices) and the GPU request of the model it serves, its
+    table's schema."""
     table = key.to_user_string()
     return {
         "key": key,
@@ -59,7 +60,9 @@ def shard_asset(config: ProjectConfig, key: dg.AssetKey, group: str, llm: LLMCon
         ],
         "group_name": group,
         "kinds": {"vllm", "parquet"},
-        "pool": GPU_POOL,
+        # A model on the step's own devices takes a `gpu` slot; a remote endpoint or a provider's batch (which may run for
+        # hours) holds no local GPU and takes none.
+        "pool": GPU_POOL if llm.gpus_needed else None,
         "op_tags": gpu_op_tags(config, llm),
         "tags": {"stage": group, "compute": "gpu"},
         "metadata": {"dagster/column_schema": column_schema(table_spec(table)), "table": table},
@@ -151,7 +154,6 @@ def build_teacher_assets(config: ProjectConfig) -> list[dg.AssetsDefinition]:
                         plan.plan.identity,
                         plan.plan.names,
                         plan.plan.token_source,
-                        plan.plan.batched,
                     ),
                     shard_result.completions.values(),
                     shard_result.stats,

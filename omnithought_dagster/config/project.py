@@ -344,7 +344,9 @@ class ProjectConfig(SettingsModel):
         own = self.teachers[index]
         others = [self.teachers[(index + step) % len(self.teachers)] for step in range(1, len(self.teachers))]
         # Another model first (two names for one served model would grade their own traces), else the next teacher.
-        different = [t for t in others if (t.backend, t.base_url, t.model) != (own.backend, own.base_url, own.model)]
+        different = [
+            t for t in others if (t.backend, frozenset(t.base_urls), t.model) != (own.backend, frozenset(own.base_urls), own.model)
+        ]
         return (different or others or [own])[0]
 
     @property

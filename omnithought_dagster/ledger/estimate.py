@@ -148,6 +148,8 @@ def _scale(key: tuple[str, str], planned: int, replies: list[Completion], plan: 
         "gpu_seconds": round(gpu * planned, 3) if gpu is not None else 0.0,
         "unstamped": int(gpu is None),  # no engine time measured: GPU money unknown
         "batched": plan.batched,
+        "batched_prompt_tokens": round(prompt * planned) if plan.batched else 0,
+        "batched_completion_tokens": round(completion * planned) if plan.batched else 0,
     }
     priced = money(row, costs.price(*plan.names), costs)
     if not ok and planned:  # nothing answered: no tokens per request to scale

@@ -36,7 +36,6 @@ class Payer:
     model: str
     price_names: tuple[str | None, ...] = ()
     token_source: str = "provider"  # provider (the server's usage) | counted (counted here)
-    batched: bool = False
 
 
 def llm_row(payer: Payer, completions: Iterable[Completion], stats: RunStats | None, run_id: str | None, costs: CostsConfig) -> dict:
@@ -45,6 +44,7 @@ def llm_row(payer: Payer, completions: Iterable[Completion], stats: RunStats | N
     ok = [c for c in replies if c.finish_reason != "error"]
     paid_by = {c.paid_by for c in replies if c.paid_by is not None}
     reported = [c for c in ok if c.n_tokens is not None]
+    batched = [c for c in ok if c.batched]  # each reply as it was paid: a partition may hold both after a mode switch
     row = {
         "stage": payer.stage,
         "partition": payer.partition,
@@ -63,7 +63,9 @@ def llm_row(payer: Payer, completions: Iterable[Completion], stats: RunStats | N
         "written_by_run": run_id,
         "requests_sent": stats.sent if stats is not None else 0,
         "cache_hits": stats.cache_hits if stats is not None else 0,
-        "batched": payer.batched,
+        "batched": bool(batched),
+        "batched_prompt_tokens": sum(c.n_prompt_tokens or 0 for c in batched),
+        "batched_completion_tokens": sum(c.n_tokens or 0 for c in batched),
     }
     return {**row, **money(row, costs.price(*payer.price_names), costs)}
 
@@ -89,6 +91,8 @@ def process_row(payer: Payer, *, seconds: float, gpus: int, tokens: int | None, 
         "requests_sent": 0,
         "cache_hits": 0,
         "batched": False,
+        "batched_prompt_tokens": 0,
+        "batched_completion_tokens": 0,
     }
     price = costs.price(*payer.price_names)
     # A process's tokens are what it read, not what it bought: only its device time is priced.
@@ -97,7 +101,7 @@ def process_row(payer: Payer, *, seconds: float, gpus: int, tokens: int | None, 
 
 def money(row: dict, price: Price | None, costs: CostsConfig) -> dict:
     """Token and GPU money of a row, never a guess: null without a price (or one that prices nothing); tokens at the token
-    prices (less the batch discount for batched requests) - null where tokens were used whose price is missing, 0 for a
+    prices (less the batch discount for the tokens of batched replies) - null where tokens were used whose price is missing, 0 for a
     model priced by its GPU time alone; GPU-seconds at the GPU-hour price - null where some of the engine's time is unknown
     (replies cached before the ledger existed). `cost` is null when either part is."""
     base = {
@@ -113,7 +117,7 @@ def money(row: dict, price: Price | None, costs: CostsConfig) -> dict:
     }
     if price is None or (price.input_per_million is None and price.output_per_million is None and price.gpu_hour is None):
         return base
-    factor = 1.0 - price.batch_discount if row["batched"] else 1.0
+    discounted = row.get("batched_prompt_tokens", 0), row.get("batched_completion_tokens", 0)
     by_time_alone = price.input_per_million is None and price.output_per_million is None
     unpriced = (row["prompt_tokens"] and price.input_per_million is None) or (row["completion_tokens"] and price.output_per_million is None)
     tokens = (
@@ -121,9 +125,11 @@ def money(row: dict, price: Price | None, costs: CostsConfig) -> dict:
         if by_time_alone
         else None
         if unpriced
-        else (row["prompt_tokens"] * (price.input_per_million or 0.0) + row["completion_tokens"] * (price.output_per_million or 0.0))
+        else (
+            (row["prompt_tokens"] - discounted[0] * price.batch_discount) * (price.input_per_million or 0.0)
+            + (row["completion_tokens"] - discounted[1] * price.batch_discount) * (price.output_per_million or 0.0)
+        )
         / 1e6
-        * factor
     )
     if price.gpu_hour is None:
         gpu = 0.0  # priced by its tokens alone: its GPU time is the provider's

@@ -54,9 +54,12 @@ class Completion:
     paid_by: str | None = None  # the run that sent it
     engine_s: float | None = None  # its share of the engine's time while the run sent (seconds between flushes / replies)
     gpu_s: float | None = None  # engine_s x the GPUs the engine held
+    batched: bool = False  # paid through a provider's batch API (the ledger applies the batch discount to it)
 
     def to_payload(self) -> dict[str, Any]:
+        extra = {"batched": True} if self.batched else {}  # absent otherwise: payloads stay as they were
         return {
+            **extra,
             "text": self.text,
             "finish_reason": self.finish_reason,
             "n_prompt_tokens": self.n_prompt_tokens,
@@ -71,6 +74,7 @@ class Completion:
     @classmethod
     def from_payload(cls, key: str, payload: dict[str, Any]) -> Completion:
         known = {k: payload.get(k) for k in ("paid_by", "engine_s", "gpu_s")}
+        known["batched"] = bool(payload.get("batched"))
         rest = {k: v for k, v in payload.items() if k not in known}
         return cls(key=key, error=None, **rest, **known)
 
@@ -112,6 +116,7 @@ class Endpoint:
     client: Any = None
     in_flight: int = 0
     down_until: float = 0.0  # monotonic time before which it gets no request (another endpoint is up)
+    probing: bool = False  # back from a rest: one request at a time until one succeeds
     sent: int = 0  # attempts sent to it
     failed_connections: int = 0
 
@@ -125,8 +130,8 @@ class OpenAIBackend:
 
     With several `base_url`s (servers of one model) each attempt goes to the least loaded endpoint that is up. An endpoint
     that cannot be reached (refused, reset, gone mid-reply) rests for `rest_s` and the attempt is retried on another at
-    once: a server that dies mid-shard costs the requests it held one attempt each. After its rest it is tried again (a
-    restarted server comes back). `max_concurrency` is per endpoint.
+    once: a server that dies mid-shard costs the requests it held one attempt each. After its rest it gets one request at a
+    time until one succeeds (a restarted server comes back). `max_concurrency` x the endpoints are in flight in all.
     """
 
     supports_structured_output = True
@@ -174,9 +179,9 @@ class OpenAIBackend:
     def _pick(self) -> Endpoint:
         """The least loaded endpoint that is up; when all rest, the one whose rest ends first."""
         now = time.monotonic()
-        up = [e for e in self.endpoints if e.down_until <= now]
+        up = [e for e in self.endpoints if e.down_until <= now and not (e.probing and e.in_flight)]
         if not up:
-            return min(self.endpoints, key=lambda e: e.down_until)
+            return min(self.endpoints, key=lambda e: (e.down_until, e.in_flight))
         return min(up, key=lambda e: (e.in_flight, e.sent))
 
     def _any_up(self) -> bool:
@@ -220,9 +225,11 @@ class OpenAIBackend:
                             # The reply is read inside the attempt: a 200 whose body is no chat completion (no choices,
                             # not JSON, cut short) is a MalformedReply, retried like a 5xx and then recorded, never raised.
                             text, finish_reason, usage = _read_reply(await endpoint.client.chat.completions.create(**kwargs))
+                            endpoint.probing = False
                         except Exception as exc:
                             if _unreachable(exc) and len(self.endpoints) > 1:
                                 endpoint.down_until = time.monotonic() + self.rest_s
+                                endpoint.probing = True
                                 endpoint.failed_connections += 1
                             raise
                         finally:
@@ -266,10 +273,15 @@ def chat_body(model: str, request: ChatRequest) -> dict[str, Any]:
 
 
 def _unreachable(exc: BaseException) -> bool:
-    """A failure of the endpoint itself (refused, reset, gone mid-reply), not of the request: another endpoint may serve it."""
+    """A failure of the endpoint itself (refused, reset, gone mid-reply, no connection within the timeout), not of the
+    request: another endpoint may serve it. A request that timed out on an open connection is the request's (a long
+    generation), not the endpoint's."""
+    import httpx
     import openai
 
-    return isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError)
+    if isinstance(exc, openai.APITimeoutError):
+        return isinstance(exc.__cause__, httpx.ConnectTimeout)
+    return isinstance(exc, openai.APIConnectionError)
 
 
 class MalformedReply(Exception):
@@ -486,7 +498,7 @@ def open_backend(
     if config.backend == "transformers":
         yield TransformersBackend(model, identity=identity)
         return
-    from omnithought_dagster.llm.vllm_server import VLLMServer, serving
+    from omnithought_dagster.llm.vllm_server import VLLMServer, VLLMStartError, is_cpu_build, serving
 
     served_name = identity.replace("@", "-")
     needed = 0 if config.gpus is not None or gpu_slots is None else config.gpus_needed
@@ -513,6 +525,11 @@ def open_backend(
         else:
             # Several servers of the step's own, each on its share of the devices, started side by side; never kept.
             listed = [d.strip() for d in (config.gpus or "").split(",") if d.strip()]
+            if not listed and not is_cpu_build(config.python):
+                raise VLLMStartError(
+                    f"replicas: {config.replicas} servers need their own devices: list them in `gpus` or give the project GPU devices "
+                    "to lease (without, every server would start on the same GPUs)"
+                )
             share = len(listed) // config.replicas
             servers = []
             for replica in range(config.replicas):

@@ -27,6 +27,20 @@ from omnithought_dagster.llm.settings import LLMConfig
 DONE = {"completed", "failed", "expired", "cancelled"}
 
 
+def _answer(futures: dict[str, list], completion: Completion) -> None:
+    for future in futures.get(completion.key, ()):
+        if not future.done():
+            future.set_result(completion)
+
+
+def _transient(exc: BaseException) -> bool:
+    import openai
+
+    if isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError)):
+        return True
+    return isinstance(exc, openai.APIStatusError) and (exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500)
+
+
 class BatchAPIBackend:
     supports_structured_output = True
 
@@ -35,12 +49,14 @@ class BatchAPIBackend:
         self.identity = identity
         self.api_key = api_key or "EMPTY"
         self.log = log
-        self.max_concurrency = config.batch_max_requests  # the runner keeps up to twice this in flight: whole batches form
+        # The runner keeps up to twice this in flight: whole batches form. Those requests (their images inline) are in
+        # memory together until each is written to its batch file; then only its key is kept.
+        self.max_concurrency = config.batch_max_requests
         self.devices = 0
         self.journal = None  # a CacheView of this partition's batches (runner.run_cached attaches it)
         self._client_factory = client_factory
         self._client = None
-        self._waiting: dict[str, tuple[ChatRequest, asyncio.Future]] = {}
+        self._waiting: dict[str, tuple[ChatRequest, list[asyncio.Future]]] = {}
         self._gatherer: asyncio.Task | None = None  # the task gathering requests now (None: the next request starts one)
         self._tasks: set[asyncio.Task] = set()  # every gatherer still serving (held: the loop keeps weak references only)
         self._records: dict[str, dict] | None = None  # input file id -> the journal's newest record of it
@@ -52,9 +68,12 @@ class BatchAPIBackend:
     # -- the Backend protocol ---------------------------------------------------------------------------------------
 
     async def complete(self, request: ChatRequest) -> Completion:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._waiting[request.key] = (request, future)
+        future = asyncio.get_running_loop().create_future()
+        if request.key in self._waiting:  # the same key twice at once: one line in the batch, one reply for both
+            self._waiting[request.key][1].append(future)
+        else:
+            self._waiting[request.key] = (request, [future])
+        del request  # from here only the gatherer holds it, until it is written to a batch file
         if self._gatherer is None:
             self._gatherer = asyncio.create_task(self._gather())
             self._tasks.add(self._gatherer)
@@ -78,63 +97,106 @@ class BatchAPIBackend:
             await asyncio.sleep(0.05)
         taken, self._waiting = self._waiting, {}
         self._gatherer = None  # requests from now on gather for the next batch while these are served
+        futures = {key: waiters for key, (_, waiters) in taken.items()}
         try:
-            await self._serve(taken)
+            await self._serve(taken, futures)
         except Exception as exc:  # the API itself failed (upload, create, poll): every request of these answers an error
             reason = f"batch API: {type(exc).__name__}: {_short(str(exc))}"
             self._say(reason)
-            for request, future in taken.values():
-                if not future.done():
-                    future.set_result(Completion(request.key, None, "error", error=reason))
+            for key in futures:
+                _answer(futures, Completion(key, None, "error", error=reason))
 
-    async def _serve(self, taken: dict[str, tuple[ChatRequest, asyncio.Future]]) -> None:
+    async def _serve(self, taken: dict[str, tuple[ChatRequest, list]], futures: dict[str, list]) -> None:
         records = self._load_journal()
-        by_file: dict[str, list[str]] = {}
-        fresh: list[str] = []
-        newest: dict[str, tuple[float, str]] = {}  # key -> (when, input file id) of the newest batch holding it
+        # A key goes back to the newest batch holding it that has not given it up (failed it, or could not run): that batch
+        # is collected, not sent again. The others are new.
+        holder: dict[str, tuple[float, str]] = {}
         for file_id, record in records.items():
+            spent = record.get("spent", {})
             for key in record["keys"]:
-                if key in taken and (key not in newest or record["created_at"] >= newest[key][0]):
-                    newest[key] = (record["created_at"], file_id)
-        for key in taken:
-            if key in newest and not records[newest[key][1]].get("spent", {}).get(key):
-                by_file.setdefault(newest[key][1], []).append(key)
-            else:
-                fresh.append(key)
-        jobs = [self._collect(records[file_id], keys, taken) for file_id, keys in by_file.items()]
-        # New batches: at most batch_max_requests lines and batch_max_bytes each (a provider refuses larger files).
+                if key in taken and not spent.get(key) and (key not in holder or record["created_at"] >= holder[key][0]):
+                    holder[key] = (record["created_at"], file_id)
+        by_file: dict[str, list[str]] = {}
+        for key, (_, file_id) in holder.items():
+            by_file.setdefault(file_id, []).append(key)
+        jobs = [self._collect(records[file_id], keys, futures) for file_id, keys in by_file.items()]
+        fresh = [key for key in taken if key not in holder]
+        for key in holder:
+            del taken[key]  # served by a batch that exists: its request is not needed again
+        # New batches: at most batch_max_requests lines and batch_max_bytes each (a provider refuses larger files). Each file
+        # is written and uploaded before the next is made, and a request leaves memory once its line is written.
         chunk: list[tuple[str, bytes]] = []
         size = 0
         for key in fresh:
+            request, _ = taken.pop(key)
             line = json.dumps(
-                {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": chat_body(self.config.model, taken[key][0])}
+                {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": chat_body(self.config.model, request)}
             )
             data = line.encode("utf-8") + b"\n"
+            del request, line
             if chunk and (len(chunk) >= self.config.batch_max_requests or size + len(data) > self.config.batch_max_bytes):
-                jobs.append(self._submit_and_collect(chunk, taken))
+                jobs.append(asyncio.ensure_future(self._collect(await self._upload(chunk), None, futures)))
                 chunk, size = [], 0
             chunk.append((key, data))
             size += len(data)
         if chunk:
-            jobs.append(self._submit_and_collect(chunk, taken))
+            jobs.append(asyncio.ensure_future(self._collect(await self._upload(chunk), None, futures)))
+        del chunk
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _submit_and_collect(self, lines: list[tuple[str, bytes]], taken) -> None:
+    async def _upload(self, lines: list[tuple[str, bytes]]) -> dict:
+        """The batch's input file uploaded and journaled (before the batch exists: a step killed after creating it finds it
+        by this file)."""
         client = self._ensure_client()
         uploaded = await client.files.create(file=("requests.jsonl", io.BytesIO(b"".join(data for _, data in lines))), purpose="batch")
         record = {"input_file_id": uploaded.id, "keys": [key for key, _ in lines], "created_at": time.time(), "batch_id": None}
-        self._journal(record)  # before the batch exists: a step killed after creating it finds it by this file
-        await self._collect(record, record["keys"], taken)
+        self._journal(record)
+        return record
 
-    async def _collect(self, record: dict, keys: list[str], taken) -> None:
+    async def _collect(self, record: dict, keys: list[str] | None, futures: dict[str, list]) -> None:
+        """Create the record's batch if it has none (or find it), wait for it, answer `keys` (default: all of it) from it.
+        A batch the provider cannot run or return (a 4xx: its file or the batch unknown, refused) gives its keys up: they
+        are errors now and go out in a new batch on the next run."""
+        import openai
+
+        keys = record["keys"] if keys is None else keys
+        try:
+            if record.get("batch_id") is None:
+                record = await self._create(record)
+            else:
+                self._say(f"batch {record['batch_id']} resumed from the journal ({len(keys)} requests waiting on it)")
+            batch = await self._wait(record["batch_id"])
+            replies = await self._replies(batch)
+        except openai.APIStatusError as exc:
+            if not 400 <= exc.status_code < 500 or exc.status_code in (408, 409, 425, 429):
+                raise
+            reason = f"batch API refused {record.get('batch_id') or record['input_file_id']}: {exc.status_code} {_short(str(exc))}"
+            self._say(reason)
+            self._give_up(record, keys)
+            for key in keys:
+                _answer(futures, Completion(key, None, "error", error=reason))
+            return
+        failed = []
+        for key in keys:
+            completion = self._completion(key, replies.get(key), batch)
+            if completion.finish_reason == "error":
+                failed.append(key)
+            _answer(futures, completion)
+        if failed:
+            self._give_up(record, failed)
+
+    async def _create(self, record: dict) -> dict:
+        """The record's batch: found by its input file among the provider's (created before a stop), else created - by one
+        request without the client's own retries: a create whose reply was lost is looked up before it is sent again."""
         client = self._ensure_client()
-        if record.get("batch_id") is None:
-            found = await self._find_batch(record["input_file_id"])
-            if found is None:
-                batch = await client.batches.create(
+        batch = await self._find_batch(record["input_file_id"])
+        attempt = 0
+        while batch is None:
+            try:
+                batch = await client.with_options(max_retries=0).batches.create(
                     input_file_id=record["input_file_id"],
                     endpoint="/v1/chat/completions",
                     completion_window=self.config.batch_completion_window,
@@ -142,15 +204,22 @@ class BatchAPIBackend:
                 )
                 self.submitted.append(batch.id)
                 self._say(f"batch {batch.id} created ({len(record['keys'])} requests)")
-            else:
-                batch = found
-                self._say(f"batch {batch.id} found by its input file {record['input_file_id']} (created before a stop)")
-            record = {**record, "batch_id": batch.id}
-            self._journal(record)
-        else:
-            self._say(f"batch {record['batch_id']} resumed from the journal ({len(keys)} requests waiting on it)")
-        batch = await self._wait(record["batch_id"])
-        replies = {}
+            except Exception as exc:
+                if not _transient(exc) or attempt >= self.config.max_retries:
+                    raise
+                attempt += 1
+                await asyncio.sleep(min(2.0**attempt, 30.0))
+                batch = await self._find_batch(record["input_file_id"])  # it may exist: the reply was what got lost
+                if batch is not None:
+                    self._say(f"batch {batch.id} found by its input file {record['input_file_id']}")
+        record = {**self._records.get(record["input_file_id"], record), "batch_id": batch.id}
+        self._journal(record)
+        return record
+
+    async def _replies(self, batch) -> dict[str, dict]:
+        """The output and error files' lines by custom_id (the first line of an id wins; lines that are no object are skipped)."""
+        client = self._ensure_client()
+        replies: dict[str, dict] = {}
         for file_id in (getattr(batch, "output_file_id", None), getattr(batch, "error_file_id", None)):
             if file_id:
                 content = await client.files.content(file_id)
@@ -162,16 +231,12 @@ class BatchAPIBackend:
                             continue
                         if isinstance(item, dict) and isinstance(item.get("custom_id"), str):
                             replies.setdefault(item["custom_id"], item)
-        spent = {}
-        for key in keys:
-            request, future = taken[key]
-            completion = self._completion(request, replies.get(key), batch)
-            if completion.finish_reason == "error":
-                spent[key] = True  # this batch will not serve it again: the next run sends it anew
-            if not future.done():
-                future.set_result(completion)
-        if spent:
-            self._journal({**record, "spent": {**record.get("spent", {}), **spent}})
+        return replies
+
+    def _give_up(self, record: dict, keys: list[str]) -> None:
+        """Journal that this batch will not serve `keys` (merged into the newest record of it)."""
+        current = self._load_journal().get(record["input_file_id"], record)
+        self._journal({**current, "spent": {**current.get("spent", {}), **dict.fromkeys(keys, True)}})
 
     async def _wait(self, batch_id: str):
         client = self._ensure_client()
@@ -193,27 +258,27 @@ class BatchAPIBackend:
                 return batch
         return None
 
-    def _completion(self, request: ChatRequest, item: dict | None, batch) -> Completion:
+    def _completion(self, key: str, item: dict | None, batch) -> Completion:
         if item is None:
-            return Completion(request.key, None, "error", error=f"batch {batch.id} ({batch.status}) returned nothing for this request")
+            return Completion(key, None, "error", error=f"batch {batch.id} ({batch.status}) returned nothing for this request")
         response = item.get("response") or {}
-        if item.get("error") or response.get("status_code") != 200:
-            detail = item.get("error") or response.get("body")
-            return Completion(
-                request.key, None, "error", error=f"batch {batch.id}: status {response.get('status_code')}: {_short(json.dumps(detail))}"
-            )
+        if item.get("error") or not isinstance(response, dict) or response.get("status_code") != 200:
+            detail = item.get("error") or (response.get("body") if isinstance(response, dict) else response)
+            status = response.get("status_code") if isinstance(response, dict) else None
+            return Completion(key, None, "error", error=f"batch {batch.id}: status {status}: {_short(json.dumps(detail))}")
         from openai.types.chat import ChatCompletion
 
         try:
             text, finish_reason, usage = _read_reply(ChatCompletion.model_validate(response.get("body")))
         except (MalformedReply, ValueError) as exc:
-            return Completion(request.key, None, "error", error=f"batch {batch.id}: {type(exc).__name__}: {_short(str(exc))}")
+            return Completion(key, None, "error", error=f"batch {batch.id}: {type(exc).__name__}: {_short(str(exc))}")
         return Completion(
-            key=request.key,
+            key=key,
             text=text,
             finish_reason="length" if finish_reason == "length" else "stop",
             n_prompt_tokens=getattr(usage, "prompt_tokens", None),
             n_tokens=getattr(usage, "completion_tokens", None),
+            batched=True,
         )
 
     # -- helpers --------------------------------------------------------------------------------------------------------

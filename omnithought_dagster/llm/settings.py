@@ -49,7 +49,9 @@ class LLMConfig(SettingsModel):
     startup_timeout_s: float = Field(default=900, gt=0)
     request_timeout_s: float = Field(default=300, gt=0)
     max_retries: int = Field(default=4, ge=0, le=20)
-    max_concurrency: int = Field(default=32, ge=1, le=4096)
+    max_concurrency: int = Field(
+        default=32, ge=1, le=4096, description="requests in flight per endpoint (several endpoints: this x their number in all)"
+    )
     batch_max_requests: int = Field(default=50_000, ge=1, le=1_000_000, description="openai batch mode: requests per batch at most")
     batch_max_bytes: int = Field(
         default=190_000_000, ge=1_000, description="openai batch mode: bytes per batch file at most (images travel inline)"
@@ -60,7 +62,10 @@ class LLMConfig(SettingsModel):
         default=90_000.0, gt=0, description="openai batch mode: the step stops waiting for a batch after this (a rerun collects it)"
     )
     batch_window: int = Field(
-        default=1024, ge=1, le=65536, description="vllm batch mode: requests the offline engine holds at once (above its --max-num-seqs)"
+        default=1024,
+        ge=2,
+        le=65536,
+        description="vllm batch mode: requests handed to the offline engine at once (above its --max-num-seqs)",
     )
     structured_output: Literal["json", "regex", "none"] = Field(
         default="json", description="constrain replies with vLLM structured outputs (json schema or regex); none for free text"
@@ -75,8 +80,10 @@ class LLMConfig(SettingsModel):
             raise ValueError("base_url: required when backend is openai")
         if self.mode == "batch" and self.backend == "transformers":
             raise ValueError("mode: batch needs backend vllm (the offline engine) or openai (a batch API); transformers runs online")
-        if isinstance(self.base_url, list) and not self.base_url:
-            raise ValueError("base_url: an empty list")
+        if isinstance(self.base_url, list) and (not self.base_url or not all(url.strip() for url in self.base_url)):
+            raise ValueError("base_url: an empty list, or an empty endpoint in it")
+        if self.backend == "openai" and self.mode == "batch" and len(self.base_urls) > 1:
+            raise ValueError("base_url: a batch API is one endpoint (one provider's files and batches)")
         if self.replicas > 1 and (self.backend != "vllm" or self.mode != "online"):
             raise ValueError("replicas: several servers are started for backend vllm, mode online (openai: list the base_urls)")
         if self.replicas > 1 and self.gpus is not None and len(_devices(self.gpus)) != self.gpus_needed:

@@ -35,7 +35,16 @@ class OfflineEngine:
     """The worker process: started, fed, read and stopped here. Replies are matched to requests by a sequence number."""
 
     def __init__(
-        self, python: str, engine_arguments: list[str], *, environment: dict[str, str], startup_timeout_s: float, log_dir, log=None
+        self,
+        python: str,
+        engine_arguments: list[str],
+        *,
+        environment: dict[str, str],
+        startup_timeout_s: float,
+        log_dir,
+        log=None,
+        stall_s: float = 600.0,
+        worker: Path = WORKER,
     ):
         self.python = python
         self.engine_arguments = engine_arguments
@@ -50,6 +59,9 @@ class OfflineEngine:
         self._lock = threading.Lock()  # _waiting and the writes to the worker
         self._ready = threading.Event()
         self._dead: str | None = None  # why the worker can take no more requests
+        self.worker = worker
+        self.stall_s = stall_s  # the longest the engine may hold requests without finishing any: then it is stopped
+        self._last_reply = time.monotonic()
 
     def start(self) -> OfflineEngine:
         if not Path(self.python).exists():
@@ -58,7 +70,7 @@ class OfflineEngine:
         self.log_path = self.log_dir / f"vllm-offline-{int(time.time() * 1000)}.log"
         with open(self.log_path, "wb") as handle:
             self.process = subprocess.Popen(
-                guarded([self.python, str(WORKER), *self.engine_arguments]),
+                guarded([self.python, str(self.worker), *self.engine_arguments]),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=handle,
@@ -83,19 +95,28 @@ class OfflineEngine:
 
     def _read(self) -> None:
         # Lines end at "\n" only (json.dumps escapes the rest); a line that is no reply is the worker's fault: skipped.
-        for line in self.process.stdout:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if message.get("ready"):
-                self._ready.set()
-                continue
-            with self._lock:
-                waiting = self._waiting.pop(message.get("id"), None)
-            if waiting is not None:
-                _hand_over(*waiting, message)
-        self._fail_all(f"the vLLM offline engine exited (code {self.process.wait()}):\n{self.tail(12)}")
+        # However this thread ends, nobody is left waiting for a reply that will not come.
+        reason = "the vLLM offline engine's replies could not be read"
+        try:
+            for line in self.process.stdout:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(message, dict):
+                    continue
+                if message.get("ready"):
+                    self._last_reply = time.monotonic()
+                    self._ready.set()
+                    continue
+                with self._lock:
+                    waiting = self._waiting.pop(message.get("id"), None)
+                    self._last_reply = time.monotonic()
+                if waiting is not None:
+                    _hand_over(*waiting, message)
+            reason = f"the vLLM offline engine exited (code {self.process.wait()}):\n{self.tail(12)}"
+        finally:
+            self._fail_all(reason)
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:
@@ -121,7 +142,16 @@ class OfflineEngine:
             with self._lock:
                 self._waiting.pop(request_id, None)
             return {"error": f"the vLLM offline engine cannot take requests: {type(exc).__name__}"}
-        return await future
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), timeout=min(30.0, self.stall_s))
+            except TimeoutError:
+                with self._lock:
+                    stalled = bool(self._waiting) and time.monotonic() - self._last_reply > self.stall_s
+                if stalled:  # a hung engine step or collective: stop it, and every request waiting on it is an error
+                    self._say(f"the vLLM offline engine finished nothing for {self.stall_s:.0f}s: stopping it")
+                    self._fail_all(f"the vLLM offline engine finished nothing for {self.stall_s:.0f}s and was stopped")
+                    await asyncio.to_thread(stop_group, self.process, 5.0)
 
     def _write(self, line: bytes) -> None:
         with self._lock:
@@ -142,6 +172,8 @@ class OfflineEngine:
         except subprocess.TimeoutExpired:
             pass
         stop_group(self.process, grace_s)  # and whatever of its group is left
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         self._say(f"vLLM offline engine stopped (pid {self.process.pid})")
 
     def tail(self, lines: int = 40) -> str:
@@ -166,15 +198,15 @@ def _settle(future: asyncio.Future, message: dict) -> None:
 
 
 class VLLMOfflineBackend:
-    """A Backend over an OfflineEngine. `max_concurrency` is the window of requests the engine holds at once (the runner
-    keeps twice it in flight): it must exceed the engine's batch (`--max-num-seqs`) for the engine to run full."""
+    """A Backend over an OfflineEngine. `window` requests are handed to the engine at once (the runner keeps twice
+    `max_concurrency` in flight): it must exceed the engine's batch (`--max-num-seqs`) for the engine to run full."""
 
     supports_structured_output = True
 
     def __init__(self, engine: OfflineEngine, *, identity: str, window: int):
         self.engine = engine
         self.identity = identity
-        self.max_concurrency = window
+        self.max_concurrency = max(1, window // 2)
         self.devices = 0
 
     async def complete(self, request: ChatRequest) -> Completion:
@@ -217,4 +249,5 @@ def offline_engine(config: LLMConfig, *, model: str, log_dir=None, log=None) -> 
         startup_timeout_s=config.startup_timeout_s,
         log_dir=twin.log_dir,
         log=log,
+        stall_s=2 * config.request_timeout_s,
     )

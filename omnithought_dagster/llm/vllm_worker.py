@@ -40,6 +40,11 @@ def main(argv: list[str]) -> int:
     args = EngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm_worker")).parse_args(argv)
     llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     engine = llm.llm_engine
+    # What the server does for a request (its to_sampling_params): the model's generation config (its
+    # generation_config.json, as --generation-config says) fills what a request leaves unset; a request's own values win.
+    defaults = llm.model_config.get_diff_sampling_param()
+    neutral = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "top_k": 0, "min_p": 0.0}
+    fill = {name: defaults.get(name, value) for name, value in neutral.items()}
     journal_path = os.environ.get("OMNITHOUGHT_ENGINE_JOURNAL")
     journal = open(journal_path, "a", encoding="utf-8", buffering=1) if journal_path else None
 
@@ -83,11 +88,16 @@ def main(argv: list[str]) -> int:
                         structured = StructuredOutputsParams(json=request["json_schema"])
                     elif request.get("regex") is not None:
                         structured = StructuredOutputsParams(regex=request["regex"])
-                    params = SamplingParams(
-                        max_tokens=request["max_tokens"],
+                    max_tokens = request["max_tokens"]
+                    if defaults.get("max_tokens") is not None:
+                        max_tokens = min(max_tokens, defaults["max_tokens"])
+                    params = SamplingParams.from_optional(
+                        **fill,
+                        max_tokens=max_tokens,
                         temperature=request["temperature"],
                         top_p=request["top_p"],
                         seed=request.get("seed"),
+                        stop_token_ids=defaults.get("stop_token_ids"),
                         structured_outputs=structured,
                     )
                     (engine_id,) = llm.enqueue_chat([request["messages"]], [params], use_tqdm=False)
