@@ -177,8 +177,8 @@ def _smoke_trainer(root: Path, work: Path, log: Callable[[str], None]) -> str:
 def _smoke_vllm(root: Path, work: Path, log: Callable[[str], None]) -> str:
     """The tiny teacher behind a real vLLM server answers one chat request."""
     from omnithought_dagster.config import LLMConfig
-    from omnithought_dagster.llm.backends import resolve_model
     from omnithought_dagster.llm.vllm_server import VLLMServer, VLLMStartError
+    from omnithought_dagster.models.resolve import resolve_model
 
     model_dir, _ = resolve_model("tiny:teacher", root / ".cache" / "models")
     config = LLMConfig(
@@ -201,7 +201,7 @@ def _smoke_lmms(root: Path, work: Path, log: Callable[[str], None]) -> str:
     from omnithought_dagster.config import SeedSettings, SyntheticSourceConfig
     from omnithought_dagster.evaluation.run import EvalError, lmms_command, run_lmms_eval
     from omnithought_dagster.evaluation.tasks import write_local_task
-    from omnithought_dagster.llm.backends import resolve_model
+    from omnithought_dagster.models.resolve import resolve_model
 
     model_dir, _ = resolve_model("tiny:student", root / ".cache" / "models")
     task = write_local_task(

@@ -16,7 +16,8 @@ from batch_standin import BatchStandIn
 
 from omnithought_dagster.config import GenerationConfig, SeedSettings
 from omnithought_dagster.defs import SEED_JOB, TEACHER_JOB
-from omnithought_dagster.llm.backends import OpenAIBackend, open_backend
+from omnithought_dagster.llm.backends import OpenAIBackend
+from omnithought_dagster.llm.choose import open_backend
 from omnithought_dagster.llm.settings import LLMConfig
 from omnithought_dagster.seed.ingest import ingest_source
 from omnithought_dagster.seed.sources.synthetic import SyntheticReader

@@ -75,7 +75,7 @@ def test_no_devices_means_no_lease_and_no_environment(tmp_path):
 
 def test_a_vllm_server_leases_tensor_x_data_parallel_devices(tmp_path, monkeypatch):
     """open_backend hands the leased devices to the server it starts (the server itself needs a GPU: not started here)."""
-    from omnithought_dagster.llm import backends, vllm_server
+    from omnithought_dagster.llm import choose, vllm_server
 
     seen = []
 
@@ -92,12 +92,12 @@ def test_a_vllm_server_leases_tensor_x_data_parallel_devices(tmp_path, monkeypat
     slots = GPUSlots(["0", "1", "2", "3"], tmp_path, wait_s=0.2, poll_s=0.05)
     config = LLMConfig(backend="vllm", model=str(tmp_path), name="t", tensor_parallel_size=2, data_parallel_size=1)
     with (
-        backends.open_backend(config, models_dir=tmp_path, gpu_slots=slots),
-        backends.open_backend(config, models_dir=tmp_path, gpu_slots=slots),
+        choose.open_backend(config, models_dir=tmp_path, gpu_slots=slots),
+        choose.open_backend(config, models_dir=tmp_path, gpu_slots=slots),
     ):
         pass
     assert len(seen) == 2 and all(len(g.split(",")) == 2 for g in seen) and not set(seen[0].split(",")) & set(seen[1].split(","))
     pinned = config.model_copy(update={"gpus": "7"})
-    with backends.open_backend(pinned, models_dir=tmp_path, gpu_slots=slots):
+    with choose.open_backend(pinned, models_dir=tmp_path, gpu_slots=slots):
         pass
     assert seen[-1] == "7"  # explicit `gpus` is used as is, no lease

@@ -134,6 +134,7 @@ NOT_RUN_BY_THE_CHECK = {
     "jmespath": "seed field paths",
     "openai": "the OpenAI-compatible backend; the check generates through the transformers backend",
     "tenacity": "the OpenAI-compatible backend's retries",
+    "httpx": "the OpenAI-compatible backend's transport (which timeouts mean an unreachable endpoint)",
 }
 
 

@@ -19,7 +19,7 @@ from omnithought_dagster.config import LLMConfig, ProjectConfig
 from omnithought_dagster.gpu import slots_from_config
 from omnithought_dagster.ids import code_version, shard_keys, version_of
 from omnithought_dagster.ledger.ledger import Payer, ledger_metadata, llm_row, write_ledger
-from omnithought_dagster.llm.backends import describe_backend
+from omnithought_dagster.llm.choose import describe_backend
 from omnithought_dagster.placement import gpu_step_tags
 from omnithought_dagster.progress import progress_line
 from omnithought_dagster.resources import CorpusStoreResource, LLMResource, ProjectResource

@@ -2,26 +2,22 @@
 
 A backend turns a `ChatRequest` into a `Completion` and never raises for a failed request:
 after its retries a failure is a Completion with finish_reason "error" and the reason, so the
-caller records it instead of losing it. `open_backend` picks the backend from an LLMConfig,
-starting and stopping a vLLM server around it when the config says so.
+caller records it instead of losing it. `llm.choose.open_backend` picks the backend from an
+LLMConfig, starting and stopping what it needs around it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from omnithought_dagster.llm.settings import LLMConfig
 from omnithought_dagster.markup import storable
-from omnithought_dagster.models.resolve import TINY_PREFIX, resolve_model  # noqa: F401 - resolve_model: where it was imported from
 
 # The longest wait a server's Retry-After gets: past it the request is retried anyway (and, after the retries, recorded).
 RETRY_AFTER_CAP_S = 60.0
@@ -446,105 +442,3 @@ class TransformersBackend:
             n_tokens=int(len(generated)),
             latency_s=time.monotonic() - start,
         )
-
-
-# -- choosing and opening a backend --------------------------------------------------------------------
-
-
-def backend_identity(config: LLMConfig, fingerprint: str | None) -> str:
-    """The teacher's name in trace ids: the configured name, else the model (+ a tiny model's fingerprint)."""
-    if config.name:
-        return config.name
-    if config.model.startswith(TINY_PREFIX):
-        from omnithought_dagster.models.resolve import built_model
-
-        return f"{built_model(config.model).name}@{fingerprint[:8]}"
-    return config.model
-
-
-def describe_backend(config: LLMConfig, *, models_dir: str | Path) -> tuple[str, bool]:
-    """(identity, supports structured output) without starting anything; builds a tiny model if needed."""
-    fingerprint = resolve_model(config.model, models_dir)[1] if config.backend != "openai" else None
-    return backend_identity(config, fingerprint), config.backend != "transformers"
-
-
-@contextlib.contextmanager
-def open_backend(
-    config: LLMConfig, *, models_dir: str | Path, api_key: str | None = None, log_dir: str | Path | None = None, log=None, gpu_slots=None
-) -> Iterator[Backend]:
-    """The configured backend, ready to use; a vLLM server it started is stopped on exit.
-
-    A vLLM server without explicit `gpus` leases tensor x data parallel devices from gpu_slots
-    (omnithought_dagster.gpu) for its lifetime, so concurrent steps never share a GPU.
-    """
-    if config.backend == "openai" and config.mode == "batch":
-        from omnithought_dagster.llm.batch_api import BatchAPIBackend
-
-        yield BatchAPIBackend(config, identity=backend_identity(config, None), api_key=api_key, log=log)
-        return
-    if config.backend == "openai":
-        yield OpenAIBackend(
-            config.base_urls,
-            config.model,
-            identity=backend_identity(config, None),
-            api_key=api_key,
-            timeout_s=config.request_timeout_s,
-            max_retries=config.max_retries,
-            max_concurrency=config.max_concurrency,
-        )
-        return
-    model, fingerprint = resolve_model(config.model, models_dir)
-    identity = backend_identity(config, fingerprint)
-    if config.backend == "transformers":
-        yield TransformersBackend(model, identity=identity)
-        return
-    from omnithought_dagster.llm.vllm_server import VLLMServer, VLLMStartError, is_cpu_build, serving
-
-    served_name = identity.replace("@", "-")
-    needed = 0 if config.gpus is not None or gpu_slots is None else config.gpus_needed
-    with contextlib.ExitStack() as stack:
-        devices = stack.enter_context(gpu_slots.lease(needed, holder=f"vllm {served_name}")) if needed else []
-        if devices:
-            config = config.model_copy(update={"gpus": ",".join(devices)})
-        held = len(devices) if devices else len([d for d in (config.gpus or "").split(",") if d.strip()])
-        if config.mode == "batch":
-            from omnithought_dagster.llm.vllm_offline import VLLMOfflineBackend, offline_engine
-
-            engine = offline_engine(config, model=model, log_dir=log_dir, log=log).start()
-            stack.callback(engine.stop)
-            offline = VLLMOfflineBackend(engine, identity=identity, window=config.batch_window)
-            offline.devices = held
-            yield offline
-            return
-        if config.replicas == 1:
-            urls = [
-                stack.enter_context(
-                    serving(config, model=model, served_model_name=served_name, log_dir=log_dir, log=log, keep=not devices)
-                ).base_url
-            ]
-        else:
-            # Several servers of the step's own, each on its share of the devices, started side by side; never kept.
-            listed = [d.strip() for d in (config.gpus or "").split(",") if d.strip()]
-            if not listed and not is_cpu_build(config.python):
-                raise VLLMStartError(
-                    f"replicas: {config.replicas} servers need their own devices: list them in `gpus` or give the project GPU devices "
-                    "to lease (without, every server would start on the same GPUs)"
-                )
-            share = len(listed) // config.replicas
-            servers = []
-            for replica in range(config.replicas):
-                own = config.model_copy(update={"gpus": ",".join(listed[replica * share : (replica + 1) * share])}) if listed else config
-                server = VLLMServer.from_config(own, model=model, served_model_name=served_name, log_dir=log_dir, log=log)
-                stack.callback(server.stop)
-                servers.append(server.launch())
-            urls = [server.wait_ready().base_url for server in servers]
-        backend = OpenAIBackend(
-            urls,
-            served_name,
-            identity=identity,
-            timeout_s=config.request_timeout_s,
-            max_retries=config.max_retries,
-            max_concurrency=config.max_concurrency,
-        )
-        backend.devices = held
-        yield backend

@@ -13,7 +13,8 @@ import dagster as dg
 
 from omnithought_dagster.config import LLMConfig
 from omnithought_dagster.gpu import GPUSlots
-from omnithought_dagster.llm.backends import Backend, describe_backend, open_backend
+from omnithought_dagster.llm.backends import Backend
+from omnithought_dagster.llm.choose import describe_backend, open_backend
 from omnithought_dagster.teacher.traces import BackendPlan
 
 

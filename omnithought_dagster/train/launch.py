@@ -20,7 +20,7 @@ TRAINER_VERSION = "sft-v2"  # bump when the trainer changes what a checkpoint co
 
 def resolve_student(student: StudentConfig, models_dir: str | Path) -> tuple[str, str]:
     """(local folder or hub id of the base model, its fingerprint); tiny:<name> is built when missing."""
-    from omnithought_dagster.llm.backends import resolve_model
+    from omnithought_dagster.models.resolve import resolve_model
 
     path, fingerprint = resolve_model(student.model, models_dir)
     return path, fingerprint or content_id("base-model", {"model": student.model})
