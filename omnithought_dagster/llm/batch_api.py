@@ -3,13 +3,16 @@
 The runner (llm.runner) hands requests over one by one as usual; this backend gathers those that arrive together (up to
 `batch_max_requests`), writes them as one JSONL file of `/v1/chat/completions` bodies (custom_id = the request's key),
 uploads it, creates a batch, polls it, reads its output and error files and answers each request from them. Hosted
-teachers price batch requests lower (the ledger applies `costs.prices.<model>.batch_discount`; BackendPlan.batched).
+teachers price batch requests lower: each reply is marked `batched` and the ledger takes
+`costs.prices.<model>.batch_discount` off its tokens.
 
 Nothing is paid twice across a kill: every batch is written to a journal in the store (the cache's `<name>-batches`
 view) - first its uploaded input file and keys, before the batch is created, then the batch id. A resumed step finds a
 key's batch in the journal and collects it (waiting while it runs) instead of sending the key again; a batch created but
-not yet journaled when the step died is found by its input file among the provider's batches. A key its batch failed is
-answered as an error (not cached): the next run sends it in a new batch.
+not yet journaled when the step died is found by its input file among the provider's batches, and a create whose reply
+was lost is looked up before it is sent again (the client's own retries are off for it). A key its batch failed, or a
+batch the provider refuses (4xx), is answered as an error (not cached) and given up in the journal: the next run sends
+it in a new batch.
 Tested against a local stand-in of the API (tests/batch_standin.py); the real service is untested here.
 """
 
