@@ -147,6 +147,15 @@ def start_run(config, instance, job: str, partition: str, **popen):
     )
 
 
+def wait_while_running(child, ready, timeout: float) -> None:
+    """Until `ready()` holds, while `child` (a run started by start_run) still runs: the moment a test kills it mid-work."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert child.poll() is None, "the run finished before it could be killed"
+        assert time.monotonic() < deadline, f"not ready within {timeout} s"
+        time.sleep(0.05)
+
+
 def processes_mentioning(*texts: str) -> list[str]:
     """Live processes (not zombies) whose command line contains every one of `texts`: "<pid> <command line>"."""
     found = []

@@ -27,6 +27,15 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
+def send(handler: BaseHTTPRequestHandler, status: int, data: bytes, kind: str = "application/json") -> None:
+    """One whole reply on a keep-alive connection (the stand-in servers' common way to answer)."""
+    handler.send_response(status)
+    handler.send_header("content-type", kind)
+    handler.send_header("content-length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class ScriptedTeacher:
     def __init__(self, answers: dict[int, str], reasonings: list[Callable[[int], str]], model: str = "scripted", delay_s: float = 0.0):
         self.answers, self.reasonings, self.model, self.delay_s = answers, reasonings, model, delay_s
@@ -50,12 +59,7 @@ class ScriptedTeacher:
                 self._send(teacher.reply(body))
 
             def _send(self, payload: dict) -> None:
-                data = json.dumps(payload).encode()  # ensure_ascii: every non-ASCII character as an escape
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send(self, 200, json.dumps(payload).encode())  # ensure_ascii: every non-ASCII character as an escape
 
         self.server = _Server(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"

@@ -25,7 +25,16 @@ from omnithought_dagster.store import CorpusStore
 from omnithought_dagster.teacher.prompt import teacher_prompt
 from omnithought_dagster.teacher.traces import BackendPlan, generate_shard
 
-from conftest import VLLM_PYTHON, assert_none_left, materializations, processes_mentioning, run_job, served_config, start_run
+from conftest import (
+    VLLM_PYTHON,
+    assert_none_left,
+    materializations,
+    processes_mentioning,
+    run_job,
+    served_config,
+    start_run,
+    wait_while_running,
+)
 from scripted_teacher import ScriptedTeacher
 
 TESTS = Path(__file__).resolve().parent
@@ -160,10 +169,7 @@ def test_a_batch_step_killed_while_its_batch_runs_resumes_the_batch(tmp_path, in
         journal = CorpusStore(config.store.root).cache("generation-batches")
         partition = {"source": "synthetic", "shard": "000"}
         child = start_run(config, instance, TEACHER_JOB, "000|synthetic", start_new_session=True)
-        deadline = time.monotonic() + 120
-        while not any(r.get("batch_id") for r in journal.load(partition).values()):
-            assert child.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_while_running(child, lambda: any(r.get("batch_id") for r in journal.load(partition).values()), 120)
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
         assert api.created == 1 and api.processed == 0
@@ -248,11 +254,7 @@ def test_an_offline_engine_step_killed_mid_shard_leaves_no_engine_and_resumes_pa
     cache = CorpusStore(config.store.root).cache("generation")
     partition = {"source": "synthetic", "shard": "000"}
     child = start_run(config, instance, TEACHER_JOB, "000|synthetic", start_new_session=True)
-    deadline = time.monotonic() + 300
-    while cache.batch_count(partition) < 3:
-        assert child.poll() is None, "the run finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_while_running(child, lambda: cache.batch_count(partition) >= 3, 300)
     child.kill()  # the step's process alone: its engine must end by itself (the guard)
     child.wait()
     assert_none_left("vllm_worker.py", timeout=60)

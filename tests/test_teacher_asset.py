@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import dagster as dg
 import pytest
@@ -27,6 +26,7 @@ from conftest import (
     run_partition_checks,
     served_config,
     start_run,
+    wait_while_running,
 )
 from flaky_proxy import FlakyProxy
 
@@ -115,11 +115,7 @@ def test_kill_mid_shard_then_resume_without_duplicates(vllm_server, instance, tm
     cache = CorpusStore(config.store.root).cache("generation")
     partition = {"source": "synthetic", "shard": "000"}
     child = start_run(config, instance, TEACHER_JOB, "000|synthetic", start_new_session=True)
-    deadline = time.monotonic() + 240
-    while cache.batch_count(partition) < 3:
-        assert child.poll() is None, "the run finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_while_running(child, lambda: cache.batch_count(partition) >= 3, 240)
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
     cached = len(cache.load(partition))
