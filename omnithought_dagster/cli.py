@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import decimal
 import json
@@ -68,9 +69,12 @@ def _run(cfg: ProjectConfig, force: bool, only=None, out: Console | None = None)
         (dagster_home / "dagster.yaml").write_text((Path(__file__).parent / "dagster.yaml").read_text())
     import dagster as dg
 
+    from omnithought_dagster.containers import docker_api
     from omnithought_dagster.demo import run_demo
 
-    with dg.DagsterInstance.get() as instance:
+    # A containerised run (operations.executor: docker) needs a Docker API for its steps' containers.
+    containers = docker_api() if cfg.operations.executor == "docker" else contextlib.nullcontext()
+    with dg.DagsterInstance.get() as instance, containers:
         say = lambda line: (out or console).print(escape(line), soft_wrap=True, highlight=False)  # noqa: E731
         return run_demo(cfg, instance, force=force, say=say, only=only), dagster_home
 
@@ -610,6 +614,7 @@ def doctor(
     env: list[str] | None = typer.Option(None, "--env", help="dagster | vllm | lmms (repeatable); default all"),
     profile: str | None = typer.Option(None, "--profile", help="cpu | gpu; default: the profile the environments were installed with"),
     smoke: bool = typer.Option(False, "--smoke", help="also run each environment's smoke check (a real, tiny piece of its job)"),
+    imports: bool = typer.Option(False, "--imports", help="also import what each environment's job imports (no GPU needed)"),
     root: Path | None = typer.Option(None, "--root", help="the project checkout (default: $OMNITHOUGHT_ROOT, else .)"),
 ) -> None:
     """Compare each environment with its lock (every drifted package named); with --smoke, exercise it."""
@@ -642,6 +647,15 @@ def doctor(
                 console.print(f"  {escape(str(line))}", soft_wrap=True)
         else:
             console.print(f"{name} ({environment.venv}, {environment.purpose}): matches {lock}", soft_wrap=True)
+        if imports and not drift:
+            try:
+                console.print(
+                    f"{name} imports: {escape(doc.check_imports(environment, base, base / '.cache' / 'imports' / name))}", soft_wrap=True
+                )
+            except doc.SmokeError as exc:
+                console.print(f"[red]{name} imports failed[/red]: {escape(str(exc))}", soft_wrap=True)
+                broken = True
+                continue
         if smoke and not drift:
             try:
                 summary = doc.smoke(environment, base, base / ".cache" / "smoke" / name, log=lambda line: console.print(escape(line)))

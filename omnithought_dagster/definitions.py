@@ -3,4 +3,6 @@
 from omnithought_dagster.config import load_config
 from omnithought_dagster.defs import build_definitions
 
-defs = build_definitions(load_config())
+_config = load_config()
+defs_config_path = _config.config_path  # which project file this process's code location is (containers.py checks it)
+defs = build_definitions(_config)

@@ -81,8 +81,7 @@ def _run_stages(config, instance, defs, graph, store, loggers, force, say, only=
         observed = True  # a failed observation leaves the last one standing: then nothing of this stage is skipped
         for key in stage.observes:
             if graph.has(key):
-                job_def = defs.resolve_job_def(observe_job_name(key)).with_logger_defs(loggers)
-                if not run_in_process(job_def, instance, raise_on_error=False, run_config=DEMO_RUN_CONFIG).success:
+                if not run_job(config, defs, observe_job_name(key), instance, loggers).success:
                     say(f"! observing {key.to_user_string()} failed: every {stage.name} partition runs")
                     observed = False
         staleness = Staleness(instance, defs)  # after its upstreams ran and its inputs were observed
@@ -103,7 +102,7 @@ def _run_stages(config, instance, defs, graph, store, loggers, force, say, only=
                 continue
             say(f"> {stage.name}[{partition}] started")
             started = time.monotonic()
-            result = run_in_process(job, instance, partition_key=partition, raise_on_error=False, run_config=DEMO_RUN_CONFIG)
+            result = run_job(config, defs, stage.job, instance, loggers, partition)
             seconds = time.monotonic() - started
             checks = {
                 e.event_specific_data.check_name: _status(e.event_specific_data.passed, e.event_specific_data.severity)
@@ -129,6 +128,24 @@ def _run_stages(config, instance, defs, graph, store, loggers, force, say, only=
             outcomes.append(_export(config, store, config.recipes[0].name))
             say(outcome_line(outcomes[-1]))
     return outcomes
+
+
+def run_job(
+    config: ProjectConfig, defs: dg.Definitions, name: str, instance: dg.DagsterInstance, loggers: dict, partition: str | None = None
+):
+    """One run of job `name` on `instance`: in this process, watched (pools.run_in_process), with the demo's console logger;
+    under `operations.executor: docker` through the job's own executor (a container per step, containers.py), the job
+    reconstructed from the code location's module as a run launched from the UI would be."""
+    job = defs.resolve_job_def(name)
+    if config.operations.executor != "docker":
+        return run_in_process(
+            job.with_logger_defs(loggers), instance, partition_key=partition, raise_on_error=False, run_config=DEMO_RUN_CONFIG
+        )
+    from omnithought_dagster.containers import reconstructable_job
+
+    tags = job.partitions_def.get_tags_for_partition_key(partition) if partition is not None and job.partitions_def else {}
+    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # the steps' own lines, not every event
+    return dg.execute_job(reconstructable_job(config, name), instance, run_config=run_config, tags=tags, raise_on_error=False)
 
 
 def outcome_line(o: StageOutcome) -> str:

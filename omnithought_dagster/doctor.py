@@ -36,6 +36,7 @@ class Environment:
     venv: str
     purpose: str
     has_project: bool  # this package is installed into it (editable, without dependencies)
+    imports: tuple[str, ...] = ()  # what its job imports: `doctor --imports` (a GPU image on a machine without a GPU)
 
     def python(self, root: Path) -> Path:
         return root / self.venv / "bin" / "python"
@@ -45,9 +46,37 @@ class Environment:
 
 
 ENVIRONMENTS = {
-    "dagster": Environment("dagster", ".venv", "the code location, the CPU steps and the trainer (DeepSpeed)", True),
-    "vllm": Environment("vllm", ".venv-vllm", "the vLLM server of the teacher and the judge", False),
-    "lmms": Environment("lmms", ".venv-lmms", "lmms-eval, which scores the students (our model class via its entry point)", True),
+    "dagster": Environment(
+        "dagster",
+        ".venv",
+        "the code location, the CPU steps and the trainer (DeepSpeed)",
+        True,
+        (
+            "dagster",
+            "dagster_docker",
+            "dagster_k8s",
+            "dagster_aws",
+            "torch",
+            "transformers",
+            "deepspeed",
+            "duckdb",
+            "omnithought_dagster.defs",
+        ),
+    ),
+    "vllm": Environment(
+        "vllm",
+        ".venv-vllm",
+        "the vLLM server of the teacher and the judge",
+        False,
+        ("torch", "transformers", "vllm", "vllm.entrypoints.openai.api_server"),
+    ),
+    "lmms": Environment(
+        "lmms",
+        ".venv-lmms",
+        "lmms-eval, which scores the students (our model class via its entry point)",
+        True,
+        ("torch", "lmms_eval", "omnithought_dagster.evaluation.lmms_entry"),
+    ),
 }
 
 
@@ -127,6 +156,16 @@ def environment_drift(env: Environment, root: Path, profile: str) -> list[Drift]
 
 
 # -- smoke checks --------------------------------------------------------------------------------
+
+
+def check_imports(env: Environment, root: Path, work: Path) -> str:
+    """Each of the environment's modules imported by its own interpreter, in one process (no GPU needed: a CUDA build
+    imports without one). Raises SmokeError naming the module that failed, with the interpreter's last lines."""
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    print('importing', name, flush=True)\n    importlib.import_module(name)\n"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    _run([str(env.python(root)), "-c", code, *env.imports], work, {}, f"{env.name} imports")
+    return f"{len(env.imports)} modules imported ({', '.join(env.imports)}) ({time.monotonic() - started:.0f} s)"
 
 
 def smoke(env: Environment, root: Path, work: Path, log: Callable[[str], None] = print) -> str:

@@ -290,8 +290,8 @@ def run_in_process(job: dg.JobDefinition, instance: dg.DagsterInstance, **kwargs
         return job.execute_in_process(instance=instance, run_id=run_id, **kwargs)
 
 
-class WatchedExecutor(Executor):
-    """Dagster's executor, run as a watched run (see the module's docstring)."""
+class WrappedExecutor(Executor):
+    """An executor around another: its retries and step dependencies, `execute` wrapped by the subclass."""
 
     def __init__(self, inner: Executor):
         self.inner = inner
@@ -303,6 +303,10 @@ class WatchedExecutor(Executor):
     @property
     def step_dependency_config(self):
         return self.inner.step_dependency_config
+
+
+class WatchedExecutor(WrappedExecutor):
+    """Dagster's executor, run as a watched run (see the module's docstring)."""
 
     def execute(self, plan_context, execution_plan):
         with watched_run(

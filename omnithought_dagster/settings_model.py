@@ -32,3 +32,20 @@ def resolve_path(value: str | None, info: ValidationInfo) -> str | None:
         path = Path(base) / path
     # abspath, not resolve(): a virtualenv's bin/python is a symlink that must stay one.
     return os.path.abspath(path) if base is not None else str(path)
+
+
+def project_environment(venv: str) -> str:
+    """The interpreter of one of the project's environments (`make envs`): <root>/<venv>/bin/python, root being
+    $OMNITHOUGHT_ROOT (the images set /opt/omnithought), else the checkout this package is installed from. What an
+    interpreter setting left out means: one project file then works on a laptop, in the images and in a step's container."""
+    root = os.environ.get("OMNITHOUGHT_ROOT") or str(Path(__file__).resolve().parents[1])
+    return os.path.join(os.path.abspath(root), venv, "bin", "python")
+
+
+def interpreter(venv: str):
+    """A validator for an interpreter field: given -> resolved against the config file; left out -> project_environment."""
+
+    def validate(value: str | None, info: ValidationInfo) -> str:
+        return project_environment(venv) if value is None else resolve_path(value, info)
+
+    return validate

@@ -370,5 +370,5 @@ def pytest_collection_modifyitems(config, items):
             tiers.add("browser")
         for tier in tiers:
             item.add_marker(tier)
-        if not tiers and item.get_closest_marker("slow") is None:
+        if not tiers and item.get_closest_marker("slow") is None and item.get_closest_marker("containers") is None:
             item.add_marker("fast")

@@ -1,7 +1,7 @@
 """The container images: built from the same locks and Makefile target as a laptop, with the entry points the deployments name.
 
-No container engine runs here; what can be checked without one is: the Dockerfiles' instructions,
-the install command they run against the Makefile, and their commands against the Helm values.
+What can be checked without building them: the Dockerfiles' instructions, the install command they run against the
+Makefile, and their commands against the Helm values. tests/test_containers.py builds and runs the CPU image.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def test_each_image_installs_its_profile_with_the_makefile_from_the_locks(name):
     known = {"FROM", "RUN", "WORKDIR", "ENV", "COPY", "ARG", "EXPOSE", "CMD"}
     assert {word for word, _ in steps} <= known and steps[0][0] == "FROM"
     copies = [args for word, args in steps if word == "COPY"]
-    assert "deploy/env deploy/env" in copies and any("Makefile" in c and "pyproject.toml" in c for c in copies)
+    assert "deploy/env deploy/env" in copies and any("pyproject.toml" in c for c in copies)
     runs = [args for word, args in steps if word == "RUN"]
-    install = next(r for r in runs if "make envs" in r)
+    install = next(r for r in runs if "make -f deploy/env/envs.mk envs" in r)
     assert f"PROFILE={profile}" in install
     # The copied sources exist, and the locks come in before the install that reads them.
     for copy in copies:
@@ -48,9 +48,12 @@ def test_each_image_installs_its_profile_with_the_makefile_from_the_locks(name):
             assert (REPO / source).exists(), source
     order = [args for word, args in steps if word in ("COPY", "RUN")]
     assert order.index("deploy/env deploy/env") < order.index(install)
+    # The code and the Makefile's other targets come after the install: an edit of either rebuilds no environment.
+    assert order.index("omnithought_dagster omnithought_dagster") > order.index(install)
+    assert all("Makefile" not in args for args in order[: order.index(install)])
     # What `make envs` runs in the image: every environment synced from this profile's lock.
     dry = subprocess.run(
-        ["make", "-n", "-B", "envs", f"PROFILE={profile}", "SMOKE=0"],
+        ["make", "-n", "-B", "-f", "deploy/env/envs.mk", "envs", f"PROFILE={profile}", "SMOKE=0"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -84,11 +87,11 @@ def test_the_images_the_deployment_names_are_the_ones_make_builds():
     for name, (_, target, _variable) in IMAGES.items():
         dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""})
         assert dry.returncode == 0, dry.stderr
-        assert f"docker build -f deploy/docker/{name} -t omnithought-dagster" in dry.stdout
+        assert f"deploy/container/engine.sh build deploy/docker/{name} omnithought-dagster" in dry.stdout
     assert repository.rsplit("/", 1)[-1] == "omnithought-dagster"
     assert "omnithought-dagster-gpu" in (REPO / "deploy/k8s/values.yaml").read_text()  # operations.k8s.gpu_image, documented there
 
 
 def test_the_build_context_leaves_the_local_environments_out():
     ignored = (REPO / ".dockerignore").read_text().split()
-    assert {".venv*", ".cache", ".omnithought", ".dagster", ".git"} <= set(ignored)
+    assert {".venv*", ".cache", ".omnithought*", ".dagster*", ".git"} <= set(ignored)

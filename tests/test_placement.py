@@ -37,7 +37,13 @@ def _config(tmp_path, executor: str, **operations):
 
 @pytest.mark.parametrize(
     ("mode", "executor_name"),
-    [("multiprocess", "omnithought_multiprocess"), ("in_process", "in_process"), ("k8s", "omnithought_k8s"), ("ecs", "ecs")],
+    [
+        ("multiprocess", "omnithought_multiprocess"),
+        ("in_process", "in_process"),
+        ("docker", "omnithought_docker"),
+        ("k8s", "omnithought_k8s"),
+        ("ecs", "ecs"),
+    ],
 )
 def test_each_executor_mode_builds_with_gpu_requests_on_gpu_steps_only(tmp_path, mode, executor_name):
     operations = {

@@ -301,6 +301,42 @@ def test_every_teacher_writes_its_rollouts_and_the_other_judges_them(seeded):
     assert [(p.identity, teachers) for p, _, teachers in annotated.runs] == [("judge-of-a", ["teacher-a"]), ("judge-of-b", ["teacher-b"])]
 
 
+class SeedRecorder(FakeBackend):
+    """A FakeBackend that also keeps each request's seed."""
+
+    def __init__(self, identity: str):
+        super().__init__(identity)
+        self.seeds: dict[str, int | None] = {}
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        self.seeds[request.key] = request.seed
+        return await super().complete(request)
+
+
+@pytest.mark.parametrize("send_seed", [True, False])
+def test_a_judge_sampling_sends_each_request_a_seed_of_its_own_id(seeded, tmp_path, send_seed):
+    """A judge at temperature > 0 answers the same request the same way on a rerun, another machine or in a container:
+    its seed is derived from the request's id (as a teacher's rollout's), unless the judge's send_seed is off."""
+    result = generate_teachers(seeded, "s", "000", [_teacher(FakeBackend("t"), 2)])
+    seeded.write_partition("cot_traces", {"source": "s", "shard": "000"}, result.rows)
+    settings = AnnotationConfig(temperature=1.0, with_images=False)
+    seeds = []
+    for attempt in range(2):  # two stores' worth of caches: the second run sends again, with the same seeds
+        judge = SeedRecorder(f"judge-{attempt}")
+        plan = BackendPlan("judge", True, lambda judge=judge: contextlib.nullcontext(judge), send_seed=send_seed)
+        store = CorpusStore(str(tmp_path / f"copy-{attempt}"))
+        for table, partition in (("seed_pool", "s"), ("cot_traces", {"source": "s", "shard": "000"})):
+            store.write_partition(table, partition, seeded.read_partition(table, partition))
+        annotate_shard(store, "s", "000", plan, judge_prompt(settings), settings, Taxonomy.load(settings.taxonomy))
+        assert len(judge.seeds) == 12
+        seeds.append(judge.seeds)
+    assert seeds[0] == seeds[1]
+    if send_seed:
+        assert all(isinstance(seed, int) for seed in seeds[0].values()) and len(set(seeds[0].values())) == 12
+    else:
+        assert set(seeds[0].values()) == {None}
+
+
 def test_two_teachers_with_one_identity_are_refused(seeded):
     with pytest.raises(ValueError, match="own name"):
         generate_teachers(seeded, "s", "000", [_teacher(FakeBackend("same"), 1), _teacher(FakeBackend("same"), 1)])

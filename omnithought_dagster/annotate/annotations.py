@@ -112,7 +112,19 @@ def annotate_shard(
         pending = [
             PendingRequest(
                 ids[t["trace_id"]],
-                _request_builder(store, ids[t["trace_id"]], t, samples[t["sample_id"]], prompt, settings, taxonomy, schemas[identity]),
+                _request_builder(
+                    store,
+                    ids[t["trace_id"]],
+                    t,
+                    samples[t["sample_id"]],
+                    prompt,
+                    settings,
+                    taxonomy,
+                    schemas[identity],
+                    # As a teacher's rollouts: a seed derived from the request's id, so a judge sampling at temperature > 0
+                    # answers the same request the same way (a rerun, another machine, a container).
+                    int(ids[t["trace_id"]][:8], 16) % (2**31) if judge.send_seed else None,
+                ),
             )
             for t in traces
             if judge_by_teacher[t["teacher"]].identity == identity and t["finish_reason"] != "error" and t["text"]
@@ -218,6 +230,7 @@ def _request_builder(
     settings: AnnotationConfig,
     taxonomy: Taxonomy,
     schema: dict | None,
+    seed: int | None = None,
 ):
     def build() -> ChatRequest:
         content = []
@@ -244,6 +257,7 @@ def _request_builder(
             temperature=settings.temperature,
             top_p=settings.top_p,
             json_schema=schema,
+            seed=seed,
         )
 
     return build

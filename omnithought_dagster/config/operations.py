@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -23,13 +24,46 @@ class EcsPlacement(SettingsModel):
     gpu_memory: str | None = Field(default=None, description="memory (MiB) of a GPU step's task (ecs/memory)")
 
 
+class DockerPlacement(SettingsModel):
+    """`executor: docker` (dagster-docker): each step in its own container of `image`, on this machine's Docker or podman."""
+
+    image: str = Field(default="omnithought-dagster:latest", description="the image steps run in (`make image`)")
+    volumes: list[str] = Field(
+        default_factory=list,
+        description=(
+            "local folders (or files) the steps read and write - the store, models_dir, the sources' files - each mounted at "
+            "the same path; the project file and the Dagster instance's folder are always mounted"
+        ),
+    )
+    env_vars: list[str] = Field(default_factory=list, description="names of this process's env vars passed on (API keys), or NAME=value")
+    shm_size: str = Field(
+        default="2g", description="the container's /dev/shm (DeepSpeed's and vLLM's shared memory; the default 64m breaks both)"
+    )
+    network_mode: str = Field(default="host", description="the step containers' network (host: they reach what this machine reaches)")
+    stop_timeout_s: int = Field(default=30, ge=0, description="a cancelled step's container gets this long after SIGTERM before SIGKILL")
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        resolved = [resolve_path(path, info) for path in value]
+        for path in resolved:
+            if "://" in path or not os.path.isabs(path):
+                raise ValueError(f"{path!r}: a local folder (relative paths are relative to the project file)")
+        return resolved
+
+
 class OperationsConfig(SettingsModel):
     """Running it unattended: the re-curation schedule, the executor, GPU placement."""
 
-    executor: Literal["multiprocess", "in_process", "k8s", "ecs"] = Field(
-        default="multiprocess", description="multiprocess here; k8s (dagster-k8s) or ecs (dagster-aws) on a cluster"
+    executor: Literal["multiprocess", "in_process", "docker", "k8s", "ecs"] = Field(
+        default="multiprocess",
+        description=(
+            "multiprocess here; docker (dagster-docker: a container per step, this machine); "
+            "k8s (dagster-k8s) or ecs (dagster-aws) on a cluster"
+        ),
     )
     max_concurrent: int | None = Field(default=None, ge=1, description="steps at once (default: CPU count / unlimited)")
+    docker: DockerPlacement = DockerPlacement()
     k8s: K8sPlacement = K8sPlacement()
     ecs: EcsPlacement = EcsPlacement()
 

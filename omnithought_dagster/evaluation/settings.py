@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from omnithought_dagster.settings_model import SettingsModel, resolve_path
+from omnithought_dagster.settings_model import SettingsModel, interpreter, resolve_path
 
 
 class EvaluationConfig(SettingsModel):
@@ -18,7 +18,9 @@ class EvaluationConfig(SettingsModel):
     for a connected machine, none here.
     """
 
-    python: str = Field(default=".venv-lmms/bin/python", description="interpreter of the lmms-eval environment")
+    python: str | None = Field(
+        default=None, description="interpreter of the lmms-eval environment; default: .venv-lmms of the project ($OMNITHOUGHT_ROOT)"
+    )
     benchmarks: list[str] = Field(default_factory=list, description="names of `benchmarks` entries scored as local tasks")
     lmms_tasks: list[str] = Field(default_factory=list, description="standard lmms-eval tasks (need the hub)")
     lmms_model: str = Field(default="omnithought_vl", description="lmms-eval model: omnithought_vl (ours), or qwen2_5_vl, qwen3_vl, ...")
@@ -33,7 +35,8 @@ class EvaluationConfig(SettingsModel):
     work_dir: str = Field(default=".cache/eval", description="local scratch for tasks and lmms-eval output")
     env: dict[str, str] = Field(default_factory=dict)
 
-    _resolve = field_validator("python", "work_dir")(resolve_path)
+    _resolve = field_validator("work_dir")(resolve_path)
+    _python = field_validator("python")(interpreter(".venv-lmms"))
 
     def run_settings(self) -> dict[str, Any]:
         """What changes the scores (hashed into eval_config_hash)."""

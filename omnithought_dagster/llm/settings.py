@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from omnithought_dagster.settings_model import SettingsModel, resolve_path
+from omnithought_dagster.settings_model import SettingsModel, interpreter
 
 
 class LLMConfig(SettingsModel):
@@ -34,7 +34,9 @@ class LLMConfig(SettingsModel):
         default=None, description="openai: the endpoint, or a list of endpoints serving the model (requests spread over them)"
     )
     api_key_env: str | None = Field(default=None, description="name of the env var holding the API key (openai)")
-    python: str = Field(default=".venv-vllm/bin/python", description="interpreter of the vLLM environment (vllm)")
+    python: str | None = Field(
+        default=None, description="interpreter of the vLLM environment (vllm); default: .venv-vllm of the project ($OMNITHOUGHT_ROOT)"
+    )
     gpus: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES for the server; default: inherited")
     tensor_parallel_size: int = Field(default=1, ge=1)
     data_parallel_size: int = Field(default=1, ge=1)
@@ -72,7 +74,7 @@ class LLMConfig(SettingsModel):
     )
     send_seed: bool = Field(default=True, description="send a per-rollout seed (reproducible sampling where the server honours it)")
 
-    _resolve = field_validator("python")(resolve_path)
+    _python = field_validator("python")(interpreter(".venv-vllm"))
 
     @model_validator(mode="after")
     def _backend_fields(self) -> LLMConfig:

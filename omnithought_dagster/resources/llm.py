@@ -44,6 +44,7 @@ class LLMResource(dg.ConfigurableResource):
             names=(config.label, config.model),
             token_source="counted" if config.backend == "transformers" else "provider",
             batched=config.backend == "openai" and config.mode == "batch",
+            send_seed=config.send_seed,
         )
 
     @contextlib.contextmanager

@@ -71,6 +71,7 @@ class BackendPlan:
     names: tuple[str, ...] = ()  # what the project file calls it (its label, its model): where its price is looked up
     token_source: str = "provider"  # who counts its tokens: the server (provider) or this process (counted)
     batched: bool = False  # sent through a provider's batch API (priced with its batch discount)
+    send_seed: bool = True  # each request carries a seed derived from its key: the same request samples the same way
 
 
 @dataclass
