@@ -9,6 +9,10 @@ export OMNITHOUGHT_CONFIG ?= $(CURDIR)/omnithought.yaml
 HOST ?= 127.0.0.1
 PORT ?= 3000
 PYTEST_ARGS ?=
+# `make test` leaves the image tier to `make test-images`; PYTEST_MARK="not containers and not browser" narrows it further.
+PYTEST_MARK ?= not containers
+# More `docker build` / `podman build` arguments, e.g. --build-arg UV_FIND_LINKS=<the CPU torch wheel's folder or page>.
+IMAGE_BUILD_ARGS ?=
 
 # The container images (deploy/docker/): built by `make envs` from the same locks.
 IMAGE ?= omnithought-dagster:latest
@@ -57,7 +61,7 @@ teachers: env
 
 # The first gates (seconds): the code location loads (`dg check defs`), ruff is clean; then the whole suite.
 test: env check-defs lint
-	$(BIN)/python -m pytest -m "not containers" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "$(PYTEST_MARK)" $(PYTEST_ARGS)
 
 # The image tier (README "Containers"): the CPU image built, its smoke checks in a container, then the tests that run it -
 # the image's paths, a whole run in containers against the laptop run, a killed step container. CI runs it after `make test`.
@@ -103,10 +107,10 @@ bench: env
 # deploy/container/engine.sh (Debian's packages; the base image made from Debian's archive when no registry answers).
 ENGINE := deploy/container/engine.sh
 image:
-	$(ENGINE) build deploy/docker/Dockerfile $(IMAGE)
+	$(ENGINE) build deploy/docker/Dockerfile $(IMAGE) $(IMAGE_BUILD_ARGS)
 
 image-gpu:
-	$(ENGINE) build deploy/docker/Dockerfile.gpu $(GPU_IMAGE)
+	$(ENGINE) build deploy/docker/Dockerfile.gpu $(GPU_IMAGE) $(IMAGE_BUILD_ARGS)
 
 # The CPU image's three smoke checks, inside a container of it (/dev/shm: DeepSpeed's and vLLM's shared memory).
 image-smoke: image

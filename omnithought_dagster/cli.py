@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
 import decimal
 import json
@@ -69,12 +68,9 @@ def _run(cfg: ProjectConfig, force: bool, only=None, out: Console | None = None)
         (dagster_home / "dagster.yaml").write_text((Path(__file__).parent / "dagster.yaml").read_text())
     import dagster as dg
 
-    from omnithought_dagster.containers import docker_api
     from omnithought_dagster.demo import run_demo
 
-    # A containerised run (operations.executor: docker) needs a Docker API for its steps' containers.
-    containers = docker_api() if cfg.operations.executor == "docker" else contextlib.nullcontext()
-    with dg.DagsterInstance.get() as instance, containers:
+    with dg.DagsterInstance.get() as instance:
         say = lambda line: (out or console).print(escape(line), soft_wrap=True, highlight=False)  # noqa: E731
         return run_demo(cfg, instance, force=force, say=say, only=only), dagster_home
 

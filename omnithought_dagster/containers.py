@@ -9,8 +9,12 @@ the trainer, lmms-eval - runs inside the step's container and dies with it: a ki
 When the run ends - done, failed or cancelled - its step containers are removed (dagster-docker leaves them behind),
 killed first if still running: a cancelled run leaves none running.
 
-The Docker API (`docker_api`): $DOCKER_HOST if set, else Docker's socket if a daemon answers there, else a podman API
-service started for the run and stopped after it, with the project's podman settings (deploy/container/).
+The Docker API (`docker_api`, entered by the executor, so runs launched from the CLI, the UI or a schedule alike):
+$DOCKER_HOST if set, else Docker's socket if a daemon answers there, else a podman API service started for the run and
+stopped after it, with the project's podman settings (deploy/container/). Step containers run as the engine runs them
+(root under rootful Docker or podman): the files they write in the mounted folders belong to that user. The project
+file is trusted like code: its volumes are mounted read-write. No GPU is passed to a step container: executor docker
+runs CPU steps (GPU steps go to Kubernetes or ECS, or run with the multiprocess executor on a GPU box).
 """
 
 import contextlib
@@ -80,6 +84,12 @@ def docker_executor(config: ProjectConfig) -> dg.ExecutorDefinition:
         from dagster_docker.docker_executor import DockerStepHandler
 
         instance_dir = init_context.instance.root_directory
+        outside = unmounted_paths(config, list(step_mounts(config, instance_dir)))
+        if outside:  # a step would write them inside its container, and they would go with it
+            raise ValueError(
+                "operations.docker.volumes must hold every local path the steps read or write; not mounted: "
+                + ", ".join(f"{name} {path}" for name, path in outside)
+            )
         for path in config.operations.docker.volumes:  # a bind mount's source must exist: a new store's folder is made
             if not os.path.exists(path):
                 os.makedirs(path, exist_ok=True)
@@ -87,7 +97,8 @@ def docker_executor(config: ProjectConfig) -> dg.ExecutorDefinition:
         inner = StepDelegatingExecutor(
             DockerStepHandler(config.operations.docker.image, context),
             retries=RetryMode.ENABLED,
-            max_concurrent=config.operations.max_concurrent,
+            # As the multiprocess executor: at most a step per core unless the project file says otherwise.
+            max_concurrent=config.operations.max_concurrent or os.cpu_count() or 1,
         )
         return StepContainersRemoved(inner)
 
@@ -104,16 +115,47 @@ class StepContainersRemoved(WrappedExecutor):
 
     def execute(self, plan_context, execution_plan):
         started: list[str] = []
-        try:
-            for event in self.inner.execute(plan_context, execution_plan):
-                container = _container_id(event)
-                if container:
-                    started.append(container)
-                yield event
-        finally:
-            failures = remove_containers(started)
-            for container, error in failures.items():
-                plan_context.log.warning(f"could not remove step container {container[:12]}: {error}")
+        with docker_api():  # whoever launched the run (the CLI, the UI, a schedule): a Docker API for its steps
+            try:
+                for event in self.inner.execute(plan_context, execution_plan):
+                    container = _container_id(event)
+                    if container:
+                        started.append(container)
+                    yield event
+            finally:
+                # Also the steps launched in the executor's last pass: their events are in the instance, not yet yielded
+                # when a cancel or an error ends the run.
+                recorded = plan_context.instance.all_logs(plan_context.run_id, of_type=dg.DagsterEventType.STEP_WORKER_STARTING)
+                started += [c for c in (_container_id(r.dagster_event) for r in recorded if r.dagster_event) if c]
+                failures = remove_containers(list(dict.fromkeys(started)))
+                for container, error in failures.items():
+                    plan_context.log.warning(f"could not remove step container {container[:12]}: {error}")
+
+
+def unmounted_paths(config: ProjectConfig, mounts: list[str]) -> list[tuple[str, str]]:
+    """(setting, path) of the local paths a step reads or writes that no mount holds: the store, the models, the lock
+    and work folders, the sources' and benchmarks' files."""
+    paths = [
+        ("store.root", config.store.root),
+        ("models_dir", config.models_dir),
+        ("operations.gpu_lock_dir", config.operations.gpu_lock_dir),
+        ("training.work_dir", config.training.work_dir),
+        ("evaluation.work_dir", config.evaluation.work_dir),
+    ]
+    for kind, entries in (("sources", config.sources), ("benchmarks", config.benchmarks)):
+        for entry in entries:
+            for field in ("path", "image_root"):
+                value = getattr(entry, field, None)
+                if isinstance(value, str):
+                    paths.append((f"{kind}[{entry.name}].{field}", value))
+    roots = [os.path.abspath(m) for m in mounts]
+    return [
+        (name, path)
+        for name, path in paths
+        if path
+        and "://" not in path
+        and not any(os.path.abspath(path) == r or os.path.abspath(path).startswith(r.rstrip("/") + "/") for r in roots)
+    ]
 
 
 def _container_id(event: dg.DagsterEvent) -> str | None:
@@ -132,14 +174,17 @@ def remove_containers(ids: list[str]) -> dict[str, str]:
     import docker.errors
 
     failures = {}
-    client = docker.from_env()
+    try:
+        client = docker.from_env()
+    except docker.errors.DockerException as error:  # no engine to ask: name every container, hide nothing else
+        return {container_id: f"no Docker API: {error}" for container_id in ids}
     try:
         for container_id in ids:
             try:
                 client.containers.get(container_id).remove(force=True)
             except docker.errors.NotFound:
                 pass
-            except docker.errors.APIError as error:
+            except docker.errors.DockerException as error:
                 failures[container_id] = str(error)
     finally:
         client.close()
@@ -181,7 +226,7 @@ def docker_api(start_timeout_s: float = 60) -> Iterator[str]:
     if os.environ.get("DOCKER_HOST"):
         yield os.environ["DOCKER_HOST"]
         return
-    if os.path.exists(DOCKER_SOCKET) and docker_api_answers(f"unix://{DOCKER_SOCKET}"):
+    if docker_api_answers():  # Docker's default socket
         yield f"unix://{DOCKER_SOCKET}"
         return
     podman = shutil.which("podman")
@@ -198,10 +243,18 @@ def docker_api(start_timeout_s: float = 60) -> Iterator[str]:
     if "CONTAINERS_CONF" not in env and PODMAN_CONF.exists():
         env["CONTAINERS_CONF"] = str(PODMAN_CONF)
     log = open(os.path.join(folder, "service.log"), "wb")  # noqa: SIM115 - closed below
-    service = subprocess.Popen(
-        guarded([podman, "system", "service", "--time=0", address]), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    previous = os.environ.get("DOCKER_HOST")
+    try:
+        service = subprocess.Popen(
+            guarded([podman, "system", "service", "--time=0", address]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError:
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     try:
         deadline = time.monotonic() + start_timeout_s
         while not docker_api_answers(address):
@@ -213,10 +266,7 @@ def docker_api(start_timeout_s: float = 60) -> Iterator[str]:
         os.environ["DOCKER_HOST"] = address
         yield address
     finally:
-        if previous is None:
-            os.environ.pop("DOCKER_HOST", None)
-        else:
-            os.environ["DOCKER_HOST"] = previous
+        os.environ.pop("DOCKER_HOST", None)  # it was unset on the way in
         stop_group(service, grace_s=10)
         log.close()
         shutil.rmtree(folder, ignore_errors=True)

@@ -351,9 +351,10 @@ def plot_image(value: str):
     return image
 
 
-# Test tiers, from what each test uses (no test is tiered by hand): `server` - it needs the session's vLLM server;
+# Test tiers, from what each test uses (`slow` and `containers` are marked by hand): `server` - it needs the session's vLLM server;
 # `dagster` - it runs jobs on a Dagster instance; `slow` - it starts subprocesses (trainers, servers, lmms-eval, Dagster
-# runs in their own processes; marked where written); `browser` - it drives chromium; `fast` - none of these
+# runs in their own processes; marked where written); `browser` - it drives chromium; `containers` - it runs the built
+# image (marked where written, tests/test_containers.py: `make test-images`, not `make test`); `fast` - none of these
 # (`make test-fast`).
 
 

@@ -2,6 +2,7 @@
 file's docker section, the step containers removed at a run's end, the interpreters a project file leaves out, and
 `doctor --imports`. tests/test_containers.py runs the real thing (the `containers` tier)."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -81,8 +82,12 @@ def _worker_starting(container_id: str):
 def test_the_runs_step_containers_are_removed_when_it_ends_however_it_ends(monkeypatch, fail):
     removed = []
     monkeypatch.setattr(containers, "remove_containers", lambda ids: removed.extend(ids) or {"c2": "busy"})
+    monkeypatch.setattr(containers, "docker_api", contextlib.nullcontext)
     warnings = []
-    plan_context = SimpleNamespace(log=SimpleNamespace(warning=warnings.append))
+    # A step launched in the executor's last pass: its event is in the instance, never yielded (a cancel, an error).
+    recorded = [SimpleNamespace(dagster_event=_worker_starting("c3")), SimpleNamespace(dagster_event=_worker_starting("c1"))]
+    instance = SimpleNamespace(all_logs=lambda run_id, of_type: recorded if run_id == "r1" else [])
+    plan_context = SimpleNamespace(log=SimpleNamespace(warning=warnings.append), instance=instance, run_id="r1")
     other = SimpleNamespace(event_type_value="STEP_SUCCESS", event_specific_data=None)
     executor = containers.StepContainersRemoved(_Inner([_worker_starting("c1"), other, _worker_starting("c2")], fail=fail))
     assert executor.retries == "r" and executor.step_dependency_config == "d"
@@ -92,8 +97,32 @@ def test_the_runs_step_containers_are_removed_when_it_ends_however_it_ends(monke
             list(run)
     else:
         assert len(list(run)) == 3
-    assert removed == ["c1", "c2"]
+    assert removed == ["c1", "c2", "c3"]
     assert warnings == ["could not remove step container c2: busy"]
+
+
+def test_every_local_path_a_step_uses_must_be_mounted(tmp_path):
+    path = write_config(
+        tmp_path,
+        [{"name": "s", "kind": "synthetic"}, {"name": "j", "kind": "json", "format": "llava", "path": str(tmp_path / "data/x.json")}],
+        models_dir=str(tmp_path / "models"),
+        operations={"executor": "docker", "docker": {"volumes": ["store", "models"]}},
+    )
+    config = load_config(path)
+    outside = dict(containers.unmounted_paths(config, list(containers.step_mounts(config, str(tmp_path / "dagster")))))
+    # The store and the models are mounted; the default lock and work folders (beside the project file) and the source's
+    # file are not.
+    assert set(outside) == {"operations.gpu_lock_dir", "training.work_dir", "evaluation.work_dir", "sources[j].path"}
+    assert outside["sources[j].path"] == str(tmp_path / "data/x.json")
+    config = load_config(
+        write_config(tmp_path, [{"name": "s", "kind": "synthetic"}], operations={"executor": "docker", "docker": {"volumes": ["."]}})
+    )
+    assert containers.unmounted_paths(config, list(containers.step_mounts(config, str(tmp_path / "dagster")))) == []
+    # An object store is no local path.
+    config = load_config(
+        write_config(tmp_path, [{"name": "s", "kind": "synthetic"}], store_root="s3://b/p", operations={"docker": {"volumes": ["."]}})
+    )
+    assert containers.unmounted_paths(config, [str(tmp_path)]) == []
 
 
 def test_removing_no_containers_needs_no_engine():

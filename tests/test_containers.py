@@ -239,6 +239,7 @@ def test_a_killed_step_container_takes_its_processes_and_the_rerun_resumes(image
             time.sleep(0.2)
         assert not alive, f"processes of the killed container left: {alive}"
         assert run.wait(timeout=600) == 1  # the run saw its step fail
+        assert containers(project) == []  # the killed step's container too: removed when its run ended
     finally:
         if run.poll() is None:  # a failed test: stop the run as a user would (its containers removed), then whatever is left
             run.terminate()
@@ -248,7 +249,6 @@ def test_a_killed_step_container_takes_its_processes_and_the_rerun_resumes(image
             engine("rm", "-f", left, check=False)
     output = (tmp_path / "run.log").read_text()
     assert "cot_traces" in output and "FAILED" in output, output[-4000:]
-    assert containers(project) == []  # the killed step's container too: removed when its run ended
 
     # The rerun: generation resumes from the replies flushed before the kill, the run completes.
     rerun = demo(config, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -332,7 +332,7 @@ def test_a_judge_sampling_sends_each_request_a_seed_of_its_own_id(seeded, tmp_pa
         seeds.append(judge.seeds)
     assert seeds[0] == seeds[1]
     if send_seed:
-        assert all(isinstance(seed, int) for seed in seeds[0].values()) and len(set(seeds[0].values())) == 12
+        assert all(seed == int(key[:8], 16) % (2**31) for key, seed in seeds[0].items()) and len(set(seeds[0].values())) == 12
     else:
         assert set(seeds[0].values()) == {None}
 

@@ -20,12 +20,21 @@ PULL_TIMEOUT_S="${PULL_TIMEOUT_S:-60}"
 
 say() { echo "engine: $*" >&2; }
 
-docker_answers() { command -v docker >/dev/null 2>&1 && timeout 10 docker info >/dev/null 2>&1; }
+# `docker info` from a Docker daemon (not a podman service behind the Docker CLI); bounded where `timeout` exists.
+docker_daemon_answers() {
+  command -v docker >/dev/null 2>&1 || return 1
+  local info
+  if command -v timeout >/dev/null 2>&1; then info="$(timeout 10 docker info 2>/dev/null)" || return 1
+  else info="$(docker info 2>/dev/null)" || return 1; fi
+  ! grep -qi podman <<<"$info"
+}
 
 name() {
-  if [ -n "${CONTAINER_ENGINE:-}" ]; then echo "$CONTAINER_ENGINE"
-  elif docker_answers && ! docker info 2>/dev/null | grep -qi podman; then echo docker
-  else echo podman; fi
+  if [ -z "${CONTAINER_ENGINE:-}" ]; then
+    if docker_daemon_answers; then CONTAINER_ENGINE=docker; else CONTAINER_ENGINE=podman; fi
+    export CONTAINER_ENGINE  # decided once per call of this script
+  fi
+  echo "$CONTAINER_ENGINE"
 }
 
 as_root() {
@@ -40,7 +49,7 @@ setup() {
     command -v apt-get >/dev/null 2>&1 || { say "no Docker daemon and no apt-get: install podman (or Docker) yourself"; return 1; }
     say "installing podman, runc and debootstrap (Debian's packages)"
     as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       podman runc fuse-overlayfs uidmap debootstrap ca-certificates >/dev/null
   fi
   podman info >/dev/null || { say "podman is installed but does not run: podman info says why"; return 1; }
@@ -60,18 +69,19 @@ make_base() {
   local image="$1" dir
   dir="$(mktemp -d /var/tmp/omnithought-base.XXXXXX)"
   # shellcheck disable=SC2064  # the folder's name now: the trap outlives this function's locals
-  trap "rm -rf '$dir' '$dir.log'" EXIT
+  trap "rm -rf '$dir.log'; $( [ "$(id -u)" = 0 ] && echo "" || echo "sudo -n") rm -rf '$dir'" EXIT
   say "no registry answered: making $image from Debian's archive ($(apt_mirror))"
   as_root debootstrap --variant=minbase --include=python3,python3-venv,python3-dev,ca-certificates \
     bookworm "$dir" "$(apt_mirror)" >"$dir.log" 2>&1 || { tail -20 "$dir.log" >&2; rm -f "$dir.log"; return 1; }
   rm -f "$dir.log"
+  # The tree debootstrap made is root's: every step on it runs as root.
   if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
-    cp /usr/local/share/ca-certificates/*.crt "$dir/usr/local/share/ca-certificates/"
+    as_root cp /usr/local/share/ca-certificates/*.crt "$dir/usr/local/share/ca-certificates/"
   fi
   as_root chroot "$dir" update-ca-certificates >/dev/null 2>&1
-  ln -sf python3 "$dir/usr/bin/python"
-  rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
-  tar -C "$dir" -c . | podman import -q \
+  as_root ln -sf python3 "$dir/usr/bin/python"
+  as_root sh -c "rm -rf '$dir'/var/cache/apt/archives/*.deb '$dir'/var/lib/apt/lists/*"
+  as_root tar -C "$dir" -c . | podman import -q \
     --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
     --change "ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" \
     --change 'CMD ["python3"]' - "localhost/$image" >/dev/null
@@ -90,18 +100,20 @@ base() {
 }
 
 build() {
-  local dockerfile="$1" tag="$2" engine from
+  local dockerfile="$1" tag="$2" engine from started
   shift 2
   engine="$(name)"
+  started=$SECONDS
   from="$(awk 'toupper($1)=="FROM" {print $2; exit}' "$dockerfile")"
   base "$from"
   if [ "$engine" = docker ]; then
     docker build -f "$dockerfile" -t "$tag" "$@" "$root"
   else
-    local mounts=()
-    [ -d "$WHEELS" ] && mounts=(-v "$WHEELS:/opt/wheels:ro")
-    podman build --pull=never "${mounts[@]}" -f "$dockerfile" -t "$tag" "$@" "$root"
+    local mounts=(--pull=never)
+    [ -d "$WHEELS" ] && mounts+=(-v "$WHEELS:/opt/wheels:ro")
+    podman build "${mounts[@]}" -f "$dockerfile" -t "$tag" "$@" "$root"
   fi
+  say "built $tag with $engine in $((SECONDS - started)) s ($("$engine" image inspect --format '{{.Size}}' "$tag") bytes)"
 }
 
 run() {
@@ -116,8 +128,8 @@ shift || true
 case "$cmd" in
   name) name ;;
   setup) setup ;;
-  base) base "$@" ;;
-  build) build "$@" ;;
+  base) [ $# -ge 1 ] || { say "usage: engine.sh base IMAGE"; exit 2; }; base "$@" ;;
+  build) [ $# -ge 2 ] || { say "usage: engine.sh build DOCKERFILE TAG [build args]"; exit 2; }; build "$@" ;;
   run) run "$@" ;;
   *) say "usage: engine.sh name | setup | base IMAGE | build DOCKERFILE TAG [build args] | run ARGS"; exit 2 ;;
 esac
