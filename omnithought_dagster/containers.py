@@ -149,13 +149,8 @@ def unmounted_paths(config: ProjectConfig, mounts: list[str]) -> list[tuple[str,
                 if isinstance(value, str):
                     paths.append((f"{kind}[{entry.name}].{field}", value))
     roots = [os.path.abspath(m) for m in mounts]
-    return [
-        (name, path)
-        for name, path in paths
-        if path
-        and "://" not in path
-        and not any(os.path.abspath(path) == r or os.path.abspath(path).startswith(r.rstrip("/") + "/") for r in roots)
-    ]
+    local = [(name, os.path.abspath(path)) for name, path in paths if path and "://" not in path]
+    return [(name, path) for name, path in local if not any(os.path.commonpath([path, root]) == root for root in roots)]
 
 
 def _container_id(event: dg.DagsterEvent) -> str | None:

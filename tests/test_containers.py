@@ -8,6 +8,7 @@ checks in a container); CI runs it after `make test`. It needs the image `make i
 it is not skipped. Each test leaves `podman ps -a` as it found it.
 """
 
+import functools
 import json
 import os
 import re
@@ -20,6 +21,8 @@ import duckdb
 import pytest
 import yaml
 
+from omnithought_dagster.containers import LABEL, PODMAN_CONF
+
 from conftest import wait_while_running
 
 pytestmark = pytest.mark.containers
@@ -29,13 +32,17 @@ EXAMPLE = REPO / "examples" / "containers" / "omnithought.yaml"
 ENGINE = [str(REPO / "deploy" / "container" / "engine.sh")]
 IMAGE = os.environ.get("IMAGE", "omnithought-dagster:latest")
 OMNITHOUGHT = str(Path(sys.executable).parent / "omnithought")
-LABEL = "omnithought-dagster"
+
+
+@functools.cache
+def engine_name() -> str:
+    """docker or podman, as engine.sh decides (once: the tests poll the engine in loops)."""
+    return subprocess.run([*ENGINE, "name"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def engine(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    name = subprocess.run([*ENGINE, "name"], capture_output=True, text=True, check=True).stdout.strip()
-    env = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(REPO / "deploy/container/containers.conf"))}
-    return subprocess.run([name, *args], capture_output=True, text=True, check=check, timeout=timeout, env=env)
+    env = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(PODMAN_CONF))}
+    return subprocess.run([engine_name(), *args], capture_output=True, text=True, check=check, timeout=timeout, env=env)
 
 
 def containers(project: str, *, running_only: bool = False) -> list[str]:
